@@ -1,0 +1,71 @@
+"""Attach LoRA adapters (peft) to the query/value projections or to every linear layer.
+
+Target names are resolved from the model's own modules:
+  all_linear  every nn.Linear / bnb Linear4bit / Linear8bitLt except the output head
+              (the paper's choice: "LoRA on all linear transformer block layers")
+  qv          the attention query and value projections, the original LoRA choice:
+              LLaMA/Mistral/OPT-style separate `q_proj` and `v_proj`;
+              BLOOM/GPT-NeoX/Falcon fuse q, k and v into one `query_key_value` linear, so
+              there `qv` means LoRA on that fused projection: it adapts keys too, and its
+              adapter has 3x the output width of a q_proj adapter.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qlab.config import ConfigError
+
+# Separate projections first, then fused ones; first pair found in the model wins.
+QV_CANDIDATES = (("q_proj", "v_proj"), ("query", "value"), ("query_key_value",), ("qkv_proj",), ("Wqkv",))
+
+
+def _linear_types() -> tuple:
+    import bitsandbytes as bnb
+
+    return (torch.nn.Linear, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+
+
+def linear_leaf_names(model: torch.nn.Module) -> set[str]:
+    """Last name component of every linear layer, output head excluded."""
+    head = model.get_output_embeddings()
+    return {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+            if isinstance(m, _linear_types()) and m is not head}
+
+
+def resolve_targets(model: torch.nn.Module, targets: str) -> list[str]:
+    names = linear_leaf_names(model)
+    arch = getattr(model.config, "model_type", type(model).__name__)
+    if targets == "all_linear":
+        if not names:
+            raise ConfigError("adapter.targets", f"no linear layers found in {arch}")
+        return sorted(names)
+    for candidate in QV_CANDIDATES:
+        if all(n in names for n in candidate):
+            return list(candidate)
+    raise ConfigError(
+        "adapter.targets",
+        f"cannot resolve query/value projections for architecture {arch!r}: none of "
+        f"{[list(c) for c in QV_CANDIDATES]} among its linear layers {sorted(names)}; "
+        "use adapter=all_linear",
+    )
+
+
+def attach(model: torch.nn.Module, adapter_cfg):
+    from peft import LoraConfig, get_peft_model
+
+    target_modules = resolve_targets(model, adapter_cfg.targets)
+    lora = LoraConfig(
+        r=adapter_cfg.r,
+        lora_alpha=adapter_cfg.alpha,
+        lora_dropout=adapter_cfg.dropout,
+        target_modules=target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora), target_modules
+
+
+def count_params(model: torch.nn.Module) -> dict:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"trainable_params": trainable}

@@ -1,0 +1,212 @@
+"""Typed run configuration and its validation.
+
+The conf/ tree mirrors these dataclasses: one group per field of `RunConfig`. Hydra composes
+the YAML files onto this schema (registered in the ConfigStore as `qlab_schema`), so a wrong
+type fails at compose time; `validate` then checks the combinations and the files, in
+milliseconds and before anything heavy is imported, and names the offending key.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+QUANT_TYPES = ("bf16", "int8", "nf4", "fp4")
+FOUR_BIT = ("nf4", "fp4")
+ADAPTER_TARGETS = ("qv", "all_linear")
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit")
+COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
+DATA_FORMATS = ("auto", "conversation", "alpaca")
+PAD_MODES = ("longest", "max_seq_len")
+
+
+class ConfigError(ValueError):
+    """A configuration that must not run. The message starts with the offending key."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+class PrunedCombination(ConfigError):
+    """A grid point that is meaningless rather than wrong (e.g. double quantization of a
+    16-bit model). A single run refuses it like any ConfigError; a sweep skips it and
+    records it as pruned, not as a failure."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny-llama"  # label in results and tables
+    name_or_path: Optional[str] = None  # hub id or local directory; None -> build `preset`
+    preset: Optional[str] = "tiny-llama"  # key of qlab.presets.PRESETS
+    trust_remote_code: bool = False
+
+
+@dataclass
+class QuantConfig:
+    type: str = "nf4"  # bf16 | int8 | nf4 | fp4
+    double_quant: bool = False  # 4-bit types only
+    compute_dtype: str = "auto"  # auto = bfloat16 on CUDA, float32 on CPU (no fast bf16 there)
+
+
+@dataclass
+class AdapterConfig:
+    targets: str = "all_linear"  # qv | all_linear
+    r: int = 64
+    alpha: float = 16.0
+    dropout: float = 0.05
+
+
+@dataclass
+class OptimConfig:
+    name: str = "paged_adamw_32bit"
+    lr: float = 2e-4
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    max_grad_norm: float = 0.3
+    lr_warmup_steps: int = 0  # constant schedule after a linear warm-up of this many steps
+
+
+@dataclass
+class DataConfig:
+    name: str = "chat"
+    train_file: str = "qlab/assets/chat/train.jsonl"
+    eval_file: Optional[str] = "qlab/assets/chat/eval.jsonl"
+    format: str = "auto"  # auto | conversation | alpaca
+    max_seq_len: int = 512
+    pad_to: str = "longest"  # longest | max_seq_len (fixed shapes for throughput/memory work)
+    on_bad_line: str = "error"  # error | skip
+    max_eval_samples: int = 256
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 40
+    warmup_steps: int = 3  # excluded from timing and memory peaks
+    batch_size: int = 4
+    gradient_checkpointing: bool = True
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    save_adapter: bool = True
+    progress: bool = True
+
+
+@dataclass
+class TrackerConfig:
+    results_dir: str = "results"
+    sweep: str = "adhoc"  # results/<sweep>/<run id>/
+    wandb: bool = False
+    wandb_mode: str = "offline"  # offline | online | disabled
+    wandb_project: str = "qlab"
+    wandb_entity: Optional[str] = None
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracker: TrackerConfig = field(default_factory=TrackerConfig)
+    seed: int = 0
+    force: bool = False  # re-run even when a complete result exists
+    experiment: Optional[str] = None  # name of the conf/experiment/ file that composed this
+
+
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def resolve_path(path: str) -> str:
+    """Relative paths are tried against the current directory, then against the project root
+    (so the embedded `qlab/assets/...` defaults work from any directory). Config values stay
+    relative, which keeps run ids identical across checkouts."""
+    if os.path.isabs(path) or os.path.exists(path):
+        return path
+    candidate = os.path.join(PROJECT_ROOT, path)
+    return candidate if os.path.exists(candidate) else path
+
+
+def register() -> None:
+    ConfigStore.instance().store(name="qlab_schema", node=RunConfig)
+
+
+def _choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(key, f"unknown value {value!r} (choose from {', '.join(allowed)})")
+
+
+def validate(cfg: DictConfig | RunConfig) -> None:
+    """Raise ConfigError naming the first bad key. Touches only the file system."""
+    c = cfg if isinstance(cfg, DictConfig) else OmegaConf.structured(cfg)
+    _choice("quant.type", c.quant.type, QUANT_TYPES)
+    _choice("quant.compute_dtype", c.quant.compute_dtype, COMPUTE_DTYPES)
+    if c.quant.double_quant and c.quant.type not in FOUR_BIT:
+        raise PrunedCombination(
+            "quant.double_quant",
+            f"double quantization applies to the 4-bit types ({', '.join(FOUR_BIT)}), "
+            f"not to quant.type={c.quant.type}",
+        )
+    _choice("adapter.targets", c.adapter.targets, ADAPTER_TARGETS)
+    if c.adapter.r <= 0:
+        raise ConfigError("adapter.r", f"LoRA rank must be > 0, got {c.adapter.r}")
+    if c.adapter.alpha <= 0:
+        raise ConfigError("adapter.alpha", f"must be > 0, got {c.adapter.alpha}")
+    if not 0.0 <= c.adapter.dropout < 1.0:
+        raise ConfigError("adapter.dropout", f"must be in [0, 1), got {c.adapter.dropout}")
+    _choice("optim.name", c.optim.name, OPTIMIZERS)
+    if c.optim.lr <= 0:
+        raise ConfigError("optim.lr", f"learning rate must be > 0, got {c.optim.lr}")
+    if len(c.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in c.optim.betas):
+        raise ConfigError("optim.betas", f"need two values in [0, 1), got {list(c.optim.betas)}")
+    if c.optim.max_grad_norm < 0:
+        raise ConfigError("optim.max_grad_norm", f"must be >= 0 (0 = no clipping), got {c.optim.max_grad_norm}")
+    if c.optim.lr_warmup_steps < 0:
+        raise ConfigError("optim.lr_warmup_steps", f"must be >= 0, got {c.optim.lr_warmup_steps}")
+    if c.train.steps < 1:
+        raise ConfigError("train.steps", f"must be >= 1, got {c.train.steps}")
+    if not 0 <= c.train.warmup_steps < c.train.steps:
+        raise ConfigError(
+            "train.warmup_steps",
+            f"must be >= 0 and leave at least one measured step (train.steps={c.train.steps}), "
+            f"got {c.train.warmup_steps}",
+        )
+    if c.train.batch_size < 1:
+        raise ConfigError("train.batch_size", f"must be >= 1, got {c.train.batch_size}")
+    if c.data.max_seq_len < 8:
+        raise ConfigError("data.max_seq_len", f"must be >= 8, got {c.data.max_seq_len}")
+    _choice("data.format", c.data.format, DATA_FORMATS)
+    _choice("data.pad_to", c.data.pad_to, PAD_MODES)
+    _choice("data.on_bad_line", c.data.on_bad_line, ("error", "skip"))
+    for key in ("train_file", "eval_file"):
+        path = c.data[key]
+        if path is not None and not os.path.isfile(resolve_path(path)):
+            raise ConfigError(f"data.{key}", f"file does not exist: {path}")
+    _choice("tracker.wandb_mode", c.tracker.wandb_mode, ("offline", "online", "disabled"))
+    _validate_model(c.model)
+
+
+def _validate_model(m: DictConfig) -> None:
+    from qlab.presets import PRESETS  # a plain lookup table; imports no torch
+
+    if m.name_or_path is None:
+        if m.preset is None:
+            raise ConfigError("model.name_or_path", "set a hub id or local path, or model.preset")
+        _choice("model.preset", m.preset, tuple(PRESETS))
+        return
+    path = m.name_or_path
+    full = resolve_path(os.path.expanduser(path))
+    if path.startswith((".", "/", "~")) or os.path.isdir(full):
+        if not os.path.isdir(full):
+            raise ConfigError("model.name_or_path", f"local model directory does not exist: {path}")
+        if not os.path.isfile(os.path.join(full, "config.json")):
+            raise ConfigError("model.name_or_path", f"no config.json in {path}: not a saved model")
+    elif path.count("/") != 1:
+        raise ConfigError(
+            "model.name_or_path",
+            f"{path!r} is neither an existing directory nor a hub id of the form owner/name",
+        )

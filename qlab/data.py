@@ -1,0 +1,195 @@
+"""Multi-turn chat data with the loss on the assistant's tokens only.
+
+A conversation becomes the token sequence of the seed document's format
+
+    <s> human1 </s> assistant1 </s> human2 </s> assistant2 </s> ...
+
+and its labels copy the ids of each assistant reply *and the </s> that closes it* (the model
+must learn to stop); everything else (the <s>, the human turns and their </s>) is -100, which
+cross-entropy ignores. Each utterance is tokenized on its own, without special tokens, and
+the special ids are placed between them, so no tokenizer merges across a turn boundary.
+
+Input files are JSONL in either layout, one record per line:
+  conversation  {"conversation": [{"human": "...", "assistant": "..."}, ...]}   (MOSS/Firefly)
+  alpaca        {"instruction": "...", "input": "...", "output": "..."}           (one turn)
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from typing import Iterator
+
+IGNORE_INDEX = -100
+Conversation = list[tuple[str, str]]  # [(human, assistant), ...]
+
+
+class DataError(ValueError):
+    """A malformed data file; the message names the file and line."""
+
+
+def _parse(obj, fmt: str) -> Conversation:
+    if not isinstance(obj, dict):
+        raise ValueError("a line must hold a JSON object")
+    if fmt in ("auto", "conversation") and "conversation" in obj:
+        turns = obj["conversation"]
+        if not isinstance(turns, list) or not turns:
+            raise ValueError("'conversation' must be a non-empty list of turns")
+        out = []
+        for i, turn in enumerate(turns):
+            if not isinstance(turn, dict) or not all(isinstance(turn.get(k), str) for k in ("human", "assistant")):
+                raise ValueError(f"turn {i} needs string fields 'human' and 'assistant'")
+            out.append((turn["human"], turn["assistant"]))
+        return out
+    if fmt in ("auto", "alpaca") and "instruction" in obj:
+        inst, inp, output = obj.get("instruction"), obj.get("input", ""), obj.get("output")
+        if not all(isinstance(v, str) for v in (inst, inp, output)):
+            raise ValueError("'instruction', 'input' and 'output' must be strings")
+        return [(f"{inst}\n{inp}" if inp else inst, output)]
+    expected = {"auto": "'conversation' or 'instruction'", "conversation": "'conversation'",
+                "alpaca": "'instruction'"}[fmt]
+    raise ValueError(f"no {expected} field (data.format={fmt})")
+
+
+def load_conversations(path: str, fmt: str = "auto", on_bad_line: str = "error") -> tuple[list[Conversation], int]:
+    """Read a JSONL file. Returns (conversations, number of bad lines skipped)."""
+    convs, skipped = [], 0
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                convs.append(_parse(json.loads(line), fmt))
+            except (ValueError, json.JSONDecodeError) as e:
+                if on_bad_line == "skip":
+                    skipped += 1
+                    continue
+                raise DataError(f"{path}:{lineno}: {e} (set data.on_bad_line=skip to skip such lines)") from None
+    if not convs:
+        raise DataError(f"{path}: no usable records")
+    return convs, skipped
+
+
+def read_records(path: str) -> list[Conversation]:
+    return load_conversations(path)[0]
+
+
+def encode(conv: Conversation, tokenizer, max_seq_len: int) -> tuple[list[int], list[int]] | None:
+    """Token ids and labels for one conversation, truncated to max_seq_len from the end.
+    Returns None when truncation leaves no target token (the caller drops and counts it)."""
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    eos = tokenizer.eos_token_id
+    ids, labels = [bos], [IGNORE_INDEX]
+    for human, assistant in conv:
+        h = tokenizer(human, add_special_tokens=False).input_ids + [eos]
+        a = tokenizer(assistant, add_special_tokens=False).input_ids + [eos]
+        ids += h + a
+        labels += [IGNORE_INDEX] * len(h) + a
+        if len(ids) >= max_seq_len:
+            break
+    ids, labels = ids[:max_seq_len], labels[:max_seq_len]
+    if all(label == IGNORE_INDEX for label in labels):
+        return None
+    return ids, labels
+
+
+@dataclass
+class Split:
+    samples: list[tuple[list[int], list[int]]]
+    dropped_no_target: int = 0  # truncated to zero assistant tokens
+
+
+@dataclass
+class RawData:
+    """Parsed (not yet tokenized) files: read before any model loads, so a bad line fails fast."""
+
+    train: list[Conversation]
+    eval: list[Conversation] | None
+    skipped_bad_lines: int
+
+
+def read(data_cfg) -> RawData:
+    from qlab.config import resolve_path
+
+    train, skipped = load_conversations(resolve_path(data_cfg.train_file), data_cfg.format, data_cfg.on_bad_line)
+    ev = None
+    if data_cfg.eval_file:
+        ev, skipped_eval = load_conversations(resolve_path(data_cfg.eval_file), data_cfg.format, data_cfg.on_bad_line)
+        ev, skipped = ev[: data_cfg.max_eval_samples], skipped + skipped_eval
+    return RawData(train, ev, skipped)
+
+
+def tokenize_split(convs: list[Conversation], tokenizer, max_seq_len: int, name: str) -> Split:
+    samples, dropped = [], 0
+    for conv in convs:
+        enc = encode(conv, tokenizer, max_seq_len)
+        if enc is None:
+            dropped += 1
+        else:
+            samples.append(enc)
+    if not samples:
+        raise DataError(f"{name}: every sample lost its target tokens at data.max_seq_len={max_seq_len}")
+    return Split(samples, dropped)
+
+
+def collate(samples, pad_id: int, pad_to: int | None = None) -> dict:
+    """Right-pad a list of (ids, labels) into tensors; pad_to fixes the length (else longest)."""
+    import torch
+
+    length = pad_to or max(len(ids) for ids, _ in samples)
+    n = len(samples)
+    input_ids = torch.full((n, length), pad_id, dtype=torch.long)
+    labels = torch.full((n, length), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((n, length), dtype=torch.long)
+    for i, (ids, lab) in enumerate(samples):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, : len(lab)] = torch.tensor(lab)
+        mask[i, : len(ids)] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+
+
+@dataclass
+class Data:
+    train: Split
+    eval: Split | None
+    batch_size: int
+    pad_id: int
+    pad_to: int | None
+    seed: int
+    stats: dict = field(default_factory=dict)
+
+    def train_batches(self) -> Iterator[dict]:
+        """Endless shuffled batches; each epoch reshuffles with a seeded generator."""
+        rng = random.Random(self.seed)
+        order: list[int] = []
+        while True:
+            if len(order) < self.batch_size:
+                epoch = list(range(len(self.train.samples)))
+                rng.shuffle(epoch)
+                order += epoch
+            idx, order = order[: self.batch_size], order[self.batch_size :]
+            yield collate([self.train.samples[i] for i in idx], self.pad_id, self.pad_to)
+
+    def eval_batches(self) -> Iterator[dict]:
+        if self.eval is None:
+            return
+        s = self.eval.samples
+        for i in range(0, len(s), self.batch_size):
+            yield collate(s[i : i + self.batch_size], self.pad_id, None)
+
+
+def build(raw: RawData, data_cfg, tokenizer, batch_size: int, seed: int) -> Data:
+    if tokenizer.eos_token_id is None:
+        raise DataError("the tokenizer has no eos token; the chat format needs </s>")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    train = tokenize_split(raw.train, tokenizer, data_cfg.max_seq_len, data_cfg.train_file)
+    ev = tokenize_split(raw.eval, tokenizer, data_cfg.max_seq_len, data_cfg.eval_file) if raw.eval else None
+    pad_to = data_cfg.max_seq_len if data_cfg.pad_to == "max_seq_len" else None
+    stats = {
+        "train_samples": len(train.samples),
+        "eval_samples": len(ev.samples) if ev else 0,
+        "dropped_no_target": train.dropped_no_target + (ev.dropped_no_target if ev else 0),
+        "skipped_bad_lines": raw.skipped_bad_lines,
+    }
+    return Data(train, ev, batch_size, pad_id, pad_to, seed, stats)

@@ -1,0 +1,159 @@
+"""Trackers that watch a training loop without living in it.
+
+`MemoryWindow` is a context manager: on entry it resets PyTorch's peak counters and starts a
+sampler thread that polls NVML (device-level used memory, which *does* see CUDA managed
+memory of paged optimizers and the CUDA context, unlike torch's counters) and the process RSS;
+on exit it records the peaks. `StepClock` times steps with the device synchronized, so a
+step's time is its real GPU time, not its launch time. `summarize` turns per-step times into
+median, p90, mean, coefficient of variation and a 95% confidence interval (Student t, scipy).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+
+import psutil
+import torch
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def _nvml_handle(device: str):
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        index = torch.device(device).index
+        if index is None:
+            index = torch.cuda.current_device()
+        # NVML numbers GPUs physically; honour CUDA_VISIBLE_DEVICES when it lists indices
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if visible and all(v.strip().isdigit() for v in visible.split(",")):
+            index = int(visible.split(",")[index])
+        return pynvml, pynvml.nvmlDeviceGetHandleByIndex(index)
+    except Exception:  # NVML missing or unusable: device-level numbers are then absent
+        return None, None
+
+
+class PeakSampler(threading.Thread):
+    """Polls NVML device-used, this process's GPU memory and RSS every `interval_s`."""
+
+    def __init__(self, device: str, interval_s: float = 0.02):
+        super().__init__(daemon=True)
+        self.interval_s = interval_s
+        self.proc = psutil.Process()
+        self.nvml, self.handle = _nvml_handle(device) if device.startswith("cuda") else (None, None)
+        self.peak_rss = 0
+        self.peak_device_used = None
+        self.peak_process_gpu = None
+        self._halt = threading.Event()
+
+    def sample(self) -> None:
+        self.peak_rss = max(self.peak_rss, self.proc.memory_info().rss)
+        if self.handle is None:
+            return
+        used = self.nvml.nvmlDeviceGetMemoryInfo(self.handle).used
+        self.peak_device_used = max(self.peak_device_used or 0, used)
+        try:
+            mine = [p.usedGpuMemory for p in self.nvml.nvmlDeviceGetComputeRunningProcesses(self.handle)
+                    if p.pid == self.proc.pid and p.usedGpuMemory is not None]
+            if mine:
+                self.peak_process_gpu = max(self.peak_process_gpu or 0, sum(mine))
+        except Exception:  # containers often hide per-process accounting
+            pass
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            self.sample()
+            time.sleep(self.interval_s)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join()
+        self.sample()
+
+
+@dataclass
+class MemoryWindow:
+    """Peak memory over a block of steps; use as `with MemoryWindow(device) as mem:`."""
+
+    device: str
+    peaks: dict = field(default_factory=dict)
+
+    def __enter__(self):
+        self.cuda = self.device.startswith("cuda")
+        if self.cuda:
+            sync(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.sampler = PeakSampler(self.device)
+        self.sampler.start()
+        return self
+
+    def read(self) -> dict:
+        """Peaks so far (also usable after an OOM, when __exit__ has not run yet)."""
+        out = {"rss_peak_bytes": self.sampler.peak_rss}
+        if self.cuda:
+            stats = torch.cuda.memory_stats(self.device)
+            out.update(
+                peak_allocated_bytes=stats.get("allocated_bytes.all.peak", 0),
+                peak_reserved_bytes=stats.get("reserved_bytes.all.peak", 0),
+                peak_active_bytes=stats.get("active_bytes.all.peak", 0),
+                nvml_peak_device_used_bytes=self.sampler.peak_device_used,
+                nvml_peak_process_bytes=self.sampler.peak_process_gpu,
+            )
+        return out
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            sync(self.device)
+        self.sampler.stop()
+        self.peaks = self.read()
+        return False
+
+
+class StepClock:
+    """Device-synchronized wall time of one step: `with clock: step()` appends to `times`."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.times: list[float] = []
+
+    def __enter__(self):
+        sync(self.device)
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        sync(self.device)
+        self.times.append(time.perf_counter() - self._t0)
+        return False
+
+
+def summarize(values: list[float], prefix: str, unit: str) -> dict:
+    """median / p90 / mean / CV and a 95% t-interval of the mean, keys like `<prefix>_median_<unit>`."""
+    from scipy import stats
+
+    n = len(values)
+    if n == 0:
+        return {}
+    mean = statistics.fmean(values)
+    sd = statistics.stdev(values) if n > 1 else 0.0
+    ordered = sorted(values)
+    out = {
+        f"{prefix}_median_{unit}": statistics.median(values),
+        f"{prefix}_p90_{unit}": ordered[min(n - 1, int(round(0.9 * (n - 1))))],
+        f"{prefix}_mean_{unit}": mean,
+        f"{prefix}_cv": sd / mean if mean else None,
+        f"{prefix}_n": n,
+    }
+    if n > 1:
+        lo, hi = stats.t.interval(0.95, n - 1, loc=mean, scale=sd / n**0.5) if sd > 0 else (mean, mean)
+        out[f"{prefix}_ci95_low_{unit}"], out[f"{prefix}_ci95_high_{unit}"] = float(lo), float(hi)
+    return out

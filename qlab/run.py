@@ -1,0 +1,126 @@
+"""`python -m qlab.run <overrides>`: one measured QLoRA run, or a sweep with `-m`.
+
+The pipeline of ARCHITECTURE.md, as plain calls:
+  validate -> data.read -> models.load -> adapters.attach -> data.build -> optim.build
+  -> train.train (inside measure.* trackers) -> train.evaluate -> track.RunRecorder.finish
+
+Exit codes of a single run: 0 ok, 1 failed, 2 invalid config or data, 3 out of memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import traceback
+
+import hydra
+from omegaconf import DictConfig
+
+from qlab import config as qconfig
+
+log = logging.getLogger("qlab")
+EXIT = {"ok": 0, "failed": 1, "invalid": 2, "oom": 3}
+
+
+def run_one(cfg: DictConfig) -> dict:
+    """Run one configuration in this process and return its result (also written to disk).
+    Raises ConfigError / DataError, before anything is loaded, for bad input."""
+    from qlab import data, track
+
+    t_start = time.perf_counter()
+    qconfig.validate(cfg)
+    raw = data.read(cfg.data)  # a malformed line fails here, before any model loads
+    recorder = track.RunRecorder(cfg)
+    recorder.start()
+    log.info("run %s -> %s", recorder.id, recorder.final_dir)
+    metrics: dict = {}
+    try:
+        status, error = _pipeline(cfg, raw, recorder, metrics)
+    except Exception as e:
+        import torch
+
+        oom = isinstance(e, torch.OutOfMemoryError)
+        status = "oom" if oom else "failed"
+        error = {"type": type(e).__name__, "message": str(e).splitlines()[0] if str(e) else "",
+                 "traceback": None if oom else traceback.format_exc()}
+        log.error("run %s %s: %s: %s", recorder.id, status, error["type"], error["message"])
+    metrics["wall_time_s"] = time.perf_counter() - t_start
+    return recorder.finish(status, metrics, error)
+
+
+def _pipeline(cfg: DictConfig, raw, recorder, metrics: dict):
+    import torch
+    from transformers import set_seed
+
+    from qlab import adapters, data, models, optim, train
+
+    set_seed(cfg.seed)
+    device = models.resolve_device(cfg.train.device)
+    loaded = models.load(cfg.model, cfg.quant, device)
+    metrics.update(loaded.weight_bytes)
+    metrics["load_time_s"] = loaded.load_time_s
+    metrics["total_params"] = sum(
+        p.quant_state.shape.numel() if getattr(p, "quant_state", None) is not None else p.numel()
+        for p in loaded.model.parameters()
+    )
+    quantized = cfg.quant.type != "bf16"
+    models.prepare_for_training(loaded.model, quantized, cfg.train.gradient_checkpointing)
+    metrics["weight_bytes_after_prepare"] = models.weight_bytes(loaded.model)["weight_bytes"]
+    model, targets = adapters.attach(loaded.model, cfg.adapter)
+    metrics.update(adapters.count_params(model))
+    metrics["lora_target_modules"] = targets
+    batches = data.build(raw, cfg.data, loaded.tokenizer, cfg.train.batch_size, cfg.seed)
+    metrics.update({f"data_{k}": v for k, v in batches.stats.items()})
+    opt, sched = optim.build(cfg.optim, list(model.parameters()), device)
+    metrics["optimizer_class"] = type(opt).__name__
+    metrics["optimizer_state_location"] = optim.state_location(cfg.optim.name, device)
+    metrics["compute_dtype"] = str(models.compute_dtype(cfg.quant, device)).replace("torch.", "")
+    metrics["device"] = device
+
+    outcome = train.train(model, batches, opt, sched, cfg, device, recorder.log_step)
+    metrics.update(outcome.metrics)
+    metrics["optimizer_state_bytes"] = optim.measured_state_bytes(opt)
+    if outcome.status != "ok":
+        return outcome.status, {"type": "OutOfMemoryError", "message": outcome.error, "traceback": None}
+    metrics.update(train.evaluate(model, batches, device))
+    if cfg.train.save_adapter:
+        model.save_pretrained(recorder.dir / "adapter")
+    del opt, model
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return "ok", None
+
+
+def single(cfg: DictConfig) -> int:
+    from qlab.data import DataError
+
+    try:
+        result = run_one(cfg)
+    except (qconfig.ConfigError, DataError) as e:
+        log.error("invalid input, nothing was run: %s", e)
+        return EXIT["invalid"]
+    m = result["metrics"]
+    log.info("status=%s weight=%.1f MiB tokens/s=%s eval_loss=%s -> %s", result["status"],
+             m.get("weight_bytes", 0) / 2**20, _fmt(m.get("tokens_per_s")), _fmt(m.get("eval_loss")),
+             result["run_id"])
+    return EXIT[result["status"]]
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.4g}"
+
+
+qconfig.register()
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> int:
+    code = single(cfg)
+    if code:
+        sys.exit(code)
+    return code
+
+
+if __name__ == "__main__":
+    main()

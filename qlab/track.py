@@ -1,0 +1,262 @@
+"""Results on disk (the source of truth) and, optionally, W&B (a mirror).
+
+Layout: results/<sweep>/<run id>/
+  result.json    written once, atomically, when the run ends (ok, oom or failed); its
+                 presence with status ok/oom is what "complete" means to a resumed sweep
+  metrics.jsonl  one line per step, appended as the run goes (a killed run leaves only this)
+  config.yaml    the resolved config, written at start
+  adapter/       the LoRA adapter (save_pretrained), when train.save_adapter
+W&B calls are wrapped: a W&B failure becomes a warning and never costs the local result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+RESULT = "result.json"
+COMPLETE_STATUSES = ("ok", "oom")
+# Keys that do not change what a run measures: excluded from its id.
+NON_IDENTITY_KEYS = ("tracker", "force", "experiment", "train.progress", "train.save_adapter")
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def run_id(cfg: DictConfig) -> str:
+    """Readable axes plus a hash of everything that defines the run (tracker settings aside),
+    so the same configuration always lands in the same directory and a sweep can resume."""
+    ident = OmegaConf.to_container(cfg, resolve=True)
+    for key in NON_IDENTITY_KEYS:
+        *parents, leaf = key.split(".")
+        node = ident
+        for p in parents:
+            node = node.get(p, {})
+        node.pop(leaf, None)
+    digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:8]
+    q = cfg.quant.type + ("-dq" if cfg.quant.double_quant else "")
+    return f"{cfg.model.name}_{q}_{cfg.optim.name}_{cfg.adapter.targets}_s{cfg.seed}_{digest}"
+
+
+def run_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.tracker.results_dir) / cfg.tracker.sweep / run_id(cfg)
+
+
+def read_result(directory: Path) -> dict | None:
+    try:
+        return json.loads((Path(directory) / RESULT).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def is_complete(directory: Path) -> bool:
+    r = read_result(directory)
+    return r is not None and r.get("status") in COMPLETE_STATUSES
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    """Write to a temporary file in the same directory, fsync, then rename over `path`:
+    a reader (or a kill -9) sees the old file or the new one, never half of one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=False, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def git_commit() -> str | None:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        if sha.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return sha.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def _version(module: str) -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version(module)
+    except Exception:
+        return None
+
+
+def environment() -> dict:
+    """Versions and hardware, recorded beside every result."""
+    import torch
+
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": _version("transformers"),
+        "peft": _version("peft"),
+        "bitsandbytes": _version("bitsandbytes"),
+        "cuda": torch.version.cuda,
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "gpu": None,
+        "gpu_count": 0,
+        "driver": None,
+    }
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+        env["gpu_count"] = torch.cuda.device_count()
+        env["gpu_memory_bytes"] = torch.cuda.get_device_properties(0).total_memory
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            env["driver"] = pynvml.nvmlSystemGetDriverVersion()
+        except Exception:
+            pass
+    return env
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+class WandbMirror:
+    """Mirrors a run to W&B (offline by default). Every call is guarded."""
+
+    def __init__(self, cfg: DictConfig, directory: Path, name: str):
+        self.run = None
+        tc = cfg.tracker
+        if not tc.wandb or tc.wandb_mode == "disabled":
+            return
+        try:
+            import wandb
+
+            self.run = wandb.init(
+                project=tc.wandb_project, entity=tc.wandb_entity, name=name, group=tc.sweep,
+                mode=tc.wandb_mode, dir=str(directory), reinit="finish_previous",
+                config=OmegaConf.to_container(cfg, resolve=True),
+                settings=wandb.Settings(silent=True, console="off"),
+            )
+        except Exception as e:  # never lose a run to W&B
+            warnings.warn(f"W&B init failed, continuing without it: {e}")
+
+    def _guard(self, fn, *args, **kw):
+        if self.run is None:
+            return
+        try:
+            fn(*args, **kw)
+        except Exception as e:
+            warnings.warn(f"W&B call failed, continuing without it: {e}")
+            self.run = None
+
+    def log(self, rec: dict) -> None:
+        self._guard(lambda: self.run.log({k: v for k, v in rec.items() if k != "step"}, step=rec["step"]))
+
+    def finish(self, result: dict) -> None:
+        def _finish():
+            flat = {k: v for k, v in result["metrics"].items() if isinstance(v, (int, float, str, bool))}
+            self.run.summary.update({**flat, "status": result["status"]})
+            self.run.finish(exit_code=0 if result["status"] in COMPLETE_STATUSES else 1)
+
+        self._guard(_finish)
+
+
+class RunRecorder:
+    """Owns one run for its length. The run writes into results/<sweep>/.staging/<run id>/ and
+    is published to results/<sweep>/<run id>/ by a directory rename when it ends, so a killed
+    run never leaves anything that looks complete, and a forced re-run that fails never
+    replaces an earlier complete result (the failed attempt stays in .staging)."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        self.id = run_id(cfg)
+        self.final_dir = run_dir(cfg)
+        self.dir = self.final_dir.parent / ".staging" / self.id
+        self.started_at = now()
+
+    def start(self) -> None:
+        if self.dir.exists():  # debris of a killed attempt
+            shutil.rmtree(self.dir)
+        self.dir.mkdir(parents=True)
+        (self.dir / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
+        self.metrics_file = open(self.dir / "metrics.jsonl", "a", buffering=1)
+        self.wandb = WandbMirror(self.cfg, self.dir, self.id)
+
+    def _publish(self, status: str) -> Path:
+        if status not in COMPLETE_STATUSES and is_complete(self.final_dir):
+            warnings.warn(f"run failed; keeping the earlier complete result in {self.final_dir}, "
+                          f"the failed attempt is in {self.dir}")
+            return self.dir
+        if self.final_dir.exists():
+            old = self.final_dir.parent / ".staging" / f"{self.id}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(self.final_dir, old)
+            os.replace(self.dir, self.final_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(self.dir, self.final_dir)
+        return self.final_dir
+
+    def log_step(self, rec: dict) -> None:
+        self.metrics_file.write(json.dumps(rec) + "\n")
+        self.wandb.log(rec)
+
+    def finish(self, status: str, metrics: dict, error: dict | None = None, extra: dict | None = None) -> dict:
+        result = {
+            "schema": "qlab.result/1",
+            "run_id": self.id,
+            "sweep": self.cfg.tracker.sweep,
+            "status": status,
+            "error": error,
+            "axes": {
+                "model": self.cfg.model.name,
+                "quant": self.cfg.quant.type,
+                "double_quant": bool(self.cfg.quant.double_quant),
+                "optim": self.cfg.optim.name,
+                "adapter": self.cfg.adapter.targets,
+                "seed": self.cfg.seed,
+            },
+            "metrics": metrics,
+            **(extra or {}),
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "env": environment(),
+            "git_commit": git_commit(),
+            "seed": self.cfg.seed,
+            "started_at": self.started_at,
+            "finished_at": now(),
+            "argv": sys.argv,
+        }
+        if getattr(self, "metrics_file", None):
+            self.metrics_file.close()
+        atomic_write_json(self.dir / RESULT, result)
+        if hasattr(self, "wandb"):
+            self.wandb.finish(result)
+        self.published_dir = self._publish(status)
+        return result
