@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import sys
 import time
-import traceback
 
 import hydra
 from omegaconf import DictConfig
@@ -37,13 +36,13 @@ def run_one(cfg: DictConfig) -> dict:
     metrics: dict = {}
     try:
         status, error = _pipeline(cfg, raw, recorder, metrics)
-    except Exception as e:
+    except Exception as e:  # outside the loop: loading, adapters, data, optimizer, eval
         import torch
 
+        from qlab.train import error_record
+
         oom = isinstance(e, torch.OutOfMemoryError)
-        status = "oom" if oom else "failed"
-        error = {"type": type(e).__name__, "message": str(e).splitlines()[0] if str(e) else "",
-                 "traceback": None if oom else traceback.format_exc()}
+        status, error = ("oom" if oom else "failed"), error_record(e, with_traceback=not oom)
         log.error("run %s %s: %s: %s", recorder.id, status, error["type"], error["message"])
     metrics["wall_time_s"] = time.perf_counter() - t_start
     return recorder.finish(status, metrics, error)
@@ -82,7 +81,7 @@ def _pipeline(cfg: DictConfig, raw, recorder, metrics: dict):
     metrics.update(outcome.metrics)
     metrics["optimizer_state_bytes"] = optim.measured_state_bytes(opt)
     if outcome.status != "ok":
-        return outcome.status, {"type": "OutOfMemoryError", "message": outcome.error, "traceback": None}
+        return outcome.status, outcome.error
     metrics.update(train.evaluate(model, batches, device))
     if cfg.train.save_adapter:
         model.save_pretrained(recorder.dir / "adapter")

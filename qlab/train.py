@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import traceback
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -39,10 +40,16 @@ def _injected_fault(step: int) -> None:
 
 @dataclass
 class TrainOutcome:
-    status: str  # "ok" | "oom"
+    status: str  # "ok" | "oom" | "failed"
     metrics: dict
-    error: str | None = None
+    error: dict | None = None
     losses: list = field(default_factory=list)
+
+
+def error_record(e: BaseException, with_traceback: bool = True) -> dict:
+    msg = str(e).splitlines()[0] if str(e) else ""
+    return {"type": type(e).__name__, "message": msg,
+            "traceback": traceback.format_exc() if with_traceback else None}
 
 
 def checkpointed_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -131,9 +138,11 @@ def train(model, data: Data, optimizer, scheduler, cfg, device: str,
                 targets.append(rec["target_tokens"])
                 on_step(rec)
     except torch.OutOfMemoryError as e:  # an OOM is a result: keep what was measured
-        status, error = "oom", str(e).splitlines()[0]
+        status, error = "oom", error_record(e, with_traceback=False)
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
+    except Exception as e:  # any other failure: recorded as failed, with the steps that ran
+        status, error = "failed", error_record(e)
     finally:
         bar.close()
     metrics = dict(mem.peaks)

@@ -1,0 +1,40 @@
+# qlab: the user's verbs. `make help` lists them.
+# Every target installs what it needs into .venv first (once; again when pyproject.toml changes).
+# The venv sees system site-packages, so a CUDA torch you installed yourself is used, never
+# replaced; on a machine without torch, the CPU build torch==2.13.0 is installed.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+STAMP := $(VENV)/.qlab-installed
+EXPERIMENT ?= default
+ARGS ?=
+RESULTS ?= results
+
+.DEFAULT_GOAL := help
+.PHONY: help install run sweep test test-slurm clean-venv
+
+help: ## list the verbs
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install qlab with its dependencies
+
+run: $(STAMP) ## one run: make run ARGS="quant=fp4 adapter=qv"
+	$(PY) -m qlab.run $(ARGS)
+
+sweep: $(STAMP) ## the ablation grid as a Hydra multirun: make sweep [EXPERIMENT=memory] [ARGS=...]
+	$(PY) -m qlab.run -m +experiment=$(EXPERIMENT) $(ARGS)
+
+test: $(STAMP) ## the test suite (CPU; GPU tests skip themselves)
+	$(PY) -m pytest -q $(ARGS)
+
+clean-venv: ## remove .venv
+	rm -rf $(VENV)

@@ -1,0 +1,41 @@
+"""Tests compose the real conf/ tree with small overrides and run the real code path
+(real bitsandbytes quantization works on CPU). Presets are built once per session into a
+temporary QLAB_CACHE."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+# Fast settings shared by the tests: the tiny preset, small rank, few steps.
+FAST = ["train.progress=false", "train.device=cpu", "adapter.r=8", "train.steps=6", "train.warmup_steps=1",
+        "data.max_eval_samples=16", "data.max_seq_len=128"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def qlab_cache(tmp_path_factory):
+    cache = os.environ.get("QLAB_TEST_CACHE") or str(tmp_path_factory.mktemp("qlab-cache"))
+    os.environ["QLAB_CACHE"] = cache
+    return Path(cache)
+
+
+@pytest.fixture
+def compose(tmp_path):
+    """compose(*overrides) -> the resolved DictConfig qlab.run would get, results in tmp_path."""
+    from hydra import compose as hcompose
+    from hydra import initialize_config_dir
+
+    from qlab import config
+
+    config.register()
+
+    def _compose(*overrides, fast=True):
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            return hcompose("config", overrides=[f"tracker.results_dir={tmp_path / 'results'}",
+                                                 *(FAST if fast else []), *overrides])
+
+    return _compose

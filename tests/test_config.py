@@ -1,0 +1,47 @@
+import pytest
+
+from qlab.config import ConfigError, PrunedCombination, validate
+
+
+def test_default_config_composes_and_validates(compose):
+    cfg = compose()
+    validate(cfg)
+    assert cfg.quant.type == "nf4" and cfg.adapter.targets == "all_linear"
+    assert cfg.optim.name == "paged_adamw_32bit" and cfg.model.preset == "tiny-llama"
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["quant.type=nf5"], "quant.type"),
+    (["quant=int8", "quant.double_quant=true"], "quant.double_quant"),
+    (["quant=bf16", "quant.double_quant=true"], "quant.double_quant"),
+    (["adapter.r=0"], "adapter.r"),
+    (["adapter.r=-4"], "adapter.r"),
+    (["optim.lr=0"], "optim.lr"),
+    (["optim.lr=-1e-4"], "optim.lr"),
+    (["optim.name=sgd"], "optim.name"),
+    (["train.steps=0"], "train.steps"),
+    (["train.warmup_steps=6"], "train.warmup_steps"),
+    (["data.train_file=/nonexistent/train.jsonl"], "data.train_file"),
+    (["data.eval_file=missing.jsonl"], "data.eval_file"),
+    (["model.name_or_path=/nonexistent/model"], "model.name_or_path"),
+    (["model.name_or_path=./no/such/dir"], "model.name_or_path"),
+    (["model.name_or_path=not-a-hub-id-or-dir"], "model.name_or_path"),
+    (["model.preset=gpt-17"], "model.preset"),
+])
+def test_bad_config_names_its_key(compose, overrides, key):
+    with pytest.raises(ConfigError) as e:
+        validate(compose(*overrides))
+    assert e.value.key == key and str(e.value).startswith(f"{key}: ")
+
+
+def test_double_quant_on_16bit_is_a_prunable_combination(compose):
+    with pytest.raises(PrunedCombination):
+        validate(compose("quant=bf16", "quant.double_quant=true"))
+    validate(compose("quant=fp4", "quant.double_quant=true"))
+
+
+def test_schema_rejects_wrong_types_at_compose_time(compose):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="adapter.r"):
+        compose("adapter.r=abc")
