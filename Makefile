@@ -31,7 +31,7 @@ run: $(STAMP) ## one run: make run ARGS="quant=fp4 adapter=qv"
 	$(PY) -m qlab.run $(ARGS)
 
 sweep: $(STAMP) ## the ablation grid as a Hydra multirun: make sweep [EXPERIMENT=memory] [ARGS=...]
-	$(PY) -m qlab.run -m +experiment=$(EXPERIMENT) $(ARGS)
+	$(PY) -m qlab.run experiment=$(EXPERIMENT) $(ARGS)
 
 test: $(STAMP) ## the test suite (CPU; GPU tests skip themselves)
 	$(PY) -m pytest -q $(ARGS)

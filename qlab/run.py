@@ -28,12 +28,14 @@ def run_one(cfg: DictConfig) -> dict:
     from qlab import data, track
 
     t_start = time.perf_counter()
+    # process start -> here: interpreter, imports, Hydra compose (the fixed cost of isolation)
+    startup_s = time.time() - __import__("psutil").Process().create_time()
     qconfig.validate(cfg)
     raw = data.read(cfg.data)  # a malformed line fails here, before any model loads
     recorder = track.RunRecorder(cfg)
     recorder.start()
     log.info("run %s -> %s", recorder.id, recorder.final_dir)
-    metrics: dict = {}
+    metrics: dict = {"startup_s": startup_s}
     try:
         status, error = _pipeline(cfg, raw, recorder, metrics)
     except Exception as e:  # outside the loop: loading, adapters, data, optimizer, eval
@@ -77,7 +79,7 @@ def _pipeline(cfg: DictConfig, raw, recorder, metrics: dict):
     metrics["compute_dtype"] = str(models.compute_dtype(cfg.quant, device)).replace("torch.", "")
     metrics["device"] = device
 
-    outcome = train.train(model, batches, opt, sched, cfg, device, recorder.log_step)
+    outcome = train.train(model, batches, opt, sched, cfg, device, recorder.log_step, recorder.id)
     metrics.update(outcome.metrics)
     metrics["optimizer_state_bytes"] = optim.measured_state_bytes(opt)
     if outcome.status != "ok":
@@ -114,11 +116,17 @@ qconfig.register()
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> int:
+def main(cfg: DictConfig):
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        from qlab import sweep
+
+        return sweep.run_point(cfg)  # one isolated process per grid point
     code = single(cfg)
     if code:
         sys.exit(code)
-    return code
 
 
 if __name__ == "__main__":

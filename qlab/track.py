@@ -54,6 +54,20 @@ def run_dir(cfg: DictConfig) -> Path:
     return Path(cfg.tracker.results_dir) / cfg.tracker.sweep / run_id(cfg)
 
 
+def staging_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.tracker.results_dir) / cfg.tracker.sweep / ".staging" / run_id(cfg)
+
+
+def fresh_result(cfg: DictConfig, since: float) -> dict | None:
+    """The result a run process wrote after `since` (epoch seconds): published, or left in
+    staging when it failed beside an earlier complete result. None if it wrote none."""
+    for directory in (run_dir(cfg), staging_dir(cfg)):
+        path = directory / RESULT
+        if path.exists() and path.stat().st_mtime >= since:
+            return read_result(directory)
+    return None
+
+
 def read_result(directory: Path) -> dict | None:
     try:
         return json.loads((Path(directory) / RESULT).read_text())
@@ -122,6 +136,8 @@ def environment() -> dict:
         "gpu": None,
         "gpu_count": 0,
         "driver": None,
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
     }
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
@@ -198,7 +214,7 @@ class RunRecorder:
         self.cfg = cfg
         self.id = run_id(cfg)
         self.final_dir = run_dir(cfg)
-        self.dir = self.final_dir.parent / ".staging" / self.id
+        self.dir = staging_dir(cfg)
         self.started_at = now()
 
     def start(self) -> None:
@@ -223,6 +239,11 @@ class RunRecorder:
         else:
             os.replace(self.dir, self.final_dir)
         return self.final_dir
+
+    def adopt(self) -> None:
+        """Take over the staging directory of a run process that died, keeping its
+        metrics.jsonl, so its failure can be recorded beside what it had logged."""
+        self.dir.mkdir(parents=True, exist_ok=True)
 
     def log_step(self, rec: dict) -> None:
         self.metrics_file.write(json.dumps(rec) + "\n")
@@ -260,3 +281,10 @@ class RunRecorder:
             self.wandb.finish(result)
         self.published_dir = self._publish(status)
         return result
+
+
+def record_lost_run(cfg: DictConfig, message: str) -> dict:
+    """Record a run whose process died without writing a result, as failed."""
+    recorder = RunRecorder(cfg)
+    recorder.adopt()
+    return recorder.finish("failed", {}, {"type": "LostRun", "message": message, "traceback": None})

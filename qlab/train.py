@@ -24,17 +24,28 @@ class InjectedCrash(RuntimeError):
     """Raised on request (QLAB_INJECT_FAULT=crash) to test how failures are recorded."""
 
 
-def _injected_fault(step: int) -> None:
-    """QLAB_INJECT_FAULT=oom|crash[@step] makes step `step` (default 1) fail, for tests of the
-    harness's failure handling; unset in normal use."""
+def _injected_fault(step: int, run_id: str) -> None:
+    """QLAB_INJECT_FAULT=oom|crash|kill|stall[@step][:text] makes step `step` (default 1) fail, in runs
+    whose id contains `text` (default: every run). For tests of the harness's failure
+    handling; unset in normal use."""
     spec = os.environ.get("QLAB_INJECT_FAULT")
     if not spec:
+        return
+    spec, _, match = spec.partition(":")
+    if match not in run_id:
         return
     kind, _, at = spec.partition("@")
     if step != int(at or 1):
         return
     if kind == "oom":
         raise torch.OutOfMemoryError("injected out-of-memory (QLAB_INJECT_FAULT)")
+    if kind == "kill":  # die at once without a result, as under the kernel's OOM killer
+        os.kill(os.getpid(), 9)
+    if kind == "stall":  # hold the run mid-step, e.g. to be killed there
+        import time
+
+        time.sleep(30)
+        return
     raise InjectedCrash(f"injected crash (QLAB_INJECT_FAULT={spec})")
 
 
@@ -87,7 +98,7 @@ def _target_tokens(labels: torch.Tensor) -> int:
 
 
 def train(model, data: Data, optimizer, scheduler, cfg, device: str,
-          on_step: Callable[[dict], None] = lambda rec: None) -> TrainOutcome:
+          on_step: Callable[[dict], None] = lambda rec: None, run_id: str = "") -> TrainOutcome:
     tc, max_norm = cfg.train, cfg.optim.max_grad_norm
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
@@ -102,7 +113,7 @@ def train(model, data: Data, optimizer, scheduler, cfg, device: str,
     def step_once(step: int) -> dict:
         batch = _to(next(batches), device)
         probe = CheckpointProbe(probe_layers) if step == 0 and probe_layers else None
-        _injected_fault(step)
+        _injected_fault(step, run_id)
         loss = model(**batch).loss
         loss.backward()
         if max_norm > 0:
