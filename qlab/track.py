@@ -98,6 +98,9 @@ def atomic_write_json(path: Path, obj) -> None:
 
 
 def git_commit() -> str | None:
+    """HEAD (+ "-dirty"), or QLAB_GIT_COMMIT where the tree was copied without .git."""
+    if os.environ.get("QLAB_GIT_COMMIT"):
+        return os.environ["QLAB_GIT_COMMIT"]
     root = Path(__file__).resolve().parent.parent
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
