@@ -10,6 +10,7 @@ Exit codes of a single run: 0 ok, 1 failed, 2 invalid config or data, 3 out of m
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 
@@ -51,6 +52,7 @@ def run_one(cfg: DictConfig) -> dict:
 
 
 def _pipeline(cfg: DictConfig, raw, recorder, metrics: dict):
+    t_setup = time.perf_counter()
     import torch
     from transformers import set_seed
 
@@ -79,12 +81,18 @@ def _pipeline(cfg: DictConfig, raw, recorder, metrics: dict):
     metrics["compute_dtype"] = str(models.compute_dtype(cfg.quant, device)).replace("torch.", "")
     metrics["device"] = device
 
+    # everything before the first step: imports, load + quantize, prepare, adapters, data, optimizer
+    metrics["setup_s"] = time.perf_counter() - t_setup
+    t_train = time.perf_counter()
     outcome = train.train(model, batches, opt, sched, cfg, device, recorder.log_step, recorder.id)
     metrics.update(outcome.metrics)
     metrics["optimizer_state_bytes"] = optim.measured_state_bytes(opt)
     if outcome.status != "ok":
         return outcome.status, outcome.error
+    metrics["train_s"] = time.perf_counter() - t_train
+    t_eval = time.perf_counter()
     metrics.update(train.evaluate(model, batches, device))
+    metrics["eval_s"] = time.perf_counter() - t_eval
     if cfg.train.save_adapter:
         model.save_pretrained(recorder.dir / "adapter")
     del opt, model
@@ -115,7 +123,8 @@ def _fmt(x) -> str:
 qconfig.register()
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+# An absolute path: works the same from `python -m qlab.run`, the `qlab` script and any cwd.
+@hydra.main(version_base="1.3", config_path=os.path.join(qconfig.PROJECT_ROOT, "conf"), config_name="config")
 def main(cfg: DictConfig):
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode

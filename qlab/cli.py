@@ -1,0 +1,31 @@
+"""The `qlab` console script: one verb per job.
+
+  qlab run [hydra overrides]        one run, or a sweep with -m / experiment=...  (= python -m qlab.run)
+  qlab report RESULTS_DIR [...]     tables, plots and statistics from result.json files
+"""
+
+from __future__ import annotations
+
+import sys
+
+VERBS = {
+    "run": "qlab.run:main",
+    "report": "qlab.report:main",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in VERBS:
+        print(__doc__.strip())
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    module, func = VERBS[argv[0]].split(":")
+    sys.argv = [f"qlab {argv[0]}", *argv[1:]]  # Hydra and argparse read sys.argv
+    import importlib
+
+    result = getattr(importlib.import_module(module), func)()
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
