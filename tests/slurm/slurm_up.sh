@@ -135,7 +135,7 @@ up() {
   done
   [ "$st" = COMPLETED ] || { log "sbatch smoke test job $jid ended as '$st'"; return 1; }
   log "smoke test ok (srun, sbatch)"
-  echo "export PATH=$SLURM_BASE/bin:\$PATH   # sacct stand-in for submitit"
+  log "put $SLURM_BASE/bin first on PATH (sacct stand-in for submitit)"
 }
 
 alive() {   # running and not a zombie (an exited daemon stays a zombie until PID 1 reaps it)
