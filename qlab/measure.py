@@ -3,8 +3,9 @@
 `MemoryWindow` is a context manager: on entry it resets PyTorch's peak counters and starts a
 sampler thread that polls NVML (device-level used memory, which *does* see CUDA managed
 memory of paged optimizers and the CUDA context, unlike torch's counters) and the process RSS;
-on exit it records the peaks. `StepClock` times steps with the device synchronized, so a
-step's time is its real GPU time, not its launch time. `summarize` turns per-step times into
+on exit it records the peaks. `StepClock` times steps with CUDA events on a GPU (host clock
+with the device synchronized on a CPU), so a step's time is its real device time, not its
+launch time. `summarize` turns per-step times into
 median, p90, mean, coefficient of variation and a 95% confidence interval (Student t, scipy).
 """
 
@@ -119,21 +120,45 @@ class MemoryWindow:
 
 
 class StepClock:
-    """Device-synchronized wall time of one step: `with clock: step()` appends to `times`."""
+    """Time of each step: `with clock: step()` appends one entry to `times` (seconds).
+
+    On CUDA, a pair of timing events is recorded on the stream around the step and read once
+    the step's work has finished: the GPU timeline from the first queued kernel of the step to
+    the last, launch gaps included. On CPU, host time with the device synchronized."""
 
     def __init__(self, device: str):
+        self.cuda = device.startswith("cuda")
         self.device = device
-        self.times: list[float] = []
+        self._times: list[float] = []
+        self._pending: list = []
 
     def __enter__(self):
-        sync(self.device)
-        self._t0 = time.perf_counter()
+        if self.cuda:
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        else:
+            self._t0 = time.perf_counter()
         return self
 
     def __exit__(self, *exc):
-        sync(self.device)
-        self.times.append(time.perf_counter() - self._t0)
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._pending.append((self._start, end))
+        else:
+            self._times.append(time.perf_counter() - self._t0)
         return False
+
+    @property
+    def times(self) -> list[float]:
+        for start, end in self._pending:
+            end.synchronize()
+            self._times.append(start.elapsed_time(end) / 1000.0)  # elapsed_time is in ms
+        self._pending.clear()
+        return self._times
+
+
+NOISY_CV = 0.02  # a run whose per-step throughput varies more than 2% is flagged as noisy
 
 
 def summarize(values: list[float], prefix: str, unit: str) -> dict:
@@ -157,3 +182,32 @@ def summarize(values: list[float], prefix: str, unit: str) -> dict:
         lo, hi = stats.t.interval(0.95, n - 1, loc=mean, scale=sd / n**0.5) if sd > 0 else (mean, mean)
         out[f"{prefix}_ci95_low_{unit}"], out[f"{prefix}_ci95_high_{unit}"] = float(lo), float(hi)
     return out
+
+
+def memory_breakdown(weights: dict, adapter_bytes: int, optimizer_state: dict, logits_bytes: int,
+                     peak_allocated: int | None) -> dict:
+    """Where the bytes at the peak went, in `<part>_bytes` keys.
+
+    Exact: the weights as held after the QLoRA preparation (quantized tensors, their
+    constants, the non-quantized rest), the adapters, their float32 gradients (one per
+    adapter parameter, all alive at the end of backward) and the optimizer state by location.
+    Estimated: `logits_bytes`, the float32 logits the loss materializes for the largest batch.
+    Remainder: `activations_bytes` = torch's peak allocated minus every device-resident part
+    above: saved activations, recomputation buffers, temporaries. Managed (paged) optimizer
+    state is listed but not subtracted: torch's allocator never sees it. On a CPU there is no
+    allocator peak, so no remainder."""
+    parts = {
+        "quantized_weights_bytes": weights["quantized_weight_bytes"],
+        "quant_constants_bytes": weights["quant_state_bytes"],
+        "unquantized_weights_bytes": weights["unquantized_weight_bytes"],
+        "adapters_bytes": adapter_bytes,
+        "gradients_bytes": adapter_bytes,
+        "optimizer_state_device_bytes": optimizer_state["device"],
+        "optimizer_state_managed_bytes": optimizer_state["managed"],
+        "optimizer_state_cpu_bytes": optimizer_state["cpu"],
+        "logits_bytes": logits_bytes,
+    }
+    if peak_allocated is not None:
+        on_device = sum(v for k, v in parts.items() if k not in ("optimizer_state_managed_bytes", "optimizer_state_cpu_bytes"))
+        parts["activations_bytes"] = max(0, peak_allocated - on_device)
+    return parts

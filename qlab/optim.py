@@ -79,11 +79,14 @@ def build(optim_cfg, params: list[torch.Tensor], device: str):
     return opt, sched
 
 
-def measured_state_bytes(opt: torch.optim.Optimizer) -> int:
-    """Bytes actually held in the optimizer's state tensors (after at least one step)."""
-    return sum(
-        v.numel() * v.element_size()
-        for state in opt.state.values()
-        for v in state.values()
-        if torch.is_tensor(v) and v.dim() > 0
-    )
+def measured_state_bytes(opt: torch.optim.Optimizer) -> dict:
+    """Bytes actually held in the optimizer's state tensors (after at least one step), by
+    where they live: `managed` (bitsandbytes paged tensors: CUDA unified memory, invisible
+    to torch's allocator counters), `device` (ordinary CUDA tensors) or `cpu`."""
+    where = {"device": 0, "managed": 0, "cpu": 0}
+    for state in opt.state.values():
+        for v in state.values():
+            if torch.is_tensor(v) and v.dim() > 0:
+                loc = "managed" if getattr(v, "is_paged", False) else ("device" if v.is_cuda else "cpu")
+                where[loc] += v.numel() * v.element_size()
+    return where

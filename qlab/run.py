@@ -26,11 +26,13 @@ EXIT = {"ok": 0, "failed": 1, "invalid": 2, "oom": 3}
 def run_one(cfg: DictConfig) -> dict:
     """Run one configuration in this process and return its result (also written to disk).
     Raises ConfigError / DataError, before anything is loaded, for bad input."""
+    import psutil
+
     from qlab import data, track
 
     t_start = time.perf_counter()
     # process start -> here: interpreter, imports, Hydra compose (the fixed cost of isolation)
-    startup_s = time.time() - __import__("psutil").Process().create_time()
+    startup_s = time.time() - psutil.Process().create_time()
     qconfig.validate(cfg)
     raw = data.read(cfg.data)  # a malformed line fails here, before any model loads
     recorder = track.RunRecorder(cfg)
@@ -56,7 +58,7 @@ def _pipeline(cfg: DictConfig, raw, recorder, metrics: dict):
     import torch
     from transformers import set_seed
 
-    from qlab import adapters, data, models, optim, train
+    from qlab import adapters, data, measure, models, optim, train
 
     set_seed(cfg.seed)
     device = models.resolve_device(cfg.train.device)
@@ -69,7 +71,8 @@ def _pipeline(cfg: DictConfig, raw, recorder, metrics: dict):
     )
     quantized = cfg.quant.type != "bf16"
     models.prepare_for_training(loaded.model, quantized, cfg.train.gradient_checkpointing)
-    metrics["weight_bytes_after_prepare"] = models.weight_bytes(loaded.model)["weight_bytes"]
+    prepared = models.weight_bytes(loaded.model)  # the recipe up-casts non-quantized weights
+    metrics["weight_bytes_after_prepare"] = prepared["weight_bytes"]
     model, targets = adapters.attach(loaded.model, cfg.adapter)
     metrics.update(adapters.count_params(model))
     metrics["lora_target_modules"] = targets
@@ -86,7 +89,13 @@ def _pipeline(cfg: DictConfig, raw, recorder, metrics: dict):
     t_train = time.perf_counter()
     outcome = train.train(model, batches, opt, sched, cfg, device, recorder.log_step, recorder.id)
     metrics.update(outcome.metrics)
-    metrics["optimizer_state_bytes"] = optim.measured_state_bytes(opt)
+    state = optim.measured_state_bytes(opt)
+    metrics["optimizer_state_bytes"] = sum(state.values())
+    adapter_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    logits = metrics.get("max_tokens_per_step", 0) * vocab * 4  # float32 logits of the largest batch
+    metrics["memory_breakdown"] = measure.memory_breakdown(
+        prepared, adapter_bytes, state, logits, metrics.get("peak_allocated_bytes"))
     if outcome.status != "ok":
         return outcome.status, outcome.error
     metrics["train_s"] = time.perf_counter() - t_train

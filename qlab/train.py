@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from qlab.data import IGNORE_INDEX, Data
-from qlab.measure import MemoryWindow, StepClock, summarize
+from qlab.measure import NOISY_CV, MemoryWindow, StepClock, summarize
 
 
 class InjectedCrash(RuntimeError):
@@ -174,6 +174,8 @@ def throughput(times: list[float], tokens: list[int], real: list[int], targets: 
         return {}
     out = summarize(times, "step_time", "s")
     out.update(summarize([n / t for n, t in zip(tokens, times)], "tokens_per_s", "tok"))
+    out["tokens_per_s_noisy"] = bool(out.get("tokens_per_s_cv") and out["tokens_per_s_cv"] > NOISY_CV)
+    out["max_tokens_per_step"] = max(tokens)
     total_time = sum(times)
     out["tokens_per_s"] = sum(tokens) / total_time
     out["real_tokens_per_s"] = sum(real) / total_time

@@ -34,6 +34,15 @@ def test_complete_run_writes_a_valid_result(compose, tmp_path):
     # 4 bits + constants; tiny tensors pay a large share for DQ's fixed 1 KiB second-level code
     assert m["bits_per_quantized_param"] > 4.0 and m["quant_state_bytes"] > 0
     assert m["optimizer_class"] == "PagedAdamW32bit" and m["optimizer_state_bytes"] == 2 * 4 * 8 * 2560
+    b = m["memory_breakdown"]
+    assert b["adapters_bytes"] == b["gradients_bytes"] == 4 * 8 * 2560  # float32 LoRA weights
+    assert b["optimizer_state_cpu_bytes"] == m["optimizer_state_bytes"]
+    assert b["quantized_weights_bytes"] == m["quantized_weight_bytes"]
+    from qlab import presets
+
+    vocab = len(presets.build_tokenizer())  # the tiny preset's vocabulary is its tokenizer's
+    assert b["logits_bytes"] == m["max_tokens_per_step"] * vocab * 4  # float32 logits
+    assert "activations_bytes" not in b  # no allocator peak on a CPU
     assert m["eval_loss"] > 0 and m["eval_perplexity"] == pytest.approx(2.718281828 ** m["eval_loss"])
     steps = [json.loads(l) for l in (path.parent / "metrics.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == list(range(40))
