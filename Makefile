@@ -11,9 +11,10 @@ STAMP := $(VENV)/.qlab-installed
 EXPERIMENT ?= default
 ARGS ?=
 RESULTS ?= results
+SWEEP ?= default
 
 .DEFAULT_GOAL := help
-.PHONY: help install run sweep test test-slurm clean-venv
+.PHONY: help install run sweep report test test-slurm clean-venv
 
 help: ## list the verbs
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -32,6 +33,9 @@ run: $(STAMP) ## one run: make run ARGS="quant=fp4 adapter=qv"
 
 sweep: $(STAMP) ## the ablation grid as a Hydra multirun: make sweep [EXPERIMENT=memory] [ARGS=...]
 	$(PY) -m qlab.run experiment=$(EXPERIMENT) $(ARGS)
+
+report: $(STAMP) ## tables, plots, statistics of RESULTS/SWEEP (results/default): make report SWEEP=default-llama-7b [ARGS="--baseline nf4+DQ"]
+	$(PY) -m qlab.report $(RESULTS)/$(SWEEP) $(ARGS)
 
 test: $(STAMP) ## the test suite (CPU; GPU tests skip themselves)
 	$(PY) -m pytest -q $(ARGS)
