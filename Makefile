@@ -14,7 +14,7 @@ RESULTS ?= results
 SWEEP ?= default
 
 .DEFAULT_GOAL := help
-.PHONY: help install run sweep report test test-slurm clean-venv
+.PHONY: help install run sweep report test clean-venv
 
 help: ## list the verbs
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'

@@ -2,6 +2,8 @@
 
   qlab run [hydra overrides]        one run, or a sweep with -m / experiment=...  (= python -m qlab.run)
   qlab report RESULTS_DIR [...]     tables, plots and statistics from result.json files
+  qlab estimate [--model M] [--all] memory predicted from the config alone (= python -m qlab.estimate)
+  qlab chat RUN_DIR [--prompt ...]  talk to the base model plus a run's adapter
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import sys
 VERBS = {
     "run": "qlab.run:main",
     "report": "qlab.report:main",
+    "estimate": "qlab.estimate:main",
+    "chat": "qlab.chat:main",
 }
 
 

@@ -27,7 +27,8 @@ def state_bytes(name: str, params: list[torch.Tensor]) -> int:
     for p in params:
         n = p.numel()
         if name.endswith("8bit") and n >= BNB_MIN_8BIT_SIZE:
-            total += 2 * (n + 4 * math.ceil(n / BNB_BLOCK))  # 1 byte/value + float32 absmax/block
+            # per moment: 1 byte/value + a float32 absmax per block + its 256-entry float32 map
+            total += 2 * (n + 4 * math.ceil(n / BNB_BLOCK) + 4 * 256)
         else:
             total += 2 * 4 * n  # exp_avg + exp_avg_sq in float32
     return total

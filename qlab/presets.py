@@ -40,6 +40,23 @@ PRESETS: dict[str, dict] = {
         vocab_size=32000, rms_norm_eps=1e-6,
     ),
     "bloom-7b1": dict(arch="bloom", hidden_size=4096, n_layer=30, n_head=32, vocab_size=250880),
+    # LLaMA-1 13B/33B/65B shapes (13.0B/32.5B/65.3B params), for `qlab estimate` and the paper's
+    # 65B claims: shape only, far too large to build on a CPU (65B in bf16 is 130 GB).
+    "llama-13b": dict(
+        arch="llama", hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+        num_attention_heads=40, num_key_value_heads=40, max_position_embeddings=2048,
+        vocab_size=32000, rms_norm_eps=1e-6,
+    ),
+    "llama-33b": dict(
+        arch="llama", hidden_size=6656, intermediate_size=17920, num_hidden_layers=60,
+        num_attention_heads=52, num_key_value_heads=52, max_position_embeddings=2048,
+        vocab_size=32000, rms_norm_eps=1e-6,
+    ),
+    "llama-65b": dict(
+        arch="llama", hidden_size=8192, intermediate_size=22016, num_hidden_layers=80,
+        num_attention_heads=64, num_key_value_heads=64, max_position_embeddings=2048,
+        vocab_size=32000, rms_norm_eps=1e-6,
+    ),
 }
 
 TOKENIZER_VOCAB = 2048  # BPE merges learned on the embedded chat data

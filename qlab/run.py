@@ -91,6 +91,7 @@ def _pipeline(cfg: DictConfig, raw, recorder, metrics: dict):
     metrics.update(outcome.metrics)
     state = optim.measured_state_bytes(opt)
     metrics["optimizer_state_bytes"] = sum(state.values())
+    _predicted_vs_measured(cfg, device, metrics)
     adapter_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     vocab = model.get_output_embeddings().weight.shape[0]
     logits = metrics.get("max_tokens_per_step", 0) * vocab * 4  # float32 logits of the largest batch
@@ -108,6 +109,27 @@ def _pipeline(cfg: DictConfig, raw, recorder, metrics: dict):
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return "ok", None
+
+
+# measured key -> predicted key of qlab.estimate; all but the peak are exact predictions
+COMPARED = {"weight_bytes": "weight_bytes", "quant_state_bytes": "quant_state_bytes",
+            "weight_bytes_after_prepare": "weight_bytes_after_prepare", "trainable_params": "trainable_params",
+            "optimizer_state_bytes": "optimizer_state_bytes", "peak_allocated_bytes": "device_bytes"}
+
+
+def _predicted_vs_measured(cfg: DictConfig, device: str, metrics: dict) -> None:
+    """Record the analytic model's prediction beside what the run measured. A prediction that
+    cannot be made (an architecture the model does not know) is noted, never fatal."""
+    from qlab import estimate
+
+    try:
+        predicted = estimate.estimate_for_config(cfg, device).as_metrics()
+    except Exception as e:
+        metrics["predicted_error"] = f"{type(e).__name__}: {e}"
+        return
+    metrics["predicted"] = predicted
+    metrics["predicted_vs_measured"] = {
+        key: {"predicted": predicted[p], "measured": metrics[key]} for key, p in COMPARED.items() if key in metrics}
 
 
 def single(cfg: DictConfig) -> int:

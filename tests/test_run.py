@@ -43,6 +43,10 @@ def test_complete_run_writes_a_valid_result(compose, tmp_path):
     vocab = len(presets.build_tokenizer())  # the tiny preset's vocabulary is its tokenizer's
     assert b["logits_bytes"] == m["max_tokens_per_step"] * vocab * 4  # float32 logits
     assert "activations_bytes" not in b  # no allocator peak on a CPU
+    pvm = m["predicted_vs_measured"]  # the analytic model, recorded beside the measurement
+    for key in ("weight_bytes", "quant_state_bytes", "weight_bytes_after_prepare", "trainable_params",
+                "optimizer_state_bytes"):
+        assert pvm[key]["predicted"] == pvm[key]["measured"], key
     assert m["eval_loss"] > 0 and m["eval_perplexity"] == pytest.approx(2.718281828 ** m["eval_loss"])
     steps = [json.loads(l) for l in (path.parent / "metrics.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == list(range(40))
