@@ -14,10 +14,10 @@ RESULTS ?= results
 SWEEP ?= default
 
 .DEFAULT_GOAL := help
-.PHONY: help install run sweep report test clean-venv
+.PHONY: help install run sweep report test clean-venv bench-kernels bench-overhead
 
 help: ## list the verbs
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -42,3 +42,9 @@ test: $(STAMP) ## the test suite (CPU; GPU tests skip themselves)
 
 clean-venv: ## remove .venv
 	rm -rf $(VENV)
+
+bench-kernels: $(STAMP) ## kernel micro-benchmarks at real sizes (GPU): writes results/kernels/
+	$(PY) experiments/kernels.py $(ARGS)
+
+bench-overhead: $(STAMP) ## bare loop vs qlab's loop vs HF Trainer, same step (GPU): writes results/overhead/
+	$(PY) experiments/overhead.py $(ARGS)
