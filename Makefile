@@ -14,7 +14,7 @@ RESULTS ?= results
 SWEEP ?= default
 
 .DEFAULT_GOAL := help
-.PHONY: help install run sweep report test clean-venv bench-kernels bench-overhead
+.PHONY: help install run sweep report claims test clean-venv bench-kernels bench-overhead
 
 help: ## list the verbs
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -36,6 +36,9 @@ sweep: $(STAMP) ## the ablation grid as a Hydra multirun: make sweep [EXPERIMENT
 
 report: $(STAMP) ## tables, plots, statistics of RESULTS/SWEEP (results/default): make report SWEEP=default-llama-7b [ARGS="--baseline nf4+DQ"]
 	$(PY) -m qlab.report $(RESULTS)/$(SWEEP) $(ARGS)
+
+claims: $(STAMP) ## the paper's claims: run missing sweeps (GPU ones need a GPU), verdicts into results/claims/
+	$(PY) -m qlab.claims $(ARGS)
 
 test: $(STAMP) ## the test suite (CPU; GPU tests skip themselves)
 	$(PY) -m pytest -q $(ARGS)

@@ -4,6 +4,7 @@
   qlab report RESULTS_DIR [...]     tables, plots and statistics from result.json files
   qlab estimate [--model M] [--all] memory predicted from the config alone (= python -m qlab.estimate)
   qlab chat RUN_DIR [--prompt ...]  talk to the base model plus a run's adapter
+  qlab claims [--no-run]            the QLoRA paper's claims: run what is missing, compute verdicts
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ VERBS = {
     "report": "qlab.report:main",
     "estimate": "qlab.estimate:main",
     "chat": "qlab.chat:main",
+    "claims": "qlab.claims:main",
 }
 
 

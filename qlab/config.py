@@ -92,6 +92,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     save_adapter: bool = True
     progress: bool = True
+    # emulate a smaller GPU: cap PyTorch's allocator at this many GiB (None: the whole card).
+    # CUDA managed memory of paged optimizers lies outside this cap, as on a real small card.
+    max_device_memory_gib: Optional[float] = None
 
 
 @dataclass
@@ -177,6 +180,8 @@ def validate(cfg: DictConfig | RunConfig) -> None:
         )
     if c.train.batch_size < 1:
         raise ConfigError("train.batch_size", f"must be >= 1, got {c.train.batch_size}")
+    if c.train.max_device_memory_gib is not None and c.train.max_device_memory_gib <= 0:
+        raise ConfigError("train.max_device_memory_gib", f"must be > 0 or null, got {c.train.max_device_memory_gib}")
     if c.data.max_seq_len < 8:
         raise ConfigError("data.max_seq_len", f"must be >= 8, got {c.data.max_seq_len}")
     _choice("data.format", c.data.format, DATA_FORMATS)

@@ -37,6 +37,15 @@ def resolve_device(spec: str) -> str:
     return spec
 
 
+def cap_device_memory(device: str, gib: float | None) -> None:
+    """Make PyTorch's allocator behave as on a card with `gib` GiB: allocations beyond it raise
+    an out-of-memory error (recorded as status oom). Managed memory is not capped."""
+    if gib is None or not device.startswith("cuda"):
+        return
+    total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, gib * 2**30 / total), torch.device(device))
+
+
 def compute_dtype(quant_cfg, device: str) -> torch.dtype:
     name = quant_cfg.compute_dtype
     if name == "auto":  # bf16 is the paper's compute type; this CPU has no fast bf16 (3-12x slower)

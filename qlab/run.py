@@ -62,6 +62,7 @@ def _pipeline(cfg: DictConfig, raw, recorder, metrics: dict):
 
     set_seed(cfg.seed)
     device = models.resolve_device(cfg.train.device)
+    models.cap_device_memory(device, cfg.train.max_device_memory_gib)
     loaded = models.load(cfg.model, cfg.quant, device)
     metrics.update(loaded.weight_bytes)
     metrics["load_time_s"] = loaded.load_time_s

@@ -1,0 +1,320 @@
+"""The QLoRA paper's claims as data, each turned into a measurement with a computed verdict.
+
+    qlab claims [--claims experiments/claims.yaml] [--results results] [--out results/claims] [--no-run]
+
+A claims file lists claims; each names the paper's statement and number, its source, where
+the measurement comes from, the metric, the comparison and the tolerance. Verdicts are
+computed here, never typed: `reproduced`, `not reproduced`, or `inconclusive` with the reason
+(no runs yet, one seed per arm, an interval that straddles the margin). A claim that fails is
+reported as failing.
+
+Comparison kinds (a small lookup table, `KINDS`):
+  value        mean of `metric` over the runs matching `where`, vs `paper_value` +- tolerance
+  difference   mean over arm `a` minus mean over arm `b`, vs `paper_value` +- tolerance
+  lower        arm `a` has a lower `metric` than arm `b`: Welch's t-test across seeds, alpha 0.05
+               (significantly higher -> not reproduced; no significant difference or n < 2 ->
+               inconclusive)
+  equivalent   |mean_a - mean_b| within `margin` (relative to mean_b): the 95% Welch interval
+               of the difference inside +-margin -> reproduced, entirely outside -> not reproduced
+  survives     under the claim's experiment, every run of arm `a` is ok and every run of arm `b`
+               ran out of memory
+  estimate     a number from the analytic memory model (qlab.estimate) of `model` under one
+               or two settings, vs `paper_value` +- tolerance or `at_most`
+  kernel_order quantization error (MSE) of `kinds` on standard-normal data: the first is lowest
+Runs come from `results/<sweep>/`: `make claims` first runs the sweeps that have no results
+(`experiment` plus `overrides`, a Hydra multirun), unless --no-run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+from scipy import stats as st
+
+from qlab import track
+from qlab.config import PROJECT_ROOT
+
+REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
+ALPHA = 0.05
+DEFAULT_CLAIMS = Path(PROJECT_ROOT) / "experiments" / "claims.yaml"
+
+
+@dataclass
+class Verdict:
+    verdict: str
+    measured: float | None = None
+    ci: tuple[float, float] | None = None
+    reason: str = ""
+    n: str = ""
+
+
+# ------------------------------------------------------------------ selecting runs
+
+def select(runs: pd.DataFrame, where: dict, status: str | None = "ok") -> pd.DataFrame:
+    """Rows matching every `column: value` of `where` (and the status, unless None)."""
+    mask = pd.Series(True, index=runs.index)
+    for col, value in (where or {}).items():
+        if col not in runs:
+            return runs.iloc[0:0]
+        mask &= runs[col].astype(str) == str(value)
+    if status is not None:
+        mask &= runs["status"] == status
+    return runs[mask]
+
+
+def _values(runs: pd.DataFrame, where: dict, metric: str, scale: float) -> np.ndarray:
+    sel = select(runs, where)
+    if metric not in sel:
+        return np.array([])
+    v = pd.to_numeric(sel[metric], errors="coerce").to_numpy(float) / scale
+    return v[np.isfinite(v)]
+
+
+def _within(measured: float, claim: dict) -> bool:
+    tol = claim.get("tolerance", {})
+    paper = claim["paper_value"]
+    limit = tol.get("abs", 0.0) + abs(paper) * tol.get("rel", 0.0)
+    return abs(measured - paper) <= limit
+
+
+def welch_interval(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """95% interval of mean(a) - mean(b), Welch-Satterthwaite degrees of freedom."""
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    diff, se = a.mean() - b.mean(), math.sqrt(va + vb)
+    if se == 0:
+        return diff, diff
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    half = st.t.ppf(0.975, df) * se
+    return diff - half, diff + half
+
+
+# ------------------------------------------------------------------ the comparison kinds
+
+def k_value(claim: dict, runs: pd.DataFrame) -> Verdict:
+    v = _values(runs, claim.get("where", {}), claim["metric"], claim.get("scale", 1.0))
+    if len(v) == 0:
+        return Verdict(INCONCLUSIVE, reason="no ok run matches yet")
+    m = float(v.mean())
+    ci = tuple(float(x) for x in st.t.interval(0.95, len(v) - 1, loc=m, scale=v.std(ddof=1) / len(v) ** 0.5)) \
+        if len(v) > 1 and v.std() > 0 else None
+    ok = _within(m, claim)
+    return Verdict(REPRODUCED if ok else NOT_REPRODUCED, m, ci,
+                   f"{'within' if ok else 'outside'} the tolerance of the paper's value", f"n={len(v)}")
+
+
+def _arms(claim: dict, runs: pd.DataFrame):
+    scale = claim.get("scale", 1.0)
+    return (_values(runs, claim["a"], claim["metric"], scale), _values(runs, claim["b"], claim["metric"], scale))
+
+
+def k_difference(claim: dict, runs: pd.DataFrame) -> Verdict:
+    a, b = _arms(claim, runs)
+    if len(a) == 0 or len(b) == 0:
+        return Verdict(INCONCLUSIVE, reason="an arm has no ok run yet")
+    d = float(a.mean() - b.mean())
+    ci = welch_interval(a, b) if min(len(a), len(b)) > 1 else None
+    ok = _within(d, claim)
+    return Verdict(REPRODUCED if ok else NOT_REPRODUCED, d, ci,
+                   f"{'within' if ok else 'outside'} the tolerance of the paper's value", f"n={len(a)} vs {len(b)}")
+
+
+def k_lower(claim: dict, runs: pd.DataFrame) -> Verdict:
+    a, b = _arms(claim, runs)
+    n = f"n={len(a)} vs {len(b)}"
+    if len(a) == 0 or len(b) == 0:
+        return Verdict(INCONCLUSIVE, reason="an arm has no ok run yet", n=n)
+    d = float(a.mean() - b.mean())
+    if min(len(a), len(b)) < 2:
+        return Verdict(INCONCLUSIVE, d, reason="fewer than 2 seeds per arm: no test", n=n)
+    ci = welch_interval(a, b)
+    p = float(st.ttest_ind(a, b, equal_var=False).pvalue) if a.var() + b.var() > 0 else (0.0 if d else 1.0)
+    if p < ALPHA:
+        return Verdict(REPRODUCED if d < 0 else NOT_REPRODUCED, d, ci,
+                       f"a {'lower' if d < 0 else 'higher'} than b, Welch p={p:.3g}", n)
+    return Verdict(INCONCLUSIVE, d, ci, f"no significant difference (Welch p={p:.3g})", n)
+
+
+def k_equivalent(claim: dict, runs: pd.DataFrame) -> Verdict:
+    a, b = _arms(claim, runs)
+    n = f"n={len(a)} vs {len(b)}"
+    if len(a) == 0 or len(b) == 0:
+        return Verdict(INCONCLUSIVE, reason="an arm has no ok run yet", n=n)
+    d = float(a.mean() - b.mean())
+    margin = claim["margin"] * abs(b.mean())
+    if min(len(a), len(b)) < 2:
+        return Verdict(INCONCLUSIVE, d, reason=f"fewer than 2 seeds per arm: no interval (margin +-{margin:.4g})", n=n)
+    lo, hi = welch_interval(a, b)
+    if -margin <= lo and hi <= margin:
+        return Verdict(REPRODUCED, d, (lo, hi), f"95% interval inside +-{margin:.4g}", n)
+    if lo > margin or hi < -margin:
+        return Verdict(NOT_REPRODUCED, d, (lo, hi), f"95% interval entirely outside +-{margin:.4g}", n)
+    return Verdict(INCONCLUSIVE, d, (lo, hi), f"95% interval straddles the margin +-{margin:.4g}", n)
+
+
+def k_survives(claim: dict, runs: pd.DataFrame) -> Verdict:
+    a, b = select(runs, claim["a"], None), select(runs, claim["b"], None)
+    n = f"n={len(a)} vs {len(b)}"
+    if a.empty or b.empty:
+        return Verdict(INCONCLUSIVE, reason="an arm has no run yet", n=n)
+    a_ok, b_oom = (a.status == "ok").all(), (b.status == "oom").all()
+    if a_ok and b_oom:
+        return Verdict(REPRODUCED, reason="every run of a completed, every run of b ran out of memory", n=n)
+    if not a_ok and (a.status == "oom").any():
+        return Verdict(NOT_REPRODUCED, reason="arm a ran out of memory too", n=n)
+    return Verdict(INCONCLUSIVE, reason=f"statuses a={sorted(set(a.status))}, b={sorted(set(b.status))}: "
+                                        "the memory cap did not separate them", n=n)
+
+
+def k_estimate(claim: dict, runs: pd.DataFrame) -> Verdict:
+    from qlab import estimate
+
+    def value(setting: dict) -> float:
+        e = estimate.estimate(claim["model"], estimate.Setting(**setting))
+        return float(e.as_metrics()[claim["metric"]])
+
+    measured = value(claim["setting"]) - (value(claim["minus"]) if "minus" in claim else 0.0)
+    measured /= claim.get("scale", 1.0)
+    if "at_most" in claim:
+        ok = measured <= claim["at_most"]
+        return Verdict(REPRODUCED if ok else NOT_REPRODUCED, measured,
+                       reason=f"analytic model: {'at most' if ok else 'above'} {claim['at_most']}", n="estimate")
+    ok = _within(measured, claim)
+    return Verdict(REPRODUCED if ok else NOT_REPRODUCED, measured,
+                   reason=f"analytic model: {'within' if ok else 'outside'} the tolerance", n="estimate")
+
+
+def k_kernel_order(claim: dict, runs: pd.DataFrame) -> Verdict:
+    import torch
+
+    from qlab import kernels
+
+    size = claim.get("size", 1024)
+    x = torch.randn(size, size, generator=torch.Generator().manual_seed(0))
+    mse = {k: kernels.quantization_error(x, k, blocksize=claim.get("blocksize", 64))["mse"] for k in claim["kinds"]}
+    order = sorted(mse, key=mse.get)
+    ok = order[0] == claim["kinds"][0]  # the claimed type has the lowest error
+    return Verdict(REPRODUCED if ok else NOT_REPRODUCED, mse[claim["kinds"][0]],
+                   reason="MSE on N(0,1): " + " < ".join(f"{k} {mse[k]:.3g}" for k in order), n=f"{size * size:,} values")
+
+
+KINDS = {"value": k_value, "difference": k_difference, "lower": k_lower, "equivalent": k_equivalent,
+         "survives": k_survives, "estimate": k_estimate, "kernel_order": k_kernel_order}
+NEEDS_RUNS = ("value", "difference", "lower", "equivalent", "survives")
+
+
+# ------------------------------------------------------------------ the verb
+
+def load_claims(path: Path) -> list[dict]:
+    claims = yaml.safe_load(Path(path).read_text())["claims"]
+    for i, c in enumerate(claims):
+        for key in ("id", "statement", "source", "kind"):
+            if key not in c:
+                raise ValueError(f"{path}: claim {i} ({c.get('id', '?')}) lacks '{key}'")
+        if c["kind"] not in KINDS:
+            raise ValueError(f"{path}: claim {c['id']}: unknown kind {c['kind']!r} (choose from {', '.join(KINDS)})")
+    return claims
+
+
+def run_missing(claims: list[dict], results: Path) -> None:
+    """Run each sweep the claims need that has no result yet (a Hydra multirun per sweep)."""
+    done = set()
+    for c in claims:
+        sweep = c.get("sweep")
+        if c["kind"] not in NEEDS_RUNS or not sweep or not c.get("experiment") or sweep in done:
+            continue
+        done.add(sweep)
+        if any((results / sweep).glob("*/result.json")):
+            continue
+        if "train=gpu" in c.get("overrides", []) and not _has_cuda():
+            print(f"not running sweep {sweep}: it needs a GPU (its claims stay inconclusive)", flush=True)
+            continue
+        cmd = [sys.executable, "-m", "qlab.run", f"experiment={c['experiment']}", f"tracker.sweep={sweep}",
+               f"tracker.results_dir={results}", *c.get("overrides", [])]
+        print("running missing sweep:", " ".join(cmd), flush=True)
+        subprocess.run(cmd, cwd=PROJECT_ROOT, check=False)
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def evaluate(claims: list[dict], results: Path) -> list[dict]:
+    from qlab.frame import load_runs
+
+    cache: dict[str, pd.DataFrame] = {}
+    rows = []
+    for c in claims:
+        runs = pd.DataFrame(columns=["status"])
+        if c["kind"] in NEEDS_RUNS:
+            sweep = c["sweep"]
+            if sweep not in cache:
+                cache[sweep] = load_runs(results / sweep) if (results / sweep).is_dir() else pd.DataFrame(columns=["status"])
+            runs = cache[sweep]
+        v = KINDS[c["kind"]](c, runs) if (c["kind"] not in NEEDS_RUNS or not runs.empty) else \
+            Verdict(INCONCLUSIVE, reason=f"not run yet: results/{c['sweep']}/ has no result")
+        rows.append({"id": c["id"], "statement": c["statement"], "source": c["source"],
+                     "paper": c.get("paper", c.get("paper_value")), "unit": c.get("unit", ""),
+                     "measured": v.measured, "ci95": list(v.ci) if v.ci else None, "verdict": v.verdict,
+                     "reason": v.reason, "n": v.n, "evidence": c.get("sweep") or c["kind"]})
+    return rows
+
+
+def _fmt(x) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    return f"{x:,.4g}" if isinstance(x, float) else str(x)
+
+
+def write(rows: list[dict], out: Path, results: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    track.atomic_write_json(out / "claims.json", {"claims": rows, "generated_at": track.now(),
+                                                   "git_commit": track.git_commit(), "env": track.environment()})
+    env = track.environment()
+    counts = {k: sum(r["verdict"] == k for r in rows) for k in (REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE)}
+    lines = ["# QLoRA paper claims (arXiv 2305.14314): verdicts", "",
+             f"Computed by `qlab claims` from `{results}` ({', '.join(f'{v} {k}' for k, v in counts.items())}). "
+             "Verdicts are computed from result files and the analytic model, never typed; see "
+             "`experiments/claims.yaml` for each claim's metric, comparison and tolerance.", "",
+             f"Evaluated on {env['gpu'] or env['cpu']}; each sweep's own hardware is in its report.", "",
+             "| claim | source | paper | measured [95% CI] | n | verdict | why |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ci = f" [{_fmt(r['ci95'][0])}, {_fmt(r['ci95'][1])}]" if r["ci95"] else ""
+        lines.append(f"| {r['statement']} | {r['source']} | {_fmt(r['paper'])} {r['unit']} | {_fmt(r['measured'])}{ci} | "
+                     f"{r['n']} | **{r['verdict']}** | {r['reason']} |")
+    (out / "claims.md").write_text("\n".join(lines) + "\n")
+    return out / "claims.md"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="qlab claims", description=__doc__.split("\n\n")[0])
+    p.add_argument("--claims", type=Path, default=DEFAULT_CLAIMS)
+    p.add_argument("--results", type=Path, default=Path("results"))
+    p.add_argument("--out", type=Path, default=None, help="default: <results>/claims")
+    p.add_argument("--no-run", action="store_true", help="evaluate what exists; run no missing sweep")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        claims = load_claims(args.claims)
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        print(f"qlab claims: {e}", file=sys.stderr)
+        return 2
+    if not args.no_run:
+        run_missing(claims, args.results)
+    rows = evaluate(claims, args.results)
+    page = write(rows, args.out or args.results / "claims", args.results)
+    print(page.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
