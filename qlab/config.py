@@ -22,6 +22,8 @@ OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit")
 COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
 DATA_FORMATS = ("auto", "conversation", "alpaca")
 PAD_MODES = ("longest", "max_seq_len")
+COMPILE_MODES = ("none", "layers")
+LOSS_MODES = ("full", "chunked")
 
 
 class ConfigError(ValueError):
@@ -98,6 +100,18 @@ class TrainConfig:
 
 
 @dataclass
+class SpeedConfig:
+    """Switches of the training step (qlab/speed.py); the defaults are the QLoRA recipe."""
+
+    upcast_non_quantized: bool = True  # peft's prepare_model_for_kbit_training float32 up-cast
+    adapter_autocast: bool = False  # forward under torch.autocast(compute dtype)
+    compile: str = "none"  # none | layers
+    compile_backend: str = "inductor"
+    loss: str = "full"  # full | chunked
+    loss_chunk_tokens: int = 1024
+
+
+@dataclass
 class TrackerConfig:
     results_dir: str = "results"
     sweep: str = "adhoc"  # results/<sweep>/<run id>/
@@ -115,6 +129,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
     seed: int = 0
     force: bool = False  # re-run even when a complete result exists
@@ -191,6 +206,10 @@ def validate(cfg: DictConfig | RunConfig) -> None:
         path = c.data[key]
         if path is not None and not os.path.isfile(resolve_path(path)):
             raise ConfigError(f"data.{key}", f"file does not exist: {path}")
+    _choice("speed.compile", c.speed.compile, COMPILE_MODES)
+    _choice("speed.loss", c.speed.loss, LOSS_MODES)
+    if c.speed.loss_chunk_tokens < 1:
+        raise ConfigError("speed.loss_chunk_tokens", f"must be >= 1, got {c.speed.loss_chunk_tokens}")
     _choice("tracker.wandb_mode", c.tracker.wandb_mode, ("offline", "online", "disabled"))
     _validate_model(c.model)
 

@@ -158,7 +158,8 @@ def int8_bytes(in_features: int, out_features: int) -> tuple[int, int]:
     return in_features * out_features, out_features * FP32
 
 
-def weight_bytes(model: torch.nn.Module, quant: str, double_quant: bool, dtype: torch.dtype) -> dict:
+def weight_bytes(model: torch.nn.Module, quant: str, double_quant: bool, dtype: torch.dtype,
+                 upcast: bool = True) -> dict:
     """`qlab.models.weight_bytes()` of `model` loaded with this quantization, without loading it,
     plus `weight_bytes_after_prepare` (peft's prepare_model_for_kbit_training up-casts every
     non-quantized 16-bit parameter to float32; the bf16 arm is only frozen)."""
@@ -176,7 +177,7 @@ def weight_bytes(model: torch.nn.Module, quant: str, double_quant: bool, dtype: 
             continue
         held = FP32 if _keeps_fp32(name, model, dtype) else dtype.itemsize
         other += p.numel() * held
-        other_after += p.numel() * (FP32 if quant != "bf16" else held)
+        other_after += p.numel() * (FP32 if quant != "bf16" and upcast else held)
     return {
         "weight_bytes": packed + state + other,
         "quantized_weight_bytes": packed,
@@ -323,6 +324,7 @@ class Setting:
     seq: int = 512
     checkpointing: bool = True
     device: str = "cuda"
+    upcast: bool = True  # speed.upcast_non_quantized: the recipe's float32 up-cast
 
     def validate(self) -> None:
         for key, value, allowed in (("quant", self.quant, QUANT_TYPES), ("adapter", self.adapter, ADAPTER_TARGETS),
@@ -404,7 +406,7 @@ def estimate(model: str | torch.nn.Module, setting: Setting, name: str | None = 
     if isinstance(model, str):
         name, model = name or model, meta_model(model_config(model))
     dtype = setting.dtype()
-    weights = weight_bytes(model, setting.quant, setting.double_quant, dtype)
+    weights = weight_bytes(model, setting.quant, setting.double_quant, dtype, setting.upcast)
     layers = adapted_layers(model, setting.adapter)
     shapes = lora_shapes(layers, setting.r)
     quantized = setting.quant != "bf16"
@@ -468,6 +470,7 @@ def setting_for_config(cfg, device: str | None = None) -> Setting:
         adapter=cfg.adapter.targets, r=int(cfg.adapter.r), lora_dropout=float(cfg.adapter.dropout),
         optim=cfg.optim.name, batch=int(cfg.train.batch_size), seq=int(cfg.data.max_seq_len),
         checkpointing=bool(cfg.train.gradient_checkpointing), device=device,
+        upcast=bool(cfg.speed.upcast_non_quantized) if "speed" in cfg else True,
     )
 
 

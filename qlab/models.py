@@ -146,12 +146,14 @@ def weight_bytes(model: torch.nn.Module) -> dict:
     }
 
 
-def prepare_for_training(model: torch.nn.Module, quantized: bool, gradient_checkpointing: bool) -> None:
+def prepare_for_training(model: torch.nn.Module, quantized: bool, gradient_checkpointing: bool,
+                         upcast: bool = True) -> None:
     """The QLoRA recipe: for a quantized base, peft's prepare_model_for_kbit_training (freezes
     the base, up-casts its non-quantized parameters to float32, enables checkpointing); for the
-    16-bit baseline, freeze and checkpoint the same way so the arms differ only in quantization."""
+    16-bit baseline — and for a quantized base with `upcast=False` (speed.upcast_non_quantized)
+    — freeze and checkpoint the same way, leaving the weights in the compute dtype."""
     ckpt_kwargs = {"use_reentrant": False}  # non-reentrant: no need for inputs that require grad
-    if quantized:
+    if quantized and upcast:
         from peft import prepare_model_for_kbit_training
 
         prepare_model_for_kbit_training(

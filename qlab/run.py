@@ -58,7 +58,7 @@ def _pipeline(cfg: DictConfig, raw, recorder, metrics: dict):
     import torch
     from transformers import set_seed
 
-    from qlab import adapters, data, measure, models, optim, train
+    from qlab import adapters, data, measure, models, optim, speed, train
 
     set_seed(cfg.seed)
     device = models.resolve_device(cfg.train.device)
@@ -71,10 +71,15 @@ def _pipeline(cfg: DictConfig, raw, recorder, metrics: dict):
         for p in loaded.model.parameters()
     )
     quantized = cfg.quant.type != "bf16"
-    models.prepare_for_training(loaded.model, quantized, cfg.train.gradient_checkpointing)
+    models.prepare_for_training(loaded.model, quantized, cfg.train.gradient_checkpointing,
+                                upcast=cfg.speed.upcast_non_quantized)
     prepared = models.weight_bytes(loaded.model)  # the recipe up-casts non-quantized weights
     metrics["weight_bytes_after_prepare"] = prepared["weight_bytes"]
+    # seed right before the adapters draw their initial weights: loading may have consumed
+    # random numbers (building a preset the first time does), which must not change the run
+    set_seed(cfg.seed)
     model, targets = adapters.attach(loaded.model, cfg.adapter)
+    metrics["compiled_layers"] = speed.compile_layers(model, cfg.speed)
     metrics.update(adapters.count_params(model))
     metrics["lora_target_modules"] = targets
     batches = data.build(raw, cfg.data, loaded.tokenizer, cfg.train.batch_size, cfg.seed)
@@ -102,7 +107,7 @@ def _pipeline(cfg: DictConfig, raw, recorder, metrics: dict):
         return outcome.status, outcome.error
     metrics["train_s"] = time.perf_counter() - t_train
     t_eval = time.perf_counter()
-    metrics.update(train.evaluate(model, batches, device))
+    metrics.update(train.evaluate(model, batches, cfg, device))
     metrics["eval_s"] = time.perf_counter() - t_eval
     if cfg.train.save_adapter:
         model.save_pretrained(recorder.dir / "adapter")

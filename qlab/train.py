@@ -16,7 +16,9 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+from qlab import speed
 from qlab.data import IGNORE_INDEX, Data
+from qlab.models import compute_dtype
 from qlab.measure import NOISY_CV, MemoryWindow, StepClock, summarize
 
 
@@ -109,12 +111,15 @@ def train(model, data: Data, optimizer, scheduler, cfg, device: str,
     if tc.gradient_checkpointing and not probe_layers:
         raise RuntimeError("train.gradient_checkpointing=true but no layer has checkpointing enabled")
     bar = tqdm(total=tc.steps, desc="train", disable=not tc.progress, dynamic_ncols=True)
+    compute = speed.loss_fn(cfg.speed)
+    dtype = compute_dtype(cfg.quant, device)
 
     def step_once(step: int) -> dict:
         batch = _to(next(batches), device)
         probe = CheckpointProbe(probe_layers) if step == 0 and probe_layers else None
         _injected_fault(step, run_id)
-        loss = model(**batch).loss
+        with speed.autocast(cfg.speed, device, dtype):
+            loss = compute(model, batch)
         loss.backward()
         if max_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -184,16 +189,19 @@ def throughput(times: list[float], tokens: list[int], real: list[int], targets: 
 
 
 @torch.no_grad()
-def evaluate(model, data: Data, device: str) -> dict:
-    """Token-weighted mean loss over the held-out split (each target token counts once)."""
+def evaluate(model, data: Data, cfg, device: str) -> dict:
+    """Token-weighted mean loss over the held-out split (each target token counts once),
+    computed the way training computes it (speed.loss, speed.adapter_autocast)."""
     if data.eval is None:
         return {}
     model.eval()
+    compute, dtype = speed.loss_fn(cfg.speed), compute_dtype(cfg.quant, device)
     total, count = 0.0, 0
     for batch in data.eval_batches():
         batch = _to(batch, device)
         n = _target_tokens(batch["labels"])
-        total += float(model(**batch).loss) * n  # HF returns the mean over the n targets
+        with speed.autocast(cfg.speed, device, dtype):
+            total += float(compute(model, batch)) * n  # the loss is the mean over the n targets
         count += n
     model.train()
     loss = total / count

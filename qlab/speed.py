@@ -1,0 +1,73 @@
+"""Speed switches of the training step, each an ablation axis (conf/speed/), never silent.
+
+  upcast_non_quantized  true: the QLoRA recipe (peft's prepare_model_for_kbit_training casts
+                        every non-quantized weight — embeddings, norms, head — to float32, so
+                        hidden states and attention run in float32); false: they stay in the
+                        compute dtype (norms still compute in float32 inside, outputs in bf16)
+  adapter_autocast      run the forward under torch.autocast(compute dtype): the float32 LoRA
+                        weights stay the optimizer's master copies, their GEMMs run in bf16 on
+                        tensor cores (a no-op when the compute dtype is float32)
+  compile               none | layers: torch.compile each decoder layer (`layer.compile()`, on
+                        the peft-wrapped model), `compile_backend` inductor by default
+  loss                  full: the model's own loss over full float32 logits [batch, seq, vocab];
+                        chunked: logits only for the target positions, `loss_chunk_tokens` at a
+                        time, each chunk recomputed in backward, so full logits never exist
+                        (BLOOM's 250,880-token vocabulary: 4 x 512 x 250,880 x 4 B = 2.05 GB
+                        of float32 logits, more with their gradient, per step)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from qlab.data import IGNORE_INDEX
+
+
+def autocast(speed_cfg, device: str, dtype: torch.dtype):
+    enabled = bool(speed_cfg.adapter_autocast) and dtype != torch.float32
+    return torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=dtype, enabled=enabled)
+
+
+def compile_layers(model: torch.nn.Module, speed_cfg) -> int:
+    """Compile every decoder layer in place; returns how many were compiled."""
+    if speed_cfg.compile == "none":
+        return 0
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for layer in layers:
+        layer.compile(backend=speed_cfg.compile_backend, dynamic=False)
+    return len(layers)
+
+
+def _head_and_decoder(model: torch.nn.Module):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder(), base.get_output_embeddings()
+
+
+def chunked_loss(model: torch.nn.Module, batch: dict, chunk_tokens: int) -> torch.Tensor:
+    """The causal-LM loss (mean over target tokens) without full logits: the decoder's hidden
+    states at positions whose next token is a target go through the output head
+    `chunk_tokens` rows at a time, each chunk checkpointed (its logits are recomputed in
+    backward instead of stored). Equal to the model's own loss up to float rounding."""
+    decoder, head = _head_and_decoder(model)
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    labels = batch["labels"][:, 1:].reshape(-1)  # position t predicts token t+1
+    keep = labels != IGNORE_INDEX
+    h, y = hidden[:, :-1].reshape(-1, hidden.shape[-1])[keep], labels[keep]
+
+    def piece(h_chunk, y_chunk):
+        return F.cross_entropy(head(h_chunk).float(), y_chunk, reduction="sum")
+
+    total = sum(checkpoint(piece, h[i:i + chunk_tokens], y[i:i + chunk_tokens], use_reentrant=False)
+                for i in range(0, len(y), chunk_tokens))
+    return total / max(1, len(y))
+
+
+def loss_fn(speed_cfg):
+    """`fn(model, batch) -> loss` for the configured loss."""
+    if speed_cfg.loss == "chunked":
+        return lambda model, batch: chunked_loss(model, batch, speed_cfg.loss_chunk_tokens)
+    return lambda model, batch: model(**batch).loss

@@ -1,0 +1,75 @@
+"""Speed switches keep the numerics: each switch's loss curve matches the recipe's."""
+
+import json
+
+import pytest
+import torch
+
+from qlab import adapters, data, models, run, speed
+
+# dropout off: with it, a switch that changes the order of random draws changes the curve too
+# fixed 4 x 48 shapes: one compilation for the compiled arm, cheap steps for all
+CURVE = ["train.steps=24", "train.warmup_steps=1", "optim.lr=3e-3", "data.max_seq_len=48", "data.pad_to=max_seq_len",
+         "train.save_adapter=false", "adapter.dropout=0", "data.max_eval_samples=8"]
+
+
+def curve(compose, tmp_path, *overrides):
+    from qlab import track
+
+    cfg = compose(*CURVE, *overrides)
+    assert run.single(cfg) == 0
+    metrics = track.run_dir(cfg) / "metrics.jsonl"
+    return [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-bloom"])
+def test_chunked_loss_equals_the_models_loss_and_gradients(compose, model):
+    cfg = compose(f"model={model}", "adapter.dropout=0", "data.max_seq_len=64")
+    loaded = models.load(cfg.model, cfg.quant, "cpu")
+    models.prepare_for_training(loaded.model, True, True)
+    m, _ = adapters.attach(loaded.model, cfg.adapter)
+    batch = next(data.build(data.read(cfg.data), cfg.data, loaded.tokenizer, 4, 0).train_batches())
+    m.train()
+    lora = [p for p in m.parameters() if p.requires_grad]
+    full = m(**batch).loss
+    g_full = torch.autograd.grad(full, lora)
+    chunked = speed.chunked_loss(m, batch, chunk_tokens=7)  # odd chunks: the last one is short
+    g_chunked = torch.autograd.grad(chunked, lora)
+    assert chunked.item() == pytest.approx(full.item(), rel=1e-5)
+    for a, b in zip(g_full, g_chunked):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_switch_curves_match_the_recipe(compose, tmp_path):
+    recipe = curve(compose, tmp_path)
+    chunked = curve(compose, tmp_path, "speed.loss=chunked", "speed.loss_chunk_tokens=16")
+    # tracing bitsandbytes layers is slow on a CPU: the compiled arm runs the first 6 steps
+    compiled = curve(compose, tmp_path, "speed.compile=layers", "speed.compile_backend=eager", "train.steps=6")
+    assert len(recipe) == len(chunked) == 24 and len(compiled) == 6
+    assert chunked == pytest.approx(recipe, abs=1e-3)  # same math, another summation order
+    assert compiled == pytest.approx(recipe[:6], abs=1e-3)
+    assert sum(recipe[-8:]) < sum(recipe[:8])  # and it learns
+
+
+def test_bf16_switches_stay_close_to_the_bf16_recipe(compose, tmp_path):
+    """In bf16 compute (the GPU setting, slow but exact to emulate on a CPU): no up-cast and
+    autocast adapters track the recipe's curve within 2% over the last 8 steps."""
+    bf16 = ["quant.compute_dtype=bfloat16"]
+    recipe = curve(compose, tmp_path, *bf16)
+    no_upcast = curve(compose, tmp_path, *bf16, "speed.upcast_non_quantized=false")
+    autocast = curve(compose, tmp_path, *bf16, "speed.adapter_autocast=true")
+    tail = lambda c: sum(c[-8:]) / 8  # noqa: E731
+    assert tail(no_upcast) == pytest.approx(tail(recipe), rel=0.02)
+    assert tail(autocast) == pytest.approx(tail(recipe), rel=0.02)
+
+
+def test_switches_are_recorded_and_validated(compose):
+    from qlab.config import ConfigError, validate
+
+    cfg = compose("speed=fast")
+    assert cfg.speed.loss == "chunked" and cfg.speed.compile == "layers" and not cfg.speed.upcast_non_quantized
+    for bad, key in (("speed.compile=everything", "speed.compile"), ("speed.loss=fused", "speed.loss"),
+                     ("speed.loss_chunk_tokens=0", "speed.loss_chunk_tokens")):
+        with pytest.raises(ConfigError) as e:
+            validate(compose(bad))
+        assert e.value.key == key
