@@ -14,10 +14,10 @@ RESULTS ?= results
 SWEEP ?= default
 
 .DEFAULT_GOAL := help
-.PHONY: help install run sweep report claims test clean-venv bench-kernels bench-overhead
+.PHONY: help install run sweep report generate-bench claims test clean-venv bench-kernels bench-overhead
 
 help: ## list the verbs
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -36,6 +36,9 @@ sweep: $(STAMP) ## the ablation grid as a Hydra multirun: make sweep [EXPERIMENT
 
 report: $(STAMP) ## tables, plots, statistics of RESULTS/SWEEP (results/default): make report SWEEP=default-llama-7b [ARGS="--baseline nf4+DQ"]
 	$(PY) -m qlab.report $(RESULTS)/$(SWEEP) $(ARGS)
+
+generate-bench: $(STAMP) ## generation speed per quantization type: make generate-bench [ARGS="--run results/adhoc/<id> --model llama-7b"]
+	$(PY) -m qlab.generate_bench $(ARGS)
 
 claims: $(STAMP) ## the paper's claims: run missing sweeps (GPU ones need a GPU), verdicts into results/claims/
 	$(PY) -m qlab.claims $(ARGS)

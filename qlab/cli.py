@@ -4,6 +4,7 @@
   qlab report RESULTS_DIR [...]     tables, plots and statistics from result.json files
   qlab estimate [--model M] [--all] memory predicted from the config alone (= python -m qlab.estimate)
   qlab chat RUN_DIR [--prompt ...]  talk to the base model plus a run's adapter
+  qlab generate-bench [--run RUN]   generation speed and memory per quantization type (one process each)
   qlab claims [--no-run]            the QLoRA paper's claims: run what is missing, compute verdicts
 """
 
@@ -16,6 +17,7 @@ VERBS = {
     "report": "qlab.report:main",
     "estimate": "qlab.estimate:main",
     "chat": "qlab.chat:main",
+    "generate-bench": "qlab.generate_bench:main",
     "claims": "qlab.claims:main",
 }
 

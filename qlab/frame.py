@@ -3,6 +3,8 @@ report, the statistics and the plots share: axis orders, quantization labels, me
 
 Every run found is a row, oom and failed ones included (their `status` says so). Each row
 carries its comparability group: runs are only compared inside a group (see `GROUP_KEYS`).
+A result's `kind` ("train" for qlab.run, "generate" for qlab.generate_bench; "train" when the
+file has none) is part of the group: training and generation results never share one.
 Reading is all this module does; nothing here computes a statistic or draws.
 """
 
@@ -27,7 +29,7 @@ ORDER = {
     "quant_label": ["bf16", "int8", "nf4", "nf4+DQ", "fp4", "fp4+DQ"],
     "dq": ["off", "on"],
     "optim": ["adamw", "paged_adamw_32bit", "adamw_8bit", "paged_adamw_8bit"],
-    "adapter": ["qv", "all_linear"],
+    "adapter": ["qv", "all_linear", "none", "lora"],  # none/lora: generation results
 }
 # Keys that define a comparability group (besides hardware): column -> dotted config key.
 GROUP_KEYS = {
@@ -41,6 +43,11 @@ GROUP_KEYS = {
 # Config keys that are the ablation axes (they vary *inside* a group) or don't change what a
 # run measures; every other config key must match for runs to share a group.
 AXIS_CONFIG_KEYS = ("quant.type", "quant.double_quant", "optim.name", "adapter.targets", "seed")
+# Generation results: with or without an adapter is an axis (`adapter`: none | lora), so the
+# adapter's config (source run, rank) does not split the group; arms keep one adapter per row.
+KIND_AXIS_CONFIG_KEYS = {"generate": ("adapter",)}
+KINDS = ("train", "generate")  # sections in this order
+GENERATE_LABEL_KEYS = ("bench.new_tokens", "bench.batch_sizes", "bench.prompts", "bench.repeats")
 VERSIONS = ("python", "torch", "transformers", "peft", "bitsandbytes", "cuda")
 
 
@@ -55,6 +62,8 @@ class Metric:
     decimals: int
     delta: bool = False  # show % change vs the baseline arm
     tested: bool = False  # compared across ablation pairs in the statistics
+    # columns of one run's own 95% interval (over its timed calls), used when an arm has one run
+    run_ci: tuple[str, str] | None = None
 
 
 METRICS = (
@@ -68,6 +77,40 @@ METRICS = (
     Metric("trainable_m", "trainable_params", 1e6, "trainable params (M)", 1),
 )
 METRIC = {m.name: m for m in METRICS}
+MiB = 2**20
+
+
+def generation_batch_sizes(runs: pd.DataFrame) -> list[int]:
+    """The batch sizes whose throughput the generation results hold, ascending."""
+    prefix, suffix = "e2e_tokens_per_s_b", "_median_tok"
+    return sorted(int(c[len(prefix):-len(suffix)]) for c in runs.columns
+                  if c.startswith(prefix) and c.endswith(suffix) and runs[c].notna().any())
+
+
+def generation_metrics(runs: pd.DataFrame) -> tuple[Metric, ...]:
+    """The columns of a generation table (qlab.generate_bench results), for the batch sizes
+    the runs hold. Times and throughputs are each run's median over its timed generate calls,
+    its interval the 95% t-interval of the mean over those calls (`measure.summarize`).
+    Bytes are in GiB, or in MiB when every value of the group is below 1 GiB (tiny models)."""
+    big = pd.concat([runs[c] for c in ("weight_bytes", "peak_bytes") if c in runs]).max()
+    unit, scale = ("GiB", GiB) if not (big == big) or big >= GiB else ("MiB", MiB)
+    out = [
+        Metric("load_s", "load_time_s", 1, "load (s)", 2),
+        Metric("weights", "weight_bytes", scale, f"weights ({unit})", 2, delta=True),
+        Metric("peak", "peak_bytes", scale, f"peak mem ({unit})", 2, delta=True),
+        Metric("torch_peak", "peak_allocated_bytes", scale, f"torch peak alloc ({unit})", 2),
+        Metric("ttft_ms", "ttft_median_s", 1e-3, "TTFT b1 (ms) [95% CI]", 1, delta=True,
+               run_ci=("ttft_ci95_low_s", "ttft_ci95_high_s")),
+    ]
+    sizes = generation_batch_sizes(runs)
+    for b in sizes:
+        p = f"decode_tokens_per_s_b{b}"
+        out.append(Metric(f"decode_tok_s_b{b}", f"{p}_median_tok", 1, f"decode tok/s b{b} [95% CI]", 0, delta=True,
+                          run_ci=(f"{p}_ci95_low_tok", f"{p}_ci95_high_tok")))
+    for b in sizes:
+        p = f"e2e_tokens_per_s_b{b}"
+        out.append(Metric(f"e2e_tok_s_b{b}", f"{p}_median_tok", 1, f"end-to-end tok/s b{b}", 0, delta=True))
+    return tuple(out)
 # Metric keys the report reads; a run without one (CPU: no torch.cuda or NVML peaks; an oom or
 # failed run: no throughput or loss) gets NaN, so every frame has every column.
 READ_METRICS = ("weight_bytes", "quantized_weight_bytes", "quant_state_bytes", "unquantized_weight_bytes",
@@ -104,9 +147,9 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _residual_config(config: dict) -> dict:
+def _residual_config(config: dict, kind: str = "train") -> dict:
     """The config keys that must match inside a group and are not named in GROUP_KEYS."""
-    skip = (*NON_IDENTITY_KEYS, *AXIS_CONFIG_KEYS, *GROUP_KEYS.values())
+    skip = (*NON_IDENTITY_KEYS, *AXIS_CONFIG_KEYS, *KIND_AXIS_CONFIG_KEYS.get(kind, ()), *GROUP_KEYS.values())
     return {k: v for k, v in flatten(config).items()
             if not any(k == s or k.startswith(s + ".") for s in skip)}
 
@@ -120,8 +163,10 @@ def _row(r: dict, rel: str) -> dict:
     cfg = r.get("config") or {}
     flat = flatten(cfg)
     error = r.get("error") or {}
+    kind = r.get("kind") or "train"
     row = {
         "run_id": r.get("run_id") or Path(rel).name,
+        "kind": kind,
         "sweep": r.get("sweep"),
         "status": r.get("status") or "failed",
         "error_type": error.get("type"),
@@ -134,12 +179,14 @@ def _row(r: dict, rel: str) -> dict:
         "seed": axes.get("seed", r.get("seed")),
     }
     row["quant_label"] = quant_label(row["quant"], row["double_quant"])
+    # which adapter a generation result ran with (its training run), so two adapters never merge
+    row["adapter_run"] = ((cfg.get("adapter") or {}).get("run_id") or "") if kind == "generate" else ""
     row["dq"] = "on" if row["double_quant"] else "off"
     for col, key in GROUP_KEYS.items():
         if col != "model":
             row[col] = flat.get(key)
     row["hardware"] = env.get("gpu") or f"CPU: {env.get('cpu') or 'unknown'}"
-    row["config_rest"] = json.dumps(_residual_config(cfg), sort_keys=True, default=str)
+    row["config_rest"] = json.dumps(_residual_config(cfg, kind), sort_keys=True, default=str)
     row.update(_derived(m))
     for k, v in sorted(m.items()):
         if isinstance(v, list):
@@ -210,34 +257,60 @@ def load_runs(root: Path) -> pd.DataFrame:
     return df
 
 
+def _kind_rank(kind: str) -> int:
+    return KINDS.index(kind) if kind in KINDS else len(KINDS)
+
+
 def assign_groups(df: pd.DataFrame) -> pd.DataFrame:
-    """Group = same GROUP_KEYS, hardware and residual config. Groups are numbered 1.. in the
-    order of their keys; a label names the GROUP_KEYS values and, where groups share them,
-    the residual keys that tell them apart."""
-    cols = [*GROUP_KEYS, "hardware", "config_rest"]
-    keyed = df[cols].astype(str).agg("\x1f".join, axis=1)
-    distinct = sorted(set(keyed))
+    """Group = same kind, GROUP_KEYS, hardware and residual config. Groups are numbered 1.. in
+    the order of their keys (training groups first); a label names the GROUP_KEYS values (for
+    generation results: model, bench settings, hardware) and, where groups of one kind share
+    them, the residual keys that tell them apart."""
+    cols = ["kind", *GROUP_KEYS, "hardware", "config_rest"]
+    keyed = df[cols].map(str).agg("\x1f".join, axis=1)  # map(str): None and NaN become text too
+    kinds = dict(zip(keyed, df.kind))
+    distinct = sorted(set(keyed), key=lambda k: (_kind_rank(kinds[k]), k))
     df = df.copy()
     df["group"] = keyed.map({k: i + 1 for i, k in enumerate(distinct)})
     rests = {g: json.loads(df.loc[df.group == g, "config_rest"].iloc[0]) for g in df.group.unique()}
-    differing = sorted({k for a in rests.values() for b in rests.values() for k in set(a) | set(b)
-                        if a.get(k) != b.get(k)})
+    group_kind = {g: df.loc[df.group == g, "kind"].iloc[0] for g in rests}
     labels = {}
     for g, rest in rests.items():
         r = df[df.group == g].iloc[0]
-        label = (f"{r.model} · {r.data} · seq {r.max_seq_len} (pad {r.pad_to}) · batch {r.batch_size} · "
-                 f"{r.steps} steps · {r.hardware}")
+        same_kind = [rests[h] for h in rests if group_kind[h] == group_kind[g]]
+        differing = _differing(same_kind)
+        if r.kind == "generate":
+            sizes = rest.get("bench.batch_sizes")
+            sizes = ", ".join(map(str, sizes)) if isinstance(sizes, list) else sizes
+            label = (f"generation · {r.model} · {rest.get('bench.new_tokens')} new tokens · batch {sizes} · "
+                     f"{rest.get('bench.prompts')} prompts x {rest.get('bench.repeats')} repeats · {r.hardware}")
+            differing = [k for k in differing if k not in GENERATE_LABEL_KEYS]
+        else:
+            label = (f"{r.model} · {r.data} · seq {r.max_seq_len} (pad {r.pad_to}) · batch {r.batch_size} · "
+                     f"{r.steps} steps · {r.hardware}")
         extra = [f"{k}={rest.get(k)}" for k in differing]
         labels[g] = label + (" · " + ", ".join(extra) if extra else "")
     df["group_label"] = df.group.map(labels)
     return df
 
 
+def _differing(rests: list[dict]) -> list[str]:
+    return sorted({k for a in rests for b in rests for k in set(a) | set(b) if a.get(k) != b.get(k)})
+
+
 def differing_keys(df: pd.DataFrame) -> list[str]:
-    """Which group-defining keys take more than one value across the groups of `df`."""
-    out = [k for k in [*GROUP_KEYS, "hardware"] if df[k].astype(str).nunique() > 1]
-    rests = [json.loads(s) for s in df.config_rest.unique()]
-    out += sorted({k for a in rests for b in rests for k in set(a) | set(b) if a.get(k) != b.get(k)})
+    """Which group-defining keys take more than one value across the groups of `df`: `kind`
+    first when training and generation results are mixed, then the keys that differ between
+    groups of the same kind."""
+    out = ["kind"] if df.kind.nunique() > 1 else []
+    for kind in sorted(df.kind.unique(), key=_kind_rank):
+        d = df[df.kind == kind]
+        if kind == "train":
+            keys = [k for k in [*GROUP_KEYS, "hardware"] if d[k].astype(str).nunique() > 1]
+        else:
+            keys = [k for k in ("model", "hardware") if d[k].astype(str).nunique() > 1]
+        keys += _differing([json.loads(s) for s in d.config_rest.unique()])
+        out += [k for k in keys if k not in out]
     return out
 
 

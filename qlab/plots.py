@@ -245,3 +245,47 @@ def all_plots(runs: pd.DataFrame, arms: pd.DataFrame, curves: pd.DataFrame, vary
         "eval_loss": eval_loss(arms, varying, out / "eval_loss"),
         "memory_vs_quality": memory_vs_quality(arms, varying, out / "memory_vs_quality"),
     }
+
+
+def generation_plots(table: pd.DataFrame, batch_sizes: list[int], out: Path) -> dict:
+    """The plot of one generation group (qlab generate-bench results); returns {name: caption}."""
+    return {"generation": generation(table, batch_sizes, out / "generation")}
+
+
+def generation(table: pd.DataFrame, batch_sizes: list[int], stem: Path) -> str:
+    """Left: time to first token at batch 1; right: decode tokens/s per batch size; one bar per
+    quantization setting x adapter, coloured by quantization type, hatched for DQ."""
+    rows = table.reset_index(drop=True)
+    names = [f"{r.quant_label}  {r.adapter}" for _, r in rows.iterrows()]
+    y = np.arange(len(rows))
+    panels = [("ttft_ms", "time to first token, batch 1 (ms)")] + [
+        (f"decode_tok_s_b{b}", f"decode tok/s, batch {b}") for b in batch_sizes]
+    panels = [(c, t) for c, t in panels if c in rows and rows[c].notna().any()]
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(3.4 * max(1, len(panels)) + 1.5, 0.9 + 0.32 * len(rows)),
+                             sharey=True, squeeze=False)
+    for ax, (col, title) in zip(axes.flat, panels):
+        mean = rows[col].to_numpy(float)
+        lo = rows.get(f"{col}_ci95_low", pd.Series(np.nan, index=rows.index)).to_numpy(float)
+        hi = rows.get(f"{col}_ci95_high", pd.Series(np.nan, index=rows.index)).to_numpy(float)
+        err = np.nan_to_num(np.abs(np.vstack([mean - lo, hi - mean])))
+        ax.barh(y, np.nan_to_num(mean), color=[color(q) for q in rows.quant_label.str.split("+").str[0]],
+                hatch=[DQ_HATCH if "+DQ" in q else None for q in rows.quant_label], edgecolor="white", linewidth=0.4)
+        ax.errorbar(np.nan_to_num(mean), y, xerr=err, fmt="none", ecolor="black", capsize=2, lw=0.8)
+        ax.set_title(title)
+    axes.flat[0].set_yticks(y, names)
+    axes.flat[0].invert_yaxis()
+    for tick, q in zip(axes.flat[0].get_yticklabels(), rows.quant_label.str.split("+").str[0]):
+        tick.set_color(color(q))
+    present = sorted(set(rows.quant_label.str.split("+").str[0]), key=lambda q: rank("quant", q))
+    handles = [Patch(facecolor=color(q), label=q) for q in present]
+    if rows.quant_label.str.contains(r"\+DQ").any():
+        handles.append(Patch(facecolor="white", edgecolor="black", hatch=DQ_HATCH, label="+DQ (double quant)"))
+    axes.flat[-1].legend(handles=handles, **OUTSIDE)
+    fig.suptitle("Generation per quantization type (greedy; error bars: 95% CI)")
+    fig.tight_layout()
+    save(fig, stem)
+    return ("Left: time to first token at batch 1 (generate with max_new_tokens=1: prefill + one token). Right: decode "
+            "throughput per batch size, B (N - 1) / (T_N - T_1) tokens/s (the tokens after each sequence's first, "
+            "over the time after the first token). Bars: the run's median over its timed calls; error bars: the 95% "
+            "t-interval of the mean over those calls (bootstrap across runs where a row has several). Colour: "
+            "quantization type; hatched: double quantization.")

@@ -15,7 +15,16 @@ OUT = RESULTS_DIR/report/ unless --out says otherwise:
                                      memory_vs_quality
 OUT is cleared first when an earlier report made it (it holds a .qlab-report marker).
 
-Comparability groups. Runs are compared only when comparable: same model, data, max_seq_len,
+Generation results (`kind: "generate"`, written by `qlab generate-bench`) form groups of their
+own and get, instead of the ablation tables, one generation table per group
+(OUT/tables/generation.md, .tex, .csv: per quantization setting x adapter, load time, weights,
+peak memory, time to first token, decode and end-to-end tokens/s per batch size, with 95% CIs
+and % change vs bf16 with the same adapter setting) and one plot (OUT/plots/generation.png,
+.svg). They take no part in the statistics (those compare training ablation pairs across seeds).
+`--baseline VALUE` (a quant label) also sets the generation table's baseline.
+
+Comparability groups. Runs are compared only when comparable: same kind (training or
+generation), same model, data, max_seq_len,
 pad_to, batch size, steps and hardware (GPU name; CPU name for CPU runs), and the same value
 of every other config key that is not an ablation axis (lr, LoRA rank, eval samples, warm-up,
 ...). Results spanning several groups get one section per group: each group has its own
@@ -152,6 +161,76 @@ def group_report(g: pd.DataFrame, curves: pd.DataFrame, out: Path, baselines: di
     return made
 
 
+def generation_notes(baseline: str, g: pd.DataFrame) -> list[str]:
+    ok = g[g.status == "ok"]
+    sizes = frame.generation_batch_sizes(g)
+    notes = [GENERATION_READING, f"Baseline: {baseline} with the same adapter setting."]
+    notes.append(f"peak mem: {', '.join(sorted(set(ok.peak_source.dropna()))) or 'n/a'} while generating, the "
+                 "largest over the batch sizes (NVML device-used includes the CUDA context; a CPU run's process RSS "
+                 "includes the Python runtime and libraries); torch peak alloc: torch.cuda peak allocated bytes; "
+                 "weights: bytes the loaded base weights hold (`weight_bytes`), adapter not included.")
+    dtypes = sorted(set(ok.get("compute_dtype", pd.Series(dtype=object)).dropna()))
+    if dtypes:
+        notes.append("Compute dtype: " + ", ".join(dtypes) + (" (on a CPU, bf16 holds float32 weights: bf16 "
+                                                              "matmuls are slow there)" if "float32" in dtypes else "")
+                     + ".")
+    calls = [f"b{b}: {int(ok[c].min())}" for b in sizes
+             if (c := f"generate_calls_b{b}") in ok and ok[c].notna().any()]
+    if calls and "ttft_n" in ok and ok.ttft_n.notna().any():
+        calls.append(f"TTFT: {int(ok.ttft_n.min())}")
+    if calls:
+        notes.append("Timed calls per run (the n of each interval): " + ", ".join(calls) + ".")
+    return notes
+
+
+GENERATION_READING = (
+    "Cells: the run's median over its timed generate calls [95% CI: t-interval of the mean over those calls; "
+    "with several runs per row, their mean and a bootstrap CI across runs]; (+x.x%): change vs the baseline "
+    "quantization with the same adapter setting, 100 (arm - base) / base. TTFT: time to the first token at "
+    "batch 1, generate(max_new_tokens=1) = prefill + one token. decode tok/s bB = B (N - 1) / (T_N - T_1): "
+    "the N - 1 tokens after each sequence's first over the time after the first token (T_N: a greedy "
+    "generate of exactly N new tokens for B left-padded prompts; T_1: the first token of the same prompts). "
+    "end-to-end tok/s bB = B N / T_N, prefill included. Wall-clock times, device synchronized.")
+
+
+def generation_report(g: pd.DataFrame, out: Path, baselines: dict) -> dict:
+    """The generation table and plot of one generation group into `out`."""
+    numeric, disp, baseline, _ = tables.generation_display(g, baselines.get("quant"))
+    notes = generation_notes(baseline, g)
+    axis = tables.GENERATION
+    paths = tables.write(numeric, disp, out / "tables" / axis.key, axis.title, notes)
+    made = {"kind": "generate", "tables": [(axis, paths, tables.to_markdown(disp), " ".join(notes))],
+            "grid": None, "arms": numeric}
+    made["plots"] = plots.generation_plots(numeric, frame.generation_batch_sizes(g), out / "plots")
+    return made
+
+
+def generation_setup_lines(g: pd.DataFrame) -> list[str]:
+    r = g.iloc[0]
+    rest = json.loads(r.config_rest)
+    env = lambda k: _distinct(g[f"env_{k}"].dropna()) or "n/a"  # noqa: E731
+    sizes = rest.get("bench.batch_sizes")
+    lines = [
+        (f"- **Hardware**: GPU {env('gpu')} (x{env('gpu_count')}), driver {env('driver')}; CPU {env('cpu')}"
+         if g.env_gpu.notna().any() else f"- **Hardware**: CPU runs (no GPU); CPU {env('cpu')}"
+         + (f"; torch threads {_distinct(g.torch_num_threads.dropna().astype(int))} (OMP_NUM_THREADS; on a shared "
+            "CPU, more threads than free cores slow generation many times over)"
+            if "torch_num_threads" in g and g.torch_num_threads.notna().any() else "")),
+        "- **Versions**: " + "; ".join(f"{k} {env(k)}" for k in frame.VERSIONS),
+        f"- **Model** {r.model}; **bench**: {rest.get('bench.prompts')} prompts ({rest.get('bench.prompt_source')}) "
+        f"x {rest.get('bench.repeats')} repeats, {rest.get('bench.decoding')} decoding of exactly "
+        f"{rest.get('bench.new_tokens')} new tokens per sequence, batch sizes "
+        f"{', '.join(map(str, sizes)) if isinstance(sizes, list) else sizes}, "
+        f"{rest.get('bench.warmup_calls')} untimed warm-up call(s) per batch size; one process per row",
+    ]
+    adapters = sorted({a for a in g.adapter_run.dropna() if a})
+    if adapters:
+        lines.append("- **Adapter** (LoRA, unmerged, `PeftModel.from_pretrained`) from run(s): "
+                     + ", ".join(f"`{a}`" for a in adapters))
+    lines.append("- **Git commits of the runs**: " + _distinct(g.git_commit.fillna("unknown (not recorded)")))
+    return lines
+
+
 def _distinct(values) -> str:
     counts = pd.Series([str(v) for v in values]).value_counts()
     return ", ".join(f"{v} ({n} runs)" if len(counts) > 1 else v for v, n in sorted(counts.items()))
@@ -209,25 +288,33 @@ def write_page(runs: pd.DataFrame, root: Path, out: Path, page: Path, sections: 
                   + ", ".join(f"`{k}`" for k in frame.differing_keys(runs))
                   + ". Each group has its own section; runs of different groups are never compared."]
     tested = comp.p_welch.notna().sum()
+    trained = (runs.kind == "train").any()
     lines += ["", "**Statistics**: " + (
+        "none: these are generation results (qlab generate-bench); the statistics compare training ablation "
+        "pairs across seeds. Each table cell carries its run's own 95% interval over its timed calls."
+        if not trained else
         f"{tested} Welch t-tests over {len(comp)} comparisons; significant after Holm (p < 0.05): "
         f"{int((comp.p_welch_holm < 0.05).sum())}. See [statistics.md]({rel(out / 'statistics.md', page)})."
         if tested else f"one seed per configuration ({stats.NO_TEST_N1}): no test is possible for any "
                        "comparison, and the differences in the tables are single runs."),
-              "", f"**Reading the tables**: {READING}"]
+              ] + (["", f"**Reading the tables**: {READING}"] if trained else [])
     for group, made in sections.items():
         g = runs[runs.group == group]
         h = "##" if len(labels) == 1 else "###"
         lines += ["", f"## Group {group}: {labels[group]}" if len(labels) > 1 else "## Setup", ""]
-        lines += setup_lines(g, root)
+        if made.get("kind") == "generate":
+            lines += generation_setup_lines(g)
+        else:
+            lines += setup_lines(g, root)
         for axis, paths, md, notes in made["tables"]:
             lines += ["", f"{h} {axis.title}", ""]
             if paths is None:
                 lines.append(f"Not shown: {notes}.")
                 continue
             lines += [md, "", notes, "", " · ".join(f"[{ext}]({rel(p, page)})" for ext, p in paths.items())]
-        lines += ["", f"{h} Full grid", "", "Every configuration: " + " · ".join(
-            f"[{ext}]({rel(p, page)})" for ext, p in made["grid"].items())]
+        if made.get("grid"):
+            lines += ["", f"{h} Full grid", "", "Every configuration: " + " · ".join(
+                f"[{ext}]({rel(p, page)})" for ext, p in made["grid"].items())]
         plot_dir = out / (f"group-{group}" if len(labels) > 1 else "") / "plots"
         lines += ["", f"{h} Plots"]
         for name, caption in made["plots"].items():
@@ -261,7 +348,8 @@ def log_wandb(runs: pd.DataFrame, sections: dict, root: Path, comp: pd.DataFrame
             for axis, paths, _, _ in made["tables"]:
                 if paths:
                     log[f"{prefix}table/{axis.key}"] = wandb.Table(dataframe=pd.read_csv(paths["csv"]))
-            log[f"{prefix}table/grid"] = wandb.Table(dataframe=pd.read_csv(made["grid"]["csv"]))
+            if made.get("grid"):
+                log[f"{prefix}table/grid"] = wandb.Table(dataframe=pd.read_csv(made["grid"]["csv"]))
             for name, caption in made["plots"].items():
                 png = made["plot_dir"] / f"{name}.png"
                 log[f"{prefix}plot/{name}"] = wandb.Image(str(png), caption=caption[:500])
@@ -296,9 +384,13 @@ def build(root: Path, out: Path | None = None, baselines: dict | None = None, wa
     sections = {}
     for group in sorted(runs.group.unique()):
         gout = out / f"group-{group}" if multi else out
-        sections[group] = group_report(runs[runs.group == group], curves, gout, baselines or {})
+        g = runs[runs.group == group]
+        if g.kind.iloc[0] == "generate":
+            sections[group] = generation_report(g, gout, baselines or {})
+        else:
+            sections[group] = group_report(g, curves, gout, baselines or {})
         sections[group]["plot_dir"] = gout / "plots"
-    comp = stats.comparisons(runs)
+    comp = stats.comparisons(runs[runs.kind == "train"])  # generation results: no ablation pairs
     comp.to_csv(out / "statistics.csv", index=False, float_format="%.10g")
     (out / "statistics.md").write_text(statistics_markdown(comp, dict(zip(runs.group, runs.group_label))))
     # the page names the directory as given (relative for `make report`), never a machine's absolute path

@@ -7,6 +7,11 @@ single run, the run's own interval over its measured steps). An axis table lists
 *context* (the values of the other axes) in which that axis takes at least two values, each
 arm with its % change vs the baseline arm of the same context. The CSV holds the numbers, the
 Markdown and LaTeX the same numbers formatted.
+
+Generation results (kind "generate", qlab.generate_bench) get one table instead: one row per
+quantization setting x adapter (none | lora), with load time, weights, peak memory, time to
+first token and decode / end-to-end throughput per batch size (`frame.generation_metrics`),
+and the % change vs the baseline quantization (bf16) with the same adapter setting.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from qlab.frame import METRICS, rank
+from qlab.frame import METRICS, Metric, generation_metrics, rank
 from qlab.stats import bootstrap_ci
 
 CONFIG = ["quant_label", "quant", "dq", "optim", "adapter"]
@@ -41,6 +46,9 @@ AXES = (
     Axis("adapter", "adapter", "LoRA adapter targets", ("quant_label", "optim"), "qv"),
 )
 HEADERS = {"quant_label": "quant", "quant": "quant", "dq": "DQ", "optim": "optimizer", "adapter": "adapter"}
+# The generation table compares quantization settings with the same adapter setting.
+GENERATION = Axis("generation", "quant_label", "Generation speed and memory per quantization type",
+                  ("adapter",), "bf16")
 
 
 def _status_summary(statuses: pd.Series) -> str:
@@ -113,6 +121,66 @@ def grid_table(arm_df: pd.DataFrame) -> pd.DataFrame:
     return arm_df[["quant_label", "optim", "adapter", "n", "runs", *metric_cols]]
 
 
+# ---------------------------------------------------------------- generation results
+
+GEN_CONFIG = ["quant_label", "quant", "dq", "adapter", "adapter_run"]
+
+
+def generation_arms(runs: pd.DataFrame, metrics: tuple[Metric, ...]) -> pd.DataFrame:
+    """One row per quantization setting x adapter of one generation group: n ok runs, status
+    summary, and per metric the mean over its ok runs with a 95% CI (bootstrap across runs
+    where n >= 2; with one run, that run's own interval over its timed calls)."""
+    rows = []
+    runs = runs.assign(adapter_run=runs.adapter_run.fillna("").astype(str))
+    for cfg, g in runs.groupby(GEN_CONFIG, sort=False):
+        ok = g[g.status == "ok"]
+        row = {**dict(zip(GEN_CONFIG, cfg)), "n": len(ok), "runs": _status_summary(g.status)}
+        for m in metrics:
+            vals = (ok[m.source].astype(float) / m.scale).dropna().to_numpy() if m.source in ok else np.array([])
+            row[m.name] = vals.mean() if len(vals) else math.nan
+            lo, hi = bootstrap_ci(vals)
+            if len(vals) == 1 and m.run_ci and all(c in ok for c in m.run_ci):
+                one = ok[ok[m.source].notna()].iloc[0]
+                lo, hi = (float(one[c]) / m.scale for c in m.run_ci)
+            row[f"{m.name}_ci95_low"], row[f"{m.name}_ci95_high"] = lo, hi
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    if len({r for r in df.adapter_run if r}) > 1:  # several adapters in one group: name each one's run
+        df["adapter"] = [a if not r else f"{a} ({r})" for a, r in zip(df.adapter, df.adapter_run)]
+    order = df.apply(lambda r: (rank("adapter", r.adapter.split(" ")[0]), r.adapter_run,
+                                rank("quant_label", r.quant_label)), axis=1)
+    return df.iloc[sorted(range(len(df)), key=lambda i: order.iloc[i])].reset_index(drop=True)
+
+
+def generation_table(arm_df: pd.DataFrame, metrics: tuple[Metric, ...], requested: str | None = None):
+    """(numeric table, baseline): the arms with their % change vs the baseline quantization
+    of the same adapter setting (100 (arm - base) / base; no change where the setting has no
+    baseline arm). Metrics no run holds (torch's peak on a CPU) are left out."""
+    axis = GENERATION
+    baseline = choose_baseline(arm_df.quant_label.unique(), axis, requested)
+    out = []
+    for _, block in arm_df.groupby(["adapter"], sort=False):
+        base = block[block.quant_label == baseline]
+        block = block.copy()
+        for m in metrics:
+            ref = base[m.name].iloc[0] if len(base) else math.nan
+            block[f"{m.name}_delta_pct"] = (block[m.name] - ref) / ref * 100 if m.delta and ref else math.nan
+        block["is_baseline"] = block.quant_label == baseline
+        out.append(block)
+    table = pd.concat(out).reset_index(drop=True)
+    kept = tuple(m for m in metrics if table[m.name].notna().any())
+    metric_cols = [c for m in kept for c in (m.name, f"{m.name}_ci95_low", f"{m.name}_ci95_high",
+                                              f"{m.name}_delta_pct")]
+    return table[["quant_label", "adapter", "adapter_run", "n", "runs", "is_baseline", *metric_cols]], baseline, kept
+
+
+def generation_display(runs: pd.DataFrame, requested: str | None = None):
+    """(numeric, formatted, baseline, metrics) of one generation group."""
+    metrics = generation_metrics(runs)
+    numeric, baseline, kept = generation_table(generation_arms(runs, metrics), metrics, requested)
+    return numeric, display(numeric, ["quant_label", "adapter"], kept), baseline, kept
+
+
 # ---------------------------------------------------------------- formatting
 
 def _cell(row, m, with_delta: bool) -> str:
@@ -135,11 +203,11 @@ def pct(delta: float) -> str:
     return f"{delta:+.1f}%" if abs(delta) >= 1 else f"{delta:+.2f}%"
 
 
-def display(table: pd.DataFrame, leading: list[str]) -> pd.DataFrame:
+def display(table: pd.DataFrame, leading: list[str], metrics=METRICS) -> pd.DataFrame:
     """The formatted table: leading (config) columns, runs, one text column per metric."""
     out = pd.DataFrame({HEADERS.get(c, c): table[c].astype(str) for c in leading})
     out["runs"] = table["runs"].values
-    for m in METRICS:
+    for m in metrics:
         out[m.header] = [_cell(r, m, m.delta) for _, r in table.iterrows()]
     return out
 
