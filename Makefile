@@ -12,9 +12,10 @@ EXPERIMENT ?= default
 ARGS ?=
 RESULTS ?= results
 SWEEP ?= default
+SIZE ?= auto
 
 .DEFAULT_GOAL := help
-.PHONY: help install run sweep report generate-bench claims test clean-venv bench-kernels bench-overhead
+.PHONY: help install run sweep report generate-bench base claims test clean-venv bench-kernels bench-overhead
 
 help: ## list the verbs
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -39,6 +40,9 @@ report: $(STAMP) ## tables, plots, statistics of RESULTS/SWEEP (results/default)
 
 generate-bench: $(STAMP) ## generation speed per quantization type: make generate-bench [ARGS="--run results/adhoc/<id> --model llama-7b"]
 	$(PY) -m qlab.generate_bench $(ARGS)
+
+base: $(STAMP) ## pretrain the reference base offline (gpu size on a GPU, small on CPU): make base [SIZE=tiny|small|gpu]
+	$(PY) -m qlab.base --size $(SIZE) $(ARGS)
 
 claims: $(STAMP) ## the paper's claims: run missing sweeps (GPU ones need a GPU), verdicts into results/claims/
 	$(PY) -m qlab.claims $(ARGS)

@@ -45,6 +45,7 @@ class ModelConfig:
     name: str = "tiny-llama"  # label in results and tables
     name_or_path: Optional[str] = None  # hub id or local directory; None -> build `preset`
     preset: Optional[str] = "tiny-llama"  # key of qlab.presets.PRESETS
+    base: Optional[str] = None  # tiny | small | gpu: the pretrained base qlab.base builds offline
     trust_remote_code: bool = False
 
 
@@ -217,6 +218,11 @@ def validate(cfg: DictConfig | RunConfig) -> None:
 def _validate_model(m: DictConfig) -> None:
     from qlab.presets import PRESETS  # a plain lookup table; imports no torch
 
+    if getattr(m, "base", None) is not None:
+        from qlab.base import SIZES
+
+        _choice("model.base", m.base, tuple(SIZES))
+        return
     if m.name_or_path is None:
         if m.preset is None:
             raise ConfigError("model.name_or_path", "set a hub id or local path, or model.preset")

@@ -70,11 +70,16 @@ def bnb_config(quant_cfg, dtype: torch.dtype):
 
 
 def model_path(model_cfg, device: str) -> str:
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    if getattr(model_cfg, "base", None):  # pretrained offline by qlab.base (cached by corpus + config hash)
+        from qlab import base
+
+        return str(base.ensure_base(model_cfg.base, kind))
     if model_cfg.name_or_path:
         from qlab.config import resolve_path
 
         return resolve_path(os.path.expanduser(model_cfg.name_or_path))
-    return str(presets.ensure(model_cfg.preset, device="cuda" if device.startswith("cuda") else "cpu"))
+    return str(presets.ensure(model_cfg.preset, device=kind))
 
 
 def load(model_cfg, quant_cfg, device: str) -> LoadedModel:

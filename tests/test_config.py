@@ -28,6 +28,7 @@ def test_default_config_composes_and_validates(compose):
     (["model.name_or_path=not-a-hub-id-or-dir"], "model.name_or_path"),
     (["model.preset=gpt-17"], "model.preset"),
     (["train.max_device_memory_gib=0"], "train.max_device_memory_gib"),
+    (["model=base-tiny", "model.base=huge"], "model.base"),
 ])
 def test_bad_config_names_its_key(compose, overrides, key):
     with pytest.raises(ConfigError) as e:
