@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 from qlab import corpus
-from qlab.presets import SPECIAL_TOKENS, cache_root
+from qlab.presets import SPECIAL_TOKENS, cache_root, train_bpe
 
 BUILD_VERSION = 1  # bump when the build procedure changes, so cached bases rebuild
 
@@ -184,21 +184,7 @@ def ensure_base(size: str, device: str = "cpu", *, steps: int | None = None, out
 def train_tokenizer(texts: list[str], vocab_size: int):
     """Byte-level BPE (any UTF-8 round-trips, the chat data's Chinese included) with qlab's
     specials, as presets.build_tokenizer does, trained on the corpus' train split."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-        model_max_length=COMMON["max_position_embeddings"],
-    )
+    return train_bpe(texts, vocab_size, model_max_length=COMMON["max_position_embeddings"])
 
 
 def encode_documents(tokenizer, texts: list[str]) -> list[list[int]]:

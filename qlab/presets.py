@@ -103,22 +103,28 @@ def ensure(name: str, device: str = "cpu") -> Path:
 
 def build_tokenizer():
     """Byte-level BPE trained on the embedded chat data: covers any UTF-8 text (Chinese too)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     from qlab.data import read_records
 
     texts = [t for rec in read_records(str(TOKENIZER_CORPUS)) for turn in rec for t in turn]
+    return train_bpe(texts, TOKENIZER_VOCAB)
+
+
+def train_bpe(texts: list[str], vocab_size: int, **tokenizer_kwargs):
+    """A byte-level BPE with qlab's specials (<unk> <s> </s> <pad>), as a transformers tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=TOKENIZER_VOCAB, special_tokens=SPECIAL_TOKENS, show_progress=False,
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        **tokenizer_kwargs,
     )
 
 
