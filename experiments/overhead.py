@@ -19,7 +19,6 @@ with the hardware and versions.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import statistics
 import sys
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
 from scipy import stats
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 from qlab import adapters, config, data, measure, models, optim, track, train  # noqa: E402
 
 
-def compose_cfg(args) -> "DictConfig":
+def compose_cfg(args) -> DictConfig:
     config.register()
     overrides = [f"model={args.model}", f"quant={args.quant}", f"quant.double_quant={args.double_quant}",
                  f"optim={args.optim}", "adapter=all_linear", f"adapter.r={args.r}", "data.pad_to=max_seq_len",

@@ -28,7 +28,6 @@ Runs come from `results/<sweep>/`: `make claims` first runs the sweeps that have
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import subprocess
 import sys
@@ -112,26 +111,29 @@ def k_value(claim: dict, runs: pd.DataFrame) -> Verdict:
 
 
 def _arms(claim: dict, runs: pd.DataFrame):
+    """(values of arm a, values of arm b, "n=.. vs ..", an inconclusive verdict if an arm is empty)."""
     scale = claim.get("scale", 1.0)
-    return (_values(runs, claim["a"], claim["metric"], scale), _values(runs, claim["b"], claim["metric"], scale))
+    a, b = (_values(runs, claim[arm], claim["metric"], scale) for arm in ("a", "b"))
+    n = f"n={len(a)} vs {len(b)}"
+    empty = Verdict(INCONCLUSIVE, reason="an arm has no ok run yet", n=n) if len(a) == 0 or len(b) == 0 else None
+    return a, b, n, empty
 
 
 def k_difference(claim: dict, runs: pd.DataFrame) -> Verdict:
-    a, b = _arms(claim, runs)
-    if len(a) == 0 or len(b) == 0:
-        return Verdict(INCONCLUSIVE, reason="an arm has no ok run yet")
+    a, b, n, empty = _arms(claim, runs)
+    if empty:
+        return empty
     d = float(a.mean() - b.mean())
     ci = welch_interval(a, b) if min(len(a), len(b)) > 1 else None
     ok = _within(d, claim)
     return Verdict(REPRODUCED if ok else NOT_REPRODUCED, d, ci,
-                   f"{'within' if ok else 'outside'} the tolerance of the paper's value", f"n={len(a)} vs {len(b)}")
+                   f"{'within' if ok else 'outside'} the tolerance of the paper's value", n)
 
 
 def k_lower(claim: dict, runs: pd.DataFrame) -> Verdict:
-    a, b = _arms(claim, runs)
-    n = f"n={len(a)} vs {len(b)}"
-    if len(a) == 0 or len(b) == 0:
-        return Verdict(INCONCLUSIVE, reason="an arm has no ok run yet", n=n)
+    a, b, n, empty = _arms(claim, runs)
+    if empty:
+        return empty
     d = float(a.mean() - b.mean())
     if min(len(a), len(b)) < 2:
         return Verdict(INCONCLUSIVE, d, reason="fewer than 2 seeds per arm: no test", n=n)
@@ -144,10 +146,9 @@ def k_lower(claim: dict, runs: pd.DataFrame) -> Verdict:
 
 
 def k_equivalent(claim: dict, runs: pd.DataFrame) -> Verdict:
-    a, b = _arms(claim, runs)
-    n = f"n={len(a)} vs {len(b)}"
-    if len(a) == 0 or len(b) == 0:
-        return Verdict(INCONCLUSIVE, reason="an arm has no ok run yet", n=n)
+    a, b, n, empty = _arms(claim, runs)
+    if empty:
+        return empty
     d = float(a.mean() - b.mean())
     margin = claim["margin"] * abs(b.mean())
     if min(len(a), len(b)) < 2:

@@ -71,10 +71,6 @@ def load_conversations(path: str, fmt: str = "auto", on_bad_line: str = "error")
     return convs, skipped
 
 
-def read_records(path: str) -> list[Conversation]:
-    return load_conversations(path)[0]
-
-
 def encode(conv: Conversation, tokenizer, max_seq_len: int) -> tuple[list[int], list[int]] | None:
     """Token ids and labels for one conversation, truncated to max_seq_len from the end.
     Returns None when truncation leaves no target token (the caller drops and counts it)."""

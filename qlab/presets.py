@@ -103,9 +103,10 @@ def ensure(name: str, device: str = "cpu") -> Path:
 
 def build_tokenizer():
     """Byte-level BPE trained on the embedded chat data: covers any UTF-8 text (Chinese too)."""
-    from qlab.data import read_records
+    from qlab.data import load_conversations
 
-    texts = [t for rec in read_records(str(TOKENIZER_CORPUS)) for turn in rec for t in turn]
+    convs, _ = load_conversations(str(TOKENIZER_CORPUS))
+    texts = [text for conv in convs for turn in conv for text in turn]
     return train_bpe(texts, TOKENIZER_VOCAB)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Callable
@@ -44,8 +45,6 @@ def _injected_fault(step: int, run_id: str) -> None:
     if kind == "kill":  # die at once without a result, as under the kernel's OOM killer
         os.kill(os.getpid(), 9)
     if kind == "stall":  # hold the run mid-step, e.g. to be killed there
-        import time
-
         time.sleep(30)
         return
     raise InjectedCrash(f"injected crash (QLAB_INJECT_FAULT={spec})")
