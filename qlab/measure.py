@@ -43,12 +43,19 @@ def _nvml_handle(device: str):
         return None, None
 
 
+def sampler_interval_s() -> float:
+    """The sampler's period: QLAB_SAMPLER_INTERVAL_MS (default 20 ms; 0 turns the thread off,
+    leaving one sample at each end of the window: for measuring what the sampler itself costs,
+    experiments/overhead.py)."""
+    return float(os.environ.get("QLAB_SAMPLER_INTERVAL_MS", "20")) / 1000.0
+
+
 class PeakSampler(threading.Thread):
     """Polls NVML device-used, this process's GPU memory and RSS every `interval_s`."""
 
-    def __init__(self, device: str, interval_s: float = 0.02):
+    def __init__(self, device: str, interval_s: float | None = None):
         super().__init__(daemon=True)
-        self.interval_s = interval_s
+        self.interval_s = sampler_interval_s() if interval_s is None else interval_s
         self.proc = psutil.Process()
         self.nvml, self.handle = _nvml_handle(device) if device.startswith("cuda") else (None, None)
         self.peak_rss = 0
@@ -73,6 +80,8 @@ class PeakSampler(threading.Thread):
     def run(self) -> None:
         while not self._halt.is_set():
             self.sample()
+            if self.interval_s <= 0:
+                return
             time.sleep(self.interval_s)
 
     def stop(self) -> None:

@@ -126,6 +126,8 @@ def environment() -> dict:
     """Versions and hardware, recorded beside every result."""
     import torch
 
+    from qlab.measure import sampler_interval_s
+
     env = {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -141,6 +143,7 @@ def environment() -> dict:
         "driver": None,
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "sampler_interval_ms": sampler_interval_s() * 1000,  # the memory sampler's period (0: off)
     }
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()

@@ -1,0 +1,185 @@
+"""How steady is this machine? The floor under every throughput CV qlab reports.
+
+    python experiments/stability.py                     # on the GPU machine, before benchmarks
+    python experiments/stability.py --quick --out /tmp/s   # CPU check
+
+A training step's time varies for three kinds of reasons: the GPU (clocks, power and thermal
+throttling, another tenant's kernels), the host (launch-bound Python competing for a core),
+and the code. This probe measures the first two with no model at all, each as the
+coefficient of variation over `windows` repeated windows:
+  gemm     `gemms` bf16 matmuls of 8192 x 8192 x 8192 per window (2 x 8192^3 = 1.1 TFLOP
+           each), CUDA-event timed: pure device work, no host in the loop
+  launch   `launches` tiny in-place adds per window, wall time with a sync at the end: the
+           host's launch path, which a 7B QLoRA step leans on (~10^4 launches per step)
+  python   a pure-Python loop of 10^5 iterations per window: the host core alone
+plus what NVML says about the card before and after: other processes on it, utilization
+while we are idle, clocks against their maximum, throttle reasons, temperature and power.
+If `gemm` or `launch` varies by more than 2% here, no harness can promise a 2% CV on this
+machine. Writes <out>/<device slug>-stability.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from qlab import track  # noqa: E402
+
+
+def cv(xs: list[float]) -> float:
+    return statistics.stdev(xs) / statistics.fmean(xs)
+
+
+def nvml_state() -> dict | None:
+    """The card as NVML sees it: a None result means no NVML (CPU machine)."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        h = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+    except Exception:
+        return None
+    out = {}
+
+    def get(key, fn):
+        try:
+            out[key] = fn()
+        except Exception as e:  # some queries are not allowed in containers: say so
+            out[key] = f"unavailable ({type(e).__name__})"
+
+    mine = os.getpid()
+    get("other_processes", lambda: [p.pid for p in pynvml.nvmlDeviceGetComputeRunningProcesses(h) if p.pid != mine])
+    get("utilization_gpu_pct", lambda: pynvml.nvmlDeviceGetUtilizationRates(h).gpu)
+    get("sm_clock_mhz", lambda: pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_SM))
+    get("sm_clock_max_mhz", lambda: pynvml.nvmlDeviceGetMaxClockInfo(h, pynvml.NVML_CLOCK_SM))
+    get("mem_clock_mhz", lambda: pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_MEM))
+    get("throttle_reasons", lambda: hex(pynvml.nvmlDeviceGetCurrentClocksThrottleReasons(h)))
+    get("temperature_c", lambda: pynvml.nvmlDeviceGetTemperature(h, pynvml.NVML_TEMPERATURE_GPU))
+    get("power_w", lambda: pynvml.nvmlDeviceGetPowerUsage(h) / 1000)
+    get("power_limit_w", lambda: pynvml.nvmlDeviceGetEnforcedPowerLimit(h) / 1000)
+    get("memory_used_bytes", lambda: pynvml.nvmlDeviceGetMemoryInfo(h).used)
+    return out
+
+
+def idle_utilization(seconds: float) -> list | None:
+    """NVML utilization sampled while this process runs nothing: nonzero means a neighbour."""
+    if not torch.cuda.is_available():
+        return None
+    samples = []
+    t_end = time.time() + seconds
+    while time.time() < t_end:
+        samples.append((nvml_state() or {}).get("utilization_gpu_pct"))
+        time.sleep(0.2)
+    return samples
+
+
+def gemm_windows(windows: int, gemms: int, n: int) -> list[float]:
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    a = torch.randn(n, n, device=dev, dtype=dtype)
+    b = torch.randn(n, n, device=dev, dtype=dtype)
+    out = []
+    for w in range(windows + 2):  # the first two warm the kernels and clocks, uncounted
+        if dev == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(gemms):
+                a @ b
+            end.record()
+            end.synchronize()
+            seconds = start.elapsed_time(end) / 1000
+        else:
+            t0 = time.perf_counter()
+            for _ in range(gemms):
+                a @ b
+            seconds = time.perf_counter() - t0
+        if w >= 2:
+            out.append(seconds)
+    return out
+
+
+def launch_windows(windows: int, launches: int) -> list[float]:
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.zeros(16, device=dev)
+    out = []
+    for w in range(windows + 2):
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(launches):
+            x.add_(1)
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        if w >= 2:
+            out.append(time.perf_counter() - t0)
+    return out
+
+
+def python_windows(windows: int) -> list[float]:
+    out = []
+    for _ in range(windows):
+        t0 = time.perf_counter()
+        s = 0
+        for i in range(100_000):
+            s += i
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--windows", type=int, default=30)
+    p.add_argument("--gemms", type=int, default=20)
+    p.add_argument("--launches", type=int, default=2000)
+    p.add_argument("--n", type=int, default=8192)
+    p.add_argument("--quick", action="store_true", help="CPU check: 5 windows, small sizes")
+    p.add_argument("--out", type=Path, default=ROOT / "results" / "overhead")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.windows, args.gemms, args.launches, args.n = 5, 2, 200, 256
+    before = nvml_state()
+    idle = idle_utilization(2.0)
+    probes = {"gemm": gemm_windows(args.windows, args.gemms, args.n),
+              "launch": launch_windows(args.windows, args.launches),
+              "python": python_windows(args.windows)}
+    after = nvml_state()
+    env = track.environment()
+    summary = {name: {"median_s": statistics.median(xs), "cv": cv(xs), "min_s": min(xs), "max_s": max(xs)}
+               for name, xs in probes.items()}
+    if torch.cuda.is_available():
+        flops = 2 * args.n ** 3 * args.gemms
+        summary["gemm"]["tflops_median"] = flops / summary["gemm"]["median_s"] / 1e12
+    record = {"setup": vars(args) | {"out": str(args.out)}, "nvml_before": before, "nvml_after": after,
+              "idle_utilization_pct": idle, "probes": summary, "windows_s": probes, "env": env,
+              "git_commit": track.git_commit(), "finished_at": track.now()}
+    args.out.mkdir(parents=True, exist_ok=True)
+    slug = re.sub(r"[^a-z0-9]+", "-", (env["gpu"] or env["cpu"] or "cpu").lower()).strip("-")
+    track.atomic_write_json(args.out / f"{slug}-stability.json", record)
+    lines = [f"# Machine stability: {env['gpu'] or env['cpu']}", "",
+             f"torch {env['torch']}, driver {env['driver']}, {env['cpu_count']} CPU cores; "
+             f"{args.windows} windows per probe", "",
+             "| probe | median per window | CV | min | max |", "|---|---|---|---|---|"]
+    for name, s in summary.items():
+        lines.append(f"| {name} | {s['median_s'] * 1e3:.2f} ms | {s['cv']:.2%} | {s['min_s'] * 1e3:.2f} ms | "
+                     f"{s['max_s'] * 1e3:.2f} ms |")
+    if before is not None:
+        lines += ["", f"NVML before: {before}", f"NVML after: {after}", f"idle utilization (%): {idle}"]
+    (args.out / f"{slug}-stability.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
