@@ -15,7 +15,7 @@ SWEEP ?= default
 SIZE ?= auto
 
 .DEFAULT_GOAL := help
-.PHONY: help install run sweep report generate-bench base claims test clean-venv bench-kernels bench-overhead
+.PHONY: help install run sweep report generate-bench base claims test clean-venv bench-kernels bench-overhead bench-speed
 
 help: ## list the verbs
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -58,3 +58,6 @@ bench-kernels: $(STAMP) ## kernel micro-benchmarks at real sizes (GPU): writes r
 
 bench-overhead: $(STAMP) ## bare loop vs qlab's loop vs HF Trainer, same step (GPU): writes results/overhead/
 	$(PY) experiments/overhead.py $(ARGS)
+
+bench-speed: $(STAMP) ## HF Trainer vs qlab recipe vs fast vs bf16 LoRA, 7B shapes (GPU; --quick on CPU): writes results/speed-*/
+	$(PY) experiments/speed_bench.py $(ARGS)

@@ -5,6 +5,10 @@ Every run found is a row, oom and failed ones included (their `status` says so).
 carries its comparability group: runs are only compared inside a group (see `GROUP_KEYS`).
 A result's `kind` ("train" for qlab.run, "generate" for qlab.generate_bench; "train" when the
 file has none) is part of the group: training and generation results never share one.
+The speed path of a training run (`speed`: recipe | fast | trainer, see `speed_label`) is an
+ablation axis like the quantization: runs that differ only in it share a group, and its
+`quant_label` names it (`nf4+DQ · fast`), so every consumer that tells configurations apart by
+quant label (arms, plots, claims) keeps them apart.
 Reading is all this module does; nothing here computes a statistic or draws.
 """
 
@@ -20,6 +24,8 @@ import pandas as pd
 
 from qlab.track import NON_IDENTITY_KEYS, RESULT
 
+SPEED_CONF = Path(__file__).resolve().parent.parent / "conf" / "speed"
+
 GiB = 2**30
 ADAPTER_BYTES_PER_PARAM = 4  # LoRA A/B matrices are trained in float32: 4 bytes/param
 
@@ -30,7 +36,10 @@ ORDER = {
     "dq": ["off", "on"],
     "optim": ["adamw", "paged_adamw_32bit", "adamw_8bit", "paged_adamw_8bit"],
     "adapter": ["qv", "all_linear", "none", "lora"],  # none/lora: generation results
+    "speed": ["trainer", "recipe", "fast"],  # trainer: the HF Trainer path (experiments/speed_bench.py)
 }
+RECIPE = "recipe"  # the speed label that adds nothing to a quant label (the paper's recipe)
+SPEED_SEP = " · "  # quant label · speed label
 # Keys that define a comparability group (besides hardware): column -> dotted config key.
 GROUP_KEYS = {
     "model": "model.name",
@@ -42,7 +51,7 @@ GROUP_KEYS = {
 }
 # Config keys that are the ablation axes (they vary *inside* a group) or don't change what a
 # run measures; every other config key must match for runs to share a group.
-AXIS_CONFIG_KEYS = ("quant.type", "quant.double_quant", "optim.name", "adapter.targets", "seed")
+AXIS_CONFIG_KEYS = ("quant.type", "quant.double_quant", "optim.name", "adapter.targets", "seed", "speed")
 # Generation results: with or without an adapter is an axis (`adapter`: none | lora), so the
 # adapter's config (source run, rank) does not split the group; arms keep one adapter per row.
 KIND_AXIS_CONFIG_KEYS = {"generate": ("adapter",)}
@@ -121,12 +130,52 @@ READ_METRICS = ("weight_bytes", "quantized_weight_bytes", "quant_state_bytes", "
 
 
 def rank(column: str, value) -> tuple:
+    if column == "quant_label" and isinstance(value, str) and SPEED_SEP in value:
+        base, speed = value.split(SPEED_SEP, 1)  # after its quant label without a speed: nf4+DQ, nf4+DQ · fast
+        return (*rank(column, base), rank("speed", speed))
     order = ORDER.get(column, [])
     return (order.index(value), "") if value in order else (len(order), str(value))
 
 
-def quant_label(quant: str, double_quant: bool) -> str:
-    return f"{quant}+DQ" if double_quant else quant
+
+def quant_label(quant: str, double_quant: bool, speed: str | None = None) -> str:
+    """nf4+DQ; with a speed path other than the recipe, named after it: nf4+DQ · fast."""
+    label = f"{quant}+DQ" if double_quant else quant
+    return label if speed in (None, RECIPE) else f"{label}{SPEED_SEP}{speed}"
+
+
+_SPEED_PRESETS: dict | None = None
+
+
+def speed_presets() -> dict[str, dict]:
+    """conf/speed/<name>.yaml -> its switches, recipe first."""
+    global _SPEED_PRESETS
+    if _SPEED_PRESETS is None:
+        from omegaconf import OmegaConf
+
+        files = sorted(SPEED_CONF.glob("*.yaml"), key=lambda p: rank("speed", p.stem))
+        _SPEED_PRESETS = {p.stem: OmegaConf.to_container(OmegaConf.load(p)) for p in files}
+    return _SPEED_PRESETS
+
+
+def speed_label(speed: dict | None) -> str:
+    """The name of a run's speed path, from its config's `speed` block:
+      - `speed.runner` when set: a run made by another training loop on the same config
+        (`trainer`: the HF Trainer recipe of experiments/speed_bench.py);
+      - the conf/speed/ preset the switches equal (`recipe`, `fast`);
+      - otherwise the nearest preset and what differs: `fast (compile=none)`.
+    Results from before the speed group have no block: they ran the recipe (the defaults)."""
+    if not speed:
+        return RECIPE
+    if speed.get("runner"):
+        return str(speed["runner"])
+    diffs = {name: {k: speed[k] for k, v in preset.items() if k in speed and speed[k] != v}
+             for name, preset in speed_presets().items()}
+    if not diffs:
+        return RECIPE
+    name = min(diffs, key=lambda n: len(diffs[n]))  # ties: the recipe first (presets are ordered)
+    extra = ", ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in diffs[name].items())
+    return f"{name} ({extra})" if extra else name
 
 
 def find_results(root: Path) -> list[Path]:
@@ -177,8 +226,10 @@ def _row(r: dict, rel: str) -> dict:
         "optim": axes.get("optim"),
         "adapter": axes.get("adapter"),
         "seed": axes.get("seed", r.get("seed")),
+        # generation results run no training step: no speed path
+        "speed": speed_label(cfg.get("speed")) if kind == "train" else None,
     }
-    row["quant_label"] = quant_label(row["quant"], row["double_quant"])
+    row["quant_label"] = quant_label(row["quant"], row["double_quant"], row["speed"])
     # which adapter a generation result ran with (its training run), so two adapters never merge
     row["adapter_run"] = ((cfg.get("adapter") or {}).get("run_id") or "") if kind == "generate" else ""
     row["dq"] = "on" if row["double_quant"] else "off"
@@ -250,8 +301,9 @@ def load_runs(root: Path) -> pd.DataFrame:
         if col not in df:
             df[col] = math.nan
     df = assign_groups(df)
-    keys = df.apply(lambda r: (r["group"], rank("quant", r["quant"]), r["double_quant"], rank("optim", r["optim"]),
-                               rank("adapter", r["adapter"]), str(r["seed"]), r["run_id"]), axis=1)
+    keys = df.apply(lambda r: (r["group"], rank("quant", r["quant"]), r["double_quant"], rank("speed", r["speed"]),
+                               rank("optim", r["optim"]), rank("adapter", r["adapter"]), str(r["seed"]), r["run_id"]),
+                    axis=1)
     df = df.iloc[sorted(range(len(df)), key=lambda i: keys.iloc[i])].reset_index(drop=True)
     df.attrs["unreadable"] = unreadable
     return df
