@@ -250,7 +250,7 @@ def lr_factor(step: int, spec: dict) -> float:
 
 
 def heldout_eval(model, tokenizer, texts: list[str], seq_len: int, max_tokens: int | None = None,
-                 batch_size: int = 8, amp_dtype=None) -> dict:
+                 batch_size: int = 8, amp_dtype=None, per_window: bool = False) -> dict:
     """Token-weighted mean negative log-likelihood over `texts`.
 
     The texts are encoded as in training (<s> ids </s>, concatenated), cut to `max_tokens`, and
@@ -258,6 +258,10 @@ def heldout_eval(model, tokenizer, texts: list[str], seq_len: int, max_tokens: i
     predicted exactly once, with up to seq_len - 1 tokens of context. Works for any causal LM,
     bitsandbytes-quantized ones included (the model's own dtype decides the compute, unless
     `amp_dtype` turns on autocast on CUDA).
+
+    `per_window` adds `window_nll` (summed NLL of each window) and `window_tokens` (its
+    predictions), in a fixed order: two models evaluated on the same texts get the same windows,
+    so their difference can be paired window by window (qlab.ptq's noise estimate).
     """
     import contextlib
 
@@ -278,6 +282,8 @@ def heldout_eval(model, tokenizer, texts: list[str], seq_len: int, max_tokens: i
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
+    window_nll: list[float] = []
+    window_tokens: list[int] = []
     amp = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None and device.type == "cuda"
            else contextlib.nullcontext())
     try:
@@ -291,13 +297,18 @@ def heldout_eval(model, tokenizer, texts: list[str], seq_len: int, max_tokens: i
                     x = torch.tensor(ws[i: i + batch_size], dtype=torch.long, device=device)
                     logits = model(input_ids=x).logits[:, :-1].float()
                     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
-                                          reduction="sum")
-                    total += float(nll)
+                                          reduction="none").view(x.shape[0], length - 1).double().sum(1)
+                    window_nll.extend(nll.tolist())
+                    window_tokens.extend([length - 1] * x.shape[0])
+                    total += float(nll.sum())
                     count += x.shape[0] * (length - 1)
     finally:
         model.train(was_training)
     loss = total / count
-    return {"loss": loss, "perplexity": math.exp(loss), "tokens": count}
+    out = {"loss": loss, "perplexity": math.exp(loss), "tokens": count}
+    if per_window:
+        out.update(window_nll=window_nll, window_tokens=window_tokens)
+    return out
 
 
 def heldout_perplexity(model, tokenizer, texts: list[str], seq_len: int, max_tokens: int | None = None,

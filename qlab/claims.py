@@ -21,8 +21,22 @@ Comparison kinds (a small lookup table, `KINDS`):
   estimate     a number from the analytic memory model (qlab.estimate) of `model` under one
                or two settings, vs `paper_value` +- tolerance or `at_most`
   kernel_order quantization error (MSE) of `kinds` on standard-normal data: the first is lowest
+  ptq_error    quantization error `metric` (mse) of `kinds` on the real weights of base-`ptq`
+               (every decoder linear weight; results/ptq-base-<ptq>/ptq.json): the first is
+               lowest -> reproduced, else not reproduced (no noise: all weights are measured)
+  ptq_lower    post-training-quantization perplexity of base-`ptq`: type `a` is lower than
+               each type in `others`. Each pair is compared window by window on the same
+               held-out tokens (qlab.ptq.paired_log_ratio, 95% t-interval of log(ppl_a/ppl_b)):
+               every interval entirely below 0 -> reproduced; any entirely above 0 (an other type
+               significantly lower) -> not reproduced; otherwise the difference is within noise ->
+               inconclusive. `measured`: the relative perplexity change vs the closest other type
 Runs come from `results/<sweep>/`: `make claims` first runs the sweeps that have no results
-(`experiment` plus `overrides`, a Hydra multirun), unless --no-run.
+(`experiment` plus `overrides`, a Hydra multirun), and the PTQ measurements that have no
+ptq.json (`python -m qlab.ptq --size <ptq>`), unless --no-run; GPU-sized ones (`train=gpu`
+among the overrides, `ptq: gpu`) only where CUDA is available.
+
+Besides claims.md (every column, the reasons), `write` produces summary.md: one compact table
+(claim, paper, measured, verdict) for the README to include verbatim.
 """
 
 from __future__ import annotations
@@ -207,9 +221,66 @@ def k_kernel_order(claim: dict, runs: pd.DataFrame) -> Verdict:
                    reason="MSE on N(0,1): " + " < ".join(f"{k} {mse[k]:.3g}" for k in order), n=f"{size * size:,} values")
 
 
+def _ptq_missing(claim: dict) -> Verdict:
+    return Verdict(INCONCLUSIVE, reason=f"not run yet: results/ptq-base-{claim['ptq']}/ has no ptq.json "
+                                        f"(python -m qlab.ptq --size {claim['ptq']})")
+
+
+def k_ptq_error(claim: dict, ptq: dict | None) -> Verdict:
+    if ptq is None:
+        return _ptq_missing(claim)
+    metric, kinds = claim.get("metric", "mse"), claim["kinds"]
+    errors = ptq.get("weight_error") or {}
+    missing = [k for k in kinds if k not in errors]
+    if missing:
+        return Verdict(INCONCLUSIVE, reason=f"ptq.json has no weight error for {', '.join(missing)}")
+    value = {k: float(errors[k][metric]) for k in kinds}
+    order = sorted(kinds, key=value.get)
+    ok = order[0] == kinds[0] and value[order[0]] < value[order[1]]  # strictly lowest
+    first = errors[kinds[0]]
+    reason = (f"{metric} on base-{ptq['size']}'s {first['n']:,} decoder weights: "
+              + " < ".join(f"{k} {value[k]:.4g}" for k in order)
+              + "; max abs error " + ", ".join(f"{k} {float(errors[k]['max_abs_error']):.3g}" for k in kinds))
+    return Verdict(REPRODUCED if ok else NOT_REPRODUCED, value[kinds[0]], reason=reason,
+                   n=f"{first['n']:,} weights")
+
+
+def k_ptq_lower(claim: dict, ptq: dict | None) -> Verdict:
+    from qlab.ptq import paired_log_ratio
+
+    if ptq is None:
+        return _ptq_missing(claim)
+    types, a = ptq.get("types") or {}, claim["a"]
+    missing = [t for t in (a, *claim["others"]) if t not in types]
+    if missing:
+        return Verdict(INCONCLUSIVE, reason=f"ptq.json has no perplexity for {', '.join(missing)}")
+    tokens = ptq["eval"]["window_tokens"]
+    pairs = {b: paired_log_ratio(types[a]["window_nll"], types[b]["window_nll"], tokens) for b in claim["others"]}
+    closest = max(pairs, key=lambda b: pairs[b]["log_ratio"])  # the other type a beats by least
+    c = pairs[closest]
+    n = f"{c['tokens']:,} tokens, {c['windows']} windows"
+    ppl = ", ".join(f"{t} {types[t]['perplexity']:.4g}" for t in sorted((a, *claim["others"]),
+                                                                         key=lambda t: types[t]["perplexity"]))
+    diffs = "; ".join(f"vs {b} {100 * r['rel']:+.2f}% [{100 * r['rel_ci95'][0]:+.2f}, {100 * r['rel_ci95'][1]:+.2f}]"
+                      for b, r in pairs.items())
+    ci = tuple(100 * x for x in c["rel_ci95"])
+    higher = [b for b, r in pairs.items() if r["ci95"][0] > 0]
+    if higher:
+        return Verdict(NOT_REPRODUCED, 100 * c["rel"], ci,
+                       f"{', '.join(higher)} significantly lower than {a}: perplexity {ppl} ({diffs})", n)
+    if all(r["ci95"][1] < 0 for r in pairs.values()):
+        return Verdict(REPRODUCED, 100 * c["rel"], ci, f"perplexity {ppl} ({diffs}; 95% paired intervals)", n)
+    within = [b for b, r in pairs.items() if r["ci95"][1] >= 0]
+    return Verdict(INCONCLUSIVE, 100 * c["rel"], ci,
+                   f"{a} vs {', '.join(within)} within noise (the 95% paired interval includes 0): "
+                   f"perplexity {ppl} ({diffs})", n)
+
+
 KINDS = {"value": k_value, "difference": k_difference, "lower": k_lower, "equivalent": k_equivalent,
-         "survives": k_survives, "estimate": k_estimate, "kernel_order": k_kernel_order}
+         "survives": k_survives, "estimate": k_estimate, "kernel_order": k_kernel_order,
+         "ptq_error": k_ptq_error, "ptq_lower": k_ptq_lower}
 NEEDS_RUNS = ("value", "difference", "lower", "equivalent", "survives")
+NEEDS_PTQ = ("ptq_error", "ptq_lower")  # evidence: results/ptq-base-<claim['ptq']>/ptq.json
 
 
 # ------------------------------------------------------------------ the verb
@@ -222,13 +293,33 @@ def load_claims(path: Path) -> list[dict]:
                 raise ValueError(f"{path}: claim {i} ({c.get('id', '?')}) lacks '{key}'")
         if c["kind"] not in KINDS:
             raise ValueError(f"{path}: claim {c['id']}: unknown kind {c['kind']!r} (choose from {', '.join(KINDS)})")
+        if c["kind"] in NEEDS_PTQ and c.get("ptq") not in ("tiny", "small", "gpu"):
+            raise ValueError(f"{path}: claim {c['id']}: kind {c['kind']} needs ptq: tiny|small|gpu (the base size)")
     return claims
 
 
 def run_missing(claims: list[dict], results: Path) -> None:
-    """Run each sweep the claims need that has no result yet (a Hydra multirun per sweep)."""
+    """Run each sweep the claims need that has no result yet (a Hydra multirun per sweep), and
+    each PTQ measurement that has no ptq.json (`python -m qlab.ptq`, one process per size)."""
     done = set()
     for c in claims:
+        if c["kind"] in NEEDS_PTQ:
+            size = c["ptq"]
+            if f"ptq:{size}" in done:
+                continue
+            done.add(f"ptq:{size}")
+            from qlab.ptq import result_dir
+
+            if (result_dir(results, size) / "ptq.json").is_file():
+                continue
+            if size == "gpu" and not _has_cuda():
+                print(f"not running the PTQ measurement of base-{size}: it needs a GPU (its claims stay "
+                      "inconclusive)", flush=True)
+                continue
+            cmd = [sys.executable, "-m", "qlab.ptq", "--size", size, "--results", str(results)]
+            print("running missing PTQ measurement:", " ".join(cmd), flush=True)
+            subprocess.run(cmd, cwd=PROJECT_ROOT, check=False)
+            continue
         sweep = c.get("sweep")
         if c["kind"] not in NEEDS_RUNS or not sweep or not c.get("experiment") or sweep in done:
             continue
@@ -253,11 +344,15 @@ def _has_cuda() -> bool:
 def evaluate(claims: list[dict], results: Path) -> list[dict]:
     from qlab.frame import load_runs
 
+    from qlab import ptq
+
     cache: dict[str, pd.DataFrame] = {}
     rows = []
     for c in claims:
         runs = pd.DataFrame(columns=["status"])
-        if c["kind"] in NEEDS_RUNS:
+        if c["kind"] in NEEDS_PTQ:
+            runs = ptq.load(results, c["ptq"]) if results is not None else None  # a dict, or None
+        elif c["kind"] in NEEDS_RUNS:
             sweep = c["sweep"]
             if sweep not in cache:
                 cache[sweep] = load_runs(results / sweep) if (results / sweep).is_dir() else pd.DataFrame(columns=["status"])
@@ -267,7 +362,8 @@ def evaluate(claims: list[dict], results: Path) -> list[dict]:
         rows.append({"id": c["id"], "statement": c["statement"], "source": c["source"],
                      "paper": c.get("paper", c.get("paper_value")), "unit": c.get("unit", ""),
                      "measured": v.measured, "ci95": list(v.ci) if v.ci else None, "verdict": v.verdict,
-                     "reason": v.reason, "n": v.n, "evidence": c.get("sweep") or c["kind"]})
+                     "reason": v.reason, "n": v.n,
+                     "evidence": c.get("sweep") or (f"ptq-base-{c['ptq']}" if c["kind"] in NEEDS_PTQ else c["kind"])})
     return rows
 
 
@@ -294,7 +390,31 @@ def write(rows: list[dict], out: Path, results: Path) -> Path:
         lines.append(f"| {r['statement']} | {r['source']} | {_fmt(r['paper'])} {r['unit']} | {_fmt(r['measured'])}{ci} | "
                      f"{r['n']} | **{r['verdict']}** | {r['reason']} |")
     (out / "claims.md").write_text("\n".join(lines) + "\n")
+    (out / "summary.md").write_text(summary(rows))
     return out / "claims.md"
+
+
+def _cell(text) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def summary(rows: list[dict]) -> str:
+    """One compact table (claim, paper, measured, verdict) for the README, verbatim: the
+    reasons and sources stay in claims.md."""
+    lines = ["| claim | paper | measured | verdict |", "|---|---|---|---|"]
+    for r in rows:
+        unit = f" {r['unit']}" if r["unit"] else ""
+        measured = _fmt(r["measured"])
+        if r["ci95"]:
+            measured += f" [{_fmt(r['ci95'][0])}, {_fmt(r['ci95'][1])}]"
+        if r["measured"] is not None and unit and measured != "n/a":
+            measured += unit
+        lines.append(f"| {_cell(r['statement'])} | {_cell(_fmt(r['paper']))}{_cell(unit)} | {_cell(measured)} | "
+                     f"**{r['verdict']}** |")
+    counts = {k: sum(r["verdict"] == k for r in rows) for k in (REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE)}
+    lines += ["", f"{', '.join(f'{v} {k}' for k, v in counts.items())}; generated by `qlab claims` "
+                  "(`results/claims/claims.md` has the sources, sample sizes and the reason for each verdict)."]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from qlab import config as qconfig
 from qlab import track
@@ -128,24 +128,58 @@ def _die_with_parent() -> None:
         pass
 
 
+def runs_per_gpu() -> int:
+    """QLAB_RUNS_PER_GPU (default 1): how many runs share one GPU at a time under a parallel
+    launcher. Small runs (the 34 M base's quality sweep) leave an H100 mostly idle one at a time."""
+    raw = os.environ.get("QLAB_RUNS_PER_GPU", "1")
+    try:
+        n = int(raw)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"QLAB_RUNS_PER_GPU must be an integer >= 1, got {raw!r}")
+    return n
+
+
+def gpu_slots() -> int:
+    """Concurrent runs of the local_gpus launcher (its joblib n_jobs):
+    QLAB_NUM_GPUS x QLAB_RUNS_PER_GPU, e.g. 1 GPU x 6 runs = 6 at a time; 1 when unset."""
+    return max(int(os.environ.get("QLAB_NUM_GPUS", "0")), 1) * runs_per_gpu()
+
+
+# conf/hydra/launcher/local_gpus.yaml: n_jobs: ${qlab_gpu_slots:} (resolved when the launcher
+# starts; this module is imported before that, by the manifest callback of conf/config.yaml)
+if not OmegaConf.has_resolver("qlab_gpu_slots"):
+    OmegaConf.register_new_resolver("qlab_gpu_slots", gpu_slots)
+
+
 @contextmanager
-def gpu_slot():
-    """With QLAB_NUM_GPUS=N and a parallel launcher, each concurrent run takes its own GPU:
-    the first free lock /tmp/qlab-gpu-<i>.lock decides CUDA_VISIBLE_DEVICES for the child."""
+def gpu_slot(lock_dir: str = "/tmp"):
+    """With QLAB_NUM_GPUS=N and a parallel launcher, each concurrent run takes a slot: there are
+    N x QLAB_RUNS_PER_GPU (= R) slots, a lock file each, and the run holding slot i gets
+    CUDA_VISIBLE_DEVICES = i // R (slots 0..R-1 on GPU 0, R..2R-1 on GPU 1, ...). Free slots
+    are tried round-robin over GPUs (slot 0, R, 2R, ..., then 1, R+1, ...), so N runs or fewer
+    still get a GPU each. Yields the GPU index, or None without QLAB_NUM_GPUS. `lock_dir` is
+    shared by every sweep on the machine (tests pass their own)."""
     n = int(os.environ.get("QLAB_NUM_GPUS", "0"))
     if n <= 0:
         yield None
         return
+    per = runs_per_gpu()
+    order = [g * per + k for k in range(per) for g in range(n)]
     while True:
-        for i in range(n):
-            f = open(f"/tmp/qlab-gpu-{i}.lock", "w")
+        for i in order:
+            gpu = i // per
+            # R = 1 keeps the one-lock-per-GPU name; otherwise a lock per (GPU, place on it)
+            name = f"qlab-gpu-{gpu}.lock" if per == 1 else f"qlab-gpu-{gpu}.slot{i % per}.lock"
+            f = open(os.path.join(lock_dir, name), "w")
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 f.close()
                 continue
             try:
-                yield i
+                yield gpu
             finally:
                 f.close()
             return
@@ -195,8 +229,14 @@ def run_point(cfg: DictConfig) -> str:
     t0, started = time.perf_counter(), time.time()
     with gpu_slot() as slot, open(logs / f"{rid}.log", "w") as out:
         env = dict(os.environ)
+        # how many runs shared this run's GPU: QLAB_RUNS_PER_GPU under the parallel local launcher
+        # (joblib, one worker per slot), else 1 (the basic launcher runs one at a time, SLURM one
+        # per job); the child sees it too
+        shared = slot is not None and _parallel_launcher()
+        concurrency = {"runs_per_gpu": runs_per_gpu() if shared else 1, "gpu_slots": gpu_slots() if shared else None}
         if slot is not None:
             env["CUDA_VISIBLE_DEVICES"] = str(slot)
+        env["QLAB_RUNS_PER_GPU"] = str(concurrency["runs_per_gpu"])
         proc = subprocess.run([sys.executable, "-m", "qlab.run", *_child_overrides()], stdout=out,
                               stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
     seconds = time.perf_counter() - t0
@@ -204,14 +244,43 @@ def run_point(cfg: DictConfig) -> str:
     if result is None:  # the child died without publishing (killed, crashed hard, bad data)
         result = track.record_lost_run(cfg, f"run process exited with code {proc.returncode} without a "
                                             f"result; its log: {logs / (rid + '.log')}")
+    result = _stamp_concurrency(cfg, started, concurrency) or result
     status, m = result["status"], result["metrics"]
     peak = m.get("nvml_peak_device_used_bytes") or m.get("peak_allocated_bytes") or m.get("rss_peak_bytes")
     log.info("[%d] end %s: %s, peak %s, %s tokens/s, %.0f s (process, imports and load included)", num,
              _describe(cfg), status, f"{peak / 2**30:.2f} GiB" if peak else "n/a",
              f"{m['tokens_per_s']:.0f}" if m.get("tokens_per_s") else "n/a", seconds)
     _record(cfg, rid, outcome=status, status=status, finished_at=track.now(), process_s=seconds,
-            result=str(final / track.RESULT), peak_bytes=peak, tokens_per_s=m.get("tokens_per_s"))
+            result=str(final / track.RESULT), peak_bytes=peak, tokens_per_s=m.get("tokens_per_s"),
+            runs_per_gpu=concurrency["runs_per_gpu"])
     return _done(status)
+
+
+def _parallel_launcher() -> bool:
+    """Whether this point runs under a launcher that runs points side by side in one machine
+    (Hydra's joblib launcher: conf/hydra/launcher/local_gpus.yaml)."""
+    try:
+        return "joblib" in str(HydraConfig.get().launcher.get("_target_", "")).lower()
+    except ValueError:  # no Hydra config: called outside a multirun
+        return False
+
+
+def _stamp_concurrency(cfg: DictConfig, since: float, concurrency: dict) -> dict | None:
+    """Add the launch's concurrency to the result the run just wrote, as env.runs_per_gpu and
+    env.gpu_slots, so throughput measured beside other runs on the same GPU is never read as a
+    solo run's. Only the sweep knows how runs were placed; it stamps the file once the run
+    process has ended (nothing else writes it then), atomically. A result without the field is a
+    run started outside a sweep: alone on its GPU."""
+    for directory in (track.run_dir(cfg), track.staging_dir(cfg)):  # where fresh_result looks
+        path = directory / track.RESULT
+        if path.exists() and path.stat().st_mtime >= since:
+            result = track.read_result(directory)
+            if result is None:
+                return None
+            result.setdefault("env", {}).update(concurrency)
+            track.atomic_write_json(path, result)
+            return result
+    return None
 
 
 def _done(outcome: str) -> str:

@@ -112,7 +112,8 @@ def test_the_shipped_claims_file_and_the_cli(tmp_path, results, capsys):
     shipped = claims.load_claims(claims.DEFAULT_CLAIMS)
     assert {c["id"] for c in shipped} >= {"dq_bits_7b", "dq_gb_65b", "nf4_lowest_error", "qlora_matches_16bit",
                                           "fp4_lags", "all_linear_needed", "paged_same_speed", "paged_rides_spikes",
-                                          "footprint_7b_4bit", "finetune_65b_48gb"}
+                                          "footprint_7b_4bit", "finetune_65b_48gb", "nf4_lowest_error_base",
+                                          "ptq_nf4_lowest_ppl", "ptq_fp4_beats_int4"}
     mine = tmp_path / "claims.yaml"
     mine.write_text(yaml.safe_dump({"claims": [
         claim(id="eq", kind="equivalent", sweep="quality", metric="eval_loss", margin=0.01,
@@ -122,6 +123,12 @@ def test_the_shipped_claims_file_and_the_cli(tmp_path, results, capsys):
     page = (results / "claims" / "claims.md").read_text()
     assert page.count("**reproduced**") == 2 and "| claim | source | paper |" in page
     assert json.loads((results / "claims" / "claims.json").read_text())["claims"][0]["id"] == "eq"
+    # the README's compact table: one row per claim, nothing but claim, paper, measured, verdict
+    summary = (results / "claims" / "summary.md").read_text().splitlines()
+    assert summary[:2] == ["| claim | paper | measured | verdict |", "|---|---|---|---|"]
+    assert summary[2].startswith("| s | n/a | 0.001 [") and summary[2].endswith("| **reproduced** |")
+    assert summary[3] == "| s | n/a | n/a | **reproduced** |"
+    assert summary[4] == "" and summary[5].startswith("2 reproduced, 0 not reproduced, 0 inconclusive")
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"claims": [claim(kind="vibes")]}))
     assert claims.main(["--claims", str(bad), "--results", str(results), "--no-run"]) == 2

@@ -145,6 +145,59 @@ def test_local_parallel_launcher_gives_each_concurrent_run_its_own_gpu_slot(tmp_
     a, b = sorted(done, key=lambda r: r["started_at"])
     assert b["started_at"] < a["finished_at"]  # they ran at the same time
     assert all(r["metrics"]["startup_s"] > 0 for r in done)
+    assert all(r["env"]["runs_per_gpu"] == 1 and r["env"]["gpu_slots"] == 2 for r in done)
+
+
+def test_several_runs_share_one_gpu_with_qlab_runs_per_gpu(tmp_path):
+    """QLAB_NUM_GPUS=1 QLAB_RUNS_PER_GPU=2: two slots on one "GPU", both runs at once on device 0,
+    and each result says it shared its GPU."""
+    results = tmp_path / "results"
+    code, out = run_sweep(results, "quant=nf4,fp4", "quant.double_quant=false", "optim=adamw", "adapter=qv",
+                          "hydra/launcher=local_gpus", env={"QLAB_NUM_GPUS": "1", "QLAB_RUNS_PER_GPU": "2"})
+    assert code == 0 and "2 ok / 0 oom / 0 failed" in out, out
+    done = list(results_of(results).values())
+    assert [r["env"]["cuda_visible_devices"] for r in done] == ["0", "0"]
+    a, b = sorted(done, key=lambda r: r["started_at"])
+    assert b["started_at"] < a["finished_at"]  # two workers (n_jobs = 1 x 2), at the same time
+    assert all(r["env"]["runs_per_gpu"] == 2 and r["env"]["gpu_slots"] == 2 for r in done)
+    assert all(r["runs_per_gpu"] == 2 for r in manifest(results)["runs"].values())
+    # the basic launcher runs one at a time: recorded as alone on the GPU, whatever the variable says
+    code, out = run_sweep(results, "quant=bf16", "optim=adamw", "adapter=qv", "quant.double_quant=false",
+                          env={"QLAB_NUM_GPUS": "1", "QLAB_RUNS_PER_GPU": "2"})
+    assert code == 0, out
+    [solo] = [r for r in results_of(results).values() if r["axes"]["quant"] == "bf16"]
+    assert solo["env"]["runs_per_gpu"] == 1 and solo["env"]["gpu_slots"] is None
+
+
+def test_gpu_slot_maps_slot_i_to_gpu_i_div_runs_per_gpu(tmp_path, monkeypatch):
+    from contextlib import ExitStack
+
+    from omegaconf import OmegaConf
+
+    from qlab import sweep
+
+    monkeypatch.setenv("QLAB_NUM_GPUS", "2")
+    monkeypatch.setenv("QLAB_RUNS_PER_GPU", "3")
+    assert sweep.gpu_slots() == 6
+    assert OmegaConf.create({"n_jobs": "${qlab_gpu_slots:}"}).n_jobs == 6  # the launcher's n_jobs
+    with ExitStack() as stack:  # six concurrent holders: round-robin over the GPUs, three on each
+        gpus = [stack.enter_context(sweep.gpu_slot(str(tmp_path))) for _ in range(6)]
+        assert gpus == [0, 1, 0, 1, 0, 1]
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+            f"qlab-gpu-{g}.slot{k}.lock" for g in (0, 1) for k in range(3))
+    with sweep.gpu_slot(str(tmp_path)) as first:  # released: slot 0 (GPU 0) again
+        assert first == 0
+    monkeypatch.setenv("QLAB_RUNS_PER_GPU", "1")
+    with sweep.gpu_slot(str(tmp_path)) as a, sweep.gpu_slot(str(tmp_path)) as b:
+        assert (a, b) == (0, 1) and (tmp_path / "qlab-gpu-0.lock").exists()  # one lock per GPU, as before
+    monkeypatch.delenv("QLAB_NUM_GPUS")
+    monkeypatch.delenv("QLAB_RUNS_PER_GPU")
+    assert sweep.gpu_slots() == 1
+    with sweep.gpu_slot(str(tmp_path)) as none:
+        assert none is None
+    monkeypatch.setenv("QLAB_RUNS_PER_GPU", "0")
+    with pytest.raises(ValueError, match="QLAB_RUNS_PER_GPU must be an integer >= 1"):
+        sweep.runs_per_gpu()
 
 
 @pytest.mark.slurm
