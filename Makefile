@@ -61,3 +61,7 @@ bench-overhead: $(STAMP) ## bare loop vs qlab's loop vs HF Trainer, same step (G
 
 bench-speed: $(STAMP) ## HF Trainer vs qlab recipe vs fast vs bf16 LoRA, 7B shapes (GPU; --quick on CPU): writes results/speed-*/
 	$(PY) experiments/speed_bench.py $(ARGS)
+
+.PHONY: numerics
+numerics: $(STAMP) ## speed switches and packing vs the recipe's loss (GPU: base-gpu, 200 steps): make numerics [ARGS="--parallel 4"|"--quick"]
+	$(PY) experiments/numerics.py $(ARGS)

@@ -24,6 +24,10 @@ DATA_FORMATS = ("auto", "conversation", "alpaca")
 PAD_MODES = ("longest", "max_seq_len")
 COMPILE_MODES = ("none", "layers")
 LOSS_MODES = ("full", "chunked")
+# model_type -> why a packed row cannot keep its conversations apart. ALiBi adds a per-head
+# bias from key *indices* and the model takes no position_ids, so transformers never sees
+# where a conversation starts (its packed-sequence detection reads position_ids).
+NO_PACKING = {"bloom": "ALiBi attention, no position_ids", "mpt": "ALiBi attention, no position_ids"}
 
 
 class ConfigError(ValueError):
@@ -84,6 +88,12 @@ class DataConfig:
     pad_to: str = "longest"  # longest | max_seq_len (fixed shapes for throughput/memory work)
     on_bad_line: str = "error"  # error | skip
     max_eval_samples: int = 256
+    # padding-free training (qlab/data.py): each step is ONE row of whole conversations (each
+    # truncated to max_seq_len as when padded) packed greedily in data order up to
+    # batch_size * max_seq_len positions (4 x 512 = 2,048), position_ids restarting per
+    # conversation; evaluation stays padded. Not for ALiBi models (BLOOM): no position_ids.
+    pack: bool = False
+    pack_tokens: Optional[int] = None  # the packed row's budget; None: batch_size * max_seq_len
 
 
 @dataclass
@@ -203,6 +213,13 @@ def validate(cfg: DictConfig | RunConfig) -> None:
     _choice("data.format", c.data.format, DATA_FORMATS)
     _choice("data.pad_to", c.data.pad_to, PAD_MODES)
     _choice("data.on_bad_line", c.data.on_bad_line, ("error", "skip"))
+    if c.data.pack and c.data.pad_to == "max_seq_len":
+        raise ConfigError("data.pack", "packed rows are padding-free and vary in length; "
+                                       "data.pad_to=max_seq_len asks for fixed padded shapes: choose one")
+    if c.data.pack_tokens is not None and not c.data.pack:
+        raise ConfigError("data.pack_tokens", "sets the packed row's budget: only with data.pack=true")
+    if c.data.pack_tokens is not None and c.data.pack_tokens < 8:
+        raise ConfigError("data.pack_tokens", f"must be >= 8 or null, got {c.data.pack_tokens}")
     for key in ("train_file", "eval_file"):
         path = c.data[key]
         if path is not None and not os.path.isfile(resolve_path(path)):
@@ -213,6 +230,34 @@ def validate(cfg: DictConfig | RunConfig) -> None:
         raise ConfigError("speed.loss_chunk_tokens", f"must be >= 1, got {c.speed.loss_chunk_tokens}")
     _choice("tracker.wandb_mode", c.tracker.wandb_mode, ("offline", "online", "disabled"))
     _validate_model(c.model)
+    if c.data.pack:
+        check_packing(architecture(c.model))
+
+
+def check_packing(model_type: str | None) -> None:
+    """data.pack=true needs a model that takes position_ids. Called by validate with the type
+    known from the config, and by train.train with the loaded model's for a hub id."""
+    if model_type in NO_PACKING:
+        raise ConfigError("data.pack", f"a {model_type} model cannot be packed ({NO_PACKING[model_type]}: "
+                                       f"its conversations would attend to each other); use data.pack=false")
+
+
+def architecture(m: DictConfig) -> str | None:
+    """The architecture, when the config alone tells it: the base and the presets from their
+    tables, a local checkpoint from its config.json; None for a hub id (known after loading)."""
+    from qlab.presets import PRESETS
+
+    if getattr(m, "base", None) is not None:
+        return "llama"  # qlab.base builds LlamaForCausalLM
+    if m.name_or_path is None:
+        return PRESETS[m.preset]["arch"]
+    path = os.path.join(resolve_path(os.path.expanduser(m.name_or_path)), "config.json")
+    if os.path.isfile(path):
+        import json
+
+        with open(path) as f:
+            return json.load(f).get("model_type")
+    return None
 
 
 def _validate_model(m: DictConfig) -> None:

@@ -12,6 +12,45 @@ the special ids are placed between them, so no tokenizer merges across a turn bo
 Input files are JSONL in either layout, one record per line:
   conversation  {"conversation": [{"human": "...", "assistant": "..."}, ...]}   (MOSS/Firefly)
   alpaca        {"instruction": "...", "input": "...", "output": "..."}           (one turn)
+
+Training batches come in one of two shapes:
+
+  padded (default)  [batch_size, longest | max_seq_len]: batch_size conversations, right-padded,
+                    with an attention_mask that hides the padding
+  packed            data.pack=true: ONE row of whole conversations laid end to end, taken
+                    greedily in the (seeded, shuffled) data order until the next one would
+                    exceed the budget of batch_size * max_seq_len positions (data.pack_tokens
+                    overrides it); that conversation opens the next row. A row is never empty:
+                    a lone conversation longer than a budget below max_seq_len gets a row to
+                    itself. Each conversation is truncated to max_seq_len exactly as when
+                    padded, and its labels are unchanged (the <s> that opens it is -100, so no
+                    target is ever predicted across a boundary).
+                    E.g. 4 x 512 = 2,048 positions per step, the positions of a pad_to=max_seq_len
+                    batch, none of them padding: with the embedded chat data's ~40-token
+                    conversations (preset tokenizer) ~50 conversations per step where the padded
+                    batch holds 4. Rows vary in length, so speed.compile=layers (static shapes)
+                    compiles again for each new length.
+
+A packed row carries `position_ids` restarting at 0 at each conversation and NO attention_mask.
+That is how transformers recognises packing, in masking_utils.py `_preprocess_mask_arguments`:
+
+    if position_ids is not None and attention_mask is None and cache is None:
+        packed_sequence_mask = find_packed_sequence_indices(position_ids)
+
+(`past_key_values` in place of `cache` in 5.17; models.load sets use_cache=False, so there is
+no cache). find_packed_sequence_indices starts a new sequence wherever position_ids do not step
+by +1, and create_causal_mask ANDs the causal mask with "same sequence": a block-diagonal causal
+mask, for sdpa and eager attention. With any 2-D attention_mask, all ones included, the
+detection is skipped and the conversations would attend to each other. Rotary positions restart
+with position_ids, so each conversation sees exactly the positions it sees alone, and a packed
+row's loss is the token-weighted mean of its conversations' own losses (tests/test_pack.py
+checks both on tiny-llama). ALiBi models (BLOOM) take no position_ids and cannot be packed this
+way: config.validate refuses them. The attention is still computed over the whole row and
+masked (no varlen kernel with sdpa): L^2 scores per head instead of batch_size x max_seq_len^2,
+e.g. 2,048^2 = 4x the 4 x 512^2 of a padded batch.
+
+Evaluation always stays padded, one conversation per row: eval_loss is then the same quantity,
+over the same rows, whether training packed or not.
 """
 
 from __future__ import annotations
@@ -145,6 +184,16 @@ def collate(samples, pad_id: int, pad_to: int | None = None) -> dict:
     return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
 
 
+def pack(samples) -> dict:
+    """One row [1, sum of lengths]: the conversations end to end, position_ids restarting at 0
+    at each, and deliberately no attention_mask (see the module docstring)."""
+    import torch
+
+    row = lambda values: torch.tensor([[v for seq in values for v in seq]], dtype=torch.long)  # noqa: E731
+    return {"input_ids": row(ids for ids, _ in samples), "labels": row(lab for _, lab in samples),
+            "position_ids": row(range(len(ids)) for ids, _ in samples)}
+
+
 @dataclass
 class Data:
     train: Split
@@ -154,18 +203,32 @@ class Data:
     pad_to: int | None
     seed: int
     stats: dict = field(default_factory=dict)
+    pack_tokens: int | None = None  # packed rows of this many positions at most; None: padded
+
+    def order(self) -> Iterator[int]:
+        """Endless sample indices, epoch after epoch, each reshuffled by a seeded generator:
+        padded and packed batches draw the same conversations in the same order."""
+        rng = random.Random(self.seed)
+        while True:
+            epoch = list(range(len(self.train.samples)))
+            rng.shuffle(epoch)
+            yield from epoch
 
     def train_batches(self) -> Iterator[dict]:
-        """Endless shuffled batches; each epoch reshuffles with a seeded generator."""
-        rng = random.Random(self.seed)
-        order: list[int] = []
-        while True:
-            if len(order) < self.batch_size:
-                epoch = list(range(len(self.train.samples)))
-                rng.shuffle(epoch)
-                order += epoch
-            idx, order = order[: self.batch_size], order[self.batch_size :]
-            yield collate([self.train.samples[i] for i in idx], self.pad_id, self.pad_to)
+        """Endless training batches: padded, or packed rows when pack_tokens is set."""
+        order = self.order()
+        if self.pack_tokens is None:
+            while True:
+                yield collate([self.train.samples[next(order)] for _ in range(self.batch_size)],
+                              self.pad_id, self.pad_to)
+        row, used = [], 0
+        for i in order:  # greedy in data order: a conversation that does not fit opens the next row
+            sample = self.train.samples[i]
+            if row and used + len(sample[0]) > self.pack_tokens:
+                yield pack(row)
+                row, used = [], 0
+            row.append(sample)
+            used += len(sample[0])
 
     def eval_batches(self) -> Iterator[dict]:
         if self.eval is None:
@@ -182,10 +245,15 @@ def build(raw: RawData, data_cfg, tokenizer, batch_size: int, seed: int) -> Data
     train = tokenize_split(raw.train, tokenizer, data_cfg.max_seq_len, data_cfg.train_file)
     ev = tokenize_split(raw.eval, tokenizer, data_cfg.max_seq_len, data_cfg.eval_file) if raw.eval else None
     pad_to = data_cfg.max_seq_len if data_cfg.pad_to == "max_seq_len" else None
+    pack_tokens = None
+    if data_cfg.pack:  # 4 seq x 512 = 2,048 positions per packed row unless data.pack_tokens
+        pack_tokens = data_cfg.pack_tokens or batch_size * data_cfg.max_seq_len
     stats = {
         "train_samples": len(train.samples),
         "eval_samples": len(ev.samples) if ev else 0,
         "dropped_no_target": train.dropped_no_target + (ev.dropped_no_target if ev else 0),
         "skipped_bad_lines": raw.skipped_bad_lines,
     }
-    return Data(train, ev, batch_size, pad_id, pad_to, seed, stats)
+    if pack_tokens:
+        stats["pack_tokens"] = pack_tokens
+    return Data(train, ev, batch_size, pad_id, pad_to, seed, stats, pack_tokens)

@@ -53,7 +53,9 @@ def chunked_loss(model: torch.nn.Module, batch: dict, chunk_tokens: int) -> torc
     `chunk_tokens` rows at a time, each chunk checkpointed (its logits are recomputed in
     backward instead of stored). Equal to the model's own loss up to float rounding."""
     decoder, head = _head_and_decoder(model)
-    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    # a padded batch has attention_mask, a packed row (data.pack) position_ids instead
+    masks = {k: batch[k] for k in ("attention_mask", "position_ids") if k in batch}
+    hidden = decoder(input_ids=batch["input_ids"], **masks).last_hidden_state
     labels = batch["labels"][:, 1:].reshape(-1)  # position t predicts token t+1
     keep = labels != IGNORE_INDEX
     h, y = hidden[:, :-1].reshape(-1, hidden.shape[-1])[keep], labels[keep]

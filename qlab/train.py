@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from qlab import speed
+from qlab.config import check_packing
 from qlab.data import IGNORE_INDEX, Data
 from qlab.models import compute_dtype
 from qlab.measure import NOISY_CV, MemoryWindow, StepClock, summarize
@@ -101,6 +102,8 @@ def _target_tokens(labels: torch.Tensor) -> int:
 def train(model, data: Data, optimizer, scheduler, cfg, device: str,
           on_step: Callable[[dict], None] = lambda rec: None, run_id: str = "") -> TrainOutcome:
     tc, max_norm = cfg.train, cfg.optim.max_grad_norm
+    if data.pack_tokens:  # a hub id's architecture is known only now
+        check_packing(getattr(model.config, "model_type", None))
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     batches = data.train_batches()
@@ -135,7 +138,9 @@ def train(model, data: Data, optimizer, scheduler, cfg, device: str,
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         return {"step": step, "loss": losses[-1], "lr": scheduler.get_last_lr()[0],
                 "tokens": batch["input_ids"].numel(),  # positions processed, padding included
-                "real_tokens": int(batch["attention_mask"].sum()),
+                # a packed row has no attention_mask (data.pack): every position is real
+                "real_tokens": int(batch["attention_mask"].sum()) if "attention_mask" in batch
+                else batch["input_ids"].numel(),
                 "target_tokens": _target_tokens(batch["labels"])}
 
     mem = MemoryWindow(device)
