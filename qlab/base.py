@@ -219,15 +219,21 @@ def packed_batches(docs: list[list[int]], seq_len: int, batch_size: int, seed: i
             del pending[:batch_size]
 
 
+def model_config(spec: dict, tokenizer=None):
+    """The base's LlamaConfig; without a tokenizer, no special-token ids (enough for the
+    analytic memory model, which must not train a base to learn its shape)."""
+    from transformers import LlamaConfig
+
+    ids = {} if tokenizer is None else dict(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return LlamaConfig(**{k: spec[k] for k in MODEL_KEYS}, **ids, tie_word_embeddings=False)
+
+
 def build_model(spec: dict, tokenizer, device: str):
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
-    config = LlamaConfig(
-        **{k: spec[k] for k in MODEL_KEYS},
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
-    )
+    config = model_config(spec, tokenizer)
     if len(tokenizer) != config.vocab_size:
         raise BaseError(f"tokenizer has {len(tokenizer)} tokens, the size asks for {config.vocab_size}")
     torch.manual_seed(spec["seed"])

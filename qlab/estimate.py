@@ -449,12 +449,10 @@ def estimate_for_config(cfg, device: str | None = None) -> Estimate:
 def run_model_config(model_cfg):
     """The transformers config of a run's `model` group: the preset's, or config.json of a local
     directory or hub id (config.json only, through the Hugging Face cache)."""
-    if getattr(model_cfg, "base", None):
-        from transformers import AutoConfig
-
+    if getattr(model_cfg, "base", None):  # the shape comes from the size's spec: nothing is trained
         from qlab import base
 
-        return AutoConfig.from_pretrained(base.ensure_base(model_cfg.base))
+        return base.model_config(base.spec_for(model_cfg.base))
     if not model_cfg.name_or_path:
         return preset_config(model_cfg.preset)
     from transformers import AutoConfig

@@ -42,8 +42,10 @@ def cap_device_memory(device: str, gib: float | None) -> None:
     an out-of-memory error (recorded as status oom). Managed memory is not capped."""
     if gib is None or not device.startswith("cuda"):
         return
-    total = torch.cuda.get_device_properties(torch.device(device)).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, gib * 2**30 / total), torch.device(device))
+    index = torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index  # "cuda" names no index: the current one
+    total = torch.cuda.get_device_properties(index).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, gib * 2**30 / total), index)
 
 
 def compute_dtype(quant_cfg, device: str) -> torch.dtype:

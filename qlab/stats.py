@@ -38,8 +38,8 @@ class Pair:
 # The paged optimizer and the standard one it pages (same state, same precision).
 PAGED_OF = {"paged_adamw_32bit": "adamw", "paged_adamw_8bit": "adamw_8bit"}
 PAIRS = (
-    Pair("NF4 vs FP4", "quant", "nf4", "fp4", ("dq", "optim", "adapter")),
-    Pair("DQ on vs off", "dq", "on", "off", ("quant", "optim", "adapter")),
+    Pair("NF4 vs FP4", "quant", "nf4", "fp4", ("dq", "optim", "adapter", "speed")),
+    Pair("DQ on vs off", "dq", "on", "off", ("quant", "optim", "adapter", "speed")),
     *(Pair(f"{paged} vs {std} (paged vs standard)", "optim", paged, std, ("quant_label", "adapter"))
       for paged, std in PAGED_OF.items()),
     Pair("all_linear vs qv", "adapter", "all_linear", "qv", ("quant_label", "optim")),

@@ -96,7 +96,8 @@ def test_committed_gpu_runs_are_predicted_exactly():
     from omegaconf import OmegaConf
 
     runs = [json.loads(p.read_text()) for p in sorted((ROOT / "results").glob("*/*/result.json"))]
-    runs = [r for r in runs if r["status"] == "ok" and r["config"]["model"].get("preset")]
+    runs = [r for r in runs if r["status"] == "ok" and r.get("kind", "train") == "train"
+            and r["config"]["model"].get("preset")]
     if not runs:
         pytest.skip("no committed preset runs under results/")
     keys = (*WEIGHT_KEYS, "weight_bytes_after_prepare", "trainable_params", "total_params")
@@ -219,3 +220,20 @@ def test_new_presets_validate_and_have_llama1_sizes(compose):
         validate(compose(f"model.preset={name}", f"model.name={name}"))
     params = {n: estimate.meta_model(estimate.model_config(n)).num_parameters() for n in ("llama-13b", "llama-33b")}
     assert round(params["llama-13b"] / 1e9, 1) == 13.0 and round(params["llama-33b"] / 1e9, 1) == 32.5
+
+
+def test_base_shape_comes_from_its_spec_without_training(compose, monkeypatch):
+    """The analytic model of a `model=base-<size>` run never builds (trains) the base: on a GPU
+    run the cached base is the cuda build, and a cpu-keyed lookup would train a second one."""
+    from qlab import base
+
+    def no_training(*a, **k):
+        raise AssertionError("the estimate must not build a base")
+
+    monkeypatch.setattr(base, "ensure_base", no_training)
+    e = estimate.estimate_for_config(compose("model=base-gpu"), "cuda")
+    spec = base.spec_for("gpu")
+    assert e.as_metrics()["total_params"] == 34_087_424 == (  # 34.1 M, as qlab/base.py's table says
+        2 * spec["vocab_size"] * spec["hidden_size"]
+        + spec["num_hidden_layers"] * (4 * spec["hidden_size"] ** 2 + 3 * spec["hidden_size"] * spec["intermediate_size"]
+                                       + 2 * spec["hidden_size"]) + spec["hidden_size"])

@@ -71,3 +71,21 @@ def test_preset_is_built_once_and_loaded_through_from_pretrained(compose, qlab_c
     # a user pointing name_or_path at the saved directory gets the same model
     same = load(compose, f"model.name_or_path={path}", "model.preset=null")
     assert same.weight_bytes == loaded.weight_bytes
+
+
+def test_memory_cap_names_the_device_index(monkeypatch):
+    """torch wants an index (or an indexed device) for the per-process fraction; plain "cuda"
+    means the current device. A 7.4 GiB cap on an 80 GiB card is a fraction of 7.4 / 80."""
+    calls = {}
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: type("P", (), {"total_memory": 80 * 2**30})())
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, i: calls.update(fraction=f, index=i))
+    models.cap_device_memory("cuda", 7.4)
+    assert calls == {"fraction": pytest.approx(7.4 / 80), "index": 1}
+    models.cap_device_memory("cuda:0", 100.0)
+    assert calls == {"fraction": 1.0, "index": 0}
+    calls.clear()
+    models.cap_device_memory("cpu", 7.4)
+    models.cap_device_memory("cuda", None)
+    assert calls == {}

@@ -166,7 +166,7 @@ def test_statistics_match_scipy(built):
     s = csv(root, "statistics.csv")
     row = s[(s.group == 1) & (s.comparison == "NF4 vs FP4") & (s.metric == "peak_gib")].iloc[0]
     a, b = NF4["peak"], FP4["peak"]
-    assert row.context == "dq=off, optim=paged_adamw_32bit, adapter=all_linear"
+    assert row.context == "dq=off, optim=paged_adamw_32bit, adapter=all_linear, speed=recipe"
     assert row.p_welch == pytest.approx(st.ttest_ind(a, b, equal_var=False).pvalue, rel=1e-5)
     assert row.welch_t == pytest.approx(st.ttest_ind(a, b, equal_var=False).statistic, rel=1e-5)
     assert row.p_mwu == pytest.approx(st.mannwhitneyu(a, b, alternative="two-sided").pvalue, rel=1e-5)
