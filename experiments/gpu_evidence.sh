@@ -35,12 +35,12 @@ measure)
   step memory-sweep 270 $PY -m qlab.run "${GPU7B[@]}" tracker.sweep=measure-$MODEL hydra.mode=MULTIRUN \
     quant=nf4,fp4,int8,bf16 quant.double_quant=false,true optim=paged_adamw_32bit adapter=all_linear \
     train.steps=10 train.warmup_steps=3 data.max_eval_samples=16 train.save_adapter=true
-  step spike 150 $PY -m qlab.run experiment=spike "${GPU7B[@]}" tracker.sweep=spike-$MODEL
   step kernels 120 $PY experiments/kernels.py
   step overhead 150 $PY experiments/overhead.py --rounds 5 --steps 6
+  step spike 150 $PY -m qlab.run experiment=spike "${GPU7B[@]}" tracker.sweep=spike-$MODEL
   adapter_run=$(ls -d results/measure-$MODEL/${MODEL}_nf4-dq_* 2>/dev/null | head -n 1)
   step generate 600 $PY -m qlab.generate_bench ${adapter_run:+--run "$adapter_run"} --model $MODEL \
-    --quants nf4+dq,nf4,fp4,fp4+dq,int8,bf16 --prompts 4 --repeats 2 --new-tokens 32 --sweep generate-$MODEL
+    --quants nf4+dq,nf4,fp4,fp4+dq,int8,bf16 --prompts 3 --repeats 2 --new-tokens 24 --sweep generate-$MODEL
   ;;
 quality)
   step base 420 $PY -m qlab.base --size gpu --quiet
