@@ -184,33 +184,16 @@ def _trainer_pipeline(cfg: DictConfig, raw, recorder, metrics: dict):
     """qlab.run's pipeline with transformers.Trainer as the training loop."""
     t_setup = time.perf_counter()
     import torch
-    from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+    from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from qlab import adapters, data, measure, models, optim, train
+    from qlab import measure, models, optim, train
     from qlab.data import IGNORE_INDEX
-    from qlab.run import _predicted_vs_measured
+    from qlab.run import _predicted_vs_measured, setup
 
-    set_seed(cfg.seed)
-    device = models.resolve_device(cfg.train.device)
-    models.cap_device_memory(device, cfg.train.max_device_memory_gib)
-    loaded = models.load(cfg.model, cfg.quant, device)
-    metrics.update(loaded.weight_bytes)
-    metrics["load_time_s"] = loaded.load_time_s
-    metrics["total_params"] = sum(
-        p.quant_state.shape.numel() if getattr(p, "quant_state", None) is not None else p.numel()
-        for p in loaded.model.parameters())
-    quantized = cfg.quant.type != "bf16"
-    # the QLoRA code: prepare_model_for_kbit_training (float32 up-cast, checkpointing on)
-    models.prepare_for_training(loaded.model, quantized, cfg.train.gradient_checkpointing, upcast=True)
-    prepared = models.weight_bytes(loaded.model)
-    metrics["weight_bytes_after_prepare"] = prepared["weight_bytes"]
-    set_seed(cfg.seed)  # as qlab.run: the adapters' initial weights do not depend on loading
-    model, targets = adapters.attach(loaded.model, cfg.adapter)  # float32 LoRA (peft's default)
-    metrics["compiled_layers"] = 0
-    metrics.update(adapters.count_params(model))
-    metrics["lora_target_modules"] = targets
-    batches = data.build(raw, cfg.data, loaded.tokenizer, cfg.train.batch_size, cfg.seed)
-    metrics.update({f"data_{k}": v for k, v in batches.stats.items()})
+    # as qlab.run, with the recipe's speed settings (the QLoRA code: prepare_model_for_kbit_training's
+    # float32 up-cast, checkpointing on, float32 LoRA, eager): the same model, adapters and batches
+    assert cfg.speed.upcast_non_quantized and cfg.speed.compile == "none", "the Trainer runs the recipe"
+    device, model, prepared, batches = setup(cfg, raw, metrics)
     tc = cfg.train
     it = batches.train_batches()
     feed = [next(it) for _ in range(tc.steps)]  # the batches qlab's loop takes, in its order

@@ -53,12 +53,14 @@ def run_one(cfg: DictConfig) -> dict:
     return recorder.finish(status, metrics, error)
 
 
-def _pipeline(cfg: DictConfig, raw, recorder, metrics: dict):
-    t_setup = time.perf_counter()
-    import torch
+def setup(cfg: DictConfig, raw, metrics: dict):
+    """Everything before the optimizer, shared by qlab's loop and the HF Trainer worker
+    (experiments/speed_bench.py): device, load + quantize, the k-bit preparation, adapters,
+    compiled layers, data. Records what it measures into `metrics`; returns
+    (device, peft model, weight bytes after preparation, batches)."""
     from transformers import set_seed
 
-    from qlab import adapters, data, measure, models, optim, speed, train
+    from qlab import adapters, data, models, speed
 
     set_seed(cfg.seed)
     device = models.resolve_device(cfg.train.device)
@@ -84,6 +86,16 @@ def _pipeline(cfg: DictConfig, raw, recorder, metrics: dict):
     metrics["lora_target_modules"] = targets
     batches = data.build(raw, cfg.data, loaded.tokenizer, cfg.train.batch_size, cfg.seed)
     metrics.update({f"data_{k}": v for k, v in batches.stats.items()})
+    return device, model, prepared, batches
+
+
+def _pipeline(cfg: DictConfig, raw, recorder, metrics: dict):
+    t_setup = time.perf_counter()
+    import torch
+
+    from qlab import measure, models, optim, train
+
+    device, model, prepared, batches = setup(cfg, raw, metrics)
     opt, sched = optim.build(cfg.optim, list(model.parameters()), device)
     metrics["optimizer_class"] = type(opt).__name__
     metrics["optimizer_state_location"] = optim.state_location(cfg.optim.name, device)

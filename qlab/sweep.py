@@ -231,12 +231,12 @@ def run_point(cfg: DictConfig) -> str:
         env = dict(os.environ)
         # how many runs shared this run's GPU: QLAB_RUNS_PER_GPU under the parallel local launcher
         # (joblib, one worker per slot), else 1 (the basic launcher runs one at a time, SLURM one
-        # per job); the child sees it too
+        # per job); the run process records it in its result's env
         shared = slot is not None and _parallel_launcher()
         concurrency = {"runs_per_gpu": runs_per_gpu() if shared else 1, "gpu_slots": gpu_slots() if shared else None}
         if slot is not None:
             env["CUDA_VISIBLE_DEVICES"] = str(slot)
-        env["QLAB_RUNS_PER_GPU"] = str(concurrency["runs_per_gpu"])
+        env[track.CONCURRENCY_ENV] = json.dumps(concurrency)  # the run records it (track.environment)
         proc = subprocess.run([sys.executable, "-m", "qlab.run", *_child_overrides()], stdout=out,
                               stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
     seconds = time.perf_counter() - t0
@@ -244,7 +244,6 @@ def run_point(cfg: DictConfig) -> str:
     if result is None:  # the child died without publishing (killed, crashed hard, bad data)
         result = track.record_lost_run(cfg, f"run process exited with code {proc.returncode} without a "
                                             f"result; its log: {logs / (rid + '.log')}")
-    result = _stamp_concurrency(cfg, started, concurrency) or result
     status, m = result["status"], result["metrics"]
     peak = m.get("nvml_peak_device_used_bytes") or m.get("peak_allocated_bytes") or m.get("rss_peak_bytes")
     log.info("[%d] end %s: %s, peak %s, %s tokens/s, %.0f s (process, imports and load included)", num,
@@ -263,24 +262,6 @@ def _parallel_launcher() -> bool:
         return "joblib" in str(HydraConfig.get().launcher.get("_target_", "")).lower()
     except ValueError:  # no Hydra config: called outside a multirun
         return False
-
-
-def _stamp_concurrency(cfg: DictConfig, since: float, concurrency: dict) -> dict | None:
-    """Add the launch's concurrency to the result the run just wrote, as env.runs_per_gpu and
-    env.gpu_slots, so throughput measured beside other runs on the same GPU is never read as a
-    solo run's. Only the sweep knows how runs were placed; it stamps the file once the run
-    process has ended (nothing else writes it then), atomically. A result without the field is a
-    run started outside a sweep: alone on its GPU."""
-    for directory in (track.run_dir(cfg), track.staging_dir(cfg)):  # where fresh_result looks
-        path = directory / track.RESULT
-        if path.exists() and path.stat().st_mtime >= since:
-            result = track.read_result(directory)
-            if result is None:
-                return None
-            result.setdefault("env", {}).update(concurrency)
-            track.atomic_write_json(path, result)
-            return result
-    return None
 
 
 def _done(outcome: str) -> str:

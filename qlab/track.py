@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 RESULT = "result.json"
 COMPLETE_STATUSES = ("ok", "oom")
 # Keys that do not change what a run measures: excluded from its id.
+CONCURRENCY_ENV = "QLAB_RUN_CONCURRENCY"  # {"runs_per_gpu": R, "gpu_slots": S}, set by qlab.sweep
 NON_IDENTITY_KEYS = ("tracker", "force", "experiment", "train.progress", "train.save_adapter")
 
 
@@ -144,6 +145,9 @@ def environment() -> dict:
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "sampler_interval_ms": sampler_interval_s() * 1000,  # the memory sampler's period (0: off)
+        # how many runs shared this run's GPU, set by the sweep that launched it (qlab.sweep);
+        # a run started on its own was alone: throughput of shared runs is not a solo figure
+        **json.loads(os.environ.get(CONCURRENCY_ENV) or '{"runs_per_gpu": 1, "gpu_slots": null}'),
     }
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
