@@ -2,14 +2,18 @@
 # The GPU evidence behind the committed results/, stage by stage; each stage resumes (complete
 # results are skipped), so a stage cut short by a time limit is finished by running it again.
 #   bash experiments/gpu_evidence.sh measure   # issue 4 (+ the spike claim, the generation bench)
-#   bash experiments/gpu_evidence.sh quality   # issue 6: reference base, PTQ, quality sweep
-#   bash experiments/gpu_evidence.sh speed     # issue 8: Trainer / recipe / fast / bf16 LoRA
+#   bash experiments/gpu_evidence.sh finish    # what measure's time limit cut: spike, generation
+#   bash experiments/gpu_evidence.sh base      # issue 6/8: reference base, PTQ, speed numerics
+#   bash experiments/gpu_evidence.sh quality   # issue 6: the 36-run quality sweep on the base
+#   bash experiments/gpu_evidence.sh speed-llama / speed-bloom   # issue 8, one 7B shape each
+# Sized for calls of under 10 minutes on one H100/H200 (estimates in each stage's comment);
+# the stages after `base` need the base in $QLAB_CACHE (43 s to rebuild on an H200).
 # Every command's output goes to results/logs/<stage>-<name>.log; a failing command is
 # reported and the stage goes on.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-STAGE=${1:?usage: gpu_evidence.sh measure|quality|speed}
+STAGE=${1:?usage: gpu_evidence.sh measure|finish|base|quality|speed-llama|speed-bloom}
 mkdir -p results/logs
 status=0
 
@@ -27,6 +31,16 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log, keep going on 
 MODEL=${MODEL:-llama-7b}  # MODEL=tiny-llama TRAIN=cpu: a dry run of the commands on a CPU
 GPU7B=(model=$MODEL train=${TRAIN:-gpu} data.pad_to=max_seq_len train.progress=false)
 
+generation() {  # every quantization setting with and without the nf4+DQ run's adapter (~20-40 s each)
+  local adapter_run
+  adapter_run=$(ls -d results/measure-$MODEL/${MODEL}_nf4-dq_* 2>/dev/null | head -n 1)
+  [ -d "$adapter_run/adapter" ] || step adapter-run 120 $PY -m qlab.run "${GPU7B[@]}" quant=nf4 quant.double_quant=true \
+    tracker.sweep=measure-$MODEL train.steps=10 train.warmup_steps=3 data.max_eval_samples=16 train.save_adapter=true
+  adapter_run=$(ls -dt results/measure-$MODEL/${MODEL}_nf4-dq_*/adapter 2>/dev/null | head -n 1)
+  step generate 480 $PY -m qlab.generate_bench ${adapter_run:+--run "$(dirname "$adapter_run")"} --model $MODEL \
+    --quants nf4+dq,nf4,fp4,fp4+dq,int8,bf16 --prompts 3 --repeats 2 --new-tokens 24 --sweep generate-$MODEL
+}
+
 case $STAGE in
 measure)
   step stability 60 $PY experiments/stability.py
@@ -38,14 +52,30 @@ measure)
   step kernels 120 $PY experiments/kernels.py
   step overhead 150 $PY experiments/overhead.py --rounds 5 --steps 6
   step spike 150 $PY -m qlab.run experiment=spike "${GPU7B[@]}" tracker.sweep=spike-$MODEL
-  adapter_run=$(ls -d results/measure-$MODEL/${MODEL}_nf4-dq_* 2>/dev/null | head -n 1)
-  step generate 600 $PY -m qlab.generate_bench ${adapter_run:+--run "$adapter_run"} --model $MODEL \
-    --quants nf4+dq,nf4,fp4,fp4+dq,int8,bf16 --prompts 3 --repeats 2 --new-tokens 24 --sweep generate-$MODEL
+  generation
   ;;
-quality)
+finish)  # ~7 min: preset build 40 s, spike 2 x 30 s, the 10 generation configurations left
+  step spike 150 $PY -m qlab.run experiment=spike "${GPU7B[@]}" tracker.sweep=spike-$MODEL
+  generation
+  ;;
+base)  # ~6 min: base 45 s (H200), PTQ of 7 types ~1-2 min, numerics 7 variants x 200 steps, 4 at a time
   step base 420 $PY -m qlab.base --size gpu --quiet
+  step ptq 240 $PY -m qlab.ptq --size gpu
+  step numerics 420 $PY experiments/numerics.py --model base-gpu --parallel 4
   ;;
-speed)
+quality)  # ~8 min: 36 runs x 300 steps (0.17 s/step alone) in waves of 9 (QLAB_RUNS_PER_GPU);
+  # resumable: a second call finishes what a time limit cut
+  QLAB_NUM_GPUS=1 QLAB_RUNS_PER_GPU=${RUNS_PER_GPU:-9} step quality-sweep 560 \
+    $PY -m qlab.run experiment=quality model=base-gpu train=gpu data.max_seq_len=512 train.progress=false \
+    hydra/launcher=local_gpus tracker.sweep=quality-base
+  step claims 120 $PY -m qlab.claims --no-run
+  ;;
+speed-llama)  # ~5 min: preset build 40 s, trainer / recipe / fast / bf16, 45-80 s each
+  step speed-llama 560 $PY experiments/speed_bench.py --models llama-7b
+  ;;
+speed-bloom)  # ~6 min: bloom-7b1's preset build ~60 s, then the same four modes
+  step speed-bloom 560 $PY experiments/speed_bench.py --models bloom-7b1
+  step speed-table 60 $PY experiments/speed_bench.py
   ;;
 *)
   echo "unknown stage $STAGE" >&2
