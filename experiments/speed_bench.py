@@ -11,7 +11,10 @@ layer, paged AdamW 32-bit, gradient checkpointing and seed:
   trainer    transformers.Trainer as the original QLoRA code runs it: nf4+DQ, peft's
              prepare_model_for_kbit_training (non-quantized weights up-cast to float32), float32
              LoRA, optim=paged_adamw_32bit, bf16=True (autocast), constant LR, max_grad_norm 0.3
-             (this file's --trainer-worker)
+             (this file's --trainer-worker). It follows the issue's "QLoRA recipe" (peft's
+             preparation, float32 adapters). The original qlora.py with --bf16 goes further and
+             casts the LoRA layers, embeddings and head to bfloat16 after that preparation: a
+             faster baseline than this one, with bf16 adapter weights (no float32 master copy)
   recipe     python -m qlab.run quant=nf4 quant.double_quant=true speed=recipe
   fast       python -m qlab.run quant=nf4 quant.double_quant=true speed=fast
   bf16       python -m qlab.run quant=bf16 speed=recipe: 16-bit LoRA, no quantization, eager
