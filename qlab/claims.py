@@ -30,6 +30,11 @@ Comparison kinds (a small lookup table, `KINDS`):
                every interval entirely below 0 -> reproduced; any entirely above 0 (an other type
                significantly lower) -> not reproduced; otherwise the difference is within noise ->
                inconclusive. `measured`: the relative perplexity change vs the closest other type
+  interleaved_equivalent  tokens/s of method `a` vs method `b` of experiments/overhead.py
+               (results/overhead/<overhead>.json): one model, one process, the methods run in
+               interleaved rounds, so round i of `a` and of `b` saw the same card state and are
+               paired: the 95% t-interval of the mean per-round ratio a/b - 1 inside +-margin ->
+               reproduced, entirely outside -> not reproduced, else inconclusive
 Runs come from `results/<sweep>/`: `make claims` first runs the sweeps that have no results
 (`experiment` plus `overrides`, a Hydra multirun), and the PTQ measurements that have no
 ptq.json (`python -m qlab.ptq --size <ptq>`), unless --no-run; GPU-sized ones (`train=gpu`
@@ -276,9 +281,41 @@ def k_ptq_lower(claim: dict, ptq: dict | None) -> Verdict:
                    f"perplexity {ppl} ({diffs})", n)
 
 
+def k_interleaved_equivalent(claim: dict, record: dict | None) -> Verdict:
+    if record is None:
+        return Verdict(INCONCLUSIVE, reason=f"not run yet: results/overhead/{claim['overhead']}.json does not "
+                                            "exist (python experiments/overhead.py on a GPU)")
+    methods = record["methods"]
+    if claim["a"] not in methods or claim["b"] not in methods:
+        return Verdict(INCONCLUSIVE, reason=f"{claim['overhead']}.json has no {claim['a']} / {claim['b']} method")
+    a, b = (np.asarray(methods[m]["tokens_per_s_rounds"], dtype=float) for m in (claim["a"], claim["b"]))
+    rel = a / b - 1  # round i of each method ran back to back: a paired comparison
+    n, margin, m = f"{len(rel)} paired rounds", claim["margin"], float(rel.mean())
+    if len(rel) < 2:
+        return Verdict(INCONCLUSIVE, m, reason="fewer than 2 rounds: no interval", n=n)
+    lo, hi = (st.t.interval(0.95, len(rel) - 1, loc=m, scale=rel.std(ddof=1) / len(rel) ** 0.5)
+              if rel.std() > 0 else (m, m))
+    ci = (100 * float(lo), 100 * float(hi))
+    setup = record.get("setup", {})
+    what = (f"{claim['a']} vs {claim['b']} tok/s on {setup.get('model')} ({record.get('env', {}).get('gpu')}), "
+            f"per-round ratio - 1 {100 * m:+.1f}% [{ci[0]:+.1f}, {ci[1]:+.1f}]")
+    if -margin <= lo and hi <= margin:
+        return Verdict(REPRODUCED, 100 * m, ci, f"{what}: inside +-{100 * margin:g}%", n)
+    if lo > margin or hi < -margin:
+        return Verdict(NOT_REPRODUCED, 100 * m, ci, f"{what}: entirely outside +-{100 * margin:g}%", n)
+    return Verdict(INCONCLUSIVE, 100 * m, ci, f"{what}: straddles +-{100 * margin:g}%", n)
+
+
+def load_overhead(results: Path, stem: str) -> dict | None:
+    import json
+
+    path = results / "overhead" / f"{stem}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 KINDS = {"value": k_value, "difference": k_difference, "lower": k_lower, "equivalent": k_equivalent,
          "survives": k_survives, "estimate": k_estimate, "kernel_order": k_kernel_order,
-         "ptq_error": k_ptq_error, "ptq_lower": k_ptq_lower}
+         "ptq_error": k_ptq_error, "ptq_lower": k_ptq_lower, "interleaved_equivalent": k_interleaved_equivalent}
 NEEDS_RUNS = ("value", "difference", "lower", "equivalent", "survives")
 NEEDS_PTQ = ("ptq_error", "ptq_lower")  # evidence: results/ptq-base-<claim['ptq']>/ptq.json
 
@@ -352,6 +389,8 @@ def evaluate(claims: list[dict], results: Path) -> list[dict]:
         runs = pd.DataFrame(columns=["status"])
         if c["kind"] in NEEDS_PTQ:
             runs = ptq.load(results, c["ptq"]) if results is not None else None  # a dict, or None
+        elif c["kind"] == "interleaved_equivalent":
+            runs = load_overhead(results, c["overhead"]) if results is not None else None
         elif c["kind"] in NEEDS_RUNS:
             sweep = c["sweep"]
             if sweep not in cache:
@@ -363,7 +402,8 @@ def evaluate(claims: list[dict], results: Path) -> list[dict]:
                      "paper": c.get("paper", c.get("paper_value")), "unit": c.get("unit", ""),
                      "measured": v.measured, "ci95": list(v.ci) if v.ci else None, "verdict": v.verdict,
                      "reason": v.reason, "n": v.n,
-                     "evidence": c.get("sweep") or (f"ptq-base-{c['ptq']}" if c["kind"] in NEEDS_PTQ else c["kind"])})
+                     "evidence": c.get("sweep") or (f"ptq-base-{c['ptq']}" if c["kind"] in NEEDS_PTQ else
+                                                    f"overhead/{c['overhead']}" if c.get("overhead") else c["kind"])})
     return rows
 
 
