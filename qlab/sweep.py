@@ -216,10 +216,12 @@ def run_point(cfg: DictConfig) -> str:
         _record(cfg, f"invalid:{','.join(sorted(overrides))}", outcome="failed", overrides=overrides, reason=str(e))
         return _done("failed")
     rid, final = track.run_id(cfg), track.run_dir(cfg)
-    if track.is_complete(final) and not cfg.force:
-        status = track.read_result(final)["status"]
-        log.info("[%d] skip %s: complete (%s)", num, _describe(cfg), status)
-        _record(cfg, rid, outcome="skipped", status=status, overrides=overrides, result=str(final / track.RESULT))
+    done = None if cfg.force else track.complete_result(cfg)
+    if done is not None:  # this run's directory, or an equivalent one made before a key was added
+        status = track.read_result(done)["status"]
+        log.info("[%d] skip %s: complete (%s)%s", num, _describe(cfg), status,
+                 "" if done == final else f" as {done.name}")
+        _record(cfg, rid, outcome="skipped", status=status, overrides=overrides, result=str(done / track.RESULT))
         return _done("skipped")
 
     log.info("[%d] start %s", num, _describe(cfg))

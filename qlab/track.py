@@ -36,16 +36,49 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+# Keys the schema gained after results were committed, each with the value that reproduces how
+# runs behaved before the key existed. A run's id hashes its whole config, so a new key changes
+# every id; `equivalent_result` compares configs with these keys at their neutral value left
+# out, so growing the schema never orphans earlier results: a resumed sweep still finds them
+# complete. Add every new key here with its neutral value; never change an entry.
+ADDED_KEYS = {
+    "model.base": None,
+    "train.max_device_memory_gib": None,
+    "speed.upcast_non_quantized": True, "speed.adapter_autocast": False, "speed.compile": "none",
+    "speed.compile_backend": "inductor", "speed.loss": "full", "speed.loss_chunk_tokens": 1024,
+    "data.pack": False, "data.pack_tokens": None,
+}
+
+
+def _drop(ident: dict, key: str, only_if=...) -> None:
+    """Remove dotted `key` from the nested dict (if its value is `only_if`, when given), then
+    any group that removal left empty."""
+    *parents, leaf = key.split(".")
+    nodes = [ident]
+    for p in parents:
+        nodes.append(nodes[-1].get(p) if isinstance(nodes[-1].get(p), dict) else {})
+    if leaf in nodes[-1] and (only_if is ... or nodes[-1][leaf] == only_if):
+        nodes[-1].pop(leaf)
+    for parent, name, node in zip(reversed(nodes[:-1]), reversed(parents), reversed(nodes[1:])):
+        if node == {} and name in parent:
+            parent.pop(name)
+
+
+def identity(config: dict, neutral: bool = False) -> dict:
+    """What defines a run: its config without the tracker settings (NON_IDENTITY_KEYS) and,
+    with `neutral`, without the ADDED_KEYS that hold their neutral value."""
+    ident = json.loads(json.dumps(config))  # a deep copy
+    for key in NON_IDENTITY_KEYS:
+        _drop(ident, key)
+    for key, value in (ADDED_KEYS.items() if neutral else ()):
+        _drop(ident, key, value)
+    return ident
+
+
 def run_id(cfg: DictConfig) -> str:
     """Readable axes plus a hash of everything that defines the run (tracker settings aside),
     so the same configuration always lands in the same directory and a sweep can resume."""
-    ident = OmegaConf.to_container(cfg, resolve=True)
-    for key in NON_IDENTITY_KEYS:
-        *parents, leaf = key.split(".")
-        node = ident
-        for p in parents:
-            node = node.get(p, {})
-        node.pop(leaf, None)
+    ident = identity(OmegaConf.to_container(cfg, resolve=True))
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:8]
     q = cfg.quant.type + ("-dq" if cfg.quant.double_quant else "")
     return f"{cfg.model.name}_{q}_{cfg.optim.name}_{cfg.adapter.targets}_s{cfg.seed}_{digest}"
@@ -79,6 +112,22 @@ def read_result(directory: Path) -> dict | None:
 def is_complete(directory: Path) -> bool:
     r = read_result(directory)
     return r is not None and r.get("status") in COMPLETE_STATUSES
+
+
+def complete_result(cfg: DictConfig) -> Path | None:
+    """The directory of a complete result for this configuration: its own run directory, else
+    an earlier one in the same sweep whose config is the same once keys the schema gained later
+    are left out at their neutral value (ADDED_KEYS), e.g. a run made before `data.pack` existed."""
+    final = run_dir(cfg)
+    if is_complete(final):
+        return final
+    wanted = identity(OmegaConf.to_container(cfg, resolve=True), neutral=True)
+    for path in sorted(final.parent.glob(f"*/{RESULT}")):
+        r = read_result(path.parent)
+        if (r is not None and r.get("status") in COMPLETE_STATUSES and r.get("kind", "train") == "train"
+                and identity(r.get("config", {}), neutral=True) == wanted):
+            return path.parent
+    return None
 
 
 def atomic_write_json(path: Path, obj) -> None:

@@ -219,3 +219,24 @@ def test_sweep_through_a_real_slurm(tmp_path):
     assert sorted(r["axes"]["quant"] for r in done.values()) == ["fp4", "nf4"]
     assert all(r["status"] == "ok" and r["env"]["slurm_job_id"] for r in done.values())
     assert len({r["env"]["slurm_job_id"] for r in done.values()}) == 2  # one SLURM job per point
+
+
+def test_a_result_made_before_a_key_existed_still_counts_as_complete(compose):
+    """Growing the schema changes every run id (the id hashes the whole config); a run made
+    before `data.pack` existed is still this configuration while pack is off, and is found."""
+    from omegaconf import OmegaConf
+
+    from qlab import track
+
+    cfg = compose("tracker.sweep=old")
+    old = OmegaConf.to_container(cfg, resolve=True)
+    del old["data"]["pack"], old["data"]["pack_tokens"], old["speed"]  # the config as it was then
+    old_dir = track.run_dir(cfg).parent / "tiny-llama_nf4_paged_adamw_32bit_all_linear_s0_0ld1d000"
+    old_dir.mkdir(parents=True)
+    result = {"run_id": old_dir.name, "status": "ok", "config": old}
+    (old_dir / track.RESULT).write_text(json.dumps(result))
+    assert track.run_dir(cfg).name != old_dir.name and track.complete_result(cfg) == old_dir
+    assert track.complete_result(compose("tracker.sweep=old", "data.pack=true")) is None  # pack on: another run
+    assert track.complete_result(compose("tracker.sweep=old", "speed=fast")) is None
+    (old_dir / track.RESULT).write_text(json.dumps({**result, "status": "failed"}))
+    assert track.complete_result(cfg) is None  # only complete results count
