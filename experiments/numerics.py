@@ -47,7 +47,7 @@ assert_size_stride check), and speed=fast runs there with speed.compile=none. On
 compute dtype is float32, so upcast and autocast are no-ops there: the CPU check tests the
 plumbing, the GPU (bf16) run tests the numerics.
 
-Writes <results>/numerics-<model>/numerics.json and numerics.md (hardware and versions as the
+Writes <results>/numerics-<model>/ (or --sweep) numerics.json and numerics.md (hardware and versions as the
 reference run recorded them, qlab.track.environment()); exits 1 if any verdict fails.
 """
 
@@ -170,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--window", type=int, default=WINDOW, help="moving-average window in steps")
     ap.add_argument("--only", default=None, help="comma-separated variant names (the reference always runs)")
+    ap.add_argument("--sweep", default=None, help="results/<sweep>/ (default numerics-<model>)")
     ap.add_argument("overrides", nargs="*", help="more Hydra overrides for every run, e.g. quant=fp4")
     args = ap.parse_args(argv)
 
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     cpu = device == "cpu"
     model = args.model or ("tiny-llama" if args.quick or cpu else "base-gpu")
     steps = args.steps or (20 if args.quick else 200)
-    sweep = f"numerics-{model}" + ("-quick" if args.quick else "")
+    sweep = args.sweep or f"numerics-{model}" + ("-quick" if args.quick else "")
     common = [f"model={model}", f"train.steps={steps}", f"train.warmup_steps={min(3, steps - 1)}",
               f"train.device={device}", f"train.batch_size={args.batch_size}", "adapter.dropout=0",
               "data.pad_to=max_seq_len", "train.save_adapter=false", "train.progress=false",
@@ -260,6 +261,7 @@ def markdown(r: dict) -> str:
              f"CUDA {env.get('cuda')}, driver {env.get('driver')}.", "",
              f"Tolerance: {r['tolerance']['rule']}; abs = {ABS_TOL} nats, rel = {REL_TOL:.0%}, "
              f"moving average over {r['window']} steps.", "",
+             "Every run: `" + " ".join(r["reference"]["overrides"]) + "`", "",
              f"Reference (speed=recipe, padded): eval_loss {_f(r['reference']['eval_loss'], '.4f')}, "
              f"last {r['window']}-step mean loss {_f(r['reference']['final_window_loss'], '.4f')}.", "",
              "| variant | status | judged on | max abs dMA | mean abs dMA | final dMA | worst d/tol "
