@@ -31,13 +31,16 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log, keep going on 
 MODEL=${MODEL:-llama-7b}  # MODEL=tiny-llama TRAIN=cpu: a dry run of the commands on a CPU
 GPU7B=(model=$MODEL train=${TRAIN:-gpu} data.pad_to=max_seq_len train.progress=false)
 
-generation() {  # every quantization setting with and without the nf4+DQ run's adapter (~20-40 s each)
-  local adapter_run
-  adapter_run=$(ls -d results/measure-$MODEL/${MODEL}_nf4-dq_* 2>/dev/null | head -n 1)
-  [ -d "$adapter_run/adapter" ] || step adapter-run 120 $PY -m qlab.run "${GPU7B[@]}" quant=nf4 quant.double_quant=true \
-    tracker.sweep=measure-$MODEL train.steps=10 train.warmup_steps=3 data.max_eval_samples=16 train.save_adapter=true
-  adapter_run=$(ls -dt results/measure-$MODEL/${MODEL}_nf4-dq_*/adapter 2>/dev/null | head -n 1)
-  step generate 480 $PY -m qlab.generate_bench ${adapter_run:+--run "$(dirname "$adapter_run")"} --model $MODEL \
+generation() {  # every quantization setting with and without an r=64 nf4+DQ adapter (~20-40 s each)
+  # the adapter: trained here when no run of this machine kept one (adapters are not committed)
+  local adapter
+  adapter=$(ls -dt results/adapter-$MODEL/${MODEL}_nf4-dq_*/adapter 2>/dev/null | head -n 1)
+  if [ -z "$adapter" ]; then
+    step adapter-run 120 $PY -m qlab.run "${GPU7B[@]}" quant=nf4 quant.double_quant=true tracker.sweep=adapter-$MODEL \
+      train.steps=10 train.warmup_steps=3 data.max_eval_samples=16 train.save_adapter=true
+    adapter=$(ls -dt results/adapter-$MODEL/${MODEL}_nf4-dq_*/adapter 2>/dev/null | head -n 1)
+  fi
+  step generate 480 $PY -m qlab.generate_bench ${adapter:+--run "$(dirname "$adapter")"} --model $MODEL \
     --quants nf4+dq,nf4,fp4,fp4+dq,int8,bf16 --prompts 3 --repeats 2 --new-tokens 24 --sweep generate-$MODEL
 }
 
@@ -45,10 +48,10 @@ case $STAGE in
 measure)
   step stability 60 $PY experiments/stability.py
   # nf4+DQ / nf4 / fp4 / int8 / bf16 on the 7B shape: the memory accounting, predicted vs
-  # measured and the DQ saving (the nf4+DQ run keeps its adapter for the generation bench)
+  # measured and the DQ saving
   step memory-sweep 270 $PY -m qlab.run "${GPU7B[@]}" tracker.sweep=measure-$MODEL hydra.mode=MULTIRUN \
     quant=nf4,fp4,int8,bf16 quant.double_quant=false,true optim=paged_adamw_32bit adapter=all_linear \
-    train.steps=10 train.warmup_steps=3 data.max_eval_samples=16 train.save_adapter=true
+    train.steps=10 train.warmup_steps=3 data.max_eval_samples=16 train.save_adapter=false
   step kernels 120 $PY experiments/kernels.py
   step overhead 150 $PY experiments/overhead.py --rounds 5 --steps 6
   step spike 150 $PY -m qlab.run experiment=spike "${GPU7B[@]}" tracker.sweep=spike-$MODEL
