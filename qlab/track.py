@@ -27,8 +27,8 @@ from omegaconf import DictConfig, OmegaConf
 
 RESULT = "result.json"
 COMPLETE_STATUSES = ("ok", "oom")
-# Keys that do not change what a run measures: excluded from its id.
 CONCURRENCY_ENV = "QLAB_RUN_CONCURRENCY"  # {"runs_per_gpu": R, "gpu_slots": S}, set by qlab.sweep
+# Keys that do not change what a run measures: excluded from its id.
 NON_IDENTITY_KEYS = ("tracker", "force", "experiment", "train.progress", "train.save_adapter")
 
 
@@ -38,7 +38,7 @@ def now() -> str:
 
 # Keys the schema gained after results were committed, each with the value that reproduces how
 # runs behaved before the key existed. A run's id hashes its whole config, so a new key changes
-# every id; `equivalent_result` compares configs with these keys at their neutral value left
+# every id; `complete_result` compares configs with these keys at their neutral value left
 # out, so growing the schema never orphans earlier results: a resumed sweep still finds them
 # complete. Add every new key here with its neutral value; never change an entry.
 ADDED_KEYS = {
