@@ -137,7 +137,6 @@ def rank(column: str, value) -> tuple:
     return (order.index(value), "") if value in order else (len(order), str(value))
 
 
-
 def quant_label(quant: str, double_quant: bool, speed: str | None = None) -> str:
     """nf4+DQ; with a speed path other than the recipe, named after it: nf4+DQ · fast."""
     label = f"{quant}+DQ" if double_quant else quant
