@@ -190,7 +190,6 @@ def _trainer_pipeline(cfg: DictConfig, raw, recorder, metrics: dict):
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from qlab import measure, models, optim, train
-    from qlab.data import IGNORE_INDEX
     from qlab.run import _predicted_vs_measured, setup
 
     # as qlab.run, with the recipe's speed settings (the QLoRA code: prepare_model_for_kbit_training's
@@ -257,9 +256,7 @@ def _trainer_pipeline(cfg: DictConfig, raw, recorder, metrics: dict):
             step = state.global_step - 1
             self.losses.append(float(logs["loss"]))
             b = feed[step]
-            rec = {"step": step, "loss": self.losses[-1], "lr": logs.get("learning_rate"),
-                   "tokens": b["input_ids"].numel(), "real_tokens": int(b["attention_mask"].sum()),
-                   "target_tokens": int((b["labels"][:, 1:] != IGNORE_INDEX).sum())}
+            rec = {"step": step, "loss": self.losses[-1], "lr": logs.get("learning_rate"), **train.batch_tokens(b)}
             if step >= tc.warmup_steps and len(self.clock.times) == step - tc.warmup_steps + 1:
                 rec["step_time_s"] = self.clock.times[-1]
             recorder.log_step(rec)
@@ -302,14 +299,11 @@ def _trainer_pipeline(cfg: DictConfig, raw, recorder, metrics: dict):
     metrics.update(clock.window.peaks)  # empty when no measured step began
     times = clock.clock.times
     measured = feed[tc.warmup_steps: tc.warmup_steps + len(times)]
-    metrics.update(train.throughput(times, [b["input_ids"].numel() for b in measured],
-                                    [int(b["attention_mask"].sum()) for b in measured],
-                                    [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in measured]))
+    counts = [train.batch_tokens(b) for b in measured]
+    metrics.update(train.throughput(times, *([c[k] for c in counts]
+                                             for k in ("tokens", "real_tokens", "target_tokens"))))
     metrics["steps_completed"] = clock.done
-    if clock.losses:
-        metrics["train_loss_first"], metrics["train_loss_final"] = clock.losses[0], clock.losses[-1]
-        tail = clock.losses[-max(1, len(clock.losses) // 10):]
-        metrics["train_loss_tail_mean"] = sum(tail) / len(tail)
+    metrics.update(train.loss_summary(clock.losses))
     opt = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps it
     if opt is not None:
         metrics["optimizer_class"] = type(opt).__name__

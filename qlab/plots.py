@@ -70,6 +70,17 @@ def _quant_legend(arms: pd.DataFrame, dq: bool = True) -> list:
     return handles
 
 
+def _ci_err(mean: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """errorbar's xerr from a 95% interval: distances below and above the mean (0 where unknown)."""
+    return np.nan_to_num(np.abs(np.vstack([mean - lo, hi - mean])))
+
+
+def _mean_err(arms: pd.DataFrame, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """An arms column `metric` and its xerr from `<metric>_ci95_low` / `_high`."""
+    mean = arms[metric].to_numpy(float)
+    return mean, _ci_err(mean, arms[f"{metric}_ci95_low"].to_numpy(float), arms[f"{metric}_ci95_high"].to_numpy(float))
+
+
 def _barh_frame(n: int, width: float = 7.5):
     fig, ax = plt.subplots(figsize=(width, 0.8 + 0.3 * n))
     ax.invert_yaxis()
@@ -122,11 +133,10 @@ def memory_breakdown(runs: pd.DataFrame, arms: pd.DataFrame, varying: list[str],
 def throughput(arms: pd.DataFrame, varying: list[str], stem: Path) -> str:
     fig, ax = _barh_frame(len(arms))
     y = np.arange(len(arms))
-    mean = arms.tok_s.to_numpy(float)
-    err = np.vstack([mean - arms.tok_s_ci95_low.to_numpy(float), arms.tok_s_ci95_high.to_numpy(float) - mean])
+    mean, err = _mean_err(arms, "tok_s")
     ax.barh(y, np.nan_to_num(mean), color=[color(q) for q in arms.quant],
             hatch=[DQ_HATCH if d == "on" else None for d in arms.dq], edgecolor="white", linewidth=0.4)
-    ax.errorbar(mean, y, xerr=np.nan_to_num(np.abs(err)), fmt="none", ecolor="black", capsize=2, lw=0.8)
+    ax.errorbar(mean, y, xerr=err, fmt="none", ecolor="black", capsize=2, lw=0.8)
     ax.set_yticks(y, [label(r, varying) for _, r in arms.iterrows()])
     ax.set_xlabel("throughput (tok/s, padded tokens, warm-up excluded)")
     ax.set_title("Training throughput per configuration (95% CI)")
@@ -140,10 +150,9 @@ def throughput(arms: pd.DataFrame, varying: list[str], stem: Path) -> str:
 def eval_loss(arms: pd.DataFrame, varying: list[str], stem: Path) -> str:
     fig, ax = _barh_frame(len(arms))
     y = np.arange(len(arms))
-    mean = arms.eval_loss.to_numpy(float)
-    err = np.vstack([mean - arms.eval_loss_ci95_low.to_numpy(float), arms.eval_loss_ci95_high.to_numpy(float) - mean])
+    mean, err = _mean_err(arms, "eval_loss")
     for i, r in arms.iterrows():
-        ax.errorbar(mean[i], y[i], xerr=np.nan_to_num(np.abs(err[:, i:i + 1])), fmt="o", color=color(r.quant),
+        ax.errorbar(mean[i], y[i], xerr=err[:, i:i + 1], fmt="o", color=color(r.quant),
                     mfc="white" if r.dq == "on" else color(r.quant), capsize=2, ms=6)
     ax.set_yticks(y, [label(r, varying) for _, r in arms.iterrows()])
     ax.set_xlabel("eval loss (cross-entropy on target tokens, nats/token)")
@@ -256,6 +265,9 @@ def generation(table: pd.DataFrame, batch_sizes: list[int], stem: Path) -> str:
     """Left: time to first token at batch 1; right: decode tokens/s per batch size; one bar per
     quantization setting x adapter, coloured by quantization type, hatched for DQ."""
     rows = table.reset_index(drop=True)
+    # the quantization type and DQ of each row, as the training plots have them in columns
+    kinds = pd.DataFrame({"quant": rows.quant_label.str.split("+").str[0],
+                          "dq": np.where(rows.quant_label.str.contains(r"\+DQ"), "on", "off")})
     names = [f"{r.quant_label}  {r.adapter}" for _, r in rows.iterrows()]
     y = np.arange(len(rows))
     panels = [("ttft_ms", "time to first token, batch 1 (ms)")] + [
@@ -267,20 +279,15 @@ def generation(table: pd.DataFrame, batch_sizes: list[int], stem: Path) -> str:
         mean = rows[col].to_numpy(float)
         lo = rows.get(f"{col}_ci95_low", pd.Series(np.nan, index=rows.index)).to_numpy(float)
         hi = rows.get(f"{col}_ci95_high", pd.Series(np.nan, index=rows.index)).to_numpy(float)
-        err = np.nan_to_num(np.abs(np.vstack([mean - lo, hi - mean])))
-        ax.barh(y, np.nan_to_num(mean), color=[color(q) for q in rows.quant_label.str.split("+").str[0]],
-                hatch=[DQ_HATCH if "+DQ" in q else None for q in rows.quant_label], edgecolor="white", linewidth=0.4)
-        ax.errorbar(np.nan_to_num(mean), y, xerr=err, fmt="none", ecolor="black", capsize=2, lw=0.8)
+        ax.barh(y, np.nan_to_num(mean), color=[color(q) for q in kinds.quant],
+                hatch=[DQ_HATCH if d == "on" else None for d in kinds.dq], edgecolor="white", linewidth=0.4)
+        ax.errorbar(np.nan_to_num(mean), y, xerr=_ci_err(mean, lo, hi), fmt="none", ecolor="black", capsize=2, lw=0.8)
         ax.set_title(title)
     axes.flat[0].set_yticks(y, names)
     axes.flat[0].invert_yaxis()
-    for tick, q in zip(axes.flat[0].get_yticklabels(), rows.quant_label.str.split("+").str[0]):
+    for tick, q in zip(axes.flat[0].get_yticklabels(), kinds.quant):
         tick.set_color(color(q))
-    present = sorted(set(rows.quant_label.str.split("+").str[0]), key=lambda q: rank("quant", q))
-    handles = [Patch(facecolor=color(q), label=q) for q in present]
-    if rows.quant_label.str.contains(r"\+DQ").any():
-        handles.append(Patch(facecolor="white", edgecolor="black", hatch=DQ_HATCH, label="+DQ (double quant)"))
-    axes.flat[-1].legend(handles=handles, **OUTSIDE)
+    axes.flat[-1].legend(handles=_quant_legend(kinds), **OUTSIDE)
     fig.suptitle("Generation per quantization type (greedy; error bars: 95% CI)")
     fig.tight_layout()
     save(fig, stem)

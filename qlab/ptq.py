@@ -137,7 +137,8 @@ def measure_type(label: str, size: str, device: str, texts: list[str], seq_len: 
     ev = base.heldout_eval(loaded.model, loaded.tokenizer, texts, seq_len, max_tokens, per_window=True)
     eval_s = time.perf_counter() - t0
     out = {"quant": qtype, "double_quant": dq,
-           "compute_dtype": str(models.compute_dtype(quant, device)).removeprefix("torch."), "loss": ev["loss"], "perplexity": ev["perplexity"], "tokens": ev["tokens"],
+           "compute_dtype": str(models.compute_dtype(quant, device)).removeprefix("torch."),
+           "loss": ev["loss"], "perplexity": ev["perplexity"], "tokens": ev["tokens"],
            "load_time_s": loaded.load_time_s, "eval_s": eval_s, **wb,
            "window_nll": ev["window_nll"], "window_tokens": ev["window_tokens"]}
     del loaded

@@ -208,15 +208,12 @@ def generation_report(g: pd.DataFrame, out: Path, baselines: dict) -> dict:
 def generation_setup_lines(g: pd.DataFrame) -> list[str]:
     r = g.iloc[0]
     rest = json.loads(r.config_rest)
-    env = lambda k: _distinct(g[f"env_{k}"].dropna()) or "n/a"  # noqa: E731
     sizes = rest.get("bench.batch_sizes")
+    threads = (f"; torch threads {_distinct(g.torch_num_threads.dropna().astype(int))} (OMP_NUM_THREADS; on a "
+               "shared CPU, more threads than free cores slow generation many times over)"
+               if "torch_num_threads" in g and g.torch_num_threads.notna().any() else "")
     lines = [
-        (f"- **Hardware**: GPU {env('gpu')} (x{env('gpu_count')}), driver {env('driver')}; CPU {env('cpu')}"
-         if g.env_gpu.notna().any() else f"- **Hardware**: CPU runs (no GPU); CPU {env('cpu')}"
-         + (f"; torch threads {_distinct(g.torch_num_threads.dropna().astype(int))} (OMP_NUM_THREADS; on a shared "
-            "CPU, more threads than free cores slow generation many times over)"
-            if "torch_num_threads" in g and g.torch_num_threads.notna().any() else "")),
-        "- **Versions**: " + "; ".join(f"{k} {env(k)}" for k in frame.VERSIONS),
+        *_machine_lines(g, cpu_extra=threads),
         f"- **Model** {r.model}; **bench**: {rest.get('bench.prompts')} prompts ({rest.get('bench.prompt_source')}) "
         f"x {rest.get('bench.repeats')} repeats, {rest.get('bench.decoding')} decoding of exactly "
         f"{rest.get('bench.new_tokens')} new tokens per sequence, batch sizes "
@@ -231,6 +228,14 @@ def generation_setup_lines(g: pd.DataFrame) -> list[str]:
     return lines
 
 
+def _machine_lines(g: pd.DataFrame, cpu_extra: str = "") -> list[str]:
+    """The page's Hardware and Versions lines of one group (`cpu_extra` follows a CPU-only line)."""
+    env = lambda k: _distinct(g[f"env_{k}"].dropna()) or "n/a"  # noqa: E731
+    hardware = (f"- **Hardware**: GPU {env('gpu')} (x{env('gpu_count')}), driver {env('driver')}; CPU {env('cpu')}"
+                if g.env_gpu.notna().any() else f"- **Hardware**: CPU runs (no GPU); CPU {env('cpu')}{cpu_extra}")
+    return [hardware, "- **Versions**: " + "; ".join(f"{k} {env(k)}" for k in frame.VERSIONS)]
+
+
 def _distinct(values) -> str:
     counts = pd.Series([str(v) for v in values]).value_counts()
     return ", ".join(f"{v} ({n} runs)" if len(counts) > 1 else v for v, n in sorted(counts.items()))
@@ -239,12 +244,9 @@ def _distinct(values) -> str:
 def setup_lines(g: pd.DataFrame, root: Path) -> list[str]:
     r = g.iloc[0]
     rest = json.loads(r.config_rest)
-    env = lambda k: _distinct(g[f"env_{k}"].dropna()) or "n/a"  # noqa: E731
     tokens = r.batch_size * r.max_seq_len if r.pad_to == "max_seq_len" else None
     lines = [
-        (f"- **Hardware**: GPU {env('gpu')} (x{env('gpu_count')}), driver {env('driver')}; CPU {env('cpu')}"
-         if g.env_gpu.notna().any() else f"- **Hardware**: CPU runs (no GPU); CPU {env('cpu')}"),
-        "- **Versions**: " + "; ".join(f"{k} {env(k)}" for k in frame.VERSIONS),
+        *_machine_lines(g),
         f"- **Model** {r.model}; **data** {r.data}, max_seq_len {r.max_seq_len}, pad_to {r.pad_to}; "
         f"**batch** {r.batch_size}" + (f" ({r.batch_size} seq x {r.max_seq_len} tok = {tokens:,} tok/step)"
                                          if tokens else "") + f"; **steps** {r.steps}",
@@ -315,7 +317,7 @@ def write_page(runs: pd.DataFrame, root: Path, out: Path, page: Path, sections: 
         if made.get("grid"):
             lines += ["", f"{h} Full grid", "", "Every configuration: " + " · ".join(
                 f"[{ext}]({rel(p, page)})" for ext, p in made["grid"].items())]
-        plot_dir = out / (f"group-{group}" if len(labels) > 1 else "") / "plots"
+        plot_dir = made["plot_dir"]
         lines += ["", f"{h} Plots"]
         for name, caption in made["plots"].items():
             png, svg = plot_dir / f"{name}.png", plot_dir / f"{name}.svg"

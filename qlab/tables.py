@@ -65,22 +65,28 @@ def _status_summary(statuses: pd.Series) -> str:
     return ", ".join(f"{counts[s]} {s}" for s in sorted(counts.index, key=lambda s: (s != "ok", s)))
 
 
+def _arm_metrics(g: pd.DataFrame, metrics) -> dict:
+    """n ok runs, status summary, and per metric the mean over the ok runs with a 95% CI:
+    bootstrap across runs where n >= 2; with one run, that run's own interval (`run_ci`: over
+    its measured steps or timed calls) where the metric has one."""
+    ok = g[g.status == "ok"]
+    row = {"n": len(ok), "runs": _status_summary(g.status)}
+    for m in metrics:
+        vals = (ok[m.source].astype(float) / m.scale).dropna().to_numpy() if m.source in ok else np.array([])
+        row[m.name] = vals.mean() if len(vals) else math.nan
+        lo, hi = bootstrap_ci(vals)
+        if len(vals) == 1 and m.run_ci and all(c in ok for c in m.run_ci):
+            one = ok[ok[m.source].notna()].iloc[0]
+            lo, hi = (float(one[c]) / m.scale for c in m.run_ci)
+        row[f"{m.name}_ci95_low"], row[f"{m.name}_ci95_high"] = lo, hi
+    return row
+
+
 def arms(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per configuration of one group: n ok runs, status summary, and for each metric
     its mean and 95% CI (columns <metric>, <metric>_ci95_low, <metric>_ci95_high)."""
-    rows = []
-    for cfg, g in runs.groupby(CONFIG, sort=False):
-        ok = g[g.status == "ok"]
-        row = {**dict(zip(CONFIG, cfg)), "n": len(ok), "runs": _status_summary(g.status)}
-        for m in METRICS:
-            vals = (ok[m.source].astype(float) / m.scale).dropna().to_numpy()
-            row[m.name] = vals.mean() if len(vals) else math.nan
-            lo, hi = bootstrap_ci(vals)
-            if len(vals) == 1 and m.name == "tok_s":
-                lo, hi = ok.tokens_per_s_run_ci95_low.iloc[0], ok.tokens_per_s_run_ci95_high.iloc[0]
-            row[f"{m.name}_ci95_low"], row[f"{m.name}_ci95_high"] = lo, hi
-        rows.append(row)
-    df = pd.DataFrame(rows)
+    df = pd.DataFrame([{**dict(zip(CONFIG, cfg)), **_arm_metrics(g, METRICS)}
+                       for cfg, g in runs.groupby(CONFIG, sort=False)])
     order = df.apply(lambda r: [rank(c, r[c]) for c in ("quant_label", "optim", "adapter")], axis=1)
     return df.iloc[sorted(range(len(df)), key=lambda i: order.iloc[i])].reset_index(drop=True)
 
@@ -139,21 +145,9 @@ def generation_arms(runs: pd.DataFrame, metrics: tuple[Metric, ...]) -> pd.DataF
     """One row per quantization setting x adapter of one generation group: n ok runs, status
     summary, and per metric the mean over its ok runs with a 95% CI (bootstrap across runs
     where n >= 2; with one run, that run's own interval over its timed calls)."""
-    rows = []
     runs = runs.assign(adapter_run=runs.adapter_run.fillna("").astype(str))
-    for cfg, g in runs.groupby(GEN_CONFIG, sort=False):
-        ok = g[g.status == "ok"]
-        row = {**dict(zip(GEN_CONFIG, cfg)), "n": len(ok), "runs": _status_summary(g.status)}
-        for m in metrics:
-            vals = (ok[m.source].astype(float) / m.scale).dropna().to_numpy() if m.source in ok else np.array([])
-            row[m.name] = vals.mean() if len(vals) else math.nan
-            lo, hi = bootstrap_ci(vals)
-            if len(vals) == 1 and m.run_ci and all(c in ok for c in m.run_ci):
-                one = ok[ok[m.source].notna()].iloc[0]
-                lo, hi = (float(one[c]) / m.scale for c in m.run_ci)
-            row[f"{m.name}_ci95_low"], row[f"{m.name}_ci95_high"] = lo, hi
-        rows.append(row)
-    df = pd.DataFrame(rows)
+    df = pd.DataFrame([{**dict(zip(GEN_CONFIG, cfg)), **_arm_metrics(g, metrics)}
+                       for cfg, g in runs.groupby(GEN_CONFIG, sort=False)])
     if len({r for r in df.adapter_run if r}) > 1:  # several adapters in one group: name each one's run
         df["adapter"] = [a if not r else f"{a} ({r})" for a, r in zip(df.adapter, df.adapter_run)]
     order = df.apply(lambda r: (rank("adapter", r.adapter.split(" ")[0]), r.adapter_run,

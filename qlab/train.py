@@ -99,6 +99,24 @@ def _target_tokens(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
+def batch_tokens(batch: dict) -> dict:
+    """What one batch holds: positions processed (padding included), real (unpadded) positions,
+    supervised target tokens. A packed row (data.pack) has no attention_mask: all of it is real."""
+    n = batch["input_ids"].numel()
+    return {"tokens": n, "real_tokens": int(batch["attention_mask"].sum()) if "attention_mask" in batch else n,
+            "target_tokens": _target_tokens(batch["labels"])}
+
+
+def loss_summary(losses: list[float]) -> dict:
+    """First and last step's loss, and the mean of the last 10% of steps (>= 1): less noisy
+    than the last step alone."""
+    if not losses:
+        return {}
+    tail = losses[-max(1, len(losses) // 10):]
+    return {"train_loss_first": losses[0], "train_loss_final": losses[-1],
+            "train_loss_tail_mean": sum(tail) / len(tail)}
+
+
 def train(model, data: Data, optimizer, scheduler, cfg, device: str,
           on_step: Callable[[dict], None] = lambda rec: None, run_id: str = "") -> TrainOutcome:
     tc, max_norm = cfg.train, cfg.optim.max_grad_norm
@@ -136,12 +154,7 @@ def train(model, data: Data, optimizer, scheduler, cfg, device: str,
         losses.append(float(loss.detach()))
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        return {"step": step, "loss": losses[-1], "lr": scheduler.get_last_lr()[0],
-                "tokens": batch["input_ids"].numel(),  # positions processed, padding included
-                # a packed row has no attention_mask (data.pack): every position is real
-                "real_tokens": int(batch["attention_mask"].sum()) if "attention_mask" in batch
-                else batch["input_ids"].numel(),
-                "target_tokens": _target_tokens(batch["labels"])}
+        return {"step": step, "loss": losses[-1], "lr": scheduler.get_last_lr()[0], **batch_tokens(batch)}
 
     mem = MemoryWindow(device)
     status, error = "ok", None
@@ -168,12 +181,7 @@ def train(model, data: Data, optimizer, scheduler, cfg, device: str,
     metrics = dict(mem.peaks)
     metrics.update(throughput(clock.times[: len(tokens)], tokens, real_tokens, targets))
     metrics["steps_completed"] = len(losses)
-    if losses:
-        metrics["train_loss_first"] = losses[0]
-        metrics["train_loss_final"] = losses[-1]
-        # mean of the last 10% of steps (>= 1): less noisy than the last step alone
-        tail = losses[-max(1, len(losses) // 10):]
-        metrics["train_loss_tail_mean"] = sum(tail) / len(tail)
+    metrics.update(loss_summary(losses))
     return TrainOutcome(status, metrics, error, losses)
 
 
