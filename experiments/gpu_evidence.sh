@@ -6,14 +6,19 @@
 #   bash experiments/gpu_evidence.sh base      # issue 6/8: reference base, PTQ, speed numerics
 #   bash experiments/gpu_evidence.sh quality   # issue 6: the 36-run quality sweep on the base
 #   bash experiments/gpu_evidence.sh speed-llama / speed-bloom   # issue 8, one 7B shape each
+#   bash experiments/gpu_evidence.sh parallel finish base speed-llama speed-bloom
+#       # one stage per GPU of a multi-GPU host (CUDA_VISIBLE_DEVICES=0, 1, ...), all at once;
+#       # each stage's output in results/logs/<stage>.out. Timed stages then share the host's
+#       # CPUs and disk (not their GPU) with the others: the results record the host.
 # Sized for calls of under 10 minutes on one H100/H200 (estimates in each stage's comment);
 # the stages after `base` need the base in $QLAB_CACHE (43 s to rebuild on an H200).
 # Every command's output goes to results/logs/<stage>-<name>.log; a failing command is
 # reported and the stage goes on.
 set -uo pipefail
+SELF=$(realpath "$0")
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-STAGE=${1:?usage: gpu_evidence.sh measure|finish|base|quality|speed-llama|speed-bloom}
+STAGE=${1:?usage: gpu_evidence.sh measure|finish|base|quality|speed-llama|speed-bloom|parallel STAGE...}
 mkdir -p results/logs
 status=0
 
@@ -36,9 +41,13 @@ generation() {  # every quantization setting with and without an r=64 nf4+DQ ada
   local adapter
   adapter=$(ls -dt results/adapter-$MODEL/${MODEL}_nf4-dq_*/adapter 2>/dev/null | head -n 1)
   if [ -z "$adapter" ]; then
+    rm -rf results/adapter-$MODEL  # its result without the adapter would count as complete
     step adapter-run 120 $PY -m qlab.run "${GPU7B[@]}" quant=nf4 quant.double_quant=true tracker.sweep=adapter-$MODEL \
       train.steps=10 train.warmup_steps=3 data.max_eval_samples=16 train.save_adapter=true
     adapter=$(ls -dt results/adapter-$MODEL/${MODEL}_nf4-dq_*/adapter 2>/dev/null | head -n 1)
+    # a new adapter (a result's id holds its weights' hash): the adapter rows measured with
+    # another one go, so that all of them are measured with this one
+    rm -rf results/generate-$MODEL/*_lora_*
   fi
   step generate 480 $PY -m qlab.generate_bench ${adapter:+--run "$(dirname "$adapter")"} --model $MODEL \
     --quants nf4+dq,nf4,fp4,fp4+dq,int8,bf16 --prompts 3 --repeats 2 --new-tokens 24 --sweep generate-$MODEL
@@ -67,18 +76,34 @@ base)  # ~6 min: base 45 s (H200), PTQ of 7 types ~1-2 min, numerics 7 variants 
   step numerics 420 $PY experiments/numerics.py --model base-gpu --parallel 4
   ;;
 quality)  # ~8 min: 36 runs x 300 steps (0.17 s/step alone) in waves of 9 (QLAB_RUNS_PER_GPU);
-  # resumable: a second call finishes what a time limit cut
-  QLAB_NUM_GPUS=1 QLAB_RUNS_PER_GPU=${RUNS_PER_GPU:-9} step quality-sweep 560 \
+  # NUM_GPUS=3 RUNS_PER_GPU=12: all 36 at once on three H200s, 2 min. Resumable: a second call
+  # finishes what a time limit cut
+  QLAB_NUM_GPUS=${NUM_GPUS:-1} QLAB_RUNS_PER_GPU=${RUNS_PER_GPU:-9} step quality-sweep 560 \
     $PY -m qlab.run experiment=quality model=base-gpu train=gpu data.max_seq_len=512 train.progress=false \
     hydra/launcher=local_gpus tracker.sweep=quality-base
   step claims 120 $PY -m qlab.claims --no-run
   ;;
-speed-llama)  # ~5 min: preset build 40 s, trainer / recipe / fast / bf16, 45-80 s each
-  step speed-llama 560 $PY experiments/speed_bench.py --models llama-7b
+speed-llama)  # ~5 min: preset build 40 s, trainer / recipe / fast / bf16, 45-80 s each; FORCE=1
+  # re-measures complete modes too (a mode re-run alone would be compared across machines)
+  step speed-llama 560 $PY experiments/speed_bench.py --models llama-7b ${FORCE:+--force}
   ;;
 speed-bloom)  # ~6 min: bloom-7b1's preset build ~60 s, then the same four modes
-  step speed-bloom 560 $PY experiments/speed_bench.py --models bloom-7b1
-  step speed-table 60 $PY experiments/speed_bench.py
+  step speed-bloom 560 $PY experiments/speed_bench.py --models bloom-7b1 ${FORCE:+--force}
+  step speed-table 60 $PY experiments/speed_bench.py --no-run  # both shapes' runs, one table
+  ;;
+parallel)  # parallel STAGE...: stage i on GPU i, all at once
+  shift
+  gpu=0
+  pids=()
+  for s in "$@"; do
+    echo "== $(date +%T) $s on GPU $gpu: results/logs/$s.out"
+    CUDA_VISIBLE_DEVICES=$gpu bash "$SELF" "$s" >"results/logs/$s.out" 2>&1 &
+    pids+=($!)
+    gpu=$((gpu + 1))
+  done
+  for i in "${!pids[@]}"; do
+    wait "${pids[$i]}" || { status=1; echo "== stage ${*:i+1:1} failed (results/logs/${*:i+1:1}.out)"; }
+  done
   ;;
 *)
   echo "unknown stage $STAGE" >&2

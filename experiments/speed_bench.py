@@ -31,7 +31,10 @@ Resumable: a mode whose result is complete (ok or oom) for the same configuratio
 is recorded as such and the bench goes on. Then <results>/speed-bench/<device>.md and .json:
 the mode x model table (tokens/s median with 95% CI, CV, peaks, weight bytes), the ratios and
 the issue's three targets with a computed verdict each, hardware and versions.
-Exit status: 0 every run complete (whatever the verdicts), 1 a run failed, 2 bad arguments.
+--no-run tables the results already there, running nothing, with the hardware and versions the
+runs recorded (each model's runs write <device>-<model>.md; the full set <device>.md).
+Exit status: 0 every run complete (whatever the verdicts), 1 a run failed (or, with --no-run, is
+missing), 2 bad arguments.
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ MODES = {  # mode -> (runner, overrides on top of the common ones)
     "bf16-fast": ("qlab", ["quant=bf16", "speed=fast"]),
 }
 DEFAULT_MODES = "trainer,recipe,fast,bf16"
+DEFAULT_MODELS = "llama-7b,bloom-7b1"
 QUICK_MODELS = "tiny-llama,tiny-bloom"
 
 
@@ -396,6 +400,28 @@ def run_all(args, plan: list[tuple[str, str, list[str], DictConfig]]) -> dict:
     return done
 
 
+def read_all(args, plan: list[tuple[str, str, list[str], DictConfig]]) -> dict:
+    """--no-run: every (model, mode) of the plan as its result.json left it, running nothing
+    (status "missing" where there is none)."""
+    done = {}
+    for model, mode, overrides, cfg in plan:
+        final = track.run_dir(cfg)
+        result = track.read_result(final) if (final / track.RESULT).is_file() else {"status": "missing"}
+        done[(model, mode)] = {"model": model, "mode": mode, "run_id": track.run_id(cfg), "status": result["status"],
+                               "outcome": "read", "process_s": None, "overrides": overrides,
+                               "result": str(final / track.RESULT), "error": result.get("error")}
+    return done
+
+
+def recorded_machine(done: dict) -> tuple[dict, str | None]:
+    """The hardware, versions and commit the runs recorded (--no-run tables them elsewhere)."""
+    for d in done.values():
+        path = Path(d["result"])
+        if path.is_file() and (result := track.read_result(path.parent)).get("env"):
+            return result["env"], result.get("git_commit")
+    return track.environment(), track.git_commit()
+
+
 # ---------------------------------------------------------------- tables, targets, output
 
 def evaluate_targets(ratios, table) -> list[dict]:
@@ -462,7 +488,7 @@ def slug(env: dict) -> str:
     return re.sub(r"[^a-z0-9]+", "-", (env.get("gpu") or env.get("cpu") or "cpu").lower()).strip("-")
 
 
-def write_outputs(args, done: dict, table, ratios, env: dict) -> tuple[Path, Path]:
+def write_outputs(args, done: dict, table, ratios, env: dict, commit: str | None) -> tuple[Path, Path]:
     from qlab import tables
 
     targets = evaluate_targets(ratios, table) if table is not None else []
@@ -472,10 +498,12 @@ def write_outputs(args, done: dict, table, ratios, env: dict) -> tuple[Path, Pat
              "lora_r": args.r, "seed": args.seed, "quick": args.quick, "results": str(args.results)}
     record = {"schema": "qlab.speed_bench/1", "setup": setup, "verdict": verdict, "targets": targets,
               "table": records(table), "ratios": records(ratios),
-              "runs": list(done.values()), "env": env, "git_commit": track.git_commit(), "finished_at": track.now()}
+              "runs": list(done.values()), "env": env, "git_commit": commit, "finished_at": track.now()}
     out = Path(args.results) / "speed-bench"
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / slug(env)
+    # one file per device for the full model set; a run of some models writes its own, so two
+    # runs on two GPUs of one host never write the same file
+    stem = out / (slug(env) + ("" if args.models == DEFAULT_MODELS.split(",") else "-" + "-".join(args.models)))
     track.atomic_write_json(stem.with_suffix(".json"), record)
     lines = [f"# Speed benchmark: HF Trainer vs qlab recipe vs qlab fast vs 16-bit LoRA ({', '.join(args.models)})",
              "", f"{env.get('gpu') or env.get('cpu')}; torch {env.get('torch')}, "
@@ -516,8 +544,9 @@ def write_outputs(args, done: dict, table, ratios, env: dict) -> tuple[Path, Pat
               "## Runs", "", "| model | mode | status | run | process (s) |", "|---|---|---|---|---|"]
     for d in done.values():
         err = d["error"] or {}
-        status = d["status"] + (f" ({err.get('type')}: {err.get('message')})" if d["status"] != "ok" else "")
-        secs = f"{d['process_s']:.0f}" if d["process_s"] is not None else "skipped (complete)"
+        status = d["status"] + (f" ({err.get('type')}: {err.get('message')})" if err and d["status"] != "ok" else "")
+        secs = (f"{d['process_s']:.0f}" if d["process_s"] is not None else
+                "skipped (complete)" if d["outcome"] == "skipped" else "-")
         lines.append(f"| {d['model']} | {d['mode']} | {status} | `{d['run_id']}` | {secs} |")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     return stem.with_suffix(".md"), stem.with_suffix(".json")
@@ -533,11 +562,13 @@ def parse(argv):
     p.add_argument("--results", default="results", help="results directory (sweeps speed-<model>, speed-bench/)")
     p.add_argument("--timeout-per-run", type=float, default=1800, help="seconds before a run is killed (failed)")
     p.add_argument("--force", action="store_true", help="re-run complete runs")
+    p.add_argument("--no-run", action="store_true", help="run nothing: table the results already there (their "
+                                                         "own hardware and versions)")
     p.add_argument("--quick", action="store_true", help="CPU check: tiny presets, 4 x 128 tokens, r=8, few steps, "
                                                         "fast without compile")
     args = p.parse_args(argv)
     quick = args.quick
-    args.models = [m for m in (args.models or (QUICK_MODELS if quick else "llama-7b,bloom-7b1")).split(",") if m]
+    args.models = [m for m in (args.models or (QUICK_MODELS if quick else DEFAULT_MODELS)).split(",") if m]
     args.modes = [m for m in args.modes.split(",") if m]
     bad = [m for m in args.modes if m not in MODES]
     if bad:
@@ -561,13 +592,14 @@ def main(argv=None) -> int:
         print(f"speed_bench: invalid configuration: {e}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    done = run_all(args, plan)
+    done = read_all(args, plan) if args.no_run else run_all(args, plan)
     table, ratios = load_table(args, done)
-    env = track.environment()  # after the runs: this process touches no GPU while they measure
-    md, js = write_outputs(args, done, table, ratios, env)
+    # after the runs: this process touches no GPU while they measure
+    env, commit = recorded_machine(done) if args.no_run else (track.environment(), track.git_commit())
+    md, js = write_outputs(args, done, table, ratios, env, commit)
     print(md.read_text())
     print(f"speed_bench: wrote {md} and {js} ({time.perf_counter() - t0:.0f} s)")
-    return 1 if any(d["status"] == "failed" for d in done.values()) else 0
+    return 1 if any(d["status"] in ("failed", "missing") for d in done.values()) else 0
 
 
 if __name__ == "__main__":

@@ -407,6 +407,33 @@ def evaluate(claims: list[dict], results: Path) -> list[dict]:
     return rows
 
 
+def _machine(env: dict | None) -> str:
+    if not env:
+        return "n/a"
+    versions = ", ".join(f"{k} {env[k]}" for k in ("torch", "transformers", "peft", "bitsandbytes") if env.get(k))
+    return f"{env.get('gpu') or env.get('cpu')}" + (f"; {versions}" if versions else "")
+
+
+def evidence_machine(results: Path, evidence: str) -> str:
+    """Where a claim's numbers were measured: the hardware and versions its evidence recorded
+    (a sweep's first result, ptq.json, the overhead record); claims computed by this command
+    (kernel_order on N(0,1) data, the analytic estimate) name the machine evaluating them."""
+    import json
+
+    if evidence in ("kernel_order", "estimate"):
+        return ("analytic (no hardware)" if evidence == "estimate" else
+                f"computed by this command: {_machine(track.environment())}")
+    path = results / evidence
+    files = [path.with_suffix(".json")] if evidence.startswith("overhead/") else \
+        [path / "ptq.json"] if (path / "ptq.json").is_file() else sorted(path.glob("*/result.json"))
+    for f in files:
+        if f.is_file():
+            env = json.loads(f.read_text()).get("env")
+            if env:
+                return _machine(env)
+    return "n/a (no result yet)"
+
+
 def _fmt(x) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "n/a"
@@ -423,12 +450,17 @@ def write(rows: list[dict], out: Path, results: Path) -> Path:
              f"Computed by `qlab claims` from `{results}` ({', '.join(f'{v} {k}' for k, v in counts.items())}). "
              "Verdicts are computed from result files and the analytic model, never typed; see "
              "`experiments/claims.yaml` for each claim's metric, comparison and tolerance.", "",
-             f"Evaluated on {env['gpu'] or env['cpu']}; each sweep's own hardware is in its report.", "",
+             f"Evaluated on {env['gpu'] or env['cpu']}; where each claim's numbers were measured is under "
+             "Evidence below.", "",
              "| claim | source | paper | measured [95% CI] | n | verdict | why |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         ci = f" [{_fmt(r['ci95'][0])}, {_fmt(r['ci95'][1])}]" if r["ci95"] else ""
         lines.append(f"| {r['statement']} | {r['source']} | {_fmt(r['paper'])} {r['unit']} | {_fmt(r['measured'])}{ci} | "
                      f"{r['n']} | **{r['verdict']}** | {r['reason']} |")
+    lines += ["", "## Evidence", "", "| evidence (under results/) | claims | measured on |", "|---|---|---|"]
+    for evidence in dict.fromkeys(r["evidence"] for r in rows):
+        ids = ", ".join(r["id"] for r in rows if r["evidence"] == evidence)
+        lines.append(f"| `{evidence}` | {ids} | {evidence_machine(results, evidence)} |")
     (out / "claims.md").write_text("\n".join(lines) + "\n")
     (out / "summary.md").write_text(summary(rows))
     return out / "claims.md"

@@ -243,7 +243,7 @@ def _row(r: dict, rel: str) -> dict:
         if isinstance(v, list):
             v = "+".join(map(str, v))
         row.setdefault(k, v)
-    for k in ("gpu", "gpu_count", "driver", "cpu", *VERSIONS):
+    for k in ("gpu", "gpu_count", "driver", "cpu", "runs_per_gpu", *VERSIONS):
         row[f"env_{k}"] = env.get(k)
     row.update(git_commit=r.get("git_commit"), started_at=r.get("started_at"), path=rel,
                wandb=bool(flat.get("tracker.wandb")), wandb_mode=flat.get("tracker.wandb_mode"),

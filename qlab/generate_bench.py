@@ -127,7 +127,18 @@ def adapter_config(run_dir: Path) -> dict:
             "targets": (cfg.get("adapter") or {}).get("targets"), "r": acfg.get("r"),
             "alpha": acfg.get("lora_alpha"), "trained_quant": (cfg.get("quant") or {}).get("type"),
             "trained_double_quant": (cfg.get("quant") or {}).get("double_quant"),
-            "config_sha256": hashlib.sha256((adapter / "adapter_config.json").read_bytes()).hexdigest()[:16]}
+            "weights_sha256": _weights_sha256(adapter)}
+
+
+def _weights_sha256(adapter: Path) -> str:
+    """The adapter's identity: a hash of its weight file(s). Not of adapter_config.json, which
+    lists target_modules in set order: two trainings of one config wrote two orders."""
+    h = hashlib.sha256()
+    for f in sorted(adapter.glob("adapter_model.*")):
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()[:16]
 
 
 def config_id(config: dict) -> str:
@@ -135,7 +146,7 @@ def config_id(config: dict) -> str:
     aside), so the same configuration always lands in the same directory and a bench resumes."""
     ident = {"model": config["model"], "quant": config["quant"], "bench": config["bench"],
              "adapter": None if config["adapter"] is None else
-             {k: config["adapter"][k] for k in ("run_id", "config_sha256")}}
+             {k: config["adapter"][k] for k in ("run_id", "weights_sha256")}}
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:8]
     q = config["quant"]["type"] + ("-dq" if config["quant"]["double_quant"] else "")
     return f"{config['model']['name']}_{q}_{'lora' if config['adapter'] else 'none'}_{digest}"

@@ -233,7 +233,13 @@ def _machine_lines(g: pd.DataFrame, cpu_extra: str = "") -> list[str]:
     env = lambda k: _distinct(g[f"env_{k}"].dropna()) or "n/a"  # noqa: E731
     hardware = (f"- **Hardware**: GPU {env('gpu')} (x{env('gpu_count')}), driver {env('driver')}; CPU {env('cpu')}"
                 if g.env_gpu.notna().any() else f"- **Hardware**: CPU runs (no GPU); CPU {env('cpu')}{cpu_extra}")
-    return [hardware, "- **Versions**: " + "; ".join(f"{k} {env(k)}" for k in frame.VERSIONS)]
+    lines = [hardware, "- **Versions**: " + "; ".join(f"{k} {env(k)}" for k in frame.VERSIONS)]
+    shared = g.env_runs_per_gpu.dropna() if "env_runs_per_gpu" in g else pd.Series(dtype=float)
+    if (shared > 1).any():  # QLAB_RUNS_PER_GPU: several runs at once on each GPU
+        lines.append(f"- **Shared GPUs**: up to {int(shared.max())} runs at once on each GPU (QLAB_RUNS_PER_GPU). NVML "
+                     "peaks count every run on the card and tok/s is contended: compare losses and torch peak "
+                     "alloc here, not NVML memory or speed.")
+    return lines
 
 
 def _distinct(values) -> str:

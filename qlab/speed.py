@@ -7,8 +7,9 @@
   adapter_autocast      run the forward under torch.autocast(compute dtype): the float32 LoRA
                         weights stay the optimizer's master copies, their GEMMs run in bf16 on
                         tensor cores (a no-op when the compute dtype is float32)
-  compile               none | layers: torch.compile each decoder layer (`layer.compile()`, on
-                        the peft-wrapped model), `compile_backend` inductor by default
+  compile               none | layers: torch.compile each decoder layer of the peft-wrapped model,
+                        its activation checkpoint inside the compiled code (compile_layers),
+                        `compile_backend` inductor by default
   loss                  full: the model's own loss over full float32 logits [batch, seq, vocab];
                         chunked: logits only for the target positions, `loss_chunk_tokens` at a
                         time, each chunk recomputed in backward, so full logits never exist
@@ -31,15 +32,38 @@ def autocast(speed_cfg, device: str, dtype: torch.dtype):
 
 
 def compile_layers(model: torch.nn.Module, speed_cfg) -> int:
-    """Compile every decoder layer in place; returns how many were compiled."""
+    """Compile every decoder layer in place, its activation checkpoint inside the compiled code;
+    returns how many were compiled.
+
+    Each layer's `forward` becomes torch.compile(checkpoint(forward)): torch.compile traces
+    torch.utils.checkpoint as a higher-order op, and its partitioner recomputes the layer in
+    backward (torchtitan compiles its checkpointed blocks the same way). qlab takes checkpointing
+    over from transformers for these layers (`gradient_checkpointing` off, `qlab_checkpoint` on)
+    because transformers up to 5.17 checkpoints the module call from outside: the compiled code
+    then ran inside a checkpoint, and backward's replay saved other tensors than the forward had
+    (CheckpointError on an H200 with transformers 5.17 and torch 2.11, every step; the record is in
+    results/numerics-base-gpu and results/speed-*). Transformers 5.24 checkpoints inside `forward`,
+    which this replaces, so both versions run the same compiled, checkpointed code."""
     if speed_cfg.compile == "none":
         return 0
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     for layer in layers:
-        layer.compile(backend=speed_cfg.compile_backend, dynamic=False)
+        layer.qlab_checkpoint, layer.gradient_checkpointing = layer.gradient_checkpointing, False
+        layer.forward = torch.compile(_checkpointed(layer, layer.forward),
+                                      backend=speed_cfg.compile_backend, dynamic=False)
     return len(layers)
+
+
+def _checkpointed(layer: torch.nn.Module, forward):
+    """`forward`, non-reentrantly checkpointed while `layer` trains with gradients on (what
+    transformers' own wrapper does; the KV cache is off in training: models.load)."""
+    def run(*args, **kwargs):
+        if layer.qlab_checkpoint and layer.training and torch.is_grad_enabled():
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return forward(*args, **kwargs)
+    return run
 
 
 def _head_and_decoder(model: torch.nn.Module):

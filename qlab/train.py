@@ -128,7 +128,10 @@ def train(model, data: Data, optimizer, scheduler, cfg, device: str,
     clock = StepClock(device)
     tokens, real_tokens, targets, losses = [], [], [], []
     probe_layers = checkpointed_layers(model) if tc.gradient_checkpointing else []
-    if tc.gradient_checkpointing and not probe_layers:
+    # compiled layers checkpoint inside their compiled code (speed.compile_layers): backward's
+    # replay runs in the compiled graph, where no Python hook can count it
+    compiled = [m for m in model.modules() if getattr(m, "qlab_checkpoint", False)]
+    if tc.gradient_checkpointing and not (probe_layers or compiled):
         raise RuntimeError("train.gradient_checkpointing=true but no layer has checkpointing enabled")
     bar = tqdm(total=tc.steps, desc="train", disable=not tc.progress, dynamic_ncols=True)
     compute = speed.loss_fn(cfg.speed)

@@ -123,6 +123,8 @@ def test_the_shipped_claims_file_and_the_cli(tmp_path, results, capsys):
     page = (results / "claims" / "claims.md").read_text()
     assert page.count("**reproduced**") == 2 and "| claim | source | paper |" in page
     assert json.loads((results / "claims" / "claims.json").read_text())["claims"][0]["id"] == "eq"
+    # where each claim's numbers were measured: the hardware its evidence recorded
+    assert "| `quality` | eq | test |" in page and "| `spike` | sp | test |" in page
     # the README's compact table: one row per claim, nothing but claim, paper, measured, verdict
     summary = (results / "claims" / "summary.md").read_text().splitlines()
     assert summary[:2] == ["| claim | paper | measured | verdict |", "|---|---|---|---|"]

@@ -193,3 +193,21 @@ def test_fresh_interpreter_path_records_an_oom_and_a_later_failure_keeps_it(tmp_
         assert generate_bench.bench_one(config)["status"] == "failed"
     assert track.read_result(path.parent)["status"] == "oom"
     assert track.read_result(tmp_path / "generate" / ".staging" / config["id"])["status"] == "failed"
+
+
+def test_the_adapter_is_identified_by_its_weights(trained_run, tmp_path):
+    # the same weights under a config listing target_modules in another order: the same id;
+    # other weights: another id (a retrained adapter is re-measured)
+    copy = tmp_path / "run"
+    shutil.copytree(trained_run, copy)
+    config_path = copy / "adapter" / "adapter_config.json"
+    acfg = json.loads(config_path.read_text())
+    acfg["target_modules"] = list(reversed(acfg["target_modules"]))
+    config_path.write_text(json.dumps(acfg))
+    first, second = generate_bench.adapter_config(trained_run), generate_bench.adapter_config(copy)
+    assert first["weights_sha256"] == second["weights_sha256"]
+    weights = copy / "adapter" / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert generate_bench.adapter_config(copy)["weights_sha256"] != first["weights_sha256"]

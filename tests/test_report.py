@@ -21,7 +21,7 @@ GiB = 2**30
 
 def fake_run(root, quant="nf4", dq=False, optim="paged_adamw_32bit", adapter="all_linear", seed=0, status="ok",
              peak=10.0, tps=1000.0, eval_loss=1.0, train_loss=2.0, steps=10, gpu="Fake GPU 80GB", wandb=False,
-             sweep="syn"):
+             sweep="syn", runs_per_gpu=1):
     """Write <root>/<run id>/result.json + metrics.jsonl as a real run would, with these numbers:
     peak = NVML device peak in GiB (torch's peak allocated is 1 GiB less), tps = tokens/s with
     2,048 tokens/step and a step-time CI of +-10% of the mean step time."""
@@ -56,7 +56,8 @@ def fake_run(root, quant="nf4", dq=False, optim="paged_adamw_32bit", adapter="al
                                "wandb_mode": "offline", "wandb_project": "qlab-test", "wandb_entity": None},
                    "seed": seed, "force": False, "experiment": None},
         "env": {"python": "3.11", "torch": "2.x", "transformers": "5", "peft": "0.1", "bitsandbytes": "0.5",
-                "cuda": "13.0", "cpu": "Fake CPU", "gpu": gpu, "gpu_count": 1, "driver": "1.0"},
+                "cuda": "13.0", "cpu": "Fake CPU", "gpu": gpu, "gpu_count": 1, "driver": "1.0",
+                "runs_per_gpu": runs_per_gpu},
         "git_commit": "abc123", "seed": seed, "started_at": "2026-01-01T00:00:00+00:00",
         "finished_at": "2026-01-01T00:01:00+00:00",
     }
@@ -218,6 +219,17 @@ def test_groups_are_separate_sections(built):
     assert "](report/group-1/plots/memory_breakdown.png)" in text  # relative links
     assert "Fake GPU 80GB" in text and "driver 1.0" in text and "abc123" in text
     assert "oom**: `tiny_bf16" in text and "failed**: `tiny_nf4" in text
+    assert "Shared GPUs" not in text  # one run per GPU: nothing to warn about
+
+
+def test_runs_sharing_a_gpu_are_flagged(tmp_path):
+    from qlab import report
+
+    root = tmp_path / "results" / "shared"
+    for seed in range(2):
+        fake_run(root, "nf4", seed=seed, runs_per_gpu=6)
+    text = report.build(root, wandb=False).read_text()
+    assert "- **Shared GPUs**: up to 6 runs at once on each GPU" in text
 
 
 def test_every_plot_is_written(built):

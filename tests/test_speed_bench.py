@@ -241,6 +241,31 @@ def test_quick_bench_resumes(quick, capsys):
     assert "skip tiny-llama_nf4-dq" in capsys.readouterr().out
 
 
+def test_no_run_tables_what_is_there(quick, capsys, monkeypatch):
+    results, argv, _ = quick
+    monkeypatch.setattr(bench, "launch", lambda *a: pytest.fail("--no-run launched a run"))
+    # the runs' own machine, not this process': a marker planted in one result's env
+    args = bench.parse(argv)
+    from qlab import track
+
+    path = track.run_dir(bench.config_for(args, "tiny-llama", "trainer")[1]) / "result.json"
+    original = path.read_text()
+    r = json.loads(original)
+    r["env"]["cpu"] = "the bench machine"
+    path.write_text(json.dumps(r))
+    try:
+        assert bench.main([*argv, "--no-run"]) == 0
+    finally:
+        path.write_text(original)
+    out = json.loads((results / "speed-bench" / "the-bench-machine-tiny-llama.json").read_text())
+    assert [(x["mode"], x["status"], x["outcome"]) for x in out["runs"]] == [
+        ("trainer", "ok", "read"), ("recipe", "ok", "read"), ("fast", "ok", "read"), ("bf16", "oom", "read")]
+    assert out["targets"] and out["env"]["cpu"] == "the bench machine"
+    # a mode with no result is reported missing, and the exit status says so
+    assert bench.main([*argv, "--no-run", "--modes", "recipe,bf16-fast"]) == 1
+    assert "| tiny-llama | bf16-fast | missing |" in capsys.readouterr().out
+
+
 def test_timeout_is_recorded_as_failed(tmp_path, capsys):
     argv = ["--quick", "--models", "tiny-llama", "--modes", "recipe", "--results", str(tmp_path),
             "--timeout-per-run", "1"]
