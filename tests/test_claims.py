@@ -156,3 +156,29 @@ def test_interleaved_equivalence_pairs_the_rounds(tmp_path, paged, verdict):
     assert r["verdict"] == verdict and r["n"] == "5 paired rounds" and r["evidence"] == "overhead/gpu"
     [missing] = claims.evaluate([{**k, "overhead": "nowhere"}], tmp_path)
     assert missing["verdict"] == "inconclusive" and "not run yet" in missing["reason"]
+
+
+def test_qlab_claims_runs_a_missing_sweep_end_to_end(tmp_path, capsys):
+    """`make claims` on a CPU: the claim's sweep has no results, so qlab runs it (a real Hydra
+    multirun of the claim's experiment, cut by command-line overrides to 2 adapters x 2 seeds
+    of the tiny preset) and computes the verdict from it; a second call runs nothing."""
+    from conftest import FAST
+
+    mine = tmp_path / "claims.yaml"
+    mine.write_text(yaml.safe_dump({"claims": [claim(
+        id="all_linear", kind="lower", sweep="quality-tiny", experiment="quality", metric="eval_loss",
+        overrides=["model=tiny-llama", *FAST, "quant=nf4", "quant.double_quant=true", "adapter=qv,all_linear",
+                   "seed=0,1"],
+        a={"quant_label": "nf4+DQ", "adapter": "all_linear"}, b={"quant_label": "nf4+DQ", "adapter": "qv"})]}))
+    results = tmp_path / "results"
+    assert claims.main(["--claims", str(mine), "--results", str(results)]) == 0
+    assert "running missing sweep" in capsys.readouterr().out
+    done = [json.loads(p.read_text()) for p in (results / "quality-tiny").glob("*/result.json")]
+    assert sorted((r["axes"]["adapter"], r["axes"]["seed"], r["status"]) for r in done) == [
+        ("all_linear", 0, "ok"), ("all_linear", 1, "ok"), ("qv", 0, "ok"), ("qv", 1, "ok")]
+    [row] = json.loads((results / "claims" / "claims.json").read_text())["claims"]
+    loss = {ad: [r["metrics"]["eval_loss"] for r in done if r["axes"]["adapter"] == ad] for ad in ("all_linear", "qv")}
+    assert row["n"] == "n=2 vs 2" and row["ci95"] is not None
+    assert row["measured"] == pytest.approx(sum(loss["all_linear"]) / 2 - sum(loss["qv"]) / 2)
+    assert claims.main(["--claims", str(mine), "--results", str(results)]) == 0
+    assert "running missing sweep" not in capsys.readouterr().out
