@@ -17,6 +17,11 @@ from omegaconf import DictConfig, OmegaConf
 
 QUANT_TYPES = ("bf16", "int8", "nf4", "fp4")
 FOUR_BIT = ("nf4", "fp4")
+# every weight setting by its label (frame.quant_label's spelling): label -> (quant.type,
+# quant.double_quant); double quantization exists for the 4-bit types only
+QUANT_SETTINGS: dict[str, tuple[str, bool]] = {
+    "bf16": ("bf16", False), "int8": ("int8", False), "nf4": ("nf4", False), "nf4+DQ": ("nf4", True),
+    "fp4": ("fp4", False), "fp4+DQ": ("fp4", True)}
 ADAPTER_TARGETS = ("qv", "all_linear")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit")
 COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")

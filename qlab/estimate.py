@@ -50,7 +50,8 @@ from types import SimpleNamespace
 import torch
 
 from qlab import presets
-from qlab.config import ADAPTER_TARGETS, COMPUTE_DTYPES, FOUR_BIT, OPTIMIZERS, QUANT_TYPES, ConfigError
+from qlab.config import (ADAPTER_TARGETS, COMPUTE_DTYPES, FOUR_BIT, OPTIMIZERS, QUANT_SETTINGS, QUANT_TYPES,
+                         ConfigError)
 
 GiB = 2**30
 BLOCK_4BIT = 64  # bnb Linear4bit: one absmax per 64 weights
@@ -60,8 +61,7 @@ CODE_DQ = 256  # the 8-bit dynamic map the DQ absmax is quantized with: 256 floa
 FP32 = 4
 
 # The six weight settings of `--all`: (label, quant type, double quant)
-SETTINGS = (("bf16", "bf16", False), ("int8", "int8", False), ("nf4", "nf4", False),
-            ("nf4+DQ", "nf4", True), ("fp4", "fp4", False), ("fp4+DQ", "fp4", True))
+SETTINGS = tuple((label, quant, dq) for label, (quant, dq) in QUANT_SETTINGS.items())
 
 
 # --------------------------------------------------------------------------- the model, on meta

@@ -72,11 +72,11 @@ import warnings
 from pathlib import Path
 
 from qlab import track
+from qlab.config import QUANT_SETTINGS
 
 KIND = "generate"
 # label -> (quant.type, quant.double_quant); the order is the default order of the bench
-QUANTS = {"bf16": ("bf16", False), "int8": ("int8", False), "nf4": ("nf4", False), "nf4+dq": ("nf4", True),
-          "fp4": ("fp4", False), "fp4+dq": ("fp4", True)}
+QUANTS = {label.lower(): setting for label, setting in QUANT_SETTINGS.items()}  # --quants spells nf4+dq
 EVAL_DATA = Path(__file__).resolve().parent / "assets" / "chat" / "eval.jsonl"
 EXIT = {"ok": 0, "oom": 0, "failed": 1}
 WARMUP_CALLS = 1  # per batch size, untimed: first-call costs (allocator growth, cuBLAS/kernel setup)

@@ -50,14 +50,10 @@ import time
 from pathlib import Path
 
 from qlab import base, kernels, track
+from qlab.config import QUANT_SETTINGS
 
 # label -> (quant.type for models.load, double_quant); "int4" is loaded as bf16, then rounded
-TYPES: dict[str, tuple[str, bool]] = {
-    "bf16": ("bf16", False), "int8": ("int8", False),
-    "nf4": ("nf4", False), "nf4+DQ": ("nf4", True),
-    "fp4": ("fp4", False), "fp4+DQ": ("fp4", True),
-    "int4": ("bf16", False),
-}
+TYPES: dict[str, tuple[str, bool]] = {**QUANT_SETTINGS, "int4": ("bf16", False)}
 BLOCKSIZE = 64  # bitsandbytes' Linear4bit default and the paper's
 ERROR_KINDS: dict[str, tuple[str, bool]] = {  # label -> (kernels kind, double_quant)
     "nf4": ("nf4", False), "fp4": ("fp4", False), "int4": ("int4", False),

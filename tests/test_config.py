@@ -47,3 +47,11 @@ def test_schema_rejects_wrong_types_at_compose_time(compose):
 
     with pytest.raises(ConfigCompositionException, match="adapter.r"):
         compose("adapter.r=abc")
+
+
+def test_quant_settings_are_spelled_as_the_report_labels_them():
+    from qlab import frame
+    from qlab.config import QUANT_SETTINGS, QUANT_TYPES
+
+    assert all(frame.quant_label(t, dq) == label for label, (t, dq) in QUANT_SETTINGS.items())
+    assert {t for t, _ in QUANT_SETTINGS.values()} == set(QUANT_TYPES)
