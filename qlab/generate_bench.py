@@ -60,7 +60,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import logging
 import math
 import os
 import shutil
@@ -68,7 +67,6 @@ import subprocess
 import sys
 import time
 import uuid
-import warnings
 from pathlib import Path
 
 from qlab import track
@@ -379,19 +377,14 @@ def make_result(config: dict, status: str, metrics: dict, error: dict | None, st
 
 
 def publish(config: dict, result: dict) -> Path:
-    """results/<sweep>/<id>/result.json, atomically; a failure never replaces a complete result
-    (it goes to .staging/<id>/ then)."""
+    """results/<sweep>/<id>/result.json, published like a training run's (track.publish): a
+    failure never replaces a complete result (it stays in .staging/<id>/ then)."""
     root, cid = sweep_root(config), config["id"]
-    final = root / cid
-    if result["status"] not in track.COMPLETE_STATUSES and track.is_complete(final):
-        warnings.warn(f"bench failed; keeping the earlier complete result in {final}, "
-                      f"the failed attempt is in {root / '.staging' / cid}")
-        final = root / ".staging" / cid
-    else:
-        shutil.rmtree(root / ".staging" / cid, ignore_errors=True)  # an older failed attempt
-    final.mkdir(parents=True, exist_ok=True)
-    track.atomic_write_json(final / track.RESULT, result)
-    return final
+    staging = root / ".staging" / cid
+    shutil.rmtree(staging, ignore_errors=True)  # an older failed attempt
+    staging.mkdir(parents=True)
+    track.atomic_write_json(staging / track.RESULT, result)
+    return track.publish(staging, root / cid, result["status"])
 
 
 # ---------------------------------------------------------------- one configuration (child side)
@@ -522,7 +515,6 @@ def bench_one(config: dict) -> dict:
     import torch
 
     started_at = track.now()
-    _quiet_repeated_logs()
     metrics: dict = {}
     state: dict = {"window": None, "id": config["id"]}
     try:
@@ -540,25 +532,6 @@ def bench_one(config: dict) -> dict:
     where = publish(config, result)
     print(f"{config['id']}: {one_line(result)} -> {where / track.RESULT}", file=sys.stderr)
     return result
-
-
-class _Once(logging.Filter):
-    """Lets each distinct message through once (bitsandbytes' int8 matmul on a CPU logs a
-    warning on every call: thousands per configuration)."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen: set[str] = set()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        first = message not in self.seen
-        self.seen.add(message)
-        return first
-
-
-def _quiet_repeated_logs() -> None:
-    logging.getLogger("bitsandbytes.autograd._functions").addFilter(_Once())
 
 
 def _measure(config: dict, metrics: dict, state: dict) -> None:

@@ -85,23 +85,24 @@ def model_path(model_cfg, device: str) -> str:
     return str(presets.ensure(model_cfg.preset, device=kind))
 
 
-class FirstOnly(logging.Filter):
-    """Passes a log message whose format starts with `prefix` the first time only."""
+class OncePerMessage(logging.Filter):
+    """Lets each distinct log message through once."""
 
-    def __init__(self, prefix: str):
+    def __init__(self):
         super().__init__()
-        self.prefix, self.seen = prefix, False
+        self.seen: set[str] = set()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not str(record.msg).startswith(self.prefix):
-            return True
-        seen, self.seen = self.seen, True
-        return not seen
+        message = record.getMessage()
+        first = message not in self.seen
+        self.seen.add(message)
+        return first
 
 
-# bitsandbytes logs this on every int8 matmul whose input is not float16: 36,400 identical lines
-# in one 300-step int8 run (the recipe's float32 hidden states). Once per process says it.
-_INT8_CAST = FirstOnly("MatMul8bitLt: inputs will be cast")
+# bitsandbytes logs "MatMul8bitLt: inputs will be cast from torch.float32 to float16" on every
+# int8 matmul whose input is not float16: 36,400 identical lines in one 300-step int8 run (the
+# recipe's float32 hidden states), thousands per generation configuration. Once says it.
+_BNB_ONCE = OncePerMessage()
 
 
 def load(model_cfg, quant_cfg, device: str) -> LoadedModel:
@@ -110,8 +111,8 @@ def load(model_cfg, quant_cfg, device: str) -> LoadedModel:
     path = model_path(model_cfg, device)
     dtype = compute_dtype(quant_cfg, device)
     bnb_log = logging.getLogger("bitsandbytes.autograd._functions")
-    if _INT8_CAST not in bnb_log.filters:
-        bnb_log.addFilter(_INT8_CAST)
+    if _BNB_ONCE not in bnb_log.filters:
+        bnb_log.addFilter(_BNB_ONCE)
     t0 = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(

@@ -263,6 +263,25 @@ class WandbMirror:
         self._guard(_finish)
 
 
+def publish(staging: Path, final: Path, status: str) -> Path:
+    """Move a finished attempt's directory from `staging` to `final` by renames, so a reader
+    sees the old result or the new one, never a mix. A failed attempt never replaces a complete
+    result: it stays in `staging` (returned) with a warning."""
+    if status not in COMPLETE_STATUSES and is_complete(final):
+        warnings.warn(f"attempt failed; keeping the earlier complete result in {final}, "
+                      f"the failed attempt is in {staging}")
+        return staging
+    if final.exists():
+        old = final.parent / ".staging" / f"{final.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(staging, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(staging, final)
+    return final
+
+
 class RunRecorder:
     """Owns one run for its length. The run writes into results/<sweep>/.staging/<run id>/ and
     is published to results/<sweep>/<run id>/ by a directory rename when it ends, so a killed
@@ -285,19 +304,7 @@ class RunRecorder:
         self.wandb = WandbMirror(self.cfg, self.dir, self.id)
 
     def _publish(self, status: str) -> Path:
-        if status not in COMPLETE_STATUSES and is_complete(self.final_dir):
-            warnings.warn(f"run failed; keeping the earlier complete result in {self.final_dir}, "
-                          f"the failed attempt is in {self.dir}")
-            return self.dir
-        if self.final_dir.exists():
-            old = self.final_dir.parent / ".staging" / f"{self.id}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(self.final_dir, old)
-            os.replace(self.dir, self.final_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(self.dir, self.final_dir)
-        return self.final_dir
+        return publish(self.dir, self.final_dir, status)
 
     def adopt(self) -> None:
         """Take over the staging directory of a run process that died, keeping its
