@@ -66,7 +66,8 @@ measure)
   step spike 150 $PY -m qlab.run experiment=spike "${GPU7B[@]}" tracker.sweep=spike-$MODEL
   generation
   ;;
-finish)  # ~7 min: preset build 40 s, spike 2 x 30 s, the 10 generation configurations left
+finish)  # ~7 min at most: preset build 40 s, spike 2 x 30 s, the adapter when none is here (25 s),
+  # the generation configurations without a result (30-70 s each)
   step spike 150 $PY -m qlab.run experiment=spike "${GPU7B[@]}" tracker.sweep=spike-$MODEL
   generation
   ;;
