@@ -52,8 +52,9 @@ GROUP_KEYS = {
 # Config keys that are the ablation axes (they vary *inside* a group) or don't change what a
 # run measures; every other config key must match for runs to share a group.
 AXIS_CONFIG_KEYS = ("quant.type", "quant.double_quant", "optim.name", "adapter.targets", "seed", "speed")
-# Generation results: with or without an adapter is an axis (`adapter`: none | lora), so the
-# adapter's config (source run, rank) does not split the group; arms keep one adapter per row.
+# Generation results: with or without an adapter is an axis (`adapter`: none | lora <weights
+# hash>), so the adapter's config (source run, rank) does not split the group; each adapter is
+# its own arm (_adapter_label).
 KIND_AXIS_CONFIG_KEYS = {"generate": ("adapter",)}
 KINDS = ("train", "generate")  # sections in this order
 GENERATE_LABEL_KEYS = ("bench.new_tokens", "bench.batch_sizes", "bench.prompts", "bench.repeats")
@@ -203,6 +204,14 @@ def _residual_config(config: dict, kind: str = "train") -> dict:
             if not any(k == s or k.startswith(s + ".") for s in skip)}
 
 
+def _adapter_label(adapter: str | None, config: dict, kind: str) -> str | None:
+    """A generation result's adapter arm: "none", or "lora <hash>" named after the adapter's
+    weights (generate_bench records their hash), so that rows of two different adapters are two
+    arms, never averaged together. Results made before the hash was recorded stay "lora"."""
+    sha = (config.get("adapter") or {}).get("weights_sha256") if kind == "generate" else None
+    return f"{adapter} {sha[:8]}" if adapter == "lora" and sha else adapter
+
+
 def _num(v) -> float:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
 
@@ -224,7 +233,7 @@ def _row(r: dict, rel: str) -> dict:
         "quant": axes.get("quant"),
         "double_quant": bool(axes.get("double_quant")),
         "optim": axes.get("optim"),
-        "adapter": axes.get("adapter"),
+        "adapter": _adapter_label(axes.get("adapter"), cfg, kind),
         "seed": axes.get("seed", r.get("seed")),
         # generation results run no training step: no speed path
         "speed": speed_label(cfg.get("speed")) if kind == "train" else None,
