@@ -52,9 +52,8 @@ GROUP_KEYS = {
 # Config keys that are the ablation axes (they vary *inside* a group) or don't change what a
 # run measures; every other config key must match for runs to share a group.
 AXIS_CONFIG_KEYS = ("quant.type", "quant.double_quant", "optim.name", "adapter.targets", "seed", "speed")
-# Generation results: with or without an adapter is an axis (`adapter`: none | lora <weights
-# hash>), so the adapter's config (source run, rank) does not split the group; each adapter is
-# its own arm (_adapter_label).
+# Generation results: with or without an adapter is an axis (`adapter`: none | lora), so the
+# adapter's config (source run, rank) does not split the group; arms keep one adapter per row.
 KIND_AXIS_CONFIG_KEYS = {"generate": ("adapter",)}
 KINDS = ("train", "generate")  # sections in this order
 GENERATE_LABEL_KEYS = ("bench.new_tokens", "bench.batch_sizes", "bench.prompts", "bench.repeats")
@@ -204,12 +203,12 @@ def _residual_config(config: dict, kind: str = "train") -> dict:
             if not any(k == s or k.startswith(s + ".") for s in skip)}
 
 
-def _adapter_label(adapter: str | None, config: dict, kind: str) -> str | None:
-    """A generation result's adapter arm: "none", or "lora <hash>" named after the adapter's
-    weights (generate_bench records their hash), so that rows of two different adapters are two
-    arms, never averaged together. Results made before the hash was recorded stay "lora"."""
-    sha = (config.get("adapter") or {}).get("weights_sha256") if kind == "generate" else None
-    return f"{adapter} {sha[:8]}" if adapter == "lora" and sha else adapter
+def _adapter_identity(adapter: dict) -> str:
+    """Which adapter a generation result used, one arm each: the run that trained it, and the
+    hash of its weights (generate_bench records it) so that two trainings under one run id,
+    e.g. a re-run on another machine, are two arms, never averaged."""
+    sha = adapter.get("weights_sha256")
+    return (adapter.get("run_id") or "") + (f" {sha[:8]}" if sha else "")
 
 
 def _num(v) -> float:
@@ -233,14 +232,14 @@ def _row(r: dict, rel: str) -> dict:
         "quant": axes.get("quant"),
         "double_quant": bool(axes.get("double_quant")),
         "optim": axes.get("optim"),
-        "adapter": _adapter_label(axes.get("adapter"), cfg, kind),
+        "adapter": axes.get("adapter"),
         "seed": axes.get("seed", r.get("seed")),
         # generation results run no training step: no speed path
         "speed": speed_label(cfg.get("speed")) if kind == "train" else None,
     }
     row["quant_label"] = quant_label(row["quant"], row["double_quant"], row["speed"])
     # which adapter a generation result ran with (its training run), so two adapters never merge
-    row["adapter_run"] = ((cfg.get("adapter") or {}).get("run_id") or "") if kind == "generate" else ""
+    row["adapter_run"] = _adapter_identity(cfg.get("adapter") or {}) if kind == "generate" else ""
     row["dq"] = "on" if row["double_quant"] else "off"
     for col, key in GROUP_KEYS.items():
         if col != "model":

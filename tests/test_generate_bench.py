@@ -119,12 +119,11 @@ def test_greedy_generation_is_deterministic_across_processes(bench):
         assert new[0].tolist() == r["metrics"]["sample_output_ids"]
 
 
-def test_report_writes_the_generation_table(bench, trained_run):
+def test_report_writes_the_generation_table(bench):
     root, _, _ = bench
     page = report.build(root, wandb=False)
     t = pd.read_csv(root / "report" / "tables" / "generation.csv")
-    lora = "lora " + generate_bench.adapter_config(trained_run)["weights_sha256"][:8]  # the adapter's arm
-    assert sorted(zip(t.quant_label, t.adapter)) == [("bf16", lora), ("bf16", "none"), ("nf4", lora),
+    assert sorted(zip(t.quant_label, t.adapter)) == [("bf16", "lora"), ("bf16", "none"), ("nf4", "lora"),
                                                      ("nf4", "none")]
     nf4 = t[(t.quant_label == "nf4") & (t.adapter == "none")].iloc[0]
     assert nf4.weights_delta_pct < 0 and nf4.n == 1 and nf4.ttft_ms > 0 and nf4.decode_tok_s_b2 > 0
@@ -214,14 +213,16 @@ def test_the_adapter_is_identified_by_its_weights(trained_run, tmp_path):
     assert generate_bench.adapter_config(copy)["weights_sha256"] != first["weights_sha256"]
 
 
-def test_two_adapters_are_two_arms_in_the_report():
-    from qlab import frame
+def test_two_trainings_of_one_adapter_run_are_two_arms():
+    # one run id, retrained (adapters are not committed): the weights' hash keeps them apart
+    from qlab import frame, tables
 
     def row(sha):
-        return frame._row({"kind": "generate", "status": "ok", "axes": {"adapter": "lora", "quant": "nf4"},
-                           "config": {"adapter": {"weights_sha256": sha}}}, "x")
+        return frame._row({"kind": "generate", "status": "ok", "run_id": f"g-{sha}",
+                           "axes": {"adapter": "lora", "quant": "nf4", "double_quant": True},
+                           "config": {"adapter": {"run_id": "train-run", "weights_sha256": sha}}}, "x")
 
-    assert row("839b841ac184c32a")["adapter"] == "lora 839b841a"
-    assert row("f7a5315623914659")["adapter"] == "lora f7a53156"
-    assert frame._row({"kind": "generate", "axes": {"adapter": "lora"}, "config": {"adapter": {}}}, "x")["adapter"] \
-        == "lora"  # made before the hash was recorded
+    runs = pd.DataFrame([row("839b841ac184c32a"), row("f7a5315623914659")])
+    assert list(runs.adapter_run) == ["train-run 839b841a", "train-run f7a53156"]
+    arms = tables.generation_arms(runs, ())
+    assert len(arms) == 2 and list(arms.adapter) == ["lora (train-run 839b841a)", "lora (train-run f7a53156)"]
