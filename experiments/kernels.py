@@ -257,10 +257,6 @@ def model_linear_weights(path: Path, device: str, layers: str):
 # --------------------------------------------------------------------------- output
 
 
-def slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
-
 def markdown(result: dict) -> str:
     env, s = result["environment"], result["settings"]
     hw = env["gpu"] or env["cpu"]
@@ -364,7 +360,7 @@ def main(argv=None) -> int:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = slug(env["gpu"] or env["cpu"] or "unknown")
+    stem = track.device_slug(env)
     result["wall_s"] = round(time.perf_counter() - t_start, 1)
     track.atomic_write_json(out / f"{stem}.json", result)
     md = markdown(result)

@@ -65,7 +65,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from qlab import track  # noqa: E402  (no torch at import)
+from qlab import config, track  # noqa: E402  (no torch at import)
 
 ABS_TOL, REL_TOL, WINDOW = 0.05, 0.02, 10
 
@@ -117,34 +117,28 @@ def verdict(compared_on: str | None, curve: dict, ev: dict) -> bool | None:
     return {"curve": curve.get("ok"), "eval": ev.get("ok"), None: None}[compared_on]
 
 
-def compose(overrides: list[str]):
-    from hydra import compose as hcompose
-    from hydra import initialize_config_dir
-
-    from qlab import config
-
-    config.register()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return hcompose("config", overrides=overrides)
-
-
 def run_variant(name: str, overrides: list[str], directory: Path, logs: Path, force: bool) -> dict:
     """One variant through `python -m qlab.run` unless its result in `directory` (its run_dir,
     composed beforehand: Hydra's compose API is not thread-safe) is complete already."""
     t0 = time.perf_counter()
+    written = directory
     if track.is_complete(directory) and not force:
         print(f"  skip  {name}: complete ({directory.name})", flush=True)
         reused = True
     else:
         print(f"  start {name}", flush=True)
-        log = logs / f"{name}.log"
-        with open(log, "w") as out:
-            subprocess.run([sys.executable, "-m", "qlab.run", *overrides, *(["force=true"] if force else [])],
-                           cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        started = time.time()
+        with open(logs / f"{name}.log", "w") as out:
+            subprocess.run([sys.executable, "-m", "qlab.run", *overrides], cwd=ROOT, stdout=out,
+                           stderr=subprocess.STDOUT)
+        # this attempt's own result: a forced re-run that failed stays in staging, beside the
+        # earlier complete result, which must not be judged in its place
+        written = track.fresh_dir(directory, started)
         reused = False
-    result = track.read_result(directory) or {}
-    per_step = directory / "metrics.jsonl"  # one JSON line per step (qlab.track)
-    per_step = [json.loads(line) for line in per_step.read_text().splitlines()] if per_step.exists() else []
+    result = (track.read_result(written) if written else None) or {}
+    steps_file = written / "metrics.jsonl" if written else None  # one JSON line per step (qlab.track)
+    per_step = [json.loads(line) for line in steps_file.read_text().splitlines()] if steps_file and \
+        steps_file.exists() else []
     status = result.get("status", "missing")
     print(f"  end   {name}: {status}, {len(per_step)} steps, {time.perf_counter() - t0:.0f} s", flush=True)
     return {"name": name, "overrides": overrides, "run_id": directory.name, "status": status, "reused": reused,
@@ -207,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         variants["speed=fast"].append("speed.compile=none")
 
     print(f"numerics: {model}, {steps} steps, {device}, -> {out}", flush=True)
-    ref_dir = track.run_dir(compose(common))
+    ref_dir = track.run_dir(config.compose(common))
     runs = {"reference": run_variant("reference", common, ref_dir, logs, args.force)}  # builds the model once
     if runs["reference"]["status"] != "ok":
         print(f"the reference run did not complete ({runs['reference']['status']}): see {logs}", file=sys.stderr)
@@ -215,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     if "data.pack=true" in variants:
         variants["data.pack=true"].append(f"data.pack_tokens={pack_budget(runs['reference'], args.batch_size)}")
     rest = [name for name in variants if name != "reference"]
-    dirs = {name: track.run_dir(compose(common + variants[name])) for name in rest}
+    dirs = {name: track.run_dir(config.compose(common + variants[name])) for name in rest}
     with ThreadPoolExecutor(max(1, args.parallel)) as pool:
         for r in pool.map(lambda n: run_variant(n, common + variants[n], dirs[n], logs, args.force), rest):
             runs[r["name"]] = r

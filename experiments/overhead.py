@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import statistics
 import sys
 import tempfile
@@ -38,7 +37,6 @@ import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 from scipy import stats
 
@@ -49,13 +47,11 @@ from qlab import adapters, config, data, measure, models, optim, track, train  #
 
 
 def compose_cfg(args) -> DictConfig:
-    config.register()
     overrides = [f"model={args.model}", f"quant={args.quant}", f"quant.double_quant={args.double_quant}",
                  f"optim={args.optim}", "adapter=all_linear", f"adapter.r={args.r}", "data.pad_to=max_seq_len",
                  f"data.max_seq_len={args.seq}", f"train.batch_size={args.batch}", "train.progress=false",
                  f"train.steps={args.steps}", "train.warmup_steps=0", f"train.device={args.device}"]
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("config", overrides=overrides)
+    return config.compose(overrides)
 
 
 def build(cfg, device: str):
@@ -215,7 +211,7 @@ def main(argv=None) -> int:
     record = {"setup": {k: v for k, v in vars(args).items() if k != "out"} | {"device": device},
               "methods": summary, "env": env, "git_commit": track.git_commit(), "finished_at": track.now()}
     args.out.mkdir(parents=True, exist_ok=True)
-    slug = re.sub(r"[^a-z0-9]+", "-", (env["gpu"] or env["cpu"] or "cpu").lower()).strip("-")
+    slug = track.device_slug(env)
     track.atomic_write_json(args.out / f"{slug}.json", record)
     lines = [f"# Harness overhead and the Trainer path: {args.model} {args.quant}"
              f"{'+DQ' if args.double_quant == 'true' else ''}, {args.optim}, r={args.r}, "

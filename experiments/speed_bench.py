@@ -40,10 +40,8 @@ missing), 2 bad arguments.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import math
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -58,7 +56,7 @@ sys.path.insert(0, str(ROOT))
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from qlab import config as qconfig  # noqa: E402
-from qlab import track  # noqa: E402
+from qlab import sweep, track  # noqa: E402
 
 MODES = {  # mode -> (runner, overrides on top of the common ones)
     "trainer": ("trainer", ["quant=nf4", "quant.double_quant=true", "speed=recipe"]),
@@ -110,16 +108,6 @@ def mode_overrides(args, model: str, mode: str) -> list[str]:
     return common_overrides(args, model) + extra
 
 
-def compose(overrides: list[str]) -> DictConfig:
-    """The config `python -m qlab.run <overrides>` composes (same tree, same schema)."""
-    from hydra import compose as hcompose
-    from hydra import initialize_config_dir
-
-    qconfig.register()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return hcompose("config", overrides=overrides)
-
-
 def on_cuda(cfg: DictConfig) -> bool:
     device = cfg.train.device
     if device == "auto":
@@ -141,7 +129,7 @@ def trainer_config(cfg: DictConfig) -> DictConfig:
 
 def config_for(args, model: str, mode: str) -> tuple[list[str], DictConfig]:
     overrides = mode_overrides(args, model, mode)
-    cfg = compose(overrides)
+    cfg = qconfig.compose(overrides)
     qconfig.validate(cfg)
     return overrides, trainer_config(cfg) if MODES[mode][0] == "trainer" else cfg
 
@@ -160,7 +148,7 @@ def trainer_worker(argv: list[str]) -> int:
     overrides = [a for a in argv if a != "--force"]
     t_start = time.perf_counter()
     startup_s = time.time() - psutil.Process().create_time()
-    base = compose(overrides)
+    base = qconfig.compose(overrides)
     qconfig.validate(base)
     cfg = trainer_config(base)
     if track.is_complete(track.run_dir(cfg)) and not force:
@@ -329,14 +317,6 @@ def _trainer_pipeline(cfg: DictConfig, raw, recorder, metrics: dict):
 
 # ---------------------------------------------------------------- the bench
 
-def _die_with_parent() -> None:
-    """Child-side: SIGKILL when the bench dies (Linux), so no run outlives it."""
-    try:
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
-    except OSError:
-        pass
-
-
 def launch(args, mode: str, overrides: list[str], cfg: DictConfig) -> tuple[dict, float]:
     """Run one mode in a fresh process; its result (recorded as failed if the process died
     without one or ran past --timeout-per-run) and the process' seconds."""
@@ -353,7 +333,7 @@ def launch(args, mode: str, overrides: list[str], cfg: DictConfig) -> tuple[dict
     note = None
     with open(log_path, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                preexec_fn=_die_with_parent, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                preexec_fn=sweep._die_with_parent, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         try:
             proc.wait(timeout=args.timeout_per_run)
         except subprocess.TimeoutExpired:
@@ -484,10 +464,6 @@ def records(df) -> list[dict]:
             for row in df.to_dict(orient="records")]
 
 
-def slug(env: dict) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", (env.get("gpu") or env.get("cpu") or "cpu").lower()).strip("-")
-
-
 def write_outputs(args, done: dict, table, ratios, env: dict, commit: str | None) -> tuple[Path, Path]:
     from qlab import tables
 
@@ -503,7 +479,7 @@ def write_outputs(args, done: dict, table, ratios, env: dict, commit: str | None
     out.mkdir(parents=True, exist_ok=True)
     # one file per device for the full model set; a run of some models writes its own, so two
     # runs on two GPUs of one host never write the same file
-    stem = out / (slug(env) + ("" if args.models == DEFAULT_MODELS.split(",") else "-" + "-".join(args.models)))
+    stem = out / (track.device_slug(env) + ("" if args.models == DEFAULT_MODELS.split(",") else "-" + "-".join(args.models)))
     track.atomic_write_json(stem.with_suffix(".json"), record)
     lines = [f"# Speed benchmark: HF Trainer vs qlab recipe vs qlab fast vs 16-bit LoRA ({', '.join(args.models)})",
              "", f"{env.get('gpu') or env.get('cpu')}; torch {env.get('torch')}, "

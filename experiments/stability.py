@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import statistics
 import sys
 import time
@@ -33,7 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from qlab import track  # noqa: E402
+from qlab import measure, track  # noqa: E402
 
 
 def cv(xs: list[float]) -> float:
@@ -44,12 +43,8 @@ def nvml_state() -> dict | None:
     """The card as NVML sees it: a None result means no NVML (CPU machine)."""
     if not torch.cuda.is_available():
         return None
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        h = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
-    except Exception:
+    pynvml, h = measure._nvml_handle("cuda")  # the visible card, mapped to NVML's physical index
+    if h is None:
         return None
     out = {}
 
@@ -77,10 +72,16 @@ def idle_utilization(seconds: float) -> list | None:
     """NVML utilization sampled while this process runs nothing: nonzero means a neighbour."""
     if not torch.cuda.is_available():
         return None
+    pynvml, h = measure._nvml_handle("cuda")
+    if h is None:
+        return None
     samples = []
     t_end = time.time() + seconds
     while time.time() < t_end:
-        samples.append((nvml_state() or {}).get("utilization_gpu_pct"))
+        try:
+            samples.append(pynvml.nvmlDeviceGetUtilizationRates(h).gpu)
+        except Exception as e:  # not allowed in some containers: say so, as nvml_state does
+            samples.append(f"unavailable ({type(e).__name__})")
         time.sleep(0.2)
     return samples
 
@@ -165,7 +166,7 @@ def main(argv=None) -> int:
               "idle_utilization_pct": idle, "probes": summary, "windows_s": probes, "env": env,
               "git_commit": track.git_commit(), "finished_at": track.now()}
     args.out.mkdir(parents=True, exist_ok=True)
-    slug = re.sub(r"[^a-z0-9]+", "-", (env["gpu"] or env["cpu"] or "cpu").lower()).strip("-")
+    slug = track.device_slug(env)
     track.atomic_write_json(args.out / f"{slug}-stability.json", record)
     lines = [f"# Machine stability: {env['gpu'] or env['cpu']}", "",
              f"torch {env['torch']}, driver {env['driver']}, {env['cpu_count']} CPU cores; "

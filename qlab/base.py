@@ -203,10 +203,11 @@ def packed_batches(docs: list[list[int]], seq_len: int, batch_size: int, seed: i
 
     rng = random.Random(seed)
     pending: list[torch.Tensor] = []
+    tensors = [torch.tensor(d, dtype=torch.long) for d in docs]  # once: an epoch only reorders them
     while True:
         order = list(range(len(docs)))
         rng.shuffle(order)
-        stream = torch.tensor([t for i in order for t in docs[i]], dtype=torch.long)
+        stream = torch.cat([tensors[i] for i in order]) if tensors else torch.empty(0, dtype=torch.long)
         n = len(stream) // seq_len
         if n == 0:
             raise BaseError(f"the training split holds {len(stream)} tokens, fewer than one sequence of {seq_len}")

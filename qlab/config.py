@@ -169,6 +169,18 @@ def register() -> None:
     ConfigStore.instance().store(name="qlab_schema", node=RunConfig)
 
 
+def compose(overrides: list[str]) -> DictConfig:
+    """The config `python -m qlab.run <overrides>` composes (same tree, same schema), for the
+    experiment scripts that plan runs before launching them. Not thread-safe (Hydra's
+    compose API): compose every config first."""
+    from hydra import compose as hcompose
+    from hydra import initialize_config_dir
+
+    register()
+    with initialize_config_dir(config_dir=os.path.join(PROJECT_ROOT, "conf"), version_base="1.3"):
+        return hcompose("config", overrides=overrides)
+
+
 def _choice(key: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise ConfigError(key, f"unknown value {value!r} (choose from {', '.join(allowed)})")

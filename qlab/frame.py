@@ -90,6 +90,12 @@ METRIC = {m.name: m for m in METRICS}
 MiB = 2**20
 
 
+def byte_unit(largest: float) -> tuple[str, int]:
+    """(unit, bytes per unit) for a table's byte columns: GiB, or MiB when every value is below
+    1 GiB (tiny models) or there is none."""
+    return ("GiB", GiB) if not math.isfinite(largest) or largest >= GiB else ("MiB", MiB)
+
+
 def generation_batch_sizes(runs: pd.DataFrame) -> list[int]:
     """The batch sizes whose throughput the generation results hold, ascending."""
     prefix, suffix = "e2e_tokens_per_s_b", "_median_tok"
@@ -102,8 +108,7 @@ def generation_metrics(runs: pd.DataFrame) -> tuple[Metric, ...]:
     the runs hold. Times and throughputs are each run's median over its timed generate calls,
     its interval the 95% t-interval of the mean over those calls (`measure.summarize`).
     Bytes are in GiB, or in MiB when every value of the group is below 1 GiB (tiny models)."""
-    big = pd.concat([runs[c] for c in ("weight_bytes", "peak_bytes") if c in runs]).max()
-    unit, scale = ("GiB", GiB) if not (big == big) or big >= GiB else ("MiB", MiB)
+    unit, scale = byte_unit(pd.concat([runs[c] for c in ("weight_bytes", "peak_bytes") if c in runs]).max())
     out = [
         Metric("load_s", "load_time_s", 1, "load (s)", 2),
         Metric("weights", "weight_bytes", scale, f"weights ({unit})", 2, delta=True),

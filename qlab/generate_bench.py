@@ -76,7 +76,6 @@ KIND = "generate"
 # label -> (quant.type, quant.double_quant); the order is the default order of the bench
 QUANTS = {label.lower(): setting for label, setting in QUANT_SETTINGS.items()}  # --quants spells nf4+dq
 EVAL_DATA = Path(__file__).resolve().parent / "assets" / "chat" / "eval.jsonl"
-EXIT = {"ok": 0, "oom": 0, "failed": 1}
 WARMUP_CALLS = 1  # per batch size, untimed: first-call costs (allocator growth, cuBLAS/kernel setup)
 
 
@@ -283,25 +282,25 @@ def serve() -> int:
     return 0
 
 
-def run_all(configs: list[dict], force: bool) -> dict:
+def run_all(configs: list[dict]) -> dict:
     """Each configuration in its own process, one after another; returns outcome counts."""
     counts = {"ok": 0, "oom": 0, "failed": 0, "skipped": 0}
     server = ForkServer()
     try:
         for i, config in enumerate(configs, 1):
-            _run_one(i, len(configs), config, force, server, counts)
+            _run_one(i, len(configs), config, server, counts)
     finally:
         server.close()
     return counts
 
 
-def _run_one(i: int, n: int, config: dict, force: bool, server: ForkServer, counts: dict) -> None:
-    """One configuration: skipped when complete (unless force), else run and recorded."""
+def _run_one(i: int, n: int, config: dict, server: ForkServer, counts: dict) -> None:
+    """One configuration: skipped when complete (unless config["force"]), else run and recorded."""
     root, cid = sweep_root(config), config["id"]
     final = root / cid
-    if track.is_complete(final) and not force:
-        print(f"[{i}/{n}] skip {describe(config)}: complete "
-              f"({track.read_result(final)['status']}) in {final}", flush=True)
+    earlier = None if config["force"] else track.read_result(final)
+    if earlier is not None and earlier.get("status") in track.COMPLETE_STATUSES:
+        print(f"[{i}/{n}] skip {describe(config)}: complete ({earlier['status']}) in {final}", flush=True)
         counts["skipped"] += 1
         return
     print(f"[{i}/{n}] start {describe(config)}", flush=True)
@@ -621,7 +620,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bad --run: no result.json or no adapter
         print(f"qlab generate-bench: {e}", file=sys.stderr)
         return 2
-    counts = run_all(configs, args.force)
+    counts = run_all(configs)
     root = sweep_root(configs[0])
     print("qlab generate-bench: " + " / ".join(f"{v} {k}" for k, v in counts.items())
           + f" -> {root}; tables: qlab report {root}", flush=True)

@@ -69,12 +69,11 @@ def result_dir(results: Path | str, size: str) -> Path:
 
 
 def decoder_linears(model) -> list[tuple[str, object]]:
-    """(name, module) of every linear layer of the decoder: all nn.Linear (bitsandbytes' layers
-    subclass it) except the output head — the set transformers quantizes for a LLaMA."""
-    import torch
+    """(name, module) of every layer transformers' bitsandbytes integration quantizes (for a
+    LLaMA: every decoder linear layer, not the head): qlab.estimate's rule, shared."""
+    from qlab import estimate
 
-    head = model.get_output_embeddings()
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    return list(estimate.quantized_linears(model).items())
 
 
 def int4_in_place(model, blocksize: int = BLOCKSIZE) -> int:

@@ -161,9 +161,8 @@ def group_report(g: pd.DataFrame, curves: pd.DataFrame, out: Path, baselines: di
     return made
 
 
-def generation_notes(baseline: str, g: pd.DataFrame) -> list[str]:
+def generation_notes(baseline: str, g: pd.DataFrame, sizes: list[int]) -> list[str]:
     ok = g[g.status == "ok"]
-    sizes = frame.generation_batch_sizes(g)
     notes = [GENERATION_READING, f"Baseline: {baseline} with the same adapter setting."]
     notes.append(f"peak mem: {', '.join(sorted(set(ok.peak_source.dropna()))) or 'n/a'} while generating, the "
                  "largest over the batch sizes (NVML device-used includes the CUDA context; a CPU run's process RSS "
@@ -196,12 +195,13 @@ GENERATION_READING = (
 def generation_report(g: pd.DataFrame, out: Path, baselines: dict) -> dict:
     """The generation table and plot of one generation group into `out`."""
     numeric, disp, baseline, _ = tables.generation_display(g, baselines.get("quant"))
-    notes = generation_notes(baseline, g)
+    sizes = frame.generation_batch_sizes(g)
+    notes = generation_notes(baseline, g, sizes)
     axis = tables.GENERATION
     paths = tables.write(numeric, disp, out / "tables" / axis.key, axis.title, notes)
     made = {"kind": "generate", "tables": [(axis, paths, tables.to_markdown(disp), " ".join(notes))],
             "grid": None, "arms": numeric}
-    made["plots"] = plots.generation_plots(numeric, frame.generation_batch_sizes(g), out / "plots")
+    made["plots"] = plots.generation_plots(numeric, sizes, out / "plots")
     return made
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from qlab.frame import GiB, METRICS, RECIPE, Metric, MiB, generation_metrics, rank
+from qlab.frame import METRICS, RECIPE, Metric, byte_unit, generation_metrics, rank
 from qlab.stats import bootstrap_ci
 
 CONFIG = ["quant_label", "quant", "dq", "optim", "adapter", "speed"]
@@ -274,8 +274,7 @@ def speed_ratios(table: pd.DataFrame) -> pd.DataFrame:
 def speed_display(table: pd.DataFrame) -> pd.DataFrame:
     """The speed table formatted: bytes in GiB, or MiB when every value is below 1 GiB."""
     byte_cols = ["peak", "torch_peak_bytes", "nvml_peak_bytes", "weight_bytes", "weight_bytes_after_prepare"]
-    big = table[byte_cols].max().max()
-    unit, scale = ("GiB", GiB) if not np.isfinite(big) or big >= GiB else ("MiB", MiB)
+    unit, scale = byte_unit(table[byte_cols].max().max())
 
     def num(v, fmt):
         return format(v, fmt) if np.isfinite(v) else "-"

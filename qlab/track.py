@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import platform
 import shutil
 import subprocess
@@ -92,14 +93,21 @@ def staging_dir(cfg: DictConfig) -> Path:
     return Path(cfg.tracker.results_dir) / cfg.tracker.sweep / ".staging" / run_id(cfg)
 
 
-def fresh_result(cfg: DictConfig, since: float) -> dict | None:
-    """The result a run process wrote after `since` (epoch seconds): published, or left in
-    staging when it failed beside an earlier complete result. None if it wrote none."""
-    for directory in (run_dir(cfg), staging_dir(cfg)):
+def fresh_dir(final: Path, since: float) -> Path | None:
+    """Where the run whose result belongs in `final` wrote it after `since` (epoch seconds):
+    `final` itself, or its staging directory when it failed beside an earlier complete result
+    (track.publish). None if it wrote none."""
+    for directory in (final, final.parent / ".staging" / final.name):
         path = directory / RESULT
         if path.exists() and path.stat().st_mtime >= since:
-            return read_result(directory)
+            return directory
     return None
+
+
+def fresh_result(cfg: DictConfig, since: float) -> dict | None:
+    """The result a run process wrote after `since`, or None (fresh_dir)."""
+    directory = fresh_dir(run_dir(cfg), since)
+    return read_result(directory) if directory else None
 
 
 def read_result(directory: Path) -> dict | None:
@@ -210,6 +218,12 @@ def environment() -> dict:
         except Exception:
             pass
     return env
+
+
+def device_slug(env: dict) -> str:
+    """A file-name stem for the machine an environment() describes: its GPU, else its CPU
+    ("NVIDIA H200" -> nvidia-h200); the benchmark scripts name their result files by it."""
+    return re.sub(r"[^a-z0-9]+", "-", (env.get("gpu") or env.get("cpu") or "cpu").lower()).strip("-")
 
 
 def _cpu_name() -> str:
