@@ -15,7 +15,7 @@ SWEEP ?= default
 SIZE ?= auto
 
 .DEFAULT_GOAL := help
-.PHONY: help install run sweep report generate-bench base claims test clean-venv bench-kernels bench-overhead bench-speed
+.PHONY: help install run sweep report generate-bench base claims test clean-venv bench-kernels bench-overhead bench-speed numerics
 
 help: ## list the verbs
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -62,6 +62,5 @@ bench-overhead: $(STAMP) ## bare loop vs qlab's loop vs HF Trainer, same step (G
 bench-speed: $(STAMP) ## HF Trainer vs qlab recipe vs fast vs bf16 LoRA, 7B shapes (GPU; --quick on CPU): writes results/speed-*/
 	$(PY) experiments/speed_bench.py $(ARGS)
 
-.PHONY: numerics
 numerics: $(STAMP) ## speed switches and packing vs the recipe's loss (GPU: base-gpu, 200 steps): make numerics [ARGS="--parallel 4"|"--quick"]
 	$(PY) experiments/numerics.py $(ARGS)

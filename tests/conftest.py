@@ -26,16 +26,9 @@ def qlab_cache(tmp_path_factory):
 @pytest.fixture
 def compose(tmp_path):
     """compose(*overrides) -> the resolved DictConfig qlab.run would get, results in tmp_path."""
-    from hydra import compose as hcompose
-    from hydra import initialize_config_dir
-
     from qlab import config
 
-    config.register()
-
     def _compose(*overrides, fast=True):
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            return hcompose("config", overrides=[f"tracker.results_dir={tmp_path / 'results'}",
-                                                 *(FAST if fast else []), *overrides])
+        return config.compose([f"tracker.results_dir={tmp_path / 'results'}", *(FAST if fast else []), *overrides])
 
     return _compose
