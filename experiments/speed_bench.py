@@ -103,6 +103,8 @@ def common_overrides(args, model: str) -> list[str]:
 
 def mode_overrides(args, model: str, mode: str) -> list[str]:
     extra = list(MODES[mode][1])
+    if MODES[mode][0] == "qlab" and args.profile:
+        extra.append(f"train.profile_steps={args.profile}")  # not part of the run's id
     if args.quick and extra[-1] == "speed=fast":
         extra.append("speed.compile=none")  # a CPU check: compiling costs more than the few steps
     return common_overrides(args, model) + extra
@@ -511,6 +513,7 @@ def write_outputs(args, done: dict, table, ratios, env: dict, commit: str | None
                   "(the recipe and the Trainer up-cast non-quantized weights to float32).",
                   "", "## Ratios", "", tables.to_markdown(tables.ratios_display(ratios)), "",
                   f"Ratios of the table's medians. peak fast/recipe: {sources} (the target's peak).", ""]
+    lines += profile_section(done)
     lines += ["## Modes", "",
               "- trainer: transformers.Trainer as the original QLoRA code runs it (nf4+DQ, "
               "prepare_model_for_kbit_training, float32 LoRA, paged_adamw_32bit, bf16=True, constant LR, "
@@ -528,6 +531,29 @@ def write_outputs(args, done: dict, table, ratios, env: dict, commit: str | None
     return stem.with_suffix(".md"), stem.with_suffix(".json")
 
 
+def profile_section(done: dict) -> list[str]:
+    """Where each qlab run's step time went (its train.profile_steps warm-up steps under
+    torch.profiler, qlab/profiling.py); nothing when no run was profiled."""
+    rows = []
+    for d in done.values():
+        path = Path(d["result"])
+        m = (track.read_result(path.parent).get("metrics") or {}) if path.is_file() else {}
+        if "profile_kernel_ms_per_step" not in m:
+            continue
+        top = ", ".join(f"{k} {v:.0f}" for k, v in list(m["profile_kernel_ms_by_class"].items())[:4])
+        rows.append(f"| {d['model']} | {d['mode']} | {m['profile_wall_ms_per_step']:.0f} | "
+                    f"{m['profile_kernel_ms_per_step']:.0f} | {m['profile_idle_ms_per_step']:.0f} | "
+                    f"{m['profile_kernel_launches_per_step']:,.0f} | {top} |")
+    if not rows:
+        return []
+    return ["## Where a step's time goes (torch.profiler)", "",
+            "| model | mode | wall ms/step | GPU kernel ms/step | GPU idle ms/step | kernel launches/step | "
+            "kernel ms/step by class (top 4) |", "|---|---|---|---|---|---|---|", *rows, "",
+            "The last warm-up steps of each qlab run under torch.profiler (--profile; the measured steps are "
+            "never profiled). GPU idle: wall time in which no kernel of the step ran (launch gaps, Python, "
+            "host work). Each run's full table: profile.txt beside its result.json.", ""]
+
+
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default=None, help="comma-separated presets/model configs (default llama-7b,bloom-7b1; "
@@ -538,6 +564,8 @@ def parse(argv):
     p.add_argument("--results", default="results", help="results directory (sweeps speed-<model>, speed-bench/)")
     p.add_argument("--timeout-per-run", type=float, default=1800, help="seconds before a run is killed (failed)")
     p.add_argument("--force", action="store_true", help="re-run complete runs")
+    p.add_argument("--profile", type=int, default=None, help="warm-up steps of each qlab run to profile with "
+                                                             "torch.profiler (default 3; --quick 0; < --warmup)")
     p.add_argument("--no-run", action="store_true", help="run nothing: table the results already there (their "
                                                          "own hardware and versions)")
     p.add_argument("--quick", action="store_true", help="CPU check: tiny presets, 4 x 128 tokens, r=8, few steps, "
@@ -551,8 +579,11 @@ def parse(argv):
         p.error(f"unknown mode(s) {', '.join(bad)}; choose from {', '.join(MODES)}")
     args.steps = args.steps if args.steps is not None else (3 if quick else 20)
     args.warmup = args.warmup if args.warmup is not None else (1 if quick else 8)
+    args.profile = args.profile if args.profile is not None else (0 if quick else 3)
     if args.steps < 2 or args.warmup < 0:
         p.error("--steps must be >= 2 (a confidence interval needs two steps) and --warmup >= 0")
+    if not 0 <= args.profile < max(1, args.warmup):
+        p.error("--profile profiles the last warm-up steps, never the first: must be >= 0 and < --warmup")
     args.batch, args.seq, args.r, args.seed = 4, (128 if quick else 512), (8 if quick else 64), 0
     return args
 

@@ -113,6 +113,9 @@ class TrainConfig:
     # emulate a smaller GPU: cap PyTorch's allocator at this many GiB (None: the whole card).
     # CUDA managed memory of paged optimizers lies outside this cap, as on a real small card.
     max_device_memory_gib: Optional[float] = None
+    # profile the last this-many warm-up steps with torch.profiler (qlab/profiling.py):
+    # profile.txt beside result.json, profile_* metrics; 0: off
+    profile_steps: int = 0
 
 
 @dataclass
@@ -221,6 +224,10 @@ def validate(cfg: DictConfig | RunConfig) -> None:
             f"must be >= 0 and leave at least one measured step (train.steps={c.train.steps}), "
             f"got {c.train.warmup_steps}",
         )
+    if not 0 <= c.train.profile_steps < max(1, c.train.warmup_steps):
+        raise ConfigError("train.profile_steps", "profiles the last warm-up steps, never the first (it compiles "
+                                                 f"and initializes): must be >= 0 and < train.warmup_steps="
+                                                 f"{c.train.warmup_steps}, got {c.train.profile_steps}")
     if c.train.batch_size < 1:
         raise ConfigError("train.batch_size", f"must be >= 1, got {c.train.batch_size}")
     if c.train.max_device_memory_gib is not None and c.train.max_device_memory_gib <= 0:

@@ -107,6 +107,8 @@ def _pipeline(cfg: DictConfig, raw, recorder, metrics: dict):
     t_train = time.perf_counter()
     outcome = train.train(model, batches, opt, sched, cfg, device, recorder.log_step, recorder.id)
     metrics.update(outcome.metrics)
+    if outcome.profile:
+        (recorder.dir / "profile.txt").write_text(outcome.profile)
     state = optim.measured_state_bytes(opt)
     metrics["optimizer_state_bytes"] = sum(state.values())
     _predicted_vs_measured(cfg, device, metrics)

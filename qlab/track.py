@@ -30,7 +30,8 @@ RESULT = "result.json"
 COMPLETE_STATUSES = ("ok", "oom")
 CONCURRENCY_ENV = "QLAB_RUN_CONCURRENCY"  # {"runs_per_gpu": R, "gpu_slots": S}, set by qlab.sweep
 # Keys that do not change what a run measures: excluded from its id.
-NON_IDENTITY_KEYS = ("tracker", "force", "experiment", "train.progress", "train.save_adapter")
+NON_IDENTITY_KEYS = ("tracker", "force", "experiment", "train.progress", "train.save_adapter",
+                     "train.profile_steps")  # profiling leaves what a run measures as it was
 
 
 def now() -> str:

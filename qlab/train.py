@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from qlab import speed
+from qlab import profiling, speed
 from qlab.config import check_packing
 from qlab.data import IGNORE_INDEX, Data
 from qlab.models import compute_dtype
@@ -57,6 +57,7 @@ class TrainOutcome:
     metrics: dict
     error: dict | None = None
     losses: list = field(default_factory=list)
+    profile: str | None = None  # profile.txt's text (train.profile_steps > 0)
 
 
 def error_record(e: BaseException, with_traceback: bool = True) -> dict:
@@ -160,10 +161,15 @@ def train(model, data: Data, optimizer, scheduler, cfg, device: str,
         return {"step": step, "loss": losses[-1], "lr": scheduler.get_last_lr()[0], **batch_tokens(batch)}
 
     mem = MemoryWindow(device)
+    prof = profiling.StepProfile(device, tc.profile_steps)
+    first_profiled = tc.warmup_steps - tc.profile_steps  # the last warm-up steps
     status, error = "ok", None
     try:
-        for step in range(tc.warmup_steps):
+        for step in range(first_profiled):
             on_step(step_once(step))
+        with prof:
+            for step in range(first_profiled, tc.warmup_steps):
+                on_step(step_once(step))
         with mem:  # peaks and step times from here on: warm-up excluded
             for step in range(tc.warmup_steps, tc.steps):
                 with clock:
@@ -185,7 +191,8 @@ def train(model, data: Data, optimizer, scheduler, cfg, device: str,
     metrics.update(throughput(clock.times[: len(tokens)], tokens, real_tokens, targets))
     metrics["steps_completed"] = len(losses)
     metrics.update(loss_summary(losses))
-    return TrainOutcome(status, metrics, error, losses)
+    metrics.update(prof.metrics())
+    return TrainOutcome(status, metrics, error, losses, prof.report())
 
 
 def throughput(times: list[float], tokens: list[int], real: list[int], targets: list[int]) -> dict:

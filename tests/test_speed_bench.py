@@ -282,3 +282,25 @@ def test_bad_arguments(capsys):
     with pytest.raises(SystemExit):
         bench.parse(["--modes", "trainer,turbo"])
     assert bench.main(["--quick", "--models", "no-such-model", "--results", "/nonexistent"]) == 2
+    with pytest.raises(SystemExit):  # the first warm-up step compiles: never profiled
+        bench.parse(["--warmup", "3", "--profile", "3"])
+
+
+def test_profile_section_tables_profiled_runs_only(tmp_path):
+    """The bench's profile table from what qlab.run recorded (GPU metrics: kernel time by class)."""
+    from qlab import track
+
+    profiled = {"profile_steps": 3, "profile_wall_ms_per_step": 512.0, "profile_kernel_ms_per_step": 402.0,
+                "profile_idle_ms_per_step": 110.0, "profile_kernel_launches_per_step": 4321.0,
+                "profile_kernel_ms_by_class": {"gemm": 250.0, "attention": 60.0, "other elementwise": 50.0,
+                                               "dequantize (bitsandbytes)": 22.0, "optimizer": 20.0}}
+    done = {}
+    for mode, metrics in (("recipe", profiled), ("trainer", {"tokens_per_s": 1.0})):
+        (tmp_path / mode).mkdir()
+        track.atomic_write_json(tmp_path / mode / "result.json", {"status": "ok", "metrics": metrics})
+        done[("m", mode)] = {"model": "m", "mode": mode, "result": str(tmp_path / mode / "result.json")}
+    lines = bench.profile_section(done)
+    rows = [line for line in lines if line.startswith("| m ")]
+    assert rows == ["| m | recipe | 512 | 402 | 110 | 4,321 | gemm 250, attention 60, other elementwise 50, "
+                    "dequantize (bitsandbytes) 22 |"]
+    assert bench.profile_section({("m", "trainer"): done[("m", "trainer")]}) == []
