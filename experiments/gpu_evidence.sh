@@ -34,6 +34,7 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log, keep going on 
 }
 
 MODEL=${MODEL:-llama-7b}  # MODEL=tiny-llama TRAIN=cpu: a dry run of the commands on a CPU
+SPEED_MODES=trainer,recipe,fast,bf16,bf16-fast  # the issue's four, and 16-bit LoRA with the fast switches
 GPU7B=(model=$MODEL train=${TRAIN:-gpu} data.pad_to=max_seq_len train.progress=false)
 
 generation() {  # every quantization setting with and without an r=64 nf4+DQ adapter (~20-40 s each)
@@ -84,13 +85,13 @@ quality)  # ~8 min: 36 runs x 300 steps (0.17 s/step alone) in waves of 9 (QLAB_
     hydra/launcher=local_gpus tracker.sweep=quality-base
   step claims 120 $PY -m qlab.claims --no-run
   ;;
-speed-llama)  # ~5 min: preset build 40 s, trainer / recipe / fast / bf16, 45-80 s each; FORCE=1
-  # re-measures complete modes too (a mode re-run alone would be compared across machines)
-  step speed-llama 560 $PY experiments/speed_bench.py --models llama-7b ${FORCE:+--force}
+speed-llama)  # ~7 min: preset build 40 s, trainer / recipe / fast / bf16 / bf16-fast, 45-90 s each;
+  # FORCE=1 re-measures complete modes too (a mode re-run alone would be compared across machines)
+  step speed-llama 560 $PY experiments/speed_bench.py --models llama-7b --modes $SPEED_MODES ${FORCE:+--force}
   ;;
-speed-bloom)  # ~6 min: bloom-7b1's preset build ~60 s, then the same four modes
-  step speed-bloom 560 $PY experiments/speed_bench.py --models bloom-7b1 ${FORCE:+--force}
-  step speed-table 60 $PY experiments/speed_bench.py --no-run  # both shapes' runs, one table
+speed-bloom)  # ~6 min: bloom-7b1's preset build ~60 s, then the same five modes
+  step speed-bloom 560 $PY experiments/speed_bench.py --models bloom-7b1 --modes $SPEED_MODES ${FORCE:+--force}
+  step speed-table 60 $PY experiments/speed_bench.py --no-run --modes $SPEED_MODES  # both shapes' runs, one table
   ;;
 parallel)  # parallel STAGE...: stage i on GPU i, all at once
   shift

@@ -117,16 +117,29 @@ def verdict(compared_on: str | None, curve: dict, ev: dict) -> bool | None:
     return {"curve": curve.get("ok"), "eval": ev.get("ok"), None: None}[compared_on]
 
 
-def run_variant(name: str, overrides: list[str], directory: Path, logs: Path, force: bool) -> dict:
+def reusable(directory: Path, weights: str | None) -> bool:
+    """A complete result of the same base weights (`weights`: base.weights_sha256, None for a
+    model that is not a built base). A base rebuilt on a GPU has other weights under the same
+    key: a curve of the old build must not be compared with one of the new (it moved the first
+    step's loss by 0.06 nats on base-gpu, which failed a switch that matches on one build)."""
+    if not track.is_complete(directory):
+        return False
+    return weights is None or track.read_result(directory)["metrics"].get("base_weights_sha256") == weights
+
+
+def run_variant(name: str, overrides: list[str], directory: Path, logs: Path, force: bool,
+                weights: str | None = None) -> dict:
     """One variant through `python -m qlab.run` unless its result in `directory` (its run_dir,
-    composed beforehand: Hydra's compose API is not thread-safe) is complete already."""
+    composed beforehand: Hydra's compose API is not thread-safe) is complete already, for the
+    same base weights."""
     t0 = time.perf_counter()
     written = directory
-    if track.is_complete(directory) and not force:
+    if not force and reusable(directory, weights):
         print(f"  skip  {name}: complete ({directory.name})", flush=True)
         reused = True
     else:
-        print(f"  start {name}", flush=True)
+        stale = " (its result is of other base weights)" if track.is_complete(directory) and not force else ""
+        print(f"  start {name}{stale}", flush=True)
         started = time.time()
         with open(logs / f"{name}.log", "w") as out:
             subprocess.run([sys.executable, "-m", "qlab.run", *overrides], cwd=ROOT, stdout=out,
@@ -201,8 +214,15 @@ def main(argv: list[str] | None = None) -> int:
         variants["speed=fast"].append("speed.compile=none")
 
     print(f"numerics: {model}, {steps} steps, {device}, -> {out}", flush=True)
-    ref_dir = track.run_dir(config.compose(common))
-    runs = {"reference": run_variant("reference", common, ref_dir, logs, args.force)}  # builds the model once
+    ref_cfg = config.compose(common)
+    ref_dir = track.run_dir(ref_cfg)
+    weights = None
+    if ref_cfg.model.get("base"):  # built (once) before any run, so that every run compares to it
+        from qlab import base
+
+        weights = base.weights_sha256(base.ensure_base(ref_cfg.model.base, device))
+        print(f"base weights sha256 {weights[:12]}", flush=True)
+    runs = {"reference": run_variant("reference", common, ref_dir, logs, args.force, weights)}
     if runs["reference"]["status"] != "ok":
         print(f"the reference run did not complete ({runs['reference']['status']}): see {logs}", file=sys.stderr)
         return 1
@@ -211,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     rest = [name for name in variants if name != "reference"]
     dirs = {name: track.run_dir(config.compose(common + variants[name])) for name in rest}
     with ThreadPoolExecutor(max(1, args.parallel)) as pool:
-        for r in pool.map(lambda n: run_variant(n, common + variants[n], dirs[n], logs, args.force), rest):
+        for r in pool.map(lambda n: run_variant(n, common + variants[n], dirs[n], logs, args.force, weights), rest):
             runs[r["name"]] = r
 
     ref = runs["reference"]
@@ -228,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
                      "compared_on": compared_on, "curve": curve, "eval": ev, "pass": ok})
     failed = [row["variant"] for row in rows if row["pass"] is False]
     report = {
-        "model": model, "steps": steps, "device": device, "window": args.window,
+        "model": model, "base_weights_sha256": weights, "steps": steps, "device": device, "window": args.window,
         "tolerance": {"abs_nats": ABS_TOL, "rel": REL_TOL,
                       "rule": "curve: |MA_w(switch) - MA_w(ref)| <= max(abs, rel * MA_w(ref)) at every step; "
                               "data.pack: |eval_loss - eval_loss_ref| <= max(abs, rel * eval_loss_ref)"},
@@ -255,7 +275,9 @@ def markdown(r: dict) -> str:
              f"CUDA {env.get('cuda')}, driver {env.get('driver')}.", "",
              f"Tolerance: {r['tolerance']['rule']}; abs = {ABS_TOL} nats, rel = {REL_TOL:.0%}, "
              f"moving average over {r['window']} steps.", "",
-             "Every run: `" + " ".join(r["reference"]["overrides"]) + "`", "",
+             "Every run: `" + " ".join(r["reference"]["overrides"]) + "`"
+             + (f"; base weights sha256 {r['base_weights_sha256'][:12]} (one build for every run)"
+                if r.get("base_weights_sha256") else ""), "",
              f"Reference (speed=recipe, padded): eval_loss {_f(r['reference']['eval_loss'], '.4f')}, "
              f"last {r['window']}-step mean loss {_f(r['reference']['final_window_loss'], '.4f')}.", "",
              "| variant | status | judged on | max abs dMA | mean abs dMA | final dMA | worst d/tol "

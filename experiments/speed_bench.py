@@ -541,17 +541,20 @@ def profile_section(done: dict) -> list[str]:
         if "profile_kernel_ms_per_step" not in m:
             continue
         top = ", ".join(f"{k} {v:.0f}" for k, v in list(m["profile_kernel_ms_by_class"].items())[:4])
-        rows.append(f"| {d['model']} | {d['mode']} | {m['profile_wall_ms_per_step']:.0f} | "
-                    f"{m['profile_kernel_ms_per_step']:.0f} | {m['profile_idle_ms_per_step']:.0f} | "
+        step_ms = 1e3 * m["step_time_median_s"] if m.get("step_time_median_s") else math.nan
+        rows.append(f"| {d['model']} | {d['mode']} | {step_ms:.0f} | {m['profile_kernel_ms_per_step']:.0f} | "
+                    f"{step_ms - m['profile_kernel_ms_per_step']:.0f} | "
                     f"{m['profile_kernel_launches_per_step']:,.0f} | {top} |")
     if not rows:
         return []
     return ["## Where a step's time goes (torch.profiler)", "",
-            "| model | mode | wall ms/step | GPU kernel ms/step | GPU idle ms/step | kernel launches/step | "
-            "kernel ms/step by class (top 4) |", "|---|---|---|---|---|---|---|", *rows, "",
-            "The last warm-up steps of each qlab run under torch.profiler (--profile; the measured steps are "
-            "never profiled). GPU idle: wall time in which no kernel of the step ran (launch gaps, Python, "
-            "host work). Each run's full table: profile.txt beside its result.json.", ""]
+            "| model | mode | step ms (measured median) | GPU kernel ms/step | GPU idle ms/step | kernel "
+            "launches/step | kernel ms/step by class (top 4) |", "|---|---|---|---|---|---|---|", *rows, "",
+            "Kernel time and launches: the last warm-up steps of each qlab run under torch.profiler (--profile; "
+            "the measured steps are never profiled), per step. GPU idle: the measured median step time less "
+            "the kernel time, the part of a step in which no kernel runs (launch gaps, Python, host work; "
+            "the profiler's own wall time, which its overhead inflates, is in profile.txt). Each run's full "
+            "table: profile.txt beside its result.json.", ""]
 
 
 def parse(argv):

@@ -177,6 +177,19 @@ def ensure_base(size: str, device: str = "cpu", *, steps: int | None = None, out
     return target
 
 
+def weights_sha256(path: Path | str) -> str:
+    """The identity of a built base's weights (its safetensors files). The cache key names what
+    was asked for; the weights are what a GPU build produced, and they differ between two builds of
+    one key (CUDA training is not bit-reproducible). Runs record it (run.setup), so results are
+    compared only between runs of the same weights (experiments/numerics.py)."""
+    h = hashlib.sha256()
+    for f in sorted(Path(path).glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
+
+
 # ---------------------------------------------------------------------------------------------
 # tokenizer, data, model
 

@@ -68,6 +68,10 @@ def setup(cfg: DictConfig, raw, metrics: dict):
     loaded = models.load(cfg.model, cfg.quant, device)
     metrics.update(loaded.weight_bytes)
     metrics["load_time_s"] = loaded.load_time_s
+    if cfg.model.get("base"):  # a base built here: which build's weights (base.weights_sha256)
+        from qlab import base
+
+        metrics["base_weights_sha256"] = base.weights_sha256(loaded.path)
     metrics["total_params"] = sum(
         p.quant_state.shape.numel() if getattr(p, "quant_state", None) is not None else p.numel()
         for p in loaded.model.parameters()

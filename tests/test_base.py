@@ -200,3 +200,8 @@ def test_model_group_base_tiny_builds_or_reuses_the_base(tiny_base, compose):
     assert result["status"] == "ok" and result["axes"]["model"] == "base-tiny"
     pvm = result["metrics"]["predicted_vs_measured"]  # the analytic model follows it too
     assert pvm["weight_bytes"]["predicted"] == pvm["weight_bytes"]["measured"]
+    # which build's weights it trained on (a hash of the safetensors files, not of the cache key)
+    import hashlib
+
+    [weights] = path.glob("*.safetensors")
+    assert result["metrics"]["base_weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()

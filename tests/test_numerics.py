@@ -74,3 +74,23 @@ def test_quick_run_on_cpu_and_resume(tmp_path, capsys):
     capsys.readouterr()
     assert numerics.main(args) == 0  # resumed: nothing re-runs
     assert capsys.readouterr().out.count("  skip  ") == 3
+
+
+def test_a_result_of_other_base_weights_is_not_reused(tmp_path):
+    """A base rebuilt on a GPU has other weights under the same cache key: its runs are re-run,
+    never compared with runs of the earlier build."""
+    from qlab import track
+
+    def result(name, status, metrics):
+        (tmp_path / name).mkdir()
+        track.atomic_write_json(tmp_path / name / "result.json", {"status": status, "metrics": metrics})
+        return tmp_path / name
+
+    same = result("same", "ok", {"base_weights_sha256": "a" * 64})
+    other = result("other", "ok", {"base_weights_sha256": "b" * 64})
+    older = result("older", "ok", {})  # recorded before runs named their base's weights
+    failed = result("failed", "failed", {"base_weights_sha256": "a" * 64})
+    assert numerics.reusable(same, "a" * 64)
+    assert not numerics.reusable(other, "a" * 64) and not numerics.reusable(older, "a" * 64)
+    assert not numerics.reusable(failed, "a" * 64)
+    assert numerics.reusable(other, None)  # not a built base (a preset, a hub model): complete is enough

@@ -290,7 +290,7 @@ def test_profile_section_tables_profiled_runs_only(tmp_path):
     """The bench's profile table from what qlab.run recorded (GPU metrics: kernel time by class)."""
     from qlab import track
 
-    profiled = {"profile_steps": 3, "profile_wall_ms_per_step": 512.0, "profile_kernel_ms_per_step": 402.0,
+    profiled = {"step_time_median_s": 0.5, "profile_steps": 3, "profile_wall_ms_per_step": 512.0, "profile_kernel_ms_per_step": 402.0,
                 "profile_idle_ms_per_step": 110.0, "profile_kernel_launches_per_step": 4321.0,
                 "profile_kernel_ms_by_class": {"gemm": 250.0, "attention": 60.0, "other elementwise": 50.0,
                                                "dequantize (bitsandbytes)": 22.0, "optimizer": 20.0}}
@@ -301,6 +301,6 @@ def test_profile_section_tables_profiled_runs_only(tmp_path):
         done[("m", mode)] = {"model": "m", "mode": mode, "result": str(tmp_path / mode / "result.json")}
     lines = bench.profile_section(done)
     rows = [line for line in lines if line.startswith("| m ")]
-    assert rows == ["| m | recipe | 512 | 402 | 110 | 4,321 | gemm 250, attention 60, other elementwise 50, "
+    assert rows == ["| m | recipe | 500 | 402 | 98 | 4,321 | gemm 250, attention 60, other elementwise 50, "
                     "dequantize (bitsandbytes) 22 |"]
     assert bench.profile_section({("m", "trainer"): done[("m", "trainer")]}) == []
