@@ -1,24 +1,28 @@
-"""Does a compiled decoder layer compute what the eager one does? One batch, one training step.
+"""Does a compiled decoder layer compute what the eager one does, and keep what it keeps? One
+batch, one training step.
 
     python experiments/compile_probe.py                     # tiny-llama on the GPU, nf4 and bf16
-    python experiments/compile_probe.py --model small-llama --quants nf4
+    python experiments/compile_probe.py --model llama-7b --quants nf4 --pads max_seq_len --backends inductor \
+        speed.upcast_non_quantized=false speed.adapter_autocast=true     # the fast mode's settings
 
-speed.compile=layers failed the GPU numerics (results/numerics-base-gpu: its curve off the
-recipe's from step 0). With LoRA's B = 0 the first step's loss is the base model's, so any
-difference there is the forward's, not training's. For each quantization and batch padding, on
-one model (the same weights, the same batch), each arm runs one forward + backward:
-  eager                  transformers' own checkpointing (the reference)
-  <backend>+ckpt         speed.compile_layers: torch.compile(checkpoint(forward)) per layer
-  inductor (no ckpt)     compiled layers without the checkpoint
+With LoRA's B = 0 the first step's loss is the base model's, so a difference there is the
+forward's, not training's. For each quantization and batch padding, on one model (the same
+weights, the same batch), each arm runs one forward + backward:
+  eager                       transformers' own checkpointing (the reference)
+  <backend>+ckpt              speed.compile_layers: torch.compile(checkpoint(forward)) per layer,
+                              every op recomputed (speed.recompute_everything)
+  inductor+ckpt, partitioner  the same, the partitioner choosing what to save (no policy)
+  inductor (no ckpt)          compiled layers without the checkpoint
 and prints the loss, its difference from eager, the largest per-layer output difference (forward
 hooks on the decoder layers), the LoRA gradient's relative difference, the bytes the forward saved
-for backward and torch's peak allocated bytes over the step.
+for backward (a compiled graph saves its parameters too, by reference: no new memory) and torch's
+peak allocated bytes over the step (the compiled arms' first step: compilation included).
+What it showed on an H200 is in qlab/speed.py and the README ("A fast QLoRA step").
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 from pathlib import Path
 
@@ -30,16 +34,8 @@ def arms(backends):
     yield "eager", None, "ckpt"
     for b in backends:
         yield f"{b}+ckpt", b, "ckpt"
-    yield "inductor+ckpt, SAC", "inductor", "sac"
+    yield "inductor+ckpt, partitioner", "inductor", "partitioner"
     yield "inductor (no ckpt)", "inductor", "none"
-
-
-def must_recompute_all():
-    """A selective-checkpoint context that makes the compiled graph recompute every op in backward
-    (the partitioner may otherwise keep some activations it finds cheaper to save)."""
-    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
-
-    return create_selective_checkpoint_contexts(lambda ctx, op, *a, **k: CheckpointPolicy.MUST_RECOMPUTE)
 
 
 def uncompile(model):
@@ -100,10 +96,14 @@ def probe(model_name, quant, pad, backends, overrides, one_row=False):
           f"{real} real positions")
     ref = None
     plain = speed.checkpoint
+
+    def without_policy(fn, *args, context_fn=None, **kwargs):  # the partitioner chooses what to save
+        return plain(fn, *args, **kwargs)
+
     for name, backend, ckpt in arms(backends):
         uncompile(model)
         torch._dynamo.reset()
-        speed.checkpoint = functools.partial(plain, context_fn=must_recompute_all) if ckpt == "sac" else plain
+        speed.checkpoint = without_policy if ckpt == "partitioner" else plain
         if backend:
             speed.compile_layers(model, config.OmegaConf.merge(cfg.speed, {"compile": "layers",
                                                                            "compile_backend": backend}))
@@ -114,7 +114,7 @@ def probe(model_name, quant, pad, backends, overrides, one_row=False):
         try:
             loss, outs, grad, saved, peak = step(model, batch, cfg, device, dtype)
         except Exception as e:  # report and go on: the other arms still say something
-            print(f"  {name:20s} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            print(f"  {name:28s} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
             continue
         if ref is None:
             ref = (loss, outs, grad)
@@ -122,9 +122,10 @@ def probe(model_name, quant, pad, backends, overrides, one_row=False):
         first_bad = next((i for i, (a, b) in enumerate(zip(outs, ref[1]))
                           if float((a - b).abs().max()) > 1e-2 * float(b.abs().max())), None)
         gdiff = float((grad - ref[2]).norm() / ref[2].norm()) if ref[2].norm() > 0 else float("nan")
-        print(f"  {name:20s} loss {loss:.5f} (d {loss - ref[0]:+.5f})  max layer-out diff {layer_diff:.3g}"
+        print(f"  {name:28s} loss {loss:.5f} (d {loss - ref[0]:+.5f})  max layer-out diff {layer_diff:.3g}"
               f" (first layer off by >1%: {first_bad})  grad rel diff {gdiff:.3g}  "
               f"saved {saved / 2**20:.1f} MiB  peak {peak / 2**20:.0f} MiB", flush=True)
+    speed.checkpoint = plain
     del model
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
