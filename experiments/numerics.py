@@ -270,9 +270,7 @@ def _f(x, fmt="+.4f") -> str:
 def markdown(r: dict) -> str:
     env = r["env"] or {}
     lines = [f"# Numerics: {r['model']}, {r['steps']} steps, {r['device']}", "",
-             f"Hardware: {env.get('gpu') or env.get('cpu')}; torch {env.get('torch')}, transformers "
-             f"{env.get('transformers')}, peft {env.get('peft')}, bitsandbytes {env.get('bitsandbytes')}, "
-             f"CUDA {env.get('cuda')}, driver {env.get('driver')}.", "",
+             f"Hardware: {track.machine_line(env, with_cuda=True)}.", "",
              f"Tolerance: {r['tolerance']['rule']}; abs = {ABS_TOL} nats, rel = {REL_TOL:.0%}, "
              f"moving average over {r['window']} steps.", "",
              "Every run: `" + " ".join(r["reference"]["overrides"]) + "`"

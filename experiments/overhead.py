@@ -216,8 +216,7 @@ def main(argv=None) -> int:
     lines = [f"# Harness overhead and the Trainer path: {args.model} {args.quant}"
              f"{'+DQ' if args.double_quant == 'true' else ''}, {args.optim}, r={args.r}, "
              f"{args.batch} x {args.seq} tokens, {args.rounds} rounds x {args.steps} steps",
-             "", f"{env['gpu'] or env['cpu']}; torch {env['torch']}, transformers {env['transformers']}, "
-             f"peft {env['peft']}, bitsandbytes {env['bitsandbytes']}", "",
+             "", track.machine_line(env), "",
              "| method | tok/s median | 95% CI | CV over rounds | per-step CV (median) | vs bare |",
              "|---|---|---|---|---|---|"]
     for name, s in summary.items():

@@ -184,7 +184,7 @@ def _trainer_pipeline(cfg: DictConfig, raw, recorder, metrics: dict):
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from qlab import measure, models, optim, train
-    from qlab.run import _predicted_vs_measured, setup
+    from qlab.run import record_memory, setup
 
     # as qlab.run, with the recipe's speed settings (the QLoRA code: prepare_model_for_kbit_training's
     # float32 up-cast, checkpointing on, float32 LoRA, eager): the same model, adapters and batches
@@ -304,14 +304,8 @@ def _trainer_pipeline(cfg: DictConfig, raw, recorder, metrics: dict):
         state = optim.measured_state_bytes(opt)
     else:
         state = {"device": 0, "managed": 0, "cpu": 0}
-    metrics["optimizer_state_bytes"] = sum(state.values())
     metrics["optimizer_state_location"] = optim.state_location(cfg.optim.name, device)
-    _predicted_vs_measured(cfg, device, metrics)
-    adapter_bytes = sum(p.numel() * p.element_size() for p in params)
-    vocab = model.get_output_embeddings().weight.shape[0]
-    logits = metrics.get("max_tokens_per_step", 0) * vocab * 4  # float32 logits of the largest batch
-    metrics["memory_breakdown"] = measure.memory_breakdown(prepared, adapter_bytes, state, logits,
-                                                           metrics.get("peak_allocated_bytes"))
+    record_memory(cfg, device, model, prepared, state, metrics)
     if status == "ok":
         metrics["train_s"] = time.perf_counter() - t_train
     return status, error
@@ -484,10 +478,7 @@ def write_outputs(args, done: dict, table, ratios, env: dict, commit: str | None
     stem = out / (track.device_slug(env) + ("" if args.models == DEFAULT_MODELS.split(",") else "-" + "-".join(args.models)))
     track.atomic_write_json(stem.with_suffix(".json"), record)
     lines = [f"# Speed benchmark: HF Trainer vs qlab recipe vs qlab fast vs 16-bit LoRA ({', '.join(args.models)})",
-             "", f"{env.get('gpu') or env.get('cpu')}; torch {env.get('torch')}, "
-             f"transformers {env.get('transformers')}, "
-             f"peft {env.get('peft')}, bitsandbytes {env.get('bitsandbytes')}, CUDA {env.get('cuda')}, driver "
-             f"{env.get('driver')}; git {record['git_commit']}", "",
+             "", f"{track.machine_line(env, with_cuda=True)}; git {record['git_commit']}", "",
              f"Every run: batch {args.batch} x {args.seq} tokens (padded: {args.batch * args.seq:,} tok/step), LoRA "
              f"r={args.r} on every linear layer, paged AdamW 32-bit, gradient checkpointing, seed {args.seed}; "
              f"{args.warmup} warm-up + {args.steps} measured steps, one fresh process per run"

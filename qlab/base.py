@@ -26,19 +26,16 @@ CLI: `python -m qlab.base --size tiny|small|gpu|auto [--device auto] [--steps N]
 from __future__ import annotations
 
 import argparse
-import fcntl
 import hashlib
 import json
 import math
-import os
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
 
 from qlab import corpus
-from qlab.presets import SPECIAL_TOKENS, cache_root, train_bpe
+from qlab.presets import SPECIAL_TOKENS, build_once, cache_root, train_bpe
 
 BUILD_VERSION = 1  # bump when the build procedure changes, so cached bases rebuild
 
@@ -146,7 +143,7 @@ def ensure_base(size: str, device: str = "cpu", *, steps: int | None = None, out
 
     `device`: where to train ("auto", "cpu", "cuda", "cuda:N"). `steps` overrides the size's
     budget (a different cache key). `out`: build there instead of `$QLAB_CACHE/base/...`.
-    Concurrency-safe like presets.ensure: a file lock, a temporary directory, a rename.
+    Concurrency-safe like presets.ensure (presets.build_once).
     """
     from qlab.models import resolve_device
 
@@ -160,21 +157,8 @@ def ensure_base(size: str, device: str = "cpu", *, steps: int | None = None, out
     if out and target.exists() and any(target.iterdir()):  # never replace what we did not build
         raise BaseError(f"{target} exists and holds something other than base {size}-{key}; "
                         "choose another --out or remove it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if _complete(target, key):  # another process built it meanwhile
-            return target
-        tmp = target.parent / f".{target.name}.tmp{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            build(spec, device, tmp, key, compile=compile, progress=progress)
-            if target.exists():  # an incomplete leftover (not ours to keep: its key differs or it is broken)
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return build_once(target, lambda p: _complete(p, key),
+                      lambda tmp: build(spec, device, tmp, key, compile=compile, progress=progress))
 
 
 def weights_sha256(path: Path | str) -> str:

@@ -408,10 +408,7 @@ def evaluate(claims: list[dict], results: Path) -> list[dict]:
 
 
 def _machine(env: dict | None) -> str:
-    if not env:
-        return "n/a"
-    versions = ", ".join(f"{k} {env[k]}" for k in ("torch", "transformers", "peft", "bitsandbytes") if env.get(k))
-    return f"{env.get('gpu') or env.get('cpu')}" + (f"; {versions}" if versions else "")
+    return track.machine_line(env) if env else "n/a"
 
 
 def evidence_machine(results: Path, evidence: str) -> str:

@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 # Shapes: llama-7b is LLaMA-1 7B (6.74B params); bloom-7b1 is bigscience/bloom-7b1 (7.07B).
 # Tiny widths are multiples of 32: bitsandbytes' CPU inference kernel repacks 4-bit weights
@@ -69,6 +70,31 @@ def cache_root() -> Path:
     return Path(os.environ.get("QLAB_CACHE", Path.home() / ".cache" / "qlab"))
 
 
+def build_once(target: Path, complete: Callable[[Path], bool], build: Callable[[Path], None]) -> Path:
+    """Return `target`, first building it with `build(directory)` unless `complete(target)`.
+
+    Safe under concurrency: builders take a file lock beside `target`, write into a temporary
+    directory and rename it into place, so a reader never sees a half-written model and
+    concurrent callers build once; a build that fails leaves nothing behind."""
+    if complete(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if complete(target):  # another process built it meanwhile
+            return target
+        tmp = target.parent / f".{target.name}.tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            build(tmp)
+            if target.exists():  # an incomplete leftover (not complete, so not ours to keep)
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
 def preset_dir(name: str) -> Path:
     spec = json.dumps(PRESETS[name], sort_keys=True)
     corpus = hashlib.sha256(TOKENIZER_CORPUS.read_bytes()).hexdigest()
@@ -77,28 +103,13 @@ def preset_dir(name: str) -> Path:
 
 
 def ensure(name: str, device: str = "cpu") -> Path:
-    """Return the directory of preset `name`, building it first if needed.
-
-    Safe under concurrency: builders take a file lock, write into a temporary directory and
-    rename it into place, so a reader never sees a half-written model.
-    """
-    target = preset_dir(name)
-    if (target / "config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (target / "config.json").is_file():  # another process built it meanwhile
-            return target
-        tmp = target.parent / f".{target.name}.tmp{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
+    """Return the directory of preset `name`, building it first if needed (build_once)."""
+    def build(out: Path) -> None:
         tokenizer = build_tokenizer()
-        model = build_model(name, len(tokenizer), tokenizer, device)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        del model
-        os.replace(tmp, target)
-    return target
+        build_model(name, len(tokenizer), tokenizer, device).save_pretrained(out)
+        tokenizer.save_pretrained(out)
+
+    return build_once(preset_dir(name), lambda p: (p / "config.json").is_file(), build)
 
 
 def build_tokenizer():

@@ -97,7 +97,7 @@ def _pipeline(cfg: DictConfig, raw, recorder, metrics: dict):
     t_setup = time.perf_counter()
     import torch
 
-    from qlab import measure, models, optim, train
+    from qlab import models, optim, train
 
     device, model, prepared, batches = setup(cfg, raw, metrics)
     opt, sched = optim.build(cfg.optim, list(model.parameters()), device)
@@ -113,14 +113,7 @@ def _pipeline(cfg: DictConfig, raw, recorder, metrics: dict):
     metrics.update(outcome.metrics)
     if outcome.profile:
         (recorder.dir / "profile.txt").write_text(outcome.profile)
-    state = optim.measured_state_bytes(opt)
-    metrics["optimizer_state_bytes"] = sum(state.values())
-    _predicted_vs_measured(cfg, device, metrics)
-    adapter_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    vocab = model.get_output_embeddings().weight.shape[0]
-    logits = metrics.get("max_tokens_per_step", 0) * vocab * 4  # float32 logits of the largest batch
-    metrics["memory_breakdown"] = measure.memory_breakdown(
-        prepared, adapter_bytes, state, logits, metrics.get("peak_allocated_bytes"))
+    record_memory(cfg, device, model, prepared, optim.measured_state_bytes(opt), metrics)
     if outcome.status != "ok":
         return outcome.status, outcome.error
     metrics["train_s"] = time.perf_counter() - t_train
@@ -133,6 +126,21 @@ def _pipeline(cfg: DictConfig, raw, recorder, metrics: dict):
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return "ok", None
+
+
+def record_memory(cfg: DictConfig, device: str, model, prepared: dict, state: dict, metrics: dict) -> None:
+    """After the steps: the optimizer state (`state`: optim.measured_state_bytes), what the peak is
+    made of (measure.memory_breakdown) and the analytic model's prediction beside the measurement;
+    qlab's loop and the HF Trainer worker (experiments/speed_bench.py) record the same."""
+    from qlab import measure
+
+    metrics["optimizer_state_bytes"] = sum(state.values())
+    _predicted_vs_measured(cfg, device, metrics)
+    adapter_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    logits = metrics.get("max_tokens_per_step", 0) * vocab * 4  # float32 logits of the largest batch
+    metrics["memory_breakdown"] = measure.memory_breakdown(
+        prepared, adapter_bytes, state, logits, metrics.get("peak_allocated_bytes"))
 
 
 # measured key -> predicted key of qlab.estimate; all but the peak are exact predictions

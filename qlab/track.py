@@ -221,6 +221,15 @@ def environment() -> dict:
     return env
 
 
+def machine_line(env: dict, with_cuda: bool = False) -> str:
+    """The hardware and versions an environment() recorded, as the benchmark reports print them:
+    "NVIDIA H200; torch 2.11.0+cu130, transformers 5.17.0, peft 0.21.0, bitsandbytes 0.50.2"
+    (`with_cuda`: then ", CUDA 13.0, driver 580.159.04")."""
+    keys = ("torch", "transformers", "peft", "bitsandbytes") + (("CUDA", "driver") if with_cuda else ())
+    versions = ", ".join(f"{k} {env[k.lower()]}" for k in keys if k.lower() in env)
+    return f"{env.get('gpu') or env.get('cpu')}" + (f"; {versions}" if versions else "")
+
+
 def device_slug(env: dict) -> str:
     """A file-name stem for the machine an environment() describes: its GPU, else its CPU
     ("NVIDIA H200" -> nvidia-h200); the benchmark scripts name their result files by it."""
