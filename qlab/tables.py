@@ -116,19 +116,24 @@ def axis_table(arm_df: pd.DataFrame, axis: Axis, requested: str | None = None):
     out = []
     for block in blocks:
         block = block.iloc[sorted(range(len(block)), key=lambda i: rank(axis.column, block[axis.column].iloc[i]))]
-        base = block[block[axis.column] == baseline]
-        block = block.copy()
-        for m in METRICS:
-            if m.delta:
-                ref = base[m.name].iloc[0] if len(base) else math.nan
-                # % change vs the baseline arm of the same context: 100 * (arm - base) / base
-                block[f"{m.name}_delta_pct"] = (block[m.name] - ref) / ref * 100 if ref else math.nan
-        block["is_baseline"] = block[axis.column] == baseline
-        out.append(block)
+        out.append(_vs_baseline(block, axis.column, baseline, METRICS))
     table = pd.concat(out).reset_index(drop=True)
-    metric_cols = [c for m in METRICS for c in (m.name, f"{m.name}_ci95_low", f"{m.name}_ci95_high",
-                                                f"{m.name}_delta_pct") if c in table]
+    metric_cols = [c for m in METRICS for c in (m.name, f"{m.name}_ci95_low", f"{m.name}_ci95_high")
+                   + ((f"{m.name}_delta_pct",) if m.delta else ()) if c in table]
     return table[[*ctx, axis.column, "n", "runs", "is_baseline", *metric_cols]], baseline, fixed
+
+
+def _vs_baseline(block: pd.DataFrame, column: str, baseline: str, metrics) -> pd.DataFrame:
+    """The block's arms with each metric's % change vs the block's baseline arm,
+    100 (arm - base) / base (NaN for a metric without one, m.delta false, or a block without a
+    baseline arm), and is_baseline."""
+    base = block[block[column] == baseline]
+    block = block.copy()
+    for m in metrics:
+        ref = base[m.name].iloc[0] if len(base) else math.nan
+        block[f"{m.name}_delta_pct"] = (block[m.name] - ref) / ref * 100 if m.delta and ref else math.nan
+    block["is_baseline"] = block[column] == baseline
+    return block
 
 
 def grid_table(arm_df: pd.DataFrame) -> pd.DataFrame:
@@ -161,16 +166,8 @@ def generation_table(arm_df: pd.DataFrame, metrics: tuple[Metric, ...], requeste
     baseline arm). Metrics no run holds (torch's peak on a CPU) are left out."""
     axis = GENERATION
     baseline = choose_baseline(arm_df.quant_label.unique(), axis, requested)
-    out = []
-    for _, block in arm_df.groupby(["adapter"], sort=False):
-        base = block[block.quant_label == baseline]
-        block = block.copy()
-        for m in metrics:
-            ref = base[m.name].iloc[0] if len(base) else math.nan
-            block[f"{m.name}_delta_pct"] = (block[m.name] - ref) / ref * 100 if m.delta and ref else math.nan
-        block["is_baseline"] = block.quant_label == baseline
-        out.append(block)
-    table = pd.concat(out).reset_index(drop=True)
+    table = pd.concat([_vs_baseline(block, "quant_label", baseline, metrics)
+                       for _, block in arm_df.groupby(["adapter"], sort=False)]).reset_index(drop=True)
     kept = tuple(m for m in metrics if table[m.name].notna().any())
     metric_cols = [c for m in kept for c in (m.name, f"{m.name}_ci95_low", f"{m.name}_ci95_high",
                                               f"{m.name}_delta_pct")]
@@ -197,10 +194,13 @@ SPEED_RATIOS = {
     "NVML peak fast/recipe": ("fast", "recipe", "nvml_peak_bytes"),
 }
 # speed_table column -> runs column (one run's value; the mean where a row has several runs)
-SPEED_COLUMNS = {"tok_s": "tokens_per_s_median_tok", "tok_s_cv": "tokens_per_s_cv",
-                 "step_time_s": "step_time_median_s", "steps": "tokens_per_s_n",
-                 "torch_peak_bytes": "peak_allocated_bytes", "nvml_peak_bytes": "nvml_peak_device_used_bytes",
-                 "weight_bytes": "weight_bytes", "weight_bytes_after_prepare": "weight_bytes_after_prepare"}
+# column -> source metric; only tok_s carries an interval (the run's own over its measured steps)
+SPEED_COLUMNS = tuple(Metric(name, source, 1, name, 0, run_ci=ci) for name, source, ci in (
+    ("tok_s", "tokens_per_s_median_tok", ("tokens_per_s_ci95_low_tok", "tokens_per_s_ci95_high_tok")),
+    ("tok_s_cv", "tokens_per_s_cv", None), ("step_time_s", "step_time_median_s", None),
+    ("steps", "tokens_per_s_n", None), ("torch_peak_bytes", "peak_allocated_bytes", None),
+    ("nvml_peak_bytes", "nvml_peak_device_used_bytes", None), ("weight_bytes", "weight_bytes", None),
+    ("weight_bytes_after_prepare", "weight_bytes_after_prepare", None)))
 
 
 def speed_mode(quant: str, speed: str | None) -> str:
@@ -228,20 +228,13 @@ def speed_table(runs: pd.DataFrame, modes: dict | None = None) -> pd.DataFrame:
     for (model, mode), g in runs.groupby(["model", "mode"], sort=False):
         ok = g[g.status == "ok"]
         bad = g[g.status != "ok"]
-        row = {"model": model, "mode": mode, "quant_label": g.quant_label.iloc[0], "n": len(ok),
-               "runs": _status_summary(g.status), "run_ids": " ".join(g.run_id),
+        arm = _arm_metrics(g, SPEED_COLUMNS)
+        row = {"model": model, "mode": mode, "quant_label": g.quant_label.iloc[0], "n": arm["n"],
+               "runs": arm["runs"], "run_ids": " ".join(g.run_id),
                "error": (f"{bad.error_type.iloc[-1]}: {bad.error_message.iloc[-1]}"
-                         if len(bad) and isinstance(bad.error_type.iloc[-1], str) else "")}
-        for col, source in SPEED_COLUMNS.items():
-            vals = ok[source].astype(float).dropna().to_numpy() if source in ok else np.array([])
-            row[col] = vals.mean() if len(vals) else math.nan
-        lo, hi = (math.nan, math.nan)
-        if len(ok) == 1:
-            lo, hi = (float(ok[c].iloc[0]) if c in ok else math.nan
-                      for c in ("tokens_per_s_ci95_low_tok", "tokens_per_s_ci95_high_tok"))
-        elif len(ok) > 1:
-            lo, hi = bootstrap_ci(ok[SPEED_COLUMNS["tok_s"]].astype(float))
-        row["tok_s_ci95_low"], row["tok_s_ci95_high"] = lo, hi
+                         if len(bad) and isinstance(bad.error_type.iloc[-1], str) else ""),
+               **{m.name: arm[m.name] for m in SPEED_COLUMNS},
+               "tok_s_ci95_low": arm["tok_s_ci95_low"], "tok_s_ci95_high": arm["tok_s_ci95_high"]}
         torch_peak = row["torch_peak_bytes"]
         own = ok.peak_bytes.astype(float).dropna() if "peak_bytes" in ok else pd.Series(dtype=float)
         if np.isfinite(torch_peak):
@@ -279,15 +272,9 @@ def speed_display(table: pd.DataFrame) -> pd.DataFrame:
     def num(v, fmt):
         return format(v, fmt) if np.isfinite(v) else "-"
 
-    def tok(r):
-        s = num(r.tok_s, ",.0f")
-        if np.isfinite(r.tok_s_ci95_low) and np.isfinite(r.tok_s_ci95_high):
-            s += f" [{r.tok_s_ci95_low:,.0f}, {r.tok_s_ci95_high:,.0f}]"
-        return s
-
     return pd.DataFrame({
         "model": table.model, "mode": table["mode"], "quant": table.quant_label, "runs": table.runs,
-        "tok/s median [95% CI]": [tok(r) for _, r in table.iterrows()],
+        "tok/s median [95% CI]": [_cell(r, SPEED_COLUMNS[0], with_delta=False) for _, r in table.iterrows()],
         "CV": [f"{v:.1%}" if np.isfinite(v) else "-" for v in table.tok_s_cv],
         "steps": [num(v, ".0f") for v in table.steps],
         f"torch peak alloc ({unit})": [num(v / scale, ",.2f") for v in table.torch_peak_bytes],
