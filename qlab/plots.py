@@ -265,9 +265,6 @@ def generation(table: pd.DataFrame, batch_sizes: list[int], stem: Path) -> str:
     """Left: time to first token at batch 1; right: decode tokens/s per batch size; one bar per
     quantization setting x adapter, coloured by quantization type, hatched for DQ."""
     rows = table.reset_index(drop=True)
-    # the quantization type and DQ of each row, as the training plots have them in columns
-    kinds = pd.DataFrame({"quant": rows.quant_label.str.split("+").str[0],
-                          "dq": np.where(rows.quant_label.str.contains(r"\+DQ"), "on", "off")})
     names = [f"{r.quant_label}  {r.adapter}" for _, r in rows.iterrows()]
     y = np.arange(len(rows))
     panels = [("ttft_ms", "time to first token, batch 1 (ms)")] + [
@@ -279,15 +276,15 @@ def generation(table: pd.DataFrame, batch_sizes: list[int], stem: Path) -> str:
         mean = rows[col].to_numpy(float)
         lo = rows.get(f"{col}_ci95_low", pd.Series(np.nan, index=rows.index)).to_numpy(float)
         hi = rows.get(f"{col}_ci95_high", pd.Series(np.nan, index=rows.index)).to_numpy(float)
-        ax.barh(y, np.nan_to_num(mean), color=[color(q) for q in kinds.quant],
-                hatch=[DQ_HATCH if d == "on" else None for d in kinds.dq], edgecolor="white", linewidth=0.4)
+        ax.barh(y, np.nan_to_num(mean), color=[color(q) for q in rows.quant],
+                hatch=[DQ_HATCH if d == "on" else None for d in rows.dq], edgecolor="white", linewidth=0.4)
         ax.errorbar(np.nan_to_num(mean), y, xerr=_ci_err(mean, lo, hi), fmt="none", ecolor="black", capsize=2, lw=0.8)
         ax.set_title(title)
     axes.flat[0].set_yticks(y, names)
     axes.flat[0].invert_yaxis()
-    for tick, q in zip(axes.flat[0].get_yticklabels(), kinds.quant):
+    for tick, q in zip(axes.flat[0].get_yticklabels(), rows.quant):
         tick.set_color(color(q))
-    axes.flat[-1].legend(handles=_quant_legend(kinds), **OUTSIDE)
+    axes.flat[-1].legend(handles=_quant_legend(rows), **OUTSIDE)
     fig.suptitle("Generation per quantization type (greedy; error bars: 95% CI)")
     fig.tight_layout()
     save(fig, stem)

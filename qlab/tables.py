@@ -171,7 +171,8 @@ def generation_table(arm_df: pd.DataFrame, metrics: tuple[Metric, ...], requeste
     kept = tuple(m for m in metrics if table[m.name].notna().any())
     metric_cols = [c for m in kept for c in (m.name, f"{m.name}_ci95_low", f"{m.name}_ci95_high",
                                               f"{m.name}_delta_pct")]
-    return table[["quant_label", "adapter", "adapter_run", "n", "runs", "is_baseline", *metric_cols]], baseline, kept
+    return (table[["quant_label", "quant", "dq", "adapter", "adapter_run", "n", "runs", "is_baseline", *metric_cols]],
+            baseline, kept)
 
 
 def generation_display(runs: pd.DataFrame, requested: str | None = None):
