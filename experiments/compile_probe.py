@@ -92,8 +92,8 @@ def probe(model_name, quant, pad, backends, overrides, one_row=False):
         batch = {k: v[:1, keep] for k, v in batch.items()}
     dtype = models.compute_dtype(cfg.quant, device)
     real = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
-    print(f"\n== {model_name} {quant} pad_to={pad}{' one row' if one_row else ''}: batch {tuple(batch['input_ids'].shape)}, "
-          f"{real} real positions")
+    print(f"\n== {model_name} {quant} pad_to={pad}{' one row' if one_row else ''}: "
+          f"batch {tuple(batch['input_ids'].shape)}, {real} real positions")
     ref = None
     plain = speed.checkpoint
 

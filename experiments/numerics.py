@@ -122,9 +122,15 @@ def reusable(directory: Path, weights: str | None) -> bool:
     model that is not a built base). A base rebuilt on a GPU has other weights under the same
     key: a curve of the old build must not be compared with one of the new (it moved the first
     step's loss by 0.06 nats on base-gpu, which failed a switch that matches on one build)."""
-    if not track.is_complete(directory):
-        return False
-    return weights is None or track.read_result(directory)["metrics"].get("base_weights_sha256") == weights
+    return _same_build(track.read_result(directory), weights)
+
+
+def _complete(result: dict | None) -> bool:
+    return result is not None and result.get("status") in track.COMPLETE_STATUSES
+
+
+def _same_build(result: dict | None, weights: str | None) -> bool:
+    return _complete(result) and (weights is None or result["metrics"].get("base_weights_sha256") == weights)
 
 
 def run_variant(name: str, overrides: list[str], directory: Path, logs: Path, force: bool,
@@ -134,12 +140,13 @@ def run_variant(name: str, overrides: list[str], directory: Path, logs: Path, fo
     same base weights."""
     t0 = time.perf_counter()
     written = directory
-    if not force and reusable(directory, weights):
+    earlier = None if force else track.read_result(directory)
+    if _same_build(earlier, weights):
         print(f"  skip  {name}: complete ({directory.name})", flush=True)
         reused = True
     else:
-        stale = " (its result is of other base weights)" if track.is_complete(directory) and not force else ""
-        print(f"  start {name}{stale}", flush=True)
+        print(f"  start {name}" + (" (its result is of other base weights)" if _complete(earlier) else ""),
+              flush=True)
         started = time.time()
         with open(logs / f"{name}.log", "w") as out:
             subprocess.run([sys.executable, "-m", "qlab.run", *overrides], cwd=ROOT, stdout=out,

@@ -393,7 +393,8 @@ def recorded_machine(done: dict) -> tuple[dict, str | None]:
     """The hardware, versions and commit the runs recorded (--no-run tables them elsewhere)."""
     for d in done.values():
         path = Path(d["result"])
-        if path.is_file() and (result := track.read_result(path.parent)).get("env"):
+        result = track.read_result(path.parent) if path.is_file() else None
+        if result and result.get("env"):
             return result["env"], result.get("git_commit")
     return track.environment(), track.git_commit()
 

@@ -166,12 +166,9 @@ def weights_sha256(path: Path | str) -> str:
     was asked for; the weights are what a GPU build produced, and they differ between two builds of
     one key (CUDA training is not bit-reproducible). Runs record it (run.setup), so results are
     compared only between runs of the same weights (experiments/numerics.py)."""
-    h = hashlib.sha256()
-    for f in sorted(Path(path).glob("*.safetensors")):
-        with open(f, "rb") as fh:
-            while chunk := fh.read(1 << 24):
-                h.update(chunk)
-    return h.hexdigest()
+    from qlab import track
+
+    return track.files_sha256(sorted(Path(path).glob("*.safetensors")))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -130,12 +130,7 @@ def adapter_config(run_dir: Path) -> dict:
 def _weights_sha256(adapter: Path) -> str:
     """The adapter's identity: a hash of its weight file(s). Not of adapter_config.json, which
     lists target_modules in set order: two trainings of one config wrote two orders."""
-    h = hashlib.sha256()
-    for f in sorted(adapter.glob("adapter_model.*")):
-        with open(f, "rb") as fh:
-            while chunk := fh.read(1 << 24):
-                h.update(chunk)
-    return h.hexdigest()[:16]
+    return track.files_sha256(sorted(adapter.glob("adapter_model.*")))[:16]
 
 
 def config_id(config: dict) -> str:

@@ -18,6 +18,7 @@ compiles, autotunes and initializes lazily.
 
 from __future__ import annotations
 
+import functools
 import time
 
 from qlab.measure import sync
@@ -69,16 +70,23 @@ class StepProfile:
             self.prof.__exit__(*exc)
         return False
 
+    @functools.cached_property
+    def _averages(self):
+        """The profiler's events grouped by name, grouped once for the metrics and the table."""
+        return self.prof.key_averages()
+
     def _kernels(self):
         """(name, total device µs, launches) of every GPU kernel over the profiled steps."""
         from torch.autograd import DeviceType
 
-        return [(e.key, e.self_device_time_total, e.count) for e in self.prof.key_averages()
+        return [(e.key, e.self_device_time_total, e.count) for e in self._averages
                 if e.device_type == DeviceType.CUDA]
 
     def metrics(self) -> dict:
-        if self.wall_s is None:
-            return {}
+        return {} if self.wall_s is None else dict(self._summary)
+
+    @functools.cached_property
+    def _summary(self) -> dict:
         n = self.steps
         out = {"profile_steps": n, "profile_wall_ms_per_step": 1e3 * self.wall_s / n}
         if not self.cuda:
@@ -112,5 +120,5 @@ class StepProfile:
                       "kernel time per step by class:"]
             lines += [f"  {label:28s} {ms:8.1f} ms" for label, ms in m["profile_kernel_ms_by_class"].items()]
         sort = "self_device_time_total" if self.cuda else "self_cpu_time_total"
-        lines += ["", self.prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=90)]
+        lines += ["", self._averages.table(sort_by=sort, row_limit=rows, max_name_column_width=90)]
         return "\n".join(lines)

@@ -36,13 +36,14 @@ def compile_layers(model: torch.nn.Module, speed_cfg) -> int:
     returns how many were compiled.
 
     Each layer's `forward` becomes torch.compile(checkpoint(forward)): torch.compile traces
-    torch.utils.checkpoint as a higher-order op, and its partitioner recomputes the layer in
-    backward (torchtitan compiles its checkpointed blocks the same way). qlab takes checkpointing
-    over from transformers for these layers (`gradient_checkpointing` off, `qlab_checkpoint` on)
-    because transformers up to 5.17 checkpoints the module call from outside: the compiled code
+    torch.utils.checkpoint as a higher-order op and recomputes the layer in backward, every op of
+    it (recompute_everything; torchtitan compiles its checkpointed blocks the same way). qlab
+    takes checkpointing over from transformers for these layers (`gradient_checkpointing` off,
+    `qlab_checkpoint` on) because transformers up to 5.17 checkpoints the module call from
+    outside: the compiled code
     then ran inside a checkpoint, and backward's replay saved other tensors than the forward had
     (CheckpointError on an H200 with transformers 5.17 and torch 2.11, every step; the record is in
-    results/numerics-base-gpu and results/speed-*). Transformers 5.24 checkpoints inside `forward`,
+    results/logs/2026-11-28-h200x4-call1/). Transformers 5.24 checkpoints inside `forward`,
     which this replaces, so both versions run the same compiled, checkpointed code."""
     if speed_cfg.compile == "none":
         return 0

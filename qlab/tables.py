@@ -194,8 +194,8 @@ SPEED_RATIOS = {
     "peak fast/recipe": ("fast", "recipe", "peak"),
     "NVML peak fast/recipe": ("fast", "recipe", "nvml_peak_bytes"),
 }
-# speed_table column -> runs column (one run's value; the mean where a row has several runs)
-# column -> source metric; only tok_s carries an interval (the run's own over its measured steps)
+# speed_table column -> runs column (one run's value; the mean where a row has several runs); only
+# tok_s carries an interval (one run's own over its measured steps)
 SPEED_COLUMNS = tuple(Metric(name, source, 1, name, 0, run_ci=ci) for name, source, ci in (
     ("tok_s", "tokens_per_s_median_tok", ("tokens_per_s_ci95_low_tok", "tokens_per_s_ci95_high_tok")),
     ("tok_s_cv", "tokens_per_s_cv", None), ("step_time_s", "step_time_median_s", None),
