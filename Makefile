@@ -36,13 +36,13 @@ sweep: $(STAMP) ## the ablation grid as a Hydra multirun: make sweep [EXPERIMENT
 	$(PY) -m qlab.run experiment=$(EXPERIMENT) $(ARGS)
 
 report: $(STAMP) ## tables, plots, statistics of RESULTS/SWEEP (results/default): make report SWEEP=default-llama-7b [ARGS="--baseline nf4+DQ"]
-	$(PY) -m qlab.report $(RESULTS)/$(SWEEP) $(ARGS)
+	$(PY) -m qlab.results.report $(RESULTS)/$(SWEEP) $(ARGS)
 
 generate-bench: $(STAMP) ## generation speed per quantization type: make generate-bench [ARGS="--run results/adhoc/<id> --model llama-7b"]
-	$(PY) -m qlab.generate_bench $(ARGS)
+	$(PY) -m qlab.tasks.generate $(ARGS)
 
 base: $(STAMP) ## pretrain the reference base offline (gpu size on a GPU, small on CPU): make base [SIZE=tiny|small|gpu]
-	$(PY) -m qlab.base --size $(SIZE) $(ARGS)
+	$(PY) -m qlab.reference.pretrain --size $(SIZE) $(ARGS)
 
 claims: $(STAMP) ## the paper's claims: run missing sweeps (GPU ones need a GPU), verdicts into results/claims/
 	$(PY) -m qlab.claims $(ARGS)

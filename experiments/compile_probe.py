@@ -49,7 +49,7 @@ def uncompile(model):
 def step(model, batch, cfg, device, dtype):
     import torch
 
-    from qlab import speed
+    from qlab.run import speed
 
     outs = []
     layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
@@ -78,13 +78,15 @@ def step(model, batch, cfg, device, dtype):
 def probe(model_name, quant, pad, backends, overrides, one_row=False):
     import torch
 
-    from qlab import config, data, models, run, speed
+    from qlab import config
+    from qlab.run import data, models, speed
+    from qlab.tasks import train
 
     q = ["quant=bf16"] if quant == "bf16" else [f"quant={quant}"]
     cfg = config.compose([f"model={model_name}", "train=gpu", "adapter=all_linear", "adapter.dropout=0",
                           f"data.pad_to={pad}", "data.max_seq_len=512", *q, *overrides])
     raw = data.read(cfg.data)
-    device, model, _, batches = run.setup(cfg, raw, {})
+    device, model, _, batches = train.setup(cfg, raw, {})
     model.train()
     batch = {k: v.to(device) for k, v in next(batches.train_batches()).items()}
     if one_row:  # one conversation, no padding: the mask is all ones (transformers then passes none)

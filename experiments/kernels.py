@@ -41,7 +41,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-from qlab import kernels as K  # noqa: E402
+from qlab.claims import kernels as K  # noqa: E402
 
 MiB = 2**20
 TIMED_BLOCKSIZES = (64, 128)
@@ -303,7 +303,8 @@ def main(argv=None) -> int:
     p.add_argument("--skip-timing", action="store_true", help="errors only")
     args = p.parse_args(argv)
 
-    from qlab import presets, track
+    from qlab.run import presets
+    from qlab.results import store
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if device == "cuda" and not torch.cuda.is_available():
@@ -312,7 +313,7 @@ def main(argv=None) -> int:
     warmup, repeats = REPEATS[(device, args.quick)]
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     t_start = time.perf_counter()
-    env = track.environment()
+    env = store.environment()
     log(f"kernels on {env['gpu'] or env['cpu']} ({device}{', quick' if args.quick else ''})")
 
     timings = []
@@ -343,8 +344,8 @@ def main(argv=None) -> int:
 
     result = {
         "benchmark": "kernels",
-        "created_at": track.now(),
-        "git_commit": track.git_commit(),
+        "created_at": store.now(),
+        "git_commit": store.git_commit(),
         "environment": env,
         "device": device,
         "cpu_fallback": device == "cpu",
@@ -360,9 +361,9 @@ def main(argv=None) -> int:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = track.device_slug(env)
+    stem = store.device_slug(env)
     result["wall_s"] = round(time.perf_counter() - t_start, 1)
-    track.atomic_write_json(out / f"{stem}.json", result)
+    store.atomic_write_json(out / f"{stem}.json", result)
     md = markdown(result)
     (out / f"{stem}.md").write_text(md)
     print(md)

@@ -65,7 +65,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from qlab import config, track  # noqa: E402  (no torch at import)
+from qlab import config  # noqa: E402  (no torch at import)
+from qlab.results import store
 
 ABS_TOL, REL_TOL, WINDOW = 0.05, 0.02, 10
 
@@ -122,11 +123,11 @@ def reusable(directory: Path, weights: str | None) -> bool:
     model that is not a built base). A base rebuilt on a GPU has other weights under the same
     key: a curve of the old build must not be compared with one of the new (it moved the first
     step's loss by 0.06 nats on base-gpu, which failed a switch that matches on one build)."""
-    return _same_build(track.read_result(directory), weights)
+    return _same_build(store.read_result(directory), weights)
 
 
 def _complete(result: dict | None) -> bool:
-    return result is not None and result.get("status") in track.COMPLETE_STATUSES
+    return result is not None and result.get("status") in store.COMPLETE_STATUSES
 
 
 def _same_build(result: dict | None, weights: str | None) -> bool:
@@ -140,7 +141,7 @@ def run_variant(name: str, overrides: list[str], directory: Path, logs: Path, fo
     same base weights."""
     t0 = time.perf_counter()
     written = directory
-    earlier = None if force else track.read_result(directory)
+    earlier = None if force else store.read_result(directory)
     if _same_build(earlier, weights):
         print(f"  skip  {name}: complete ({directory.name})", flush=True)
         reused = True
@@ -153,9 +154,9 @@ def run_variant(name: str, overrides: list[str], directory: Path, logs: Path, fo
                            stderr=subprocess.STDOUT)
         # this attempt's own result: a forced re-run that failed stays in staging, beside the
         # earlier complete result, which must not be judged in its place
-        written = track.fresh_dir(directory, started)
+        written = store.fresh_dir(directory, started)
         reused = False
-    result = (track.read_result(written) if written else None) or {}
+    result = (store.read_result(written) if written else None) or {}
     steps_file = written / "metrics.jsonl" if written else None  # one JSON line per step (qlab.track)
     per_step = [json.loads(line) for line in steps_file.read_text().splitlines()] if steps_file and \
         steps_file.exists() else []
@@ -222,12 +223,12 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"numerics: {model}, {steps} steps, {device}, -> {out}", flush=True)
     ref_cfg = config.compose(common)
-    ref_dir = track.run_dir(ref_cfg)
+    ref_dir = store.run_dir(ref_cfg)
     weights = None
     if ref_cfg.model.get("base"):  # built (once) before any run, so that every run compares to it
-        from qlab import base
+        from qlab.reference import pretrain
 
-        weights = base.weights_sha256(base.ensure_base(ref_cfg.model.base, device))
+        weights = pretrain.weights_sha256(pretrain.ensure_base(ref_cfg.model.base, device))
         print(f"base weights sha256 {weights[:12]}", flush=True)
     runs = {"reference": run_variant("reference", common, ref_dir, logs, args.force, weights)}
     if runs["reference"]["status"] != "ok":
@@ -236,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     if "data.pack=true" in variants:
         variants["data.pack=true"].append(f"data.pack_tokens={pack_budget(runs['reference'], args.batch_size)}")
     rest = [name for name in variants if name != "reference"]
-    dirs = {name: track.run_dir(config.compose(common + variants[name])) for name in rest}
+    dirs = {name: store.run_dir(config.compose(common + variants[name])) for name in rest}
     with ThreadPoolExecutor(max(1, args.parallel)) as pool:
         for r in pool.map(lambda n: run_variant(n, common + variants[n], dirs[n], logs, args.force, weights), rest):
             runs[r["name"]] = r
@@ -264,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         "variants": rows, "skipped": skipped, "failed": failed, "pass": not failed,
         "env": ref["env"],  # as the reference run recorded it: qlab.track.environment()
     }
-    track.atomic_write_json(out / "numerics.json", report)
+    store.atomic_write_json(out / "numerics.json", report)
     (out / "numerics.md").write_text(markdown(report))
     print((out / "numerics.md").read_text())
     return 1 if failed else 0
@@ -277,7 +278,7 @@ def _f(x, fmt="+.4f") -> str:
 def markdown(r: dict) -> str:
     env = r["env"] or {}
     lines = [f"# Numerics: {r['model']}, {r['steps']} steps, {r['device']}", "",
-             f"Hardware: {track.machine_line(env, with_cuda=True)}.", "",
+             f"Hardware: {store.machine_line(env, with_cuda=True)}.", "",
              f"Tolerance: {r['tolerance']['rule']}; abs = {ABS_TOL} nats, rel = {REL_TOL:.0%}, "
              f"moving average over {r['window']} steps.", "",
              "Every run: `" + " ".join(r["reference"]["overrides"]) + "`"

@@ -43,7 +43,9 @@ from scipy import stats
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from qlab import adapters, config, data, measure, models, optim, track, train  # noqa: E402
+from qlab.run import adapters, data, loop, measure, models, optim  # noqa: E402
+from qlab import config
+from qlab.results import store
 
 
 def compose_cfg(args) -> DictConfig:
@@ -87,7 +89,7 @@ def harness(model, batches, cfg, device: str, steps: int, opt) -> dict:
     cfg = OmegaConf.merge(cfg, {"train": {"steps": steps}})
     measure.sync(device)
     t0 = time.perf_counter()
-    outcome = train.train(model, batches, *opt, cfg, device)
+    outcome = loop.train(model, batches, *opt, cfg, device)
     measure.sync(device)
     seconds = time.perf_counter() - t0
     assert outcome.status == "ok" and outcome.metrics["steps_completed"] == steps, outcome.error
@@ -207,16 +209,16 @@ def main(argv=None) -> int:
     summary["harness_std"]["paged_vs_standard"] = (summary["harness"]["tokens_per_s_median"]
                                                    / summary["harness_std"]["tokens_per_s_median"])
     summary["trainer"]["speed_vs_harness"] = summary["trainer"]["tokens_per_s_median"] / summary["harness"]["tokens_per_s_median"]
-    env = track.environment()
+    env = store.environment()
     record = {"setup": {k: v for k, v in vars(args).items() if k != "out"} | {"device": device},
-              "methods": summary, "env": env, "git_commit": track.git_commit(), "finished_at": track.now()}
+              "methods": summary, "env": env, "git_commit": store.git_commit(), "finished_at": store.now()}
     args.out.mkdir(parents=True, exist_ok=True)
-    slug = track.device_slug(env)
-    track.atomic_write_json(args.out / f"{slug}.json", record)
+    slug = store.device_slug(env)
+    store.atomic_write_json(args.out / f"{slug}.json", record)
     lines = [f"# Harness overhead and the Trainer path: {args.model} {args.quant}"
              f"{'+DQ' if args.double_quant == 'true' else ''}, {args.optim}, r={args.r}, "
              f"{args.batch} x {args.seq} tokens, {args.rounds} rounds x {args.steps} steps",
-             "", track.machine_line(env), "",
+             "", store.machine_line(env), "",
              "| method | tok/s median | 95% CI | CV over rounds | per-step CV (median) | vs bare |",
              "|---|---|---|---|---|---|"]
     for name, s in summary.items():

@@ -56,7 +56,8 @@ sys.path.insert(0, str(ROOT))
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from qlab import config as qconfig  # noqa: E402
-from qlab import sweep, track  # noqa: E402
+from qlab.run import sweep  # noqa: E402
+from qlab.results import store
 
 MODES = {  # mode -> (runner, overrides on top of the common ones)
     "trainer": ("trainer", ["quant=nf4", "quant.double_quant=true", "speed=recipe"]),
@@ -143,8 +144,8 @@ def trainer_worker(argv: list[str]) -> int:
     recorded like qlab.run records its runs. Exit codes as qlab.run: 0 ok, 1 failed, 3 oom."""
     import psutil
 
-    from qlab import data
-    from qlab.run import EXIT
+    from qlab.run import data
+    from qlab.tasks.train import EXIT
 
     force = "--force" in argv
     overrides = [a for a in argv if a != "--force"]
@@ -153,11 +154,11 @@ def trainer_worker(argv: list[str]) -> int:
     base = qconfig.compose(overrides)
     qconfig.validate(base)
     cfg = trainer_config(base)
-    if track.is_complete(track.run_dir(cfg)) and not force:
-        print(f"skip {track.run_id(cfg)}: complete ({track.read_result(track.run_dir(cfg))['status']})")
+    if store.is_complete(store.run_dir(cfg)) and not force:
+        print(f"skip {store.run_id(cfg)}: complete ({store.read_result(store.run_dir(cfg))['status']})")
         return 0
     raw = data.read(cfg.data)
-    recorder = track.RunRecorder(cfg)
+    recorder = store.RunRecorder(cfg)
     recorder.start()
     metrics: dict = {"startup_s": startup_s}
     try:
@@ -165,7 +166,7 @@ def trainer_worker(argv: list[str]) -> int:
     except Exception as e:  # loading, adapters, data, Trainer setup
         import torch
 
-        from qlab.train import error_record
+        from qlab.run.loop import error_record
 
         oom = isinstance(e, torch.OutOfMemoryError)
         status, error = ("oom" if oom else "failed"), error_record(e, with_traceback=not oom)
@@ -183,8 +184,8 @@ def _trainer_pipeline(cfg: DictConfig, raw, recorder, metrics: dict):
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from qlab import measure, models, optim, train
-    from qlab.run import record_memory, setup
+    from qlab.run import loop, measure, models, optim
+    from qlab.tasks.train import record_memory, setup
 
     # as qlab.run, with the recipe's speed settings (the QLoRA code: prepare_model_for_kbit_training's
     # float32 up-cast, checkpointing on, float32 LoRA, eager): the same model, adapters and batches
@@ -211,7 +212,7 @@ def _trainer_pipeline(cfg: DictConfig, raw, recorder, metrics: dict):
     params = [p for p in model.parameters() if p.requires_grad]
     optim.guard_managed_memory(cfg.optim.name, params, device)  # never oversubscribe managed memory
     cuda = device.startswith("cuda")
-    probe_layers = train.checkpointed_layers(model) if tc.gradient_checkpointing else []
+    probe_layers = loop.checkpointed_layers(model) if tc.gradient_checkpointing else []
     if tc.gradient_checkpointing and not probe_layers:
         raise RuntimeError("train.gradient_checkpointing=true but no layer has checkpointing enabled")
 
@@ -226,7 +227,7 @@ def _trainer_pipeline(cfg: DictConfig, raw, recorder, metrics: dict):
         def on_step_begin(self, args, state, control, **kw):
             step = state.global_step  # steps completed so far = this step's index
             if step == 0 and probe_layers:
-                self.probe = train.CheckpointProbe(probe_layers)
+                self.probe = loop.CheckpointProbe(probe_layers)
             if step == tc.warmup_steps:
                 self.window.__enter__()  # resets torch's peaks, starts the NVML/RSS sampler
                 self.open = True
@@ -250,7 +251,7 @@ def _trainer_pipeline(cfg: DictConfig, raw, recorder, metrics: dict):
             step = state.global_step - 1
             self.losses.append(float(logs["loss"]))
             b = feed[step]
-            rec = {"step": step, "loss": self.losses[-1], "lr": logs.get("learning_rate"), **train.batch_tokens(b)}
+            rec = {"step": step, "loss": self.losses[-1], "lr": logs.get("learning_rate"), **loop.batch_tokens(b)}
             if step >= tc.warmup_steps and len(self.clock.times) == step - tc.warmup_steps + 1:
                 rec["step_time_s"] = self.clock.times[-1]
             recorder.log_step(rec)
@@ -283,9 +284,9 @@ def _trainer_pipeline(cfg: DictConfig, raw, recorder, metrics: dict):
         try:
             trainer.train()
         except torch.OutOfMemoryError as e:  # an OOM is a result: keep what was measured
-            status, error = "oom", train.error_record(e, with_traceback=False)
+            status, error = "oom", loop.error_record(e, with_traceback=False)
         except Exception as e:
-            status, error = "failed", train.error_record(e)
+            status, error = "failed", loop.error_record(e)
         finally:
             clock.close()
         if status == "oom" and cuda:
@@ -293,11 +294,11 @@ def _trainer_pipeline(cfg: DictConfig, raw, recorder, metrics: dict):
     metrics.update(clock.window.peaks)  # empty when no measured step began
     times = clock.clock.times
     measured = feed[tc.warmup_steps: tc.warmup_steps + len(times)]
-    counts = [train.batch_tokens(b) for b in measured]
-    metrics.update(train.throughput(times, *([c[k] for c in counts]
+    counts = [loop.batch_tokens(b) for b in measured]
+    metrics.update(loop.throughput(times, *([c[k] for c in counts]
                                              for k in ("tokens", "real_tokens", "target_tokens"))))
     metrics["steps_completed"] = clock.done
-    metrics.update(train.loss_summary(clock.losses))
+    metrics.update(loop.loss_summary(clock.losses))
     opt = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps it
     if opt is not None:
         metrics["optimizer_class"] = type(opt).__name__
@@ -316,7 +317,7 @@ def _trainer_pipeline(cfg: DictConfig, raw, recorder, metrics: dict):
 def launch(args, mode: str, overrides: list[str], cfg: DictConfig) -> tuple[dict, float]:
     """Run one mode in a fresh process; its result (recorded as failed if the process died
     without one or ran past --timeout-per-run) and the process' seconds."""
-    rid = track.run_id(cfg)
+    rid = store.run_id(cfg)
     logs = Path(cfg.tracker.results_dir) / cfg.tracker.sweep / ".logs"
     logs.mkdir(parents=True, exist_ok=True)
     log_path = logs / f"{rid}.log"
@@ -337,9 +338,9 @@ def launch(args, mode: str, overrides: list[str], cfg: DictConfig) -> tuple[dict
             proc.wait()
             note = f"timed out after {args.timeout_per_run:g} s (--timeout-per-run) and was killed"
     seconds = time.perf_counter() - t0
-    result = track.fresh_result(cfg, since=started)
+    result = store.fresh_result(cfg, since=started)
     if result is None or note:
-        result = track.record_lost_run(cfg, (note or f"run process exited with code {proc.returncode} without a "
+        result = store.record_lost_run(cfg, (note or f"run process exited with code {proc.returncode} without a "
                                                      "result") + f"; its log: {log_path}")
     return result, seconds
 
@@ -353,10 +354,10 @@ def run_all(args, plan: list[tuple[str, str, list[str], DictConfig]]) -> dict:
     """Every (model, mode) of the plan, skipped when complete; {(model, mode): record}."""
     done = {}
     for i, (model, mode, overrides, cfg) in enumerate(plan, 1):
-        rid, final = track.run_id(cfg), track.run_dir(cfg)
+        rid, final = store.run_id(cfg), store.run_dir(cfg)
         head = f"[{i}/{len(plan)}] {model} {mode}"
-        if track.is_complete(final) and not args.force:
-            result, outcome, seconds = track.read_result(final), "skipped", None
+        if store.is_complete(final) and not args.force:
+            result, outcome, seconds = store.read_result(final), "skipped", None
             print(f"{head}: skip, complete ({result['status']}) {final}", flush=True)
         else:
             print(f"{head}: start {rid}", flush=True)
@@ -371,7 +372,7 @@ def run_all(args, plan: list[tuple[str, str, list[str], DictConfig]]) -> dict:
                   + f", peak {_peak(m)}, {seconds:.0f} s (process)", flush=True)
         done[(model, mode)] = {"model": model, "mode": mode, "run_id": rid, "status": result["status"],
                                "outcome": outcome, "process_s": seconds, "overrides": overrides,
-                               "result": str(final / track.RESULT),
+                               "result": str(final / store.RESULT),
                                "error": result.get("error")}
     return done
 
@@ -381,11 +382,11 @@ def read_all(args, plan: list[tuple[str, str, list[str], DictConfig]]) -> dict:
     (status "missing" where there is none)."""
     done = {}
     for model, mode, overrides, cfg in plan:
-        final = track.run_dir(cfg)
-        result = track.read_result(final) if (final / track.RESULT).is_file() else {"status": "missing"}
-        done[(model, mode)] = {"model": model, "mode": mode, "run_id": track.run_id(cfg), "status": result["status"],
+        final = store.run_dir(cfg)
+        result = store.read_result(final) if (final / store.RESULT).is_file() else {"status": "missing"}
+        done[(model, mode)] = {"model": model, "mode": mode, "run_id": store.run_id(cfg), "status": result["status"],
                                "outcome": "read", "process_s": None, "overrides": overrides,
-                               "result": str(final / track.RESULT), "error": result.get("error")}
+                               "result": str(final / store.RESULT), "error": result.get("error")}
     return done
 
 
@@ -393,10 +394,10 @@ def recorded_machine(done: dict) -> tuple[dict, str | None]:
     """The hardware, versions and commit the runs recorded (--no-run tables them elsewhere)."""
     for d in done.values():
         path = Path(d["result"])
-        result = track.read_result(path.parent) if path.is_file() else None
+        result = store.read_result(path.parent) if path.is_file() else None
         if result and result.get("env"):
             return result["env"], result.get("git_commit")
-    return track.environment(), track.git_commit()
+    return store.environment(), store.git_commit()
 
 
 # ---------------------------------------------------------------- tables, targets, output
@@ -404,7 +405,7 @@ def recorded_machine(done: dict) -> tuple[dict, str | None]:
 def evaluate_targets(ratios, table) -> list[dict]:
     """Each target for each model: the ratio, pass / fail, or n/a (a mode it needs has no ok
     run or no value) with the reason."""
-    from qlab.tables import SPEED_RATIOS
+    from qlab.results.tables import SPEED_RATIOS
 
     out = []
     for _, r in ratios.iterrows():
@@ -437,7 +438,7 @@ def load_table(args, done: dict):
     through qlab.frame, as `qlab report` reads them)."""
     import pandas as pd
 
-    from qlab import frame, tables
+    from qlab.results import frame, tables
 
     runs = []
     for model in dict.fromkeys(k[0] for k in done):
@@ -462,7 +463,7 @@ def records(df) -> list[dict]:
 
 
 def write_outputs(args, done: dict, table, ratios, env: dict, commit: str | None) -> tuple[Path, Path]:
-    from qlab import tables
+    from qlab.results import tables
 
     targets = evaluate_targets(ratios, table) if table is not None else []
     verdict = overall(targets) if targets else "incomplete"
@@ -471,15 +472,15 @@ def write_outputs(args, done: dict, table, ratios, env: dict, commit: str | None
              "lora_r": args.r, "seed": args.seed, "quick": args.quick, "results": str(args.results)}
     record = {"schema": "qlab.speed_bench/1", "setup": setup, "verdict": verdict, "targets": targets,
               "table": records(table), "ratios": records(ratios),
-              "runs": list(done.values()), "env": env, "git_commit": commit, "finished_at": track.now()}
+              "runs": list(done.values()), "env": env, "git_commit": commit, "finished_at": store.now()}
     out = Path(args.results) / "speed-bench"
     out.mkdir(parents=True, exist_ok=True)
     # one file per device for the full model set; a run of some models writes its own, so two
     # runs on two GPUs of one host never write the same file
-    stem = out / (track.device_slug(env) + ("" if args.models == DEFAULT_MODELS.split(",") else "-" + "-".join(args.models)))
-    track.atomic_write_json(stem.with_suffix(".json"), record)
+    stem = out / (store.device_slug(env) + ("" if args.models == DEFAULT_MODELS.split(",") else "-" + "-".join(args.models)))
+    store.atomic_write_json(stem.with_suffix(".json"), record)
     lines = [f"# Speed benchmark: HF Trainer vs qlab recipe vs qlab fast vs 16-bit LoRA ({', '.join(args.models)})",
-             "", f"{track.machine_line(env, with_cuda=True)}; git {record['git_commit']}", "",
+             "", f"{store.machine_line(env, with_cuda=True)}; git {record['git_commit']}", "",
              f"Every run: batch {args.batch} x {args.seq} tokens (padded: {args.batch * args.seq:,} tok/step), LoRA "
              f"r={args.r} on every linear layer, paged AdamW 32-bit, gradient checkpointing, seed {args.seed}; "
              f"{args.warmup} warm-up + {args.steps} measured steps, one fresh process per run"
@@ -529,7 +530,7 @@ def profile_section(done: dict) -> list[str]:
     rows = []
     for d in done.values():
         path = Path(d["result"])
-        m = (track.read_result(path.parent).get("metrics") or {}) if path.is_file() else {}
+        m = (store.read_result(path.parent).get("metrics") or {}) if path.is_file() else {}
         if "profile_kernel_ms_per_step" not in m:
             continue
         top = ", ".join(f"{k} {v:.0f}" for k, v in list(m["profile_kernel_ms_by_class"].items())[:4])
@@ -597,7 +598,7 @@ def main(argv=None) -> int:
     done = read_all(args, plan) if args.no_run else run_all(args, plan)
     table, ratios = load_table(args, done)
     # after the runs: this process touches no GPU while they measure
-    env, commit = recorded_machine(done) if args.no_run else (track.environment(), track.git_commit())
+    env, commit = recorded_machine(done) if args.no_run else (store.environment(), store.git_commit())
     md, js = write_outputs(args, done, table, ratios, env, commit)
     print(md.read_text())
     print(f"speed_bench: wrote {md} and {js} ({time.perf_counter() - t0:.0f} s)")

@@ -32,7 +32,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from qlab import measure, track  # noqa: E402
+from qlab.run import measure  # noqa: E402
+from qlab.results import store
 
 
 def cv(xs: list[float]) -> float:
@@ -156,7 +157,7 @@ def main(argv=None) -> int:
               "launch": launch_windows(args.windows, args.launches),
               "python": python_windows(args.windows)}
     after = nvml_state()
-    env = track.environment()
+    env = store.environment()
     summary = {name: {"median_s": statistics.median(xs), "cv": cv(xs), "min_s": min(xs), "max_s": max(xs)}
                for name, xs in probes.items()}
     if torch.cuda.is_available():
@@ -164,10 +165,10 @@ def main(argv=None) -> int:
         summary["gemm"]["tflops_median"] = flops / summary["gemm"]["median_s"] / 1e12
     record = {"setup": vars(args) | {"out": str(args.out)}, "nvml_before": before, "nvml_after": after,
               "idle_utilization_pct": idle, "probes": summary, "windows_s": probes, "env": env,
-              "git_commit": track.git_commit(), "finished_at": track.now()}
+              "git_commit": store.git_commit(), "finished_at": store.now()}
     args.out.mkdir(parents=True, exist_ok=True)
-    slug = track.device_slug(env)
-    track.atomic_write_json(args.out / f"{slug}-stability.json", record)
+    slug = store.device_slug(env)
+    store.atomic_write_json(args.out / f"{slug}-stability.json", record)
     lines = [f"# Machine stability: {env['gpu'] or env['cpu']}", "",
              f"torch {env['torch']}, driver {env['driver']}, {env['cpu_count']} CPU cores; "
              f"{args.windows} windows per probe", "",

@@ -13,12 +13,12 @@ from __future__ import annotations
 import sys
 
 VERBS = {
-    "run": "qlab.run:main",
-    "report": "qlab.report:main",
-    "estimate": "qlab.estimate:main",
-    "chat": "qlab.chat:main",
-    "generate-bench": "qlab.generate_bench:main",
-    "claims": "qlab.claims:main",
+    "run": "qlab.run.__main__:main",
+    "report": "qlab.results.report:main",
+    "estimate": "qlab.claims.estimate:main",
+    "chat": "qlab.tasks.chat:main",
+    "generate-bench": "qlab.tasks.generate:main",
+    "claims": "qlab.claims.verdicts:main",
 }
 
 

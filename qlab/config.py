@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -156,6 +157,7 @@ class RunConfig:
 
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ASSETS = Path(PROJECT_ROOT) / "qlab" / "assets"  # the embedded chat data and corpus
 
 
 def resolve_path(path: str) -> str:
@@ -269,7 +271,7 @@ def check_packing(model_type: str | None) -> None:
 def architecture(m: DictConfig) -> str | None:
     """The architecture, when the config alone tells it: the base and the presets from their
     tables, a local checkpoint from its config.json; None for a hub id (known after loading)."""
-    from qlab.presets import PRESETS
+    from qlab.run.presets import PRESETS
 
     if getattr(m, "base", None) is not None:
         return "llama"  # qlab.base builds LlamaForCausalLM
@@ -285,10 +287,10 @@ def architecture(m: DictConfig) -> str | None:
 
 
 def _validate_model(m: DictConfig) -> None:
-    from qlab.presets import PRESETS  # a plain lookup table; imports no torch
+    from qlab.run.presets import PRESETS  # a plain lookup table; imports no torch
 
     if getattr(m, "base", None) is not None:
-        from qlab.base import SIZES
+        from qlab.reference.pretrain import SIZES
 
         _choice("model.base", m.base, tuple(SIZES))
         return

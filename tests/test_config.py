@@ -50,7 +50,7 @@ def test_schema_rejects_wrong_types_at_compose_time(compose):
 
 
 def test_quant_settings_are_spelled_as_the_report_labels_them():
-    from qlab import frame
+    from qlab.results import frame
     from qlab.config import QUANT_SETTINGS, QUANT_TYPES
 
     assert all(frame.quant_label(t, dq) == label for label, (t, dq) in QUANT_SETTINGS.items())

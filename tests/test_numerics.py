@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from qlab.config import PROJECT_ROOT
+
+ROOT = Path(PROJECT_ROOT)
 spec = importlib.util.spec_from_file_location("numerics", ROOT / "experiments" / "numerics.py")
 numerics = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(numerics)
@@ -79,11 +81,11 @@ def test_quick_run_on_cpu_and_resume(tmp_path, capsys):
 def test_a_result_of_other_base_weights_is_not_reused(tmp_path):
     """A base rebuilt on a GPU has other weights under the same cache key: its runs are re-run,
     never compared with runs of the earlier build."""
-    from qlab import track
+    from qlab.results import store
 
     def result(name, status, metrics):
         (tmp_path / name).mkdir()
-        track.atomic_write_json(tmp_path / name / "result.json", {"status": status, "metrics": metrics})
+        store.atomic_write_json(tmp_path / name / "result.json", {"status": status, "metrics": metrics})
         return tmp_path / name
 
     same = result("same", "ok", {"base_weights_sha256": "a" * 64})

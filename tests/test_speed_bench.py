@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from qlab import frame, report, tables
+from qlab.config import PROJECT_ROOT
+from qlab.results import frame, report, tables
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(PROJECT_ROOT)
 
 
 def _load_bench():
@@ -188,11 +189,11 @@ def test_quick_bench_records_every_mode(quick):
     expected = {mode: bench.config_for(args, "tiny-llama", mode)[1] for mode in bench.DEFAULT_MODES.split(",")}
     got = {}
     for mode, cfg in expected.items():  # the bench predicted each process's run id
-        from qlab import track
+        from qlab.results import store
 
-        r = json.loads((track.run_dir(cfg) / "result.json").read_text())
+        r = json.loads((store.run_dir(cfg) / "result.json").read_text())
         got[mode] = r
-        assert r["run_id"] == track.run_id(cfg) and r["sweep"] == "speed-tiny-llama"
+        assert r["run_id"] == store.run_id(cfg) and r["sweep"] == "speed-tiny-llama"
     assert {m: r["status"] for m, r in got.items()} == {"trainer": "ok", "recipe": "ok", "fast": "ok", "bf16": "oom"}
     t = got["trainer"]
     assert t["config"]["speed"]["runner"] == "trainer" and t["metrics"]["runner"] == "transformers.Trainer"
@@ -246,9 +247,9 @@ def test_no_run_tables_what_is_there(quick, capsys, monkeypatch):
     monkeypatch.setattr(bench, "launch", lambda *a: pytest.fail("--no-run launched a run"))
     # the runs' own machine, not this process': a marker planted in one result's env
     args = bench.parse(argv)
-    from qlab import track
+    from qlab.results import store
 
-    path = track.run_dir(bench.config_for(args, "tiny-llama", "trainer")[1]) / "result.json"
+    path = store.run_dir(bench.config_for(args, "tiny-llama", "trainer")[1]) / "result.json"
     original = path.read_text()
     r = json.loads(original)
     r["env"]["cpu"] = "the bench machine"
@@ -288,7 +289,7 @@ def test_bad_arguments(capsys):
 
 def test_profile_section_tables_profiled_runs_only(tmp_path):
     """The bench's profile table from what qlab.run recorded (GPU metrics: kernel time by class)."""
-    from qlab import track
+    from qlab.results import store
 
     profiled = {"step_time_median_s": 0.5, "profile_steps": 3, "profile_wall_ms_per_step": 512.0, "profile_kernel_ms_per_step": 402.0,
                 "profile_idle_ms_per_step": 110.0, "profile_kernel_launches_per_step": 4321.0,
@@ -297,7 +298,7 @@ def test_profile_section_tables_profiled_runs_only(tmp_path):
     done = {}
     for mode, metrics in (("recipe", profiled), ("trainer", {"tokens_per_s": 1.0})):
         (tmp_path / mode).mkdir()
-        track.atomic_write_json(tmp_path / mode / "result.json", {"status": "ok", "metrics": metrics})
+        store.atomic_write_json(tmp_path / mode / "result.json", {"status": "ok", "metrics": metrics})
         done[("m", mode)] = {"model": "m", "mode": mode, "result": str(tmp_path / mode / "result.json")}
     lines = bench.profile_section(done)
     rows = [line for line in lines if line.startswith("| m ")]

@@ -1,0 +1,5 @@
+import sys
+
+from qlab.claims.verdicts import main
+
+sys.exit(main())

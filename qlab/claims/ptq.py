@@ -1,0 +1,343 @@
+"""Post-training quantization of the pretrained base: held-out perplexity per storage type (the
+analogue of the QLoRA paper's Table 2, whose mean perplexities were Int4 34.34, FP4 31.07,
+NF4+DQ 27.41) and quantization error on the base's real weights.
+
+    python -m qlab.ptq --size tiny|small|gpu|auto [--device auto] [--results results] [--max-tokens N]
+
+The base comes from qlab.base's cache (`model=base-<size>`; built first if missing, as a run
+would). Each type is loaded afresh and evaluated on the same held-out tokens:
+
+  bf16      no quantization, weights in the compute dtype (models.compute_dtype: bfloat16 on
+            CUDA, float32 on a CPU, where the `bf16` arm is therefore float32)
+  int8      LLM.int8 (Linear8bitLt)                  \\  the real path: qlab.models.load, i.e.
+  nf4, fp4  4-bit NormalFloat / float, blocksize 64   >  transformers' from_pretrained with a
+  +DQ       the absmax constants quantized to 8 bits /   BitsAndBytesConfig
+  int4      bitsandbytes has no int4 type. The base is loaded as `bf16` and every linear weight
+            of the decoder layers (q k v o gate up down: exactly the layers bitsandbytes
+            quantizes; never the embeddings, norms or output head) is quantized and dequantized
+            in place by qlab.kernels' reference blockwise-absmax int4 (blocksize 64, codes
+            -7..7, one float32 absmax per block). The layers then compute with the dequantized
+            weights, as a 4-bit layer does after its dequantize. Its weight bytes are what int4
+            storage would take (4 + 32/64 bits per quantized weight), computed, not held.
+
+Perplexity: qlab.base.heldout_eval (what heldout_perplexity reports) on the corpus' held-out
+split, the size's eval length (`eval_tokens`; the whole split for small and gpu) in windows of the
+size's training length. Every type must see the same tokens (checked).
+
+Noise: the evaluation is deterministic, but the held-out text is a sample. Two types are
+compared window by window (the same windows for every type): the difference of log-perplexity
+is the token-weighted mean of per-window differences, with a 95% t-interval over windows
+(`paired_log_ratio`). qlab.claims decides an order only where that interval excludes zero; a
+difference inside it is a tie within noise (inconclusive).
+
+Quantization error: MSE and max absolute error (qlab.kernels.quantization_error, blocksize 64)
+of nf4, fp4, int4 (and nf4/fp4 with DQ) on every decoder linear weight of the stored float32
+checkpoint, pooled over all of them (kernels.combine_errors).
+
+Writes <results>/ptq-base-<size>/ptq.json and ptq.md: hardware and versions, the base's
+identity (cache key, build, held-out perplexity as built), per type perplexity, its difference
+vs bf16 (with the paired interval), weight bytes, and the error table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+from qlab.reference import pretrain
+from qlab.claims import kernels
+from qlab.results import store
+from qlab.config import QUANT_SETTINGS
+
+# label -> (quant.type for models.load, double_quant); "int4" is loaded as bf16, then rounded
+TYPES: dict[str, tuple[str, bool]] = {**QUANT_SETTINGS, "int4": ("bf16", False)}
+BLOCKSIZE = 64  # bitsandbytes' Linear4bit default and the paper's
+ERROR_KINDS: dict[str, tuple[str, bool]] = {  # label -> (kernels kind, double_quant)
+    "nf4": ("nf4", False), "fp4": ("fp4", False), "int4": ("int4", False),
+    "nf4+DQ": ("nf4", True), "fp4+DQ": ("fp4", True),
+}
+
+
+def result_dir(results: Path | str, size: str) -> Path:
+    return Path(results) / f"ptq-base-{size}"
+
+
+# ------------------------------------------------------------------------------ the model side
+
+
+def decoder_linears(model) -> list[tuple[str, object]]:
+    """(name, module) of every layer transformers' bitsandbytes integration quantizes (for a
+    LLaMA: every decoder linear layer, not the head): qlab.estimate's rule, shared."""
+    from qlab.claims import estimate
+
+    return list(estimate.quantized_linears(model).items())
+
+
+def int4_in_place(model, blocksize: int = BLOCKSIZE) -> int:
+    """Replace every decoder linear weight by its int4 round trip (kernels.round_trip: absmax
+    per `blocksize` weights of the flattened tensor, as bitsandbytes blocks them). Returns the
+    number of weights quantized."""
+    import torch
+
+    n = 0
+    with torch.no_grad():
+        for _, m in decoder_linears(model):
+            m.weight.data.copy_(kernels.round_trip(m.weight.data, "int4", blocksize))
+            n += m.weight.numel()
+    return n
+
+
+def _model_cfg(size: str):
+    from qlab.config import ModelConfig
+
+    return ModelConfig(name=f"base-{size}", name_or_path=None, preset=None, base=size)
+
+
+def _free(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+def measure_type(label: str, size: str, device: str, texts: list[str], seq_len: int,
+                 max_tokens: int | None) -> dict:
+    """Load the base as `label`, evaluate it; per-window NLLs kept for the paired comparison."""
+    from qlab.run import models
+    from qlab.config import QuantConfig
+
+    qtype, dq = TYPES[label]
+    quant = QuantConfig(type=qtype, double_quant=dq)
+    loaded = models.load(_model_cfg(size), quant, device)
+    wb = dict(loaded.weight_bytes)
+    if label == "int4":
+        t0 = time.perf_counter()
+        n = int4_in_place(loaded.model)
+        held = sum(m.weight.numel() * m.weight.element_size() for _, m in decoder_linears(loaded.model))
+        # int4 storage: 4 bits per weight + a float32 absmax per 64 = 4.5 bits (kernels.storage_bits)
+        quantized = math.ceil(n * 4 / 8)
+        state = math.ceil(n / BLOCKSIZE) * 4
+        wb = {"weight_bytes": wb["weight_bytes"] - held + quantized + state, "quantized_weight_bytes": quantized,
+              "quant_state_bytes": state, "unquantized_weight_bytes": wb["weight_bytes"] - held,
+              "quantized_params": n, "bits_per_quantized_param": kernels.storage_bits("int4", BLOCKSIZE),
+              "weight_bytes_basis": "computed: int4 storage of the decoder linear weights (held dequantized)",
+              "int4_round_trip_s": time.perf_counter() - t0}
+    else:
+        wb["weight_bytes_basis"] = "held (models.weight_bytes of the loaded model)"
+    t0 = time.perf_counter()
+    ev = pretrain.heldout_eval(loaded.model, loaded.tokenizer, texts, seq_len, max_tokens, per_window=True)
+    eval_s = time.perf_counter() - t0
+    out = {"quant": qtype, "double_quant": dq,
+           "compute_dtype": str(models.compute_dtype(quant, device)).removeprefix("torch."),
+           "loss": ev["loss"], "perplexity": ev["perplexity"], "tokens": ev["tokens"],
+           "load_time_s": loaded.load_time_s, "eval_s": eval_s, **wb,
+           "window_nll": ev["window_nll"], "window_tokens": ev["window_tokens"]}
+    del loaded
+    _free(device)
+    return out
+
+
+def weight_errors(path: Path | str, device: str = "cpu", blocksize: int = BLOCKSIZE) -> dict:
+    """Pooled quantization error of every decoder linear weight of the stored checkpoint (its own
+    float32 values, not a bf16 cast), per kind in ERROR_KINDS."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    parts: dict[str, list[dict]] = {k: [] for k in ERROR_KINDS}
+    linears = decoder_linears(model)
+    for _, m in linears:
+        w = m.weight.detach().to(device)
+        for label, (kind, dq) in ERROR_KINDS.items():
+            parts[label].append(kernels.quantization_error(w, kind, blocksize, dq))
+    out = {label: kernels.combine_errors(p) for label, p in parts.items()}
+    for e in out.values():
+        e["tensors"] = len(linears)
+    del model
+    return out
+
+
+# ------------------------------------------------------------------------------ statistics
+
+
+def paired_log_ratio(nll_a: list[float], nll_b: list[float], tokens: list[int]) -> dict:
+    """log(ppl_a / ppl_b) = sum(nll_a - nll_b) / sum(tokens), with a 95% t-interval over windows
+    (the ratio estimator's standard error: windows are the units, weighted by their tokens).
+    `rel` / `rel_lo` / `rel_hi` give the same as a relative perplexity change, ppl_a / ppl_b - 1."""
+    import numpy as np
+    from scipy import stats as st
+
+    a, b, n = (np.asarray(x, dtype=float) for x in (nll_a, nll_b, tokens))
+    if not (len(a) == len(b) == len(n)) or len(n) == 0:
+        raise ValueError(f"paired windows must match: {len(a)}, {len(b)}, {len(n)}")
+    d = a - b
+    delta = float(d.sum() / n.sum())
+    w = len(n)
+    if w > 1:
+        resid = d - delta * n
+        se = float(np.sqrt((resid**2).sum() / (w * (w - 1))) / n.mean())
+        half = float(st.t.ppf(0.975, w - 1)) * se
+    else:
+        se, half = math.nan, math.nan
+    lo, hi = delta - half, delta + half
+    return {"log_ratio": delta, "ci95": [lo, hi], "se": se, "windows": w, "tokens": int(n.sum()),
+            "rel": math.expm1(delta), "rel_ci95": [math.expm1(lo), math.expm1(hi)]}
+
+
+# ------------------------------------------------------------------------------ the measurement
+
+
+def measure(size: str, device: str = "auto", results: Path | str = "results", max_tokens: int | None = None,
+            types: list[str] | None = None, progress: bool = True) -> Path:
+    """Run the PTQ measurement of base-<size> and write ptq.json / ptq.md; returns ptq.json's path."""
+    from qlab.run.models import model_path, resolve_device
+
+    device = resolve_device(device)
+    spec = pretrain.spec_for(size)
+    types = list(types or TYPES)
+    unknown = [t for t in types if t not in TYPES]
+    if unknown or "bf16" not in types:
+        raise ValueError(f"types must include bf16 and come from {', '.join(TYPES)}; got {types}")
+    t_start = time.perf_counter()
+    path = Path(model_path(_model_cfg(size), device))  # builds the base if missing (qlab.base)
+    info = json.loads((path / "base.json").read_text())
+    texts = pretrain.heldout_texts()
+    seq_len = spec["seq_len"]
+    max_tokens = spec["eval_tokens"] if max_tokens is None else max_tokens
+
+    per: dict[str, dict] = {}
+    for label in types:
+        per[label] = measure_type(label, size, device, texts, seq_len, max_tokens)
+        r = per[label]
+        if progress:
+            print(f"[ptq base-{size}] {label:7s} perplexity {r['perplexity']:.4f} ({r['tokens']:,} tokens, "
+                  f"{r['weight_bytes'] / 2**20:.2f} MiB weights, load {r['load_time_s']:.1f}s, "
+                  f"eval {r['eval_s']:.1f}s)", file=sys.stderr, flush=True)
+    window_tokens = per["bf16"]["window_tokens"]
+    for label, r in per.items():  # the same tokens for every type, window by window
+        if r["tokens"] != per["bf16"]["tokens"] or r["window_tokens"] != window_tokens:
+            raise RuntimeError(f"{label} was evaluated on other tokens than bf16: {r['tokens']} vs "
+                               f"{per['bf16']['tokens']}")
+    ref = per["bf16"]
+    for label, r in per.items():
+        cmp = paired_log_ratio(r["window_nll"], ref["window_nll"], window_tokens)
+        r["delta_vs_bf16"] = r["perplexity"] - ref["perplexity"]
+        r["rel_vs_bf16"] = cmp["rel"]
+        r["rel_vs_bf16_ci95"] = cmp["rel_ci95"]
+        del r["window_tokens"]
+
+    t0 = time.perf_counter()
+    errors = weight_errors(path, device)
+    errors_s = time.perf_counter() - t0
+
+    record = {
+        "schema": "qlab.ptq/1",
+        "kind": "ptq",
+        "model": f"base-{size}",
+        "size": size,
+        "device": device,
+        "base": {"path_name": path.name, "key": info.get("key"), "precision": info.get("precision"),
+                 "build_version": info.get("build_version"), "params": info.get("params"),
+                 "corpus_sha256": (info.get("corpus") or {}).get("sha256"),
+                 "heldout_perplexity_as_built": info.get("heldout_perplexity"),
+                 "built_on": (info.get("environment") or {}).get("gpu") or (info.get("environment") or {}).get("cpu"),
+                 "git_commit": info.get("git_commit"), "created": info.get("created")},
+        "eval": {"split": "held-out", "files": len(texts), "seq_len": seq_len, "max_tokens": max_tokens,
+                 "tokens": ref["tokens"], "windows": len(window_tokens), "window_tokens": window_tokens},
+        "blocksize": BLOCKSIZE,
+        "types": per,
+        "weight_error": errors,
+        "weight_error_s": errors_s,
+        "wall_time_s": time.perf_counter() - t_start,
+        "env": store.environment(),
+        "git_commit": store.git_commit(),
+        "created": store.now(),
+    }
+    out = result_dir(results, size)
+    out.mkdir(parents=True, exist_ok=True)
+    store.atomic_write_json(out / "ptq.json", record)
+    (out / "ptq.md").write_text(render(record))
+    return out / "ptq.json"
+
+
+def load(results: Path | str, size: str) -> dict | None:
+    try:
+        return json.loads((result_dir(results, size) / "ptq.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+# ------------------------------------------------------------------------------ the page
+
+
+def render(rec: dict) -> str:
+    env, b, ev = rec["env"], rec["base"], rec["eval"]
+    hw = env.get("gpu") or f"CPU: {env.get('cpu')}"
+    lines = [f"# Post-training quantization of {rec['model']}", "",
+             f"Generated by `python -m qlab.ptq --size {rec['size']}` ({rec['created']}, commit "
+             f"`{rec['git_commit']}`) on {hw}; torch {env.get('torch')}, transformers {env.get('transformers')}, "
+             f"bitsandbytes {env.get('bitsandbytes')}, Python {env.get('python')}.", "",
+             f"Base: `{b['path_name']}` ({b['params']:,} params, {b['precision']} build, held-out perplexity "
+             f"{b['heldout_perplexity_as_built']:.4g} as built). Held-out split: {ev['files']} files, "
+             f"{ev['tokens']:,} predicted tokens in {ev['windows']} windows of up to {ev['seq_len']} tokens, "
+             "the same for every type.", "",
+             "| type | perplexity | vs bf16 | vs bf16 [95% CI] | weights (MiB) | bits / quantized weight |",
+             "|---|---:|---:|---|---:|---:|"]
+    for label, r in rec["types"].items():
+        bits = r.get("bits_per_quantized_param")
+        lo, hi = r["rel_vs_bf16_ci95"]
+        ci = "" if label == "bf16" else f"{100 * r['rel_vs_bf16']:+.2f}% [{100 * lo:+.2f}, {100 * hi:+.2f}]"
+        computed = " (computed)" if label == "int4" else ""
+        lines.append(f"| {label} | {r['perplexity']:.4f} | {r['delta_vs_bf16']:+.4f} | {ci} | "
+                     f"{r['weight_bytes'] / 2**20:.3f}{computed} | {f'{bits:.3f}' if bits else '-'} |")
+    bf16_dtype = rec["types"]["bf16"]["compute_dtype"]
+    lines += ["", f"`bf16` holds {bf16_dtype} weights here (qlab.models.compute_dtype). int4 is qlab's reference "
+              "blockwise-absmax quantizer (qlab.kernels, blocksize 64, codes -7..7), applied in place to every "
+              "decoder linear weight: bitsandbytes has no int4 type. The interval is paired over the held-out "
+              "windows (qlab.ptq.paired_log_ratio).", "",
+              f"## Quantization error of the base's weights (blocksize {rec['blocksize']})", "",
+              f"Every decoder linear weight of the stored float32 checkpoint "
+              f"({next(iter(rec['weight_error'].values()))['n']:,} weights in "
+              f"{next(iter(rec['weight_error'].values()))['tensors']} tensors), pooled.", "",
+              "| type | MSE | max abs error | mean abs error | SQNR (dB) |", "|---|---:|---:|---:|---:|"]
+    for label, e in sorted(rec["weight_error"].items(), key=lambda kv: kv[1]["mse"]):
+        lines.append(f"| {label} | {e['mse']:.4g} | {e['max_abs_error']:.4g} | {e['mean_abs_error']:.4g} | "
+                     f"{e['sqnr_db']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m qlab.ptq", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", default="auto", choices=[*pretrain.SIZES, "auto"],
+                    help="auto: gpu where CUDA is available, else small")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    ap.add_argument("--results", type=Path, default=Path("results"), help="writes <results>/ptq-base-<size>/")
+    ap.add_argument("--max-tokens", type=int, default=None, help="cut the held-out split (default: the size's)")
+    ap.add_argument("--types", default=",".join(TYPES), help=f"comma-separated subset of {','.join(TYPES)}")
+    args = ap.parse_args(argv)
+    from qlab.run.models import resolve_device
+
+    try:
+        device = resolve_device(args.device)
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    size = args.size if args.size != "auto" else ("gpu" if device.startswith("cuda") else "small")
+    try:
+        out = measure(size, device, args.results, args.max_tokens, args.types.split(","))
+    except (ValueError, pretrain.BaseError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print((out.parent / "ptq.md").read_text())
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,510 @@
+"""The QLoRA paper's claims as data, each turned into a measurement with a computed verdict.
+
+    qlab claims [--claims experiments/claims.yaml] [--results results] [--out results/claims] [--no-run]
+
+A claims file lists claims; each names the paper's statement and number, its source, where
+the measurement comes from, the metric, the comparison and the tolerance. Verdicts are
+computed here, never typed: `reproduced`, `not reproduced`, or `inconclusive` with the reason
+(no runs yet, one seed per arm, an interval that straddles the margin). A claim that fails is
+reported as failing.
+
+Comparison kinds (a small lookup table, `KINDS`):
+  value        mean of `metric` over the runs matching `where`, vs `paper_value` +- tolerance
+  difference   mean over arm `a` minus mean over arm `b`, vs `paper_value` +- tolerance
+  lower        arm `a` has a lower `metric` than arm `b`: Welch's t-test across seeds, alpha 0.05
+               (significantly higher -> not reproduced; no significant difference or n < 2 ->
+               inconclusive)
+  equivalent   |mean_a - mean_b| within `margin` (relative to mean_b): the 95% Welch interval
+               of the difference inside +-margin -> reproduced, entirely outside -> not reproduced
+  survives     under the claim's experiment, every run of arm `a` is ok and every run of arm `b`
+               ran out of memory
+  estimate     a number from the analytic memory model (qlab.estimate) of `model` under one
+               or two settings, vs `paper_value` +- tolerance or `at_most`
+  kernel_order quantization error (MSE) of `kinds` on standard-normal data: the first is lowest
+  ptq_error    quantization error `metric` (mse) of `kinds` on the real weights of base-`ptq`
+               (every decoder linear weight; results/ptq-base-<ptq>/ptq.json): the first is
+               lowest -> reproduced, else not reproduced (no noise: all weights are measured)
+  ptq_lower    post-training-quantization perplexity of base-`ptq`: type `a` is lower than
+               each type in `others`. Each pair is compared window by window on the same
+               held-out tokens (qlab.ptq.paired_log_ratio, 95% t-interval of log(ppl_a/ppl_b)):
+               every interval entirely below 0 -> reproduced; any entirely above 0 (an other type
+               significantly lower) -> not reproduced; otherwise the difference is within noise ->
+               inconclusive. `measured`: the relative perplexity change vs the closest other type
+  interleaved_equivalent  tokens/s of method `a` vs method `b` of experiments/overhead.py
+               (results/overhead/<overhead>.json): one model, one process, the methods run in
+               interleaved rounds, so round i of `a` and of `b` saw the same card state and are
+               paired: the 95% t-interval of the mean per-round ratio a/b - 1 inside +-margin ->
+               reproduced, entirely outside -> not reproduced, else inconclusive
+Runs come from `results/<sweep>/`: `make claims` first runs the sweeps that have no results
+(`experiment` plus `overrides`, a Hydra multirun), and the PTQ measurements that have no
+ptq.json (`python -m qlab.ptq --size <ptq>`), unless --no-run; GPU-sized ones (`train=gpu`
+among the overrides, `ptq: gpu`) only where CUDA is available.
+
+Besides claims.md (every column, the reasons), `write` produces summary.md: one compact table
+(claim, paper, measured, verdict) for the README to include verbatim.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+from scipy import stats as st
+
+from qlab.results import store
+from qlab.config import PROJECT_ROOT
+
+REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
+ALPHA = 0.05
+DEFAULT_CLAIMS = Path(PROJECT_ROOT) / "experiments" / "claims.yaml"
+
+
+@dataclass
+class Verdict:
+    verdict: str
+    measured: float | None = None
+    ci: tuple[float, float] | None = None
+    reason: str = ""
+    n: str = ""
+
+
+# ------------------------------------------------------------------ selecting runs
+
+def select(runs: pd.DataFrame, where: dict, status: str | None = "ok") -> pd.DataFrame:
+    """Rows matching every `column: value` of `where` (and the status, unless None)."""
+    mask = pd.Series(True, index=runs.index)
+    for col, value in (where or {}).items():
+        if col not in runs:
+            return runs.iloc[0:0]
+        mask &= runs[col].astype(str) == str(value)
+    if status is not None:
+        mask &= runs["status"] == status
+    return runs[mask]
+
+
+def _values(runs: pd.DataFrame, where: dict, metric: str, scale: float) -> np.ndarray:
+    sel = select(runs, where)
+    if metric not in sel:
+        return np.array([])
+    v = pd.to_numeric(sel[metric], errors="coerce").to_numpy(float) / scale
+    return v[np.isfinite(v)]
+
+
+def _within(measured: float, claim: dict) -> bool:
+    tol = claim.get("tolerance", {})
+    paper = claim["paper_value"]
+    limit = tol.get("abs", 0.0) + abs(paper) * tol.get("rel", 0.0)
+    return abs(measured - paper) <= limit
+
+
+def welch_interval(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """95% interval of mean(a) - mean(b), Welch-Satterthwaite degrees of freedom."""
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    diff, se = a.mean() - b.mean(), math.sqrt(va + vb)
+    if se == 0:
+        return diff, diff
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    half = st.t.ppf(0.975, df) * se
+    return diff - half, diff + half
+
+
+# ------------------------------------------------------------------ the comparison kinds
+
+def k_value(claim: dict, runs: pd.DataFrame) -> Verdict:
+    v = _values(runs, claim.get("where", {}), claim["metric"], claim.get("scale", 1.0))
+    if len(v) == 0:
+        return Verdict(INCONCLUSIVE, reason="no ok run matches yet")
+    m = float(v.mean())
+    ci = tuple(float(x) for x in st.t.interval(0.95, len(v) - 1, loc=m, scale=v.std(ddof=1) / len(v) ** 0.5)) \
+        if len(v) > 1 and v.std() > 0 else None
+    ok = _within(m, claim)
+    return Verdict(REPRODUCED if ok else NOT_REPRODUCED, m, ci,
+                   f"{'within' if ok else 'outside'} the tolerance of the paper's value", f"n={len(v)}")
+
+
+def _arms(claim: dict, runs: pd.DataFrame):
+    """(values of arm a, values of arm b, "n=.. vs ..", an inconclusive verdict if an arm is empty)."""
+    scale = claim.get("scale", 1.0)
+    a, b = (_values(runs, claim[arm], claim["metric"], scale) for arm in ("a", "b"))
+    n = f"n={len(a)} vs {len(b)}"
+    empty = Verdict(INCONCLUSIVE, reason="an arm has no ok run yet", n=n) if len(a) == 0 or len(b) == 0 else None
+    return a, b, n, empty
+
+
+def k_difference(claim: dict, runs: pd.DataFrame) -> Verdict:
+    a, b, n, empty = _arms(claim, runs)
+    if empty:
+        return empty
+    d = float(a.mean() - b.mean())
+    ci = welch_interval(a, b) if min(len(a), len(b)) > 1 else None
+    ok = _within(d, claim)
+    return Verdict(REPRODUCED if ok else NOT_REPRODUCED, d, ci,
+                   f"{'within' if ok else 'outside'} the tolerance of the paper's value", n)
+
+
+def k_lower(claim: dict, runs: pd.DataFrame) -> Verdict:
+    a, b, n, empty = _arms(claim, runs)
+    if empty:
+        return empty
+    d = float(a.mean() - b.mean())
+    if min(len(a), len(b)) < 2:
+        return Verdict(INCONCLUSIVE, d, reason="fewer than 2 seeds per arm: no test", n=n)
+    ci = welch_interval(a, b)
+    p = float(st.ttest_ind(a, b, equal_var=False).pvalue) if a.var() + b.var() > 0 else (0.0 if d else 1.0)
+    if p < ALPHA:
+        return Verdict(REPRODUCED if d < 0 else NOT_REPRODUCED, d, ci,
+                       f"a {'lower' if d < 0 else 'higher'} than b, Welch p={p:.3g}", n)
+    return Verdict(INCONCLUSIVE, d, ci, f"no significant difference (Welch p={p:.3g})", n)
+
+
+def k_equivalent(claim: dict, runs: pd.DataFrame) -> Verdict:
+    a, b, n, empty = _arms(claim, runs)
+    if empty:
+        return empty
+    d = float(a.mean() - b.mean())
+    margin = claim["margin"] * abs(b.mean())
+    if min(len(a), len(b)) < 2:
+        return Verdict(INCONCLUSIVE, d, reason=f"fewer than 2 seeds per arm: no interval (margin +-{margin:.4g})", n=n)
+    lo, hi = welch_interval(a, b)
+    if -margin <= lo and hi <= margin:
+        return Verdict(REPRODUCED, d, (lo, hi), f"95% interval inside +-{margin:.4g}", n)
+    if lo > margin or hi < -margin:
+        return Verdict(NOT_REPRODUCED, d, (lo, hi), f"95% interval entirely outside +-{margin:.4g}", n)
+    return Verdict(INCONCLUSIVE, d, (lo, hi), f"95% interval straddles the margin +-{margin:.4g}", n)
+
+
+def k_survives(claim: dict, runs: pd.DataFrame) -> Verdict:
+    a, b = select(runs, claim["a"], None), select(runs, claim["b"], None)
+    n = f"n={len(a)} vs {len(b)}"
+    if a.empty or b.empty:
+        return Verdict(INCONCLUSIVE, reason="an arm has no run yet", n=n)
+    a_ok, b_oom = (a.status == "ok").all(), (b.status == "oom").all()
+    if a_ok and b_oom:
+        return Verdict(REPRODUCED, reason="every run of a completed, every run of b ran out of memory", n=n)
+    if not a_ok and (a.status == "oom").any():
+        return Verdict(NOT_REPRODUCED, reason="arm a ran out of memory too", n=n)
+    return Verdict(INCONCLUSIVE, reason=f"statuses a={sorted(set(a.status))}, b={sorted(set(b.status))}: "
+                                        "the memory cap did not separate them", n=n)
+
+
+def k_estimate(claim: dict, runs: pd.DataFrame) -> Verdict:
+    from qlab.claims import estimate
+
+    def value(setting: dict) -> float:
+        e = estimate.estimate(claim["model"], estimate.Setting(**setting))
+        return float(e.as_metrics()[claim["metric"]])
+
+    measured = value(claim["setting"]) - (value(claim["minus"]) if "minus" in claim else 0.0)
+    measured /= claim.get("scale", 1.0)
+    if "at_most" in claim:
+        ok = measured <= claim["at_most"]
+        return Verdict(REPRODUCED if ok else NOT_REPRODUCED, measured,
+                       reason=f"analytic model: {'at most' if ok else 'above'} {claim['at_most']}", n="estimate")
+    ok = _within(measured, claim)
+    return Verdict(REPRODUCED if ok else NOT_REPRODUCED, measured,
+                   reason=f"analytic model: {'within' if ok else 'outside'} the tolerance", n="estimate")
+
+
+def k_kernel_order(claim: dict, runs: pd.DataFrame) -> Verdict:
+    import torch
+
+    from qlab.claims import kernels
+
+    size = claim.get("size", 1024)
+    x = torch.randn(size, size, generator=torch.Generator().manual_seed(0))
+    mse = {k: kernels.quantization_error(x, k, blocksize=claim.get("blocksize", 64))["mse"] for k in claim["kinds"]}
+    order = sorted(mse, key=mse.get)
+    ok = order[0] == claim["kinds"][0]  # the claimed type has the lowest error
+    return Verdict(REPRODUCED if ok else NOT_REPRODUCED, mse[claim["kinds"][0]],
+                   reason="MSE on N(0,1): " + " < ".join(f"{k} {mse[k]:.3g}" for k in order), n=f"{size * size:,} values")
+
+
+def _ptq_missing(claim: dict) -> Verdict:
+    return Verdict(INCONCLUSIVE, reason=f"not run yet: results/ptq-base-{claim['ptq']}/ has no ptq.json "
+                                        f"(python -m qlab.ptq --size {claim['ptq']})")
+
+
+def k_ptq_error(claim: dict, ptq: dict | None) -> Verdict:
+    if ptq is None:
+        return _ptq_missing(claim)
+    metric, kinds = claim.get("metric", "mse"), claim["kinds"]
+    errors = ptq.get("weight_error") or {}
+    missing = [k for k in kinds if k not in errors]
+    if missing:
+        return Verdict(INCONCLUSIVE, reason=f"ptq.json has no weight error for {', '.join(missing)}")
+    value = {k: float(errors[k][metric]) for k in kinds}
+    order = sorted(kinds, key=value.get)
+    ok = order[0] == kinds[0] and value[order[0]] < value[order[1]]  # strictly lowest
+    first = errors[kinds[0]]
+    reason = (f"{metric} on base-{ptq['size']}'s {first['n']:,} decoder weights: "
+              + " < ".join(f"{k} {value[k]:.4g}" for k in order)
+              + "; max abs error " + ", ".join(f"{k} {float(errors[k]['max_abs_error']):.3g}" for k in kinds))
+    return Verdict(REPRODUCED if ok else NOT_REPRODUCED, value[kinds[0]], reason=reason,
+                   n=f"{first['n']:,} weights")
+
+
+def k_ptq_lower(claim: dict, ptq: dict | None) -> Verdict:
+    from qlab.claims.ptq import paired_log_ratio
+
+    if ptq is None:
+        return _ptq_missing(claim)
+    types, a = ptq.get("types") or {}, claim["a"]
+    missing = [t for t in (a, *claim["others"]) if t not in types]
+    if missing:
+        return Verdict(INCONCLUSIVE, reason=f"ptq.json has no perplexity for {', '.join(missing)}")
+    tokens = ptq["eval"]["window_tokens"]
+    pairs = {b: paired_log_ratio(types[a]["window_nll"], types[b]["window_nll"], tokens) for b in claim["others"]}
+    closest = max(pairs, key=lambda b: pairs[b]["log_ratio"])  # the other type a beats by least
+    c = pairs[closest]
+    n = f"{c['tokens']:,} tokens, {c['windows']} windows"
+    ppl = ", ".join(f"{t} {types[t]['perplexity']:.4g}" for t in sorted((a, *claim["others"]),
+                                                                         key=lambda t: types[t]["perplexity"]))
+    diffs = "; ".join(f"vs {b} {100 * r['rel']:+.2f}% [{100 * r['rel_ci95'][0]:+.2f}, {100 * r['rel_ci95'][1]:+.2f}]"
+                      for b, r in pairs.items())
+    ci = tuple(100 * x for x in c["rel_ci95"])
+    higher = [b for b, r in pairs.items() if r["ci95"][0] > 0]
+    if higher:
+        return Verdict(NOT_REPRODUCED, 100 * c["rel"], ci,
+                       f"{', '.join(higher)} significantly lower than {a}: perplexity {ppl} ({diffs})", n)
+    if all(r["ci95"][1] < 0 for r in pairs.values()):
+        return Verdict(REPRODUCED, 100 * c["rel"], ci, f"perplexity {ppl} ({diffs}; 95% paired intervals)", n)
+    within = [b for b, r in pairs.items() if r["ci95"][1] >= 0]
+    return Verdict(INCONCLUSIVE, 100 * c["rel"], ci,
+                   f"{a} vs {', '.join(within)} within noise (the 95% paired interval includes 0): "
+                   f"perplexity {ppl} ({diffs})", n)
+
+
+def k_interleaved_equivalent(claim: dict, record: dict | None) -> Verdict:
+    if record is None:
+        return Verdict(INCONCLUSIVE, reason=f"not run yet: results/overhead/{claim['overhead']}.json does not "
+                                            "exist (python experiments/overhead.py on a GPU)")
+    methods = record["methods"]
+    if claim["a"] not in methods or claim["b"] not in methods:
+        return Verdict(INCONCLUSIVE, reason=f"{claim['overhead']}.json has no {claim['a']} / {claim['b']} method")
+    a, b = (np.asarray(methods[m]["tokens_per_s_rounds"], dtype=float) for m in (claim["a"], claim["b"]))
+    rel = a / b - 1  # round i of each method ran back to back: a paired comparison
+    n, margin, m = f"{len(rel)} paired rounds", claim["margin"], float(rel.mean())
+    if len(rel) < 2:
+        return Verdict(INCONCLUSIVE, m, reason="fewer than 2 rounds: no interval", n=n)
+    lo, hi = (st.t.interval(0.95, len(rel) - 1, loc=m, scale=rel.std(ddof=1) / len(rel) ** 0.5)
+              if rel.std() > 0 else (m, m))
+    ci = (100 * float(lo), 100 * float(hi))
+    setup = record.get("setup", {})
+    what = (f"{claim['a']} vs {claim['b']} tok/s on {setup.get('model')} ({record.get('env', {}).get('gpu')}), "
+            f"per-round ratio - 1 {100 * m:+.1f}% [{ci[0]:+.1f}, {ci[1]:+.1f}]")
+    if -margin <= lo and hi <= margin:
+        return Verdict(REPRODUCED, 100 * m, ci, f"{what}: inside +-{100 * margin:g}%", n)
+    if lo > margin or hi < -margin:
+        return Verdict(NOT_REPRODUCED, 100 * m, ci, f"{what}: entirely outside +-{100 * margin:g}%", n)
+    return Verdict(INCONCLUSIVE, 100 * m, ci, f"{what}: straddles +-{100 * margin:g}%", n)
+
+
+def load_overhead(results: Path, stem: str) -> dict | None:
+    import json
+
+    path = results / "overhead" / f"{stem}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+KINDS = {"value": k_value, "difference": k_difference, "lower": k_lower, "equivalent": k_equivalent,
+         "survives": k_survives, "estimate": k_estimate, "kernel_order": k_kernel_order,
+         "ptq_error": k_ptq_error, "ptq_lower": k_ptq_lower, "interleaved_equivalent": k_interleaved_equivalent}
+NEEDS_RUNS = ("value", "difference", "lower", "equivalent", "survives")
+NEEDS_PTQ = ("ptq_error", "ptq_lower")  # evidence: results/ptq-base-<claim['ptq']>/ptq.json
+
+
+# ------------------------------------------------------------------ the verb
+
+def load_claims(path: Path) -> list[dict]:
+    claims = yaml.safe_load(Path(path).read_text())["claims"]
+    for i, c in enumerate(claims):
+        for key in ("id", "statement", "source", "kind"):
+            if key not in c:
+                raise ValueError(f"{path}: claim {i} ({c.get('id', '?')}) lacks '{key}'")
+        if c["kind"] not in KINDS:
+            raise ValueError(f"{path}: claim {c['id']}: unknown kind {c['kind']!r} (choose from {', '.join(KINDS)})")
+        if c["kind"] in NEEDS_PTQ and c.get("ptq") not in ("tiny", "small", "gpu"):
+            raise ValueError(f"{path}: claim {c['id']}: kind {c['kind']} needs ptq: tiny|small|gpu (the base size)")
+    return claims
+
+
+def run_missing(claims: list[dict], results: Path) -> None:
+    """Run each sweep the claims need that has no result yet (a Hydra multirun per sweep), and
+    each PTQ measurement that has no ptq.json (`python -m qlab.ptq`, one process per size)."""
+    done = set()
+    for c in claims:
+        if c["kind"] in NEEDS_PTQ:
+            size = c["ptq"]
+            if f"ptq:{size}" in done:
+                continue
+            done.add(f"ptq:{size}")
+            from qlab.claims.ptq import result_dir
+
+            if (result_dir(results, size) / "ptq.json").is_file():
+                continue
+            if size == "gpu" and not _has_cuda():
+                print(f"not running the PTQ measurement of base-{size}: it needs a GPU (its claims stay "
+                      "inconclusive)", flush=True)
+                continue
+            cmd = [sys.executable, "-m", "qlab.claims.ptq", "--size", size, "--results", str(results)]
+            print("running missing PTQ measurement:", " ".join(cmd), flush=True)
+            subprocess.run(cmd, cwd=PROJECT_ROOT, check=False)
+            continue
+        sweep = c.get("sweep")
+        if c["kind"] not in NEEDS_RUNS or not sweep or not c.get("experiment") or sweep in done:
+            continue
+        done.add(sweep)
+        if any((results / sweep).glob("*/result.json")):
+            continue
+        if "train=gpu" in c.get("overrides", []) and not _has_cuda():
+            print(f"not running sweep {sweep}: it needs a GPU (its claims stay inconclusive)", flush=True)
+            continue
+        cmd = [sys.executable, "-m", "qlab.run", f"experiment={c['experiment']}", f"tracker.sweep={sweep}",
+               f"tracker.results_dir={results}", *c.get("overrides", [])]
+        print("running missing sweep:", " ".join(cmd), flush=True)
+        subprocess.run(cmd, cwd=PROJECT_ROOT, check=False)
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def evaluate(claims: list[dict], results: Path) -> list[dict]:
+    from qlab.results.frame import load_runs
+
+    from qlab.claims import ptq
+
+    cache: dict[str, pd.DataFrame] = {}
+    rows = []
+    for c in claims:
+        runs = pd.DataFrame(columns=["status"])
+        if c["kind"] in NEEDS_PTQ:
+            runs = ptq.load(results, c["ptq"]) if results is not None else None  # a dict, or None
+        elif c["kind"] == "interleaved_equivalent":
+            runs = load_overhead(results, c["overhead"]) if results is not None else None
+        elif c["kind"] in NEEDS_RUNS:
+            sweep = c["sweep"]
+            if sweep not in cache:
+                cache[sweep] = load_runs(results / sweep) if (results / sweep).is_dir() else pd.DataFrame(columns=["status"])
+            runs = cache[sweep]
+        v = KINDS[c["kind"]](c, runs) if (c["kind"] not in NEEDS_RUNS or not runs.empty) else \
+            Verdict(INCONCLUSIVE, reason=f"not run yet: results/{c['sweep']}/ has no result")
+        rows.append({"id": c["id"], "statement": c["statement"], "source": c["source"],
+                     "paper": c.get("paper", c.get("paper_value")), "unit": c.get("unit", ""),
+                     "measured": v.measured, "ci95": list(v.ci) if v.ci else None, "verdict": v.verdict,
+                     "reason": v.reason, "n": v.n,
+                     "evidence": c.get("sweep") or (f"ptq-base-{c['ptq']}" if c["kind"] in NEEDS_PTQ else
+                                                    f"overhead/{c['overhead']}" if c.get("overhead") else c["kind"])})
+    return rows
+
+
+def _machine(env: dict | None) -> str:
+    return store.machine_line(env) if env else "n/a"
+
+
+def evidence_machine(results: Path, evidence: str) -> str:
+    """Where a claim's numbers were measured: the hardware and versions its evidence recorded
+    (a sweep's first result, ptq.json, the overhead record); claims computed by this command
+    (kernel_order on N(0,1) data, the analytic estimate) name the machine evaluating them."""
+    import json
+
+    if evidence in ("kernel_order", "estimate"):
+        return ("analytic (no hardware)" if evidence == "estimate" else
+                f"computed by this command: {_machine(store.environment())}")
+    path = results / evidence
+    files = [path.with_suffix(".json")] if evidence.startswith("overhead/") else \
+        [path / "ptq.json"] if (path / "ptq.json").is_file() else sorted(path.glob("*/result.json"))
+    for f in files:
+        if f.is_file():
+            env = json.loads(f.read_text()).get("env")
+            if env:
+                return _machine(env)
+    return "n/a (no result yet)"
+
+
+def _fmt(x) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    return f"{x:,.4g}" if isinstance(x, float) else str(x)
+
+
+def write(rows: list[dict], out: Path, results: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    store.atomic_write_json(out / "claims.json", {"claims": rows, "generated_at": store.now(),
+                                                   "git_commit": store.git_commit(), "env": store.environment()})
+    env = store.environment()
+    counts = {k: sum(r["verdict"] == k for r in rows) for k in (REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE)}
+    lines = ["# QLoRA paper claims (arXiv 2305.14314): verdicts", "",
+             f"Computed by `qlab claims` from `{results}` ({', '.join(f'{v} {k}' for k, v in counts.items())}). "
+             "Verdicts are computed from result files and the analytic model, never typed; see "
+             "`experiments/claims.yaml` for each claim's metric, comparison and tolerance.", "",
+             f"Evaluated on {env['gpu'] or env['cpu']}; where each claim's numbers were measured is under "
+             "Evidence below.", "",
+             "| claim | source | paper | measured [95% CI] | n | verdict | why |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ci = f" [{_fmt(r['ci95'][0])}, {_fmt(r['ci95'][1])}]" if r["ci95"] else ""
+        lines.append(f"| {r['statement']} | {r['source']} | {_fmt(r['paper'])} {r['unit']} | {_fmt(r['measured'])}{ci} | "
+                     f"{r['n']} | **{r['verdict']}** | {r['reason']} |")
+    lines += ["", "## Evidence", "", "| evidence (under results/) | claims | measured on |", "|---|---|---|"]
+    for evidence in dict.fromkeys(r["evidence"] for r in rows):
+        ids = ", ".join(r["id"] for r in rows if r["evidence"] == evidence)
+        lines.append(f"| `{evidence}` | {ids} | {evidence_machine(results, evidence)} |")
+    (out / "claims.md").write_text("\n".join(lines) + "\n")
+    (out / "summary.md").write_text(summary(rows))
+    return out / "claims.md"
+
+
+def _cell(text) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def summary(rows: list[dict]) -> str:
+    """One compact table (claim, paper, measured, verdict) for the README, verbatim: the
+    reasons and sources stay in claims.md."""
+    lines = ["| claim | paper | measured | verdict |", "|---|---|---|---|"]
+    for r in rows:
+        unit = f" {r['unit']}" if r["unit"] else ""
+        measured = _fmt(r["measured"])
+        if r["ci95"]:
+            measured += f" [{_fmt(r['ci95'][0])}, {_fmt(r['ci95'][1])}]"
+        if r["measured"] is not None and unit and measured != "n/a":
+            measured += unit
+        lines.append(f"| {_cell(r['statement'])} | {_cell(_fmt(r['paper']))}{_cell(unit)} | {_cell(measured)} | "
+                     f"**{r['verdict']}** |")
+    counts = {k: sum(r["verdict"] == k for r in rows) for k in (REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE)}
+    lines += ["", f"{', '.join(f'{v} {k}' for k, v in counts.items())}; generated by `qlab claims` "
+                  "(`results/claims/claims.md` has the sources, sample sizes and the reason for each verdict)."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="qlab claims", description=__doc__.split("\n\n")[0])
+    p.add_argument("--claims", type=Path, default=DEFAULT_CLAIMS)
+    p.add_argument("--results", type=Path, default=Path("results"))
+    p.add_argument("--out", type=Path, default=None, help="default: <results>/claims")
+    p.add_argument("--no-run", action="store_true", help="evaluate what exists; run no missing sweep")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        claims = load_claims(args.claims)
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        print(f"qlab claims: {e}", file=sys.stderr)
+        return 2
+    if not args.no_run:
+        run_missing(claims, args.results)
+    rows = evaluate(claims, args.results)
+    page = write(rows, args.out or args.results / "claims", args.results)
+    print(page.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

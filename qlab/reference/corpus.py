@@ -1,0 +1,251 @@
+"""The embedded pretraining corpus: Python standard-library sources, frozen in the repository.
+
+The quality claims (NF4 vs FP4 vs Int4 after post-training quantization, 4-bit QLoRA vs 16-bit
+LoRA) need a *pretrained* base, and qlab builds its own without downloading anything
+(`qlab.base`). Its text is `qlab/assets/corpus/python-stdlib.txt.gz`: the `.py` files of
+CPython 3.11.7's standard library, extracted once by `python -m qlab.corpus --build` and
+committed. The committed file is the source of truth (every machine trains on the same bytes,
+so bases and their perplexities are comparable); `--build` only shows how it was made, and
+re-running it with another Python version gives a different corpus (and a different checksum,
+hence different cache keys downstream).
+
+Selection (deterministic: every `*.py` under the stdlib directory, sorted by relative POSIX
+path, minus):
+  test/, tests/, idle_test/ directories   test suites: deliberately malformed, odd-encoding and
+                                          data-only files; left out so the corpus is library code
+  site-packages/, config-3.*/             not the standard library
+  _sysconfigdata_*.py                     machine-specific build paths
+  encodings/                              generated codec mapping tables (gencodec.py), not code
+  pydoc_data/                             one generated 750 kB string of documentation
+  html/entities.py                        one 75 kB data table of HTML entities
+CPython 3.11.7 (pyenv build, Linux x86-64): 607 files, 9.83 MB of text.
+
+Format of the decompressed text (UTF-8): one record per file,
+    "\\x1e" + relative path + "\\n" + file text (newline-terminated)
+The ASCII record separator (0x1E) never occurs in the selected sources (the build checks it).
+Compression is gzip level 9 with mtime 0 and no file name in the header, so the same input
+gives the same bytes with the same zlib.
+
+Beside it: `SHA256SUMS` (sha256sum format; `load` checks it on every call and refuses a file
+that does not match) and `LICENSE` (the PSF licence under which the sources are distributed).
+
+Splits are by file: a file is held out when the first 8 bytes of sha256("qlab-heldout:" +
+path), read as an integer, fall below 3% of 2**64 (17 of the 607 files, 221 k characters:
+97.75% / 2.25% of the text). By file, so no held-out text has been seen
+in training (a function's callers and its definition stay on one side); by hash of the path,
+so the split does not depend on which other files are present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import io
+import sys
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+from qlab.config import ASSETS
+
+CORPUS_DIR = ASSETS / "corpus"
+CORPUS_NAME = "python-stdlib.txt.gz"
+SUMS_NAME = "SHA256SUMS"
+LICENSE_NAME = "LICENSE"
+SEP = "\x1e"
+HELDOUT_FRACTION = 0.03  # 17 of 607 files, 221 kB = 2.25% of the text
+
+EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__", "encodings", "pydoc_data"}
+EXCLUDED_FILES = {"html/entities.py"}
+
+
+class CorpusError(RuntimeError):
+    """The corpus file is missing, does not match its checksum, or is malformed."""
+
+
+@dataclass(frozen=True)
+class Document:
+    path: str  # relative to the stdlib directory, POSIX separators
+    text: str
+
+
+@dataclass(frozen=True)
+class Corpus:
+    documents: tuple[Document, ...]
+    sha256: str  # of the compressed file, as in SHA256SUMS
+    path: Path
+
+    def split(self, heldout_fraction: float = HELDOUT_FRACTION) -> tuple[list[Document], list[Document]]:
+        """(train, heldout), by file: deterministic, disjoint, independent of the other files."""
+        train, held = [], []
+        for doc in self.documents:
+            (held if is_heldout(doc.path, heldout_fraction) else train).append(doc)
+        return train, held
+
+    @property
+    def chars(self) -> int:
+        return sum(len(d.text) for d in self.documents)
+
+
+def is_heldout(path: str, fraction: float = HELDOUT_FRACTION) -> bool:
+    h = int.from_bytes(hashlib.sha256(f"qlab-heldout:{path}".encode()).digest()[:8], "big")
+    return h < fraction * 2**64
+
+
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def expected_sha256(directory: Path = CORPUS_DIR, name: str = CORPUS_NAME) -> str:
+    sums = Path(directory) / SUMS_NAME
+    if not sums.is_file():
+        raise CorpusError(f"{sums} is missing: cannot verify {name} (rebuild with python -m qlab.corpus --build)")
+    for line in sums.read_text().splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].lstrip("*") == name:
+            return parts[0].lower()
+    raise CorpusError(f"{sums} has no line for {name}")
+
+
+def checksum(directory: Path = CORPUS_DIR) -> str:
+    """The corpus identity used in cache keys: its expected (committed) SHA-256, verified."""
+    return verify(directory)
+
+
+def verify(directory: Path = CORPUS_DIR, name: str = CORPUS_NAME) -> str:
+    """Check the compressed file against SHA256SUMS; return the checksum or raise CorpusError."""
+    path = Path(directory) / name
+    if not path.is_file():
+        raise CorpusError(f"corpus file missing: {path}")
+    want = expected_sha256(directory, name)
+    got = sha256_file(path)
+    if got != want:
+        raise CorpusError(
+            f"corpus checksum mismatch for {path}: SHA256SUMS says {want}, the file hashes to {got}. "
+            "The file is corrupted or was changed; restore it from the repository "
+            "(git checkout -- qlab/assets/corpus) rather than rebuilding, so results stay comparable."
+        )
+    return got
+
+
+def load(directory: Path = CORPUS_DIR, name: str = CORPUS_NAME) -> Corpus:
+    """Verify the checksum (every call), decompress and parse the records."""
+    digest = verify(directory, name)
+    path = Path(directory) / name
+    try:
+        text = gzip.decompress(path.read_bytes()).decode("utf-8")
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise CorpusError(f"{path}: cannot decompress/decode: {e}") from None
+    return Corpus(tuple(parse(text, str(path))), digest, path)
+
+
+def parse(text: str, where: str = "corpus") -> list[Document]:
+    if not text.startswith(SEP):
+        raise CorpusError(f"{where}: does not start with a record separator")
+    docs = []
+    for record in text[1:].split(SEP):
+        head, nl, body = record.partition("\n")
+        if not nl or not head:
+            raise CorpusError(f"{where}: malformed record near {head[:60]!r}")
+        docs.append(Document(head, body))
+    return docs
+
+
+# ---------------------------------------------------------------------------------------------
+# build (run once; the output is committed)
+
+
+def select(stdlib: Path) -> list[Path]:
+    """The sorted relative paths of the files that go in (see the module docstring)."""
+    out = []
+    for p in stdlib.rglob("*.py"):
+        rel = p.relative_to(stdlib)
+        if any(part in EXCLUDED_DIRS or part.startswith("config-") for part in rel.parts[:-1]):
+            continue
+        if rel.name.startswith("_sysconfigdata") or rel.as_posix() in EXCLUDED_FILES:
+            continue
+        if p.is_file():
+            out.append(rel)
+    return sorted(out, key=lambda r: r.as_posix())
+
+
+def render(stdlib: Path, files: list[Path]) -> str:
+    parts = []
+    for rel in files:
+        text = (stdlib / rel).read_bytes().decode("utf-8")  # PEP 3120: stdlib sources are UTF-8
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+        if SEP in text:
+            raise CorpusError(f"{rel}: contains the record separator 0x1E")
+        if not text.endswith("\n"):
+            text += "\n"
+        parts.append(f"{SEP}{rel.as_posix()}\n{text}")
+    return "".join(parts)
+
+
+def build(stdlib: Path | None = None, out_dir: Path = CORPUS_DIR) -> dict:
+    stdlib = Path(stdlib or sysconfig.get_paths()["stdlib"]).resolve()
+    version = sys.version.split()[0]
+    files = select(stdlib)
+    text = render(stdlib, files)
+    raw = text.encode("utf-8")
+    buf = io.BytesIO()
+    with gzip.GzipFile(filename="", mode="wb", fileobj=buf, compresslevel=9, mtime=0) as gz:
+        gz.write(raw)
+    data = buf.getvalue()
+    digest = hashlib.sha256(data).hexdigest()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / CORPUS_NAME).write_bytes(data)
+    (out_dir / SUMS_NAME).write_text(f"{digest}  {CORPUS_NAME}\n")
+    licence = stdlib / "LICENSE.txt"
+    held = sum(is_heldout(f.as_posix()) for f in files)
+    note = (
+        f"qlab/assets/corpus/{CORPUS_NAME}\n"
+        f"{'=' * (len(CORPUS_NAME) + 19)}\n\n"
+        f"Source: the .py files of the Python {version} standard library ({len(files)} files,\n"
+        f"{len(raw):,} bytes of UTF-8 text; {len(data):,} bytes gzip-compressed), extracted\n"
+        "by `python -m qlab.corpus --build` (selection rules in qlab/corpus.py).\n"
+        f"sha256 of the compressed file: {digest}\n"
+        "The text is unmodified except that line endings are normalized to LF and each file\n"
+        "is preceded by a 0x1E byte and its relative path.\n"
+        f"Train/held-out split by file: {len(files) - held} / {held} files.\n\n"
+        f"Python {version} is Copyright (c) 2001-2023 Python Software Foundation; All Rights\n"
+        "Reserved, and earlier copyrights as listed below. It is distributed under the PSF\n"
+        "License Agreement, reproduced in full from the distribution's LICENSE.txt below.\n\n"
+        + "-" * 78 + "\n\n"
+    )
+    (out_dir / LICENSE_NAME).write_text(note + (licence.read_text() if licence.is_file() else
+                                               "(LICENSE.txt not found beside the sources: see "
+                                               "https://docs.python.org/3/license.html)\n"))
+    return {"python": version, "stdlib": str(stdlib), "files": len(files), "heldout_files": held,
+            "raw_bytes": len(raw), "gz_bytes": len(data), "sha256": digest, "out": str(out_dir)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m qlab.corpus", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--build", action="store_true",
+                    help="extract the corpus from this interpreter's stdlib (the committed one is 3.11.7)")
+    ap.add_argument("--stdlib", type=Path, default=None, help="stdlib directory (default: this interpreter's)")
+    ap.add_argument("--out", type=Path, default=CORPUS_DIR, help=f"output directory (default {CORPUS_DIR})")
+    args = ap.parse_args(argv)
+    if args.build:
+        info = build(args.stdlib, args.out)
+        for k, v in info.items():
+            print(f"{k:14s} {v}")
+        return 0
+    try:
+        corpus = load(args.out)
+    except CorpusError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    train, held = corpus.split()
+    print(f"{corpus.path}: ok, sha256 {corpus.sha256}")
+    print(f"{len(corpus.documents)} files, {corpus.chars:,} characters; "
+          f"train {len(train)} files ({sum(len(d.text) for d in train):,} chars), "
+          f"held-out {len(held)} files ({sum(len(d.text) for d in held):,} chars)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

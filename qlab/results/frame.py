@@ -1,0 +1,396 @@
+"""result.json files -> one tidy pandas DataFrame (one row per run), and the names the
+report, the statistics and the plots share: axis orders, quantization labels, metrics.
+
+Every run found is a row, oom and failed ones included (their `status` says so). Each row
+carries its comparability group: runs are only compared inside a group (see `GROUP_KEYS`).
+A result's `kind` ("train" for qlab.run, "generate" for qlab.generate_bench; "train" when the
+file has none) is part of the group: training and generation results never share one.
+The speed path of a training run (`speed`: recipe | fast | trainer, see `speed_label`) is an
+ablation axis like the quantization: runs that differ only in it share a group, and its
+`quant_label` names it (`nf4+DQ · fast`), so every consumer that tells configurations apart by
+quant label (arms, plots, claims) keeps them apart.
+Reading is all this module does; nothing here computes a statistic or draws.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from qlab.config import PROJECT_ROOT
+from qlab.results.store import NON_IDENTITY_KEYS, RESULT
+
+SPEED_CONF = Path(PROJECT_ROOT) / "conf" / "speed"
+
+GiB = 2**30
+ADAPTER_BYTES_PER_PARAM = 4  # LoRA A/B matrices are trained in float32: 4 bytes/param
+
+# Natural order of each axis' values in tables and plots; unknown values sort after, by name.
+ORDER = {
+    "quant": ["bf16", "int8", "nf4", "fp4"],
+    "quant_label": ["bf16", "int8", "nf4", "nf4+DQ", "fp4", "fp4+DQ"],
+    "dq": ["off", "on"],
+    "optim": ["adamw", "paged_adamw_32bit", "adamw_8bit", "paged_adamw_8bit"],
+    "adapter": ["qv", "all_linear", "none", "lora"],  # none/lora: generation results
+    "speed": ["trainer", "recipe", "fast"],  # trainer: the HF Trainer path (experiments/speed_bench.py)
+}
+RECIPE = "recipe"  # the speed label that adds nothing to a quant label (the paper's recipe)
+SPEED_SEP = " · "  # quant label · speed label
+# Keys that define a comparability group (besides hardware): column -> dotted config key.
+GROUP_KEYS = {
+    "model": "model.name",
+    "data": "data.name",
+    "max_seq_len": "data.max_seq_len",
+    "pad_to": "data.pad_to",
+    "batch_size": "train.batch_size",
+    "steps": "train.steps",
+}
+# Config keys that are the ablation axes (they vary *inside* a group) or don't change what a
+# run measures; every other config key must match for runs to share a group.
+AXIS_CONFIG_KEYS = ("quant.type", "quant.double_quant", "optim.name", "adapter.targets", "seed", "speed")
+# Generation results: with or without an adapter is an axis (`adapter`: none | lora), so the
+# adapter's config (source run, rank) does not split the group; arms keep one adapter per row.
+KIND_AXIS_CONFIG_KEYS = {"generate": ("adapter",)}
+KINDS = ("train", "generate")  # sections in this order
+GENERATE_LABEL_KEYS = ("bench.new_tokens", "bench.batch_sizes", "bench.prompts", "bench.repeats")
+VERSIONS = ("python", "torch", "transformers", "peft", "bitsandbytes", "cuda")
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One reported metric: `source` column of the runs frame, divided by `scale`."""
+
+    name: str
+    source: str
+    scale: float
+    header: str
+    decimals: int
+    delta: bool = False  # show % change vs the baseline arm
+    tested: bool = False  # compared across ablation pairs in the statistics
+    # columns of one run's own 95% interval (over its timed calls), used when an arm has one run
+    run_ci: tuple[str, str] | None = None
+
+
+METRICS = (
+    Metric("peak_gib", "peak_bytes", GiB, "peak mem (GiB)", 2, delta=True, tested=True),
+    Metric("torch_peak_gib", "peak_allocated_bytes", GiB, "torch peak alloc (GiB)", 2),
+    Metric("weights_gib", "weight_bytes", GiB, "weights (GiB)", 2, delta=True),
+    Metric("tok_s", "tokens_per_s", 1, "tok/s [95% CI]", 0, delta=True, tested=True,
+           run_ci=("tokens_per_s_run_ci95_low", "tokens_per_s_run_ci95_high")),
+    Metric("train_loss_final", "train_loss_final", 1, "final train loss", 4, tested=True),
+    Metric("eval_loss", "eval_loss", 1, "eval loss", 4, delta=True, tested=True),
+    Metric("eval_ppl", "eval_perplexity", 1, "eval ppl", 1),
+    Metric("trainable_m", "trainable_params", 1e6, "trainable params (M)", 1),
+)
+METRIC = {m.name: m for m in METRICS}
+MiB = 2**20
+
+
+def byte_unit(largest: float) -> tuple[str, int]:
+    """(unit, bytes per unit) for a table's byte columns: GiB, or MiB when every value is below
+    1 GiB (tiny models) or there is none."""
+    return ("GiB", GiB) if not math.isfinite(largest) or largest >= GiB else ("MiB", MiB)
+
+
+def generation_batch_sizes(runs: pd.DataFrame) -> list[int]:
+    """The batch sizes whose throughput the generation results hold, ascending."""
+    prefix, suffix = "e2e_tokens_per_s_b", "_median_tok"
+    return sorted(int(c[len(prefix):-len(suffix)]) for c in runs.columns
+                  if c.startswith(prefix) and c.endswith(suffix) and runs[c].notna().any())
+
+
+def generation_metrics(runs: pd.DataFrame) -> tuple[Metric, ...]:
+    """The columns of a generation table (qlab.generate_bench results), for the batch sizes
+    the runs hold. Times and throughputs are each run's median over its timed generate calls,
+    its interval the 95% t-interval of the mean over those calls (`measure.summarize`).
+    Bytes are in GiB, or in MiB when every value of the group is below 1 GiB (tiny models)."""
+    unit, scale = byte_unit(pd.concat([runs[c] for c in ("weight_bytes", "peak_bytes") if c in runs]).max())
+    out = [
+        Metric("load_s", "load_time_s", 1, "load (s)", 2),
+        Metric("weights", "weight_bytes", scale, f"weights ({unit})", 2, delta=True),
+        Metric("peak", "peak_bytes", scale, f"peak mem ({unit})", 2, delta=True),
+        Metric("torch_peak", "peak_allocated_bytes", scale, f"torch peak alloc ({unit})", 2),
+        Metric("ttft_ms", "ttft_median_s", 1e-3, "TTFT b1 (ms) [95% CI]", 1, delta=True,
+               run_ci=("ttft_ci95_low_s", "ttft_ci95_high_s")),
+    ]
+    sizes = generation_batch_sizes(runs)
+    for b in sizes:
+        p = f"decode_tokens_per_s_b{b}"
+        out.append(Metric(f"decode_tok_s_b{b}", f"{p}_median_tok", 1, f"decode tok/s b{b} [95% CI]", 0, delta=True,
+                          run_ci=(f"{p}_ci95_low_tok", f"{p}_ci95_high_tok")))
+    for b in sizes:
+        p = f"e2e_tokens_per_s_b{b}"
+        out.append(Metric(f"e2e_tok_s_b{b}", f"{p}_median_tok", 1, f"end-to-end tok/s b{b}", 0, delta=True))
+    return tuple(out)
+# Metric keys the report reads; a run without one (CPU: no torch.cuda or NVML peaks; an oom or
+# failed run: no throughput or loss) gets NaN, so every frame has every column.
+READ_METRICS = ("weight_bytes", "quantized_weight_bytes", "quant_state_bytes", "unquantized_weight_bytes",
+                "weight_bytes_after_prepare", "trainable_params", "total_params", "peak_allocated_bytes",
+                "peak_reserved_bytes", "nvml_peak_device_used_bytes", "rss_peak_bytes", "optimizer_state_bytes",
+                "tokens_per_s", "step_time_mean_s", "train_loss_first", "train_loss_final", "eval_loss",
+                "eval_perplexity")
+
+
+def rank(column: str, value) -> tuple:
+    if column == "quant_label" and isinstance(value, str) and SPEED_SEP in value:
+        base, speed = value.split(SPEED_SEP, 1)  # after its quant label without a speed: nf4+DQ, nf4+DQ · fast
+        return (*rank(column, base), rank("speed", speed))
+    order = ORDER.get(column, [])
+    return (order.index(value), "") if value in order else (len(order), str(value))
+
+
+def quant_label(quant: str, double_quant: bool, speed: str | None = None) -> str:
+    """nf4+DQ; with a speed path other than the recipe, named after it: nf4+DQ · fast."""
+    label = f"{quant}+DQ" if double_quant else quant
+    return label if speed in (None, RECIPE) else f"{label}{SPEED_SEP}{speed}"
+
+
+_SPEED_PRESETS: dict | None = None
+
+
+def speed_presets() -> dict[str, dict]:
+    """conf/speed/<name>.yaml -> its switches, recipe first."""
+    global _SPEED_PRESETS
+    if _SPEED_PRESETS is None:
+        from omegaconf import OmegaConf
+
+        files = sorted(SPEED_CONF.glob("*.yaml"), key=lambda p: rank("speed", p.stem))
+        _SPEED_PRESETS = {p.stem: OmegaConf.to_container(OmegaConf.load(p)) for p in files}
+    return _SPEED_PRESETS
+
+
+def speed_label(speed: dict | None) -> str:
+    """The name of a run's speed path, from its config's `speed` block:
+      - `speed.runner` when set: a run made by another training loop on the same config
+        (`trainer`: the HF Trainer recipe of experiments/speed_bench.py);
+      - the conf/speed/ preset the switches equal (`recipe`, `fast`);
+      - otherwise the nearest preset and what differs: `fast (compile=none)`.
+    Results from before the speed group have no block: they ran the recipe (the defaults)."""
+    if not speed:
+        return RECIPE
+    if speed.get("runner"):
+        return str(speed["runner"])
+    diffs = {name: {k: speed[k] for k, v in preset.items() if k in speed and speed[k] != v}
+             for name, preset in speed_presets().items()}
+    if not diffs:
+        return RECIPE
+    name = min(diffs, key=lambda n: len(diffs[n]))  # ties: the recipe first (presets are ordered)
+    extra = ", ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in diffs[name].items())
+    return f"{name} ({extra})" if extra else name
+
+
+def find_results(root: Path) -> list[Path]:
+    """Every result.json below `root`, hidden directories (.staging/ .logs/ .hydra/) skipped."""
+    root = Path(root)
+    return sorted(p for p in root.rglob(RESULT)
+                  if not any(part.startswith(".") for part in p.relative_to(root).parts[:-1]))
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _residual_config(config: dict, kind: str = "train") -> dict:
+    """The config keys that must match inside a group and are not named in GROUP_KEYS."""
+    skip = (*NON_IDENTITY_KEYS, *AXIS_CONFIG_KEYS, *KIND_AXIS_CONFIG_KEYS.get(kind, ()), *GROUP_KEYS.values())
+    return {k: v for k, v in flatten(config).items()
+            if not any(k == s or k.startswith(s + ".") for s in skip)}
+
+
+def _adapter_identity(adapter: dict) -> str:
+    """Which adapter a generation result used, one arm each: the run that trained it, and the
+    hash of its weights (generate_bench records it) so that two trainings under one run id,
+    e.g. a re-run on another machine, are two arms, never averaged."""
+    sha = adapter.get("weights_sha256")
+    return (adapter.get("run_id") or "") + (f" {sha[:8]}" if sha else "")
+
+
+def _num(v) -> float:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
+
+
+def _row(r: dict, rel: str) -> dict:
+    axes, m, env = r.get("axes") or {}, r.get("metrics") or {}, r.get("env") or {}
+    cfg = r.get("config") or {}
+    flat = flatten(cfg)
+    error = r.get("error") or {}
+    kind = r.get("kind") or "train"
+    row = {
+        "run_id": r.get("run_id") or Path(rel).name,
+        "kind": kind,
+        "sweep": r.get("sweep"),
+        "status": r.get("status") or "failed",
+        "error_type": error.get("type"),
+        "error_message": ((error.get("message") or "").strip().splitlines() or [None])[0],
+        "model": axes.get("model", flat.get("model.name")),
+        "quant": axes.get("quant"),
+        "double_quant": bool(axes.get("double_quant")),
+        "optim": axes.get("optim"),
+        "adapter": axes.get("adapter"),
+        "seed": axes.get("seed", r.get("seed")),
+        # generation results run no training step: no speed path
+        "speed": speed_label(cfg.get("speed")) if kind == "train" else None,
+    }
+    row["quant_label"] = quant_label(row["quant"], row["double_quant"], row["speed"])
+    # which adapter a generation result ran with (its training run), so two adapters never merge
+    row["adapter_run"] = _adapter_identity(cfg.get("adapter") or {}) if kind == "generate" else ""
+    row["dq"] = "on" if row["double_quant"] else "off"
+    for col, key in GROUP_KEYS.items():
+        if col != "model":
+            row[col] = flat.get(key)
+    row["hardware"] = env.get("gpu") or f"CPU: {env.get('cpu') or 'unknown'}"
+    row["config_rest"] = json.dumps(_residual_config(cfg, kind), sort_keys=True, default=str)
+    row.update(_derived(m))
+    for k, v in sorted(m.items()):
+        if isinstance(v, list):
+            v = "+".join(map(str, v))
+        row.setdefault(k, v)
+    for k in ("gpu", "gpu_count", "driver", "cpu", "runs_per_gpu", *VERSIONS):
+        row[f"env_{k}"] = env.get(k)
+    row.update(git_commit=r.get("git_commit"), started_at=r.get("started_at"), path=rel,
+               wandb=bool(flat.get("tracker.wandb")), wandb_mode=flat.get("tracker.wandb_mode"),
+               wandb_project=flat.get("tracker.wandb_project"), wandb_entity=flat.get("tracker.wandb_entity"))
+    return row
+
+
+def _derived(m: dict) -> dict:
+    """Columns computed from one run's metrics (named here so every consumer agrees)."""
+    out = {"peak_bytes": math.nan, "peak_source": None}
+    # device-level NVML sees the CUDA context and paged optimizers' managed memory; torch's
+    # counters see neither; a CPU run has only the process RSS
+    for key, source in (("nvml_peak_device_used_bytes", "NVML device used"),
+                        ("peak_allocated_bytes", "torch peak allocated"), ("rss_peak_bytes", "process RSS")):
+        if math.isfinite(_num(m.get(key))) and m.get(key):
+            out.update(peak_bytes=float(m[key]), peak_source=source)
+            break
+    out["adapter_bytes"] = _num(m.get("trainable_params")) * ADAPTER_BYTES_PER_PARAM
+    # prepare_model_for_kbit_training casts the non-quantized weights (embeddings, norms, head) to
+    # float32: after it they hold weight_bytes_after_prepare - quantized - quantization constants
+    # (llama-7b nf4+DQ: 4,390,656,896 - 3,238,002,688 - 103,013,248 = 2 x 524,820,480 bytes)
+    after = _num(m.get("weight_bytes_after_prepare"))
+    if not math.isfinite(after):
+        after = _num(m.get("weight_bytes"))
+    out["nonquantized_bytes"] = after - _num(m.get("quantized_weight_bytes")) - _num(m.get("quant_state_bytes"))
+    # tokens_per_s = sum(tokens) / sum(step times) = mean tokens/step / mean step time, so the
+    # t-interval [lo, hi] of the mean step time maps to [tok/hi, tok/lo] with tok = mean tokens
+    # per step = tokens_per_s * step_time_mean_s (4 seq * 512 tok = 2,048 when padded)
+    tps, mean_t = _num(m.get("tokens_per_s")), _num(m.get("step_time_mean_s"))
+    lo_t, hi_t = _num(m.get("step_time_ci95_low_s")), _num(m.get("step_time_ci95_high_s"))
+    tok = tps * mean_t
+    ok = all(math.isfinite(x) for x in (tok, lo_t, hi_t)) and lo_t > 0
+    out["tokens_per_s_run_ci95_low"] = tok / hi_t if ok else math.nan
+    out["tokens_per_s_run_ci95_high"] = tok / lo_t if ok else math.nan
+    return out
+
+
+def load_runs(root: Path) -> pd.DataFrame:
+    """One row per result.json below `root`, sorted, with `group` and `group_label` set.
+    Unreadable files are skipped with a warning (listed in `df.attrs["unreadable"]`)."""
+    root = Path(root)
+    rows, unreadable = [], []
+    for path in find_results(root):
+        rel = str(path.parent.relative_to(root))
+        try:
+            rows.append(_row(json.loads(path.read_text()), rel))
+        except (OSError, ValueError, AttributeError, TypeError) as e:
+            warnings.warn(f"skipping unreadable {path}: {e}")
+            unreadable.append(str(path.relative_to(root)))
+    df = pd.DataFrame(rows)
+    df.attrs["unreadable"] = unreadable
+    if df.empty:
+        return df
+    for col in READ_METRICS:
+        if col not in df:
+            df[col] = math.nan
+    df = assign_groups(df)
+    keys = df.apply(lambda r: (r["group"], rank("quant", r["quant"]), r["double_quant"], rank("speed", r["speed"]),
+                               rank("optim", r["optim"]), rank("adapter", r["adapter"]), str(r["seed"]), r["run_id"]),
+                    axis=1)
+    df = df.iloc[sorted(range(len(df)), key=lambda i: keys.iloc[i])].reset_index(drop=True)
+    df.attrs["unreadable"] = unreadable
+    return df
+
+
+def _kind_rank(kind: str) -> int:
+    return KINDS.index(kind) if kind in KINDS else len(KINDS)
+
+
+def assign_groups(df: pd.DataFrame) -> pd.DataFrame:
+    """Group = same kind, GROUP_KEYS, hardware and residual config. Groups are numbered 1.. in
+    the order of their keys (training groups first); a label names the GROUP_KEYS values (for
+    generation results: model, bench settings, hardware) and, where groups of one kind share
+    them, the residual keys that tell them apart."""
+    cols = ["kind", *GROUP_KEYS, "hardware", "config_rest"]
+    keyed = df[cols].map(str).agg("\x1f".join, axis=1)  # map(str): None and NaN become text too
+    kinds = dict(zip(keyed, df.kind))
+    distinct = sorted(set(keyed), key=lambda k: (_kind_rank(kinds[k]), k))
+    df = df.copy()
+    df["group"] = keyed.map({k: i + 1 for i, k in enumerate(distinct)})
+    rests = {g: json.loads(df.loc[df.group == g, "config_rest"].iloc[0]) for g in df.group.unique()}
+    group_kind = {g: df.loc[df.group == g, "kind"].iloc[0] for g in rests}
+    labels = {}
+    for g, rest in rests.items():
+        r = df[df.group == g].iloc[0]
+        same_kind = [rests[h] for h in rests if group_kind[h] == group_kind[g]]
+        differing = _differing(same_kind)
+        if r.kind == "generate":
+            sizes = rest.get("bench.batch_sizes")
+            sizes = ", ".join(map(str, sizes)) if isinstance(sizes, list) else sizes
+            label = (f"generation · {r.model} · {rest.get('bench.new_tokens')} new tokens · batch {sizes} · "
+                     f"{rest.get('bench.prompts')} prompts x {rest.get('bench.repeats')} repeats · {r.hardware}")
+            differing = [k for k in differing if k not in GENERATE_LABEL_KEYS]
+        else:
+            label = (f"{r.model} · {r.data} · seq {r.max_seq_len} (pad {r.pad_to}) · batch {r.batch_size} · "
+                     f"{r.steps} steps · {r.hardware}")
+        extra = [f"{k}={rest.get(k)}" for k in differing]
+        labels[g] = label + (" · " + ", ".join(extra) if extra else "")
+    df["group_label"] = df.group.map(labels)
+    return df
+
+
+def _differing(rests: list[dict]) -> list[str]:
+    return sorted({k for a in rests for b in rests for k in set(a) | set(b) if a.get(k) != b.get(k)})
+
+
+def differing_keys(df: pd.DataFrame) -> list[str]:
+    """Which group-defining keys take more than one value across the groups of `df`: `kind`
+    first when training and generation results are mixed, then the keys that differ between
+    groups of the same kind."""
+    out = ["kind"] if df.kind.nunique() > 1 else []
+    for kind in sorted(df.kind.unique(), key=_kind_rank):
+        d = df[df.kind == kind]
+        if kind == "train":
+            keys = [k for k in [*GROUP_KEYS, "hardware"] if d[k].astype(str).nunique() > 1]
+        else:
+            keys = [k for k in ("model", "hardware") if d[k].astype(str).nunique() > 1]
+        keys += _differing([json.loads(s) for s in d.config_rest.unique()])
+        out += [k for k in keys if k not in out]
+    return out
+
+
+def load_curves(root: Path, runs: pd.DataFrame) -> pd.DataFrame:
+    """Per-step train loss of every run from its metrics.jsonl: run_id, step, loss."""
+    rows = []
+    for run_id, rel in zip(runs.run_id, runs.path):
+        path = Path(root) / rel / "metrics.jsonl"
+        if not path.exists():
+            continue
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+                rows.append({"run_id": run_id, "step": int(rec["step"]), "loss": float(rec["loss"])})
+            except (ValueError, KeyError, TypeError):
+                continue  # a half-written last line of a killed run
+    return pd.DataFrame(rows, columns=["run_id", "step", "loss"])

@@ -1,0 +1,440 @@
+"""`qlab report`: ablation tables, statistics and plots of a sweep, from its result files alone.
+
+  qlab report RESULTS_DIR [--baseline [AXIS=]VALUE ...] [--out DIR] [--no-wandb]
+  python -m qlab.report results/default-llama-7b          make report SWEEP=default-llama-7b
+
+RESULTS_DIR is a sweep directory (results/<sweep>/) or a directory above several sweeps: every
+result.json below it is read, except under hidden directories (.staging/ .logs/ .hydra/).
+Written, deterministically (sorted rows, fixed bootstrap seed, no timestamps), into
+OUT = RESULTS_DIR/report/ unless --out says otherwise:
+  RESULTS_DIR/report.md (OUT/report.md with --out)  the page: setup, tables, statistics, plots
+  OUT/runs.csv                       every run, oom and failed ones included (`status`)
+  OUT/statistics.md, .csv            ablation pairs: Welch t, Mann-Whitney U, Hedges' g, Holm
+  OUT/tables/<axis>.md, .tex, .csv   quant, double_quant, optim, adapter, grid
+  OUT/plots/<name>.png, .svg         memory_breakdown, throughput, loss_curves, eval_loss,
+                                     memory_vs_quality
+OUT is cleared first when an earlier report made it (it holds a .qlab-report marker).
+
+Generation results (`kind: "generate"`, written by `qlab generate-bench`) form groups of their
+own and get, instead of the ablation tables, one generation table per group
+(OUT/tables/generation.md, .tex, .csv: per quantization setting x adapter, load time, weights,
+peak memory, time to first token, decode and end-to-end tokens/s per batch size, with 95% CIs
+and % change vs bf16 with the same adapter setting) and one plot (OUT/plots/generation.png,
+.svg). They take no part in the statistics (those compare training ablation pairs across seeds).
+`--baseline VALUE` (a quant label) also sets the generation table's baseline.
+
+Comparability groups. Runs are compared only when comparable: same kind (training or
+generation), same model, data, max_seq_len,
+pad_to, batch size, steps and hardware (GPU name; CPU name for CPU runs), and the same value
+of every other config key that is not an ablation axis (lr, LoRA rank, eval samples, warm-up,
+...). Results spanning several groups get one section per group: each group has its own
+tables and plots under OUT/group-<n>/ and a heading naming the keys in which the groups
+differ; runs of different groups never share a table, a test or a plot. runs.csv and the
+statistics list all groups (column `group`); the Holm correction covers every comparison of
+the report, all groups together.
+
+W&B: when runs were logged to W&B (config tracker.wandb: true), the report is logged too, as
+one W&B run grouped under the sweep name, in the runs' tracker.wandb_mode (offline default),
+its files under RESULTS_DIR/wandb/. A W&B failure is a warning, never a failed report.
+Exit status: 0 written, 1 no result.json found, 2 bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+import pandas as pd
+
+from qlab.results import frame, plots, stats, tables
+
+MARKER = ".qlab-report"
+# Settings shown on the page beside the group keys (dotted config keys).
+SETTINGS = ("adapter.r", "adapter.alpha", "adapter.dropout", "optim.lr", "train.warmup_steps",
+            "train.gradient_checkpointing", "data.max_eval_samples", "quant.compute_dtype")
+
+
+def parse_baselines(values: list[str]) -> dict[str, str]:
+    """["nf4+DQ", "optim=adamw"] -> {"quant": "nf4+DQ", "optim": "adamw"}."""
+    keys = {a.key for a in tables.AXES}
+    out = {}
+    for v in values:
+        axis, _, value = v.rpartition("=")
+        axis = axis or "quant"
+        if axis not in keys:
+            raise ValueError(f"--baseline {v}: unknown axis {axis!r}; one of {', '.join(sorted(keys))}")
+        out[axis] = value
+    return out
+
+
+def rel(path: Path, page: Path) -> str:
+    return Path(os.path.relpath(path, page.parent)).as_posix()
+
+
+def _fmt_p(p: float, holm: float) -> str:
+    return "-" if pd.isna(p) else f"{p:.3g} (Holm {holm:.3g})"
+
+
+def statistics_markdown(comp: pd.DataFrame, labels: dict) -> str:
+    lines = ["# Statistics of the ablation pairs", "",
+             "Each pair compares arm A with arm B matched on the other axes (the context), per metric, over the "
+             "ok runs (seeds) of each arm: two-sided Welch t-test (`scipy.stats.ttest_ind(equal_var=False)`), "
+             "two-sided Mann-Whitney U (`scipy.stats.mannwhitneyu`, exact for small n without ties), Hedges' g "
+             "(Cohen's d with the pooled SD times 1 - 3/(4(n_A+n_B)-9)), and Holm-adjusted p-values over all "
+             f"{int(comp.p_welch.notna().sum())} Welch and {int(comp.p_mwu.notna().sum())} Mann-Whitney tests "
+             "of this report (each family separately). Δ% = 100 (mean A - mean B) / mean B. A test needs n >= 2 "
+             "runs in each arm; with one seed per arm no test is possible and none is printed.", ""]
+    if comp.empty:
+        return "\n".join(lines + ["No ablation pair has both arms in one context: nothing to compare.", ""])
+    if comp.p_welch.isna().all() and comp.p_mwu.isna().all():
+        lines += [f"**No test possible**: one seed per configuration ({stats.NO_TEST_N1}) everywhere in these "
+                  "results. The differences below are single runs; run more seeds (e.g. `seed=0,1,2`) to test "
+                  "them.", ""]
+    for group in sorted(comp.group.unique()):
+        if len(labels) > 1:
+            lines += [f"## Group {group}: {labels[group]}", ""]
+        for name, c in comp[comp.group == group].groupby("comparison", sort=False):
+            a, b = c.a.iloc[0], c.b.iloc[0]
+            disp = pd.DataFrame({
+                "context": c.context, "metric": [frame.METRIC[m].header.replace(" [95% CI]", "") for m in c.metric],
+                "n (A/B)": [f"{x}/{y}" for x, y in zip(c.n_a, c.n_b)],
+                f"A: {a}": [_num(v, m) for v, m in zip(c.mean_a, c.metric)],
+                f"B: {b}": [_num(v, m) for v, m in zip(c.mean_b, c.metric)],
+                "Δ%": [tables.pct(d) if pd.notna(d) else "-" for d in c.delta_pct],
+                "Hedges' g": [f"{g:+.2f}" if pd.notna(g) else "-" for g in c.hedges_g],
+                "Welch p (Holm)": [note if note and pd.isna(p) else _fmt_p(p, h)
+                                   for p, h, note in zip(c.p_welch, c.p_welch_holm, c.note)],
+                "MWU p (Holm)": [_fmt_p(p, h) for p, h in zip(c.p_mwu, c.p_mwu_holm)],
+            })
+            lines += [f"### {name}", "", disp.to_markdown(index=False, disable_numparse=True), ""]
+    return "\n".join(lines)
+
+
+def _num(v: float, metric: str) -> str:
+    return "-" if pd.isna(v) else format(v, f",.{frame.METRIC[metric].decimals}f")
+
+
+READING = ("Cells: mean over the arm's ok runs (n = seeds) [95% CI: bootstrap across seeds where n >= 2; for "
+           "tok/s with one run, the run's t-interval of its mean step time over the measured steps]; "
+           "(+x.x%): change vs the baseline arm of the same context (same other axes), 100 (arm - base) / base.")
+
+
+def table_notes(baseline: str | None, fixed: dict, g: pd.DataFrame) -> list[str]:
+    """The notes under one table: how to read it (`READING`), then what is specific to it."""
+    ok = g[g.status == "ok"]
+    notes = [READING]
+    if baseline is not None:
+        notes.append(f"Baseline: {baseline}.")
+    notes.append(f"peak mem: {', '.join(sorted(set(ok.peak_source.dropna()))) or 'n/a'} "
+                 "(NVML device-used includes the CUDA context and paged optimizers' managed memory); "
+                 "torch peak alloc: torch.cuda peak allocated bytes (sees neither).")
+    if fixed:
+        notes.append("Held fixed in this group: " + ", ".join(f"{k}={v}" for k, v in fixed.items()) + ".")
+    return notes
+
+
+def group_report(g: pd.DataFrame, curves: pd.DataFrame, out: Path, baselines: dict) -> dict:
+    """Tables and plots of one group into `out`; returns what the page needs."""
+    arm_df = tables.arms(g)
+    varying = [c for c in ("quant_label", "optim", "adapter") if g[c].nunique() > 1]
+    made = {"tables": [], "plots": {}, "arms": arm_df}
+    for axis in tables.AXES:
+        res = tables.axis_table(arm_df, axis, baselines.get(axis.key))
+        if res is None:
+            made["tables"].append((axis, None, None, "no two of its values share the same other axes in these runs"))
+            continue
+        numeric, baseline, fixed = res
+        disp = tables.display(numeric, [c for c in numeric.columns[: list(numeric.columns).index("n")]])
+        notes = table_notes(baseline, fixed, g)
+        paths = tables.write(numeric, disp, out / "tables" / axis.key, axis.title, notes)
+        made["tables"].append((axis, paths, tables.to_markdown(disp), " ".join(notes[1:])))
+    grid = tables.grid_table(arm_df)
+    disp = tables.display(grid, ["quant_label", "optim", "adapter"])
+    notes = table_notes(None, {}, g)
+    made["grid"] = tables.write(grid, disp, out / "tables" / "grid", "Full grid", notes)
+    made["plots"] = plots.all_plots(g, arm_df, curves[curves.run_id.isin(g.run_id)], varying, out / "plots")
+    return made
+
+
+def generation_notes(baseline: str, g: pd.DataFrame, sizes: list[int]) -> list[str]:
+    ok = g[g.status == "ok"]
+    notes = [GENERATION_READING, f"Baseline: {baseline} with the same adapter setting."]
+    notes.append(f"peak mem: {', '.join(sorted(set(ok.peak_source.dropna()))) or 'n/a'} while generating, the "
+                 "largest over the batch sizes (NVML device-used includes the CUDA context; a CPU run's process RSS "
+                 "includes the Python runtime and libraries); torch peak alloc: torch.cuda peak allocated bytes; "
+                 "weights: bytes the loaded base weights hold (`weight_bytes`), adapter not included.")
+    dtypes = sorted(set(ok.get("compute_dtype", pd.Series(dtype=object)).dropna()))
+    if dtypes:
+        notes.append("Compute dtype: " + ", ".join(dtypes) + (" (on a CPU, bf16 holds float32 weights: bf16 "
+                                                              "matmuls are slow there)" if "float32" in dtypes else "")
+                     + ".")
+    calls = [f"b{b}: {int(ok[c].min())}" for b in sizes
+             if (c := f"generate_calls_b{b}") in ok and ok[c].notna().any()]
+    if calls and "ttft_n" in ok and ok.ttft_n.notna().any():
+        calls.append(f"TTFT: {int(ok.ttft_n.min())}")
+    if calls:
+        notes.append("Timed calls per run (the n of each interval): " + ", ".join(calls) + ".")
+    return notes
+
+
+GENERATION_READING = (
+    "Cells: the run's median over its timed generate calls [95% CI: t-interval of the mean over those calls; "
+    "with several runs per row, their mean and a bootstrap CI across runs]; (+x.x%): change vs the baseline "
+    "quantization with the same adapter setting, 100 (arm - base) / base. TTFT: time to the first token at "
+    "batch 1, generate(max_new_tokens=1) = prefill + one token. decode tok/s bB = B (N - 1) / (T_N - T_1): "
+    "the N - 1 tokens after each sequence's first over the time after the first token (T_N: a greedy "
+    "generate of exactly N new tokens for B left-padded prompts; T_1: the first token of the same prompts). "
+    "end-to-end tok/s bB = B N / T_N, prefill included. Wall-clock times, device synchronized.")
+
+
+def generation_report(g: pd.DataFrame, out: Path, baselines: dict) -> dict:
+    """The generation table and plot of one generation group into `out`."""
+    numeric, disp, baseline, _ = tables.generation_display(g, baselines.get("quant"))
+    sizes = frame.generation_batch_sizes(g)
+    notes = generation_notes(baseline, g, sizes)
+    axis = tables.GENERATION
+    paths = tables.write(numeric, disp, out / "tables" / axis.key, axis.title, notes)
+    made = {"kind": "generate", "tables": [(axis, paths, tables.to_markdown(disp), " ".join(notes))],
+            "grid": None, "arms": numeric}
+    made["plots"] = plots.generation_plots(numeric, sizes, out / "plots")
+    return made
+
+
+def generation_setup_lines(g: pd.DataFrame) -> list[str]:
+    r = g.iloc[0]
+    rest = json.loads(r.config_rest)
+    sizes = rest.get("bench.batch_sizes")
+    threads = (f"; torch threads {_distinct(g.torch_num_threads.dropna().astype(int))} (OMP_NUM_THREADS; on a "
+               "shared CPU, more threads than free cores slow generation many times over)"
+               if "torch_num_threads" in g and g.torch_num_threads.notna().any() else "")
+    lines = [
+        *_machine_lines(g, cpu_extra=threads),
+        f"- **Model** {r.model}; **bench**: {rest.get('bench.prompts')} prompts ({rest.get('bench.prompt_source')}) "
+        f"x {rest.get('bench.repeats')} repeats, {rest.get('bench.decoding')} decoding of exactly "
+        f"{rest.get('bench.new_tokens')} new tokens per sequence, batch sizes "
+        f"{', '.join(map(str, sizes)) if isinstance(sizes, list) else sizes}, "
+        f"{rest.get('bench.warmup_calls')} untimed warm-up call(s) per batch size; one process per row",
+    ]
+    adapters = sorted({a for a in g.adapter_run.dropna() if a})
+    if adapters:
+        lines.append("- **Adapter** (LoRA, unmerged, `PeftModel.from_pretrained`) from run(s): "
+                     + ", ".join(f"`{a}`" for a in adapters))
+    lines.append("- **Git commits of the runs**: " + _distinct(g.git_commit.fillna("unknown (not recorded)")))
+    return lines
+
+
+def _machine_lines(g: pd.DataFrame, cpu_extra: str = "") -> list[str]:
+    """The page's Hardware and Versions lines of one group (`cpu_extra` follows a CPU-only line)."""
+    env = lambda k: _distinct(g[f"env_{k}"].dropna()) or "n/a"  # noqa: E731
+    hardware = (f"- **Hardware**: GPU {env('gpu')} (x{env('gpu_count')}), driver {env('driver')}; CPU {env('cpu')}"
+                if g.env_gpu.notna().any() else f"- **Hardware**: CPU runs (no GPU); CPU {env('cpu')}{cpu_extra}")
+    lines = [hardware, "- **Versions**: " + "; ".join(f"{k} {env(k)}" for k in frame.VERSIONS)]
+    shared = g.env_runs_per_gpu.dropna() if "env_runs_per_gpu" in g else pd.Series(dtype=float)
+    if (shared > 1).any():  # QLAB_RUNS_PER_GPU: several runs at once on each GPU
+        lines.append(f"- **Shared GPUs**: up to {int(shared.max())} runs at once on each GPU (QLAB_RUNS_PER_GPU). NVML "
+                     "peaks count every run on the card and tok/s is contended: compare losses and torch peak "
+                     "alloc here, not NVML memory or speed.")
+    return lines
+
+
+def _distinct(values) -> str:
+    counts = pd.Series([str(v) for v in values]).value_counts()
+    return ", ".join(f"{v} ({n} runs)" if len(counts) > 1 else v for v, n in sorted(counts.items()))
+
+
+def setup_lines(g: pd.DataFrame, root: Path) -> list[str]:
+    r = g.iloc[0]
+    rest = json.loads(r.config_rest)
+    tokens = r.batch_size * r.max_seq_len if r.pad_to == "max_seq_len" else None
+    lines = [
+        *_machine_lines(g),
+        f"- **Model** {r.model}; **data** {r.data}, max_seq_len {r.max_seq_len}, pad_to {r.pad_to}; "
+        f"**batch** {r.batch_size}" + (f" ({r.batch_size} seq x {r.max_seq_len} tok = {tokens:,} tok/step)"
+                                         if tokens else "") + f"; **steps** {r.steps}",
+        "- **Settings**: " + ", ".join(f"{k}={rest[k]}" for k in SETTINGS if k in rest),
+        "- **Git commits of the runs**: " + _distinct(g.git_commit.fillna("unknown (not recorded)")),
+    ]
+    for sweep in sorted(g.sweep.dropna().unique()):
+        manifest = next((p for p in (root / "sweep.json", root / sweep / "sweep.json") if p.exists()), None)
+        try:
+            m = json.loads(manifest.read_text()) if manifest else None
+        except (OSError, ValueError):
+            m = None
+        if m and m.get("sweep", sweep) == sweep and m.get("grid"):
+            grid = "; ".join(f"{k} = {{{', '.join(v)}}}" for k, v in m["grid"].items())
+            lines.append(f"- **Grid** of sweep `{sweep}` (sweep.json, experiment `{m.get('experiment')}`): "
+                         f"{grid}: {m.get('points')} points, {len(m.get('invocations', []))} invocation(s)")
+        else:
+            lines.append(f"- **Sweep** `{sweep}`: no sweep.json (runs made one by one)")
+    return lines
+
+
+def write_page(runs: pd.DataFrame, root: Path, out: Path, page: Path, sections: dict, comp: pd.DataFrame,
+               argv_dir: str) -> None:
+    counts = runs.status.value_counts()
+    sweeps = ", ".join(f"`{s}`" for s in sorted(runs.sweep.dropna().unique()))
+    lines = [f"# Report: {sweeps}", "",
+             f"Generated by `qlab report {argv_dir}` from {len(runs)} result.json files ("
+             + ", ".join(f"{counts[s]} {s}" for s in sorted(counts.index, key=lambda s: (s != "ok", s)))
+             + "). Every number below is computed from those files; regenerate rather than edit.", "",
+             f"- Every run: [runs.csv]({rel(out / 'runs.csv', page)}); statistics: "
+             f"[statistics.md]({rel(out / 'statistics.md', page)}) ([csv]({rel(out / 'statistics.csv', page)}))"]
+    bad = runs[runs.status != "ok"]
+    for _, r in bad.iterrows():
+        error = f": {r.error_type}: {r.error_message}" if isinstance(r.error_type, str) else ""
+        lines.append(f"- **{r.status}**: `{r.run_id}`{error}")
+    for u in runs.attrs.get("unreadable", []):
+        lines.append(f"- **unreadable** (skipped): `{u}`")
+    labels = dict(zip(runs.group, runs.group_label))
+    if len(labels) > 1:
+        lines += ["", f"These results form **{len(labels)} comparability groups**, which differ in: "
+                  + ", ".join(f"`{k}`" for k in frame.differing_keys(runs))
+                  + ". Each group has its own section; runs of different groups are never compared."]
+    tested = comp.p_welch.notna().sum()
+    trained = (runs.kind == "train").any()
+    lines += ["", "**Statistics**: " + (
+        "none: these are generation results (qlab generate-bench); the statistics compare training ablation "
+        "pairs across seeds. Each table cell carries its run's own 95% interval over its timed calls."
+        if not trained else
+        f"{tested} Welch t-tests over {len(comp)} comparisons; significant after Holm (p < 0.05): "
+        f"{int((comp.p_welch_holm < 0.05).sum())}. See [statistics.md]({rel(out / 'statistics.md', page)})."
+        if tested else f"one seed per configuration ({stats.NO_TEST_N1}): no test is possible for any "
+                       "comparison, and the differences in the tables are single runs."),
+              ] + (["", f"**Reading the tables**: {READING}"] if trained else [])
+    for group, made in sections.items():
+        g = runs[runs.group == group]
+        h = "##" if len(labels) == 1 else "###"
+        lines += ["", f"## Group {group}: {labels[group]}" if len(labels) > 1 else "## Setup", ""]
+        if made.get("kind") == "generate":
+            lines += generation_setup_lines(g)
+        else:
+            lines += setup_lines(g, root)
+        for axis, paths, md, notes in made["tables"]:
+            lines += ["", f"{h} {axis.title}", ""]
+            if paths is None:
+                lines.append(f"Not shown: {notes}.")
+                continue
+            lines += [md, "", notes, "", " · ".join(f"[{ext}]({rel(p, page)})" for ext, p in paths.items())]
+        if made.get("grid"):
+            lines += ["", f"{h} Full grid", "", "Every configuration: " + " · ".join(
+                f"[{ext}]({rel(p, page)})" for ext, p in made["grid"].items())]
+        plot_dir = made["plot_dir"]
+        lines += ["", f"{h} Plots"]
+        for name, caption in made["plots"].items():
+            png, svg = plot_dir / f"{name}.png", plot_dir / f"{name}.svg"
+            lines += ["", f"![{name}]({rel(png, page)})", "", f"{caption} ([SVG]({rel(svg, page)}))"]
+    page.write_text("\n".join(lines) + "\n")
+
+
+def log_wandb(runs: pd.DataFrame, sections: dict, root: Path, comp: pd.DataFrame, parent: Path) -> Path | None:
+    """One W&B run with every table (wandb.Table) and plot (wandb.Image), its files under
+    parent/wandb/ (wandb adds the wandb/ itself); None if not wanted or W&B failed."""
+    flagged = runs[runs.wandb.astype(bool)]
+    if flagged.empty:
+        return None
+    mode = flagged.wandb_mode.dropna().mode()
+    mode = mode.iloc[0] if len(mode) else "offline"
+    if mode == "disabled":
+        return None
+    sweep = "+".join(sorted(runs.sweep.dropna().unique())) or root.name
+    first = lambda col, default: flagged[col].dropna().iloc[0] if flagged[col].notna().any() else default  # noqa: E731
+    try:
+        import wandb
+
+        run = wandb.init(project=first("wandb_project", "qlab"), entity=first("wandb_entity", None), group=sweep,
+                         name=f"report-{sweep}", job_type="report", mode=mode, dir=str(parent),
+                         reinit="finish_previous", settings=wandb.Settings(silent=True, console="off"))
+        multi = len(sections) > 1
+        log = {"runs": wandb.Table(dataframe=runs.astype(str)), "statistics": wandb.Table(dataframe=comp.astype(str))}
+        for group, made in sections.items():
+            prefix = f"group-{group}/" if multi else ""
+            for axis, paths, _, _ in made["tables"]:
+                if paths:
+                    log[f"{prefix}table/{axis.key}"] = wandb.Table(dataframe=pd.read_csv(paths["csv"]))
+            if made.get("grid"):
+                log[f"{prefix}table/grid"] = wandb.Table(dataframe=pd.read_csv(made["grid"]["csv"]))
+            for name, caption in made["plots"].items():
+                png = made["plot_dir"] / f"{name}.png"
+                log[f"{prefix}plot/{name}"] = wandb.Image(str(png), caption=caption[:500])
+        run.log(log)
+        run.finish()
+        return parent / "wandb"
+    except Exception as e:  # W&B is a mirror: never fail the report over it
+        warnings.warn(f"W&B logging of the report failed; the report is written without it: {e}")
+        return None
+
+
+def build(root: Path, out: Path | None = None, baselines: dict | None = None, wandb: bool = True,
+          argv_dir: str | None = None) -> Path:
+    """Write the whole report; returns the page's path. Raises FileNotFoundError when `root`
+    holds no result.json."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is not a directory")
+    runs = frame.load_runs(root)
+    if runs.empty:
+        raise FileNotFoundError(f"no result.json under {root} (hidden .staging/ .logs/ .hydra/ are skipped); "
+                                "run a sweep first: make sweep")
+    page = root / "report.md" if out is None else Path(out) / "report.md"
+    out = root / "report" if out is None else Path(out)
+    if (out / MARKER).exists():
+        shutil.rmtree(out)  # our own earlier report: no stale group or plot files survive
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("written by qlab report; cleared and rewritten by the next one\n")
+    runs.to_csv(out / "runs.csv", index=False, float_format="%.10g")
+    curves = frame.load_curves(root, runs)
+    multi = runs.group.nunique() > 1
+    sections = {}
+    for group in sorted(runs.group.unique()):
+        gout = out / f"group-{group}" if multi else out
+        g = runs[runs.group == group]
+        if g.kind.iloc[0] == "generate":
+            sections[group] = generation_report(g, gout, baselines or {})
+        else:
+            sections[group] = group_report(g, curves, gout, baselines or {})
+        sections[group]["plot_dir"] = gout / "plots"
+    comp = stats.comparisons(runs[runs.kind == "train"])  # generation results: no ablation pairs
+    comp.to_csv(out / "statistics.csv", index=False, float_format="%.10g")
+    (out / "statistics.md").write_text(statistics_markdown(comp, dict(zip(runs.group, runs.group_label))))
+    # the page names the directory as given (relative for `make report`), never a machine's absolute path
+    shown = argv_dir if argv_dir and not Path(argv_dir).is_absolute() else root.name
+    write_page(runs, root, out, page, sections, comp, shown)
+    if wandb:
+        log_wandb(runs, sections, root, comp, page.parent)
+    return page
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="qlab report", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results_dir", help="a sweep directory (results/<sweep>) or a directory above several")
+    parser.add_argument("--baseline", action="append", default=[], metavar="[AXIS=]VALUE",
+                        help="baseline arm of the %% deltas: a quant label (bf16, int8, nf4, nf4+DQ, fp4, fp4+DQ; "
+                             "default bf16) for the quantization table, or AXIS=VALUE for another table "
+                             "(double_quant=off, optim=adamw, adapter=qv are the defaults); repeatable")
+    parser.add_argument("--out", help="directory for tables, plots and statistics, and report.md "
+                                      "(default: RESULTS_DIR/report/ and RESULTS_DIR/report.md)")
+    parser.add_argument("--no-wandb", action="store_true", help="do not log the report to W&B")
+    args = parser.parse_args(argv)
+    try:
+        baselines = parse_baselines(args.baseline)
+    except ValueError as e:
+        parser.error(str(e))
+    try:
+        page = build(Path(args.results_dir), Path(args.out) if args.out else None, baselines,
+                     wandb=not args.no_wandb, argv_dir=args.results_dir)
+    except FileNotFoundError as e:
+        print(f"qlab report: {e}", file=sys.stderr)
+        return 1
+    out = Path(args.out) if args.out else Path(args.results_dir) / "report"
+    print(f"qlab report: wrote {page}; tables, plots and statistics in {out}/", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

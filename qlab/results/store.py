@@ -1,0 +1,393 @@
+"""Results on disk (the source of truth) and, optionally, W&B (a mirror).
+
+Layout: results/<sweep>/<run id>/
+  result.json    written once, atomically, when the run ends (ok, oom or failed); its
+                 presence with status ok/oom is what "complete" means to a resumed sweep
+  metrics.jsonl  one line per step, appended as the run goes (a killed run leaves only this)
+  config.yaml    the resolved config, written at start
+  adapter/       the LoRA adapter (save_pretrained), when train.save_adapter
+W&B calls are wrapped: a W&B failure becomes a warning and never costs the local result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from qlab.config import PROJECT_ROOT
+
+RESULT = "result.json"
+COMPLETE_STATUSES = ("ok", "oom")
+CONCURRENCY_ENV = "QLAB_RUN_CONCURRENCY"  # {"runs_per_gpu": R, "gpu_slots": S}, set by qlab.sweep
+# Keys that do not change what a run measures: excluded from its id.
+NON_IDENTITY_KEYS = ("tracker", "force", "experiment", "train.progress", "train.save_adapter",
+                     "train.profile_steps")  # profiling leaves what a run measures as it was
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# Keys the schema gained after results were committed, each with the value that reproduces how
+# runs behaved before the key existed. A run's id hashes its whole config, so a new key changes
+# every id; `complete_result` compares configs with these keys at their neutral value left
+# out, so growing the schema never orphans earlier results: a resumed sweep still finds them
+# complete. Add every new key here with its neutral value; never change an entry.
+ADDED_KEYS = {
+    "model.base": None,
+    "train.max_device_memory_gib": None,
+    "speed.upcast_non_quantized": True, "speed.adapter_autocast": False, "speed.compile": "none",
+    "speed.compile_backend": "inductor", "speed.loss": "full", "speed.loss_chunk_tokens": 1024,
+    "data.pack": False, "data.pack_tokens": None,
+}
+
+
+def _drop(ident: dict, key: str, only_if=...) -> None:
+    """Remove dotted `key` from the nested dict (if its value is `only_if`, when given), then
+    any group that removal left empty."""
+    *parents, leaf = key.split(".")
+    nodes = [ident]
+    for p in parents:
+        nodes.append(nodes[-1].get(p) if isinstance(nodes[-1].get(p), dict) else {})
+    if leaf in nodes[-1] and (only_if is ... or nodes[-1][leaf] == only_if):
+        nodes[-1].pop(leaf)
+    for parent, name, node in zip(reversed(nodes[:-1]), reversed(parents), reversed(nodes[1:])):
+        if node == {} and name in parent:
+            parent.pop(name)
+
+
+def identity(config: dict, neutral: bool = False) -> dict:
+    """What defines a run: its config without the tracker settings (NON_IDENTITY_KEYS) and,
+    with `neutral`, without the ADDED_KEYS that hold their neutral value."""
+    ident = json.loads(json.dumps(config))  # a deep copy
+    for key in NON_IDENTITY_KEYS:
+        _drop(ident, key)
+    for key, value in (ADDED_KEYS.items() if neutral else ()):
+        _drop(ident, key, value)
+    return ident
+
+
+def run_id(cfg: DictConfig) -> str:
+    """Readable axes plus a hash of everything that defines the run (tracker settings aside),
+    so the same configuration always lands in the same directory and a sweep can resume."""
+    ident = identity(OmegaConf.to_container(cfg, resolve=True))
+    digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:8]
+    q = cfg.quant.type + ("-dq" if cfg.quant.double_quant else "")
+    return f"{cfg.model.name}_{q}_{cfg.optim.name}_{cfg.adapter.targets}_s{cfg.seed}_{digest}"
+
+
+def run_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.tracker.results_dir) / cfg.tracker.sweep / run_id(cfg)
+
+
+def staging_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.tracker.results_dir) / cfg.tracker.sweep / ".staging" / run_id(cfg)
+
+
+def fresh_dir(final: Path, since: float) -> Path | None:
+    """Where the run whose result belongs in `final` wrote it after `since` (epoch seconds):
+    `final` itself, or its staging directory when it failed beside an earlier complete result
+    (track.publish). None if it wrote none."""
+    for directory in (final, final.parent / ".staging" / final.name):
+        path = directory / RESULT
+        if path.exists() and path.stat().st_mtime >= since:
+            return directory
+    return None
+
+
+def fresh_result(cfg: DictConfig, since: float) -> dict | None:
+    """The result a run process wrote after `since`, or None (fresh_dir)."""
+    directory = fresh_dir(run_dir(cfg), since)
+    return read_result(directory) if directory else None
+
+
+def files_sha256(files) -> str:
+    """sha256 over the bytes of `files`, in the order given, read 16 MiB at a time: the identity
+    of a model's or an adapter's weights."""
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def read_result(directory: Path) -> dict | None:
+    try:
+        return json.loads((Path(directory) / RESULT).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def is_complete(directory: Path) -> bool:
+    r = read_result(directory)
+    return r is not None and r.get("status") in COMPLETE_STATUSES
+
+
+def complete_result(cfg: DictConfig) -> Path | None:
+    """The directory of a complete result for this configuration: its own run directory, else
+    an earlier one in the same sweep whose config is the same once keys the schema gained later
+    are left out at their neutral value (ADDED_KEYS), e.g. a run made before `data.pack` existed."""
+    final = run_dir(cfg)
+    if is_complete(final):
+        return final
+    wanted = identity(OmegaConf.to_container(cfg, resolve=True), neutral=True)
+    for path in sorted(final.parent.glob(f"*/{RESULT}")):
+        r = read_result(path.parent)
+        if (r is not None and r.get("status") in COMPLETE_STATUSES and r.get("kind", "train") == "train"
+                and identity(r.get("config", {}), neutral=True) == wanted):
+            return path.parent
+    return None
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    """Write to a temporary file in the same directory, fsync, then rename over `path`:
+    a reader (or a kill -9) sees the old file or the new one, never half of one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=False, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def git_commit() -> str | None:
+    """HEAD (+ "-dirty"), or QLAB_GIT_COMMIT where the tree was copied without .git."""
+    if os.environ.get("QLAB_GIT_COMMIT"):
+        return os.environ["QLAB_GIT_COMMIT"]
+    root = Path(PROJECT_ROOT)
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        if sha.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return sha.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def _version(module: str) -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version(module)
+    except Exception:
+        return None
+
+
+def environment() -> dict:
+    """Versions and hardware, recorded beside every result."""
+    import torch
+
+    from qlab.run.measure import sampler_interval_s
+
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": _version("transformers"),
+        "peft": _version("peft"),
+        "bitsandbytes": _version("bitsandbytes"),
+        "cuda": torch.version.cuda,
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "gpu": None,
+        "gpu_count": 0,
+        "driver": None,
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "sampler_interval_ms": sampler_interval_s() * 1000,  # the memory sampler's period (0: off)
+        # how many runs shared this run's GPU, set by the sweep that launched it (qlab.sweep);
+        # a run started on its own was alone: throughput of shared runs is not a solo figure
+        **json.loads(os.environ.get(CONCURRENCY_ENV) or '{"runs_per_gpu": 1, "gpu_slots": null}'),
+    }
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+        env["gpu_count"] = torch.cuda.device_count()
+        env["gpu_memory_bytes"] = torch.cuda.get_device_properties(0).total_memory
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            env["driver"] = pynvml.nvmlSystemGetDriverVersion()
+        except Exception:
+            pass
+    return env
+
+
+def machine_line(env: dict, with_cuda: bool = False) -> str:
+    """The hardware and versions an environment() recorded, as the benchmark reports print them:
+    "NVIDIA H200; torch 2.11.0+cu130, transformers 5.17.0, peft 0.21.0, bitsandbytes 0.50.2"
+    (`with_cuda`: then ", CUDA 13.0, driver 580.159.04")."""
+    keys = ("torch", "transformers", "peft", "bitsandbytes") + (("CUDA", "driver") if with_cuda else ())
+    versions = ", ".join(f"{k} {env[k.lower()]}" for k in keys if k.lower() in env)
+    return f"{env.get('gpu') or env.get('cpu')}" + (f"; {versions}" if versions else "")
+
+
+def device_slug(env: dict) -> str:
+    """A file-name stem for the machine an environment() describes: its GPU, else its CPU
+    ("NVIDIA H200" -> nvidia-h200); the benchmark scripts name their result files by it."""
+    return re.sub(r"[^a-z0-9]+", "-", (env.get("gpu") or env.get("cpu") or "cpu").lower()).strip("-")
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+class WandbMirror:
+    """Mirrors a run to W&B (offline by default). Every call is guarded."""
+
+    def __init__(self, cfg: DictConfig, directory: Path, name: str):
+        self.run = None
+        tc = cfg.tracker
+        if not tc.wandb or tc.wandb_mode == "disabled":
+            return
+        try:
+            import wandb
+
+            self.run = wandb.init(
+                project=tc.wandb_project, entity=tc.wandb_entity, name=name, group=tc.sweep,
+                mode=tc.wandb_mode, dir=str(directory), reinit="finish_previous",
+                config=OmegaConf.to_container(cfg, resolve=True),
+                settings=wandb.Settings(silent=True, console="off"),
+            )
+        except Exception as e:  # never lose a run to W&B
+            warnings.warn(f"W&B init failed, continuing without it: {e}")
+
+    def _guard(self, fn, *args, **kw):
+        if self.run is None:
+            return
+        try:
+            fn(*args, **kw)
+        except Exception as e:
+            warnings.warn(f"W&B call failed, continuing without it: {e}")
+            self.run = None
+
+    def log(self, rec: dict) -> None:
+        self._guard(lambda: self.run.log({k: v for k, v in rec.items() if k != "step"}, step=rec["step"]))
+
+    def finish(self, result: dict) -> None:
+        def _finish():
+            flat = {k: v for k, v in result["metrics"].items() if isinstance(v, (int, float, str, bool))}
+            self.run.summary.update({**flat, "status": result["status"]})
+            self.run.finish(exit_code=0 if result["status"] in COMPLETE_STATUSES else 1)
+
+        self._guard(_finish)
+
+
+def publish(staging: Path, final: Path, status: str) -> Path:
+    """Move a finished attempt's directory from `staging` to `final` by renames, so a reader
+    sees the old result or the new one, never a mix. A failed attempt never replaces a complete
+    result: it stays in `staging` (returned) with a warning."""
+    if status not in COMPLETE_STATUSES and is_complete(final):
+        warnings.warn(f"attempt failed; keeping the earlier complete result in {final}, "
+                      f"the failed attempt is in {staging}")
+        return staging
+    if final.exists():
+        old = final.parent / ".staging" / f"{final.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(staging, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(staging, final)
+    return final
+
+
+class RunRecorder:
+    """Owns one run for its length. The run writes into results/<sweep>/.staging/<run id>/ and
+    is published to results/<sweep>/<run id>/ by a directory rename when it ends, so a killed
+    run never leaves anything that looks complete, and a forced re-run that fails never
+    replaces an earlier complete result (the failed attempt stays in .staging)."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        self.id = run_id(cfg)
+        self.final_dir = run_dir(cfg)
+        self.dir = staging_dir(cfg)
+        self.started_at = now()
+
+    def start(self) -> None:
+        if self.dir.exists():  # debris of a killed attempt
+            shutil.rmtree(self.dir)
+        self.dir.mkdir(parents=True)
+        (self.dir / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
+        self.metrics_file = open(self.dir / "metrics.jsonl", "a", buffering=1)
+        self.wandb = WandbMirror(self.cfg, self.dir, self.id)
+
+    def _publish(self, status: str) -> Path:
+        return publish(self.dir, self.final_dir, status)
+
+    def adopt(self) -> None:
+        """Take over the staging directory of a run process that died, keeping its
+        metrics.jsonl, so its failure can be recorded beside what it had logged."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def log_step(self, rec: dict) -> None:
+        self.metrics_file.write(json.dumps(rec) + "\n")
+        self.wandb.log(rec)
+
+    def finish(self, status: str, metrics: dict, error: dict | None = None, extra: dict | None = None) -> dict:
+        result = {
+            "schema": "qlab.result/1",
+            "run_id": self.id,
+            "sweep": self.cfg.tracker.sweep,
+            "status": status,
+            "error": error,
+            "axes": {
+                "model": self.cfg.model.name,
+                "quant": self.cfg.quant.type,
+                "double_quant": bool(self.cfg.quant.double_quant),
+                "optim": self.cfg.optim.name,
+                "adapter": self.cfg.adapter.targets,
+                "seed": self.cfg.seed,
+            },
+            "metrics": metrics,
+            **(extra or {}),
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "env": environment(),
+            "git_commit": git_commit(),
+            "seed": self.cfg.seed,
+            "started_at": self.started_at,
+            "finished_at": now(),
+            "argv": sys.argv,
+        }
+        if getattr(self, "metrics_file", None):
+            self.metrics_file.close()
+        atomic_write_json(self.dir / RESULT, result)
+        if hasattr(self, "wandb"):
+            self.wandb.finish(result)
+        self.published_dir = self._publish(status)
+        return result
+
+
+def record_lost_run(cfg: DictConfig, message: str) -> dict:
+    """Record a run whose process died without writing a result, as failed."""
+    recorder = RunRecorder(cfg)
+    recorder.adopt()
+    return recorder.finish("failed", {}, {"type": "LostRun", "message": message, "traceback": None})

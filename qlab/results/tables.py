@@ -1,0 +1,356 @@
+"""Ablation tables of one comparability group: one per axis plus the full grid, each written
+as Markdown, LaTeX (booktabs) and CSV.
+
+An *arm* is one configuration (quant + DQ, optimizer, adapter) aggregated over its seeds: the
+mean of its ok runs and a 95% CI (bootstrap across seeds where n >= 2; for throughput with a
+single run, the run's own interval over its measured steps). An axis table lists, for every
+*context* (the values of the other axes) in which that axis takes at least two values, each
+arm with its % change vs the baseline arm of the same context. The CSV holds the numbers, the
+Markdown and LaTeX the same numbers formatted.
+
+The speed path (`speed`: recipe, fast, or trainer for the HF Trainer loop) is an axis too; its
+quant labels name it (`nf4+DQ · fast`), so the quantization table lists every speed path beside
+the 16-bit baseline. `speed_table` is the speed benchmark's view across groups (one row per
+model x mode, experiments/speed_bench.py) with the ratios `speed_ratios` computes.
+
+Generation results (kind "generate", qlab.generate_bench) get one table instead: one row per
+quantization setting x adapter (none | lora), with load time, weights, peak memory, time to
+first token and decode / end-to-end throughput per batch size (`frame.generation_metrics`),
+and the % change vs the baseline quantization (bf16) with the same adapter setting.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from qlab.results.frame import METRICS, RECIPE, Metric, byte_unit, generation_metrics, rank
+from qlab.results.stats import bootstrap_ci
+
+CONFIG = ["quant_label", "quant", "dq", "optim", "adapter", "speed"]
+
+
+@dataclass(frozen=True)
+class Axis:
+    key: str  # file name and CLI name (--baseline optim=adamw)
+    column: str  # the arms' column
+    title: str
+    context: tuple[str, ...]  # the other axes, held equal inside a comparison
+    baseline: str
+
+
+AXES = (
+    Axis("quant", "quant_label", "Quantization type (with double quantization)", ("optim", "adapter"), "bf16"),
+    Axis("double_quant", "dq", "Double quantization on/off", ("quant", "optim", "adapter", "speed"), "off"),
+    Axis("optim", "optim", "Optimizer", ("quant_label", "adapter"), "adamw"),
+    Axis("adapter", "adapter", "LoRA adapter targets", ("quant_label", "optim"), "qv"),
+    # baseline trainer where there is one, else the first present in ORDER["speed"]: the recipe
+    Axis("speed", "speed", "Speed path (trainer: the HF Trainer loop; recipe; fast)",
+         ("quant", "dq", "optim", "adapter"), "trainer"),
+)
+HEADERS = {"quant_label": "quant", "quant": "quant", "dq": "DQ", "optim": "optimizer", "adapter": "adapter",
+           "speed": "speed", "model": "model", "mode": "mode"}
+# The generation table compares quantization settings with the same adapter setting.
+GENERATION = Axis("generation", "quant_label", "Generation speed and memory per quantization type",
+                  ("adapter",), "bf16")
+
+
+def _status_summary(statuses: pd.Series) -> str:
+    counts = statuses.value_counts()
+    return ", ".join(f"{counts[s]} {s}" for s in sorted(counts.index, key=lambda s: (s != "ok", s)))
+
+
+def _arm_metrics(g: pd.DataFrame, metrics) -> dict:
+    """n ok runs, status summary, and per metric the mean over the ok runs with a 95% CI:
+    bootstrap across runs where n >= 2; with one run, that run's own interval (`run_ci`: over
+    its measured steps or timed calls) where the metric has one."""
+    ok = g[g.status == "ok"]
+    row = {"n": len(ok), "runs": _status_summary(g.status)}
+    for m in metrics:
+        vals = (ok[m.source].astype(float) / m.scale).dropna().to_numpy() if m.source in ok else np.array([])
+        row[m.name] = vals.mean() if len(vals) else math.nan
+        lo, hi = bootstrap_ci(vals)
+        if len(vals) == 1 and m.run_ci and all(c in ok for c in m.run_ci):
+            one = ok[ok[m.source].notna()].iloc[0]
+            lo, hi = (float(one[c]) / m.scale for c in m.run_ci)
+        row[f"{m.name}_ci95_low"], row[f"{m.name}_ci95_high"] = lo, hi
+    return row
+
+
+def arms(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per configuration of one group: n ok runs, status summary, and for each metric
+    its mean and 95% CI (columns <metric>, <metric>_ci95_low, <metric>_ci95_high)."""
+    df = pd.DataFrame([{**dict(zip(CONFIG, cfg)), **_arm_metrics(g, METRICS)}
+                       for cfg, g in runs.groupby(CONFIG, sort=False)])
+    order = df.apply(lambda r: [rank(c, r[c]) for c in ("quant_label", "optim", "adapter")], axis=1)
+    return df.iloc[sorted(range(len(df)), key=lambda i: order.iloc[i])].reset_index(drop=True)
+
+
+def choose_baseline(values, axis: Axis, requested: str | None) -> str:
+    """The requested baseline if present, else the axis' default, else its first value."""
+    present = list(values)
+    if requested is not None and requested not in present:
+        warnings.warn(f"baseline {axis.key}={requested} is not among {sorted(map(str, present))}; using the default")
+    for candidate in (requested, axis.baseline):
+        if candidate in present:
+            return candidate
+    return sorted(present, key=lambda v: rank(axis.column, v))[0]
+
+
+def axis_table(arm_df: pd.DataFrame, axis: Axis, requested: str | None = None):
+    """(numeric table, baseline, fixed context) or None when the axis never takes two values
+    in one context. Contexts that do not vary in the group are dropped from the columns and
+    returned in `fixed` (e.g. {"optim": "paged_adamw_32bit"})."""
+    ctx = [c for c in axis.context if arm_df[c].nunique() > 1]
+    fixed = {c: arm_df[c].iloc[0] for c in axis.context if c not in ctx}
+    blocks = [arm_df] if not ctx else [g for _, g in arm_df.groupby(ctx, sort=False)]
+    blocks = [b for b in blocks if b[axis.column].nunique() > 1]
+    if not blocks:
+        return None
+    baseline = choose_baseline(pd.concat(blocks)[axis.column].unique(), axis, requested)
+    out = []
+    for block in blocks:
+        block = block.iloc[sorted(range(len(block)), key=lambda i: rank(axis.column, block[axis.column].iloc[i]))]
+        out.append(_vs_baseline(block, axis.column, baseline, METRICS))
+    table = pd.concat(out).reset_index(drop=True)
+    metric_cols = [c for m in METRICS for c in (m.name, f"{m.name}_ci95_low", f"{m.name}_ci95_high")
+                   + ((f"{m.name}_delta_pct",) if m.delta else ()) if c in table]
+    return table[[*ctx, axis.column, "n", "runs", "is_baseline", *metric_cols]], baseline, fixed
+
+
+def _vs_baseline(block: pd.DataFrame, column: str, baseline: str, metrics) -> pd.DataFrame:
+    """The block's arms with each metric's % change vs the block's baseline arm,
+    100 (arm - base) / base (NaN for a metric without one, m.delta false, or a block without a
+    baseline arm), and is_baseline."""
+    base = block[block[column] == baseline]
+    block = block.copy()
+    for m in metrics:
+        ref = base[m.name].iloc[0] if len(base) else math.nan
+        block[f"{m.name}_delta_pct"] = (block[m.name] - ref) / ref * 100 if m.delta and ref else math.nan
+    block["is_baseline"] = block[column] == baseline
+    return block
+
+
+def grid_table(arm_df: pd.DataFrame) -> pd.DataFrame:
+    metric_cols = [c for m in METRICS for c in (m.name, f"{m.name}_ci95_low", f"{m.name}_ci95_high")]
+    return arm_df[["quant_label", "optim", "adapter", "n", "runs", *metric_cols]]
+
+
+# ---------------------------------------------------------------- generation results
+
+GEN_CONFIG = ["quant_label", "quant", "dq", "adapter", "adapter_run"]
+
+
+def generation_arms(runs: pd.DataFrame, metrics: tuple[Metric, ...]) -> pd.DataFrame:
+    """One row per quantization setting x adapter of one generation group: n ok runs, status
+    summary, and per metric the mean over its ok runs with a 95% CI (bootstrap across runs
+    where n >= 2; with one run, that run's own interval over its timed calls)."""
+    runs = runs.assign(adapter_run=runs.adapter_run.fillna("").astype(str))
+    df = pd.DataFrame([{**dict(zip(GEN_CONFIG, cfg)), **_arm_metrics(g, metrics)}
+                       for cfg, g in runs.groupby(GEN_CONFIG, sort=False)])
+    if len({r for r in df.adapter_run if r}) > 1:  # several adapters in one group: name each one's run
+        df["adapter"] = [a if not r else f"{a} ({r})" for a, r in zip(df.adapter, df.adapter_run)]
+    order = df.apply(lambda r: (rank("adapter", r.adapter.split(" ")[0]), r.adapter_run,
+                                rank("quant_label", r.quant_label)), axis=1)
+    return df.iloc[sorted(range(len(df)), key=lambda i: order.iloc[i])].reset_index(drop=True)
+
+
+def generation_table(arm_df: pd.DataFrame, metrics: tuple[Metric, ...], requested: str | None = None):
+    """(numeric table, baseline): the arms with their % change vs the baseline quantization
+    of the same adapter setting (100 (arm - base) / base; no change where the setting has no
+    baseline arm). Metrics no run holds (torch's peak on a CPU) are left out."""
+    axis = GENERATION
+    baseline = choose_baseline(arm_df.quant_label.unique(), axis, requested)
+    table = pd.concat([_vs_baseline(block, "quant_label", baseline, metrics)
+                       for _, block in arm_df.groupby(["adapter"], sort=False)]).reset_index(drop=True)
+    kept = tuple(m for m in metrics if table[m.name].notna().any())
+    metric_cols = [c for m in kept for c in (m.name, f"{m.name}_ci95_low", f"{m.name}_ci95_high",
+                                              f"{m.name}_delta_pct")]
+    return (table[["quant_label", "quant", "dq", "adapter", "adapter_run", "n", "runs", "is_baseline", *metric_cols]],
+            baseline, kept)
+
+
+def generation_display(runs: pd.DataFrame, requested: str | None = None):
+    """(numeric, formatted, baseline, metrics) of one generation group."""
+    metrics = generation_metrics(runs)
+    numeric, baseline, kept = generation_table(generation_arms(runs, metrics), metrics, requested)
+    return numeric, display(numeric, ["quant_label", "adapter"], kept), baseline, kept
+
+
+# ---------------------------------------------------------------- speed benchmark
+
+# Rows of the speed table: the HF Trainer recipe, qlab's recipe and fast paths (nf4+DQ), and the
+# 16-bit LoRA baseline eager (bf16) and fast (bf16-fast).
+SPEED_MODES = ("trainer", "recipe", "fast", "bf16", "bf16-fast")
+# ratio name -> (numerator mode, denominator mode, column of speed_table)
+SPEED_RATIOS = {
+    "fast/trainer tok/s": ("fast", "trainer", "tok_s"),
+    "fast/bf16 tok/s": ("fast", "bf16", "tok_s"),
+    "peak fast/recipe": ("fast", "recipe", "peak"),
+    "NVML peak fast/recipe": ("fast", "recipe", "nvml_peak_bytes"),
+}
+# speed_table column -> runs column (one run's value; the mean where a row has several runs); only
+# tok_s carries an interval (one run's own over its measured steps)
+SPEED_COLUMNS = tuple(Metric(name, source, 1, name, 0, run_ci=ci) for name, source, ci in (
+    ("tok_s", "tokens_per_s_median_tok", ("tokens_per_s_ci95_low_tok", "tokens_per_s_ci95_high_tok")),
+    ("tok_s_cv", "tokens_per_s_cv", None), ("step_time_s", "step_time_median_s", None),
+    ("steps", "tokens_per_s_n", None), ("torch_peak_bytes", "peak_allocated_bytes", None),
+    ("nvml_peak_bytes", "nvml_peak_device_used_bytes", None), ("weight_bytes", "weight_bytes", None),
+    ("weight_bytes_after_prepare", "weight_bytes_after_prepare", None)))
+
+
+def speed_mode(quant: str, speed: str | None) -> str:
+    """A run's mode in the speed table: its speed path (trainer, recipe, fast) for a quantized
+    base; bf16 (the recipe) or bf16-<speed> for the 16-bit baseline."""
+    speed = speed or RECIPE
+    if quant == "bf16":
+        return "bf16" if speed == RECIPE else f"bf16-{speed}"
+    return speed
+
+
+def speed_table(runs: pd.DataFrame, modes: dict | None = None) -> pd.DataFrame:
+    """One row per model x mode (`modes`: run_id -> mode; default `speed_mode`), models in order
+    of appearance, modes in SPEED_MODES order. Per row: n ok runs, status summary, the first
+    error, and the SPEED_COLUMNS. tok_s is the median over the measured steps of each step's
+    tokens / step time, its interval the run's 95% t-interval of the mean per-step rate (with
+    several runs: their mean and a bootstrap CI across runs); tok_s_cv the per-step CV. `peak`:
+    torch's peak allocated bytes, or where there are none (CPU) the run's `peak_bytes`
+    (`peak_source` says which)."""
+    runs = runs.copy()
+    runs["mode"] = [(modes or {}).get(rid) or speed_mode(q, s)
+                    for rid, q, s in zip(runs.run_id, runs.quant, runs.speed)]
+    models = list(dict.fromkeys(runs.model))
+    rows = []
+    for (model, mode), g in runs.groupby(["model", "mode"], sort=False):
+        ok = g[g.status == "ok"]
+        bad = g[g.status != "ok"]
+        arm = _arm_metrics(g, SPEED_COLUMNS)
+        row = {"model": model, "mode": mode, "quant_label": g.quant_label.iloc[0], "n": arm["n"],
+               "runs": arm["runs"], "run_ids": " ".join(g.run_id),
+               "error": (f"{bad.error_type.iloc[-1]}: {bad.error_message.iloc[-1]}"
+                         if len(bad) and isinstance(bad.error_type.iloc[-1], str) else ""),
+               **{m.name: arm[m.name] for m in SPEED_COLUMNS},
+               "tok_s_ci95_low": arm["tok_s_ci95_low"], "tok_s_ci95_high": arm["tok_s_ci95_high"]}
+        torch_peak = row["torch_peak_bytes"]
+        own = ok.peak_bytes.astype(float).dropna() if "peak_bytes" in ok else pd.Series(dtype=float)
+        if np.isfinite(torch_peak):
+            row["peak"], row["peak_source"] = torch_peak, "torch peak allocated"
+        else:
+            row["peak"] = own.mean() if len(own) else math.nan
+            row["peak_source"] = ", ".join(sorted(set(ok.peak_source.dropna()))) if len(own) else None
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    order = df.apply(lambda r: (models.index(r.model), SPEED_MODES.index(r["mode"]) if r["mode"] in SPEED_MODES
+                                else len(SPEED_MODES), r["mode"]), axis=1)
+    return df.iloc[sorted(range(len(df)), key=lambda i: order.iloc[i])].reset_index(drop=True)
+
+
+def speed_ratios(table: pd.DataFrame) -> pd.DataFrame:
+    """Per model, each SPEED_RATIOS entry: numerator mode's value / denominator mode's value
+    (NaN where either mode has no ok run or no value)."""
+    rows = []
+    for model, g in table.groupby("model", sort=False):
+        value = lambda mode, col: (g.loc[g["mode"] == mode, col].iloc[0] if (g["mode"] == mode).any()  # noqa: E731
+                                   else math.nan)
+        row = {"model": model}
+        for name, (num, den, col) in SPEED_RATIOS.items():
+            a, b = value(num, col), value(den, col)
+            row[name] = a / b if np.isfinite(a) and np.isfinite(b) and b else math.nan
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["model", *SPEED_RATIOS])
+
+
+def speed_display(table: pd.DataFrame) -> pd.DataFrame:
+    """The speed table formatted: bytes in GiB, or MiB when every value is below 1 GiB."""
+    byte_cols = ["peak", "torch_peak_bytes", "nvml_peak_bytes", "weight_bytes", "weight_bytes_after_prepare"]
+    unit, scale = byte_unit(table[byte_cols].max().max())
+
+    def num(v, fmt):
+        return format(v, fmt) if np.isfinite(v) else "-"
+
+    return pd.DataFrame({
+        "model": table.model, "mode": table["mode"], "quant": table.quant_label, "runs": table.runs,
+        "tok/s median [95% CI]": [_cell(r, SPEED_COLUMNS[0], with_delta=False) for _, r in table.iterrows()],
+        "CV": [f"{v:.1%}" if np.isfinite(v) else "-" for v in table.tok_s_cv],
+        "steps": [num(v, ".0f") for v in table.steps],
+        f"torch peak alloc ({unit})": [num(v / scale, ",.2f") for v in table.torch_peak_bytes],
+        f"NVML peak ({unit})": [num(v / scale, ",.2f") for v in table.nvml_peak_bytes],
+        f"weights ({unit})": [num(v / scale, ",.2f") for v in table.weight_bytes],
+        f"weights after prepare ({unit})": [num(v / scale, ",.2f") for v in table.weight_bytes_after_prepare],
+    })
+
+
+def ratios_display(ratios: pd.DataFrame) -> pd.DataFrame:
+    out = pd.DataFrame({"model": ratios.model})
+    for name in SPEED_RATIOS:
+        out[name] = [f"{v:.2f}x" if np.isfinite(v) else "-" for v in ratios[name]]
+    return out
+
+
+# ---------------------------------------------------------------- formatting
+
+def _cell(row, m, with_delta: bool) -> str:
+    mean = row[m.name]
+    if not np.isfinite(mean):
+        return "-"
+    fmt = f",.{m.decimals}f"
+    s = format(mean, fmt)
+    lo, hi = row.get(f"{m.name}_ci95_low", math.nan), row.get(f"{m.name}_ci95_high", math.nan)
+    if np.isfinite(lo) and np.isfinite(hi) and format(lo, fmt) != format(hi, fmt):
+        s += f" [{lo:{fmt}}, {hi:{fmt}}]"
+    delta = row.get(f"{m.name}_delta_pct", math.nan) if with_delta and not row.get("is_baseline") else math.nan
+    if np.isfinite(delta):
+        s += f" ({pct(delta)})"
+    return s
+
+
+def pct(delta: float) -> str:
+    """+12.3% / -0.04%: two decimals below 1%, where small loss changes would all read +0.0%."""
+    return f"{delta:+.1f}%" if abs(delta) >= 1 else f"{delta:+.2f}%"
+
+
+def display(table: pd.DataFrame, leading: list[str], metrics=METRICS) -> pd.DataFrame:
+    """The formatted table: leading (config) columns, runs, one text column per metric."""
+    out = pd.DataFrame({HEADERS.get(c, c): table[c].astype(str) for c in leading})
+    out["runs"] = table["runs"].values
+    for m in metrics:
+        out[m.header] = [_cell(r, m, m.delta) for _, r in table.iterrows()]
+    return out
+
+
+def to_markdown(disp: pd.DataFrame) -> str:
+    align = ["left" if c in (*HEADERS.values(), "runs") else "right" for c in disp.columns]
+    return disp.to_markdown(index=False, disable_numparse=True, colalign=align)
+
+
+TEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+               "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\^{}", "·": r"$\cdot$",
+               "Δ": r"$\Delta$", "±": r"$\pm$", "≥": r"$\geq$"}
+
+
+def tex_escape(s: str) -> str:
+    return "".join(TEX_SPECIAL.get(ch, ch) for ch in str(s))
+
+
+def to_latex(disp: pd.DataFrame, caption: str, label: str) -> str:
+    tex = disp.map(tex_escape)
+    tex.columns = [tex_escape(c) for c in disp.columns]
+    align = "".join("l" if c in (*HEADERS.values(), "runs") else "r" for c in disp.columns)
+    return tex.to_latex(index=False, escape=False, column_format=align, caption=tex_escape(caption),
+                        label=label, position="htbp")
+
+
+def write(numeric: pd.DataFrame, disp: pd.DataFrame, stem: Path, title: str, notes: list[str]) -> dict:
+    """<stem>.md, .tex, .csv; returns {format: path}."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = {ext: stem.with_suffix(f".{ext}") for ext in ("md", "tex", "csv")}
+    md = f"### {title}\n\n{to_markdown(disp)}\n\n" + "".join(f"{n}\n\n" for n in notes)
+    paths["md"].write_text(md)
+    paths["tex"].write_text(to_latex(disp, title + ". " + " ".join(notes), f"tab:{stem.name}"))
+    numeric.to_csv(paths["csv"], index=False, float_format="%.10g")
+    return paths

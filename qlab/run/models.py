@@ -1,0 +1,197 @@
+"""Load a base model (hub id, local directory or preset) quantized the way `quant=` says.
+
+Quantization always goes through transformers' real `BitsAndBytesConfig`, so a qlab run holds
+exactly the bitsandbytes modules a QLoRA user's run holds:
+  bf16  no quantization: weights in the compute dtype (bfloat16 on GPU; float32 on CPU)
+  int8  LLM.int8: Linear8bitLt, int8 weights + one float32 scale per output row
+  nf4   Linear4bit, 4-bit NormalFloat, one absmax per 64 weights
+  fp4   Linear4bit, 4-bit float (e2m1), one absmax per 64 weights
+with `double_quant` quantizing the 4-bit absmax constants themselves to 8 bits (blocks of 256).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from qlab.run import presets
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    path: str  # what from_pretrained was given
+    load_time_s: float
+    weight_bytes: dict  # see weight_bytes()
+
+
+def resolve_device(spec: str) -> str:
+    if spec == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device={spec} but CUDA is not available on this machine")
+    return spec
+
+
+def cap_device_memory(device: str, gib: float | None) -> None:
+    """Make PyTorch's allocator behave as on a card with `gib` GiB: allocations beyond it raise
+    an out-of-memory error (recorded as status oom). Managed memory is not capped."""
+    if gib is None or not device.startswith("cuda"):
+        return
+    index = torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index  # "cuda" names no index: the current one
+    total = torch.cuda.get_device_properties(index).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, gib * 2**30 / total), index)
+
+
+def compute_dtype(quant_cfg, device: str) -> torch.dtype:
+    name = quant_cfg.compute_dtype
+    if name == "auto":  # bf16 is the paper's compute type; this CPU has no fast bf16 (3-12x slower)
+        name = "bfloat16" if device.startswith("cuda") else "float32"
+    return getattr(torch, name)
+
+
+def bnb_config(quant_cfg, dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    if quant_cfg.type == "bf16":
+        return None
+    if quant_cfg.type == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_cfg.type,  # "nf4" | "fp4"
+        bnb_4bit_use_double_quant=quant_cfg.double_quant,
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=torch.uint8,
+    )
+
+
+def model_path(model_cfg, device: str) -> str:
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    if getattr(model_cfg, "base", None):  # pretrained offline by qlab.base (cached by corpus + config hash)
+        from qlab.reference import pretrain
+
+        return str(pretrain.ensure_base(model_cfg.base, kind))
+    if model_cfg.name_or_path:
+        from qlab.config import resolve_path
+
+        return resolve_path(os.path.expanduser(model_cfg.name_or_path))
+    return str(presets.ensure(model_cfg.preset, device=kind))
+
+
+class OncePerMessage(logging.Filter):
+    """Lets each distinct log message through once."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        first = message not in self.seen
+        self.seen.add(message)
+        return first
+
+
+# bitsandbytes logs "MatMul8bitLt: inputs will be cast from torch.float32 to float16" on every
+# int8 matmul whose input is not float16: 36,400 identical lines in one 300-step int8 run (the
+# recipe's float32 hidden states), thousands per generation configuration. Once says it.
+_BNB_ONCE = OncePerMessage()
+
+
+def load(model_cfg, quant_cfg, device: str) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = model_path(model_cfg, device)
+    dtype = compute_dtype(quant_cfg, device)
+    bnb_log = logging.getLogger("bitsandbytes.autograd._functions")
+    if _BNB_ONCE not in bnb_log.filters:
+        bnb_log.addFilter(_BNB_ONCE)
+    t0 = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        quantization_config=bnb_config(quant_cfg, dtype),
+        dtype=dtype,
+        device_map={"": device},
+        trust_remote_code=model_cfg.trust_remote_code,
+    )
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    model.config.use_cache = False  # the KV cache is for generation; training never reads it
+    return LoadedModel(model, tokenizer, path, time.perf_counter() - t0, weight_bytes(model))
+
+
+def _quant_state_bytes(qs) -> int:
+    """Bytes of a bitsandbytes 4-bit QuantState: absmax (uint8 with DQ, float32 without), the
+    16-entry code, and with DQ the second level: float32 absmax per 256 constants, its
+    256-entry code and the float32 offset."""
+    n = qs.absmax.numel() * qs.absmax.element_size() + qs.code.numel() * qs.code.element_size()
+    if qs.nested:
+        s2 = qs.state2
+        n += s2.absmax.numel() * s2.absmax.element_size() + s2.code.numel() * s2.code.element_size()
+        n += qs.offset.numel() * qs.offset.element_size()
+    return n
+
+
+def weight_bytes(model: torch.nn.Module) -> dict:
+    """Bytes the model's parameters actually hold, split by kind.
+
+    quantized_bytes  the packed 4-bit / int8 weight tensors themselves
+    quant_state_bytes  their constants: 4-bit absmax (+ second level with DQ), int8 row scales
+    other_bytes   everything not quantized: embeddings, norms, the output head, biases
+    Buffers (e.g. rotary tables) are not weights and are not counted.
+    """
+    import bitsandbytes as bnb
+
+    quantized = state = other = 0
+    quantized_params = 0
+    for _, p in model.named_parameters():  # de-duplicates tied weights (BLOOM's head)
+        nbytes = p.numel() * p.element_size()
+        if isinstance(p, bnb.nn.Params4bit):
+            quantized += nbytes
+            quantized_params += p.quant_state.shape.numel()  # packed: 2 weights per byte
+            state += _quant_state_bytes(p.quant_state)
+        elif isinstance(p, bnb.nn.Int8Params):
+            quantized += nbytes
+            quantized_params += p.numel()
+            scb = getattr(p, "SCB", None)
+            state += scb.numel() * scb.element_size() if scb is not None else 0
+        else:
+            other += nbytes
+    total = quantized + state + other
+    return {
+        "weight_bytes": total,
+        "quantized_weight_bytes": quantized,
+        "quant_state_bytes": state,
+        "unquantized_weight_bytes": other,
+        "quantized_params": quantized_params,
+        # bits per quantized parameter, constants included: 4.5 for nf4/fp4, ~4.127 with DQ
+        "bits_per_quantized_param": 8 * (quantized + state) / quantized_params if quantized_params else None,
+    }
+
+
+def prepare_for_training(model: torch.nn.Module, quantized: bool, gradient_checkpointing: bool,
+                         upcast: bool = True) -> None:
+    """The QLoRA recipe: for a quantized base, peft's prepare_model_for_kbit_training (freezes
+    the base, up-casts its non-quantized parameters to float32, enables checkpointing); for the
+    16-bit baseline — and for a quantized base with `upcast=False` (speed.upcast_non_quantized)
+    — freeze and checkpoint the same way, leaving the weights in the compute dtype."""
+    ckpt_kwargs = {"use_reentrant": False}  # non-reentrant: no need for inputs that require grad
+    if quantized and upcast:
+        from peft import prepare_model_for_kbit_training
+
+        prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=ckpt_kwargs
+        )
+    else:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)

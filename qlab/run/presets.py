@@ -1,0 +1,161 @@
+"""Architecture presets: random-init models built from a config, saved once, loaded back.
+
+A preset is a row of `PRESETS`: the transformers config class and its shape. `ensure(name)`
+builds the model with random weights, trains a byte-level BPE tokenizer on the embedded chat
+data (so nothing is downloaded), and saves both with `save_pretrained` into
+`$QLAB_CACHE/presets/<name>-<hash>/`. Runs then load that directory through the same
+`from_pretrained` + `BitsAndBytesConfig` path a real checkpoint takes, so quantization is
+byte-for-byte what a hub model of that shape would get (the values differ, the layout not).
+
+The 7B shapes are for GPU memory and throughput work: their weights are random, so their
+losses mean nothing; the tiny shapes are for CPU tests and the embedded default sweep.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from qlab.config import ASSETS
+
+# Shapes: llama-7b is LLaMA-1 7B (6.74B params); bloom-7b1 is bigscience/bloom-7b1 (7.07B).
+# Tiny widths are multiples of 32: bitsandbytes' CPU inference kernel repacks 4-bit weights
+# in blocks of 32 output rows and refuses other shapes.
+PRESETS: dict[str, dict] = {
+    "tiny-llama": dict(
+        arch="llama", hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
+        vocab_size=None,  # None: the tokenizer's size
+    ),
+    "tiny-bloom": dict(arch="bloom", hidden_size=64, n_layer=2, n_head=4, vocab_size=None),
+    "small-llama": dict(
+        arch="llama", hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024, vocab_size=None,
+    ),
+    "llama-7b": dict(
+        arch="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=2048,
+        vocab_size=32000, rms_norm_eps=1e-6,
+    ),
+    "bloom-7b1": dict(arch="bloom", hidden_size=4096, n_layer=30, n_head=32, vocab_size=250880),
+    # LLaMA-1 13B/33B/65B shapes (13.0B/32.5B/65.3B params), for `qlab estimate` and the paper's
+    # 65B claims: shape only, far too large to build on a CPU (65B in bf16 is 130 GB).
+    "llama-13b": dict(
+        arch="llama", hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+        num_attention_heads=40, num_key_value_heads=40, max_position_embeddings=2048,
+        vocab_size=32000, rms_norm_eps=1e-6,
+    ),
+    "llama-33b": dict(
+        arch="llama", hidden_size=6656, intermediate_size=17920, num_hidden_layers=60,
+        num_attention_heads=52, num_key_value_heads=52, max_position_embeddings=2048,
+        vocab_size=32000, rms_norm_eps=1e-6,
+    ),
+    "llama-65b": dict(
+        arch="llama", hidden_size=8192, intermediate_size=22016, num_hidden_layers=80,
+        num_attention_heads=64, num_key_value_heads=64, max_position_embeddings=2048,
+        vocab_size=32000, rms_norm_eps=1e-6,
+    ),
+}
+
+TOKENIZER_VOCAB = 2048  # BPE merges learned on the embedded chat data
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
+TOKENIZER_CORPUS = ASSETS / "chat" / "train.jsonl"
+BUILD_VERSION = 1  # bump when the build procedure changes, so caches rebuild
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("QLAB_CACHE", Path.home() / ".cache" / "qlab"))
+
+
+def build_once(target: Path, complete: Callable[[Path], bool], build: Callable[[Path], None]) -> Path:
+    """Return `target`, first building it with `build(directory)` unless `complete(target)`.
+
+    Safe under concurrency: builders take a file lock beside `target`, write into a temporary
+    directory and rename it into place, so a reader never sees a half-written model and
+    concurrent callers build once; a build that fails leaves nothing behind."""
+    if complete(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if complete(target):  # another process built it meanwhile
+            return target
+        tmp = target.parent / f".{target.name}.tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            build(tmp)
+            if target.exists():  # an incomplete leftover (not complete, so not ours to keep)
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def preset_dir(name: str) -> Path:
+    spec = json.dumps(PRESETS[name], sort_keys=True)
+    corpus = hashlib.sha256(TOKENIZER_CORPUS.read_bytes()).hexdigest()
+    key = hashlib.sha256(f"{spec}|{corpus}|{TOKENIZER_VOCAB}|{BUILD_VERSION}".encode()).hexdigest()[:12]
+    return cache_root() / "presets" / f"{name}-{key}"
+
+
+def ensure(name: str, device: str = "cpu") -> Path:
+    """Return the directory of preset `name`, building it first if needed (build_once)."""
+    def build(out: Path) -> None:
+        tokenizer = build_tokenizer()
+        build_model(name, len(tokenizer), tokenizer, device).save_pretrained(out)
+        tokenizer.save_pretrained(out)
+
+    return build_once(preset_dir(name), lambda p: (p / "config.json").is_file(), build)
+
+
+def build_tokenizer():
+    """Byte-level BPE trained on the embedded chat data: covers any UTF-8 text (Chinese too)."""
+    from qlab.run.data import load_conversations
+
+    convs, _ = load_conversations(str(TOKENIZER_CORPUS))
+    texts = [text for conv in convs for turn in conv for text in turn]
+    return train_bpe(texts, TOKENIZER_VOCAB)
+
+
+def train_bpe(texts: list[str], vocab_size: int, **tokenizer_kwargs):
+    """A byte-level BPE with qlab's specials (<unk> <s> </s> <pad>), as a transformers tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        **tokenizer_kwargs,
+    )
+
+
+def build_model(name: str, tokenizer_size: int, tokenizer, device: str):
+    import torch
+    from transformers import AutoModelForCausalLM, BloomConfig, LlamaConfig
+
+    spec = dict(PRESETS[name])
+    arch = spec.pop("arch")
+    if spec["vocab_size"] is None:
+        spec["vocab_size"] = tokenizer_size
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)
+    config = (LlamaConfig if arch == "llama" else BloomConfig)(**spec, **ids)
+    # 16-bit on a GPU (a 7B model is 13.5 GB there), float32 for the tiny CPU presets.
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    torch.manual_seed(0)  # the same weights every build (per device type: CPU and CUDA RNGs differ)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model

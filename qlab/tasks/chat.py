@@ -1,0 +1,228 @@
+"""`qlab chat`: talk to a base model plus the LoRA adapter a qlab run trained.
+
+    qlab chat results/<sweep>/<run id>                      # interactive, streaming
+    qlab chat results/<sweep>/<run id> --prompt "你好" --prompt "How many moons does it have?"
+    qlab chat RUN --prompts-file prompts.txt --no-sample     # one prompt per line, greedy
+    qlab chat RUN --merge-to merged/                         # adapter merged into a 16-bit base
+
+The base model and its quantization default to the run's own (from its result.json), so the
+adapter meets the weights it was trained against; `--model` / `--quant` / `--double-quant`
+override them (a different quantization is allowed, with a warning; a different base model is
+an error). The conversation uses the training format, `<s>human1</s>assistant1</s>human2</s>`,
+so the history is part of every prompt; when it no longer fits the context, the oldest turns
+are dropped first. Sampling defaults are the seed document's: max_new_tokens 250, top_p 0.75,
+temperature 0.35, repetition penalty 1.2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from qlab.config import ConfigError, QuantConfig
+
+
+class ChatError(RuntimeError):
+    pass
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 250
+    top_p: float = 0.75
+    temperature: float = 0.35
+    repetition_penalty: float = 1.2
+    do_sample: bool = True
+
+
+def read_run(run_dir: Path) -> tuple[dict, Path]:
+    """The run's result and its adapter directory, or a ChatError saying what is missing."""
+    result_path, adapter = run_dir / "result.json", run_dir / "adapter"
+    if not result_path.is_file():
+        raise ChatError(f"{run_dir}: no result.json; pass the directory of a qlab run")
+    if not (adapter / "adapter_config.json").is_file():
+        raise ChatError(f"{run_dir}: no saved adapter (adapter/adapter_config.json); the run needs "
+                        "train.save_adapter=true and status ok")
+    return json.loads(result_path.read_text()), adapter
+
+
+def build_prompt_ids(history: list[tuple[str, str]], message: str, tokenizer, max_prompt_tokens: int) -> list[int]:
+    """`<s> h1 </s> a1 </s> ... message </s>` as ids, dropping the oldest turns to fit."""
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    eos = tokenizer.eos_token_id
+
+    def enc(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False).input_ids + [eos]
+
+    tail = enc(message)
+    turns = [enc(h) + enc(a) for h, a in history]
+    while turns and 1 + sum(map(len, turns)) + len(tail) > max_prompt_tokens:
+        turns.pop(0)  # forget the oldest exchange first
+    ids = [bos] + [t for turn in turns for t in turn] + tail
+    if len(ids) > max_prompt_tokens:
+        ids = [bos] + tail[-(max_prompt_tokens - 1):]  # the message alone is too long: keep its end
+    return ids
+
+
+@dataclass
+class Chat:
+    model: object
+    tokenizer: object
+    context: int
+    sampling: Sampling
+    history: list[tuple[str, str]] = field(default_factory=list)
+    last_prompt: str = ""
+
+    def say(self, message: str, stream: bool = False) -> str:
+        import torch
+        from transformers import TextStreamer
+
+        budget = self.context - self.sampling.max_new_tokens
+        ids = build_prompt_ids(self.history, message, self.tokenizer, max(budget, 8))
+        self.last_prompt = self.tokenizer.decode(ids)
+        inputs = torch.tensor([ids], device=self.model.device)
+        kw = dict(max_new_tokens=self.sampling.max_new_tokens, repetition_penalty=self.sampling.repetition_penalty,
+                  eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)
+        if self.sampling.do_sample:
+            kw.update(do_sample=True, top_p=self.sampling.top_p, temperature=self.sampling.temperature)
+        else:
+            kw.update(do_sample=False)
+        streamer = TextStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
+        with torch.no_grad():
+            out = self.model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs),
+                                      streamer=streamer, **kw)
+        reply = self.tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip()
+        self.history.append((message, reply))
+        return reply
+
+
+def load_chat(run_dir: Path, model_override: str | None = None, quant: QuantConfig | None = None,
+              device: str = "auto", sampling: Sampling | None = None) -> Chat:
+    from peft import PeftModel
+
+    from qlab.run import models
+
+    result, adapter = read_run(run_dir)
+    cfg = OmegaConf.create(result["config"])
+    model_cfg = cfg.model
+    if model_override:
+        preset = model_override if _is_preset(model_override) else None
+        model_cfg = OmegaConf.create({"name": model_override, "preset": preset, "trust_remote_code": False,
+                                      "name_or_path": None if preset else model_override})
+    trained_quant = cfg.quant
+    if quant is not None and (quant.type, quant.double_quant) != (trained_quant.type, trained_quant.double_quant):
+        warnings.warn(f"the adapter was trained on a {_q(trained_quant)} base; chatting with {_q(quant)} "
+                      "(allowed: the adapter is 16/32-bit, but outputs may differ)")
+    device = models.resolve_device(device)
+    loaded = models.load(model_cfg, quant or trained_quant, device)
+    _check_same_base(adapter, loaded.model)
+    model = PeftModel.from_pretrained(loaded.model, str(adapter))
+    model.eval()
+    context = getattr(loaded.model.config, "max_position_embeddings", None) or cfg.data.max_seq_len
+    return Chat(model, loaded.tokenizer, context, sampling or Sampling())
+
+
+def _is_preset(name: str) -> bool:
+    from qlab.run.presets import PRESETS
+
+    return name in PRESETS
+
+
+def _q(q) -> str:
+    return q.type + ("+DQ" if q.double_quant else "")
+
+
+def _check_same_base(adapter: Path, base) -> None:
+    """An adapter only fits the base whose layers it was shaped for: compare the LoRA A/B
+    shapes saved in the adapter with the base's layers of the same names."""
+    from safetensors import safe_open
+
+    files = list(adapter.glob("adapter_model.safetensors"))
+    if not files:
+        return
+    modules = dict(base.named_modules())
+    with safe_open(str(files[0]), "pt") as f:
+        for key in f.keys():
+            if ".lora_A." not in key:
+                continue
+            name = key.split(".lora_A.")[0].removeprefix("base_model.model.")
+            layer = modules.get(name)
+            in_features = getattr(layer, "in_features", None)
+            if layer is None or in_features != f.get_slice(key).get_shape()[1]:
+                config = json.loads((adapter / "adapter_config.json").read_text())
+                raise ChatError(
+                    f"the adapter in {adapter} was trained on a different base model "
+                    f"({config.get('base_model_name_or_path')}): its layer {name!r} "
+                    f"{'does not exist' if layer is None else 'has another shape'} in this one")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="qlab chat", description=__doc__.split("\n\n")[0])
+    p.add_argument("run", type=Path, help="a qlab run directory (holds result.json and adapter/)")
+    p.add_argument("--prompt", action="append", default=[], help="a user turn (repeatable); no prompt: interactive")
+    p.add_argument("--prompts-file", type=Path, help="one user turn per line")
+    p.add_argument("--model", help="another base: preset name, local directory or hub id (default: the run's)")
+    p.add_argument("--quant", choices=["bf16", "int8", "nf4", "fp4"], help="quantization (default: the run's)")
+    p.add_argument("--double-quant", action="store_true")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--max-new-tokens", type=int, default=250)
+    p.add_argument("--top-p", type=float, default=0.75)
+    p.add_argument("--temperature", type=float, default=0.35)
+    p.add_argument("--repetition-penalty", type=float, default=1.2)
+    p.add_argument("--no-sample", action="store_true", help="greedy decoding (deterministic)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--merge-to", type=Path, help="merge the adapter into a 16-bit copy of the base, save it there")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+
+    from transformers import set_seed
+
+    set_seed(args.seed)
+    quant = QuantConfig(type=args.quant, double_quant=args.double_quant) if args.quant else None
+    sampling = Sampling(args.max_new_tokens, args.top_p, args.temperature, args.repetition_penalty, not args.no_sample)
+    try:
+        if args.merge_to:
+            merge(args.run, args.merge_to, args.model, args.device)
+            print(f"merged model saved to {args.merge_to}")
+            return 0
+        chat = load_chat(args.run, args.model, quant, args.device, sampling)
+    except (ChatError, ConfigError, OSError) as e:
+        print(f"qlab chat: {e}", file=sys.stderr)
+        return 2
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        prompts += [l.strip() for l in args.prompts_file.read_text(encoding="utf-8").splitlines() if l.strip()]
+    if prompts:
+        for message in prompts:
+            print(f"User: {message}\nAssistant: ", end="", flush=True)
+            chat.say(message, stream=True)
+        return 0
+    print("qlab chat: empty line or Ctrl-D to quit")
+    while True:
+        try:
+            message = input("User: ").strip()
+        except EOFError:
+            break
+        if not message:
+            break
+        print("Assistant: ", end="", flush=True)
+        chat.say(message, stream=True)
+    return 0
+
+
+def merge(run_dir: Path, out: Path, model_override: str | None, device: str) -> None:
+    """Merge the adapter into the base held in 16 bits (merging into 4-bit weights would
+    round the update away) and save the result with its tokenizer."""
+    chat = load_chat(run_dir, model_override, QuantConfig(type="bf16"), device, Sampling(do_sample=False))
+    merged = chat.model.merge_and_unload()
+    merged.save_pretrained(out)
+    chat.tokenizer.save_pretrained(out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,302 @@
+"""`qlab report` on fabricated result files with known numbers: tables against hand-computed
+means and deltas, statistics against scipy called directly, Holm by hand, oom/failed runs,
+comparability groups, plots, the CLI, and the W&B mirror (offline)."""
+
+import inspect
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats as st
+
+from conftest import ROOT
+from qlab.results import report, stats
+
+GiB = 2**30
+
+
+def fake_run(root, quant="nf4", dq=False, optim="paged_adamw_32bit", adapter="all_linear", seed=0, status="ok",
+             peak=10.0, tps=1000.0, eval_loss=1.0, train_loss=2.0, steps=10, gpu="Fake GPU 80GB", wandb=False,
+             sweep="syn", runs_per_gpu=1):
+    """Write <root>/<run id>/result.json + metrics.jsonl as a real run would, with these numbers:
+    peak = NVML device peak in GiB (torch's peak allocated is 1 GiB less), tps = tokens/s with
+    2,048 tokens/step and a step-time CI of +-10% of the mean step time."""
+    q = quant + ("-dq" if dq else "")
+    run_id = f"tiny_{q}_{optim}_{adapter}_s{seed}_{steps}{gpu[:1]}"
+    step_time = 2048 / tps
+    metrics = {} if status == "failed" else {
+        "weight_bytes": 4 * GiB, "quantized_weight_bytes": 3 * GiB, "quant_state_bytes": GiB // 4,
+        "unquantized_weight_bytes": 3 * GiB // 4, "weight_bytes_after_prepare": 4 * GiB + 3 * GiB // 4,
+        "trainable_params": 1_000_000, "total_params": 7_000_000_000, "lora_target_modules": ["q_proj", "v_proj"],
+        "nvml_peak_device_used_bytes": int(peak * GiB), "peak_allocated_bytes": int((peak - 1) * GiB),
+        "rss_peak_bytes": GiB, "optimizer_state_bytes": 8_000_000, "optimizer_state_location": "managed",
+    }
+    if status == "ok":
+        metrics.update(tokens_per_s=tps, step_time_mean_s=step_time, step_time_ci95_low_s=0.9 * step_time,
+                       step_time_ci95_high_s=1.1 * step_time, train_loss_first=5.0, train_loss_final=train_loss,
+                       eval_loss=eval_loss, eval_perplexity=math.exp(eval_loss), steps_completed=steps)
+    error = None
+    if status == "oom":
+        error = {"type": "OutOfMemoryError", "message": "CUDA out of memory. Tried to allocate 2 GiB", "traceback": ""}
+    elif status == "failed":
+        error = {"type": "RuntimeError", "message": "boom\nsecond line", "traceback": "..."}
+    result = {
+        "schema": "qlab.result/1", "run_id": run_id, "sweep": sweep, "status": status, "error": error,
+        "axes": {"model": "tiny", "quant": quant, "double_quant": dq, "optim": optim, "adapter": adapter, "seed": seed},
+        "metrics": metrics,
+        "config": {"model": {"name": "tiny", "preset": "tiny"}, "quant": {"type": quant, "double_quant": dq},
+                   "adapter": {"targets": adapter, "r": 8}, "optim": {"name": optim, "lr": 2e-4},
+                   "data": {"name": "chat", "max_seq_len": 512, "pad_to": "max_seq_len", "max_eval_samples": 16},
+                   "train": {"steps": steps, "warmup_steps": 1, "batch_size": 4, "device": "cuda", "progress": False},
+                   "tracker": {"results_dir": str(root.parent), "sweep": sweep, "wandb": wandb,
+                               "wandb_mode": "offline", "wandb_project": "qlab-test", "wandb_entity": None},
+                   "seed": seed, "force": False, "experiment": None},
+        "env": {"python": "3.11", "torch": "2.x", "transformers": "5", "peft": "0.1", "bitsandbytes": "0.5",
+                "cuda": "13.0", "cpu": "Fake CPU", "gpu": gpu, "gpu_count": 1, "driver": "1.0",
+                "runs_per_gpu": runs_per_gpu},
+        "git_commit": "abc123", "seed": seed, "started_at": "2026-01-01T00:00:00+00:00",
+        "finished_at": "2026-01-01T00:01:00+00:00",
+    }
+    d = root / run_id
+    d.mkdir(parents=True)
+    (d / "result.json").write_text(json.dumps(result))
+    if status != "failed":
+        n = 5
+        with open(d / "metrics.jsonl", "w") as f:
+            for step in range(n):  # loss falls linearly from 5.0 to train_loss
+                f.write(json.dumps({"step": step, "loss": 5.0 + (train_loss - 5.0) * step / (n - 1), "lr": 2e-4,
+                                    "tokens": 2048, "real_tokens": 900, "target_tokens": 300}) + "\n")
+    return run_id
+
+
+# group 1 (10 steps): nf4 and fp4 with three seeds each; the rest single runs, an oom, a failure
+NF4 = dict(peak=[10.0, 11.0, 12.0], tps=[1000.0, 1100.0, 1200.0], eval_loss=[1.0, 1.1, 1.2], train_loss=[2.0, 2.1, 2.2])
+FP4 = dict(peak=[12.0, 13.0, 14.0], tps=[900.0, 950.0, 1000.0], eval_loss=[1.3, 1.5, 1.4], train_loss=[2.3, 2.3, 2.4])
+
+
+def build_sweep(root, wandb=False):
+    for seed in range(3):
+        fake_run(root, "nf4", seed=seed, wandb=wandb, **{k: v[seed] for k, v in NF4.items()})
+        fake_run(root, "fp4", seed=seed, wandb=wandb, **{k: v[seed] for k, v in FP4.items()})
+    fake_run(root, "bf16", peak=20.0, tps=2000.0, eval_loss=1.05, train_loss=2.05)
+    fake_run(root, "bf16", seed=1, status="oom", peak=79.0)
+    fake_run(root, "nf4", dq=True, peak=9.5, tps=900.0, eval_loss=1.12, train_loss=2.1)
+    fake_run(root, "nf4", optim="adamw", status="failed")
+    fake_run(root, "int8", adapter="qv", peak=15.0, tps=500.0, eval_loss=1.2, train_loss=2.2)
+    fake_run(root, "int8", adapter="qv", optim="adamw", peak=15.5, tps=520.0, eval_loss=1.21, train_loss=2.2)
+    # group 2: the same model and GPU, 20 steps: never compared with group 1
+    fake_run(root, "nf4", steps=20, peak=10.0, tps=1000.0, eval_loss=0.9)
+    fake_run(root, "fp4", steps=20, peak=12.0, tps=900.0, eval_loss=1.0)
+    # debris of a killed run: hidden directories are never read
+    (root / ".staging").mkdir()
+    fake_run(root / ".staging", "bf16", peak=99.0)
+    return root
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = build_sweep(tmp_path_factory.mktemp("res") / "syn")
+    page = report.build(root, wandb=False)
+    return root, page
+
+
+def csv(root, *parts):
+    return pd.read_csv(root.joinpath("report", *parts))
+
+
+def test_runs_csv_keeps_oom_and_failed_runs_marked(built):
+    root, _ = built
+    runs = csv(root, "runs.csv")
+    assert len(runs) == 14  # every result.json outside .staging/
+    assert sorted(runs.status.value_counts().items()) == [("failed", 1), ("ok", 12), ("oom", 1)]
+    failed = runs[runs.status == "failed"].iloc[0]
+    assert failed.error_type == "RuntimeError" and failed.error_message == "boom"
+    assert runs[runs.status == "oom"].iloc[0].error_type == "OutOfMemoryError"
+    assert set(runs.quant_label) == {"bf16", "int8", "nf4", "nf4+DQ", "fp4"}
+    assert runs.peak_bytes.max() < 99 * GiB
+    assert sorted(runs.groupby("group").size().items()) == [(1, 12), (2, 2)]
+
+
+def test_quant_table_means_cis_and_deltas_by_hand(built):
+    root, _ = built
+    t = csv(root, "group-1", "tables", "quant.csv")
+    t = t[(t.optim == "paged_adamw_32bit") & (t.adapter == "all_linear")].set_index("quant_label")
+    assert list(t.index) == ["bf16", "nf4", "nf4+DQ", "fp4"]
+    assert t.loc["nf4", "peak_gib"] == pytest.approx(11.0) and t.loc["fp4", "peak_gib"] == pytest.approx(13.0)
+    assert t.loc["nf4", "n"] == 3 and t.loc["bf16", "n"] == 1 and t.loc["bf16", "runs"] == "1 ok, 1 oom"
+    # % vs bf16 (the oom seed has no numbers: bf16 = 20 GiB, 2,000 tok/s, eval loss 1.05)
+    assert t.loc["nf4", "peak_gib_delta_pct"] == pytest.approx((11 - 20) / 20 * 100)  # -45%
+    assert t.loc["fp4", "peak_gib_delta_pct"] == pytest.approx(-35.0)
+    assert t.loc["nf4+DQ", "tok_s_delta_pct"] == pytest.approx((900 - 2000) / 2000 * 100)
+    assert t.loc["fp4", "eval_loss_delta_pct"] == pytest.approx((1.4 - 1.05) / 1.05 * 100, rel=1e-5)
+    assert t.loc["bf16", "peak_gib_delta_pct"] == 0
+    assert t.loc["nf4", "tok_s"] == pytest.approx(1100.0) and t.loc["fp4", "eval_loss"] == pytest.approx(1.4)
+    # n >= 2: bootstrap CI of the mean across seeds, the same as scipy's with the fixed seed
+    seed = "rng" if "rng" in inspect.signature(st.bootstrap).parameters else "random_state"
+    ci = st.bootstrap(([10.0, 11.0, 12.0],), np.mean, n_resamples=9999, method="percentile",
+                      **{seed: np.random.default_rng(0)}).confidence_interval
+    assert (t.loc["nf4", "peak_gib_ci95_low"], t.loc["nf4", "peak_gib_ci95_high"]) == \
+        pytest.approx((ci.low, ci.high), rel=1e-5)
+    # n = 1: the run's own interval, 2,048 tok/step over the step-time CI (0.9, 1.1 x the mean)
+    assert t.loc["nf4+DQ", "tok_s_ci95_low"] == pytest.approx(900 / 1.1, rel=1e-5)
+    assert t.loc["nf4+DQ", "tok_s_ci95_high"] == pytest.approx(900 / 0.9, rel=1e-5)
+    assert math.isnan(t.loc["nf4+DQ", "peak_gib_ci95_low"])
+    md = (root / "report" / "group-1" / "tables" / "quant.md").read_text()
+    assert "| nf4 " in md and "(-45.0%)" in md and "peak mem (GiB)" in md and "tok/s [95% CI]" in md
+    tex = (root / "report" / "group-1" / "tables" / "quant.tex").read_text()
+    assert r"\toprule" in tex and r"\bottomrule" in tex and r"paged\_adamw\_32bit" in tex and r"\%" in tex
+
+
+def test_other_axis_tables(built):
+    root, _ = built
+    dq = csv(root, "group-1", "tables", "double_quant.csv").set_index("dq")
+    assert dq.loc["on", "peak_gib_delta_pct"] == pytest.approx((9.5 - 11) / 11 * 100)
+    optim = csv(root, "group-1", "tables", "optim.csv")
+    assert set(optim.quant_label) == {"int8", "nf4"}  # the failed nf4/adamw run still forms a row
+    nf4_adamw = optim[(optim.quant_label == "nf4") & (optim.optim == "adamw")].iloc[0]
+    assert nf4_adamw.n == 0 and nf4_adamw.runs == "1 failed" and math.isnan(nf4_adamw.peak_gib)
+    assert csv(root, "group-1", "tables", "grid.csv").shape[0] == 7
+
+
+def test_statistics_match_scipy(built):
+    root, _ = built
+    s = csv(root, "statistics.csv")
+    row = s[(s.group == 1) & (s.comparison == "NF4 vs FP4") & (s.metric == "peak_gib")].iloc[0]
+    a, b = NF4["peak"], FP4["peak"]
+    assert row.context == "dq=off, optim=paged_adamw_32bit, adapter=all_linear, speed=recipe"
+    assert row.p_welch == pytest.approx(st.ttest_ind(a, b, equal_var=False).pvalue, rel=1e-5)
+    assert row.welch_t == pytest.approx(st.ttest_ind(a, b, equal_var=False).statistic, rel=1e-5)
+    assert row.p_mwu == pytest.approx(st.mannwhitneyu(a, b, alternative="two-sided").pvalue, rel=1e-5)
+    # Hedges' g: d = (11 - 13) / pooled SD 1 = -2; J = 1 - 3 / (4 * 6 - 9) = 0.8
+    assert row.hedges_g == pytest.approx(-1.6)
+    assert row.delta_pct == pytest.approx((11 - 13) / 13 * 100)
+    for metric, key in (("tok_s", "tps"), ("eval_loss", "eval_loss"), ("train_loss_final", "train_loss")):
+        r = s[(s.group == 1) & (s.comparison == "NF4 vs FP4") & (s.metric == metric)].iloc[0]
+        assert r.p_welch == pytest.approx(st.ttest_ind(NF4[key], FP4[key], equal_var=False).pvalue, rel=1e-5)
+    # Holm over the whole report: the 4 Welch tests (nf4 vs fp4, 4 metrics) are the only ones
+    tested = s[s.p_welch.notna()]
+    assert len(tested) == 4
+    p = tested.p_welch.to_numpy()
+    order = np.argsort(p)
+    by_hand = np.maximum.accumulate(np.minimum(1, (4 - np.arange(4)) * p[order]))
+    assert tested.p_welch_holm.to_numpy()[order] == pytest.approx(by_hand)
+
+
+def test_single_seed_arms_say_no_test(built):
+    root, _ = built
+    s = csv(root, "statistics.csv")
+    one = s[(s.comparison.str.startswith("paged_adamw_32bit vs adamw")) & (s.context.str.contains("int8"))]
+    assert len(one) == 4 and (one.note == stats.NO_TEST_N1).all() and one.p_welch.isna().all()
+    failed_arm = s[(s.comparison.str.startswith("paged_adamw_32bit")) & (s.context.str.contains("nf4"))]
+    assert failed_arm.note.str.contains("no ok run").all()
+    g2 = s[s.group == 2]
+    assert (g2.note == stats.NO_TEST_N1).all() and g2.p_welch_holm.isna().all()
+    md = (root / "report" / "statistics.md").read_text()
+    assert "n=1 per arm: no test" in md
+
+
+def test_holm_by_hand():
+    p = [0.01, 0.04, 0.03, float("nan"), 0.2]
+    # m = 4 tests: 0.01*4 = 0.04; 0.03*3 = 0.09; 0.04*2 = 0.08 -> 0.09 (monotone); 0.2*1 = 0.2
+    assert stats.holm(p)[[0, 1, 2, 4]] == pytest.approx([0.04, 0.09, 0.09, 0.2])
+    assert math.isnan(stats.holm(p)[3])
+    assert stats.holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])
+
+
+def test_groups_are_separate_sections(built):
+    root, page = built
+    text = page.read_text()
+    assert page == root / "report.md"
+    assert "2 comparability groups" in text and "`steps`" in text
+    assert "## Group 1:" in text and "## Group 2:" in text and "20 steps" in text
+    g2 = csv(root, "group-2", "tables", "quant.csv")
+    assert list(g2.quant_label) == ["nf4", "fp4"] and list(g2.peak_gib) == pytest.approx([10.0, 12.0])
+    assert not (root / "report" / "group-2" / "tables" / "optim.csv").exists()  # optim never varies there
+    assert "](report/group-1/plots/memory_breakdown.png)" in text  # relative links
+    assert "Fake GPU 80GB" in text and "driver 1.0" in text and "abc123" in text
+    assert "oom**: `tiny_bf16" in text and "failed**: `tiny_nf4" in text
+    assert "Shared GPUs" not in text  # one run per GPU: nothing to warn about
+
+
+def test_runs_sharing_a_gpu_are_flagged(tmp_path):
+    from qlab.results import report
+
+    root = tmp_path / "results" / "shared"
+    for seed in range(2):
+        fake_run(root, "nf4", seed=seed, runs_per_gpu=6)
+    text = report.build(root, wandb=False).read_text()
+    assert "- **Shared GPUs**: up to 6 runs at once on each GPU" in text
+
+
+def test_every_plot_is_written(built):
+    root, _ = built
+    for group in ("group-1", "group-2"):
+        for name in ("memory_breakdown", "throughput", "loss_curves", "eval_loss", "memory_vs_quality"):
+            for ext in ("png", "svg"):
+                path = root / "report" / group / "plots" / f"{name}.{ext}"
+                assert path.stat().st_size > 1000, path
+
+
+def test_pareto_front():
+    from qlab.results.plots import pareto_front
+
+    pts = pd.DataFrame({"mem": [10, 8, 12, 9, 8], "loss": [1.0, 1.5, 0.9, 1.6, 1.4]})
+    # (8, 1.4) beats (8, 1.5) and (9, 1.6); (10, 1.0) and (12, 0.9) trade memory for loss
+    assert list(pareto_front(pts, "mem", "loss")) == [True, False, True, False, True]
+
+
+def test_cli_subprocess_baseline_and_determinism(built, tmp_path):
+    root, _ = built
+    out = tmp_path / "r"
+    proc = subprocess.run([sys.executable, "-m", "qlab.results.report", str(root), "--baseline", "nf4", "--out", str(out),
+                           "--no-wandb"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "report.md").exists()
+    t = pd.read_csv(out / "group-1" / "tables" / "quant.csv")
+    fp4 = t[(t.quant_label == "fp4")].iloc[0]
+    assert fp4.peak_gib_delta_pct == pytest.approx((13 - 11) / 11 * 100)  # vs nf4 now
+    # regenerated from the same files: the same bytes (the baseline changes only the tables)
+    for rel in ("runs.csv", "statistics.md", "statistics.csv", "group-1/plots/memory_vs_quality.svg",
+                "group-1/plots/throughput.png", "group-2/tables/grid.md"):
+        assert (out / rel).read_bytes() == (root / "report" / rel).read_bytes(), rel
+    with pytest.raises(SystemExit):
+        report.main([str(root), "--baseline", "colour=red"])
+
+
+def test_cli_subprocess_without_results(tmp_path):
+    (tmp_path / "empty" / ".staging" / "x").mkdir(parents=True)
+    (tmp_path / "empty" / ".staging" / "x" / "result.json").write_text("{}")  # hidden: not a result
+    proc = subprocess.run([sys.executable, "-m", "qlab.results.report", str(tmp_path / "empty")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "no result.json under" in proc.stderr
+
+
+def test_wandb_report_logged_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    root = tmp_path / "wb"
+    fake_run(root, "nf4", wandb=True)
+    fake_run(root, "fp4", wandb=True, peak=12.0)
+    report.build(root)
+    [run] = list((root / "wandb").glob("offline-run-*"))
+    assert list(run.glob("run-*.wandb"))[0].stat().st_size > 0
+    media = run / "files" / "media"
+    assert list(media.rglob("quant_*.table.json")) and list(media.rglob("statistics_*.table.json"))
+    assert list(media.rglob("memory_breakdown_*.png")) and list(media.rglob("memory_vs_quality_*.png"))
+
+
+def test_wandb_failure_is_a_warning(tmp_path, monkeypatch):
+    import wandb
+
+    def broken(*a, **k):
+        raise RuntimeError("wandb is down")
+
+    monkeypatch.setattr(wandb, "init", broken)
+    root = tmp_path / "wb"
+    fake_run(root, "nf4", wandb=True)
+    with pytest.warns(UserWarning, match="W&B logging of the report failed"):
+        page = report.build(root)
+    assert page.exists()
