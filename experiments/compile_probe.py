@@ -86,7 +86,8 @@ def probe(model_name, quant, pad, backends, overrides, one_row=False):
     cfg = config.compose([f"model={model_name}", "train=gpu", "adapter=all_linear", "adapter.dropout=0",
                           f"data.pad_to={pad}", "data.max_seq_len=512", *q, *overrides])
     raw = data.read(cfg.data)
-    device, model, _, batches = train.setup(cfg, raw, {})
+    s = train.setup(cfg, raw)
+    device, model, batches = s.device, s.model, s.batches
     model.train()
     batch = {k: v.to(device) for k, v in next(batches.train_batches()).items()}
     if one_row:  # one conversation, no padding: the mask is all ones (transformers then passes none)

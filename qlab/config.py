@@ -1,21 +1,32 @@
 """Typed run configuration and its validation.
 
 The conf/ tree mirrors these dataclasses: one group per field of `RunConfig`. Hydra composes
-the YAML files onto this schema (registered in the ConfigStore as `qlab_schema`), so a wrong
-type fails at compose time; `validate` then checks the combinations and the files, in
-milliseconds and before anything heavy is imported, and names the offending key.
+the YAML files onto this schema (registered in the ConfigStore as `qlab_schema`); `check_overrides`
+turns Hydra's own composition errors into a `ConfigError`, and `validate` checks the
+combinations and the files, in milliseconds and before anything heavy is imported, naming the
+offending key. This module imports nothing from qlab: the shapes it checks names against are
+data (conf/shapes.yaml).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
 
+import yaml
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ASSETS = Path(PROJECT_ROOT) / "qlab" / "assets"  # the embedded chat data and corpus
+with open(os.path.join(PROJECT_ROOT, "conf", "shapes.yaml")) as _f:
+    SHAPES: dict = yaml.safe_load(_f)  # presets and pretrained bases by name
+
+TASKS = ("train", "generate")
+RUNNERS = ("qlab", "hf_trainer")  # the training loop: qlab's (qlab/run/loop.py) or transformers.Trainer
 QUANT_TYPES = ("bf16", "int8", "nf4", "fp4")
 FOUR_BIT = ("nf4", "fp4")
 # every weight setting by its label (frame.quant_label's spelling): label -> (quant.type,
@@ -54,8 +65,8 @@ class PrunedCombination(ConfigError):
 class ModelConfig:
     name: str = "tiny-llama"  # label in results and tables
     name_or_path: Optional[str] = None  # hub id or local directory; None -> build `preset`
-    preset: Optional[str] = "tiny-llama"  # key of qlab.presets.PRESETS
-    base: Optional[str] = None  # tiny | small | gpu: the pretrained base qlab.base builds offline
+    preset: Optional[str] = "tiny-llama"  # a random-init shape of conf/shapes.yaml (presets)
+    base: Optional[str] = None  # tiny | small | gpu: a base pretrained offline (conf/shapes.yaml, bases)
     trust_remote_code: bool = False
 
 
@@ -108,7 +119,8 @@ class TrainConfig:
     warmup_steps: int = 3  # excluded from timing and memory peaks
     batch_size: int = 4
     gradient_checkpointing: bool = True
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (every task's device)
+    runner: str = "qlab"  # the training loop: qlab | hf_trainer (transformers.Trainer, the same step)
     save_adapter: bool = True
     progress: bool = True
     # emulate a smaller GPU: cap PyTorch's allocator at this many GiB (None: the whole card).
@@ -132,6 +144,17 @@ class SpeedConfig:
 
 
 @dataclass
+class GenerateConfig:
+    """task=generate: greedy generation timed per batch size (qlab/tasks/generate.py)."""
+
+    adapter_run: Optional[str] = None  # a training run's directory: its adapter/ runs unmerged
+    prompts: int = 8  # first human turns of the embedded eval data
+    repeats: int = 3  # timed passes over the prompts
+    new_tokens: int = 64  # exactly this many per sequence
+    batch_sizes: List[int] = field(default_factory=lambda: [1, 8])
+
+
+@dataclass
 class TrackerConfig:
     results_dir: str = "results"
     sweep: str = "adhoc"  # results/<sweep>/<run id>/
@@ -143,6 +166,7 @@ class TrackerConfig:
 
 @dataclass
 class RunConfig:
+    task: str = "train"  # train | generate: what the run does with the model (qlab/tasks/)
     model: ModelConfig = field(default_factory=ModelConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
@@ -150,14 +174,11 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
     seed: int = 0
     force: bool = False  # re-run even when a complete result exists
     experiment: Optional[str] = None  # name of the conf/experiment/ file that composed this
-
-
-PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ASSETS = Path(PROJECT_ROOT) / "qlab" / "assets"  # the embedded chat data and corpus
 
 
 def resolve_path(path: str) -> str:
@@ -255,6 +276,20 @@ def validate(cfg: DictConfig | RunConfig) -> None:
     if c.speed.loss_chunk_tokens < 1:
         raise ConfigError("speed.loss_chunk_tokens", f"must be >= 1, got {c.speed.loss_chunk_tokens}")
     _choice("tracker.wandb_mode", c.tracker.wandb_mode, ("offline", "online", "disabled"))
+    _choice("task", c.task, TASKS)
+    _choice("train.runner", c.train.runner, RUNNERS)
+    if c.train.runner == "hf_trainer" and (not c.speed.upcast_non_quantized or c.speed.compile != "none"
+                                           or c.speed.loss != "full"):
+        raise ConfigError("train.runner", "the HF Trainer runs the QLoRA recipe (speed=recipe); "
+                                          "its switches belong to qlab's loop")
+    g = c.generate
+    for key in ("prompts", "repeats", "new_tokens"):
+        if g[key] < 1:
+            raise ConfigError(f"generate.{key}", f"must be >= 1, got {g[key]}")
+    if not g.batch_sizes or min(g.batch_sizes) < 1:
+        raise ConfigError("generate.batch_sizes", f"every batch size must be >= 1, got {list(g.batch_sizes)}")
+    if g.adapter_run is not None and not os.path.isdir(os.path.join(resolve_path(g.adapter_run), "adapter")):
+        raise ConfigError("generate.adapter_run", f"no adapter/ in {g.adapter_run}: not a run that saved its adapter")
     _validate_model(c.model)
     if c.data.pack:
         check_packing(architecture(c.model))
@@ -269,35 +304,28 @@ def check_packing(model_type: str | None) -> None:
 
 
 def architecture(m: DictConfig) -> str | None:
-    """The architecture, when the config alone tells it: the base and the presets from their
-    tables, a local checkpoint from its config.json; None for a hub id (known after loading)."""
-    from qlab.run.presets import PRESETS
-
+    """The architecture, when the config alone tells it: the bases and presets from
+    conf/shapes.yaml, a local checkpoint from its config.json; None for a hub id (known after
+    loading)."""
     if getattr(m, "base", None) is not None:
-        return "llama"  # qlab.base builds LlamaForCausalLM
+        return "llama"  # qlab/reference/pretrain.py builds LlamaForCausalLM
     if m.name_or_path is None:
-        return PRESETS[m.preset]["arch"]
+        return SHAPES["presets"][m.preset]["arch"]
     path = os.path.join(resolve_path(os.path.expanduser(m.name_or_path)), "config.json")
     if os.path.isfile(path):
-        import json
-
         with open(path) as f:
             return json.load(f).get("model_type")
     return None
 
 
 def _validate_model(m: DictConfig) -> None:
-    from qlab.run.presets import PRESETS  # a plain lookup table; imports no torch
-
     if getattr(m, "base", None) is not None:
-        from qlab.reference.pretrain import SIZES
-
-        _choice("model.base", m.base, tuple(SIZES))
+        _choice("model.base", m.base, tuple(SHAPES["bases"]))
         return
     if m.name_or_path is None:
         if m.preset is None:
             raise ConfigError("model.name_or_path", "set a hub id or local path, or model.preset")
-        _choice("model.preset", m.preset, tuple(PRESETS))
+        _choice("model.preset", m.preset, tuple(SHAPES["presets"]))
         return
     path = m.name_or_path
     full = resolve_path(os.path.expanduser(path))
@@ -311,3 +339,50 @@ def _validate_model(m: DictConfig) -> None:
             "model.name_or_path",
             f"{path!r} is neither an existing directory nor a hub id of the form owner/name",
         )
+
+
+def check_overrides(overrides: list[str]) -> None:
+    """Compose what the command-line overrides ask for (a sweep's every value once) and turn
+    Hydra's and OmegaConf's own errors (an unknown group value, an unknown key, a string for an
+    int, a malformed override) into one ConfigError naming the key. Raises nothing for a
+    config that composes."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as e:
+        raise ConfigError(overrides[0] if len(overrides) == 1 else "override", _first_line(e)) from None
+    plain = [o.input_line for o in parsed if not o.is_sweep_override()]
+    variants = [plain]
+    for o in parsed:
+        if o.is_sweep_override():
+            key = o.input_line.split("=", 1)[0]
+            try:
+                variants += [plain + [f"{key}={v}"] for v in o.sweep_string_iterator()]
+            except Exception:  # glob() and other sweeps that need the config: Hydra checks them
+                pass
+    groups = {d.name for d in Path(PROJECT_ROOT, "conf").iterdir() if d.is_dir()}
+    for o in parsed:  # a group value that has no file: name the choices
+        key = o.get_key_element().lstrip("+~")
+        if key in groups and not o.is_delete():
+            values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+            available = sorted(f.stem for f in Path(PROJECT_ROOT, "conf", key).glob("*.yaml"))
+            for v in values:
+                if v not in available and v != "null":
+                    raise ConfigError(key, f"unknown value {v!r} (choose from {', '.join(available)})")
+    for ov in variants:
+        try:
+            compose(ov)
+        except (HydraException, OmegaConfBaseException) as e:
+            cause = e
+            while cause is not None and not getattr(cause, "full_key", None):
+                cause = cause.__cause__ or cause.__context__
+            key = cause.full_key if cause is not None else (ov[-1].split("=", 1)[0] if ov else "config")
+            raise ConfigError(key, _first_line(cause or e)) from None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(getattr(e, "msg", None) or e).splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__

@@ -34,53 +34,13 @@ import sys
 import time
 from pathlib import Path
 
+from qlab.config import SHAPES
 from qlab.reference import corpus
 from qlab.run.presets import SPECIAL_TOKENS, build_once, cache_root, train_bpe
 
 BUILD_VERSION = 1  # bump when the build procedure changes, so cached bases rebuild
 
-# One row per size: the model shape, the tokenizer, the training budget. Widths are multiples
-# of 32 (bitsandbytes' CPU 4-bit kernel repacks weights in blocks of 32 rows).
-#
-# Token counts of the corpus train split (590 files, 9.61 M characters) per vocabulary:
-#   1024 -> 3.52 M tokens (2.73 chars/token), 2048 -> 2.99 M (3.22), 8192 -> 2.43 M (3.96).
-#
-# tiny  (CPU tests): 0.90 M params; 16 seq x 128 tok = 2,048 tok/step x 200 steps = 0.41 M tokens
-#       (0.12 epoch); ~80 ms/step on 2 CPU cores -> ~16 s of training.
-# small (CPU): 4.26 M params; 16 x 256 = 4,096 tok/step x 400 steps = 1.64 M tokens (0.55 epoch);
-#       ~0.6 s/step on 2 cores -> ~4 min.
-# gpu   (one H100, bf16 autocast): 34.1 M params (embeddings 8192 x 512 = 4.19 M, twice: input
-#       and untied head; 8 layers x (4 x 512^2 attention + 3 x 512 x 1408 MLP) = 25.7 M).
-#       32 seq x 1024 tok = 32,768 tok/step x 600 steps = 19.7 M tokens (8.1 epochs).
-#       FLOPs: 6 N T = 6 x 34.1 M x 19.7 M = 4.0e15, + attention 12 L s d = 12 x 8 x 1024 x 512
-#       = 50 M FLOPs/token (fwd+bwd) x 19.7 M = 1.0e15 -> ~5.0e15 FLOPs in all: 50 s at a
-#       conservative 100 TFLOP/s effective, 200 s even at 25 TFLOP/s; with eval and saving,
-#       well under the 10-minute budget.
-#       Why not more: the corpus is the binding constraint, not compute. 2.43 M unique tokens is
-#       ~280x fewer than Chinchilla's 20 tokens/param for 34 M params; repeated data is worth
-#       almost as much as fresh data up to ~4 epochs and falls off after that (Muennighoff et
-#       al. 2023, "Scaling Data-Constrained Language Models"), so ~8 epochs is already into
-#       diminishing returns; the held-out curve in base.json shows where it turns.
-SIZES: dict[str, dict] = {
-    "tiny": dict(
-        vocab_size=1024, hidden_size=128, intermediate_size=384, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=4,
-        seq_len=128, batch_size=16, steps=200, lr=3e-3, warmup_steps=20,
-        eval_every=50, curve_eval_tokens=4096, eval_tokens=32768,  # held-out split: 81 k tokens
-    ),
-    "small": dict(
-        vocab_size=2048, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=4,
-        seq_len=256, batch_size=16, steps=400, lr=2e-3, warmup_steps=40,
-        eval_every=100, curve_eval_tokens=16384, eval_tokens=None,  # None: the whole held-out split
-    ),
-    "gpu": dict(
-        vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
-        num_attention_heads=8, num_key_value_heads=8,
-        seq_len=1024, batch_size=32, steps=600, lr=1e-3, warmup_steps=60,
-        eval_every=100, curve_eval_tokens=65536, eval_tokens=None,
-    ),
-}
+SIZES: dict[str, dict] = SHAPES["bases"]  # shape, tokenizer and training budget (conf/shapes.yaml)
 # Shared by every size.
 COMMON = dict(
     max_position_embeddings=2048,  # RoPE: no parameters; room for qlab's 512-token chat samples

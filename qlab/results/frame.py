@@ -23,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 from qlab.config import PROJECT_ROOT
-from qlab.results.store import NON_IDENTITY_KEYS, RESULT
+from qlab.results.store import NON_IDENTITY_KEYS, RESULT, peak_bytes
 
 SPEED_CONF = Path(PROJECT_ROOT) / "conf" / "speed"
 
@@ -267,14 +267,8 @@ def _row(r: dict, rel: str) -> dict:
 
 def _derived(m: dict) -> dict:
     """Columns computed from one run's metrics (named here so every consumer agrees)."""
-    out = {"peak_bytes": math.nan, "peak_source": None}
-    # device-level NVML sees the CUDA context and paged optimizers' managed memory; torch's
-    # counters see neither; a CPU run has only the process RSS
-    for key, source in (("nvml_peak_device_used_bytes", "NVML device used"),
-                        ("peak_allocated_bytes", "torch peak allocated"), ("rss_peak_bytes", "process RSS")):
-        if math.isfinite(_num(m.get(key))) and m.get(key):
-            out.update(peak_bytes=float(m[key]), peak_source=source)
-            break
+    peak, source = peak_bytes(m)
+    out = {"peak_bytes": math.nan if peak is None else peak, "peak_source": source}
     out["adapter_bytes"] = _num(m.get("trainable_params")) * ADAPTER_BYTES_PER_PARAM
     # prepare_model_for_kbit_training casts the non-quantized weights (embeddings, norms, head) to
     # float32: after it they hold weight_bytes_after_prepare - quantized - quantization constants

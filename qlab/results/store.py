@@ -21,8 +21,10 @@ import subprocess
 import sys
 import tempfile
 import warnings
+from dataclasses import asdict, dataclass  # noqa: F401  (asdict: callers write Results)
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -31,9 +33,37 @@ from qlab.config import PROJECT_ROOT
 RESULT = "result.json"
 COMPLETE_STATUSES = ("ok", "oom")
 CONCURRENCY_ENV = "QLAB_RUN_CONCURRENCY"  # {"runs_per_gpu": R, "gpu_slots": S}, set by qlab.sweep
+SCHEMA = "qlab.result/1"
 # Keys that do not change what a run measures: excluded from its id.
 NON_IDENTITY_KEYS = ("tracker", "force", "experiment", "train.progress", "train.save_adapter",
                      "train.profile_steps")  # profiling leaves what a run measures as it was
+# The config a task reads (dotted keys), where it is not everything: the rest never enters its
+# id. Training reads every section but the other tasks' own.
+TASK_KEYS = {"generate": ("task", "model", "quant", "generate", "seed", "train.device")}
+TASK_SECTIONS = ("generate",)  # sections that belong to one task each
+# Config keys naming a run directory whose adapter weights, not its path, define a run
+IDENTITY_FILES = {"generate.adapter_run": "adapter/adapter_model.*"}
+
+
+@dataclass
+class Result:
+    """One run's record: result.json, written only by RunRecorder.finish."""
+
+    run_id: str
+    kind: str  # the task: train | generate
+    sweep: str
+    status: str  # ok | oom | failed
+    error: Optional[dict]  # {type, message, traceback} unless ok
+    axes: dict  # the ablation axes, for tables
+    metrics: dict  # unit-suffixed keys: peak_allocated_bytes, tokens_per_s, ...
+    config: dict  # the resolved config
+    env: dict  # versions and hardware (environment())
+    git_commit: Optional[str]
+    seed: int
+    started_at: str
+    finished_at: str
+    argv: list
+    schema: str = SCHEMA
 
 
 def now() -> str:
@@ -51,6 +81,7 @@ ADDED_KEYS = {
     "speed.upcast_non_quantized": True, "speed.adapter_autocast": False, "speed.compile": "none",
     "speed.compile_backend": "inductor", "speed.loss": "full", "speed.loss_chunk_tokens": 1024,
     "data.pack": False, "data.pack_tokens": None,
+    "task": "train", "train.runner": "qlab",
 }
 
 
@@ -68,12 +99,40 @@ def _drop(ident: dict, key: str, only_if=...) -> None:
             parent.pop(name)
 
 
+def _get(config: dict, key: str):
+    for part in key.split("."):
+        config = config.get(part) if isinstance(config, dict) else None
+    return config
+
+
 def identity(config: dict, neutral: bool = False) -> dict:
-    """What defines a run: its config without the tracker settings (NON_IDENTITY_KEYS) and,
-    with `neutral`, without the ADDED_KEYS that hold their neutral value."""
-    ident = json.loads(json.dumps(config))  # a deep copy
+    """What defines a run: the config its task reads (TASK_KEYS, TASK_SECTIONS) without the
+    tracker settings (NON_IDENTITY_KEYS), a run directory named in it by the hash of its
+    adapter weights (IDENTITY_FILES) and, with `neutral`, without the ADDED_KEYS that hold their
+    neutral value."""
+    config = json.loads(json.dumps(config))  # a deep copy
+    task = config.get("task", "train")
+    if task in TASK_KEYS:
+        ident: dict = {}
+        for key in TASK_KEYS[task]:
+            value = _get(config, key)
+            *parents, leaf = key.split(".")
+            node = ident
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+    else:
+        ident = {k: v for k, v in config.items() if k not in TASK_SECTIONS or k == task}
     for key in NON_IDENTITY_KEYS:
         _drop(ident, key)
+    for key, pattern in IDENTITY_FILES.items():
+        path = _get(ident, key)
+        if path:
+            *parents, leaf = key.split(".")
+            node = ident
+            for part in parents:
+                node = node[part]
+            node[leaf] = files_sha256(sorted(Path(path).glob(pattern)))[:16]
     for key, value in (ADDED_KEYS.items() if neutral else ()):
         _drop(ident, key, value)
     return ident
@@ -85,6 +144,8 @@ def run_id(cfg: DictConfig) -> str:
     ident = identity(OmegaConf.to_container(cfg, resolve=True))
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:8]
     q = cfg.quant.type + ("-dq" if cfg.quant.double_quant else "")
+    if cfg.task == "generate":
+        return f"{cfg.model.name}_{q}_{'lora' if cfg.generate.adapter_run else 'none'}_{digest}"
     return f"{cfg.model.name}_{q}_{cfg.optim.name}_{cfg.adapter.targets}_s{cfg.seed}_{digest}"
 
 
@@ -111,6 +172,21 @@ def fresh_result(cfg: DictConfig, since: float) -> dict | None:
     """The result a run process wrote after `since`, or None (fresh_dir)."""
     directory = fresh_dir(run_dir(cfg), since)
     return read_result(directory) if directory else None
+
+
+# The peak a run is judged by, most complete first: NVML's device-used sees the CUDA context and
+# paged optimizers' managed memory, torch's counters see neither, a CPU run has only its RSS.
+PEAK_SOURCES = (("nvml_peak_device_used_bytes", "NVML device used"),
+                ("peak_allocated_bytes", "torch peak allocated"), ("rss_peak_bytes", "process RSS"))
+
+
+def peak_bytes(metrics: dict) -> tuple[float | None, str | None]:
+    """(bytes, source) of a run's peak memory by PEAK_SOURCES; (None, None) if it has none."""
+    for key, source in PEAK_SOURCES:
+        value = metrics.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value and value:
+            return float(value), source
+    return None, None
 
 
 def files_sha256(files) -> str:
@@ -146,7 +222,7 @@ def complete_result(cfg: DictConfig) -> Path | None:
     wanted = identity(OmegaConf.to_container(cfg, resolve=True), neutral=True)
     for path in sorted(final.parent.glob(f"*/{RESULT}")):
         r = read_result(path.parent)
-        if (r is not None and r.get("status") in COMPLETE_STATUSES and r.get("kind", "train") == "train"
+        if (r is not None and r.get("status") in COMPLETE_STATUSES and r.get("kind", "train") == cfg.task
                 and identity(r.get("config", {}), neutral=True) == wanted):
             return path.parent
     return None
@@ -291,11 +367,11 @@ class WandbMirror:
     def log(self, rec: dict) -> None:
         self._guard(lambda: self.run.log({k: v for k, v in rec.items() if k != "step"}, step=rec["step"]))
 
-    def finish(self, result: dict) -> None:
+    def finish(self, result: Result) -> None:
         def _finish():
-            flat = {k: v for k, v in result["metrics"].items() if isinstance(v, (int, float, str, bool))}
-            self.run.summary.update({**flat, "status": result["status"]})
-            self.run.finish(exit_code=0 if result["status"] in COMPLETE_STATUSES else 1)
+            flat = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str, bool))}
+            self.run.summary.update({**flat, "status": result.status})
+            self.run.finish(exit_code=0 if result.status in COMPLETE_STATUSES else 1)
 
         self._guard(_finish)
 
@@ -352,41 +428,27 @@ class RunRecorder:
         self.metrics_file.write(json.dumps(rec) + "\n")
         self.wandb.log(rec)
 
-    def finish(self, status: str, metrics: dict, error: dict | None = None, extra: dict | None = None) -> dict:
-        result = {
-            "schema": "qlab.result/1",
-            "run_id": self.id,
-            "sweep": self.cfg.tracker.sweep,
-            "status": status,
-            "error": error,
-            "axes": {
-                "model": self.cfg.model.name,
-                "quant": self.cfg.quant.type,
-                "double_quant": bool(self.cfg.quant.double_quant),
-                "optim": self.cfg.optim.name,
-                "adapter": self.cfg.adapter.targets,
-                "seed": self.cfg.seed,
-            },
-            "metrics": metrics,
-            **(extra or {}),
-            "config": OmegaConf.to_container(self.cfg, resolve=True),
-            "env": environment(),
-            "git_commit": git_commit(),
-            "seed": self.cfg.seed,
-            "started_at": self.started_at,
-            "finished_at": now(),
-            "argv": sys.argv,
-        }
+    def finish(self, status: str, metrics: dict, error: dict | None = None) -> Result:
+        """Write result.json and publish the run directory; the only writer of a Result."""
+        c = self.cfg
+        axes = {"model": c.model.name, "quant": c.quant.type, "double_quant": bool(c.quant.double_quant),
+                "optim": c.optim.name, "adapter": c.adapter.targets, "seed": c.seed}
+        if c.task == "generate":  # no training: no optimizer; with or without a run's adapter
+            axes.update(optim=None, adapter="lora" if c.generate.adapter_run else "none")
+        result = Result(run_id=self.id, kind=c.task, sweep=c.tracker.sweep, status=status, error=error, axes=axes,
+                        metrics=metrics, config=OmegaConf.to_container(c, resolve=True), env=environment(),
+                        git_commit=git_commit(), seed=c.seed, started_at=self.started_at, finished_at=now(),
+                        argv=sys.argv)
         if getattr(self, "metrics_file", None):
             self.metrics_file.close()
-        atomic_write_json(self.dir / RESULT, result)
+        atomic_write_json(self.dir / RESULT, asdict(result))
         if hasattr(self, "wandb"):
             self.wandb.finish(result)
         self.published_dir = self._publish(status)
         return result
 
 
-def record_lost_run(cfg: DictConfig, message: str) -> dict:
+def record_lost_run(cfg: DictConfig, message: str) -> Result:
     """Record a run whose process died without writing a result, as failed."""
     recorder = RunRecorder(cfg)
     recorder.adopt()

@@ -1,4 +1,6 @@
-"""`python -m qlab.run <overrides>`: one run, or a sweep with `-m` / an experiment."""
+"""`python -m qlab.run <overrides>`: one run (`task=train|generate`), or a sweep with `-m` or
+an experiment. Exit codes of a single run: 0 ok, 1 failed, 2 invalid config or data (nothing
+loaded, nothing written), 3 out of memory."""
 
 from __future__ import annotations
 
@@ -6,28 +8,42 @@ import os
 import sys
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from qlab import config as qconfig
+from qlab import config
+from qlab.tasks import EXIT
 
-qconfig.register()
+config.register()
 
 
 # An absolute path: works the same from `python -m qlab.run`, the `qlab` script and any cwd.
-@hydra.main(version_base="1.3", config_path=os.path.join(qconfig.PROJECT_ROOT, "conf"), config_name="config")
-def main(cfg: DictConfig):
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
+@hydra.main(version_base="1.3", config_path=os.path.join(config.PROJECT_ROOT, "conf"), config_name="config")
+def hydra_main(cfg: DictConfig):
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         from qlab.run import sweep
 
         return sweep.run_point(cfg)  # one isolated process per grid point
-    from qlab.tasks.train import single
+    from qlab.tasks import single
 
     code = single(cfg)
     if code:
         sys.exit(code)
+
+
+def main() -> None:
+    """Hydra's own composition errors exit 2 with one line naming the key, like qlab's: checked
+    here first, on the overrides alone (Hydra's flags with values, e.g. --config-name, leave
+    the check to Hydra)."""
+    args = sys.argv[1:]
+    if not any(a.startswith("-") and a not in ("-m", "--multirun") for a in args):
+        try:
+            config.check_overrides([a for a in args if not a.startswith("-")])
+        except config.ConfigError as e:
+            print(f"qlab: invalid config, nothing was run: {e}", file=sys.stderr)
+            sys.exit(EXIT["invalid"])
+    hydra_main()
 
 
 if __name__ == "__main__":

@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from dataclasses import dataclass
+from urllib.parse import urlparse
 
 import torch
 
+from qlab.config import ConfigError, resolve_path
+from qlab.reference import pretrain
 from qlab.run import presets
 
 
@@ -74,15 +78,42 @@ def bnb_config(quant_cfg, dtype: torch.dtype):
 
 def model_path(model_cfg, device: str) -> str:
     kind = "cuda" if device.startswith("cuda") else "cpu"
-    if getattr(model_cfg, "base", None):  # pretrained offline by qlab.base (cached by corpus + config hash)
-        from qlab.reference import pretrain
-
+    if getattr(model_cfg, "base", None):  # pretrained offline (cached by corpus + config hash)
         return str(pretrain.ensure_base(model_cfg.base, kind))
     if model_cfg.name_or_path:
-        from qlab.config import resolve_path
-
         return resolve_path(os.path.expanduser(model_cfg.name_or_path))
     return str(presets.ensure(model_cfg.preset, device=kind))
+
+
+def identity(model_cfg, loaded: LoadedModel) -> dict:
+    """Which weights a run used, where the config's name does not pin them: a base built here
+    (two GPU builds of one cache key differ: CUDA training is not bit-reproducible)."""
+    return {"base_weights_sha256": pretrain.weights_sha256(loaded.path)} if getattr(model_cfg, "base", None) else {}
+
+
+HUB_TIMEOUT_S = 3.0
+
+
+def check_available(model_cfg) -> None:
+    """A hub id must be in the local cache or the hub reachable within HUB_TIMEOUT_S: otherwise
+    a ConfigError at once, instead of transformers' retries for the better part of a minute."""
+    path = model_cfg.name_or_path
+    if not path or os.path.isdir(resolve_path(os.path.expanduser(path))):
+        return
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(path, "config.json"), str):
+        return
+    host = urlparse(constants.ENDPOINT).hostname
+    why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else None
+    if why is None:
+        try:
+            socket.create_connection((host, 443), timeout=HUB_TIMEOUT_S).close()
+            return
+        except OSError as e:
+            why = f"{host} cannot be reached ({e})"
+    raise ConfigError("model.name_or_path", f"hub id {path!r} is not in the local cache and {why}: "
+                                            "download it where there is a network, or give a local directory")
 
 
 class OncePerMessage(logging.Filter):

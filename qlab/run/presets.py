@@ -21,46 +21,9 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from qlab.config import ASSETS
+from qlab.config import ASSETS, SHAPES
 
-# Shapes: llama-7b is LLaMA-1 7B (6.74B params); bloom-7b1 is bigscience/bloom-7b1 (7.07B).
-# Tiny widths are multiples of 32: bitsandbytes' CPU inference kernel repacks 4-bit weights
-# in blocks of 32 output rows and refuses other shapes.
-PRESETS: dict[str, dict] = {
-    "tiny-llama": dict(
-        arch="llama", hidden_size=64, intermediate_size=192, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
-        vocab_size=None,  # None: the tokenizer's size
-    ),
-    "tiny-bloom": dict(arch="bloom", hidden_size=64, n_layer=2, n_head=4, vocab_size=None),
-    "small-llama": dict(
-        arch="llama", hidden_size=256, intermediate_size=704, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024, vocab_size=None,
-    ),
-    "llama-7b": dict(
-        arch="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=2048,
-        vocab_size=32000, rms_norm_eps=1e-6,
-    ),
-    "bloom-7b1": dict(arch="bloom", hidden_size=4096, n_layer=30, n_head=32, vocab_size=250880),
-    # LLaMA-1 13B/33B/65B shapes (13.0B/32.5B/65.3B params), for `qlab estimate` and the paper's
-    # 65B claims: shape only, far too large to build on a CPU (65B in bf16 is 130 GB).
-    "llama-13b": dict(
-        arch="llama", hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
-        num_attention_heads=40, num_key_value_heads=40, max_position_embeddings=2048,
-        vocab_size=32000, rms_norm_eps=1e-6,
-    ),
-    "llama-33b": dict(
-        arch="llama", hidden_size=6656, intermediate_size=17920, num_hidden_layers=60,
-        num_attention_heads=52, num_key_value_heads=52, max_position_embeddings=2048,
-        vocab_size=32000, rms_norm_eps=1e-6,
-    ),
-    "llama-65b": dict(
-        arch="llama", hidden_size=8192, intermediate_size=22016, num_hidden_layers=80,
-        num_attention_heads=64, num_key_value_heads=64, max_position_embeddings=2048,
-        vocab_size=32000, rms_norm_eps=1e-6,
-    ),
-}
+PRESETS: dict[str, dict] = SHAPES["presets"]  # conf/shapes.yaml
 
 TOKENIZER_VOCAB = 2048  # BPE merges learned on the embedded chat data
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]

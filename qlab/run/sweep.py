@@ -14,13 +14,10 @@ invocation's start, end and counts, and every point's status, updated as runs fi
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import json
 import logging
 import os
-import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -33,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from qlab import config as qconfig
 from qlab.results import store
+from qlab.run import launch
 
 log = logging.getLogger("qlab.sweep")
 INVOCATION_ENV = "QLAB_SWEEP_INVOCATION"
@@ -119,15 +117,6 @@ def _hardware() -> dict:
 
 # ---------------------------------------------------------------- one grid point
 
-def _die_with_parent() -> None:
-    """Child-side: get SIGKILL when the sweep process dies (Linux), so a killed sweep leaves
-    no orphan run that could race its own re-run."""
-    try:
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
-    except OSError:
-        pass
-
-
 def runs_per_gpu() -> int:
     """QLAB_RUNS_PER_GPU (default 1): how many runs share one GPU at a time under a parallel
     launcher. Small runs (the 34 M base's quality sweep) leave an H100 mostly idle one at a time."""
@@ -186,11 +175,6 @@ def gpu_slot(lock_dir: str = "/tmp"):
         time.sleep(1)
 
 
-def _child_overrides() -> list[str]:
-    """This point's overrides, for a fresh single-run `python -m qlab.run`."""
-    return [*HydraConfig.get().overrides.task, "hydra.mode=RUN"]
-
-
 def _record(cfg: DictConfig, run_id: str, **entry) -> None:
     with _manifest(sweep_root(cfg)) as m:
         m["runs"][run_id] = {**m["runs"].get(run_id, {}), **entry, "invocation": os.environ.get(INVOCATION_ENV)}
@@ -226,10 +210,8 @@ def run_point(cfg: DictConfig) -> str:
 
     log.info("[%d] start %s", num, _describe(cfg))
     _record(cfg, rid, outcome="running", overrides=overrides, started_at=store.now())
-    logs = sweep_root(cfg) / ".logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    t0, started = time.perf_counter(), time.time()
-    with gpu_slot() as slot, open(logs / f"{rid}.log", "w") as out:
+    t0 = time.perf_counter()
+    with gpu_slot() as slot:
         env = dict(os.environ)
         # how many runs shared this run's GPU: QLAB_RUNS_PER_GPU under the parallel local launcher
         # (joblib, one worker per slot), else 1 (the basic launcher runs one at a time, SLURM one
@@ -238,16 +220,11 @@ def run_point(cfg: DictConfig) -> str:
         concurrency = {"runs_per_gpu": runs_per_gpu() if shared else 1, "gpu_slots": gpu_slots() if shared else None}
         if slot is not None:
             env["CUDA_VISIBLE_DEVICES"] = str(slot)
-        env[store.CONCURRENCY_ENV] = json.dumps(concurrency)  # the run records it (track.environment)
-        proc = subprocess.run([sys.executable, "-m", "qlab.run", *_child_overrides()], stdout=out,
-                              stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
+        env[store.CONCURRENCY_ENV] = json.dumps(concurrency)  # the run records it (store.environment)
+        result = launch.run_isolated(cfg, overrides, sweep_root(cfg) / ".logs" / f"{rid}.log", env=env)
     seconds = time.perf_counter() - t0
-    result = store.fresh_result(cfg, since=started)
-    if result is None:  # the child died without publishing (killed, crashed hard, bad data)
-        result = store.record_lost_run(cfg, f"run process exited with code {proc.returncode} without a "
-                                            f"result; its log: {logs / (rid + '.log')}")
     status, m = result["status"], result["metrics"]
-    peak = m.get("nvml_peak_device_used_bytes") or m.get("peak_allocated_bytes") or m.get("rss_peak_bytes")
+    peak, _ = store.peak_bytes(m)
     log.info("[%d] end %s: %s, peak %s, %s tokens/s, %.0f s (process, imports and load included)", num,
              _describe(cfg), status, f"{peak / 2**30:.2f} GiB" if peak else "n/a",
              f"{m['tokens_per_s']:.0f}" if m.get("tokens_per_s") else "n/a", seconds)

@@ -165,15 +165,15 @@ def test_heldout_windows_count_each_token_once():
 
 
 def test_qlora_run_on_the_base_end_to_end(tiny_base, compose):
-    from qlab.tasks import train
+    from qlab import tasks
 
     path, _ = tiny_base
     cfg = compose("model=hub", f"model.name_or_path={path}", "model.name=base-tiny", "train.steps=4")
-    result = train.run_one(cfg)
-    assert result["status"] == "ok", result.get("error")
-    m = result["metrics"]
+    result = tasks.execute(cfg)
+    assert result.status == "ok", result.error
+    m = result.metrics
     assert m["steps_completed"] == 4 and math.isfinite(m["eval_loss"])
-    assert result["axes"]["model"] == "base-tiny"
+    assert result.axes["model"] == "base-tiny"
 
 
 def test_unknown_size_is_a_clear_error():
@@ -192,17 +192,17 @@ def test_cli_returns_the_cached_base(tiny_base, capsys):
 def test_model_group_base_tiny_builds_or_reuses_the_base(tiny_base, compose):
     """`model=base-tiny` resolves to the same cached directory through qlab.models."""
     from qlab.run import models
-    from qlab.tasks import train
+    from qlab import tasks
 
     path, _ = tiny_base
     cfg = compose("model=base-tiny", "train.steps=3")
     assert models.model_path(cfg.model, "cpu") == str(path)
-    result = train.run_one(cfg)
-    assert result["status"] == "ok" and result["axes"]["model"] == "base-tiny"
-    pvm = result["metrics"]["predicted_vs_measured"]  # the analytic model follows it too
+    result = tasks.execute(cfg)
+    assert result.status == "ok" and result.axes["model"] == "base-tiny"
+    pvm = result.metrics["predicted_vs_measured"]  # the analytic model follows it too
     assert pvm["weight_bytes"]["predicted"] == pvm["weight_bytes"]["measured"]
     # which build's weights it trained on (a hash of the safetensors files, not of the cache key)
     import hashlib
 
     [weights] = path.glob("*.safetensors")
-    assert result["metrics"]["base_weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert result.metrics["base_weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()

@@ -8,7 +8,7 @@ import torch
 
 from qlab.config import PROJECT_ROOT
 from qlab.run import adapters, data, models, speed
-from qlab.tasks import train
+from qlab import tasks
 from qlab.results import store
 from qlab.config import ConfigError, check_packing, validate
 from qlab.run.data import IGNORE_INDEX
@@ -127,7 +127,7 @@ def test_a_hub_bloom_is_refused_before_the_first_step():
 def test_packed_run_counts_every_position_as_real(compose, loss):
     cfg = compose("data.pack=true", "data.max_seq_len=64", "train.batch_size=2", f"speed.loss={loss}",
                   "train.save_adapter=false")
-    assert train.single(cfg) == 0
+    assert tasks.single(cfg) == 0
     result = store.read_result(store.run_dir(cfg))
     steps = [json.loads(line) for line in (store.run_dir(cfg) / "metrics.jsonl").read_text().splitlines()]
     assert result["config"]["data"]["pack"] is True and result["metrics"]["data_pack_tokens"] == 2 * 64

@@ -6,13 +6,13 @@ import pytest
 
 from qlab import config
 from qlab.run import profiling
-from qlab.tasks import train
+from qlab import tasks
 from qlab.results import store
 
 
 def _run(compose, tmp_path, *overrides):
     cfg = compose("train.steps=6", "train.warmup_steps=3", *overrides)
-    assert train.single(cfg) == 0
+    assert tasks.single(cfg) == 0
     path = store.run_dir(cfg)
     steps = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
     return cfg, path, json.loads((path / "result.json").read_text())["metrics"], steps

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from qlab.run import adapters, data, models, speed
-from qlab.tasks import train
+from qlab import tasks
 
 # dropout off: with it, a switch that changes the order of random draws changes the curve too
 # fixed 4 x 48 shapes: one compilation for the compiled arm, cheap steps for all
@@ -18,7 +18,7 @@ def curve(compose, tmp_path, *overrides):
     from qlab.results import store
 
     cfg = compose(*CURVE, *overrides)
-    assert train.single(cfg) == 0
+    assert tasks.single(cfg) == 0
     metrics = store.run_dir(cfg) / "metrics.jsonl"
     return [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]
 

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from qlab.tasks import chat, train
+from qlab import tasks
+from qlab.tasks import chat
 from qlab.config import QuantConfig
 
 
@@ -20,7 +21,7 @@ def trained_run(tmp_path_factory):
     results = tmp_path_factory.mktemp("chat") / "results"
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=[f"tracker.results_dir={results}", *FAST, "train.steps=8"])
-    assert train.single(cfg) == 0
+    assert tasks.single(cfg) == 0
     [result] = results.rglob("result.json")
     return result.parent
 

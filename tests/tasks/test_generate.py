@@ -13,7 +13,8 @@ import time
 import pandas as pd
 import pytest
 
-from qlab.tasks import generate, train
+from qlab import tasks
+from qlab.tasks import generate
 from qlab.results import report
 
 N, PROMPTS, REPEATS = 4, 2, 2
@@ -32,7 +33,7 @@ def trained_run(tmp_path_factory):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=[f"tracker.results_dir={results}", *FAST, "train.steps=3",
                                            "data.max_eval_samples=4"])
-    assert train.single(cfg) == 0
+    assert tasks.single(cfg) == 0
     [result] = results.rglob("result.json")
     return result.parent
 

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from conftest import ROOT
-from qlab.tasks import train
+from qlab import tasks
 from qlab.results import store
 
 
@@ -17,7 +17,7 @@ def result_files(root):
 
 def test_complete_run_writes_a_valid_result(compose, tmp_path):
     cfg = compose("train.steps=40", "train.warmup_steps=3", "optim.lr=3e-3", "quant.double_quant=true")
-    assert train.single(cfg) == 0
+    assert tasks.single(cfg) == 0
     [path] = result_files(tmp_path / "results")
     r = json.loads(path.read_text())
     assert r["status"] == "ok" and r["error"] is None
@@ -65,17 +65,17 @@ BAD = [
 
 @pytest.mark.parametrize("overrides", BAD)
 def test_bad_input_runs_nothing_and_writes_no_result(compose, tmp_path, overrides):
-    assert train.single(compose(*overrides)) == train.EXIT["invalid"]
+    assert tasks.single(compose(*overrides)) == tasks.EXIT["invalid"]
     assert result_files(tmp_path) == []
 
 
 def test_malformed_data_line_fails_before_loading(compose, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"conversation": [{"human": "a", "assistant": "b"}]}\n{"conversation": 5}\n')
-    assert train.single(compose(f"data.train_file={bad}")) == train.EXIT["invalid"]
+    assert tasks.single(compose(f"data.train_file={bad}")) == tasks.EXIT["invalid"]
     assert result_files(tmp_path) == []
     # skipping is allowed when asked for, and counted
-    assert train.single(compose(f"data.train_file={bad}", "data.on_bad_line=skip")) == 0
+    assert tasks.single(compose(f"data.train_file={bad}", "data.on_bad_line=skip")) == 0
     [path] = result_files(tmp_path)
     assert json.loads(path.read_text())["metrics"]["data_skipped_bad_lines"] == 1
 
@@ -93,7 +93,7 @@ def test_cli_exits_nonzero_and_names_the_key(tmp_path):
 @pytest.mark.parametrize("fault, status, code", [("oom@3", "oom", 3), ("crash@2", "failed", 1)])
 def test_oom_and_crash_are_recorded_not_lost(compose, tmp_path, monkeypatch, fault, status, code):
     monkeypatch.setenv("QLAB_INJECT_FAULT", fault)
-    assert train.single(compose()) == code
+    assert tasks.single(compose()) == code
     [path] = result_files(tmp_path)
     r = json.loads(path.read_text())
     assert r["status"] == status and r["error"]["message"].startswith("injected")
@@ -107,7 +107,7 @@ def test_oom_and_crash_are_recorded_not_lost(compose, tmp_path, monkeypatch, fau
 def test_wandb_offline_files_are_written_and_readable(compose, tmp_path):
     from wandb_log import key, records
 
-    assert train.single(compose("tracker=wandb", f"tracker.results_dir={tmp_path / 'results'}")) == 0
+    assert tasks.single(compose("tracker=wandb", f"tracker.results_dir={tmp_path / 'results'}")) == 0
     [log] = list((tmp_path / "results").rglob("run-*.wandb"))
     history, summary, config = [], {}, {}
     for rec in records(log):
@@ -134,6 +134,6 @@ def test_wandb_failure_never_loses_the_run(compose, tmp_path, monkeypatch):
 
     monkeypatch.setattr(wandb, "init", broken)
     with pytest.warns(UserWarning, match="W&B init failed"):
-        assert train.single(compose("tracker=wandb")) == 0
+        assert tasks.single(compose("tracker=wandb")) == 0
     [path] = result_files(tmp_path)
     assert json.loads(path.read_text())["status"] == "ok"
