@@ -196,7 +196,8 @@ def paired_log_ratio(nll_a: list[float], nll_b: list[float], tokens: list[int]) 
 def measure(size: str, device: str = "auto", results: Path | str = "results", max_tokens: int | None = None,
             types: list[str] | None = None, progress: bool = True) -> Path:
     """Run the PTQ measurement of base-<size> and write ptq.json / ptq.md; returns ptq.json's path."""
-    from qlab.run.models import model_path, resolve_device
+    from qlab.run.device import resolve_device
+    from qlab.run.models import model_path
 
     device = resolve_device(device)
     spec = pretrain.spec_for(size)
@@ -321,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=None, help="cut the held-out split (default: the size's)")
     ap.add_argument("--types", default=",".join(TYPES), help=f"comma-separated subset of {','.join(TYPES)}")
     args = ap.parse_args(argv)
-    from qlab.run.models import resolve_device
+    from qlab.run.device import resolve_device
 
     try:
         device = resolve_device(args.device)

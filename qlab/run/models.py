@@ -23,6 +23,7 @@ import torch
 from qlab.config import ConfigError, resolve_path
 from qlab.reference import pretrain
 from qlab.run import presets
+from qlab.run.device import resolve_device
 
 
 @dataclass
@@ -32,14 +33,6 @@ class LoadedModel:
     path: str  # what from_pretrained was given
     load_time_s: float
     weight_bytes: dict  # see weight_bytes()
-
-
-def resolve_device(spec: str) -> str:
-    if spec == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={spec} but CUDA is not available on this machine")
-    return spec
 
 
 def cap_device_memory(device: str, gib: float | None) -> None:
