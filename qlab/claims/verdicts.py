@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +57,9 @@ import pandas as pd
 import yaml
 from scipy import stats as st
 
+from qlab.claims import ptq
 from qlab.results import store
+from qlab.run import launch
 from qlab.config import PROJECT_ROOT
 
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
@@ -337,25 +338,22 @@ def load_claims(path: Path) -> list[dict]:
 
 def run_missing(claims: list[dict], results: Path) -> None:
     """Run each sweep the claims need that has no result yet (a Hydra multirun per sweep), and
-    each PTQ measurement that has no ptq.json (`python -m qlab.ptq`, one process per size)."""
+    each PTQ measurement that has no ptq.json (one process per size), through the launcher;
+    each one's output goes to a log under results/logs/claims/."""
     done = set()
+    logs = results / "logs" / "claims"
     for c in claims:
         if c["kind"] in NEEDS_PTQ:
             size = c["ptq"]
-            if f"ptq:{size}" in done:
+            if f"ptq:{size}" in done or (ptq.result_dir(results, size) / "ptq.json").is_file():
                 continue
             done.add(f"ptq:{size}")
-            from qlab.claims.ptq import result_dir
-
-            if (result_dir(results, size) / "ptq.json").is_file():
-                continue
             if size == "gpu" and not _has_cuda():
                 print(f"not running the PTQ measurement of base-{size}: it needs a GPU (its claims stay "
                       "inconclusive)", flush=True)
                 continue
-            cmd = [sys.executable, "-m", "qlab.claims.ptq", "--size", size, "--results", str(results)]
-            print("running missing PTQ measurement:", " ".join(cmd), flush=True)
-            subprocess.run(cmd, cwd=PROJECT_ROOT, check=False)
+            print(f"running missing PTQ measurement of base-{size} (log: {logs / f'ptq-{size}.log'})", flush=True)
+            launch.launch(["--size", size, "--results", str(results)], logs / f"ptq-{size}.log", module="qlab.claims.ptq")
             continue
         sweep = c.get("sweep")
         if c["kind"] not in NEEDS_RUNS or not sweep or not c.get("experiment") or sweep in done:
@@ -366,10 +364,9 @@ def run_missing(claims: list[dict], results: Path) -> None:
         if "train=gpu" in c.get("overrides", []) and not _has_cuda():
             print(f"not running sweep {sweep}: it needs a GPU (its claims stay inconclusive)", flush=True)
             continue
-        cmd = [sys.executable, "-m", "qlab.run", f"experiment={c['experiment']}", f"tracker.sweep={sweep}",
-               f"tracker.results_dir={results}", *c.get("overrides", [])]
-        print("running missing sweep:", " ".join(cmd), flush=True)
-        subprocess.run(cmd, cwd=PROJECT_ROOT, check=False)
+        print(f"running missing sweep {sweep} (log: {logs / f'{sweep}.log'})", flush=True)
+        launch.launch([f"experiment={c['experiment']}", f"tracker.sweep={sweep}", f"tracker.results_dir={results}",
+                       *c.get("overrides", [])], logs / f"{sweep}.log")
 
 
 def _has_cuda() -> bool:
@@ -380,8 +377,6 @@ def _has_cuda() -> bool:
 
 def evaluate(claims: list[dict], results: Path) -> list[dict]:
     from qlab.results.frame import load_runs
-
-    from qlab.claims import ptq
 
     cache: dict[str, pd.DataFrame] = {}
     rows = []

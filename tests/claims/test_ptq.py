@@ -5,13 +5,13 @@ bitsandbytes; the paired noise estimate; the PTQ claim kinds on synthetic ptq.js
 import copy
 import json
 import math
-import subprocess
 
 import pytest
 import torch
 import yaml
 
 from qlab.reference import pretrain
+from qlab.run import launch
 from qlab.claims import kernels, ptq, verdicts
 
 
@@ -221,20 +221,18 @@ def test_qlab_claims_runs_the_missing_ptq_measurement(tiny_base, tmp_path, monke
     specs.append(shipped("ptq_nf4_lowest_ppl"))  # size gpu: not run without CUDA
     specs[-1]["id"] = "gpu_one"
     mine.write_text(yaml.safe_dump({"claims": specs}))
-    real_run, calls = subprocess.run, []
+    real_launch, calls = launch.launch, []
 
-    def run(cmd, **kw):  # `subprocess` is one module: git and platform calls come through here too
-        if "qlab.claims.ptq" not in cmd:
-            return real_run(cmd, **kw)
-        calls.append(cmd)
-        return real_run([*cmd, "--max-tokens", "1024", "--types", "bf16,nf4+DQ,fp4,int4"], **kw)
+    def cut(args, log, module="qlab.run", **kw):
+        calls.append((module, args))
+        return real_launch([*args, "--max-tokens", "1024", "--types", "bf16,nf4+DQ,fp4,int4"], log, module, **kw)
 
-    monkeypatch.setattr(subprocess, "run", run)
+    monkeypatch.setattr(launch, "launch", cut)
     monkeypatch.setattr(verdicts, "_has_cuda", lambda: False)
     results = tmp_path / "results"
     assert verdicts.main(["--claims", str(mine), "--results", str(results)]) == 0
     out = capsys.readouterr().out
-    assert len(calls) == 1 and calls[0][1:] == ["-m", "qlab.claims.ptq", "--size", "tiny", "--results", str(results)]
+    assert calls == [("qlab.claims.ptq", ["--size", "tiny", "--results", str(results)])]
     assert "not running the PTQ measurement of base-gpu: it needs a GPU" in out
     rec = json.loads((results / "ptq-base-tiny" / "ptq.json").read_text())
     assert set(rec["types"]) == {"bf16", "nf4+DQ", "fp4", "int4"} and rec["eval"]["tokens"] == 1023
