@@ -26,7 +26,7 @@ Comparison kinds (a small lookup table, `KINDS`):
                lowest -> reproduced, else not reproduced (no noise: all weights are measured)
   ptq_lower    post-training-quantization perplexity of base-`ptq`: type `a` is lower than
                each type in `others`. Each pair is compared window by window on the same
-               held-out tokens (qlab.ptq.paired_log_ratio, 95% t-interval of log(ppl_a/ppl_b)):
+               held-out tokens (stats.paired_log_ratio, 95% t-interval of log(ppl_a/ppl_b)):
                every interval entirely below 0 -> reproduced; any entirely above 0 (an other type
                significantly lower) -> not reproduced; otherwise the difference is within noise ->
                inconclusive. `measured`: the relative perplexity change vs the closest other type
@@ -55,12 +55,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import yaml
-from scipy import stats as st
 
 from qlab.claims import ptq
-from qlab.results import store
-from qlab.run import launch
 from qlab.config import PROJECT_ROOT
+from qlab.results import stats, store
+from qlab.run import launch
 
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
 ALPHA = 0.05
@@ -105,17 +104,6 @@ def _within(measured: float, claim: dict) -> bool:
     return abs(measured - paper) <= limit
 
 
-def welch_interval(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    """95% interval of mean(a) - mean(b), Welch-Satterthwaite degrees of freedom."""
-    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
-    diff, se = a.mean() - b.mean(), math.sqrt(va + vb)
-    if se == 0:
-        return diff, diff
-    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
-    half = st.t.ppf(0.975, df) * se
-    return diff - half, diff + half
-
-
 # ------------------------------------------------------------------ the comparison kinds
 
 def k_value(claim: dict, runs: pd.DataFrame) -> Verdict:
@@ -123,8 +111,7 @@ def k_value(claim: dict, runs: pd.DataFrame) -> Verdict:
     if len(v) == 0:
         return Verdict(INCONCLUSIVE, reason="no ok run matches yet")
     m = float(v.mean())
-    ci = tuple(float(x) for x in st.t.interval(0.95, len(v) - 1, loc=m, scale=v.std(ddof=1) / len(v) ** 0.5)) \
-        if len(v) > 1 and v.std() > 0 else None
+    ci = stats.mean_interval(v) if v.std() > 0 else None
     ok = _within(m, claim)
     return Verdict(REPRODUCED if ok else NOT_REPRODUCED, m, ci,
                    f"{'within' if ok else 'outside'} the tolerance of the paper's value", f"n={len(v)}")
@@ -144,7 +131,7 @@ def k_difference(claim: dict, runs: pd.DataFrame) -> Verdict:
     if empty:
         return empty
     d = float(a.mean() - b.mean())
-    ci = welch_interval(a, b) if min(len(a), len(b)) > 1 else None
+    ci = stats.welch_interval(a, b)
     ok = _within(d, claim)
     return Verdict(REPRODUCED if ok else NOT_REPRODUCED, d, ci,
                    f"{'within' if ok else 'outside'} the tolerance of the paper's value", n)
@@ -157,8 +144,9 @@ def k_lower(claim: dict, runs: pd.DataFrame) -> Verdict:
     d = float(a.mean() - b.mean())
     if min(len(a), len(b)) < 2:
         return Verdict(INCONCLUSIVE, d, reason="fewer than 2 seeds per arm: no test", n=n)
-    ci = welch_interval(a, b)
-    p = float(st.ttest_ind(a, b, equal_var=False).pvalue) if a.var() + b.var() > 0 else (0.0 if d else 1.0)
+    ci = stats.welch_interval(a, b)
+    p = stats.compare(a, b)["p_welch"]  # NaN where neither arm varies: then any difference is certain
+    p = (0.0 if d else 1.0) if math.isnan(p) else p
     if p < ALPHA:
         return Verdict(REPRODUCED if d < 0 else NOT_REPRODUCED, d, ci,
                        f"a {'lower' if d < 0 else 'higher'} than b, Welch p={p:.3g}", n)
@@ -173,7 +161,7 @@ def k_equivalent(claim: dict, runs: pd.DataFrame) -> Verdict:
     margin = claim["margin"] * abs(b.mean())
     if min(len(a), len(b)) < 2:
         return Verdict(INCONCLUSIVE, d, reason=f"fewer than 2 seeds per arm: no interval (margin +-{margin:.4g})", n=n)
-    lo, hi = welch_interval(a, b)
+    lo, hi = stats.welch_interval(a, b)
     if -margin <= lo and hi <= margin:
         return Verdict(REPRODUCED, d, (lo, hi), f"95% interval inside +-{margin:.4g}", n)
     if lo > margin or hi < -margin:
@@ -232,11 +220,11 @@ def _ptq_missing(claim: dict) -> Verdict:
                                         f"(python -m qlab.ptq --size {claim['ptq']})")
 
 
-def k_ptq_error(claim: dict, ptq: dict | None) -> Verdict:
-    if ptq is None:
+def k_ptq_error(claim: dict, record: dict | None) -> Verdict:
+    if record is None:
         return _ptq_missing(claim)
     metric, kinds = claim.get("metric", "mse"), claim["kinds"]
-    errors = ptq.get("weight_error") or {}
+    errors = record.get("weight_error") or {}
     missing = [k for k in kinds if k not in errors]
     if missing:
         return Verdict(INCONCLUSIVE, reason=f"ptq.json has no weight error for {', '.join(missing)}")
@@ -244,27 +232,26 @@ def k_ptq_error(claim: dict, ptq: dict | None) -> Verdict:
     order = sorted(kinds, key=value.get)
     ok = order[0] == kinds[0] and value[order[0]] < value[order[1]]  # strictly lowest
     first = errors[kinds[0]]
-    reason = (f"{metric} on base-{ptq['size']}'s {first['n']:,} decoder weights: "
+    reason = (f"{metric} on base-{record['size']}'s {first['n']:,} decoder weights: "
               + " < ".join(f"{k} {value[k]:.4g}" for k in order)
               + "; max abs error " + ", ".join(f"{k} {float(errors[k]['max_abs_error']):.3g}" for k in kinds))
     return Verdict(REPRODUCED if ok else NOT_REPRODUCED, value[kinds[0]], reason=reason,
                    n=f"{first['n']:,} weights")
 
 
-def k_ptq_lower(claim: dict, ptq: dict | None) -> Verdict:
-    from qlab.claims.ptq import paired_log_ratio
-
-    if ptq is None:
+def k_ptq_lower(claim: dict, record: dict | None) -> Verdict:
+    if record is None:
         return _ptq_missing(claim)
-    types, a = ptq.get("types") or {}, claim["a"]
+    types, a = record.get("types") or {}, claim["a"]
     missing = [t for t in (a, *claim["others"]) if t not in types]
     if missing:
         return Verdict(INCONCLUSIVE, reason=f"ptq.json has no perplexity for {', '.join(missing)}")
-    tokens = ptq["eval"]["window_tokens"]
-    pairs = {b: paired_log_ratio(types[a]["window_nll"], types[b]["window_nll"], tokens) for b in claim["others"]}
+    tokens = record["eval"]["window_tokens"]
+    pairs = {b: stats.paired_log_ratio(types[a]["window_nll"], types[b]["window_nll"], tokens)
+             for b in claim["others"]}
     closest = max(pairs, key=lambda b: pairs[b]["log_ratio"])  # the other type a beats by least
     c = pairs[closest]
-    n = f"{c['tokens']:,} tokens, {c['windows']} windows"
+    n = f"{int(c['weight']):,} tokens, {c['n']} windows"
     ppl = ", ".join(f"{t} {types[t]['perplexity']:.4g}" for t in sorted((a, *claim["others"]),
                                                                          key=lambda t: types[t]["perplexity"]))
     diffs = "; ".join(f"vs {b} {100 * r['rel']:+.2f}% [{100 * r['rel_ci95'][0]:+.2f}, {100 * r['rel_ci95'][1]:+.2f}]"
@@ -294,8 +281,7 @@ def k_interleaved_equivalent(claim: dict, record: dict | None) -> Verdict:
     n, margin, m = f"{len(rel)} paired rounds", claim["margin"], float(rel.mean())
     if len(rel) < 2:
         return Verdict(INCONCLUSIVE, m, reason="fewer than 2 rounds: no interval", n=n)
-    lo, hi = (st.t.interval(0.95, len(rel) - 1, loc=m, scale=rel.std(ddof=1) / len(rel) ** 0.5)
-              if rel.std() > 0 else (m, m))
+    lo, hi = stats.mean_interval(rel)
     ci = (100 * float(lo), 100 * float(hi))
     setup = record.get("setup", {})
     what = (f"{claim['a']} vs {claim['b']} tok/s on {setup.get('model')} ({record.get('env', {}).get('gpu')}), "

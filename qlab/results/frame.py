@@ -107,7 +107,7 @@ def generation_batch_sizes(runs: pd.DataFrame) -> list[int]:
 def generation_metrics(runs: pd.DataFrame) -> tuple[Metric, ...]:
     """The columns of a generation table (qlab.generate_bench results), for the batch sizes
     the runs hold. Times and throughputs are each run's median over its timed generate calls,
-    its interval the 95% t-interval of the mean over those calls (`measure.summarize`).
+    its interval the 95% t-interval of the mean over those calls (`stats.summarize`).
     Bytes are in GiB, or in MiB when every value of the group is below 1 GiB (tiny models)."""
     unit, scale = byte_unit(pd.concat([runs[c] for c in ("weight_bytes", "peak_bytes") if c in runs]).max())
     out = [
@@ -279,7 +279,8 @@ def _derived(m: dict) -> dict:
     out["nonquantized_bytes"] = after - _num(m.get("quantized_weight_bytes")) - _num(m.get("quant_state_bytes"))
     # tokens_per_s = sum(tokens) / sum(step times) = mean tokens/step / mean step time, so the
     # t-interval [lo, hi] of the mean step time maps to [tok/hi, tok/lo] with tok = mean tokens
-    # per step = tokens_per_s * step_time_mean_s (4 seq * 512 tok = 2,048 when padded)
+    # per step = tokens_per_s * step_time_mean_s (4 seq * 512 tok = 2,048 when padded); none where
+    # lo <= 0 (stats' rule for a positive quantity; results written before it may hold one)
     tps, mean_t = _num(m.get("tokens_per_s")), _num(m.get("step_time_mean_s"))
     lo_t, hi_t = _num(m.get("step_time_ci95_low_s")), _num(m.get("step_time_ci95_high_s"))
     tok = tps * mean_t

@@ -21,7 +21,8 @@ from qlab.run import profiling, speed
 from qlab.config import check_packing
 from qlab.run.data import IGNORE_INDEX, Data
 from qlab.run.models import compute_dtype
-from qlab.run.measure import NOISY_CV, MemoryWindow, StepClock, summarize
+from qlab.run.measure import NOISY_CV, MemoryWindow, StepClock
+from qlab.results.stats import summarize
 
 
 class InjectedCrash(RuntimeError):

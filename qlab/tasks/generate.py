@@ -48,7 +48,7 @@ and after, `measure.sync`: what a user waits for, host-side overhead of the kern
   peak_allocated_bytes, nvml_peak_device_used_bytes, rss_peak_bytes: the largest over batch sizes
 Each batch size gets one untimed warm-up call first. B prompts per call are taken in order from
 the prompt list, wrapping around when it runs out (8 prompts at B = 8: one call per repeat).
-Summaries are `measure.summarize`: median, p90, mean, CV and a 95% t-interval of the mean over
+Summaries are `stats.summarize`: median, p90, mean, CV and a 95% t-interval of the mean over
 the timed calls. Greedy decoding must be deterministic: the first prompt's tokens of every
 repeat are compared (`greedy_deterministic`) and recorded (`sample_output_ids`).
 
@@ -445,7 +445,8 @@ def batches(prompt_ids: list[list[int]], b: int) -> list[list[list[int]]]:
 
 def measure_generation(gen: Generator, prompt_ids: list[list[int]], bench: dict, device: str,
                        metrics: dict, state: dict) -> None:
-    from qlab.run.measure import MemoryWindow, summarize
+    from qlab.results.stats import summarize
+    from qlab.run.measure import MemoryWindow
 
     n, repeats = bench["new_tokens"], bench["repeats"]
     sizes = bench["batch_sizes"]

@@ -114,27 +114,6 @@ def test_int4_rounds_exactly_the_layers_bitsandbytes_quantizes(tiny_base):
             assert torch.equal(p, before[name])
 
 
-# ------------------------------------------------------------------------------ the noise estimate
-
-
-def test_paired_log_ratio():
-    tokens = [127] * 10 + [50]
-    a = [3.0 * n + (0.1 if i % 2 else -0.1) for i, n in enumerate(tokens)]
-    same = ptq.paired_log_ratio(a, a, tokens)
-    assert same["log_ratio"] == 0 and same["ci95"] == [0, 0] and same["rel"] == 0
-    # b lower by exactly 0.05 nats per token everywhere: no spread, a zero-width interval
-    b = [x - 0.05 * n for x, n in zip(a, tokens)]
-    r = ptq.paired_log_ratio(a, b, tokens)
-    assert r["log_ratio"] == pytest.approx(0.05) and r["ci95"] == pytest.approx([0.05, 0.05])
-    assert r["rel"] == pytest.approx(math.expm1(0.05)) and r["tokens"] == sum(tokens) and r["windows"] == 11
-    # noise around a zero mean difference: an interval around 0
-    c = [x + (1.0 if i % 2 else -1.0) for i, x in enumerate(a[:10])]
-    r = ptq.paired_log_ratio(c, a[:10], tokens[:10])
-    assert r["ci95"][0] < r["log_ratio"] < r["ci95"][1] and r["ci95"][0] < 0 < r["ci95"][1]
-    with pytest.raises(ValueError, match="must match"):
-        ptq.paired_log_ratio([1.0], [1.0, 2.0], [1])
-
-
 # ------------------------------------------------------------------------------ the claims
 
 

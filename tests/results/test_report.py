@@ -144,14 +144,6 @@ def test_single_seed_arms_say_no_test(built):
     assert "n=1 per arm: no test" in md
 
 
-def test_holm_by_hand():
-    p = [0.01, 0.04, 0.03, float("nan"), 0.2]
-    # m = 4 tests: 0.01*4 = 0.04; 0.03*3 = 0.09; 0.04*2 = 0.08 -> 0.09 (monotone); 0.2*1 = 0.2
-    assert stats.holm(p)[[0, 1, 2, 4]] == pytest.approx([0.04, 0.09, 0.09, 0.2])
-    assert math.isnan(stats.holm(p)[3])
-    assert stats.holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])
-
-
 def test_groups_are_separate_sections(built):
     root, page = built
     text = page.read_text()
