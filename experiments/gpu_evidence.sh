@@ -72,10 +72,11 @@ finish)  # ~7 min at most: preset build 40 s, spike 2 x 30 s, the adapter when n
   step spike 150 $PY -m qlab.run experiment=spike "${GPU7B[@]}" tracker.sweep=spike-$MODEL
   generation
   ;;
-base)  # ~6 min: base 45 s (H200), PTQ of 7 types ~1-2 min, numerics 7 variants x 200 steps, 4 at a time
+base)  # ~6 min: base 45 s (H200), PTQ of 7 types ~1-2 min, numerics 8 arms x 200 steps, 4 at a time
   step base 420 $PY -m qlab.base --size gpu --quiet
   step ptq 240 $PY -m qlab.ptq --size gpu
-  step numerics 420 $PY experiments/numerics.py --model base-gpu --parallel 4
+  QLAB_NUM_GPUS=1 QLAB_RUNS_PER_GPU=4 step numerics 420 \
+    $PY -m qlab.run experiment=numerics hydra/launcher=local_gpus  # verdicts: results/numerics-base-gpu/numerics.md
   ;;
 quality)  # ~8 min: 36 runs x 300 steps (0.17 s/step alone) in waves of 9 (QLAB_RUNS_PER_GPU);
   # NUM_GPUS=3 RUNS_PER_GPU=12: all 36 at once on three H200s, 2 min. Resumable: a second call
