@@ -62,5 +62,8 @@ bench-overhead: $(STAMP) ## bare loop vs qlab's loop vs HF Trainer, same step (G
 bench-speed: $(STAMP) ## HF Trainer vs qlab recipe vs fast vs bf16 LoRA, 7B shapes (GPU; --quick on CPU): writes results/speed-*/
 	$(PY) experiments/speed_bench.py $(ARGS)
 
-numerics: $(STAMP) ## speed switches and packing vs the recipe's loss (GPU: base-gpu, 200 steps): make numerics [ARGS="--parallel 4"|"--quick"]
-	$(PY) experiments/numerics.py $(ARGS)
+# the numerics experiment: base-gpu, 200 steps where CUDA is, else the quick CPU check (tiny-llama)
+NUMERICS ?= $(if $(shell $(PY) -c "import torch; print(torch.cuda.is_available() or '')" 2>/dev/null),numerics,numerics-quick)
+
+numerics: $(STAMP) ## speed switches and packing vs the recipe's loss, with verdicts in results/numerics-*/numerics.md: make numerics [NUMERICS=numerics-quick] [ARGS="hydra/launcher=local_gpus"]
+	$(PY) -m qlab.run experiment=$(NUMERICS) $(ARGS)

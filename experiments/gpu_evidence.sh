@@ -4,6 +4,7 @@
 #   bash experiments/gpu_evidence.sh measure   # issue 4 (+ the spike claim, the generation bench)
 #   bash experiments/gpu_evidence.sh finish    # what measure's time limit cut: spike, generation
 #   bash experiments/gpu_evidence.sh base      # issue 6/8: reference base, PTQ, speed numerics
+#   bash experiments/gpu_evidence.sh foundation   # issue 2: the four weight settings on the 7B shape
 #   bash experiments/gpu_evidence.sh quality   # issue 6: the 36-run quality sweep on the base
 #   bash experiments/gpu_evidence.sh speed-llama / speed-bloom   # issue 8, one 7B shape each
 #   bash experiments/gpu_evidence.sh parallel finish base speed-llama speed-bloom
@@ -18,7 +19,7 @@ set -uo pipefail
 SELF=$(realpath "$0")
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-STAGE=${1:?usage: gpu_evidence.sh measure|finish|base|quality|speed-llama|speed-bloom|parallel STAGE...}
+STAGE=${1:?usage: gpu_evidence.sh measure|finish|base|foundation|quality|speed-llama|speed-bloom|parallel STAGE...}
 mkdir -p results/logs
 status=0
 
@@ -72,10 +73,14 @@ finish)  # ~7 min at most: preset build 40 s, spike 2 x 30 s, the adapter when n
   step spike 150 $PY -m qlab.run experiment=spike "${GPU7B[@]}" tracker.sweep=spike-$MODEL
   generation
   ;;
-base)  # ~6 min: base 45 s (H200), PTQ of 7 types ~1-2 min, numerics 7 variants x 200 steps, 4 at a time
+base)  # ~6 min: base 45 s (H200), PTQ of 7 types ~1-2 min, numerics 8 arms x 200 steps, 4 at a time
   step base 420 $PY -m qlab.base --size gpu --quiet
   step ptq 240 $PY -m qlab.ptq --size gpu
-  step numerics 420 $PY experiments/numerics.py --model base-gpu --parallel 4
+  QLAB_NUM_GPUS=1 QLAB_RUNS_PER_GPU=4 step numerics 420 \
+    $PY -m qlab.run experiment=numerics hydra/launcher=local_gpus  # verdicts: results/numerics-base-gpu/numerics.md
+  ;;
+foundation)  # ~5 min: issue 2's nf4+DQ / fp4 / int8 / bf16 on the 7B shape, 20 steps each
+  step foundation 560 $PY -m qlab.run experiment=foundation model=$MODEL train=${TRAIN:-gpu}
   ;;
 quality)  # ~8 min: 36 runs x 300 steps (0.17 s/step alone) in waves of 9 (QLAB_RUNS_PER_GPU);
   # NUM_GPUS=3 RUNS_PER_GPU=12: all 36 at once on three H200s, 2 min. Resumable: a second call

@@ -303,7 +303,7 @@ def load_runs(root: Path) -> pd.DataFrame:
             warnings.warn(f"skipping unreadable {path}: {e}")
             unreadable.append(str(path.relative_to(root)))
     df = pd.DataFrame(rows)
-    df.attrs["unreadable"] = unreadable
+    df.attrs.update(unreadable=unreadable, root=str(root))  # root: where each row's `path` is
     if df.empty:
         return df
     for col in READ_METRICS:
@@ -314,7 +314,7 @@ def load_runs(root: Path) -> pd.DataFrame:
                                rank("optim", r["optim"]), rank("adapter", r["adapter"]), str(r["seed"]), r["run_id"]),
                     axis=1)
     df = df.iloc[sorted(range(len(df)), key=lambda i: keys.iloc[i])].reset_index(drop=True)
-    df.attrs["unreadable"] = unreadable
+    df.attrs.update(unreadable=unreadable, root=str(root))
     return df
 
 

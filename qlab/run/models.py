@@ -23,7 +23,6 @@ import torch
 from qlab.config import ConfigError, resolve_path
 from qlab.reference import pretrain
 from qlab.run import presets
-from qlab.run.device import resolve_device
 
 
 @dataclass
