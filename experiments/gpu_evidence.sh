@@ -51,7 +51,7 @@ generation() {  # every quantization setting with and without an r=64 nf4+DQ ada
     # another one go, so that all of them are measured with this one
     rm -rf results/generate-$MODEL/*_lora_*
   fi
-  step generate 480 $PY -m qlab.generate_bench ${adapter:+--run "$(dirname "$adapter")"} --model $MODEL \
+  step generate 480 $PY -m qlab.tasks.generate ${adapter:+--run "$(dirname "$adapter")"} --model $MODEL \
     --quants nf4+dq,nf4,fp4,fp4+dq,int8,bf16 --prompts 3 --repeats 2 --new-tokens 24 --sweep generate-$MODEL
 }
 

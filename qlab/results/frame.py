@@ -3,8 +3,8 @@ report, the statistics and the plots share: axis orders, quantization labels, me
 
 Every run found is a row, oom and failed ones included (their `status` says so). Each row
 carries its comparability group: runs are only compared inside a group (see `GROUP_KEYS`).
-A result's `kind` ("train" for qlab.run, "generate" for qlab.generate_bench; "train" when the
-file has none) is part of the group: training and generation results never share one.
+A result's `kind` (its task: "train" or "generate"; "train" when the file has none) is part of
+the group: training and generation results never share one.
 The speed path of a training run (`speed`: recipe | fast | trainer, see `speed_label`) is an
 ablation axis like the quantization: runs that differ only in it share a group, and its
 `quant_label` names it (`nf4+DQ · fast`), so every consumer that tells configurations apart by
@@ -105,7 +105,7 @@ def generation_batch_sizes(runs: pd.DataFrame) -> list[int]:
 
 
 def generation_metrics(runs: pd.DataFrame) -> tuple[Metric, ...]:
-    """The columns of a generation table (qlab.generate_bench results), for the batch sizes
+    """The columns of a generation table (task=generate results), for the batch sizes
     the runs hold. Times and throughputs are each run's median over its timed generate calls,
     its interval the 95% t-interval of the mean over those calls (`stats.summarize`).
     Bytes are in GiB, or in MiB when every value of the group is below 1 GiB (tiny models)."""
@@ -209,12 +209,22 @@ def _residual_config(config: dict, kind: str = "train") -> dict:
             if not any(k == s or k.startswith(s + ".") for s in skip)}
 
 
-def _adapter_identity(adapter: dict) -> str:
-    """Which adapter a generation result used, one arm each: the run that trained it, and the
-    hash of its weights (generate_bench records it) so that two trainings under one run id,
-    e.g. a re-run on another machine, are two arms, never averaged."""
+def generation_config(cfg: dict, metrics: dict) -> tuple[dict, str]:
+    """A generation result's config as the report groups and labels it (`bench.*`), and which
+    adapter it ran with: its training run and its weights' hash, so that two trainings under one
+    run id are two arms, never averaged. Results of task=generate (`generate`, `train.device`,
+    the adapter in the metrics) take the layout of the first bench's results, which stay as they are."""
+    if "generate" in cfg:
+        bench = {k: v for k, v in cfg["generate"].items() if k != "adapter_run"}
+        bench.update(device=(cfg.get("train") or {}).get("device"),
+                     **{k: metrics.get(k) for k in ("warmup_calls", "decoding", "prompt_source")})
+        model = {k: v for k, v in (cfg.get("model") or {}).items() if k != "base" or v is not None}
+        cfg = {"model": model, "quant": cfg.get("quant"), "bench": bench, "seed": cfg.get("seed"),
+               "tracker": cfg.get("tracker"), "adapter": {"run_id": metrics.get("adapter_run_id"),
+                                                          "weights_sha256": metrics.get("adapter_weights_sha256")}}
+    adapter = cfg.get("adapter") or {}
     sha = adapter.get("weights_sha256")
-    return (adapter.get("run_id") or "") + (f" {sha[:8]}" if sha else "")
+    return cfg, (adapter.get("run_id") or "") + (f" {sha[:8]}" if sha else "")
 
 
 def _num(v) -> float:
@@ -223,10 +233,12 @@ def _num(v) -> float:
 
 def _row(r: dict, rel: str) -> dict:
     axes, m, env = r.get("axes") or {}, r.get("metrics") or {}, r.get("env") or {}
-    cfg = r.get("config") or {}
+    kind = r.get("kind") or "train"
+    cfg, adapter_run = r.get("config") or {}, ""
+    if kind == "generate":
+        cfg, adapter_run = generation_config(cfg, m)
     flat = flatten(cfg)
     error = r.get("error") or {}
-    kind = r.get("kind") or "train"
     row = {
         "run_id": r.get("run_id") or Path(rel).name,
         "kind": kind,
@@ -244,8 +256,7 @@ def _row(r: dict, rel: str) -> dict:
         "speed": speed_label(cfg.get("speed")) if kind == "train" else None,
     }
     row["quant_label"] = quant_label(row["quant"], row["double_quant"], row["speed"])
-    # which adapter a generation result ran with (its training run), so two adapters never merge
-    row["adapter_run"] = _adapter_identity(cfg.get("adapter") or {}) if kind == "generate" else ""
+    row["adapter_run"] = adapter_run  # which adapter a generation result ran with: two never merge
     row["dq"] = "on" if row["double_quant"] else "off"
     for col, key in GROUP_KEYS.items():
         if col != "model":

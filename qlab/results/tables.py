@@ -13,7 +13,7 @@ quant labels name it (`nf4+DQ · fast`), so the quantization table lists every s
 the 16-bit baseline. `speed_table` is the speed benchmark's view across groups (one row per
 model x mode, experiments/speed_bench.py) with the ratios `speed_ratios` computes.
 
-Generation results (kind "generate", qlab.generate_bench) get one table instead: one row per
+Generation results (kind "generate", task=generate) get one table instead: one row per
 quantization setting x adapter (none | lora), with load time, weights, peak memory, time to
 first token and decode / end-to-end throughput per batch size (`frame.generation_metrics`),
 and the % change vs the baseline quantization (bf16) with the same adapter setting.

@@ -29,7 +29,7 @@ class InjectedCrash(RuntimeError):
     """Raised on request (QLAB_INJECT_FAULT=crash) to test how failures are recorded."""
 
 
-def _injected_fault(step: int, run_id: str) -> None:
+def inject_fault(step: int, run_id: str) -> None:
     """QLAB_INJECT_FAULT=oom|crash|kill|stall[@step][:text] makes step `step` (default 1) fail, in runs
     whose id contains `text` (default: every run). For tests of the harness's failure
     handling; unset in normal use."""
@@ -142,7 +142,7 @@ def train(model, data: Data, optimizer, scheduler, cfg, device: str,
     def step_once(step: int) -> dict:
         batch = _to(next(batches), device)
         probe = CheckpointProbe(probe_layers) if step == 0 and probe_layers else None
-        _injected_fault(step, run_id)
+        inject_fault(step, run_id)
         with speed.autocast(cfg.speed, device, dtype):
             loss = compute(model, batch)
         loss.backward()

@@ -122,7 +122,7 @@ def load_chat(run_dir: Path, model_override: str | None = None, quant: QuantConf
                       "(allowed: the adapter is 16/32-bit, but outputs may differ)")
     device = resolve_device(device)
     loaded = models.load(model_cfg, quant or trained_quant, device)
-    _check_same_base(adapter, loaded.model)
+    check_same_base(adapter, loaded.model)
     model = PeftModel.from_pretrained(loaded.model, str(adapter))
     model.eval()
     context = getattr(loaded.model.config, "max_position_embeddings", None) or cfg.data.max_seq_len
@@ -139,7 +139,7 @@ def _q(q) -> str:
     return q.type + ("+DQ" if q.double_quant else "")
 
 
-def _check_same_base(adapter: Path, base) -> None:
+def check_same_base(adapter: Path, base) -> None:
     """An adapter only fits the base whose layers it was shaped for: compare the LoRA A/B
     shapes saved in the adapter with the base's layers of the same names."""
     from safetensors import safe_open
