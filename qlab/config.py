@@ -25,7 +25,7 @@ ASSETS = Path(PROJECT_ROOT) / "qlab" / "assets"  # the embedded chat data and co
 with open(os.path.join(PROJECT_ROOT, "conf", "shapes.yaml")) as _f:
     SHAPES: dict = yaml.safe_load(_f)  # presets and pretrained bases by name
 
-TASKS = ("train", "generate")
+TASKS = ("train", "generate", "eval")
 RUNNERS = ("qlab", "hf_trainer")  # the training loop: qlab's (qlab/run/loop.py) or transformers.Trainer
 QUANT_TYPES = ("bf16", "int8", "nf4", "fp4")
 FOUR_BIT = ("nf4", "fp4")
@@ -159,6 +159,25 @@ class GenerateConfig:
 
 
 @dataclass
+class EvalConfig:
+    """task=eval: lm-evaluation-harness on the base, quantized as configured, with or without a
+    training run's adapter (qlab/tasks/eval.py, docs/evaluation.md)."""
+
+    # a training run's directory: its adapter/ runs unmerged on the base; or, where it holds
+    # model/ (full fine-tuning), that model replaces the base
+    adapter_run: Optional[str] = None
+    # qlab's local tasks (qlab/reference/lm_eval_tasks.py) or any name in lm-eval's registry
+    tasks: List[str] = field(default_factory=lambda: [
+        "qlab_wiki_ppl", "qlab_c4_ppl", "qlab_tinystories_ppl", "qlab_chitchat_mc"])
+    limit: Optional[int] = None  # the first N documents / items of each task; null: all
+    batch_size: int = 4  # sequences per forward pass
+    # tokens per window (perplexity) and per sequence; larger than the model's context: the
+    # context (recorded as lm_eval_max_length); null: the model's context, as lm-eval decides
+    max_length: Optional[int] = 2048
+    num_fewshot: Optional[int] = None  # registry tasks' few-shot examples; null: the task's default
+
+
+@dataclass
 class TrackerConfig:
     results_dir: str = "results"
     sweep: str = "adhoc"  # results/<sweep>/<run id>/
@@ -170,7 +189,7 @@ class TrackerConfig:
 
 @dataclass
 class RunConfig:
-    task: str = "train"  # train | generate: what the run does with the model (qlab/tasks/)
+    task: str = "train"  # train | generate | eval: what the run does with the model (qlab/tasks/)
     model: ModelConfig = field(default_factory=ModelConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
@@ -179,6 +198,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
     seed: int = 0
     force: bool = False  # re-run even when a complete result exists
@@ -304,9 +324,25 @@ def validate(cfg: DictConfig | RunConfig) -> None:
         raise ConfigError("generate.batch_sizes", f"every batch size must be >= 1, got {list(g.batch_sizes)}")
     if g.adapter_run is not None and not os.path.isdir(os.path.join(resolve_path(g.adapter_run), "adapter")):
         raise ConfigError("generate.adapter_run", f"no adapter/ in {g.adapter_run}: not a run that saved its adapter")
+    _validate_eval(c.eval)
     _validate_model(c.model)
     if c.data.pack:
         check_packing(architecture(c.model))
+
+
+def _validate_eval(e: DictConfig) -> None:
+    if not e.tasks or not all(isinstance(t, str) and t.strip() for t in e.tasks):
+        raise ConfigError("eval.tasks", f"name at least one task, got {list(e.tasks)}")
+    for key, low in (("limit", 1), ("max_length", 8), ("num_fewshot", 0)):
+        if e[key] is not None and e[key] < low:
+            raise ConfigError(f"eval.{key}", f"must be >= {low} or null, got {e[key]}")
+    if e.batch_size < 1:
+        raise ConfigError("eval.batch_size", f"must be >= 1, got {e.batch_size}")
+    if e.adapter_run is not None:
+        run = resolve_path(e.adapter_run)
+        if not any(os.path.isdir(os.path.join(run, d)) for d in ("adapter", "model")):
+            raise ConfigError("eval.adapter_run", f"no adapter/ or model/ in {e.adapter_run}: not a training run "
+                                                  "that saved its adapter (or its fully fine-tuned model)")
 
 
 def check_packing(model_type: str | None) -> None:

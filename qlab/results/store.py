@@ -28,7 +28,7 @@ from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from qlab.config import PROJECT_ROOT
+from qlab.config import PROJECT_ROOT, resolve_path
 
 RESULT = "result.json"
 COMPLETE_STATUSES = ("ok", "oom")
@@ -39,10 +39,13 @@ NON_IDENTITY_KEYS = ("tracker", "force", "experiment", "train.progress", "train.
                      "train.profile_steps")  # profiling leaves what a run measures as it was
 # The config a task reads (dotted keys), where it is not everything: the rest never enters its
 # id. Training reads every section but the other tasks' own.
-TASK_KEYS = {"generate": ("task", "model", "quant", "generate", "seed", "train.device")}
-TASK_SECTIONS = ("generate",)  # sections that belong to one task each
-# Config keys naming a run directory whose adapter weights, not its path, define a run
-IDENTITY_FILES = {"generate.adapter_run": "adapter/adapter_model.*"}
+TASK_KEYS = {"generate": ("task", "model", "quant", "generate", "seed", "train.device"),
+             "eval": ("task", "model", "quant", "eval", "seed", "train.device")}
+TASK_SECTIONS = ("generate", "eval")  # sections that belong to one task each
+# Config keys naming a run directory whose weights (adapter, or a fully fine-tuned model), not
+# its path, define a run: key -> glob pattern(s) inside that directory
+IDENTITY_FILES = {"generate.adapter_run": "adapter/adapter_model.*",
+                  "eval.adapter_run": ("adapter/adapter_model.*", "model/*.safetensors")}
 
 
 @dataclass
@@ -50,7 +53,7 @@ class Result:
     """One run's record: result.json, written only by RunRecorder.finish."""
 
     run_id: str
-    kind: str  # the task: train | generate
+    kind: str  # the task: train | generate | eval
     sweep: str
     status: str  # ok | oom | failed
     error: Optional[dict]  # {type, message, traceback} unless ok
@@ -132,7 +135,8 @@ def identity(config: dict, neutral: bool = False) -> dict:
             node = ident
             for part in parents:
                 node = node[part]
-            node[leaf] = files_sha256(sorted(Path(path).glob(pattern)))[:16]
+            patterns = (pattern,) if isinstance(pattern, str) else pattern
+            node[leaf] = files_sha256(sorted(f for p in patterns for f in Path(path).glob(p)))[:16]
     for key, value in (ADDED_KEYS.items() if neutral else ()):
         _drop(ident, key, value)
     return ident
@@ -146,7 +150,17 @@ def run_id(cfg: DictConfig) -> str:
     q = cfg.quant.type + ("-dq" if cfg.quant.double_quant else "")
     if cfg.task == "generate":
         return f"{cfg.model.name}_{q}_{'lora' if cfg.generate.adapter_run else 'none'}_{digest}"
+    if cfg.task == "eval":
+        return f"{cfg.model.name}_{q}_{eval_adapter(cfg.eval.adapter_run)}_{digest}"
     return f"{cfg.model.name}_{q}_{cfg.optim.name}_{cfg.adapter.targets}_s{cfg.seed}_{digest}"
+
+
+def eval_adapter(run: str | None) -> str:
+    """What task=eval runs beside the base: none, a run's LoRA adapter (lora), or the model a full
+    fine-tuning run saved in model/ in place of the base (full)."""
+    if not run:
+        return "none"
+    return "full" if (Path(resolve_path(run)) / "model").is_dir() else "lora"
 
 
 def run_dir(cfg: DictConfig) -> Path:
@@ -435,6 +449,8 @@ class RunRecorder:
                 "optim": c.optim.name, "adapter": c.adapter.targets, "seed": c.seed}
         if c.task == "generate":  # no training: no optimizer; with or without a run's adapter
             axes.update(optim=None, adapter="lora" if c.generate.adapter_run else "none")
+        if c.task == "eval":  # the base with nothing, a run's adapter, or a fully fine-tuned model
+            axes.update(optim=None, adapter=eval_adapter(c.eval.adapter_run))
         result = Result(run_id=self.id, kind=c.task, sweep=c.tracker.sweep, status=status, error=error, axes=axes,
                         metrics=metrics, config=OmegaConf.to_container(c, resolve=True), env=environment(),
                         git_commit=git_commit(), seed=c.seed, started_at=self.started_at, finished_at=now(),
