@@ -3,8 +3,8 @@ report, the statistics and the plots share: axis orders, quantization labels, me
 
 Every run found is a row, oom and failed ones included (their `status` says so). Each row
 carries its comparability group: runs are only compared inside a group (see `GROUP_KEYS`).
-A result's `kind` (its task: "train" or "generate"; "train" when the file has none) is part of
-the group: training and generation results never share one.
+A result's `kind` (its task: "train", "generate" or "eval"; "train" when the file has none) is
+part of the group: results of different tasks never share one.
 The speed path of a training run (`speed`: recipe | fast | trainer, see `speed_label`) is an
 ablation axis like the quantization: runs that differ only in it share a group, and its
 `quant_label` names it (`nf4+DQ · fast`), so every consumer that tells configurations apart by
@@ -36,7 +36,7 @@ ORDER = {
     "quant_label": ["bf16", "int8", "nf4", "nf4+DQ", "fp4", "fp4+DQ"],
     "dq": ["off", "on"],
     "optim": ["adamw", "paged_adamw_32bit", "adamw_8bit", "paged_adamw_8bit"],
-    "adapter": ["qv", "all_linear", "none", "lora"],  # none/lora: generation results
+    "adapter": ["qv", "all_linear", "none", "lora", "full"],  # none/lora/full: generation and eval results
     "speed": ["trainer", "recipe", "fast"],  # trainer: the HF Trainer path (experiments/speed_bench.py)
 }
 RECIPE = "recipe"  # the speed label that adds nothing to a quant label (the paper's recipe)
@@ -55,9 +55,10 @@ GROUP_KEYS = {
 AXIS_CONFIG_KEYS = ("quant.type", "quant.double_quant", "optim.name", "adapter.targets", "seed", "speed")
 # Generation results: with or without an adapter is an axis (`adapter`: none | lora), so the
 # adapter's config (source run, rank) does not split the group; arms keep one adapter per row.
-KIND_AXIS_CONFIG_KEYS = {"generate": ("adapter",)}
-KINDS = ("train", "generate")  # sections in this order
+KIND_AXIS_CONFIG_KEYS = {"generate": ("adapter",), "eval": ("adapter",)}
+KINDS = ("train", "generate", "eval")  # sections in this order
 GENERATE_LABEL_KEYS = ("bench.new_tokens", "bench.batch_sizes", "bench.prompts", "bench.repeats")
+EVAL_LABEL_KEYS = ("eval.limit", "eval.max_length_used", "eval.batch_size")
 VERSIONS = ("python", "torch", "transformers", "peft", "bitsandbytes", "cuda")
 
 
@@ -127,6 +128,35 @@ def generation_metrics(runs: pd.DataFrame) -> tuple[Metric, ...]:
         p = f"e2e_tokens_per_s_b{b}"
         out.append(Metric(f"e2e_tok_s_b{b}", f"{p}_median_tok", 1, f"end-to-end tok/s b{b}", 0, delta=True))
     return tuple(out)
+# An eval table's column per task: the first of these the task reports, else its first metric
+# (acc_mutual_info: qlab's chitchat choice, where generic replies are likely without any context)
+EVAL_MAIN_METRICS = ("word_perplexity", "acc_mutual_info", "acc", "exact_match")
+
+
+def eval_metrics(runs: pd.DataFrame) -> tuple[Metric, ...]:
+    """The columns of an eval table (task=eval results): per task the runs asked for (qlab's local
+    tasks first), its main metric (EVAL_MAIN_METRICS) as the harness reports it
+    (`lm_eval.<task>.<metric>`), each followed by its standard error where the harness gives one."""
+    from qlab.reference.lm_eval_tasks import LOCAL_TASKS
+
+    asked = {t for v in runs.get("eval_tasks", pd.Series(dtype=object)).dropna() for t in str(v).split("+")}
+    if not asked:  # a result without the list: every task it has numbers for
+        asked = {c.split(".")[1] for c in runs.columns if c.startswith("lm_eval.")}
+    order = [t for t in LOCAL_TASKS if t in asked] + sorted(asked - set(LOCAL_TASKS))
+    out = []
+    for task in order:
+        prefix = f"lm_eval.{task}."
+        names = sorted(c[len(prefix):] for c in runs.columns
+                       if c.startswith(prefix) and not c.endswith("_stderr") and runs[c].notna().any())
+        if not names:
+            continue
+        metric = next((m for m in EVAL_MAIN_METRICS if m in names), names[0])
+        decimals = 2 if "perplexity" in metric else 4
+        out.append(Metric(f"{task}.{metric}", prefix + metric, 1, f"{task} {metric}", decimals, delta=True))
+        out.append(Metric(f"{task}.{metric}_stderr", f"{prefix}{metric}_stderr", 1, "stderr", decimals))
+    return tuple(out)
+
+
 # Metric keys the report reads; a run without one (CPU: no torch.cuda or NVML peaks; an oom or
 # failed run: no throughput or loss) gets NaN, so every frame has every column.
 READ_METRICS = ("weight_bytes", "quantized_weight_bytes", "quant_state_bytes", "unquantized_weight_bytes",
@@ -227,6 +257,19 @@ def generation_config(cfg: dict, metrics: dict) -> tuple[dict, str]:
     return cfg, (adapter.get("run_id") or "") + (f" {sha[:8]}" if sha else "")
 
 
+def eval_config(cfg: dict, metrics: dict) -> tuple[dict, str]:
+    """An eval result's config as the report groups and labels it, and what it ran beside the base
+    (the training run and its weights' hash, as for generation). The tasks asked for do not split
+    groups: a task a run did not evaluate is an empty cell."""
+    e = {k: v for k, v in (cfg.get("eval") or {}).items() if k not in ("adapter_run", "tasks")}
+    e.update(device=(cfg.get("train") or {}).get("device"), max_length_used=metrics.get("lm_eval_max_length"))
+    sha = metrics.get("adapter_weights_sha256") or metrics.get("model_weights_sha256")
+    cfg = {"model": {k: v for k, v in (cfg.get("model") or {}).items() if v is not None}, "quant": cfg.get("quant"),
+           "eval": e, "seed": cfg.get("seed"), "tracker": cfg.get("tracker"),
+           "adapter": {"run_id": metrics.get("adapter_run_id"), "weights_sha256": sha}}
+    return cfg, (metrics.get("adapter_run_id") or "") + (f" {sha[:8]}" if sha else "")
+
+
 def _num(v) -> float:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
 
@@ -237,6 +280,8 @@ def _row(r: dict, rel: str) -> dict:
     cfg, adapter_run = r.get("config") or {}, ""
     if kind == "generate":
         cfg, adapter_run = generation_config(cfg, m)
+    elif kind == "eval":
+        cfg, adapter_run = eval_config(cfg, m)
     flat = flatten(cfg)
     error = r.get("error") or {}
     row = {
@@ -256,7 +301,7 @@ def _row(r: dict, rel: str) -> dict:
         "speed": speed_label(cfg.get("speed")) if kind == "train" else None,
     }
     row["quant_label"] = quant_label(row["quant"], row["double_quant"], row["speed"])
-    row["adapter_run"] = adapter_run  # which adapter a generation result ran with: two never merge
+    row["adapter_run"] = adapter_run  # which adapter a generation or eval result ran with: two never merge
     row["dq"] = "on" if row["double_quant"] else "off"
     for col, key in GROUP_KEYS.items():
         if col != "model":
@@ -357,6 +402,10 @@ def assign_groups(df: pd.DataFrame) -> pd.DataFrame:
             label = (f"generation · {r.model} · {rest.get('bench.new_tokens')} new tokens · batch {sizes} · "
                      f"{rest.get('bench.prompts')} prompts x {rest.get('bench.repeats')} repeats · {r.hardware}")
             differing = [k for k in differing if k not in GENERATE_LABEL_KEYS]
+        elif r.kind == "eval":
+            label = (f"evaluation · {r.model} · limit {rest.get('eval.limit') or 'none'} · max_length "
+                     f"{rest.get('eval.max_length_used')} · batch {rest.get('eval.batch_size')} · {r.hardware}")
+            differing = [k for k in differing if k not in EVAL_LABEL_KEYS]
         else:
             label = (f"{r.model} · {r.data} · seq {r.max_seq_len} (pad {r.pad_to}) · batch {r.batch_size} · "
                      f"{r.steps} steps · {r.hardware}")

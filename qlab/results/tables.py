@@ -18,6 +18,11 @@ quantization setting x adapter (none | lora), with load time, weights, peak memo
 first token and decode / end-to-end throughput per batch size (`frame.generation_metrics`),
 and the % change vs the baseline quantization (bf16) with the same adapter setting.
 
+Evaluation results (kind "eval", task=eval) get one table too, built the same way: one row per
+quantization setting x adapter (none | lora | full, each training run named when there are
+several), per task its main metric as lm-evaluation-harness reports it ± the harness's standard
+error (`frame.eval_metrics`), and the % change vs bf16 with the same adapter setting.
+
 `comparisons` tests each ablation pair (`PAIRS`) across seeds for statistics.csv.
 """
 
@@ -31,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from qlab.results.frame import METRICS, RECIPE, Metric, byte_unit, generation_metrics, rank
+from qlab.results.frame import METRICS, RECIPE, Metric, byte_unit, eval_metrics, generation_metrics, rank
 from qlab.results.stats import bootstrap_ci, compare, holm
 
 CONFIG = ["quant_label", "quant", "dq", "optim", "adapter", "speed"]
@@ -60,6 +65,8 @@ HEADERS = {"quant_label": "quant", "quant": "quant", "dq": "DQ", "optim": "optim
 # The generation table compares quantization settings with the same adapter setting.
 GENERATION = Axis("generation", "quant_label", "Generation speed and memory per quantization type",
                   ("adapter",), "bf16")
+EVAL = Axis("eval", "quant_label", "Evaluation (lm-evaluation-harness) per quantization type and adapter",
+            ("adapter",), "bf16")
 
 
 
@@ -184,11 +191,11 @@ def generation_arms(runs: pd.DataFrame, metrics: tuple[Metric, ...]) -> pd.DataF
     return df.iloc[sorted(range(len(df)), key=lambda i: order.iloc[i])].reset_index(drop=True)
 
 
-def generation_table(arm_df: pd.DataFrame, metrics: tuple[Metric, ...], requested: str | None = None):
+def generation_table(arm_df: pd.DataFrame, metrics: tuple[Metric, ...], requested: str | None = None,
+                     axis: Axis = GENERATION):
     """(numeric table, baseline): the arms with their % change vs the baseline quantization
     of the same adapter setting (100 (arm - base) / base; no change where the setting has no
     baseline arm). Metrics no run holds (torch's peak on a CPU) are left out."""
-    axis = GENERATION
     baseline = choose_baseline(arm_df.quant_label.unique(), axis, requested)
     table = pd.concat([_vs_baseline(block, "quant_label", baseline, metrics)
                        for _, block in arm_df.groupby(["adapter"], sort=False)]).reset_index(drop=True)
@@ -204,6 +211,28 @@ def generation_display(runs: pd.DataFrame, requested: str | None = None):
     metrics = generation_metrics(runs)
     numeric, baseline, kept = generation_table(generation_arms(runs, metrics), metrics, requested)
     return numeric, display(numeric, ["quant_label", "adapter"], kept), baseline, kept
+
+
+def eval_display(runs: pd.DataFrame, requested: str | None = None):
+    """(numeric, formatted, baseline, metrics) of one eval group: per task its main metric, with
+    the runs' mean [bootstrap 95% CI where a row has several runs] ± the harness's standard error
+    (the mean of the runs' where several) and the % change vs the baseline."""
+    metrics = eval_metrics(runs)
+    numeric, baseline, kept = generation_table(generation_arms(runs, metrics), metrics, requested, EVAL)
+    mains = tuple(m for m in kept if not m.name.endswith("_stderr"))
+    disp = display(numeric, ["quant_label", "adapter"], ())
+    for m in mains:
+        cells = []
+        for _, r in numeric.iterrows():
+            cell, se = _cell(r, m, with_delta=False), r.get(f"{m.name}_stderr", math.nan)
+            if cell != "-" and np.isfinite(se):
+                cell += f" ± {se:,.{m.decimals}f}"
+            delta = r.get(f"{m.name}_delta_pct", math.nan)
+            if cell != "-" and np.isfinite(delta) and not r.is_baseline:
+                cell += f" ({pct(delta)})"
+            cells.append(cell)
+        disp[m.header] = cells
+    return numeric, disp, baseline, mains
 
 
 # ---------------------------------------------------------------- speed benchmark
