@@ -230,8 +230,9 @@ EVAL_READING = (
     "bootstrap 95% CI) ± the harness's standard error (none for perplexities, which lm-eval does not give one); "
     "(+x.x%): change vs the baseline quantization with the same adapter setting, 100 (arm - base) / base. "
     "word_perplexity = exp(-sum of loglikelihoods / sum of whitespace-separated words) over the documents, in "
-    "windows of max_length tokens; acc: fraction of items whose highest-loglikelihood choice is right (qlab's "
-    "chitchat task has 4 choices: chance 0.25). Per-item numbers for paired tests: samples/<task>.jsonl in each "
+    "windows of max_length tokens; acc: fraction of items whose highest-loglikelihood choice is right; "
+    "acc_mutual_info: ... whose choice the context raises most above its loglikelihood alone (qlab's chitchat "
+    "task: 4 choices, chance 0.25). Per-item numbers for paired tests: samples/<task>.jsonl in each "
     "run directory.")
 
 
