@@ -26,7 +26,9 @@ with open(os.path.join(PROJECT_ROOT, "conf", "shapes.yaml")) as _f:
     SHAPES: dict = yaml.safe_load(_f)  # presets and pretrained bases by name
 
 TASKS = ("train", "generate")
-RUNNERS = ("qlab", "hf_trainer")  # the training loop: qlab's (qlab/run/loop.py) or transformers.Trainer
+# the training loop: qlab's (qlab/run/loop.py), transformers.Trainer, or (a comparison's arms only)
+# the bare loop qlab's is measured against
+RUNNERS = ("qlab", "hf_trainer", "bare")
 QUANT_TYPES = ("bf16", "int8", "nf4", "fp4")
 FOUR_BIT = ("nf4", "fp4")
 # every weight setting by its label (frame.quant_label's spelling): label -> (quant.type,
@@ -120,7 +122,7 @@ class TrainConfig:
     batch_size: int = 4
     gradient_checkpointing: bool = True
     device: str = "auto"  # auto | cpu | cuda | cuda:N (every task's device)
-    runner: str = "qlab"  # the training loop: qlab | hf_trainer (transformers.Trainer, the same step)
+    runner: str = "qlab"  # the training loop: qlab | hf_trainer (transformers.Trainer, the same step) | bare
     save_adapter: bool = True
     progress: bool = True
     # emulate a smaller GPU: cap PyTorch's allocator at this many GiB (None: the whole card).
@@ -196,15 +198,22 @@ def register() -> None:
 
 
 def compose(overrides: list[str]) -> DictConfig:
-    """The config `python -m qlab.run <overrides>` composes (same tree, same schema), for the
-    experiment scripts that plan runs before launching them. Not thread-safe (Hydra's
-    compose API): compose every config first."""
+    """The config `python -m qlab.run <overrides>` composes (same tree, same schema), for tests,
+    scripts and a comparison's arms. Not thread-safe (Hydra's compose API). Inside a running Hydra
+    app (`python -m qlab.run task=compare`) the app's own Hydra instance is set aside for the
+    composition and put back after it."""
     from hydra import compose as hcompose
     from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
 
     register()
-    with initialize_config_dir(config_dir=os.path.join(PROJECT_ROOT, "conf"), version_base="1.3"):
-        return hcompose("config", overrides=overrides)
+    running = GlobalHydra.instance().hydra
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=os.path.join(PROJECT_ROOT, "conf"), version_base="1.3"):
+            return hcompose("config", overrides=overrides)
+    finally:
+        GlobalHydra.instance().hydra = running
 
 
 def _choice(key: str, value: Any, allowed: tuple) -> None:
@@ -212,8 +221,9 @@ def _choice(key: str, value: Any, allowed: tuple) -> None:
         raise ConfigError(key, f"unknown value {value!r} (choose from {', '.join(allowed)})")
 
 
-def validate(cfg: DictConfig | RunConfig) -> None:
-    """Raise ConfigError naming the first bad key. Touches only the file system."""
+def validate(cfg: DictConfig | RunConfig, arm: bool = False) -> None:
+    """Raise ConfigError naming the first bad key. Touches only the file system. `arm`: the
+    config of a comparison's arm, which may use the bare loop."""
     c = cfg if isinstance(cfg, DictConfig) else OmegaConf.structured(cfg)
     _choice("quant.type", c.quant.type, QUANT_TYPES)
     _choice("quant.compute_dtype", c.quant.compute_dtype, COMPUTE_DTYPES)
@@ -278,6 +288,9 @@ def validate(cfg: DictConfig | RunConfig) -> None:
     _choice("tracker.wandb_mode", c.tracker.wandb_mode, ("offline", "online", "disabled"))
     _choice("task", c.task, TASKS)
     _choice("train.runner", c.train.runner, RUNNERS)
+    if c.train.runner == "bare" and not arm:
+        raise ConfigError("train.runner", "bare is the plain loop a comparison measures qlab's against "
+                                          "(an arm of task=compare); a training run uses qlab or hf_trainer")
     if c.train.runner == "hf_trainer" and (not c.speed.upcast_non_quantized or c.speed.compile != "none"
                                            or c.speed.loss != "full"):
         raise ConfigError("train.runner", "the HF Trainer runs the QLoRA recipe (speed=recipe); "
@@ -341,11 +354,11 @@ def _validate_model(m: DictConfig) -> None:
         )
 
 
-def check_overrides(overrides: list[str]) -> None:
+def check_overrides(overrides: list[str]) -> DictConfig:
     """Compose what the command-line overrides ask for (a sweep's every value once) and turn
     Hydra's and OmegaConf's own errors (an unknown group value, an unknown key, a string for an
-    int, a malformed override) into one ConfigError naming the key. Raises nothing for a
-    config that composes."""
+    int, a malformed override) into one ConfigError naming the key. Returns the config of the
+    plain (non-sweep) overrides."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -372,15 +385,17 @@ def check_overrides(overrides: list[str]) -> None:
             for v in values:
                 if v not in available and v != "null":
                     raise ConfigError(key, f"unknown value {v!r} (choose from {', '.join(available)})")
+    composed = []
     for ov in variants:
         try:
-            compose(ov)
+            composed.append(compose(ov))
         except (HydraException, OmegaConfBaseException) as e:
             cause = e
             while cause is not None and not getattr(cause, "full_key", None):
                 cause = cause.__cause__ or cause.__context__
             key = cause.full_key if cause is not None else (ov[-1].split("=", 1)[0] if ov else "config")
             raise ConfigError(key, _first_line(cause or e)) from None
+    return composed[0]
 
 
 def _first_line(e: BaseException) -> str:

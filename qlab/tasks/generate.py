@@ -462,9 +462,9 @@ def measure_generation(gen: Generator, prompt_ids: list[list[int]], bench: dict,
             for _ in range(WARMUP_CALLS):
                 gen(calls[0], n if timed_decode else 1)
             if b == sizes[-1] and os.environ.get("QLAB_INJECT_FAULT"):  # tests of oom/failure recording
-                from qlab.run.loop import _injected_fault
+                from qlab.run.loop import injected_fault
 
-                _injected_fault(1, state["id"])
+                injected_fault(1, state["id"])
             for _ in range(repeats):
                 for k, rows in enumerate(calls):
                     t1, _ = gen(rows, 1)  # time to first token of these prompts
