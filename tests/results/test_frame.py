@@ -1,0 +1,76 @@
+"""frame: a run's speed path labelled from its result alone (the label it recorded, or for a result
+from before labels, its stored switches against the presets of that time, never conf/ on disk),
+the speed paths as one axis of one group."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from qlab.results import frame, store, tables
+
+PRESETS = store.speed_presets()
+RECIPE, FAST = PRESETS["recipe"], PRESETS["fast"]
+
+
+def test_speed_label_names_presets_runner_and_deviations():
+    label = lambda speed, runner=None: store.speed_label(speed, runner, PRESETS)  # noqa: E731
+    assert label(None) == "recipe"  # results from before the speed group
+    assert label(RECIPE) == "recipe" and label(FAST) == "fast"
+    assert label({**FAST, "compile": "none"}) == "fast (compile=none)"
+    assert label({**RECIPE, "adapter_autocast": True}) == "recipe (adapter_autocast=true)"
+    assert label({**RECIPE, "adapter_autocast": True}, "hf_trainer") == "trainer"
+    assert label({**RECIPE, "runner": "trainer"}) == "trainer"  # the retired speed bench's Trainer runs
+    assert frame.quant_label("nf4", True, "recipe") == "nf4+DQ"
+    assert frame.quant_label("nf4", True, "fast") == "nf4+DQ · fast"
+    assert frame.quant_label("bf16", False, None) == "bf16"
+    ordered = sorted(["nf4+DQ · fast", "bf16", "nf4+DQ", "nf4+DQ · trainer", "bf16 · fast"],
+                     key=lambda v: frame.rank("quant_label", v))
+    assert ordered == ["bf16", "bf16 · fast", "nf4+DQ", "nf4+DQ · trainer", "nf4+DQ · fast"]
+
+
+SPEEDS = {"trainer": ("nf4", {**RECIPE, "adapter_autocast": True, "runner": "trainer"}, None),
+          "recipe": ("nf4", RECIPE, None), "fast": ("nf4", FAST, None), "bf16": ("bf16", RECIPE, None),
+          "bf16-fast": ("bf16", FAST, None),
+          # a run that recorded its label, as every run does now: its own label wins
+          "trainer-new": ("nf4", {**RECIPE, "adapter_autocast": True}, "trainer")}
+
+
+def fake_result(results: Path, model: str, mode: str, **metrics) -> str:
+    quant, speed, label = SPEEDS[mode]
+    run_id = f"{model}_{mode}_s0"
+    config = {"model": {"name": model, "preset": model}, "quant": {"type": quant, "double_quant": quant == "nf4"},
+              "adapter": {"targets": "all_linear", "r": 64}, "optim": {"name": "paged_adamw_32bit"},
+              "data": {"name": "chat", "max_seq_len": 512, "pad_to": "max_seq_len"},
+              "train": {"batch_size": 4, "steps": 28, "warmup_steps": 8,
+                        **({"runner": "hf_trainer"} if label else {})}, "speed": speed, "seed": 0}
+    axes = {"model": model, "quant": quant, "double_quant": quant == "nf4", "optim": "paged_adamw_32bit",
+            "adapter": "all_linear", "seed": 0, **({"speed": label} if label else {})}
+    d = results / f"speed-{model}" / run_id
+    d.mkdir(parents=True)
+    (d / "result.json").write_text(json.dumps({"run_id": run_id, "sweep": f"speed-{model}", "status": "ok",
+                                               "axes": axes, "metrics": metrics, "config": config,
+                                               "env": {"gpu": "Fake GPU 80GB"}}))
+    return run_id
+
+
+def test_speed_paths_share_one_group_with_distinct_labels_read_from_the_results(tmp_path, monkeypatch):
+    for mode in SPEEDS:
+        fake_result(tmp_path, "llama-7b", mode, tokens_per_s=1000.0)
+
+    def on_disk(*a, **k):
+        raise AssertionError("a report read conf/speed/")
+
+    monkeypatch.setattr(store, "speed_presets", on_disk)
+    runs = frame.load_runs(tmp_path / "speed-llama-7b")
+    assert runs.group.nunique() == 1  # the speed path, runner included, is an axis, not a group key
+    assert dict(zip(runs.run_id, runs.speed)) == {f"llama-7b_{m}_s0": ("recipe" if m == "bf16" else "fast" if m ==
+                                                                       "bf16-fast" else "trainer" if m == "trainer-new"
+                                                                       else m) for m in SPEEDS}
+    arms = tables.arms(runs)
+    assert len(arms) == 5 and list(arms.quant_label) == ["bf16", "bf16 · fast", "nf4+DQ", "nf4+DQ · trainer",
+                                                         "nf4+DQ · fast"]
+    assert arms.set_index("quant_label").loc["nf4+DQ · trainer", "n"] == 2  # the old and the new Trainer run
+    numeric, baseline, _ = tables.axis_table(arms, tables.AXES[-1])  # the speed axis
+    assert baseline == "trainer"
+    assert list(numeric[numeric.quant == "nf4"].speed) == ["trainer", "recipe", "fast"]
