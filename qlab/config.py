@@ -14,7 +14,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 import yaml
 from hydra.core.config_store import ConfigStore
@@ -25,7 +25,7 @@ ASSETS = Path(PROJECT_ROOT) / "qlab" / "assets"  # the embedded chat data and co
 with open(os.path.join(PROJECT_ROOT, "conf", "shapes.yaml")) as _f:
     SHAPES: dict = yaml.safe_load(_f)  # presets and pretrained bases by name
 
-TASKS = ("train", "generate")
+TASKS = ("train", "generate", "compare")
 # the training loop: qlab's (qlab/run/loop.py), transformers.Trainer, or (a comparison's arms only)
 # the bare loop qlab's is measured against
 RUNNERS = ("qlab", "hf_trainer", "bare")
@@ -157,6 +157,26 @@ class GenerateConfig:
 
 
 @dataclass
+class CompareConfig:
+    """task=compare: arms in interleaved rounds, paired tokens/s ratios (qlab/tasks/compare.py,
+    docs/speed.md). Each arm is `config.compose(common + its overrides)`, with this run's seed and
+    (unless auto) train.device."""
+
+    common: List[str] = field(default_factory=list)  # overrides every arm shares
+    arms: Dict[str, List[str]] = field(default_factory=dict)  # arm name -> its overrides
+    pairs: List[str] = field(default_factory=list)  # "a/b": arm a's tokens/s over arm b's, per round
+    aa_control: Optional[str] = None  # this arm twice (<arm>-aa): its ratio is the noise floor
+    warmup_steps: int = 5  # per arm before the rounds: compile, autotuning, allocator growth
+    profile_steps: int = 2  # then this many steps under torch.profiler (busy fraction, launches)
+    steps_per_round: int = 5  # each arm's block of steps in a round
+    min_rounds: int = 6
+    max_rounds: int = 20
+    target_half_width: float = 0.05  # stop once every pair's 95% interval is within +-5% of its ratio
+    time_budget_s: Optional[float] = None  # start no round after this many seconds of the run
+    peak_flops: Optional[float] = None  # dense bf16 FLOP/s for MFU; None: by GPU name (H100/H200)
+
+
+@dataclass
 class TrackerConfig:
     results_dir: str = "results"
     sweep: str = "adhoc"  # results/<sweep>/<run id>/
@@ -168,7 +188,7 @@ class TrackerConfig:
 
 @dataclass
 class RunConfig:
-    task: str = "train"  # train | generate: what the run does with the model (qlab/tasks/)
+    task: str = "train"  # train | generate | compare: what the run does with the model (qlab/tasks/)
     model: ModelConfig = field(default_factory=ModelConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
@@ -177,6 +197,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
     seed: int = 0
     force: bool = False  # re-run even when a complete result exists
@@ -306,6 +327,34 @@ def validate(cfg: DictConfig | RunConfig, arm: bool = False) -> None:
     _validate_model(c.model)
     if c.data.pack:
         check_packing(architecture(c.model))
+    if c.task == "compare":
+        _validate_compare(c.compare)
+
+
+def _validate_compare(k: DictConfig) -> None:
+    """The comparison's own keys; its arms are composed and validated by the task's prepare."""
+    arms = list(k.arms)
+    if len(arms) < 2:
+        raise ConfigError("compare.arms", f"a comparison needs at least two arms, got {arms}")
+    if k.aa_control is not None:
+        _choice("compare.aa_control", k.aa_control, tuple(arms))
+    names = arms + ([f"{k.aa_control}-aa"] if k.aa_control else [])
+    if not k.pairs:
+        raise ConfigError("compare.pairs", "name at least one pair a/b of arms")
+    for pair in k.pairs:
+        a, _, b = pair.partition("/")
+        if a not in names or b not in names or a == b:
+            raise ConfigError("compare.pairs", f"{pair!r} is not a/b of two arms ({', '.join(names)})")
+    for key, low in (("warmup_steps", 1), ("profile_steps", 0), ("steps_per_round", 1), ("min_rounds", 2)):
+        if k[key] < low:
+            raise ConfigError(f"compare.{key}", f"must be >= {low}, got {k[key]}")
+    if k.max_rounds < k.min_rounds:
+        raise ConfigError("compare.max_rounds", f"must be >= compare.min_rounds={k.min_rounds}, got {k.max_rounds}")
+    if not 0 < k.target_half_width < 1:
+        raise ConfigError("compare.target_half_width", f"must be in (0, 1), got {k.target_half_width}")
+    for key in ("time_budget_s", "peak_flops"):
+        if k[key] is not None and k[key] <= 0:
+            raise ConfigError(f"compare.{key}", f"must be > 0 or null, got {k[key]}")
 
 
 def check_packing(model_type: str | None) -> None:

@@ -3,8 +3,8 @@ report, the statistics and the plots share: axis orders, quantization labels, me
 
 Every run found is a row, oom and failed ones included (their `status` says so). Each row
 carries its comparability group: runs are only compared inside a group (see `GROUP_KEYS`).
-A result's `kind` ("train" for qlab.run, "generate" for qlab.generate_bench; "train" when the
-file has none) is part of the group: training and generation results never share one.
+A result's `kind` (its task: train, generate, compare; "train" when the file has none) is part
+of the group: results of two kinds never share one.
 The speed path of a training run (`speed`: recipe | fast | trainer, see `speed_label`) is an
 ablation axis like the quantization: runs that differ only in it share a group, and its
 `quant_label` names it (`nf4+DQ · fast`), so every consumer that tells configurations apart by
@@ -23,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 from qlab.results import store
-from qlab.results.store import NON_IDENTITY_KEYS, RECIPE, RESULT, peak_bytes
+from qlab.results.store import NON_IDENTITY_KEYS, RECIPE, RESULT, TASK_SECTIONS, peak_bytes
 
 GiB = 2**30
 ADAPTER_BYTES_PER_PARAM = 4  # LoRA A/B matrices are trained in float32: 4 bytes/param
@@ -54,7 +54,7 @@ AXIS_CONFIG_KEYS = ("quant.type", "quant.double_quant", "optim.name", "adapter.t
 # Generation results: with or without an adapter is an axis (`adapter`: none | lora), so the
 # adapter's config (source run, rank) does not split the group; arms keep one adapter per row.
 KIND_AXIS_CONFIG_KEYS = {"generate": ("adapter",)}
-KINDS = ("train", "generate")  # sections in this order
+KINDS = ("train", "generate", "compare")  # sections in this order
 GENERATE_LABEL_KEYS = ("bench.new_tokens", "bench.batch_sizes", "bench.prompts", "bench.repeats")
 VERSIONS = ("python", "torch", "transformers", "peft", "bitsandbytes", "cuda")
 
@@ -190,7 +190,8 @@ def flatten(d: dict, prefix: str = "") -> dict:
 def _residual_config(config: dict, kind: str = "train") -> dict:
     """The config keys that must match inside a group and are not named in GROUP_KEYS (`task` is
     the kind, a group key already)."""
-    skip = ("task", *NON_IDENTITY_KEYS, *AXIS_CONFIG_KEYS, *KIND_AXIS_CONFIG_KEYS.get(kind, ()), *GROUP_KEYS.values())
+    skip = ("task", *NON_IDENTITY_KEYS, *AXIS_CONFIG_KEYS, *KIND_AXIS_CONFIG_KEYS.get(kind, ()), *GROUP_KEYS.values(),
+            *(t for t in TASK_SECTIONS if t != kind))  # another task's section is not this run's config
     return {k: v for k, v in flatten(config).items()
             if not any(k == s or k.startswith(s + ".") for s in skip)}
 
@@ -239,6 +240,8 @@ def _row(r: dict, rel: str) -> dict:
     row["config_rest"] = json.dumps(_residual_config(cfg, kind), sort_keys=True, default=str)
     row.update(_derived(m))
     for k, v in sorted(m.items()):
+        if isinstance(v, list) and any(isinstance(x, (dict, list)) for x in v):
+            continue  # a comparison's rounds: result.json has them, a table cell would not
         if isinstance(v, list):
             v = "+".join(map(str, v))
         row.setdefault(k, v)
@@ -330,6 +333,8 @@ def assign_groups(df: pd.DataFrame) -> pd.DataFrame:
             label = (f"generation · {r.model} · {rest.get('bench.new_tokens')} new tokens · batch {sizes} · "
                      f"{rest.get('bench.prompts')} prompts x {rest.get('bench.repeats')} repeats · {r.hardware}")
             differing = [k for k in differing if k not in GENERATE_LABEL_KEYS]
+        elif r.kind == "compare":
+            label = f"comparison · {r.model} · {r.hardware}"
         else:
             label = (f"{r.model} · {r.data} · seq {r.max_seq_len} (pad {r.pad_to}) · batch {r.batch_size} · "
                      f"{r.steps} steps · {r.hardware}")

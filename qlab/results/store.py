@@ -40,8 +40,9 @@ NON_IDENTITY_KEYS = ("tracker", "force", "experiment", "train.progress", "train.
                      "train.profile_steps")  # profiling leaves what a run measures as it was
 # The config a task reads (dotted keys), where it is not everything: the rest never enters its
 # id. Training reads every section but the other tasks' own.
-TASK_KEYS = {"generate": ("task", "model", "quant", "generate", "seed", "train.device")}
-TASK_SECTIONS = ("generate",)  # sections that belong to one task each
+TASK_KEYS = {"generate": ("task", "model", "quant", "generate", "seed", "train.device"),
+             "compare": ("task", "compare", "seed", "train.device")}
+TASK_SECTIONS = ("generate", "compare")  # sections that belong to one task each
 # Config keys naming a run directory whose adapter weights, not its path, define a run
 IDENTITY_FILES = {"generate.adapter_run": "adapter/adapter_model.*"}
 
@@ -51,7 +52,7 @@ class Result:
     """One run's record: result.json, written only by RunRecorder.finish."""
 
     run_id: str
-    kind: str  # the task: train | generate
+    kind: str  # the task: train | generate | compare
     sweep: str
     status: str  # ok | oom | failed
     error: Optional[dict]  # {type, message, traceback} unless ok
@@ -145,6 +146,8 @@ def run_id(cfg: DictConfig) -> str:
     ident = identity(OmegaConf.to_container(cfg, resolve=True))
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:8]
     q = cfg.quant.type + ("-dq" if cfg.quant.double_quant else "")
+    if cfg.task == "compare":  # the arms' model, by conf/experiment/speed.yaml's convention
+        return f"compare_{cfg.model.name}_{len(cfg.compare.arms)}arms_s{cfg.seed}_{digest}"
     if cfg.task == "generate":
         return f"{cfg.model.name}_{q}_{'lora' if cfg.generate.adapter_run else 'none'}_{digest}"
     return f"{cfg.model.name}_{q}_{cfg.optim.name}_{cfg.adapter.targets}_s{cfg.seed}_{digest}"
@@ -465,6 +468,8 @@ class RunRecorder:
             axes["speed"] = speed_label(OmegaConf.to_container(c.speed), c.train.runner, speed_presets())
         elif c.task == "generate":  # no training: no optimizer; with or without a run's adapter
             axes.update(optim=None, adapter="lora" if c.generate.adapter_run else "none")
+        else:  # a comparison: its arms carry their own settings
+            axes.update(quant=None, double_quant=False, optim=None, adapter=None)
         result = Result(run_id=self.id, kind=c.task, sweep=c.tracker.sweep, status=status, error=error, axes=axes,
                         metrics=metrics, config=OmegaConf.to_container(c, resolve=True), env=environment(),
                         git_commit=git_commit(), seed=c.seed, started_at=self.started_at, finished_at=now(),

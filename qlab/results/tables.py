@@ -17,6 +17,7 @@ Generation results (kind "generate", qlab.generate_bench) get one table instead:
 quantization setting x adapter (none | lora), with load time, weights, peak memory, time to
 first token and decode / end-to-end throughput per batch size (`frame.generation_metrics`),
 and the % change vs the baseline quantization (bf16) with the same adapter setting.
+Comparisons (kind "compare", task=compare) get their arms and pairs (`compare_tables`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from qlab.results.frame import METRICS, RECIPE, Metric, byte_unit, generation_metrics, rank
+from qlab.results.frame import METRICS, RECIPE, Metric, byte_unit, generation_metrics, quant_label, rank
 from qlab.results.stats import bootstrap_ci
 
 CONFIG = ["quant_label", "quant", "dq", "optim", "adapter", "speed"]
@@ -54,7 +55,8 @@ AXES = (
          ("quant", "dq", "optim", "adapter"), "trainer"),
 )
 HEADERS = {"quant_label": "quant", "quant": "quant", "dq": "DQ", "optim": "optimizer", "adapter": "adapter",
-           "speed": "speed", "model": "model", "mode": "mode"}
+           "speed": "speed", "model": "model", "mode": "mode", "arm": "arm", "runner": "runner", "pair": "pair",
+           "verdict": "verdict", "run": "run", "stopped": "stopped"}
 # The generation table compares quantization settings with the same adapter setting.
 GENERATION = Axis("generation", "quant_label", "Generation speed and memory per quantization type",
                   ("adapter",), "bf16")
@@ -290,6 +292,58 @@ def ratios_display(ratios: pd.DataFrame) -> pd.DataFrame:
     for name in SPEED_RATIOS:
         out[name] = [f"{v:.2f}x" if np.isfinite(v) else "-" for v in ratios[name]]
     return out
+
+
+# ---------------------------------------------------------------- comparisons (task=compare)
+
+COMPARISON = Axis("compare", "arm", "Speed comparison: interleaved rounds, paired ratios", (), "")
+
+
+def _num(v, fmt: str) -> str:
+    return format(v, fmt) if isinstance(v, (int, float)) and math.isfinite(v) else "-"
+
+
+def compare_tables(m: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A comparison's metrics (tasks/compare.summarize) as two formatted tables: the arms
+    (tokens/s, step time, GPU busy fraction, launches per step, MFU) and the pairs (ratio [95%
+    CI], half-width, rounds, verdict; the A/A control last)."""
+    arms = pd.DataFrame([{
+        "arm": name, "runner": a["runner"], "quant": quant_label(a["quant"], a["double_quant"]), "speed": a["speed"],
+        "optimizer": a["optim"], "tok/s": _num(a["tokens_per_s"], ",.0f"),
+        "step ms (median)": _num(1e3 * (a["step_time_median_s"] or math.nan), ",.0f"),
+        "GPU busy": _num(a.get("gpu_busy_fraction"), ".0%"),
+        "launches/step": _num(a.get("profile_kernel_launches_per_step"), ",.0f"), "MFU": _num(a.get("mfu"), ".1%"),
+    } for name, a in m["arms"].items()])
+    rows = [(name, p) for name, p in m.get("pairs", {}).items()]
+    if m.get("aa_control"):
+        rows.append((f"{m['aa_control']['pair']} (A/A floor)", {**m["aa_control"], "verdict": (
+            "covers 1" if m["aa_control"]["covers_1"] else "excludes 1: comparison not valid")}))
+    pairs = pd.DataFrame([{"pair": name, "ratio [95% CI]": f"{p['ratio']:.3f} [{p['ci95'][0]:.3f}, {p['ci95'][1]:.3f}]",
+                           "half-width": f"{p['half_width']:.1%}", "rounds": str(p["rounds"]), "verdict": p["verdict"]}
+                          for name, p in rows], columns=["pair", "ratio [95% CI]", "half-width", "rounds", "verdict"])
+    return arms, pairs
+
+
+COMPARE_NOTES = (
+    "tok/s: positions processed (padding included) per second of device time, this machine's, pooled over the "
+    "rounds; ratio: tokens/s of a over b within each round, geometric mean over rounds with a 95% t-interval "
+    "on the log-ratios; half-width: the interval's relative half-width; no difference: the interval covers 1 or "
+    "lies inside the A/A floor. GPU busy: kernel time per step (torch.profiler, after warm-up) over the mean "
+    "step time; MFU: 6 N tokens/s over the card's dense bf16 peak (N: the base model's parameters). Memory "
+    "peaks of co-resident arms are not isolated: see the isolated runs (conf/experiment/speed-peaks.yaml).")
+
+
+def compare_markdown(m: dict, machine: str) -> str:
+    """compare.md: one comparison's setup line, arms and pairs."""
+    arms, pairs = compare_tables(m)
+    reached = m.get("half_width_reached")
+    lines = [f"# Speed comparison: {len(m['arms'])} arms, interleaved rounds", "", f"Measured on {machine}.", "",
+             f"{m['rounds_completed']} rounds x {m['steps_per_round']} steps per arm; stopped: {m['stopped']} "
+             f"(target half-width {m['target_half_width']:.0%}"
+             + (f", reached {reached:.1%})." if reached is not None else ")."), "",
+             to_markdown(arms), "", to_markdown(pairs) if len(pairs) else "No pair: fewer than two rounds.", "",
+             COMPARE_NOTES, ""]
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- formatting

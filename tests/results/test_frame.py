@@ -1,6 +1,6 @@
 """frame: a run's speed path labelled from its result alone (the label it recorded, or for a result
 from before labels, its stored switches against the presets of that time, never conf/ on disk),
-the speed paths as one axis of one group."""
+the speed paths as one axis of one group, and a comparison's arms and pairs as tables."""
 
 import json
 from pathlib import Path
@@ -74,3 +74,35 @@ def test_speed_paths_share_one_group_with_distinct_labels_read_from_the_results(
     numeric, baseline, _ = tables.axis_table(arms, tables.AXES[-1])  # the speed axis
     assert baseline == "trainer"
     assert list(numeric[numeric.quant == "nf4"].speed) == ["trainer", "recipe", "fast"]
+
+
+def comparison(profiled: bool) -> dict:
+    arm = {"runner": "qlab", "quant": "nf4", "double_quant": True, "speed": "fast", "optim": "paged_adamw_32bit",
+           "tokens_per_s": 6123.4, "step_time_median_s": 0.3345, "mfu": 0.361 if profiled else None}
+    if profiled:
+        arm.update(gpu_busy_fraction=0.743, profile_kernel_launches_per_step=8205.0)
+    return {"arms": {"fast": arm, "trainer": {**arm, "runner": "hf_trainer", "speed": "trainer"}},
+            "pairs": {"fast/trainer": {"ratio": 2.071, "ci95": [1.962, 2.186], "half_width": 0.0541, "rounds": 14,
+                                       "verdict": "a faster"}},
+            "aa_control": {"pair": "fast-aa/fast", "ratio": 1.004, "ci95": [0.981, 1.028], "half_width": 0.024,
+                           "rounds": 14, "covers_1": True},
+            "rounds_completed": 14, "steps_per_round": 3, "stopped": "time_budget", "target_half_width": 0.05,
+            "half_width_reached": 0.0541}
+
+
+@pytest.mark.parametrize("profiled", [True, False])
+def test_comparison_tables(profiled):
+    arms, pairs = tables.compare_tables(comparison(profiled))
+    fast = arms.set_index("arm").loc["fast"]
+    assert fast["tok/s"] == "6,123" and fast["step ms (median)"] == "334" and fast["quant"] == "nf4+DQ"
+    if profiled:
+        assert (fast["GPU busy"], fast["launches/step"], fast["MFU"]) == ("74%", "8,205", "36.1%")
+    else:  # no profile (a CPU): no busy fraction, launches or MFU
+        assert (fast["GPU busy"], fast["launches/step"], fast["MFU"]) == ("-", "-", "-")
+    assert pairs.to_dict("records") == [
+        {"pair": "fast/trainer", "ratio [95% CI]": "2.071 [1.962, 2.186]", "half-width": "5.4%", "rounds": "14",
+         "verdict": "a faster"},
+        {"pair": "fast-aa/fast (A/A floor)", "ratio [95% CI]": "1.004 [0.981, 1.028]", "half-width": "2.4%",
+         "rounds": "14", "verdict": "covers 1"}]
+    md = tables.compare_markdown(comparison(profiled), "NVIDIA H200")
+    assert "14 rounds x 3 steps per arm; stopped: time_budget (target half-width 5%, reached 5.4%)." in md
