@@ -60,5 +60,8 @@ bench-kernels: $(STAMP) ## kernel micro-benchmarks at real sizes (GPU): writes r
 compare: $(STAMP) ## speed in interleaved rounds (GPU: Trainer, recipe, fast, bf16, bare loop, A/A; COMPARE=speed-cpu on a CPU): make compare [ARGS=model=bloom-7b1]; peaks: make sweep EXPERIMENT=speed-peaks
 	$(PY) -m qlab.run experiment=$(COMPARE) $(ARGS)
 
-numerics: $(STAMP) ## speed switches and packing vs the recipe's loss (GPU: base-gpu, 200 steps): make numerics [ARGS="--parallel 4"|"--quick"]
-	$(PY) experiments/numerics.py $(ARGS)
+# the numerics experiment: base-gpu, 200 steps where CUDA is, else the quick CPU check (tiny-llama)
+NUMERICS ?= $(if $(shell $(PY) -c "import torch; print(torch.cuda.is_available() or '')" 2>/dev/null),numerics,numerics-quick)
+
+numerics: $(STAMP) ## speed switches and packing vs the recipe's loss, with verdicts in results/numerics-*/numerics.md: make numerics [NUMERICS=numerics-quick] [ARGS="hydra/launcher=local_gpus"]
+	$(PY) -m qlab.run experiment=$(NUMERICS) $(ARGS)

@@ -4,6 +4,7 @@
 #   bash experiments/gpu_evidence.sh measure   # issue 4 (+ the spike claim, the generation bench)
 #   bash experiments/gpu_evidence.sh finish    # what measure's time limit cut: spike, generation
 #   bash experiments/gpu_evidence.sh base      # issue 6/8: reference base, PTQ, speed numerics
+#   bash experiments/gpu_evidence.sh foundation   # issue 2: the four weight settings on the 7B shape
 #   bash experiments/gpu_evidence.sh quality   # issue 6: the 36-run quality sweep on the base
 #   bash experiments/gpu_evidence.sh speed-llama / speed-bloom   # issues 8/15, one 7B shape each
 #   bash experiments/gpu_evidence.sh speed-peaks   # the isolated runs of the speed arms' peaks
@@ -19,7 +20,7 @@ set -uo pipefail
 SELF=$(realpath "$0")
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-STAGE=${1:?usage: gpu_evidence.sh measure|finish|base|quality|speed-llama|speed-bloom|speed-peaks|parallel STAGE...}
+STAGE=${1:?usage: gpu_evidence.sh measure|finish|base|foundation|quality|speed-llama|speed-bloom|speed-peaks|parallel STAGE...}
 mkdir -p results/logs
 status=0
 
@@ -50,7 +51,7 @@ generation() {  # every quantization setting with and without an r=64 nf4+DQ ada
     # another one go, so that all of them are measured with this one
     rm -rf results/generate-$MODEL/*_lora_*
   fi
-  step generate 480 $PY -m qlab.generate_bench ${adapter:+--run "$(dirname "$adapter")"} --model $MODEL \
+  step generate 480 $PY -m qlab.tasks.generate ${adapter:+--run "$(dirname "$adapter")"} --model $MODEL \
     --quants nf4+dq,nf4,fp4,fp4+dq,int8,bf16 --prompts 3 --repeats 2 --new-tokens 24 --sweep generate-$MODEL
 }
 
@@ -71,10 +72,14 @@ finish)  # ~7 min at most: preset build 40 s, spike 2 x 30 s, the adapter when n
   step spike 150 $PY -m qlab.run experiment=spike "${GPU7B[@]}" tracker.sweep=spike-$MODEL
   generation
   ;;
-base)  # ~6 min: base 45 s (H200), PTQ of 7 types ~1-2 min, numerics 7 variants x 200 steps, 4 at a time
+base)  # ~6 min: base 45 s (H200), PTQ of 7 types ~1-2 min, numerics 8 arms x 200 steps, 4 at a time
   step base 420 $PY -m qlab.base --size gpu --quiet
   step ptq 240 $PY -m qlab.ptq --size gpu
-  step numerics 420 $PY experiments/numerics.py --model base-gpu --parallel 4
+  QLAB_NUM_GPUS=1 QLAB_RUNS_PER_GPU=4 step numerics 420 \
+    $PY -m qlab.run experiment=numerics hydra/launcher=local_gpus  # verdicts: results/numerics-base-gpu/numerics.md
+  ;;
+foundation)  # ~5 min: issue 2's nf4+DQ / fp4 / int8 / bf16 on the 7B shape, 20 steps each
+  step foundation 560 $PY -m qlab.run experiment=foundation model=$MODEL train=${TRAIN:-gpu}
   ;;
 quality)  # ~8 min: 36 runs x 300 steps (0.17 s/step alone) in waves of 9 (QLAB_RUNS_PER_GPU);
   # NUM_GPUS=3 RUNS_PER_GPU=12: all 36 at once on three H200s, 2 min. Resumable: a second call

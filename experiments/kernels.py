@@ -4,7 +4,7 @@
     python experiments/kernels.py --quick --out /tmp/k # fewer repeats (CPU: well under a minute)
     python experiments/kernels.py --model-path DIR     # errors on a real checkpoint's weights
 
-Timed (one call each; warm-up calls first; median, p90, mean and a 95% t-interval of the mean):
+Timed (one call each; warm-up calls first; stats.summarize: median, p90, mean, 95% t-interval):
   quantize_4bit / dequantize_4bit   nf4, fp4 x DQ off/on x blocksize 64, 128
   int8_vectorwise_quant / _dequant  LLM.int8's row-wise absmax (weights cast to float16 first)
   matmul   input x weight^T: plain, bnb.matmul_4bit (nf4, nf4+DQ, fp4; blocksize 64),
@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import re
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -42,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 from qlab.claims import kernels as K  # noqa: E402
+from qlab.results import stats  # noqa: E402
 
 MiB = 2**20
 TIMED_BLOCKSIZES = (64, 128)
@@ -96,20 +95,6 @@ class Timer:
         return [s.elapsed_time(e) for s, e in zip(starts, ends)]
 
 
-def summarize(ms: list[float]) -> dict:
-    from scipy import stats
-
-    n = len(ms)
-    mean = statistics.fmean(ms)
-    sd = statistics.stdev(ms) if n > 1 else 0.0
-    lo, hi = (stats.t.interval(0.95, n - 1, loc=mean, scale=sd / math.sqrt(n)) if n > 1 and sd > 0
-              else (mean, mean))
-    q = sorted(ms)
-    p90 = q[min(n - 1, math.ceil(0.9 * n) - 1)]  # nearest-rank
-    return {"median_ms": statistics.median(ms), "p90_ms": p90, "mean_ms": mean, "std_ms": sd,
-            "ci95_low_ms": float(lo), "ci95_high_ms": float(hi), "repeats": n}
-
-
 def bench_kernels(device: str, sizes: dict, timer: Timer, log) -> list[dict]:
     import bitsandbytes as bnb
     import bitsandbytes.functional as F
@@ -124,7 +109,7 @@ def bench_kernels(device: str, sizes: dict, timer: Timer, log) -> list[dict]:
 
     def record(op, label, shape, ms, weight, moved=None, flop=None, dtype_label=str(dtype).split(".")[-1]):
         row = {"op": op, "config": label, "weight": weight, "shape": "x".join(map(str, shape)),
-               "dtype": dtype_label, **summarize(ms)}
+               "dtype": dtype_label, **stats.summarize(ms, "", "ms")}
         if moved is not None:  # bytes / ms / 1e6 = GB/s, at the median
             row["gb_per_s"] = moved / row["median_ms"] / 1e6
         if flop is not None:  # flop / ms / 1e9 = TFLOP/s
@@ -271,8 +256,9 @@ def markdown(result: dict) -> str:
                   "| op | config | shape | dtype | median | p90 | 95% CI of mean | rate |",
                   "|---|---|---|---|---:|---:|---|---:|"]
         for r in result["timings"]:
+            ci = f"{r['ci95_low_ms']:.3f}-{r['ci95_high_ms']:.3f}" if "ci95_low_ms" in r else "-"
             lines.append(f"| {r['op']} | {r['config']} | {r['shape']} | {r['dtype']} | {r['median_ms']:.3f} | "
-                         f"{r['p90_ms']:.3f} | {r['ci95_low_ms']:.3f}-{r['ci95_high_ms']:.3f} | {_rate(r)} |")
+                         f"{r['p90_ms']:.3f} | {ci} | {_rate(r)} |")
         lines += ["", "matmul shape is tokens x in x out; matmul int8 is bitsandbytes' Linear8bitLt "
                   f"(threshold {INT8_THRESHOLD}), which casts a bfloat16 input to float16. GB/s counts bytes "
                   "read + written once (DQ's second pass over the constants not counted).", ""]

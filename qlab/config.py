@@ -41,6 +41,7 @@ OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit")
 COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
 DATA_FORMATS = ("auto", "conversation", "alpaca")
 PAD_MODES = ("longest", "max_seq_len")
+PACK_BUDGETS = ("positions", "conversations")  # a packed row holds a padded batch's positions | conversations
 COMPILE_MODES = ("none", "layers")
 LOSS_MODES = ("full", "chunked")
 # model_type -> why a packed row cannot keep its conversations apart. ALiBi adds a per-head
@@ -107,12 +108,15 @@ class DataConfig:
     pad_to: str = "longest"  # longest | max_seq_len (fixed shapes for throughput/memory work)
     on_bad_line: str = "error"  # error | skip
     max_eval_samples: int = 256
-    # padding-free training (qlab/data.py): each step is ONE row of whole conversations (each
-    # truncated to max_seq_len as when padded) packed greedily in data order up to
-    # batch_size * max_seq_len positions (4 x 512 = 2,048), position_ids restarting per
-    # conversation; evaluation stays padded. Not for ALiBi models (BLOOM): no position_ids.
+    # padding-free training (qlab/run/data.py): each step is ONE row of whole conversations (each
+    # truncated to max_seq_len as when padded) packed greedily in data order up to a budget of
+    # positions, position_ids restarting per conversation; evaluation stays padded. Not for
+    # ALiBi models (BLOOM): no position_ids.
     pack: bool = False
-    pack_tokens: Optional[int] = None  # the packed row's budget; None: batch_size * max_seq_len
+    pack_tokens: Optional[int] = None  # the budget; None: from pack_budget
+    # positions: a padded batch's, batch_size * max_seq_len (4 x 512 = 2,048); conversations: a
+    # padded batch's conversations on average, from the training data (data.pack_budget)
+    pack_budget: str = "positions"
 
 
 @dataclass
@@ -298,12 +302,22 @@ def validate(cfg: DictConfig | RunConfig, arm: bool = False) -> None:
         raise ConfigError("data.pack_tokens", "sets the packed row's budget: only with data.pack=true")
     if c.data.pack_tokens is not None and c.data.pack_tokens < 8:
         raise ConfigError("data.pack_tokens", f"must be >= 8 or null, got {c.data.pack_tokens}")
+    _choice("data.pack_budget", c.data.pack_budget, PACK_BUDGETS)
+    if c.data.pack_budget != "positions" and (not c.data.pack or c.data.pack_tokens is not None):
+        raise ConfigError("data.pack_budget", "derives the packed row's budget: only with data.pack=true "
+                                              "and without data.pack_tokens")
     for key in ("train_file", "eval_file"):
         path = c.data[key]
         if path is not None and not os.path.isfile(resolve_path(path)):
             raise ConfigError(f"data.{key}", f"file does not exist: {path}")
     _choice("speed.compile", c.speed.compile, COMPILE_MODES)
     _choice("speed.loss", c.speed.loss, LOSS_MODES)
+    if (c.speed.compile == "layers" and c.speed.compile_backend == "inductor" and c.train.device == "cpu"
+            and c.quant.type in FOUR_BIT):
+        raise PrunedCombination("speed.compile", "inductor cannot compile bitsandbytes' CPU 4-bit kernel (it "
+                                                 "fails its assert_size_stride check in eval, after ~20 s of "
+                                                 "compiling per shape); on a CPU use speed.compile=none or "
+                                                 "speed.compile_backend=aot_eager")
     if c.speed.loss_chunk_tokens < 1:
         raise ConfigError("speed.loss_chunk_tokens", f"must be >= 1, got {c.speed.loss_chunk_tokens}")
     _choice("tracker.wandb_mode", c.tracker.wandb_mode, ("offline", "online", "disabled"))
@@ -429,7 +443,9 @@ def check_overrides(overrides: list[str]) -> DictConfig:
     for o in parsed:  # a group value that has no file: name the choices
         key = o.get_key_element().lstrip("+~")
         if key in groups and not o.is_delete():
-            values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+            value = None if o.is_sweep_override() else o.value()  # a list selects several: +arm=[a,b]
+            values = (list(o.sweep_string_iterator()) if o.is_sweep_override() else
+                      [str(v) for v in value] if isinstance(value, list) else [o.get_value_element_as_str()])
             available = sorted(f.stem for f in Path(PROJECT_ROOT, "conf", key).glob("*.yaml"))
             for v in values:
                 if v not in available and v != "null":

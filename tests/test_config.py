@@ -42,6 +42,17 @@ def test_double_quant_on_16bit_is_a_prunable_combination(compose):
     validate(compose("quant=fp4", "quant.double_quant=true"))
 
 
+def test_inductor_on_a_cpu_4bit_model_is_a_prunable_combination(compose):
+    """Compiled layers fail on bitsandbytes' CPU 4-bit kernel under inductor: pruned (a sweep
+    records it with the reason) before anything loads; aot_eager, 16-bit weights or a GPU run."""
+    for quant in ("nf4", "fp4"):
+        with pytest.raises(PrunedCombination, match="speed.compile: inductor cannot compile"):
+            validate(compose(f"quant={quant}", "speed.compile=layers"))
+    validate(compose("speed.compile=layers", "speed.compile_backend=aot_eager"))
+    validate(compose("speed.compile=layers", "quant=bf16"))
+    validate(compose("speed=fast", "train.device=cuda"))
+
+
 def test_schema_rejects_wrong_types_at_compose_time(compose):
     from hydra.errors import ConfigCompositionException
 

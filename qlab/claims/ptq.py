@@ -27,8 +27,8 @@ size's training length. Every type must see the same tokens (checked).
 Noise: the evaluation is deterministic, but the held-out text is a sample. Two types are
 compared window by window (the same windows for every type): the difference of log-perplexity
 is the token-weighted mean of per-window differences, with a 95% t-interval over windows
-(`paired_log_ratio`). qlab.claims decides an order only where that interval excludes zero; a
-difference inside it is a tie within noise (inconclusive).
+(qlab.results.stats.paired_log_ratio). qlab.claims decides an order only where that interval
+excludes zero; a difference inside it is a tie within noise (inconclusive).
 
 Quantization error: MSE and max absolute error (qlab.kernels.quantization_error, blocksize 64)
 of nf4, fp4, int4 (and nf4/fp4 with DQ) on every decoder linear weight of the stored float32
@@ -51,7 +51,7 @@ from pathlib import Path
 
 from qlab.reference import pretrain
 from qlab.claims import kernels
-from qlab.results import store
+from qlab.results import stats, store
 from qlab.config import QUANT_SETTINGS
 
 # label -> (quant.type for models.load, double_quant); "int4" is loaded as bf16, then rounded
@@ -163,40 +163,14 @@ def weight_errors(path: Path | str, device: str = "cpu", blocksize: int = BLOCKS
     return out
 
 
-# ------------------------------------------------------------------------------ statistics
-
-
-def paired_log_ratio(nll_a: list[float], nll_b: list[float], tokens: list[int]) -> dict:
-    """log(ppl_a / ppl_b) = sum(nll_a - nll_b) / sum(tokens), with a 95% t-interval over windows
-    (the ratio estimator's standard error: windows are the units, weighted by their tokens).
-    `rel` / `rel_lo` / `rel_hi` give the same as a relative perplexity change, ppl_a / ppl_b - 1."""
-    import numpy as np
-    from scipy import stats as st
-
-    a, b, n = (np.asarray(x, dtype=float) for x in (nll_a, nll_b, tokens))
-    if not (len(a) == len(b) == len(n)) or len(n) == 0:
-        raise ValueError(f"paired windows must match: {len(a)}, {len(b)}, {len(n)}")
-    d = a - b
-    delta = float(d.sum() / n.sum())
-    w = len(n)
-    if w > 1:
-        resid = d - delta * n
-        se = float(np.sqrt((resid**2).sum() / (w * (w - 1))) / n.mean())
-        half = float(st.t.ppf(0.975, w - 1)) * se
-    else:
-        se, half = math.nan, math.nan
-    lo, hi = delta - half, delta + half
-    return {"log_ratio": delta, "ci95": [lo, hi], "se": se, "windows": w, "tokens": int(n.sum()),
-            "rel": math.expm1(delta), "rel_ci95": [math.expm1(lo), math.expm1(hi)]}
-
-
 # ------------------------------------------------------------------------------ the measurement
 
 
 def measure(size: str, device: str = "auto", results: Path | str = "results", max_tokens: int | None = None,
             types: list[str] | None = None, progress: bool = True) -> Path:
     """Run the PTQ measurement of base-<size> and write ptq.json / ptq.md; returns ptq.json's path."""
-    from qlab.run.models import model_path, resolve_device
+    from qlab.run.device import resolve_device
+    from qlab.run.models import model_path
 
     device = resolve_device(device)
     spec = pretrain.spec_for(size)
@@ -226,7 +200,7 @@ def measure(size: str, device: str = "auto", results: Path | str = "results", ma
                                f"{per['bf16']['tokens']}")
     ref = per["bf16"]
     for label, r in per.items():
-        cmp = paired_log_ratio(r["window_nll"], ref["window_nll"], window_tokens)
+        cmp = stats.paired_log_ratio(r["window_nll"], ref["window_nll"], window_tokens)
         r["delta_vs_bf16"] = r["perplexity"] - ref["perplexity"]
         r["rel_vs_bf16"] = cmp["rel"]
         r["rel_vs_bf16_ci95"] = cmp["rel_ci95"]
@@ -300,7 +274,7 @@ def render(rec: dict) -> str:
     lines += ["", f"`bf16` holds {bf16_dtype} weights here (qlab.models.compute_dtype). int4 is qlab's reference "
               "blockwise-absmax quantizer (qlab.kernels, blocksize 64, codes -7..7), applied in place to every "
               "decoder linear weight: bitsandbytes has no int4 type. The interval is paired over the held-out "
-              "windows (qlab.ptq.paired_log_ratio).", "",
+              "windows (qlab.results.stats.paired_log_ratio).", "",
               f"## Quantization error of the base's weights (blocksize {rec['blocksize']})", "",
               f"Every decoder linear weight of the stored float32 checkpoint "
               f"({next(iter(rec['weight_error'].values()))['n']:,} weights in "
@@ -321,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=None, help="cut the held-out split (default: the size's)")
     ap.add_argument("--types", default=",".join(TYPES), help=f"comma-separated subset of {','.join(TYPES)}")
     args = ap.parse_args(argv)
-    from qlab.run.models import resolve_device
+    from qlab.run.device import resolve_device
 
     try:
         device = resolve_device(args.device)

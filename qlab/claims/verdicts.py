@@ -26,7 +26,7 @@ Comparison kinds (a small lookup table, `KINDS`):
                lowest -> reproduced, else not reproduced (no noise: all weights are measured)
   ptq_lower    post-training-quantization perplexity of base-`ptq`: type `a` is lower than
                each type in `others`. Each pair is compared window by window on the same
-               held-out tokens (qlab.ptq.paired_log_ratio, 95% t-interval of log(ppl_a/ppl_b)):
+               held-out tokens (stats.paired_log_ratio, 95% t-interval of log(ppl_a/ppl_b)):
                every interval entirely below 0 -> reproduced; any entirely above 0 (an other type
                significantly lower) -> not reproduced; otherwise the difference is within noise ->
                inconclusive. `measured`: the relative perplexity change vs the closest other type
@@ -42,6 +42,15 @@ Comparison kinds (a small lookup table, `KINDS`):
                interval excludes 1 is not valid: inconclusive
   ratio        mean `metric` of arm `a` over arm `b` (runs of `sweep`) against `at_most` /
                `at_least`, no interval: for what a run measures without noise (torch's peak bytes)
+  curve_within the run of arm `a` follows the reference run `b` step by step: the moving average of
+               its per-step loss over `window` steps stays within max(bound.abs, bound.rel x the
+               reference's) at every step; both arms select by stored config (`b`: dotted keys and
+               values, `a`: the keys that differ from b; a list: any of its values), the newest run
+               of each, compared only when trained on the same base weights (docs/numerics.md)
+  eval_within  the same pair, judged on eval_loss: |a - b| <= max(bound.abs, bound.rel x b)
+               (`information: true`: shown for scale, no verdict)
+A claims file with no `sweep` in a claim is judged for any one sweep (`--sweep`, or the sweep
+that ends with `SweepVerdicts` as its callback) into <results>/<sweep>/<claims file's stem>.md.
 Runs come from `results/<sweep>/`: `make claims` first runs the sweeps that have no results
 (`experiment` plus `overrides`, a Hydra multirun), and the PTQ measurements that have no
 ptq.json (`python -m qlab.ptq --size <ptq>`), unless --no-run; GPU-sized ones (`train=gpu`
@@ -55,7 +64,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,12 +71,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import yaml
-from scipy import stats as st
+from omegaconf import OmegaConf
 
-from qlab.results import store
+from qlab import config
+from qlab.claims import ptq
 from qlab.config import PROJECT_ROOT
+from qlab.results import stats, store
+from qlab.results.frame import flatten, load_curves, load_runs
+from qlab.run import launch
+from qlab.run.sweep import ManifestCallback
 
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
+INFORMATION = "information"  # a row shown for scale (a claim with `information: true`), no verdict
 ALPHA = 0.05
 DEFAULT_CLAIMS = Path(PROJECT_ROOT) / "experiments" / "claims.yaml"
 
@@ -111,17 +125,6 @@ def _within(measured: float, claim: dict) -> bool:
     return abs(measured - paper) <= limit
 
 
-def welch_interval(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    """95% interval of mean(a) - mean(b), Welch-Satterthwaite degrees of freedom."""
-    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
-    diff, se = a.mean() - b.mean(), math.sqrt(va + vb)
-    if se == 0:
-        return diff, diff
-    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
-    half = st.t.ppf(0.975, df) * se
-    return diff - half, diff + half
-
-
 # ------------------------------------------------------------------ the comparison kinds
 
 def k_value(claim: dict, runs: pd.DataFrame) -> Verdict:
@@ -129,8 +132,7 @@ def k_value(claim: dict, runs: pd.DataFrame) -> Verdict:
     if len(v) == 0:
         return Verdict(INCONCLUSIVE, reason="no ok run matches yet")
     m = float(v.mean())
-    ci = tuple(float(x) for x in st.t.interval(0.95, len(v) - 1, loc=m, scale=v.std(ddof=1) / len(v) ** 0.5)) \
-        if len(v) > 1 and v.std() > 0 else None
+    ci = stats.mean_interval(v) if v.std() > 0 else None
     ok = _within(m, claim)
     return Verdict(REPRODUCED if ok else NOT_REPRODUCED, m, ci,
                    f"{'within' if ok else 'outside'} the tolerance of the paper's value", f"n={len(v)}")
@@ -150,7 +152,7 @@ def k_difference(claim: dict, runs: pd.DataFrame) -> Verdict:
     if empty:
         return empty
     d = float(a.mean() - b.mean())
-    ci = welch_interval(a, b) if min(len(a), len(b)) > 1 else None
+    ci = stats.welch_interval(a, b)
     ok = _within(d, claim)
     return Verdict(REPRODUCED if ok else NOT_REPRODUCED, d, ci,
                    f"{'within' if ok else 'outside'} the tolerance of the paper's value", n)
@@ -163,8 +165,9 @@ def k_lower(claim: dict, runs: pd.DataFrame) -> Verdict:
     d = float(a.mean() - b.mean())
     if min(len(a), len(b)) < 2:
         return Verdict(INCONCLUSIVE, d, reason="fewer than 2 seeds per arm: no test", n=n)
-    ci = welch_interval(a, b)
-    p = float(st.ttest_ind(a, b, equal_var=False).pvalue) if a.var() + b.var() > 0 else (0.0 if d else 1.0)
+    ci = stats.welch_interval(a, b)
+    p = stats.compare(a, b)["p_welch"]  # NaN where neither arm varies: then any difference is certain
+    p = (0.0 if d else 1.0) if math.isnan(p) else p
     if p < ALPHA:
         return Verdict(REPRODUCED if d < 0 else NOT_REPRODUCED, d, ci,
                        f"a {'lower' if d < 0 else 'higher'} than b, Welch p={p:.3g}", n)
@@ -179,7 +182,7 @@ def k_equivalent(claim: dict, runs: pd.DataFrame) -> Verdict:
     margin = claim["margin"] * abs(b.mean())
     if min(len(a), len(b)) < 2:
         return Verdict(INCONCLUSIVE, d, reason=f"fewer than 2 seeds per arm: no interval (margin +-{margin:.4g})", n=n)
-    lo, hi = welch_interval(a, b)
+    lo, hi = stats.welch_interval(a, b)
     if -margin <= lo and hi <= margin:
         return Verdict(REPRODUCED, d, (lo, hi), f"95% interval inside +-{margin:.4g}", n)
     if lo > margin or hi < -margin:
@@ -238,11 +241,11 @@ def _ptq_missing(claim: dict) -> Verdict:
                                         f"(python -m qlab.ptq --size {claim['ptq']})")
 
 
-def k_ptq_error(claim: dict, ptq: dict | None) -> Verdict:
-    if ptq is None:
+def k_ptq_error(claim: dict, record: dict | None) -> Verdict:
+    if record is None:
         return _ptq_missing(claim)
     metric, kinds = claim.get("metric", "mse"), claim["kinds"]
-    errors = ptq.get("weight_error") or {}
+    errors = record.get("weight_error") or {}
     missing = [k for k in kinds if k not in errors]
     if missing:
         return Verdict(INCONCLUSIVE, reason=f"ptq.json has no weight error for {', '.join(missing)}")
@@ -250,27 +253,26 @@ def k_ptq_error(claim: dict, ptq: dict | None) -> Verdict:
     order = sorted(kinds, key=value.get)
     ok = order[0] == kinds[0] and value[order[0]] < value[order[1]]  # strictly lowest
     first = errors[kinds[0]]
-    reason = (f"{metric} on base-{ptq['size']}'s {first['n']:,} decoder weights: "
+    reason = (f"{metric} on base-{record['size']}'s {first['n']:,} decoder weights: "
               + " < ".join(f"{k} {value[k]:.4g}" for k in order)
               + "; max abs error " + ", ".join(f"{k} {float(errors[k]['max_abs_error']):.3g}" for k in kinds))
     return Verdict(REPRODUCED if ok else NOT_REPRODUCED, value[kinds[0]], reason=reason,
                    n=f"{first['n']:,} weights")
 
 
-def k_ptq_lower(claim: dict, ptq: dict | None) -> Verdict:
-    from qlab.claims.ptq import paired_log_ratio
-
-    if ptq is None:
+def k_ptq_lower(claim: dict, record: dict | None) -> Verdict:
+    if record is None:
         return _ptq_missing(claim)
-    types, a = ptq.get("types") or {}, claim["a"]
+    types, a = record.get("types") or {}, claim["a"]
     missing = [t for t in (a, *claim["others"]) if t not in types]
     if missing:
         return Verdict(INCONCLUSIVE, reason=f"ptq.json has no perplexity for {', '.join(missing)}")
-    tokens = ptq["eval"]["window_tokens"]
-    pairs = {b: paired_log_ratio(types[a]["window_nll"], types[b]["window_nll"], tokens) for b in claim["others"]}
+    tokens = record["eval"]["window_tokens"]
+    pairs = {b: stats.paired_log_ratio(types[a]["window_nll"], types[b]["window_nll"], tokens)
+             for b in claim["others"]}
     closest = max(pairs, key=lambda b: pairs[b]["log_ratio"])  # the other type a beats by least
     c = pairs[closest]
-    n = f"{c['tokens']:,} tokens, {c['windows']} windows"
+    n = f"{int(c['weight']):,} tokens, {c['n']} windows"
     ppl = ", ".join(f"{t} {types[t]['perplexity']:.4g}" for t in sorted((a, *claim["others"]),
                                                                          key=lambda t: types[t]["perplexity"]))
     diffs = "; ".join(f"vs {b} {100 * r['rel']:+.2f}% [{100 * r['rel_ci95'][0]:+.2f}, {100 * r['rel_ci95'][1]:+.2f}]"
@@ -301,8 +303,7 @@ def k_interleaved_equivalent(claim: dict, record: dict | None) -> Verdict:
     n, margin, m = f"{len(rel)} paired rounds", claim["margin"], float(rel.mean())
     if len(rel) < 2:
         return Verdict(INCONCLUSIVE, m, reason="fewer than 2 rounds: no interval", n=n)
-    lo, hi = (st.t.interval(0.95, len(rel) - 1, loc=m, scale=rel.std(ddof=1) / len(rel) ** 0.5)
-              if rel.std() > 0 else (m, m))
+    lo, hi = stats.mean_interval(rel)
     ci = (100 * float(lo), 100 * float(hi))
     setup = record.get("setup", {})
     what = (f"{claim['a']} vs {claim['b']} tok/s on {setup.get('model')} ({record.get('env', {}).get('gpu')}), "
@@ -369,6 +370,133 @@ def k_ratio(claim: dict, runs: pd.DataFrame) -> Verdict:
                    reason=f"{claim['metric']} of a / b = {r:.3f}: {'' if ok else 'not '}{bound}", n=n)
 
 
+# ------------------------------------------------------------------ an arm against a reference run
+
+def moving_average(xs, window: int) -> np.ndarray:
+    """The mean of every `window` consecutive values: len(xs) - window + 1 of them."""
+    return np.convolve(np.asarray(xs, dtype=float), np.ones(window) / window, "valid")
+
+
+def tolerance(ref, bound: dict):
+    """max(bound['abs'], bound['rel'] x |ref|): absolute where the loss is low, relative above."""
+    return np.maximum(bound["abs"], bound["rel"] * np.abs(ref))
+
+
+def compare_curves(ref: list, other: list, window: int, bound: dict) -> dict:
+    """Moving averages of two per-step loss curves, step by step. `ok` needs equal lengths (a run
+    that stopped early fails) and every |difference| within tolerance(MA_ref)."""
+    n = min(len(ref), len(other))
+    if n < window:
+        return {"ok": False, "reason": f"{n} steps, fewer than the window of {window}"}
+    a, b = moving_average(ref[:n], window), moving_average(other[:n], window)
+    diffs = np.abs(b - a)
+    worst = float((diffs / tolerance(a, bound)).max())  # <= 1 everywhere: within tolerance
+    out = {"steps": n, "max_abs_diff": float(diffs.max()), "mean_abs_diff": float(diffs.mean()),
+           "final_window_diff": float(b[-1] - a[-1]), "final_window_ref": float(a[-1]),
+           "worst_diff_over_tol": worst, "ok": worst <= 1 and len(ref) == len(other)}
+    if len(ref) != len(other):
+        out["reason"] = f"{len(other)} steps against the reference's {len(ref)}"
+    return out
+
+
+def compare_eval(ref: float | None, other: float | None, bound: dict) -> dict:
+    if ref is None or other is None or not math.isfinite(ref) or not math.isfinite(other):
+        return {"ok": False, "reason": "no eval_loss"}
+    tol = float(tolerance(ref, bound))
+    return {"eval_ref": ref, "eval_diff": other - ref, "tol": tol, "ok": abs(other - ref) <= tol}
+
+
+def _matches(flat: dict, spec: dict) -> bool:
+    """Every dotted key of `spec` holds its value in the flattened config (a list: one of them)."""
+    def same(x, want):
+        return x == want and isinstance(x, bool) == isinstance(want, bool)  # 0 is never false
+
+    return all(any(same(flat.get(k), w) for w in (v if isinstance(v, list) else [v])) for k, v in spec.items())
+
+
+def _pruned(reference: dict, spec: dict) -> str | None:
+    """Why config.validate prunes arm `spec` in the sweep's settings (the reference's stored
+    config with the arm's keys), if it does: e.g. compiled layers on a CPU."""
+    if any(isinstance(v, list) for v in spec.values()):
+        return None
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(config.RunConfig), reference)
+        for key, value in spec.items():
+            OmegaConf.update(cfg, key, value)
+        config.validate(cfg)
+    except config.PrunedCombination as e:
+        return str(e)
+    except Exception:  # a config of another schema: no reason to give
+        return None
+    return None
+
+
+def _pair(claim: dict, runs: pd.DataFrame):
+    """(run a, run b, the stored result of b) or a Verdict saying why they cannot be compared.
+    `b` selects the reference by stored config, `a` is b's selection with a's keys changed; of
+    several matches the newest is judged (a re-run supersedes)."""
+    root = Path(runs.attrs["root"])
+    found, spec = {}, {"b": claim["b"], "a": {**claim["b"], **claim["a"]}}
+    results = [store.read_result(root / p) or {} for p in runs.path]
+    for side in ("b", "a"):
+        idx = [i for i, r in enumerate(results) if _matches(flatten(r.get("config") or {}), spec[side])]
+        found[side] = max(idx, key=lambda i: str(runs.started_at.iloc[i]), default=None)
+    if found["b"] is None:
+        return Verdict(INCONCLUSIVE, reason="no run of the reference (b) in the sweep")
+    ref = results[found["b"]]
+    if found["a"] is None:
+        why = _pruned(ref.get("config") or {}, claim["a"])
+        return Verdict(INCONCLUSIVE, reason=f"not run: pruned ({why})" if why else "no run of arm a in the sweep")
+    a, b = runs.iloc[found["a"]], runs.iloc[found["b"]]
+    if b.status != "ok":
+        return Verdict(INCONCLUSIVE, reason=f"the reference run ended {b.status} ({b.run_id})")
+    if a.status != "ok":
+        return Verdict(NOT_REPRODUCED, reason=f"arm a's run ended {a.status}: {a.error_message} ({a.run_id})")
+    weights = [results[found[s]].get("metrics", {}).get("base_weights_sha256") for s in ("a", "b")]
+    if weights[0] != weights[1]:  # a GPU build of a base is not bit-reproducible: compare one build only
+        return Verdict(INCONCLUSIVE, reason="a and b trained on other base weights (sha256 "
+                       f"{' vs '.join(str(w)[:12] for w in weights)}): re-run the older with force=true")
+    return a, b, weights[0]
+
+
+def _curve_text(c: dict, window: int) -> str:
+    if "max_abs_diff" not in c:
+        return c["reason"]
+    text = (f"max abs dMA{window} {c['max_abs_diff']:.4f} (mean {c['mean_abs_diff']:.4f}, final "
+            f"{c['final_window_diff']:+.4f} on the reference's {c['final_window_ref']:.4f}; "
+            f"{c['worst_diff_over_tol']:.2f} of the tolerance at worst)")
+    return text + (f", {c['reason']}" if "reason" in c else "")
+
+
+def _against_reference(claim: dict, runs: pd.DataFrame, on: str) -> Verdict:
+    """curve_within (on="curve") and eval_within (on="eval"): one arm against the reference run;
+    the reason carries both comparisons."""
+    pair = _pair(claim, runs)
+    if isinstance(pair, Verdict):
+        return pair
+    a, b, weights = pair
+    curves = load_curves(runs.attrs["root"], runs[runs.run_id.isin([a.run_id, b.run_id])])
+    loss = {r.run_id: curves[curves.run_id == r.run_id].sort_values("step").loss.tolist() for r in (a, b)}
+    curve = compare_curves(loss[b.run_id], loss[a.run_id], claim["window"], claim["bound"])
+    ev = compare_eval(b.eval_loss, a.eval_loss, claim["bound"])
+    texts = [_curve_text(curve, claim["window"]),
+             f"eval_loss {ev['eval_diff']:+.4f} on the reference's {ev['eval_ref']:.4f} (tolerance {ev['tol']:.4f})"
+             if "eval_diff" in ev else ev["reason"]]
+    judged, texts = (curve, texts) if on == "curve" else (ev, texts[::-1])
+    texts.append(f"runs {a.run_id} vs {b.run_id}" + (f", base weights {weights[:12]}" if weights else ""))
+    verdict = INFORMATION if claim.get("information") else REPRODUCED if judged["ok"] else NOT_REPRODUCED
+    return Verdict(verdict, judged.get("max_abs_diff" if on == "curve" else "eval_diff"), reason="; ".join(texts),
+                   n=f"{len(loss[a.run_id])} steps")
+
+
+def k_curve_within(claim: dict, runs: pd.DataFrame) -> Verdict:
+    return _against_reference(claim, runs, "curve")
+
+
+def k_eval_within(claim: dict, runs: pd.DataFrame) -> Verdict:
+    return _against_reference(claim, runs, "eval")
+
+
 def load_overhead(results: Path, stem: str) -> dict | None:
     import json
 
@@ -379,16 +507,20 @@ def load_overhead(results: Path, stem: str) -> dict | None:
 KINDS = {"value": k_value, "difference": k_difference, "lower": k_lower, "equivalent": k_equivalent,
          "survives": k_survives, "estimate": k_estimate, "kernel_order": k_kernel_order,
          "ptq_error": k_ptq_error, "ptq_lower": k_ptq_lower, "interleaved_equivalent": k_interleaved_equivalent,
-         "speed_ratio": k_speed_ratio, "ratio": k_ratio}
-NEEDS_RUNS = ("value", "difference", "lower", "equivalent", "survives", "speed_ratio", "ratio")
+         "speed_ratio": k_speed_ratio, "ratio": k_ratio, "curve_within": k_curve_within, "eval_within": k_eval_within}
+NEEDS_RUNS = ("value", "difference", "lower", "equivalent", "survives", "speed_ratio", "ratio", "curve_within",
+              "eval_within")
 NEEDS_PTQ = ("ptq_error", "ptq_lower")  # evidence: results/ptq-base-<claim['ptq']>/ptq.json
 
 
 # ------------------------------------------------------------------ the verb
 
-def load_claims(path: Path) -> list[dict]:
+def load_claims(path: Path, sweep: str | None = None) -> list[dict]:
+    """The claims of a claims file; `sweep`: the sweep of every claim that names none."""
     claims = yaml.safe_load(Path(path).read_text())["claims"]
     for i, c in enumerate(claims):
+        if c.get("kind") in NEEDS_RUNS and not c.setdefault("sweep", sweep):
+            raise ValueError(f"{path}: claim {c.get('id', i)} names no sweep: give one (--sweep)")
         for key in ("id", "statement", "source", "kind"):
             if key not in c:
                 raise ValueError(f"{path}: claim {i} ({c.get('id', '?')}) lacks '{key}'")
@@ -401,25 +533,22 @@ def load_claims(path: Path) -> list[dict]:
 
 def run_missing(claims: list[dict], results: Path) -> None:
     """Run each sweep the claims need that has no result yet (a Hydra multirun per sweep), and
-    each PTQ measurement that has no ptq.json (`python -m qlab.ptq`, one process per size)."""
+    each PTQ measurement that has no ptq.json (one process per size), through the launcher;
+    each one's output goes to a log under results/logs/claims/."""
     done = set()
+    logs = results / "logs" / "claims"
     for c in claims:
         if c["kind"] in NEEDS_PTQ:
             size = c["ptq"]
-            if f"ptq:{size}" in done:
+            if f"ptq:{size}" in done or (ptq.result_dir(results, size) / "ptq.json").is_file():
                 continue
             done.add(f"ptq:{size}")
-            from qlab.claims.ptq import result_dir
-
-            if (result_dir(results, size) / "ptq.json").is_file():
-                continue
             if size == "gpu" and not _has_cuda():
                 print(f"not running the PTQ measurement of base-{size}: it needs a GPU (its claims stay "
                       "inconclusive)", flush=True)
                 continue
-            cmd = [sys.executable, "-m", "qlab.claims.ptq", "--size", size, "--results", str(results)]
-            print("running missing PTQ measurement:", " ".join(cmd), flush=True)
-            subprocess.run(cmd, cwd=PROJECT_ROOT, check=False)
+            print(f"running missing PTQ measurement of base-{size} (log: {logs / f'ptq-{size}.log'})", flush=True)
+            launch.launch(["--size", size, "--results", str(results)], logs / f"ptq-{size}.log", module="qlab.claims.ptq")
             continue
         sweep = c.get("sweep")
         if c["kind"] not in NEEDS_RUNS or not sweep or not c.get("experiment") or sweep in done:
@@ -430,10 +559,9 @@ def run_missing(claims: list[dict], results: Path) -> None:
         if "train=gpu" in c.get("overrides", []) and not _has_cuda():
             print(f"not running sweep {sweep}: it needs a GPU (its claims stay inconclusive)", flush=True)
             continue
-        cmd = [sys.executable, "-m", "qlab.run", f"experiment={c['experiment']}", f"tracker.sweep={sweep}",
-               f"tracker.results_dir={results}", *c.get("overrides", [])]
-        print("running missing sweep:", " ".join(cmd), flush=True)
-        subprocess.run(cmd, cwd=PROJECT_ROOT, check=False)
+        print(f"running missing sweep {sweep} (log: {logs / f'{sweep}.log'})", flush=True)
+        launch.launch([f"experiment={c['experiment']}", f"tracker.sweep={sweep}", f"tracker.results_dir={results}",
+                       *c.get("overrides", [])], logs / f"{sweep}.log")
 
 
 def _has_cuda() -> bool:
@@ -443,9 +571,6 @@ def _has_cuda() -> bool:
 
 
 def evaluate(claims: list[dict], results: Path) -> list[dict]:
-    from qlab.results.frame import load_runs
-
-    from qlab.claims import ptq
 
     cache: dict[str, pd.DataFrame] = {}
     rows = []
@@ -501,19 +626,25 @@ def _fmt(x) -> str:
     return f"{x:,.4g}" if isinstance(x, float) else str(x)
 
 
-def write(rows: list[dict], out: Path, results: Path) -> Path:
+def write(rows: list[dict], out: Path, results: Path, claims_file: Path = DEFAULT_CLAIMS) -> Path:
+    """<out>/<stem>.md, <stem>.json (stem: the claims file's) and summary.md; the claims file's
+    `title` and `expected` (the header of the expected value's column) head the page."""
+    doc, stem = yaml.safe_load(Path(claims_file).read_text()), Path(claims_file).stem
+    shown = Path(claims_file).resolve()
+    shown = shown.relative_to(PROJECT_ROOT) if shown.is_relative_to(PROJECT_ROOT) else claims_file
     out.mkdir(parents=True, exist_ok=True)
-    store.atomic_write_json(out / "claims.json", {"claims": rows, "generated_at": store.now(),
+    store.atomic_write_json(out / f"{stem}.json", {"claims": rows, "generated_at": store.now(),
                                                    "git_commit": store.git_commit(), "env": store.environment()})
     env = store.environment()
     counts = {k: sum(r["verdict"] == k for r in rows) for k in (REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE)}
-    lines = ["# QLoRA paper claims (arXiv 2305.14314): verdicts", "",
+    lines = [f"# {doc.get('title', 'QLoRA paper claims (arXiv 2305.14314): verdicts')}", "",
              f"Computed by `qlab claims` from `{results}` ({', '.join(f'{v} {k}' for k, v in counts.items())}). "
              "Verdicts are computed from result files and the analytic model, never typed; see "
-             "`experiments/claims.yaml` for each claim's metric, comparison and tolerance.", "",
+             f"`{shown}` for each claim's metric, comparison and tolerance.", "",
              f"Evaluated on {env['gpu'] or env['cpu']}; where each claim's numbers were measured is under "
              "Evidence below.", "",
-             "| claim | source | paper | measured [95% CI] | n | verdict | why |", "|---|---|---|---|---|---|---|"]
+             f"| claim | source | {doc.get('expected', 'paper')} | measured [95% CI] | n | verdict | why |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         ci = f" [{_fmt(r['ci95'][0])}, {_fmt(r['ci95'][1])}]" if r["ci95"] else ""
         lines.append(f"| {r['statement']} | {r['source']} | {_fmt(r['paper'])} {r['unit']} | {_fmt(r['measured'])}{ci} | "
@@ -522,19 +653,19 @@ def write(rows: list[dict], out: Path, results: Path) -> Path:
     for evidence in dict.fromkeys(r["evidence"] for r in rows):
         ids = ", ".join(r["id"] for r in rows if r["evidence"] == evidence)
         lines.append(f"| `{evidence}` | {ids} | {evidence_machine(results, evidence)} |")
-    (out / "claims.md").write_text("\n".join(lines) + "\n")
-    (out / "summary.md").write_text(summary(rows))
-    return out / "claims.md"
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    (out / "summary.md").write_text(summary(rows, out / f"{stem}.md", doc.get("expected", "paper")))
+    return out / f"{stem}.md"
 
 
 def _cell(text) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def summary(rows: list[dict]) -> str:
+def summary(rows: list[dict], page: Path = Path("results/claims/claims.md"), expected: str = "paper") -> str:
     """One compact table (claim, paper, measured, verdict) for the README, verbatim: the
     reasons and sources stay in claims.md."""
-    lines = ["| claim | paper | measured | verdict |", "|---|---|---|---|"]
+    lines = [f"| claim | {expected} | measured | verdict |", "|---|---|---|---|"]
     for r in rows:
         unit = f" {r['unit']}" if r["unit"] else ""
         measured = _fmt(r["measured"])
@@ -546,7 +677,7 @@ def summary(rows: list[dict]) -> str:
                      f"**{r['verdict']}** |")
     counts = {k: sum(r["verdict"] == k for r in rows) for k in (REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE)}
     lines += ["", f"{', '.join(f'{v} {k}' for k, v in counts.items())}; generated by `qlab claims` "
-                  "(`results/claims/claims.md` has the sources, sample sizes and the reason for each verdict)."]
+                  f"(`{page}` has the sources, sample sizes and the reason for each verdict)."]
     return "\n".join(lines) + "\n"
 
 
@@ -554,20 +685,40 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="qlab claims", description=__doc__.split("\n\n")[0])
     p.add_argument("--claims", type=Path, default=DEFAULT_CLAIMS)
     p.add_argument("--results", type=Path, default=Path("results"))
-    p.add_argument("--out", type=Path, default=None, help="default: <results>/claims")
+    p.add_argument("--out", type=Path, default=None, help="default: <results>/<--sweep>, else <results>/claims")
+    p.add_argument("--sweep", default=None, help="the sweep of the claims that name none (experiments/numerics.yaml)")
     p.add_argument("--no-run", action="store_true", help="evaluate what exists; run no missing sweep")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        claims = load_claims(args.claims)
+        claims = load_claims(args.claims, args.sweep)
     except (OSError, ValueError, yaml.YAMLError) as e:
         print(f"qlab claims: {e}", file=sys.stderr)
         return 2
     if not args.no_run:
         run_missing(claims, args.results)
     rows = evaluate(claims, args.results)
-    page = write(rows, args.out or args.results / "claims", args.results)
+    page = write(rows, args.out or args.results / (args.sweep or "claims"), args.results, args.claims)
     print(page.read_text())
     return 0
+
+
+class SweepVerdicts(ManifestCallback):
+    """The manifest callback of a sweep that is judged when it ends (conf/experiment/numerics.yaml):
+    the claims file's claims for this sweep into <results>/<sweep>/<stem>.md; exit 1 when one is
+    not reproduced, as when a run failed."""
+
+    def __init__(self, claims: str):
+        self.claims = Path(PROJECT_ROOT) / claims
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        results, sweep = Path(config.tracker.results_dir), config.tracker.sweep
+        try:
+            super().on_multirun_end(config, **kwargs)
+        finally:
+            rows = evaluate(load_claims(self.claims, sweep), results)
+            print(write(rows, results / sweep, results, self.claims).read_text(), flush=True)
+        if any(r["verdict"] == NOT_REPRODUCED for r in rows):
+            raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from pathlib import Path
 
 from qlab.config import SHAPES
 from qlab.reference import corpus
+from qlab.run.device import resolve_device
 from qlab.run.presets import SPECIAL_TOKENS, build_once, cache_root, train_bpe
 
 BUILD_VERSION = 1  # bump when the build procedure changes, so cached bases rebuild
@@ -105,8 +106,6 @@ def ensure_base(size: str, device: str = "cpu", *, steps: int | None = None, out
     budget (a different cache key). `out`: build there instead of `$QLAB_CACHE/base/...`.
     Concurrency-safe like presets.ensure (presets.build_once).
     """
-    from qlab.run.models import resolve_device
-
     device = resolve_device(device)
     spec = spec_for(size, steps)
     sha = corpus.checksum()
@@ -442,8 +441,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile", action="store_true", help="torch.compile the training step")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
-    from qlab.run.models import resolve_device
-
     device = resolve_device(args.device)
     size = args.size if args.size != "auto" else ("gpu" if device.startswith("cuda") else "small")
     try:

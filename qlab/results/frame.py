@@ -103,9 +103,9 @@ def generation_batch_sizes(runs: pd.DataFrame) -> list[int]:
 
 
 def generation_metrics(runs: pd.DataFrame) -> tuple[Metric, ...]:
-    """The columns of a generation table (qlab.generate_bench results), for the batch sizes
+    """The columns of a generation table (task=generate results), for the batch sizes
     the runs hold. Times and throughputs are each run's median over its timed generate calls,
-    its interval the 95% t-interval of the mean over those calls (`measure.summarize`).
+    its interval the 95% t-interval of the mean over those calls (`stats.summarize`).
     Bytes are in GiB, or in MiB when every value of the group is below 1 GiB (tiny models)."""
     unit, scale = byte_unit(pd.concat([runs[c] for c in ("weight_bytes", "peak_bytes") if c in runs]).max())
     out = [
@@ -196,12 +196,22 @@ def _residual_config(config: dict, kind: str = "train") -> dict:
             if not any(k == s or k.startswith(s + ".") for s in skip)}
 
 
-def _adapter_identity(adapter: dict) -> str:
-    """Which adapter a generation result used, one arm each: the run that trained it, and the
-    hash of its weights (generate_bench records it) so that two trainings under one run id,
-    e.g. a re-run on another machine, are two arms, never averaged."""
+def generation_config(cfg: dict, metrics: dict) -> tuple[dict, str]:
+    """A generation result's config as the report groups and labels it (`bench.*`), and which
+    adapter it ran with: its training run and its weights' hash, so that two trainings under one
+    run id are two arms, never averaged. Results of task=generate (`generate`, `train.device`,
+    the adapter in the metrics) take the layout of the first bench's results, which stay as they are."""
+    if "generate" in cfg:
+        bench = {k: v for k, v in cfg["generate"].items() if k != "adapter_run"}
+        bench.update(device=(cfg.get("train") or {}).get("device"),
+                     **{k: metrics.get(k) for k in ("warmup_calls", "decoding", "prompt_source")})
+        model = {k: v for k, v in (cfg.get("model") or {}).items() if k != "base" or v is not None}
+        cfg = {"model": model, "quant": cfg.get("quant"), "bench": bench, "seed": cfg.get("seed"),
+               "tracker": cfg.get("tracker"), "adapter": {"run_id": metrics.get("adapter_run_id"),
+                                                          "weights_sha256": metrics.get("adapter_weights_sha256")}}
+    adapter = cfg.get("adapter") or {}
     sha = adapter.get("weights_sha256")
-    return (adapter.get("run_id") or "") + (f" {sha[:8]}" if sha else "")
+    return cfg, (adapter.get("run_id") or "") + (f" {sha[:8]}" if sha else "")
 
 
 def _num(v) -> float:
@@ -210,10 +220,12 @@ def _num(v) -> float:
 
 def _row(r: dict, rel: str) -> dict:
     axes, m, env = r.get("axes") or {}, r.get("metrics") or {}, r.get("env") or {}
-    cfg = r.get("config") or {}
+    kind = r.get("kind") or "train"
+    cfg, adapter_run = r.get("config") or {}, ""
+    if kind == "generate":
+        cfg, adapter_run = generation_config(cfg, m)
     flat = flatten(cfg)
     error = r.get("error") or {}
-    kind = r.get("kind") or "train"
     row = {
         "run_id": r.get("run_id") or Path(rel).name,
         "kind": kind,
@@ -230,8 +242,7 @@ def _row(r: dict, rel: str) -> dict:
         "speed": speed_label(r),  # generation results and comparisons: none
     }
     row["quant_label"] = quant_label(row["quant"], row["double_quant"], row["speed"])
-    # which adapter a generation result ran with (its training run), so two adapters never merge
-    row["adapter_run"] = _adapter_identity(cfg.get("adapter") or {}) if kind == "generate" else ""
+    row["adapter_run"] = adapter_run  # which adapter a generation result ran with: two never merge
     row["dq"] = "on" if row["double_quant"] else "off"
     for col, key in GROUP_KEYS.items():
         if col != "model":
@@ -267,7 +278,8 @@ def _derived(m: dict) -> dict:
     out["nonquantized_bytes"] = after - _num(m.get("quantized_weight_bytes")) - _num(m.get("quant_state_bytes"))
     # tokens_per_s = sum(tokens) / sum(step times) = mean tokens/step / mean step time, so the
     # t-interval [lo, hi] of the mean step time maps to [tok/hi, tok/lo] with tok = mean tokens
-    # per step = tokens_per_s * step_time_mean_s (4 seq * 512 tok = 2,048 when padded)
+    # per step = tokens_per_s * step_time_mean_s (4 seq * 512 tok = 2,048 when padded); none where
+    # lo <= 0 (stats' rule for a positive quantity; results written before it may hold one)
     tps, mean_t = _num(m.get("tokens_per_s")), _num(m.get("step_time_mean_s"))
     lo_t, hi_t = _num(m.get("step_time_ci95_low_s")), _num(m.get("step_time_ci95_high_s"))
     tok = tps * mean_t
@@ -290,7 +302,7 @@ def load_runs(root: Path) -> pd.DataFrame:
             warnings.warn(f"skipping unreadable {path}: {e}")
             unreadable.append(str(path.relative_to(root)))
     df = pd.DataFrame(rows)
-    df.attrs["unreadable"] = unreadable
+    df.attrs.update(unreadable=unreadable, root=str(root))  # root: where each row's `path` is
     if df.empty:
         return df
     for col in READ_METRICS:
@@ -301,7 +313,7 @@ def load_runs(root: Path) -> pd.DataFrame:
                                rank("optim", r["optim"]), rank("adapter", r["adapter"]), str(r["seed"]), r["run_id"]),
                     axis=1)
     df = df.iloc[sorted(range(len(df)), key=lambda i: keys.iloc[i])].reset_index(drop=True)
-    df.attrs["unreadable"] = unreadable
+    df.attrs.update(unreadable=unreadable, root=str(root))
     return df
 
 

@@ -425,7 +425,7 @@ def build(root: Path, out: Path | None = None, baselines: dict | None = None, wa
         else:
             sections[group] = group_report(g, curves, gout, baselines or {})
         sections[group]["plot_dir"] = gout / "plots"
-    comp = stats.comparisons(runs[runs.kind == "train"])  # generation results: no ablation pairs
+    comp = tables.comparisons(runs[runs.kind == "train"])  # generation results: no ablation pairs
     comp.to_csv(out / "statistics.csv", index=False, float_format="%.10g")
     (out / "statistics.md").write_text(statistics_markdown(comp, dict(zip(runs.group, runs.group_label))))
     # the page names the directory as given (relative for `make report`), never a machine's absolute path

@@ -1,54 +1,96 @@
-"""Statistics of a sweep, with scipy.stats: bootstrap CIs across seeds, and for each ablation
-pair matched on the other axes a two-sided Welch t-test, a Mann-Whitney U test and Hedges' g,
-with a Holm correction over all comparisons of one report.
+"""The one statistics module (scipy.stats): every interval, test and percentile qlab reports.
 
-A test needs at least two runs (seeds) in each arm. With fewer, the comparison is still listed
-with its means and % difference, and its note says that no test is possible; no p-value is
-ever printed for it. Only runs with status "ok" enter the numbers.
+Rules: no interval from fewer than 2 points (None, or no keys). A positive quantity (a time, a
+rate) gets its arithmetic t-interval only where the low end is > 0; one that reaches 0 says the
+points are too few for their spread. (A log-scale interval would stay > 0 but need not contain
+the arithmetic mean, and tokens/s, total tokens / total time, is one.) Ratios are taken on the
+log scale (`paired_log_ratio`), where they cannot cross 0. A leaf: numpy, scipy, stdlib only.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 from scipy import stats
 
-from qlab.results.frame import METRICS, rank
-
+CONFIDENCE = 0.95
 BOOTSTRAP_SEED = 0  # fixed: a report regenerated from the same results prints the same CIs
 BOOTSTRAP_RESAMPLES = 9999
 NO_TEST_N1 = "n=1 per arm: no test"
 
 
-@dataclass(frozen=True)
-class Pair:
-    """Arm `a` vs arm `b` of `column`, matched on the `match` columns (same values in both)."""
-
-    name: str
-    column: str
-    a: str
-    b: str
-    match: tuple[str, ...]
+def percentile(values, q: float) -> float:
+    """THE percentile (p90 everywhere): numpy's default, linear between order statistics,
+    at rank q/100 * (n - 1) from 0 (p90 of 1..10: rank 8.1, 9 + 0.1 * (10 - 9) = 9.1)."""
+    return float(np.percentile(np.asarray(values, dtype=float), q))
 
 
-# The paged optimizer and the standard one it pages (same state, same precision).
-PAGED_OF = {"paged_adamw_32bit": "adamw", "paged_adamw_8bit": "adamw_8bit"}
-PAIRS = (
-    Pair("NF4 vs FP4", "quant", "nf4", "fp4", ("dq", "optim", "adapter", "speed")),
-    Pair("DQ on vs off", "dq", "on", "off", ("quant", "optim", "adapter", "speed")),
-    *(Pair(f"{paged} vs {std} (paged vs standard)", "optim", paged, std, ("quant_label", "adapter"))
-      for paged, std in PAGED_OF.items()),
-    Pair("all_linear vs qv", "adapter", "all_linear", "qv", ("quant_label", "optim")),
-)
+def mean_interval(values, confidence: float = CONFIDENCE, positive: bool = False) -> tuple[float, float] | None:
+    """t-interval of the mean, mean +- t(1 - alpha/2, n - 1) * sd / sqrt(n); None for n < 2 and,
+    with `positive` (a time or a rate), None where its low end would be <= 0. No spread: zero width."""
+    x = np.asarray(values, dtype=float)
+    if len(x) < 2:
+        return None
+    if np.ptp(x) == 0:
+        return float(x[0]), float(x[0])
+    lo, hi = stats.t.interval(confidence, len(x) - 1, loc=x.mean(), scale=x.std(ddof=1) / math.sqrt(len(x)))
+    return None if positive and lo <= 0 else (float(lo), float(hi))
 
 
-def bootstrap_ci(values, confidence: float = 0.95) -> tuple[float, float]:
-    """Bootstrap CI of the mean (percentile method: BCa's jackknife is unstable at 2-5 seeds).
-    Needs n >= 2; identical values give a zero-width interval."""
+def welch_interval(a, b, confidence: float = CONFIDENCE) -> tuple[float, float] | None:
+    """Interval of mean(a) - mean(b), Welch-Satterthwaite degrees of freedom
+    (`ttest_ind(equal_var=False)`); None when an arm has < 2 points, zero width when neither varies."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if min(len(a), len(b)) < 2:
+        return None
+    if np.ptp(a) == 0 and np.ptp(b) == 0:
+        d = float(a.mean() - b.mean())
+        return d, d
+    ci = stats.ttest_ind(a, b, equal_var=False).confidence_interval(confidence)
+    return float(ci.low), float(ci.high)
+
+
+def paired_log_ratio(log_a, log_b, weights=None, confidence: float = CONFIDENCE) -> dict:
+    """log(A / B) from paired units (PTQ windows, interleaved rounds): `log_a`, `log_b` are each
+    unit's summed log quantity (a window's NLL in nats; a round's log tok/s), `weights` its size
+    (a window's tokens; 1 by default). The ratio estimator sum(log_a - log_b) / sum(weights) with a
+    t-interval over units (NaN for one unit); `rel` = A / B - 1, never below -1."""
+    a, b = np.asarray(log_a, dtype=float), np.asarray(log_b, dtype=float)
+    w = np.ones(len(a)) if weights is None else np.asarray(weights, dtype=float)
+    if not (len(a) == len(b) == len(w)) or len(w) == 0:
+        raise ValueError(f"paired units must match: {len(a)}, {len(b)}, {len(w)}")
+    d = a - b
+    delta = float(d.sum() / w.sum())
+    # the ratio estimator's standard error, sqrt(sum r_i^2 / (n (n - 1))) / mean(w) with
+    # r_i = d_i - delta * w_i, is the t-interval's of the values delta + r_i / mean(w) (mean delta)
+    lo, hi = mean_interval(delta + (d - delta * w) / w.mean(), confidence) or (math.nan, math.nan)
+    return {"log_ratio": delta, "ci95": [lo, hi], "n": len(w), "weight": float(w.sum()),
+            "rel": math.expm1(delta), "rel_ci95": [math.expm1(lo), math.expm1(hi)]}
+
+
+def summarize(values, prefix: str, unit: str) -> dict:
+    """A positive series (per-step times, per-call rates) -> `<prefix>_median_<unit>`, `_p90_`,
+    `_mean_`, `<prefix>_cv`, `<prefix>_n`, and where `mean_interval(positive=True)` gives one,
+    `<prefix>_ci95_low_<unit>` / `_high_`. An empty prefix gives bare keys (`median_ms`, `cv`)."""
+    x = np.asarray(values, dtype=float)
+    if len(x) == 0:
+        return {}
+    key = lambda *parts: "_".join(p for p in (prefix, *parts) if p)  # noqa: E731
+    mean = float(x.mean())
+    sd = float(x.std(ddof=1)) if len(x) > 1 else 0.0
+    out = {key("median", unit): percentile(x, 50), key("p90", unit): percentile(x, 90), key("mean", unit): mean,
+           key("cv"): sd / mean if mean else None, key("n"): len(x)}
+    ci = mean_interval(x, positive=True)
+    if ci:
+        out[key("ci95_low", unit)], out[key("ci95_high", unit)] = ci
+    return out
+
+
+def bootstrap_ci(values, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Bootstrap CI of the mean across seeds (percentile method: BCa's jackknife is unstable at
+    2-5 seeds). NaN for n < 2; identical values give a zero-width interval."""
     x = np.asarray(values, dtype=float)
     x = x[np.isfinite(x)]
     if len(x) < 2:
@@ -76,7 +118,8 @@ def hedges_g(a, b) -> float:
 
 
 def compare(a, b) -> dict:
-    """Two arms' values of one metric: means, % difference of a vs b, and the tests."""
+    """Two arms' values of one metric: means, % difference of a vs b, and, with n >= 2 per arm, a
+    two-sided Welch t-test, a Mann-Whitney U test and Hedges' g (else a note says why not)."""
     a = np.asarray([v for v in a if np.isfinite(v)], float)
     b = np.asarray([v for v in b if np.isfinite(v)], float)
     out = {"n_a": len(a), "n_b": len(b), "mean_a": a.mean() if len(a) else math.nan,
@@ -111,39 +154,3 @@ def holm(pvalues) -> np.ndarray:
         running = max(running, min(1.0, (m - k) * p[i]))
         out[i] = running
     return out
-
-
-def comparisons(runs: pd.DataFrame) -> pd.DataFrame:
-    """Every ablation pair, in every group and matched context where both arms have runs, for
-    every tested metric; Holm-adjusted over the whole frame (Welch and MWU separately)."""
-    tested = [m for m in METRICS if m.tested]
-    ok = runs[runs.status == "ok"]
-    rows = []
-    for group in sorted(runs.group.unique()):
-        g = runs[runs.group == group]
-        for pair in PAIRS:
-            arms = g[g[pair.column].isin([pair.a, pair.b])]
-            contexts = arms[list(pair.match)].drop_duplicates()
-            contexts = sorted(contexts.itertuples(index=False, name=None),
-                              key=lambda c: [rank(col, v) for col, v in zip(pair.match, c)])
-            for ctx in contexts:
-                mask = np.logical_and.reduce([arms[c] == v for c, v in zip(pair.match, ctx)])
-                here = arms[mask]
-                if set(here[pair.column]) != {pair.a, pair.b}:
-                    continue  # one arm missing in this context: nothing to compare
-                here_ok = ok.loc[ok.index.intersection(here.index)]
-                for metric in tested:
-                    vals = {arm: (here_ok.loc[here_ok[pair.column] == arm, metric.source] / metric.scale).tolist()
-                            for arm in (pair.a, pair.b)}
-                    rows.append({"group": group, "comparison": pair.name, "a": pair.a, "b": pair.b,
-                                 "context": ", ".join(f"{c}={v}" for c, v in zip(pair.match, ctx)),
-                                 "metric": metric.name, "unit": metric.header,
-                                 **compare(vals[pair.a], vals[pair.b])})
-    cols = ["group", "comparison", "a", "b", "context", "metric", "unit", "n_a", "n_b", "mean_a", "mean_b",
-            "delta_pct", "hedges_g", "welch_t", "p_welch", "p_welch_holm", "mwu_u", "p_mwu", "p_mwu_holm", "note"]
-    df = pd.DataFrame(rows)
-    if df.empty:
-        return pd.DataFrame(columns=cols)
-    df["p_welch_holm"] = holm(df.p_welch)
-    df["p_mwu_holm"] = holm(df.p_mwu)
-    return df[cols]

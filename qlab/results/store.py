@@ -83,7 +83,7 @@ ADDED_KEYS = {
     "speed.upcast_non_quantized": True, "speed.adapter_autocast": False, "speed.compile": "none",
     "speed.compile_backend": "inductor", "speed.loss": "full", "speed.loss_chunk_tokens": 1024,
     "data.pack": False, "data.pack_tokens": None,
-    "task": "train", "train.runner": "qlab",
+    "task": "train", "train.runner": "qlab", "data.pack_budget": "positions",
 }
 
 

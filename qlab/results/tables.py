@@ -12,11 +12,13 @@ The speed path (`speed`: recipe, fast, or trainer for the HF Trainer loop) is an
 quant labels name it (`nf4+DQ · fast`), so the quantization table lists every speed path beside
 the 16-bit baseline.
 
-Generation results (kind "generate", qlab.generate_bench) get one table instead: one row per
+Generation results (kind "generate", task=generate) get one table instead: one row per
 quantization setting x adapter (none | lora), with load time, weights, peak memory, time to
 first token and decode / end-to-end throughput per batch size (`frame.generation_metrics`),
 and the % change vs the baseline quantization (bf16) with the same adapter setting.
 Comparisons (kind "compare", task=compare) get their arms and pairs (`compare_tables`).
+
+`comparisons` tests each ablation pair (`PAIRS`) across seeds for statistics.csv.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from qlab.results.frame import METRICS, Metric, generation_metrics, quant_label, rank
-from qlab.results.stats import bootstrap_ci
+from qlab.results.stats import bootstrap_ci, compare, holm
 
 CONFIG = ["quant_label", "quant", "dq", "optim", "adapter", "speed"]
 
@@ -60,6 +62,28 @@ HEADERS = {"quant_label": "quant", "quant": "quant", "dq": "DQ", "optim": "optim
 GENERATION = Axis("generation", "quant_label", "Generation speed and memory per quantization type",
                   ("adapter",), "bf16")
 
+
+
+@dataclass(frozen=True)
+class Pair:
+    """Arm `a` vs arm `b` of `column`, matched on the `match` columns (same values in both)."""
+
+    name: str
+    column: str
+    a: str
+    b: str
+    match: tuple[str, ...]
+
+
+# The paged optimizer and the standard one it pages (same state, same precision).
+PAGED_OF = {"paged_adamw_32bit": "adamw", "paged_adamw_8bit": "adamw_8bit"}
+PAIRS = (
+    Pair("NF4 vs FP4", "quant", "nf4", "fp4", ("dq", "optim", "adapter", "speed")),
+    Pair("DQ on vs off", "dq", "on", "off", ("quant", "optim", "adapter", "speed")),
+    *(Pair(f"{paged} vs {std} (paged vs standard)", "optim", paged, std, ("quant_label", "adapter"))
+      for paged, std in PAGED_OF.items()),
+    Pair("all_linear vs qv", "adapter", "all_linear", "qv", ("quant_label", "optim")),
+)
 
 def _status_summary(statuses: pd.Series) -> str:
     counts = statuses.value_counts()
@@ -297,3 +321,40 @@ def write(numeric: pd.DataFrame, disp: pd.DataFrame, stem: Path, title: str, not
     paths["tex"].write_text(to_latex(disp, title + ". " + " ".join(notes), f"tab:{stem.name}"))
     numeric.to_csv(paths["csv"], index=False, float_format="%.10g")
     return paths
+
+
+def comparisons(runs: pd.DataFrame) -> pd.DataFrame:
+    """Every ablation pair, in every group and matched context where both arms have runs, for
+    every tested metric (`stats.compare`); Holm-adjusted over the whole frame (Welch and MWU
+    separately). A test needs two ok runs (seeds) per arm; with fewer, the note says so."""
+    tested = [m for m in METRICS if m.tested]
+    ok = runs[runs.status == "ok"]
+    rows = []
+    for group in sorted(runs.group.unique()):
+        g = runs[runs.group == group]
+        for pair in PAIRS:
+            arms = g[g[pair.column].isin([pair.a, pair.b])]
+            contexts = arms[list(pair.match)].drop_duplicates()
+            contexts = sorted(contexts.itertuples(index=False, name=None),
+                              key=lambda c: [rank(col, v) for col, v in zip(pair.match, c)])
+            for ctx in contexts:
+                mask = np.logical_and.reduce([arms[c] == v for c, v in zip(pair.match, ctx)])
+                here = arms[mask]
+                if set(here[pair.column]) != {pair.a, pair.b}:
+                    continue  # one arm missing in this context: nothing to compare
+                here_ok = ok.loc[ok.index.intersection(here.index)]
+                for metric in tested:
+                    vals = {arm: (here_ok.loc[here_ok[pair.column] == arm, metric.source] / metric.scale).tolist()
+                            for arm in (pair.a, pair.b)}
+                    rows.append({"group": group, "comparison": pair.name, "a": pair.a, "b": pair.b,
+                                 "context": ", ".join(f"{c}={v}" for c, v in zip(pair.match, ctx)),
+                                 "metric": metric.name, "unit": metric.header,
+                                 **compare(vals[pair.a], vals[pair.b])})
+    cols = ["group", "comparison", "a", "b", "context", "metric", "unit", "n_a", "n_b", "mean_a", "mean_b",
+            "delta_pct", "hedges_g", "welch_t", "p_welch", "p_welch_holm", "mwu_u", "p_mwu", "p_mwu_holm", "note"]
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return pd.DataFrame(columns=cols)
+    df["p_welch_holm"] = holm(df.p_welch)
+    df["p_mwu_holm"] = holm(df.p_mwu)
+    return df[cols]

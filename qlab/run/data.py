@@ -19,8 +19,9 @@ Training batches come in one of two shapes:
                     with an attention_mask that hides the padding
   packed            data.pack=true: ONE row of whole conversations laid end to end, taken
                     greedily in the (seeded, shuffled) data order until the next one would
-                    exceed the budget of batch_size * max_seq_len positions (data.pack_tokens
-                    overrides it); that conversation opens the next row. A row is never empty:
+                    exceed the budget (data.pack_budget: batch_size * max_seq_len positions, or
+                    batch_size conversations on average; data.pack_tokens overrides it); that
+                    conversation opens the next row. A row is never empty:
                     a lone conversation longer than a budget below max_seq_len gets a row to
                     itself. Each conversation is truncated to max_seq_len exactly as when
                     padded, and its labels are unchanged (the <s> that opens it is -100, so no
@@ -238,6 +239,17 @@ class Data:
             yield collate(s[i : i + self.batch_size], self.pad_id, None)
 
 
+def pack_budget(train: Split, data_cfg, batch_size: int) -> int:
+    """A packed row's positions. `positions`: a padded batch's, 4 x 512 = 2,048. `conversations`:
+    a padded batch's conversations on average. A greedy row stops when the next conversation does
+    not fit, on average half a conversation short of its budget, so (batch_size + 1/2) x the mean
+    length L holds batch_size of them: 4 conversations of L = 72 positions -> 4.5 x 72 = 324."""
+    if data_cfg.pack_budget == "positions":
+        return batch_size * data_cfg.max_seq_len
+    mean = sum(len(ids) for ids, _ in train.samples) / len(train.samples)
+    return round((batch_size + 0.5) * mean)
+
+
 def build(raw: RawData, data_cfg, tokenizer, batch_size: int, seed: int) -> Data:
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no eos token; the chat format needs </s>")
@@ -245,9 +257,7 @@ def build(raw: RawData, data_cfg, tokenizer, batch_size: int, seed: int) -> Data
     train = tokenize_split(raw.train, tokenizer, data_cfg.max_seq_len, data_cfg.train_file)
     ev = tokenize_split(raw.eval, tokenizer, data_cfg.max_seq_len, data_cfg.eval_file) if raw.eval else None
     pad_to = data_cfg.max_seq_len if data_cfg.pad_to == "max_seq_len" else None
-    pack_tokens = None
-    if data_cfg.pack:  # 4 seq x 512 = 2,048 positions per packed row unless data.pack_tokens
-        pack_tokens = data_cfg.pack_tokens or batch_size * data_cfg.max_seq_len
+    pack_tokens = (data_cfg.pack_tokens or pack_budget(train, data_cfg, batch_size)) if data_cfg.pack else None
     stats = {
         "train_samples": len(train.samples),
         "eval_samples": len(ev.samples) if ev else 0,

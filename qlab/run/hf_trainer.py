@@ -121,7 +121,7 @@ class Stepper:
         self._go.acquire()
         if self._stop:
             raise _Stop
-        loop.injected_fault(self.done, self.run_id)
+        loop.inject_fault(self.done, self.run_id)
         self._open, self._timed = True, self._measuring
         if self.done == 0 and self.layers:
             self._probe = loop.CheckpointProbe(self.layers)

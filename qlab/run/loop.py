@@ -25,14 +25,15 @@ from qlab.run import profiling, speed
 from qlab.config import check_packing
 from qlab.run.data import IGNORE_INDEX, Data
 from qlab.run.models import compute_dtype
-from qlab.run.measure import NOISY_CV, MemoryWindow, StepClock, summarize
+from qlab.run.measure import NOISY_CV, MemoryWindow, StepClock
+from qlab.results.stats import summarize
 
 
 class InjectedCrash(RuntimeError):
     """Raised on request (QLAB_INJECT_FAULT=crash) to test how failures are recorded."""
 
 
-def injected_fault(step: int, run_id: str) -> None:
+def inject_fault(step: int, run_id: str) -> None:
     """QLAB_INJECT_FAULT=oom|crash|kill|stall[@step][:text] makes step `step` (default 1) fail, in runs
     whose id contains `text` (default: every run). For tests of the harness's failure
     handling; unset in normal use."""
@@ -174,7 +175,7 @@ class Stepper:
         step = self.done
         batch = _to(next(self.batches), self.device)
         probe = CheckpointProbe(self.layers) if step == 0 and self.layers and not self.bare else None
-        injected_fault(step, self.run_id)
+        inject_fault(step, self.run_id)
         with speed.autocast(self.speed, self.device, self.dtype):
             loss = self.compute(self.model, batch)
         loss.backward()

@@ -5,14 +5,12 @@ sampler thread that polls NVML (device-level used memory, which *does* see CUDA 
 memory of paged optimizers and the CUDA context, unlike torch's counters) and the process RSS;
 on exit it records the peaks. `StepClock` times steps with CUDA events on a GPU (host clock
 with the device synchronized on a CPU), so a step's time is its real device time, not its
-launch time. `summarize` turns per-step times into
-median, p90, mean, coefficient of variation and a 95% confidence interval (Student t, scipy).
+launch time. Their series are summarized by qlab.results.stats.summarize.
 """
 
 from __future__ import annotations
 
 import os
-import statistics
 import threading
 import time
 from dataclasses import dataclass, field
@@ -167,29 +165,6 @@ class StepClock:
 
 
 NOISY_CV = 0.02  # a run whose per-step throughput varies more than 2% is flagged as noisy
-
-
-def summarize(values: list[float], prefix: str, unit: str) -> dict:
-    """median / p90 / mean / CV and a 95% t-interval of the mean, keys like `<prefix>_median_<unit>`."""
-    from scipy import stats
-
-    n = len(values)
-    if n == 0:
-        return {}
-    mean = statistics.fmean(values)
-    sd = statistics.stdev(values) if n > 1 else 0.0
-    ordered = sorted(values)
-    out = {
-        f"{prefix}_median_{unit}": statistics.median(values),
-        f"{prefix}_p90_{unit}": ordered[min(n - 1, int(round(0.9 * (n - 1))))],
-        f"{prefix}_mean_{unit}": mean,
-        f"{prefix}_cv": sd / mean if mean else None,
-        f"{prefix}_n": n,
-    }
-    if n > 1:
-        lo, hi = stats.t.interval(0.95, n - 1, loc=mean, scale=sd / n**0.5) if sd > 0 else (mean, mean)
-        out[f"{prefix}_ci95_low_{unit}"], out[f"{prefix}_ci95_high_{unit}"] = float(lo), float(hi)
-    return out
 
 
 def memory_breakdown(weights: dict, adapter_bytes: int, optimizer_state: dict, logits_bytes: int,

@@ -34,14 +34,6 @@ class LoadedModel:
     weight_bytes: dict  # see weight_bytes()
 
 
-def resolve_device(spec: str) -> str:
-    if spec == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={spec} but CUDA is not available on this machine")
-    return spec
-
-
 def cap_device_memory(device: str, gib: float | None) -> None:
     """Make PyTorch's allocator behave as on a card with `gib` GiB: allocations beyond it raise
     an out-of-memory error (recorded as status oom). Managed memory is not capped."""

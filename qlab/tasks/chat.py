@@ -107,6 +107,7 @@ def load_chat(run_dir: Path, model_override: str | None = None, quant: QuantConf
     from peft import PeftModel
 
     from qlab.run import models
+    from qlab.run.device import resolve_device
 
     result, adapter = read_run(run_dir)
     cfg = OmegaConf.create(result["config"])
@@ -119,9 +120,9 @@ def load_chat(run_dir: Path, model_override: str | None = None, quant: QuantConf
     if quant is not None and (quant.type, quant.double_quant) != (trained_quant.type, trained_quant.double_quant):
         warnings.warn(f"the adapter was trained on a {_q(trained_quant)} base; chatting with {_q(quant)} "
                       "(allowed: the adapter is 16/32-bit, but outputs may differ)")
-    device = models.resolve_device(device)
+    device = resolve_device(device)
     loaded = models.load(model_cfg, quant or trained_quant, device)
-    _check_same_base(adapter, loaded.model)
+    check_same_base(adapter, loaded.model)
     model = PeftModel.from_pretrained(loaded.model, str(adapter))
     model.eval()
     context = getattr(loaded.model.config, "max_position_embeddings", None) or cfg.data.max_seq_len
@@ -138,7 +139,7 @@ def _q(q) -> str:
     return q.type + ("+DQ" if q.double_quant else "")
 
 
-def _check_same_base(adapter: Path, base) -> None:
+def check_same_base(adapter: Path, base) -> None:
     """An adapter only fits the base whose layers it was shaped for: compare the LoRA A/B
     shapes saved in the adapter with the base's layers of the same names."""
     from safetensors import safe_open

@@ -31,7 +31,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from qlab import config
-from qlab.results import store, tables
+from qlab.results import stats, store, tables
 from qlab.run import data, models, optim, profiling
 from qlab.tasks import Outcome, failure
 from qlab.tasks import train as train_task
@@ -52,26 +52,14 @@ def williams(n: int) -> list[list[int]]:
     return rows if n % 2 == 0 else rows + [row[::-1] for row in rows]
 
 
-def log_ratio_interval(log_ratios: list[float]) -> tuple[float, float]:
-    """(mean, half-width) of the 95% Student t-interval of the mean log-ratio: the one place
-    this task computes an interval (scipy)."""
-    from scipy import stats
-
-    n = len(log_ratios)
-    mean = sum(log_ratios) / n
-    if n < 2:
-        return mean, math.inf
-    sd = math.sqrt(sum((x - mean) ** 2 for x in log_ratios) / (n - 1))
-    return mean, float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
-
-
 def pair_stats(rates_a: list[float], rates_b: list[float]) -> dict:
-    """Round by round tokens/s of a over b: the geometric-mean ratio, its 95% interval,
-    half_width = the interval's relative half-width (e^h - 1 for log half-width h)."""
-    logs = [math.log(a / b) for a, b in zip(rates_a, rates_b)]
-    mean, half = log_ratio_interval(logs)
-    return {"ratio": math.exp(mean), "ci95": [math.exp(mean - half), math.exp(mean + half)],
-            "half_width": math.expm1(half), "rounds": len(logs), "round_ratios": [math.exp(x) for x in logs]}
+    """Round by round tokens/s of a over b (stats.paired_log_ratio): the geometric-mean ratio, its
+    95% interval, half_width = the interval's relative half-width (e^h - 1 for log half-width h)."""
+    r = stats.paired_log_ratio([math.log(x) for x in rates_a], [math.log(x) for x in rates_b])
+    lo, hi = r["ci95"]
+    return {"ratio": math.exp(r["log_ratio"]), "ci95": [math.exp(lo), math.exp(hi)],
+            "half_width": math.expm1((hi - lo) / 2), "rounds": r["n"],
+            "round_ratios": [a / b for a, b in zip(rates_a, rates_b)]}
 
 
 def verdict(pair: dict, floor: list[float] | None) -> str:

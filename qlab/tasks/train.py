@@ -14,6 +14,7 @@ import torch
 from omegaconf import DictConfig
 
 from qlab.run import adapters, data, measure, models, optim, speed
+from qlab.run.device import resolve_device
 from qlab.tasks import Outcome, failure
 
 # train.runner -> the module whose train(model, data, optimizer, scheduler, cfg, device,
@@ -48,7 +49,7 @@ def setup(cfg: DictConfig, raw) -> Setup:
     from transformers import set_seed
 
     set_seed(cfg.seed)
-    device = models.resolve_device(cfg.train.device)
+    device = resolve_device(cfg.train.device)
     models.cap_device_memory(device, cfg.train.max_device_memory_gib)
     loaded = models.load(cfg.model, cfg.quant, device)
     metrics = {**loaded.weight_bytes, "load_time_s": loaded.load_time_s, **models.identity(cfg.model, loaded),

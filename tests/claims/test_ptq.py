@@ -5,13 +5,13 @@ bitsandbytes; the paired noise estimate; the PTQ claim kinds on synthetic ptq.js
 import copy
 import json
 import math
-import subprocess
 
 import pytest
 import torch
 import yaml
 
 from qlab.reference import pretrain
+from qlab.run import launch
 from qlab.claims import kernels, ptq, verdicts
 
 
@@ -114,27 +114,6 @@ def test_int4_rounds_exactly_the_layers_bitsandbytes_quantizes(tiny_base):
             assert torch.equal(p, before[name])
 
 
-# ------------------------------------------------------------------------------ the noise estimate
-
-
-def test_paired_log_ratio():
-    tokens = [127] * 10 + [50]
-    a = [3.0 * n + (0.1 if i % 2 else -0.1) for i, n in enumerate(tokens)]
-    same = ptq.paired_log_ratio(a, a, tokens)
-    assert same["log_ratio"] == 0 and same["ci95"] == [0, 0] and same["rel"] == 0
-    # b lower by exactly 0.05 nats per token everywhere: no spread, a zero-width interval
-    b = [x - 0.05 * n for x, n in zip(a, tokens)]
-    r = ptq.paired_log_ratio(a, b, tokens)
-    assert r["log_ratio"] == pytest.approx(0.05) and r["ci95"] == pytest.approx([0.05, 0.05])
-    assert r["rel"] == pytest.approx(math.expm1(0.05)) and r["tokens"] == sum(tokens) and r["windows"] == 11
-    # noise around a zero mean difference: an interval around 0
-    c = [x + (1.0 if i % 2 else -1.0) for i, x in enumerate(a[:10])]
-    r = ptq.paired_log_ratio(c, a[:10], tokens[:10])
-    assert r["ci95"][0] < r["log_ratio"] < r["ci95"][1] and r["ci95"][0] < 0 < r["ci95"][1]
-    with pytest.raises(ValueError, match="must match"):
-        ptq.paired_log_ratio([1.0], [1.0, 2.0], [1])
-
-
 # ------------------------------------------------------------------------------ the claims
 
 
@@ -221,20 +200,18 @@ def test_qlab_claims_runs_the_missing_ptq_measurement(tiny_base, tmp_path, monke
     specs.append(shipped("ptq_nf4_lowest_ppl"))  # size gpu: not run without CUDA
     specs[-1]["id"] = "gpu_one"
     mine.write_text(yaml.safe_dump({"claims": specs}))
-    real_run, calls = subprocess.run, []
+    real_launch, calls = launch.launch, []
 
-    def run(cmd, **kw):  # `subprocess` is one module: git and platform calls come through here too
-        if "qlab.claims.ptq" not in cmd:
-            return real_run(cmd, **kw)
-        calls.append(cmd)
-        return real_run([*cmd, "--max-tokens", "1024", "--types", "bf16,nf4+DQ,fp4,int4"], **kw)
+    def cut(args, log, module="qlab.run", **kw):
+        calls.append((module, args))
+        return real_launch([*args, "--max-tokens", "1024", "--types", "bf16,nf4+DQ,fp4,int4"], log, module, **kw)
 
-    monkeypatch.setattr(subprocess, "run", run)
+    monkeypatch.setattr(launch, "launch", cut)
     monkeypatch.setattr(verdicts, "_has_cuda", lambda: False)
     results = tmp_path / "results"
     assert verdicts.main(["--claims", str(mine), "--results", str(results)]) == 0
     out = capsys.readouterr().out
-    assert len(calls) == 1 and calls[0][1:] == ["-m", "qlab.claims.ptq", "--size", "tiny", "--results", str(results)]
+    assert calls == [("qlab.claims.ptq", ["--size", "tiny", "--results", str(results)])]
     assert "not running the PTQ measurement of base-gpu: it needs a GPU" in out
     rec = json.loads((results / "ptq-base-tiny" / "ptq.json").read_text())
     assert set(rec["types"]) == {"bf16", "nf4+DQ", "fp4", "int4"} and rec["eval"]["tokens"] == 1023

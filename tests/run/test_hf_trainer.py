@@ -20,8 +20,8 @@ def run(compose, *overrides) -> dict:
 
 
 def test_trainer_runner_is_an_ordinary_train_task(compose, tmp_path):
-    t = run(compose, "+arm=trainer")
-    recipe = run(compose, "+arm=recipe")
+    t = run(compose, "+arm=[nf4-dq,trainer]")
+    recipe = run(compose, "+arm=[nf4-dq,recipe]")
     assert t["status"] == recipe["status"] == "ok" and t["kind"] == "train"
     assert t["config"]["train"]["runner"] == "hf_trainer" and t["axes"]["speed"] == "trainer"
     m = t["metrics"]
@@ -48,7 +48,7 @@ def test_trainer_runner_is_an_ordinary_train_task(compose, tmp_path):
 
 def test_an_oom_in_the_trainers_loop_is_a_result(compose, tmp_path, monkeypatch):
     monkeypatch.setenv("QLAB_INJECT_FAULT", "oom@3")
-    cfg = compose(*FIXED, "+arm=trainer")
+    cfg = compose(*FIXED, "+arm=[nf4-dq,trainer]")
     assert tasks.single(cfg) == tasks.EXIT["oom"]
     r = json.loads((store.run_dir(cfg) / store.RESULT).read_text())
     assert r["status"] == "oom" and r["error"]["message"].startswith("injected")

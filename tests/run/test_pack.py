@@ -43,6 +43,22 @@ def test_rows_are_greedy_in_data_order_with_restarting_positions():
     assert seen == [len(samples[i][0]) for i in expected[: len(seen)]]  # same data, same order
 
 
+def test_the_budget_holds_batch_size_conversations_on_average():
+    """pack_budget=conversations: (batch_size + 1/2) x the mean length, from the data alone; a
+    greedy row stops half a conversation short on average, so a row holds batch_size of them."""
+    from types import SimpleNamespace
+
+    cfg = lambda budget: SimpleNamespace(pack_budget=budget, max_seq_len=512)  # noqa: E731
+    lengths = [30 + (7 * i) % 61 for i in range(2000)]  # 30..90 positions, mean ~60
+    split = data.Split([sample(n) for n in lengths])
+    budget = data.pack_budget(split, cfg("conversations"), 4)
+    assert budget == round(4.5 * sum(lengths) / len(lengths))
+    assert data.pack_budget(split, cfg("positions"), 4) == 4 * 512
+    rows = data.Data(split, None, 4, 0, None, 0, pack_tokens=budget).train_batches()
+    per_row = [int((next(rows)["position_ids"][0] == 0).sum()) for _ in range(400)]
+    assert sum(per_row) / len(per_row) == pytest.approx(4, rel=0.05)
+
+
 def test_a_conversation_longer_than_the_budget_gets_a_row_of_its_own():
     rows = data.Data(data.Split([sample(9), sample(3)]), None, 1, 0, None, 0, pack_tokens=8).train_batches()
     assert sorted(next(rows)["input_ids"].shape[1] for _ in range(2)) == [3, 9]
@@ -93,7 +109,11 @@ def test_validation_names_the_key(compose, tmp_path):
     for overrides, key in ((["model=tiny-bloom", "data.pack=true"], "data.pack"),
                            (["data.pack=true", "data.pad_to=max_seq_len"], "data.pack"),
                            (["data.pack_tokens=512"], "data.pack_tokens"),
-                           (["data.pack=true", "data.pack_tokens=4"], "data.pack_tokens")):
+                           (["data.pack=true", "data.pack_tokens=4"], "data.pack_tokens"),
+                           (["data.pack_budget=conversations"], "data.pack_budget"),
+                           (["data.pack=true", "data.pack_budget=rows"], "data.pack_budget"),
+                           (["data.pack=true", "data.pack_tokens=64", "data.pack_budget=conversations"],
+                            "data.pack_budget")):
         with pytest.raises(ConfigError) as e:
             validate(compose(*overrides))
         assert e.value.key == key

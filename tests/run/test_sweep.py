@@ -240,3 +240,28 @@ def test_a_result_made_before_a_key_existed_still_counts_as_complete(compose):
     assert store.complete_result(compose("tracker.sweep=old", "speed=fast")) is None
     (old_dir / store.RESULT).write_text(json.dumps({**result, "status": "failed"}))
     assert store.complete_result(cfg) is None  # only complete results count
+
+
+@pytest.mark.parametrize("experiment, arms, sweep, new", [
+    ("foundation", {"nf4-dq": "nf4-dq", "fp4": "fp4", "int8": "int8", "bf16": "bf16"}, "foundation-gpu", []),
+    ("numerics", {"recipe": "8f2303a1", "upcast_off": "c5fd3b3f", "autocast": "a844c3c9",
+                  "compile_layers": "fd9105ab", "chunked_loss": "a72dde6b", "fast": "728fca5c", "seed1": "2e2a648a"},
+     "numerics-base-gpu", ["packed"]),
+])
+def test_experiments_find_the_committed_results_complete(compose, experiment, arms, sweep, new):
+    """The experiments that replaced experiments/foundation_gpu.sh and numerics.py compose the
+    configurations those scripts ran: a resumed sweep skips the committed 7B and base-gpu runs
+    (their ids predate keys the schema gained since: ADDED_KEYS at their neutral values). The
+    packed arm's budget is now derived from the data (data.pack_budget): a new configuration."""
+    from qlab.results import store
+
+    def arm(name):
+        return compose(f"experiment={experiment}", f"+arm={name}", f"tracker.results_dir={ROOT / 'results'}",
+                       fast=False)
+
+    for name, committed in arms.items():
+        cfg = arm(name)
+        found = store.complete_result(cfg)
+        assert cfg.tracker.sweep == sweep and found is not None and committed in found.name, name
+        assert store.run_dir(cfg) != found  # the id hashes the grown schema; the identity matches
+    assert all(store.complete_result(arm(name)) is None for name in new)

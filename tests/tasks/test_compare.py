@@ -232,8 +232,8 @@ def test_bad_comparisons_run_nothing_and_name_the_key(compose, tmp_path, caplog,
 
 def test_the_bare_loop_is_an_arm_never_a_training_run(compose):
     with pytest.raises(config.ConfigError, match="train.runner: bare is the plain loop"):
-        config.validate(compose("+arm=bare"))
-    config.validate(compose("+arm=bare"), arm=True)
+        config.validate(compose("train.runner=bare"))
+    config.validate(compose("train.runner=bare"), arm=True)
 
 
 def test_compose_inside_a_running_hydra_app():
