@@ -255,6 +255,26 @@ def eval_setup_lines(g: pd.DataFrame) -> list[str]:
     return lines
 
 
+def compare_report(g: pd.DataFrame, out: Path) -> dict:
+    """The arms and pairs tables of one group of comparisons (task=compare), every run's rows
+    under its run id."""
+    made = {"kind": "compare", "tables": [], "grid": None, "plots": {}}
+    arms, pairs = [], []
+    for _, r in g[g.status == "ok"].iterrows():
+        a, p = tables.compare_tables({k: r[k] for k in ("arms", "pairs", "aa_control") if isinstance(r.get(k), dict)})
+        arms.append(a.assign(run=r.run_id))
+        pairs.append(p.assign(run=r.run_id, stopped=f"{r.stopped} ({int(r.rounds_completed)} rounds)"))
+    for key, title, frames in (("compare_arms", "Arms", arms), ("compare_pairs", "Pairs", pairs)):
+        if not frames:
+            continue
+        disp = pd.concat(frames, ignore_index=True)
+        disp = disp[["run", *[c for c in disp.columns if c != "run"]]]
+        axis = tables.Axis(key, "arm", f"{tables.COMPARISON.title}: {title.lower()}", (), "")
+        paths = tables.write(disp, disp, out / "tables" / key, axis.title, [tables.COMPARE_NOTES])
+        made["tables"].append((axis, paths, tables.to_markdown(disp), tables.COMPARE_NOTES))
+    return made
+
+
 def generation_setup_lines(g: pd.DataFrame) -> list[str]:
     r = g.iloc[0]
     rest = json.loads(r.config_rest)
@@ -348,6 +368,8 @@ def write_page(runs: pd.DataFrame, root: Path, out: Path, page: Path, sections: 
     tested = comp.p_welch.notna().sum()
     trained = (runs.kind == "train").any()
     lines += ["", "**Statistics**: " + (
+        "a comparison's own: each pair's 95% interval over its paired rounds (the tables)."
+        if not trained and set(runs.kind) == {"compare"} else
         "none: these are generation or evaluation results (qlab generate-bench, qlab eval); the statistics compare "
         "training ablation pairs across seeds. Each generation cell carries its run's own 95% interval over its "
         "timed calls, each evaluation cell the harness's standard error."
@@ -365,6 +387,9 @@ def write_page(runs: pd.DataFrame, root: Path, out: Path, page: Path, sections: 
             lines += generation_setup_lines(g)
         elif made.get("kind") == "eval":
             lines += eval_setup_lines(g)
+        elif made.get("kind") == "compare":
+            lines += [*_machine_lines(g), "- **Git commits of the runs**: "
+                      + _distinct(g.git_commit.fillna("unknown (not recorded)"))]
         else:
             lines += setup_lines(g, root)
         for axis, paths, md, notes in made["tables"]:
@@ -450,6 +475,8 @@ def build(root: Path, out: Path | None = None, baselines: dict | None = None, wa
             sections[group] = generation_report(g, gout, baselines or {})
         elif g.kind.iloc[0] == "eval":
             sections[group] = eval_report(g, gout, baselines or {})
+        elif g.kind.iloc[0] == "compare":
+            sections[group] = compare_report(g, gout)
         else:
             sections[group] = group_report(g, curves, gout, baselines or {})
         sections[group]["plot_dir"] = gout / "plots"
