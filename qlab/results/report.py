@@ -205,6 +205,26 @@ def generation_report(g: pd.DataFrame, out: Path, baselines: dict) -> dict:
     return made
 
 
+def compare_report(g: pd.DataFrame, out: Path) -> dict:
+    """The arms and pairs tables of one group of comparisons (task=compare), every run's rows
+    under its run id."""
+    made = {"kind": "compare", "tables": [], "grid": None, "plots": {}}
+    arms, pairs = [], []
+    for _, r in g[g.status == "ok"].iterrows():
+        a, p = tables.compare_tables({k: r[k] for k in ("arms", "pairs", "aa_control") if isinstance(r.get(k), dict)})
+        arms.append(a.assign(run=r.run_id))
+        pairs.append(p.assign(run=r.run_id, stopped=f"{r.stopped} ({int(r.rounds_completed)} rounds)"))
+    for key, title, frames in (("compare_arms", "Arms", arms), ("compare_pairs", "Pairs", pairs)):
+        if not frames:
+            continue
+        disp = pd.concat(frames, ignore_index=True)
+        disp = disp[["run", *[c for c in disp.columns if c != "run"]]]
+        axis = tables.Axis(key, "arm", f"{tables.COMPARISON.title}: {title.lower()}", (), "")
+        paths = tables.write(disp, disp, out / "tables" / key, axis.title, [tables.COMPARE_NOTES])
+        made["tables"].append((axis, paths, tables.to_markdown(disp), tables.COMPARE_NOTES))
+    return made
+
+
 def generation_setup_lines(g: pd.DataFrame) -> list[str]:
     r = g.iloc[0]
     rest = json.loads(r.config_rest)
@@ -298,6 +318,8 @@ def write_page(runs: pd.DataFrame, root: Path, out: Path, page: Path, sections: 
     tested = comp.p_welch.notna().sum()
     trained = (runs.kind == "train").any()
     lines += ["", "**Statistics**: " + (
+        "a comparison's own: each pair's 95% interval over its paired rounds (the tables)."
+        if not trained and set(runs.kind) == {"compare"} else
         "none: these are generation results (qlab generate-bench); the statistics compare training ablation "
         "pairs across seeds. Each table cell carries its run's own 95% interval over its timed calls."
         if not trained else
@@ -312,6 +334,9 @@ def write_page(runs: pd.DataFrame, root: Path, out: Path, page: Path, sections: 
         lines += ["", f"## Group {group}: {labels[group]}" if len(labels) > 1 else "## Setup", ""]
         if made.get("kind") == "generate":
             lines += generation_setup_lines(g)
+        elif made.get("kind") == "compare":
+            lines += [*_machine_lines(g), "- **Git commits of the runs**: "
+                      + _distinct(g.git_commit.fillna("unknown (not recorded)"))]
         else:
             lines += setup_lines(g, root)
         for axis, paths, md, notes in made["tables"]:
@@ -324,7 +349,7 @@ def write_page(runs: pd.DataFrame, root: Path, out: Path, page: Path, sections: 
             lines += ["", f"{h} Full grid", "", "Every configuration: " + " · ".join(
                 f"[{ext}]({rel(p, page)})" for ext, p in made["grid"].items())]
         plot_dir = made["plot_dir"]
-        lines += ["", f"{h} Plots"]
+        lines += ["", f"{h} Plots"] if made["plots"] else []
         for name, caption in made["plots"].items():
             png, svg = plot_dir / f"{name}.png", plot_dir / f"{name}.svg"
             lines += ["", f"![{name}]({rel(png, page)})", "", f"{caption} ([SVG]({rel(svg, page)}))"]
@@ -395,6 +420,8 @@ def build(root: Path, out: Path | None = None, baselines: dict | None = None, wa
         g = runs[runs.group == group]
         if g.kind.iloc[0] == "generate":
             sections[group] = generation_report(g, gout, baselines or {})
+        elif g.kind.iloc[0] == "compare":
+            sections[group] = compare_report(g, gout)
         else:
             sections[group] = group_report(g, curves, gout, baselines or {})
         sections[group]["plot_dir"] = gout / "plots"

@@ -43,8 +43,7 @@ def _nvml_handle(device: str):
 
 def sampler_interval_s() -> float:
     """The sampler's period: QLAB_SAMPLER_INTERVAL_MS (default 20 ms; 0 turns the thread off,
-    leaving one sample at each end of the window: for measuring what the sampler itself costs,
-    experiments/overhead.py)."""
+    leaving one sample at each end of the window: for measuring what the sampler itself costs)."""
     return float(os.environ.get("QLAB_SAMPLER_INTERVAL_MS", "20")) / 1000.0
 
 

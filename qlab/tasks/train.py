@@ -18,8 +18,13 @@ from qlab.run.device import resolve_device
 from qlab.tasks import Outcome, failure
 
 # train.runner -> the module whose train(model, data, optimizer, scheduler, cfg, device,
-# on_step, run_id) -> loop.TrainOutcome runs the steps
-RUNNERS = {"qlab": "qlab.run.loop", "hf_trainer": "qlab.run.hf_trainer"}
+# on_step, run_id) -> loop.TrainOutcome runs the steps, and whose Stepper(same arguments) drives
+# them in blocks (task=compare); runner=bare (loop.Stepper's plain loop) is a comparison's only
+RUNNERS = {"qlab": "qlab.run.loop", "hf_trainer": "qlab.run.hf_trainer", "bare": "qlab.run.loop"}
+
+
+def runner(cfg: DictConfig):
+    return importlib.import_module(RUNNERS[cfg.train.runner])
 
 
 def prepare(cfg: DictConfig):
@@ -80,8 +85,7 @@ def run(cfg: DictConfig, raw, recorder) -> Outcome:
                        # everything before the first step: imports, load, prepare, adapters, data, optimizer
                        setup_s=time.perf_counter() - t_setup)
         t_train = time.perf_counter()
-        runner = importlib.import_module(RUNNERS[cfg.train.runner])
-        outcome = runner.train(s.model, s.batches, opt, sched, cfg, s.device, recorder.log_step, recorder.id)
+        outcome = runner(cfg).train(s.model, s.batches, opt, sched, cfg, s.device, recorder.log_step, recorder.id)
         metrics.update(outcome.metrics)
         if outcome.profile:
             (recorder.dir / "profile.txt").write_text(outcome.profile)

@@ -23,7 +23,7 @@ def test_complete_run_writes_a_valid_result(compose, tmp_path):
     assert r["status"] == "ok" and r["error"] is None
     assert r["run_id"] == path.parent.name == store.run_id(cfg)
     assert r["axes"] == {"model": "tiny-llama", "quant": "nf4", "double_quant": True,
-                         "optim": "paged_adamw_32bit", "adapter": "all_linear", "seed": 0}
+                         "optim": "paged_adamw_32bit", "adapter": "all_linear", "seed": 0, "speed": "recipe"}
     assert r["config"]["quant"]["double_quant"] is True and r["config"]["train"]["steps"] == 40
     for key in ("python", "torch", "transformers", "peft", "bitsandbytes", "cuda", "gpu", "driver", "cpu"):
         assert key in r["env"]
