@@ -19,6 +19,9 @@ Exact terms (tests/test_estimate.py checks them equal to what a loaded tiny mode
   gradients    one float32 gradient per adapter parameter
   optimizer    Adam's two moments (`qlab.optim.state_bytes` + the 8-bit types' quantization
                maps), in device, managed or cpu memory (`qlab.optim.state_location`)
+  full fine-tuning (adapter full, a 16-bit base): no adapter; every weight trains as a float32
+               master copy (`weight_bytes_after_prepare` = 4 bytes/param), with a float32
+               gradient each and Adam's moments over every parameter tensor
 
 Estimated term (first-order; `activation_bytes` lists what it counts):
   activations  saved activations for one step of batch x seq_len tokens, with or without
@@ -51,7 +54,7 @@ import torch
 
 from qlab.run import presets
 from qlab.config import (ADAPTER_TARGETS, COMPUTE_DTYPES, FOUR_BIT, OPTIMIZERS, QUANT_SETTINGS, QUANT_TYPES,
-                         ConfigError)
+                         SHAPES, ConfigError)
 
 GiB = 2**30
 BLOCK_4BIT = 64  # bnb Linear4bit: one absmax per 64 weights
@@ -74,6 +77,8 @@ def model_config(model: str, trust_remote_code: bool = False):
 
     if model in presets.PRESETS:
         return preset_config(model)
+    if model in SHAPES["gguf"]:
+        return gguf_config(model)
     path = os.path.expanduser(model)
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
@@ -98,6 +103,16 @@ def preset_config(name: str):
     if spec["vocab_size"] is None:  # the tiny presets: the embedded tokenizer's vocabulary
         spec["vocab_size"] = _tokenizer_size()
     return (LlamaConfig if arch == "llama" else BloomConfig)(**spec)
+
+
+def gguf_config(name: str):
+    """The config of a GGUF model (conf/shapes.yaml, gguf) from its converted checkpoint,
+    converting it first if needed (qlab.reference.gguf.ensure)."""
+    from transformers import AutoConfig
+
+    from qlab.reference import gguf
+
+    return AutoConfig.from_pretrained(gguf.ensure(name))
 
 
 def meta_model(config) -> torch.nn.Module:
@@ -333,6 +348,8 @@ class Setting:
                 raise ConfigError(key, f"unknown value {value!r} (choose from {', '.join(allowed)})")
         if self.double_quant and self.quant not in FOUR_BIT:
             raise ConfigError("double_quant", f"applies to the 4-bit types ({', '.join(FOUR_BIT)}), not {self.quant}")
+        if self.adapter == "full" and self.quant != "bf16":
+            raise ConfigError("adapter", f"full fine-tuning trains a 16-bit base (quant bf16), not {self.quant}")
         for key in ("r", "batch", "seq"):
             if getattr(self, key) < 1:
                 raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
@@ -363,7 +380,8 @@ class Estimate:
     parts: dict = field(init=False)
 
     def __post_init__(self):
-        adapter = self.adapter_params * FP32  # peft keeps LoRA weights in float32
+        grads = self.adapter_params * FP32  # peft keeps LoRA weights in float32, full fine-tuning its masters
+        adapter = 0 if self.setting.adapter == "full" else grads  # full: the weights train, counted as weights
         opt = self.optimizer_state_bytes
         self.parts = {  # the keys of qlab.measure.memory_breakdown, predicted
             "quantized_weights_bytes": self.weights["quantized_weight_bytes"],
@@ -371,7 +389,7 @@ class Estimate:
             "unquantized_weights_bytes": self.weights["weight_bytes_after_prepare"]
             - self.weights["quantized_weight_bytes"] - self.weights["quant_state_bytes"],
             "adapters_bytes": adapter,
-            "gradients_bytes": adapter,  # one float32 gradient per adapter parameter
+            "gradients_bytes": grads,  # one float32 gradient per trainable parameter
             "optimizer_state_device_bytes": opt if self.optimizer_state_location == "device" else 0,
             "optimizer_state_managed_bytes": opt if self.optimizer_state_location == "managed" else 0,
             "optimizer_state_cpu_bytes": opt if self.optimizer_state_location == "cpu" else 0,
@@ -407,8 +425,11 @@ def estimate(model: str | torch.nn.Module, setting: Setting, name: str | None = 
         name, model = name or model, meta_model(model_config(model))
     dtype = setting.dtype()
     weights = weight_bytes(model, setting.quant, setting.double_quant, dtype, setting.upcast)
-    layers = adapted_layers(model, setting.adapter)
-    shapes = lora_shapes(layers, setting.r)
+    full = setting.adapter == "full"
+    layers = [] if full else adapted_layers(model, setting.adapter)
+    shapes = [tuple(p.shape) for p in model.parameters()] if full else lora_shapes(layers, setting.r)
+    if full:  # models.prepare_for_training: float32 master weights
+        weights["weight_bytes_after_prepare"] = FP32 * sum(p.numel() for p in model.parameters())
     quantized = setting.quant != "bf16"
     dequant = 0
     if quantized:
@@ -416,7 +437,7 @@ def estimate(model: str | torch.nn.Module, setting: Setting, name: str | None = 
         dequant *= dtype.itemsize
     acts = activation_bytes(
         dims(model), setting.batch, setting.seq, compute_bytes=dtype.itemsize,
-        residual_bytes=FP32 if quantized else dtype.itemsize, layers=layers, r=setting.r,
+        residual_bytes=FP32 if quantized or full else dtype.itemsize, layers=layers, r=setting.r,
         lora_dropout=setting.lora_dropout, checkpointing=setting.checkpointing, dequant_bytes=dequant)
     return Estimate(
         model=name or getattr(model.config, "name_or_path", "") or type(model).__name__,
@@ -424,7 +445,7 @@ def estimate(model: str | torch.nn.Module, setting: Setting, name: str | None = 
         total_params=sum(p.numel() for p in model.parameters()),
         setting=setting,
         weights=weights,
-        adapter_params=sum(a * b for a, b in shapes),
+        adapter_params=sum(math.prod(s) for s in shapes),  # full: every parameter
         adapted_layers=len(layers),
         target_modules=sorted({n.rsplit(".", 1)[-1] for n, _, _ in layers}),
         optimizer_state_bytes=optimizer_state_bytes(setting.optim, shapes),
@@ -453,6 +474,8 @@ def run_model_config(model_cfg):
         from qlab.reference import pretrain
 
         return pretrain.model_config(pretrain.spec_for(model_cfg.base))
+    if getattr(model_cfg, "gguf", None):
+        return gguf_config(model_cfg.gguf)
     if not model_cfg.name_or_path:
         return preset_config(model_cfg.preset)
     from transformers import AutoConfig
@@ -494,7 +517,9 @@ def _count(n: int) -> str:
 
 def _run_line(e: Estimate) -> str:
     s = e.setting
-    return (f"adapter {s.adapter} r={s.r} ({e.adapted_layers} layers, {_count(e.adapter_params)} params), "
+    what = (f"full fine-tuning ({_count(e.adapter_params)} params)" if s.adapter == "full" else
+            f"adapter {s.adapter} r={s.r} ({e.adapted_layers} layers, {_count(e.adapter_params)} params)")
+    return (f"{what}, "
             f"{s.optim}, batch {s.batch} x {s.seq} tokens, gradient checkpointing {'on' if s.checkpointing else 'off'}, "
             f"compute {str(s.dtype()).replace('torch.', '')} on {s.device}")
 
@@ -510,9 +535,10 @@ def format_one(e: Estimate) -> str:
         ("non-quantized weights", w["unquantized_weight_bytes"], dtype, "exact"),
         ("= weights as loaded", w["weight_bytes"], "models.weight_bytes()", "exact"),
         ("  + k-bit prep up-cast to float32", w["weight_bytes_after_prepare"] - w["weight_bytes"],
-         "non-quantized weights", "exact"),
+         "float32 master weights" if e.setting.adapter == "full" else "non-quantized weights", "exact"),
         ("adapter (LoRA, float32)", p["adapters_bytes"], f"{_count(e.adapter_params)} params", "exact"),
-        ("gradients (float32)", p["gradients_bytes"], "of the adapter", "exact"),
+        ("gradients (float32)", p["gradients_bytes"], "of every weight" if e.setting.adapter == "full"
+         else "of the adapter", "exact"),
         ("optimizer state", e.optimizer_state_bytes, f"{e.setting.optim}, {e.optimizer_state_location}", "exact"),
         ("activations, kept", a["kept_activation_bytes"],
          "layer inputs" if e.setting.checkpointing else "all layers", "estimate"),
@@ -578,8 +604,8 @@ def parser() -> argparse.ArgumentParser:
         description="Memory of a QLoRA fine-tuning run predicted from the model config alone: weights "
                     "(exactly as bitsandbytes stores them), LoRA adapter, gradients, optimizer state "
                     "(exact) and activations (a first-order estimate).")
-    p.add_argument("--model", default="llama-7b", help=f"a preset ({', '.join(presets.PRESETS)}) or a local "
-                   "directory with config.json (default: %(default)s)")
+    p.add_argument("--model", default="llama-7b", help=f"a preset ({', '.join(presets.PRESETS)}), a GGUF model "
+                   f"({', '.join(SHAPES['gguf'])}) or a local directory with config.json (default: %(default)s)")
     p.add_argument("--quant", default=d.quant, choices=QUANT_TYPES)
     p.add_argument("--double-quant", action="store_true", help="quantize the 4-bit absmax constants too")
     p.add_argument("--compute-dtype", default=d.compute_dtype, choices=COMPUTE_DTYPES,

@@ -34,7 +34,7 @@ ORDER = {
     "quant_label": ["bf16", "int8", "nf4", "nf4+DQ", "fp4", "fp4+DQ"],
     "dq": ["off", "on"],
     "optim": ["adamw", "paged_adamw_32bit", "adamw_8bit", "paged_adamw_8bit"],
-    "adapter": ["qv", "all_linear", "none", "lora", "full"],  # none/lora/full: generation and eval results
+    "adapter": ["qv", "all_linear", "full", "none", "lora"],  # full: full fine-tuning; none/lora: generation and eval
     "speed": ["trainer", "recipe", "fast"],  # trainer: the HF Trainer's loop (train.runner=hf_trainer)
 }
 SPEED_SEP = " · "  # quant label · speed label

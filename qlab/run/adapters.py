@@ -8,6 +8,8 @@ Target names are resolved from the model's own modules:
               BLOOM/GPT-NeoX/Falcon fuse q, k and v into one `query_key_value` linear, so
               there `qv` means LoRA on that fused projection: it adapts keys too, and its
               adapter has 3x the output width of a q_proj adapter.
+  full        no LoRA: the model itself trains, every weight (models.prepare_for_training made
+              them trainable); the baseline LoRA is compared to
 """
 
 from __future__ import annotations
@@ -52,8 +54,12 @@ def resolve_targets(model: torch.nn.Module, targets: str) -> list[str]:
 
 
 def attach(model: torch.nn.Module, adapter_cfg):
+    """(the model that trains, the adapted layers' names): a peft model, or for targets=full the
+    model itself and no names."""
     from peft import LoraConfig, get_peft_model
 
+    if adapter_cfg.targets == "full":
+        return model, []
     target_modules = resolve_targets(model, adapter_cfg.targets)
     lora = LoraConfig(
         r=adapter_cfg.r,

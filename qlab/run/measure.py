@@ -168,7 +168,7 @@ NOISY_CV = 0.02  # a run whose per-step throughput varies more than 2% is flagge
 
 
 def memory_breakdown(weights: dict, adapter_bytes: int, optimizer_state: dict, logits_bytes: int,
-                     peak_allocated: int | None) -> dict:
+                     peak_allocated: int | None, gradient_bytes: int | None = None) -> dict:
     """Where the bytes at the peak went, in `<part>_bytes` keys.
 
     Exact: the weights as held after the QLoRA preparation (quantized tensors, their
@@ -178,13 +178,14 @@ def memory_breakdown(weights: dict, adapter_bytes: int, optimizer_state: dict, l
     Remainder: `activations_bytes` = torch's peak allocated minus every device-resident part
     above: saved activations, recomputation buffers, temporaries. Managed (paged) optimizer
     state is listed but not subtracted: torch's allocator never sees it. On a CPU there is no
-    allocator peak, so no remainder."""
+    allocator peak, so no remainder. `gradient_bytes`: where gradients are not the adapter's (full
+    fine-tuning: the weights' own)."""
     parts = {
         "quantized_weights_bytes": weights["quantized_weight_bytes"],
         "quant_constants_bytes": weights["quant_state_bytes"],
         "unquantized_weights_bytes": weights["unquantized_weight_bytes"],
         "adapters_bytes": adapter_bytes,
-        "gradients_bytes": adapter_bytes,
+        "gradients_bytes": adapter_bytes if gradient_bytes is None else gradient_bytes,
         "optimizer_state_device_bytes": optimizer_state["device"],
         "optimizer_state_managed_bytes": optimizer_state["managed"],
         "optimizer_state_cpu_bytes": optimizer_state["cpu"],
