@@ -202,7 +202,8 @@ def load(cfg: DictConfig, inputs: Inputs, device: str):
 def run(cfg: DictConfig, inputs: Inputs, recorder) -> Outcome:
     from transformers import set_seed
 
-    from qlab.run import loop, measure, models
+    from qlab.run import loop, measure
+    from qlab.run.device import resolve_device
 
     g = cfg.generate
     n, sizes = g.new_tokens, list(g.batch_sizes)
@@ -210,7 +211,7 @@ def run(cfg: DictConfig, inputs: Inputs, recorder) -> Outcome:
     window = None  # the memory window a failure struck in: its peaks are recorded
     try:
         set_seed(cfg.seed)
-        device = metrics["device"] = models.resolve_device(cfg.train.device)
+        device = metrics["device"] = resolve_device(cfg.train.device)
         model, tok, loaded = load(cfg, inputs, device)
         metrics.update(loaded)
         context = getattr(model.config, "max_position_embeddings", None) or 2048
