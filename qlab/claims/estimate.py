@@ -1,40 +1,14 @@
 """`qlab estimate`: a QLoRA run's memory predicted from the model's config alone.
 
-Nothing is loaded: the architecture is built on the meta device (shapes, no storage), and each
-term is arithmetic on those shapes.
-
-Exact terms (tests/test_estimate.py checks them equal to what a loaded tiny model holds):
-  weights      bitsandbytes' storage, split like `qlab.models.weight_bytes()`. transformers
-               quantizes every plain nn.Linear except the output head, tied weights and
-               `_keep_in_fp32_modules` (we ask its own quantizer helpers which ones):
-                 4-bit  packed uint8, n/2 bytes; float32 absmax per 64 weights; 16-entry
-                        float32 code per tensor  -> 4 + 32/64 = 4.5 bits/param
-                 4-bit + DQ  uint8 absmax per 64; float32 absmax per 256 of those; 256-entry
-                        float32 code + float32 offset -> 4 + 8/64 + 32/(64*256) = 4.127 bits/param
-                 int8   1 byte/weight + float32 scale per output row (SCB)
-               the rest (embeddings, norms, head, biases) in the compute dtype; tied weights once.
-               `weight_bytes_after_prepare`: peft's k-bit preparation up-casts that rest to float32.
-  adapter      LoRA: r*(in+out) float32 parameters per adapted layer (targets resolved by
-               `qlab.adapters.resolve_targets`, matched by last name component as peft does)
-  gradients    one float32 gradient per adapter parameter
-  optimizer    Adam's two moments (`qlab.optim.state_bytes` + the 8-bit types' quantization
-               maps), in device, managed or cpu memory (`qlab.optim.state_location`)
-
-Estimated term (first-order; `activation_bytes` lists what it counts):
-  activations  saved activations for one step of batch x seq_len tokens, with or without
-               gradient checkpointing, plus float32 logits for the loss.
-
-`total_bytes` adds all terms. It is a planning number, slightly pessimistic: at the peak of a
-real step the gradients are not all alive yet, and a paged optimizer's managed state can be
-evicted to CPU memory (`device_bytes` leaves it out). Checked against the committed llama-7b
-H100 runs (results/, 4 x 512 tokens, checkpointing): the exact terms equal the recorded ones
-in all 28 runs (tests/test_estimate.py replays them); `device_bytes` lands within -0.6%..+7.5%
-of torch's peak allocated for bf16, nf4 and fp4 (with and without DQ). int8 runs peaked ~7 GiB
-higher than predicted: LLM.int8's own buffers, which this model does not know about.
+Nothing is loaded: the architecture is built on the meta device (shapes, no storage) and each
+term is arithmetic on those shapes. Exact: the weights as bitsandbytes stores them
+(`qlab.run.models.weight_bytes` of the loaded model), the LoRA adapter, its gradients and the
+optimizer state. Estimated (first order): activations and logits, `activation_bytes`. What each
+term counts and how well the total predicts the committed GPU runs: docs/memory.md.
 
     qlab estimate --model llama-65b --quant nf4 --double-quant --batch 1
     qlab estimate --model llama-7b --all
-    python -m qlab.estimate --model /path/to/checkpoint --quant int8 --adapter qv
+    python -m qlab.claims.estimate --model /path/to/checkpoint --quant int8 --adapter qv
 """
 
 from __future__ import annotations
@@ -49,7 +23,7 @@ from types import SimpleNamespace
 
 import torch
 
-from qlab.run import presets
+from qlab.run import measure, presets
 from qlab.config import (ADAPTER_TARGETS, COMPUTE_DTYPES, FOUR_BIT, OPTIMIZERS, QUANT_SETTINGS, QUANT_TYPES,
                          ConfigError)
 
@@ -67,8 +41,8 @@ SETTINGS = tuple((label, quant, dq) for label, (quant, dq) in QUANT_SETTINGS.ite
 # --------------------------------------------------------------------------- the model, on meta
 
 
-def model_config(model: str, trust_remote_code: bool = False):
-    """A transformers config from a preset name (qlab.presets.PRESETS) or a local directory
+def model_config(model: str):
+    """A transformers config from a preset name (qlab.run.presets.PRESETS) or a local directory
     holding config.json. Nothing is downloaded, nothing is built."""
     from transformers import AutoConfig
 
@@ -78,7 +52,7 @@ def model_config(model: str, trust_remote_code: bool = False):
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise ConfigError("model", f"no config.json in {model}: not a saved model")
-        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(path)
     raise ConfigError(
         "model", f"unknown preset {model!r} and no such directory (presets: {', '.join(presets.PRESETS)}; "
         "or a local directory with config.json)")
@@ -91,13 +65,7 @@ def _tokenizer_size() -> int:
 
 def preset_config(name: str):
     """The config `presets.build_model` builds the preset from (token ids aside: no shape)."""
-    from transformers import BloomConfig, LlamaConfig
-
-    spec = dict(presets.PRESETS[name])
-    arch = spec.pop("arch")
-    if spec["vocab_size"] is None:  # the tiny presets: the embedded tokenizer's vocabulary
-        spec["vocab_size"] = _tokenizer_size()
-    return (LlamaConfig if arch == "llama" else BloomConfig)(**spec)
+    return presets.model_config(name, None if presets.PRESETS[name]["vocab_size"] else _tokenizer_size())
 
 
 def meta_model(config) -> torch.nn.Module:
@@ -123,7 +91,7 @@ def _in_out(module) -> tuple[int, int]:
 def quantized_linears(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     """Modules transformers' bitsandbytes integration replaces: every plain nn.Linear/Conv1D
     except the output head, tied weights and `_keep_in_fp32_modules` (llm_int8_skip_modules
-    left at its default, as qlab.models.bnb_config does)."""
+    left at its default, as qlab.run.models.bnb_config does)."""
     from transformers.quantizers.base import HfQuantizer
     from transformers.quantizers.quantizers_utils import should_convert_module
 
@@ -160,14 +128,14 @@ def int8_bytes(in_features: int, out_features: int) -> tuple[int, int]:
 
 def weight_bytes(model: torch.nn.Module, quant: str, double_quant: bool, dtype: torch.dtype,
                  upcast: bool = True) -> dict:
-    """`qlab.models.weight_bytes()` of `model` loaded with this quantization, without loading it,
-    plus `weight_bytes_after_prepare` (peft's prepare_model_for_kbit_training up-casts every
+    """`qlab.run.models.weight_bytes()` of `model` loaded with this quantization, without loading
+    it, plus `weight_bytes_after_prepare` (peft's prepare_model_for_kbit_training up-casts every
     non-quantized 16-bit parameter to float32; the bf16 arm is only frozen)."""
-    quantized = _quantized_weights(model) if quant != "bf16" else set()
+    quantized = {id(m.weight): _in_out(m) for m in quantized_linears(model).values()} if quant != "bf16" else {}
     packed = state = other = other_after = n_quantized = 0
     for name, p in model.named_parameters():  # tied weights appear once
         if id(p) in quantized:
-            out_f, in_f = quantized[id(p)]
+            in_f, out_f = quantized[id(p)]
             n_quantized += in_f * out_f
             if quant in FOUR_BIT:
                 q, s = four_bit_bytes(in_f * out_f, double_quant)
@@ -189,15 +157,6 @@ def weight_bytes(model: torch.nn.Module, quant: str, double_quant: bool, dtype: 
     }
 
 
-def _quantized_weights(model) -> dict[int, tuple[int, int]]:
-    """id(weight parameter) -> (out, in) for every weight bitsandbytes will quantize."""
-    out = {}
-    for m in quantized_linears(model).values():
-        i, o = _in_out(m)
-        out[id(m.weight)] = (o, i)
-    return out
-
-
 # --------------------------------------------------------------------------- adapter, optimizer
 
 
@@ -216,7 +175,7 @@ def lora_shapes(layers, r: int) -> list[tuple[int, int]]:
 
 
 def optimizer_state_bytes(name: str, shapes) -> int:
-    """`qlab.optim.state_bytes` of tensors of these shapes (meta tensors: no storage)."""
+    """`qlab.run.optim.state_bytes` of tensors of these shapes (meta tensors: no storage)."""
     from qlab.run import optim
 
     return optim.state_bytes(name, [torch.empty(s, device="meta") for s in shapes])
@@ -315,7 +274,7 @@ def activation_bytes(d: Dims, batch: int, seq: int, *, compute_bytes: int, resid
 class Setting:
     quant: str = "nf4"
     double_quant: bool = False
-    compute_dtype: str = "bfloat16"  # or "auto": bfloat16 on cuda, float32 on cpu (qlab.models)
+    compute_dtype: str = "bfloat16"  # or "auto": bfloat16 on cuda, float32 on cpu (models.compute_dtype)
     adapter: str = "all_linear"
     r: int = 64
     lora_dropout: float = 0.05
@@ -358,26 +317,20 @@ class Estimate:
     adapted_layers: int
     target_modules: list
     optimizer_state_bytes: int
-    optimizer_state_location: str  # device | managed | cpu (qlab.optim.state_location)
+    optimizer_state_location: str  # device | managed | cpu (optim.state_location)
     activations: dict  # activation_bytes(): an estimate
     parts: dict = field(init=False)
 
     def __post_init__(self):
-        adapter = self.adapter_params * FP32  # peft keeps LoRA weights in float32
-        opt = self.optimizer_state_bytes
-        self.parts = {  # the keys of qlab.measure.memory_breakdown, predicted
-            "quantized_weights_bytes": self.weights["quantized_weight_bytes"],
-            "quant_constants_bytes": self.weights["quant_state_bytes"],
-            "unquantized_weights_bytes": self.weights["weight_bytes_after_prepare"]
-            - self.weights["quantized_weight_bytes"] - self.weights["quant_state_bytes"],
-            "adapters_bytes": adapter,
-            "gradients_bytes": adapter,  # one float32 gradient per adapter parameter
-            "optimizer_state_device_bytes": opt if self.optimizer_state_location == "device" else 0,
-            "optimizer_state_managed_bytes": opt if self.optimizer_state_location == "managed" else 0,
-            "optimizer_state_cpu_bytes": opt if self.optimizer_state_location == "cpu" else 0,
-            "logits_bytes": self.activations["logits_bytes"],
-            "activations_bytes": self.activations["activation_bytes"] - self.activations["logits_bytes"],
-        }
+        """`parts`: the terms of a run's measured `memory_breakdown`, predicted."""
+        w, a = self.weights, self.activations
+        held = {**w, "unquantized_weight_bytes": w["weight_bytes_after_prepare"] - w["quantized_weight_bytes"]
+                - w["quant_state_bytes"]}  # after k-bit preparation, as a run measures them
+        state = {loc: self.optimizer_state_bytes if loc == self.optimizer_state_location else 0
+                 for loc in ("device", "managed", "cpu")}
+        # peft keeps LoRA weights, and so their gradients, in float32
+        self.parts = measure.memory_breakdown(held, self.adapter_params * FP32, state, a["logits_bytes"], None)
+        self.parts["activations_bytes"] = a["activation_bytes"] - a["logits_bytes"]
 
     @property
     def total_bytes(self) -> int:
@@ -410,10 +363,8 @@ def estimate(model: str | torch.nn.Module, setting: Setting, name: str | None = 
     layers = adapted_layers(model, setting.adapter)
     shapes = lora_shapes(layers, setting.r)
     quantized = setting.quant != "bf16"
-    dequant = 0
-    if quantized:
-        dequant = max((i * o for i, o in (_in_out(m) for m in quantized_linears(model).values())), default=0)
-        dequant *= dtype.itemsize
+    sizes = [i * o for i, o in map(_in_out, quantized_linears(model).values())] if quantized else []
+    dequant = max(sizes, default=0) * dtype.itemsize  # the largest layer's weight, dequantized
     acts = activation_bytes(
         dims(model), setting.batch, setting.seq, compute_bytes=dtype.itemsize,
         residual_bytes=FP32 if quantized else dtype.itemsize, layers=layers, r=setting.r,
@@ -433,16 +384,9 @@ def estimate(model: str | torch.nn.Module, setting: Setting, name: str | None = 
     )
 
 
-def estimate_for_config(cfg, device: str | None = None) -> Estimate:
-    """The estimate for a composed run config (the DictConfig qlab.run gets), so a run can
-    record predicted next to measured. `device` defaults to cfg.train.device ("auto" = cuda
-    when available), which also resolves quant.compute_dtype=auto as qlab.models does.
-
-        from qlab.claims.estimate import estimate_for_config
-        predicted = estimate_for_config(cfg, device)       # before models.load: no weights needed
-        metrics["predicted"] = predicted.as_metrics()      # weight_bytes, quant_state_bytes, ...
-        # exact: predicted.weights == models.weight_bytes(loaded.model) (minus *_after_prepare)
-    """
+def estimate_for_config(cfg, device: str) -> Estimate:
+    """The estimate for a composed run config on `device` (which resolves compute_dtype=auto), so
+    a run records predicted beside measured; nothing is loaded, so it can come first."""
     return estimate(meta_model(run_model_config(cfg.model)), setting_for_config(cfg, device), name=cfg.model.name)
 
 
@@ -465,10 +409,7 @@ def run_model_config(model_cfg):
                                       trust_remote_code=model_cfg.trust_remote_code)
 
 
-def setting_for_config(cfg, device: str | None = None) -> Setting:
-    if device is None:
-        spec = cfg.train.device
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if spec == "auto" else spec
+def setting_for_config(cfg, device: str) -> Setting:
     return Setting(
         quant=cfg.quant.type, double_quant=bool(cfg.quant.double_quant), compute_dtype=cfg.quant.compute_dtype,
         adapter=cfg.adapter.targets, r=int(cfg.adapter.r), lora_dropout=float(cfg.adapter.dropout),
