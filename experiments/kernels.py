@@ -4,31 +4,15 @@
     python experiments/kernels.py --quick --out /tmp/k # fewer repeats (CPU: well under a minute)
     python experiments/kernels.py --model-path DIR     # errors on a real checkpoint's weights
 
-Timed (one call each; warm-up calls first; stats.summarize: median, p90, mean, 95% t-interval):
-  quantize_4bit / dequantize_4bit   nf4, fp4 x DQ off/on x blocksize 64, 128
-  int8_vectorwise_quant / _dequant  LLM.int8's row-wise absmax (weights cast to float16 first)
-  matmul   input x weight^T: plain, bnb.matmul_4bit (nf4, nf4+DQ, fp4; blocksize 64),
-           and bnb's Linear8bitLt (threshold 6.0, transformers' default)
-Shapes on CUDA: LLaMA-7B's q/k/v/o weight 4096x4096 and gate/up weight 11008x4096 (out x in),
-in bfloat16 (the paper's compute type); matmul input 4 seq x 512 tok = 2,048 tok x 4096.
-On CUDA each timed call starts with a cold L2 (a 256 MiB buffer is zeroed first, untimed):
-a 4096x4096 bf16 weight is 32 MiB and would otherwise sit in the H100's 50 MiB L2.
-Without CUDA: quarter widths (1024x1024, 2752x1024, 512 tok), float32, perf_counter timing,
-flagged `cpu_fallback` in the JSON: those numbers say nothing about a GPU.
-
-Errors: MSE, RMSE, max/mean absolute error, SQNR (qlab.kernels.quantization_error) of nf4,
-fp4 (with and without DQ), qlab's reference int4 (blocksize 64, 128, 256) and int8, on N(0,1)
-data and on the linear weights of a model: a real checkpoint with --model-path, else the preset
-(llama-7b on CUDA, tiny-llama on CPU), whose weights are RANDOM INIT (normal, std 0.02): not
-the heavier-tailed weights of a trained model. By default the first, middle and last layer.
-
-Writes <out>/<gpu-or-cpu-name>.json (with qlab.track.environment()) and a .md table beside it.
+Times quantize / dequantize (nf4, fp4 x DQ x blocksize 64, 128; LLM.int8's row-wise absmax) and
+the matmul of a 4 x 512-token batch (plain, bnb 4-bit, Linear8bitLt), one call at a time, and
+measures each kind's round-trip error on N(0,1) data and on a model's linear weights. Writes
+<out>/<gpu-or-cpu-name>.json and a .md table; shapes, timing and caveats: docs/kernels.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import re
 import sys
 import time
@@ -40,7 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 from qlab.claims import kernels as K  # noqa: E402
-from qlab.results import stats  # noqa: E402
+from qlab.results import stats, store  # noqa: E402
+from qlab.run import measure, models, presets  # noqa: E402
 
 MiB = 2**20
 TIMED_BLOCKSIZES = (64, 128)
@@ -66,36 +51,25 @@ REPEATS = {  # (warm-up calls, timed calls)
 # --------------------------------------------------------------------------- timing
 
 
-class Timer:
-    """Times one call at a time: CUDA events around it (after an untimed L2 flush), or the
-    host clock on CPU."""
+def timer(device: str, warmup: int, repeats: int):
+    """`timed(fn)` -> ms of each of `repeats` calls after `warmup` untimed ones, timed one call at
+    a time by measure.StepClock; on CUDA each call starts with a cold L2 (an untimed flush)."""
+    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device=device) if device == "cuda" else None
 
-    def __init__(self, device: str, warmup: int, repeats: int):
-        self.device, self.warmup, self.repeats = device, warmup, repeats
-        self.flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device=device) if device == "cuda" else None
-
-    def __call__(self, fn) -> list[float]:
-        for _ in range(self.warmup):
+    def timed(fn) -> list[float]:
+        for _ in range(warmup):
             fn()
-        if self.device != "cuda":
-            ms = []
-            for _ in range(self.repeats):
-                t0 = time.perf_counter()
+        clock = measure.StepClock(device)
+        for _ in range(repeats):
+            if flush is not None:
+                flush.zero_()
+            with clock:
                 fn()
-                ms.append((time.perf_counter() - t0) * 1e3)
-            return ms
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(self.repeats)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(self.repeats)]
-        for s, e in zip(starts, ends):
-            self.flush.zero_()
-            s.record()
-            fn()
-            e.record()
-        torch.cuda.synchronize()
-        return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+        return [t * 1e3 for t in clock.times]
+    return timed
 
 
-def bench_kernels(device: str, sizes: dict, timer: Timer, log) -> list[dict]:
+def bench_kernels(device: str, sizes: dict, timer, log) -> list[dict]:
     import bitsandbytes as bnb
     import bitsandbytes.functional as F
 
@@ -103,9 +77,7 @@ def bench_kernels(device: str, sizes: dict, timer: Timer, log) -> list[dict]:
     esize = torch.finfo(dtype).bits // 8
     g = torch.Generator(device=device).manual_seed(0)
     rows = []
-    # LLM.int8 computes in float16: Linear8bitLt casts a bf16 input (timed, as in a real layer)
-    # and bitsandbytes logs that on every call; the filter drops only that line.
-    logging.getLogger("bitsandbytes.autograd._functions").addFilter(_NO_CAST_NOTICE)
+    models.quiet_bnb_casts()  # Linear8bitLt casts a bf16 input to float16 (timed, as in a real layer)
 
     def record(op, label, shape, ms, weight, moved=None, flop=None, dtype_label=str(dtype).split(".")[-1]):
         row = {"op": op, "config": label, "weight": weight, "shape": "x".join(map(str, shape)),
@@ -167,10 +139,6 @@ def bench_kernels(device: str, sizes: dict, timer: Timer, log) -> list[dict]:
             if device == "cuda":
                 torch.cuda.empty_cache()
     return rows
-
-
-_NO_CAST_NOTICE = type("NoCastNotice", (logging.Filter,), {
-    "filter": staticmethod(lambda rec: "inputs will be cast" not in rec.getMessage())})()
 
 
 def _rate(row: dict) -> str:
@@ -288,10 +256,6 @@ def main(argv=None) -> int:
     p.add_argument("--layers", default="sample", choices=["sample", "all"], help="model layers for the error")
     p.add_argument("--skip-timing", action="store_true", help="errors only")
     args = p.parse_args(argv)
-
-    from qlab.run import presets
-    from qlab.results import store
-
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but CUDA is not available")
@@ -304,7 +268,7 @@ def main(argv=None) -> int:
 
     timings = []
     if not args.skip_timing:
-        timings = bench_kernels(device, sizes, Timer(device, warmup, repeats), log)
+        timings = bench_kernels(device, sizes, timer(device, warmup, repeats), log)
 
     log("quantization error")
     g = torch.Generator(device=device).manual_seed(1)

@@ -24,7 +24,8 @@ def sync(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
-def _nvml_handle(device: str):
+def nvml_handle(device: str):
+    """(pynvml, the NVML handle of CUDA device `device`), or (None, None) without NVML."""
     try:
         import pynvml
 
@@ -43,8 +44,7 @@ def _nvml_handle(device: str):
 
 def sampler_interval_s() -> float:
     """The sampler's period: QLAB_SAMPLER_INTERVAL_MS (default 20 ms; 0 turns the thread off,
-    leaving one sample at each end of the window: for measuring what the sampler itself costs,
-    experiments/overhead.py)."""
+    leaving one sample at each end of the window: for measuring what the sampler itself costs)."""
     return float(os.environ.get("QLAB_SAMPLER_INTERVAL_MS", "20")) / 1000.0
 
 
@@ -55,7 +55,7 @@ class PeakSampler(threading.Thread):
         super().__init__(daemon=True)
         self.interval_s = sampler_interval_s() if interval_s is None else interval_s
         self.proc = psutil.Process()
-        self.nvml, self.handle = _nvml_handle(device) if device.startswith("cuda") else (None, None)
+        self.nvml, self.handle = nvml_handle(device) if device.startswith("cuda") else (None, None)
         self.peak_rss = 0
         self.peak_device_used = None
         self.peak_process_gpu = None

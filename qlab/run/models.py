@@ -122,10 +122,15 @@ class OncePerMessage(logging.Filter):
         return first
 
 
-# bitsandbytes logs "MatMul8bitLt: inputs will be cast from torch.float32 to float16" on every
-# int8 matmul whose input is not float16: 36,400 identical lines in one 300-step int8 run (the
-# recipe's float32 hidden states), thousands per generation configuration. Once says it.
 _BNB_ONCE = OncePerMessage()
+
+
+def quiet_bnb_casts() -> None:
+    """bitsandbytes logs "MatMul8bitLt: inputs will be cast from torch.float32 to float16" on every
+    int8 matmul of a non-float16 input (36,400 identical lines in a 300-step int8 run): once says it."""
+    bnb_log = logging.getLogger("bitsandbytes.autograd._functions")
+    if _BNB_ONCE not in bnb_log.filters:
+        bnb_log.addFilter(_BNB_ONCE)
 
 
 def load(model_cfg, quant_cfg, device: str) -> LoadedModel:
@@ -133,9 +138,7 @@ def load(model_cfg, quant_cfg, device: str) -> LoadedModel:
 
     path = model_path(model_cfg, device)
     dtype = compute_dtype(quant_cfg, device)
-    bnb_log = logging.getLogger("bitsandbytes.autograd._functions")
-    if _BNB_ONCE not in bnb_log.filters:
-        bnb_log.addFilter(_BNB_ONCE)
+    quiet_bnb_casts()
     t0 = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
