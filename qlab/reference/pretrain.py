@@ -1,26 +1,12 @@
 """A *pretrained* reference base model, built offline from the embedded corpus (`make base`).
 
-Quantization error on random weights says little about quality, so the paper's quality claims
-(NF4 vs FP4 vs Int4 after post-training quantization; 4-bit QLoRA matching 16-bit LoRA) need a
-base that has learned something. qlab pretrains its own, with nothing downloaded:
+The paper's quality claims need a base that has learned something, so qlab pretrains a
+LLaMA-architecture model from scratch on the frozen corpus (qlab.reference.corpus) with a BPE
+tokenizer trained here, and saves both with `save_pretrained` beside `base.json` (held-out
+perplexity, curve, hardware) in `$QLAB_CACHE/base/<size>-<hash>/`. The hash covers everything the
+build depends on, so a second `ensure_base` reuses it. Sizes: conf/shapes.yaml; docs/pretrained-base.md.
 
-  corpus     `qlab.corpus`: CPython 3.11.7 stdlib sources, frozen and checksummed in the repo
-  tokenizer  byte-level BPE trained here on the corpus' train split (`<unk> <s> </s> <pad>`)
-  model      a LLaMA-architecture causal LM from `LlamaConfig` (sizes below), trained from
-             scratch on packed fixed-length sequences: AdamW, linear warm-up + cosine decay,
-             bf16 autocast on CUDA / float32 on CPU, optional torch.compile
-  result     `save_pretrained` (model + tokenizer) into `$QLAB_CACHE/base/<size>-<hash>/`, with
-             `base.json`: held-out perplexity (token-weighted, before and after training), the
-             training curve, parameters, tokens seen, wall time, hardware and versions
-
-The hash covers the corpus checksum, the size's shape and training settings, the precision
-(CPU float32 and CUDA bf16-autocast builds differ) and BUILD_VERSION, so a second
-`ensure_base` with the same inputs returns the cached directory without training. The
-directory is an ordinary checkpoint:
-
-    python -m qlab.run model=hub model.name_or_path=<dir> model.name=base-tiny
-
-CLI: `python -m qlab.base --size tiny|small|gpu|auto [--device auto] [--steps N] [--out DIR]`.
+    python -m qlab.reference.pretrain --size tiny|small|gpu|auto [--device auto] [--steps N] [--out DIR]
 """
 
 from __future__ import annotations
@@ -121,10 +107,9 @@ def ensure_base(size: str, device: str = "cpu", *, steps: int | None = None, out
 
 
 def weights_sha256(path: Path | str) -> str:
-    """The identity of a built base's weights (its safetensors files). The cache key names what
-    was asked for; the weights are what a GPU build produced, and they differ between two builds of
-    one key (CUDA training is not bit-reproducible). Runs record it (run.setup), so results are
-    compared only between runs of the same weights (experiments/numerics.py)."""
+    """The identity of a built base's weights (its safetensors files): two GPU builds of one cache
+    key differ (CUDA training is not bit-reproducible), so runs record it and results are compared
+    only between runs of the same weights."""
     from qlab.results import store
 
     return store.files_sha256(sorted(Path(path).glob("*.safetensors")))
@@ -132,12 +117,6 @@ def weights_sha256(path: Path | str) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # tokenizer, data, model
-
-
-def train_tokenizer(texts: list[str], vocab_size: int):
-    """Byte-level BPE (any UTF-8 round-trips, the chat data's Chinese included) with qlab's
-    specials, as presets.build_tokenizer does, trained on the corpus' train split."""
-    return train_bpe(texts, vocab_size, model_max_length=COMMON["max_position_embeddings"])
 
 
 def encode_documents(tokenizer, texts: list[str]) -> list[list[int]]:
@@ -221,10 +200,8 @@ def heldout_eval(model, tokenizer, texts: list[str], seq_len: int, max_tokens: i
 
     `per_window` adds `window_nll` (summed NLL of each window) and `window_tokens` (its
     predictions), in a fixed order: two models evaluated on the same texts get the same windows,
-    so their difference can be paired window by window (qlab.ptq's noise estimate).
+    so their difference can be paired window by window (ptq's noise estimate).
     """
-    import contextlib
-
     import torch
     import torch.nn.functional as F
 
@@ -244,8 +221,7 @@ def heldout_eval(model, tokenizer, texts: list[str], seq_len: int, max_tokens: i
     total, count = 0.0, 0
     window_nll: list[float] = []
     window_tokens: list[int] = []
-    amp = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None and device.type == "cuda"
-           else contextlib.nullcontext())
+    amp = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None and device.type == "cuda")
     try:
         with torch.no_grad(), amp:
             # full windows in batches, the shorter last one on its own
@@ -308,7 +284,8 @@ def build(spec: dict, device: str, out: Path, key: str, compile: bool = False, p
     held_texts = [d.text for d in held_docs]
 
     t0 = time.perf_counter()
-    tokenizer = train_tokenizer(train_texts, spec["vocab_size"])
+    # byte-level BPE (any UTF-8 round-trips) with qlab's specials, as presets.build_tokenizer's
+    tokenizer = train_bpe(train_texts, spec["vocab_size"], model_max_length=COMMON["max_position_embeddings"])
     tokenizer_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     docs = encode_documents(tokenizer, train_texts)
@@ -321,7 +298,6 @@ def build(spec: dict, device: str, out: Path, key: str, compile: bool = False, p
     n_params = sum(p.numel() for p in model.parameters())
     n_embed = model.get_input_embeddings().weight.numel() + model.get_output_embeddings().weight.numel()
     amp_dtype = torch.bfloat16 if cuda else None
-    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else None
 
     def evaluate(max_tokens):
         return heldout_eval(model, tokenizer, held_texts, spec["seq_len"], max_tokens, amp_dtype=amp_dtype)
@@ -350,10 +326,7 @@ def build(spec: dict, device: str, out: Path, key: str, compile: bool = False, p
     window_loss, window_n = 0.0, 0
     for step in range(spec["steps"]):
         x = next(batches).to(device, non_blocking=True)
-        if amp:
-            with amp():
-                loss = step_fn(input_ids=x, labels=x).loss
-        else:
+        with torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=cuda):
             loss = step_fn(input_ids=x, labels=x).loss
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), spec["max_grad_norm"])
@@ -432,7 +405,7 @@ def build(spec: dict, device: str, out: Path, key: str, compile: bool = False, p
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m qlab.base", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m qlab.reference.pretrain", description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="auto", choices=[*SIZES, "auto"],
                     help="auto: gpu where CUDA is available, else small")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
