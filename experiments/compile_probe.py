@@ -6,18 +6,13 @@ batch, one training step.
         speed.upcast_non_quantized=false speed.adapter_autocast=true     # the fast mode's settings
 
 With LoRA's B = 0 the first step's loss is the base model's, so a difference there is the
-forward's, not training's. For each quantization and batch padding, on one model (the same
-weights, the same batch), each arm runs one forward + backward:
-  eager                       transformers' own checkpointing (the reference)
-  <backend>+ckpt              speed.compile_layers: torch.compile(checkpoint(forward)) per layer,
-                              every op recomputed (speed.recompute_everything)
-  inductor+ckpt, partitioner  the same, the partitioner choosing what to save (no policy)
-  inductor (no ckpt)          compiled layers without the checkpoint
-and prints the loss, its difference from eager, the largest per-layer output difference (forward
-hooks on the decoder layers), the LoRA gradient's relative difference, the bytes the forward saved
-for backward (a compiled graph saves its parameters too, by reference: no new memory) and torch's
-peak allocated bytes over the step (the compiled arms' first step: compilation included).
-What it showed on an H200 is in qlab/speed.py and the README ("A fast QLoRA step").
+forward's. Per quantization and padding, on one model and one batch, each arm runs one forward +
+backward: eager (transformers' own checkpointing, the reference), `<backend>+ckpt`
+(speed.compile_layers), `inductor+ckpt, partitioner` (no recompute policy) and `inductor (no
+ckpt)`. It prints the loss and its difference from eager, the largest per-layer output difference,
+the LoRA gradient's relative difference, the bytes the forward saved for backward (a compiled graph
+saves its parameters too, by reference) and torch's peak allocated bytes over the step (the
+compiled arms' first: compilation included). What it showed on an H200: docs/speed-switches.md.
 """
 
 from __future__ import annotations
