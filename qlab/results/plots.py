@@ -62,10 +62,10 @@ def save(fig, stem: Path) -> list[Path]:
     return paths
 
 
-def _quant_legend(arms: pd.DataFrame, dq: bool = True) -> list:
+def _quant_legend(arms: pd.DataFrame) -> list:
     present = [q for q in QUANT_COLORS if q in set(arms.quant)] + sorted(set(arms.quant) - set(QUANT_COLORS))
     handles = [Patch(facecolor=color(q), label=q) for q in present]
-    if dq and (arms.dq == "on").any():
+    if (arms.dq == "on").any():
         handles.append(Patch(facecolor="white", edgecolor="black", hatch=DQ_HATCH, label="+DQ (double quant)"))
     return handles
 
