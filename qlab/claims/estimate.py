@@ -216,46 +216,26 @@ def dims(model: torch.nn.Module) -> Dims:
 def activation_bytes(d: Dims, batch: int, seq: int, *, compute_bytes: int, residual_bytes: int,
                      layers: list[tuple[str, int, int]], r: int, lora_dropout: float,
                      checkpointing: bool, dequant_bytes: int = 0) -> dict:
-    """First-order activation memory of one training step; an ESTIMATE, unlike the other terms.
-
-    T = batch * seq tokens. Per decoder layer, the tensors autograd saves for backward:
-      norms      2 x T*h float32 (RMSNorm saves a float32 copy of its input)
-      attention  q, k, v and the attention output: T*(2h + 2*kv) in the compute dtype; with
-                 eager attention also the float32 softmax and the compute-dtype probabilities,
-                 batch*heads*seq^2*(4 + compute bytes); a fused SDPA/flash kernel keeps none
-      MLP        gated: gate, up, act(gate), act*up = 4*T*I; plain: up, act(up) = 2*T*I
-      LoRA       per adapted layer: its float32 input (peft casts to the adapter's dtype),
-                 the bool dropout mask, and lora_A's float32 output: T*(in*(4 + 1) + 4r)
-    Frozen base weights need no saved input (only the LoRA branch does).
-    Without checkpointing all `layers` layers keep theirs. With checkpointing (non-reentrant,
-    per decoder layer) only each layer's input hidden state is kept, T*h in the residual
-    dtype (float32 after k-bit preparation up-casts the embeddings and norms; the compute
-    dtype for the 16-bit arm), and one layer's activations are recomputed at a time.
-    logits     T*vocab float32 for the loss (the float32 log-softmax cross-entropy saves)
-    dequantize one dequantized base weight (largest layer, compute dtype), transient, for the
-               quantized arms (bitsandbytes dequantizes a layer's weight for each matmul)
-    Not counted: the compute-dtype logits beside the float32 ones, gradients flowing between
-    layers, allocator fragmentation, CUDA context, kernels' workspaces (int8's especially).
-    """
-    t = batch * seq
-    h = d.hidden
-    norms = 2 * t * h * FP32
-    attention = t * (2 * h + 2 * d.kv_dim) * compute_bytes
-    if d.eager_attention:
+    """First-order activation memory of one training step, an ESTIMATE unlike the other terms: the
+    tensors autograd saves per decoder layer (in every layer, or with checkpointing each layer's
+    input plus one layer recomputed at a time), the loss's float32 logits and one dequantized
+    weight. What it counts and leaves out: docs/memory.md."""
+    t, h = batch * seq, d.hidden  # T tokens
+    norms = 2 * t * h * FP32  # 2 x T*h: RMSNorm saves a float32 copy of its input
+    attention = t * (2 * h + 2 * d.kv_dim) * compute_bytes  # q, k, v and the attention output
+    if d.eager_attention:  # the float32 softmax and the probabilities; a fused SDPA kernel keeps none
         attention += batch * d.heads * seq * seq * (FP32 + compute_bytes)
-    mlp = (4 if d.gated_mlp else 2) * t * d.intermediate * compute_bytes
-    per_layer_lora: dict[str, int] = {}
-    for name, i, _ in layers:
-        key = name.split(".")[-1]  # the same in every layer
-        mask = 1 if lora_dropout > 0 else 0
-        per_layer_lora[key] = t * (i * (FP32 + mask) + r * FP32)
-    lora = sum(per_layer_lora.values())
+    mlp = (4 if d.gated_mlp else 2) * t * d.intermediate * compute_bytes  # gate, up, act(gate), act*up | up, act(up)
+    mask = 1 if lora_dropout > 0 else 0  # the bool dropout mask: 1 byte per input value
+    # per adapted leaf name (the same in every layer): its float32 input, the mask, lora_A's float32
+    # output: T*(in*(4 + 1) + 4r); frozen base weights need no saved input
+    lora = sum({name.split(".")[-1]: t * (i * (FP32 + mask) + r * FP32) for name, i, _ in layers}.values())
     one_layer = norms + attention + mlp + lora
-    if checkpointing:
+    if checkpointing:  # each layer's input hidden state, T*h in the residual dtype, and one layer at a time
         kept, recomputed = d.layers * t * h * residual_bytes, one_layer
     else:
         kept, recomputed = d.layers * one_layer, 0
-    logits = t * d.vocab * FP32
+    logits = t * d.vocab * FP32  # T*vocab: what the float32 log-softmax cross-entropy saves
     total = kept + recomputed + logits + dequant_bytes
     return {
         "activation_bytes": total,

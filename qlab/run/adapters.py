@@ -20,20 +20,16 @@ from qlab.config import ConfigError
 QV_CANDIDATES = (("q_proj", "v_proj"), ("query", "value"), ("query_key_value",), ("qkv_proj",), ("Wqkv",))
 
 
-def _linear_types() -> tuple:
-    import bitsandbytes as bnb
-
-    return (torch.nn.Linear, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
-
-
 def linear_leaf_names(model: torch.nn.Module) -> set[str]:
     """Last name component of every linear layer, output head excluded."""
-    head = model.get_output_embeddings()
-    return {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-            if isinstance(m, _linear_types()) and m is not head}
+    import bitsandbytes as bnb
+
+    linear, head = (torch.nn.Linear, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt), model.get_output_embeddings()
+    return {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, linear) and m is not head}
 
 
 def resolve_targets(model: torch.nn.Module, targets: str) -> list[str]:
+    """The leaf names peft's `target_modules` should match for `targets` (qv | all_linear)."""
     names = linear_leaf_names(model)
     arch = getattr(model.config, "model_type", type(model).__name__)
     if targets == "all_linear":

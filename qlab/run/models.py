@@ -154,43 +154,30 @@ def load(model_cfg, quant_cfg, device: str) -> LoadedModel:
     return LoadedModel(model, tokenizer, path, time.perf_counter() - t0, weight_bytes(model))
 
 
-def _quant_state_bytes(qs) -> int:
-    """Bytes of a bitsandbytes 4-bit QuantState: absmax (uint8 with DQ, float32 without), the
-    16-entry code, and with DQ the second level: float32 absmax per 256 constants, its
-    256-entry code and the float32 offset."""
-    n = qs.absmax.numel() * qs.absmax.element_size() + qs.code.numel() * qs.code.element_size()
-    if qs.nested:
-        s2 = qs.state2
-        n += s2.absmax.numel() * s2.absmax.element_size() + s2.code.numel() * s2.code.element_size()
-        n += qs.offset.numel() * qs.offset.element_size()
-    return n
+def _nbytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 def weight_bytes(model: torch.nn.Module) -> dict:
-    """Bytes the model's parameters actually hold, split by kind.
-
-    quantized_bytes  the packed 4-bit / int8 weight tensors themselves
-    quant_state_bytes  their constants: 4-bit absmax (+ second level with DQ), int8 row scales
-    other_bytes   everything not quantized: embeddings, norms, the output head, biases
-    Buffers (e.g. rotary tables) are not weights and are not counted.
-    """
+    """Bytes the model's parameters actually hold, split into the packed 4-bit / int8 tensors
+    (`quantized_weight_bytes`), their constants (`quant_state_bytes`: the 4-bit absmax and code,
+    with DQ the second level's absmax, code and offset; int8's row scales) and the rest
+    (`unquantized_weight_bytes`: embeddings, norms, head, biases). Buffers are not weights."""
     import bitsandbytes as bnb
 
-    quantized = state = other = 0
-    quantized_params = 0
+    quantized = state = other = quantized_params = 0
     for _, p in model.named_parameters():  # de-duplicates tied weights (BLOOM's head)
-        nbytes = p.numel() * p.element_size()
         if isinstance(p, bnb.nn.Params4bit):
-            quantized += nbytes
-            quantized_params += p.quant_state.shape.numel()  # packed: 2 weights per byte
-            state += _quant_state_bytes(p.quant_state)
+            qs = p.quant_state
+            quantized += _nbytes(p)
+            quantized_params += qs.shape.numel()  # packed: 2 weights per byte
+            state += _nbytes(qs.absmax, qs.code, *((qs.state2.absmax, qs.state2.code, qs.offset) if qs.nested else ()))
         elif isinstance(p, bnb.nn.Int8Params):
-            quantized += nbytes
+            quantized += _nbytes(p)
             quantized_params += p.numel()
-            scb = getattr(p, "SCB", None)
-            state += scb.numel() * scb.element_size() if scb is not None else 0
+            state += _nbytes(getattr(p, "SCB", None))
         else:
-            other += nbytes
+            other += _nbytes(p)
     total = quantized + state + other
     return {
         "weight_bytes": total,
@@ -198,7 +185,7 @@ def weight_bytes(model: torch.nn.Module) -> dict:
         "quant_state_bytes": state,
         "unquantized_weight_bytes": other,
         "quantized_params": quantized_params,
-        # bits per quantized parameter, constants included: 4.5 for nf4/fp4, ~4.127 with DQ
+        # constants included: 4 + 32/64 = 4.5 for nf4/fp4, 4 + 8/64 + 32/(64*256) = 4.127 with DQ
         "bits_per_quantized_param": 8 * (quantized + state) / quantized_params if quantized_params else None,
     }
 
