@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 from qlab.claims import kernels as K  # noqa: E402
 from qlab.results import stats, store  # noqa: E402
 from qlab.run import measure, models, presets  # noqa: E402
+from qlab.run.device import resolve_device  # noqa: E402
 
 MiB = 2**20
 TIMED_BLOCKSIZES = (64, 128)
@@ -46,9 +47,6 @@ REPEATS = {  # (warm-up calls, timed calls)
     ("cuda", False): (10, 50), ("cuda", True): (5, 15),
     ("cpu", False): (3, 20), ("cpu", True): (2, 10),
 }
-
-
-# --------------------------------------------------------------------------- timing
 
 
 def timer(device: str, warmup: int, repeats: int):
@@ -147,8 +145,6 @@ def _rate(row: dict) -> str:
     return f"{row['tflop_per_s']:.3g} TFLOP/s"
 
 
-# --------------------------------------------------------------------------- errors
-
 ERROR_SETTINGS = (
     *((kind, bs, dq) for bs in ERROR_BLOCKSIZES for kind in ("nf4", "fp4") for dq in (False, True)),
     *(("int4", bs, False) for bs in ERROR_BLOCKSIZES),
@@ -207,9 +203,6 @@ def model_linear_weights(path: Path, device: str, layers: str):
     return out, sorted(keep), len(idx)
 
 
-# --------------------------------------------------------------------------- output
-
-
 def markdown(result: dict) -> str:
     env, s = result["environment"], result["settings"]
     hw = env["gpu"] or env["cpu"]
@@ -256,9 +249,7 @@ def main(argv=None) -> int:
     p.add_argument("--layers", default="sample", choices=["sample", "all"], help="model layers for the error")
     p.add_argument("--skip-timing", action="store_true", help="errors only")
     args = p.parse_args(argv)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda but CUDA is not available")
+    device = resolve_device(args.device)
     sizes = SIZES[device]
     warmup, repeats = REPEATS[(device, args.quick)]
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731

@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from qlab.results import stats, store  # noqa: E402
 from qlab.run import measure  # noqa: E402
+from qlab.run.device import resolve_device  # noqa: E402
 
 
 def nvml_state() -> dict | None:
@@ -71,7 +72,7 @@ def idle_utilization(seconds: float) -> list | None:
 
 
 def gemm_windows(windows: int, gemms: int, n: int) -> list[float]:
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = resolve_device("auto")
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     a = torch.randn(n, n, device=dev, dtype=dtype)
     b = torch.randn(n, n, device=dev, dtype=dtype)
@@ -84,7 +85,7 @@ def gemm_windows(windows: int, gemms: int, n: int) -> list[float]:
 
 
 def launch_windows(windows: int, launches: int) -> list[float]:
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = resolve_device("auto")
     x = torch.zeros(16, device=dev)
     out = []
     for w in range(windows + 2):

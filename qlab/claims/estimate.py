@@ -19,7 +19,6 @@ import math
 import os
 import sys
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 
 import torch
 
@@ -283,7 +282,7 @@ class Setting:
     def dtype(self) -> torch.dtype:
         from qlab.run.models import compute_dtype
 
-        return compute_dtype(SimpleNamespace(compute_dtype=self.compute_dtype), self.device)
+        return compute_dtype(self, self.device)  # reads .compute_dtype, as of a quant config
 
 
 @dataclass
@@ -323,8 +322,7 @@ class Estimate:
 
     def as_metrics(self) -> dict:
         """Flat, JSON-ready numbers named like the measured metrics of a run's result.json."""
-        out = {k: v for k, v in self.weights.items()}
-        out.update(self.parts)
+        out = {**self.weights, **self.parts}
         out.update(trainable_params=self.adapter_params, optimizer_state_bytes=self.optimizer_state_bytes,
                    optimizer_state_location=self.optimizer_state_location, total_params=self.total_params,
                    total_bytes=self.total_bytes, device_bytes=self.device_bytes)

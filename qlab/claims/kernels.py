@@ -48,9 +48,6 @@ def _check(kind: str, blocksize: int, double_quant: bool) -> None:
         raise ValueError(f"blocksize must be >= 1, got {blocksize}")
 
 
-# --------------------------------------------------------------------------- reference int4
-
-
 def _blocks(x: torch.Tensor, blocksize: int) -> torch.Tensor:
     """x flattened into rows of `blocksize`, the last zero-padded (zeros change no absmax)."""
     flat = x.reshape(-1).float()
@@ -71,9 +68,6 @@ def int4_quantize(x: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tensor, t
 
 def int4_dequantize(q: torch.Tensor, scale: torch.Tensor, blocksize: int, dtype=torch.float32) -> torch.Tensor:
     return (_blocks(q, blocksize) * scale[:, None]).reshape(-1)[:q.numel()].view(q.shape).to(dtype)
-
-
-# --------------------------------------------------------------------------- the four kinds
 
 
 def quantize(x: torch.Tensor, kind: str, blocksize: int = 64, double_quant: bool = False) -> Quantized:
@@ -126,9 +120,6 @@ def storage_bits(kind: str, blocksize: int = 64, double_quant: bool = False, row
     if double_quant:
         return 4 + 8 / blocksize + 32 / (DQ_BLOCKSIZE * blocksize)
     return 4 + 32 / blocksize
-
-
-# --------------------------------------------------------------------------- error
 
 
 def _from_sums(n: int, sq: float, signal: float, max_abs: float, abs_sum: float) -> dict:

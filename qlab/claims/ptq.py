@@ -37,9 +37,6 @@ def result_dir(results: Path | str, size: str) -> Path:
     return Path(results) / f"ptq-base-{size}"
 
 
-# ------------------------------------------------------------------------------ the model side
-
-
 def decoder_linears(model) -> list[tuple[str, object]]:
     """(name, module) of every layer transformers' bitsandbytes integration quantizes (for a
     LLaMA: every decoder linear layer, not the head): estimate.quantized_linears, shared."""
@@ -133,9 +130,6 @@ def weight_errors(path: Path | str, device: str = "cpu", blocksize: int = BLOCKS
     return out
 
 
-# ------------------------------------------------------------------------------ the measurement
-
-
 def measure(size: str, device: str = "auto", results: Path | str = "results", max_tokens: int | None = None,
             types: list[str] | None = None, progress: bool = True) -> Path:
     """Run the PTQ measurement of base-<size> and write ptq.json / ptq.md; returns ptq.json's path."""
@@ -215,9 +209,6 @@ def load(results: Path | str, size: str) -> dict | None:
         return json.loads((result_dir(results, size) / "ptq.json").read_text())
     except (OSError, json.JSONDecodeError):
         return None
-
-
-# ------------------------------------------------------------------------------ the page
 
 
 def render(rec: dict) -> str:

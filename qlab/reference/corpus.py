@@ -117,10 +117,6 @@ def parse(text: str, where: str = "corpus") -> list[Document]:
     return docs
 
 
-# ---------------------------------------------------------------------------------------------
-# build (run once; the output is committed)
-
-
 def select(stdlib: Path) -> list[Path]:
     """The sorted relative paths of the files that go in (see the module docstring)."""
     out = []

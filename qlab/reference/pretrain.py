@@ -22,6 +22,7 @@ from pathlib import Path
 
 from qlab.config import SHAPES
 from qlab.reference import corpus
+from qlab.results import store
 from qlab.run.device import resolve_device
 from qlab.run.presets import SPECIAL_TOKENS, build_once, cache_root, train_bpe
 
@@ -44,8 +45,7 @@ class BaseError(RuntimeError):
     pass
 
 
-# ---------------------------------------------------------------------------------------------
-# configuration and cache key
+# --------------------------------------------------------------------------- configuration and cache key
 
 
 def spec_for(size: str, steps: int | None = None) -> dict:
@@ -72,16 +72,15 @@ def build_key(spec: dict, device: str, corpus_sha256: str) -> str:
 
 
 def base_dir(size: str, device: str = "cpu", steps: int | None = None) -> Path:
-    spec = spec_for(size, steps)
-    return cache_root() / "base" / f"{size}-{build_key(spec, device, corpus.checksum())}"
+    return cache_root() / "base" / f"{size}-{build_key(spec_for(size, steps), device, corpus.checksum())}"
 
 
-def _complete(path: Path, key: str | None = None) -> bool:
+def _complete(path: Path, key: str) -> bool:
     try:
         info = json.loads((path / "base.json").read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    return (path / "config.json").is_file() and (key is None or info.get("key") == key)
+    return (path / "config.json").is_file() and info.get("key") == key
 
 
 def ensure_base(size: str, device: str = "cpu", *, steps: int | None = None, out: Path | str | None = None,
@@ -94,8 +93,7 @@ def ensure_base(size: str, device: str = "cpu", *, steps: int | None = None, out
     """
     device = resolve_device(device)
     spec = spec_for(size, steps)
-    sha = corpus.checksum()
-    key = build_key(spec, device, sha)
+    key = build_key(spec, device, corpus.checksum())
     target = Path(out).expanduser().resolve() if out else cache_root() / "base" / f"{size}-{key}"
     if _complete(target, key):
         return target
@@ -110,13 +108,10 @@ def weights_sha256(path: Path | str) -> str:
     """The identity of a built base's weights (its safetensors files): two GPU builds of one cache
     key differ (CUDA training is not bit-reproducible), so runs record it and results are compared
     only between runs of the same weights."""
-    from qlab.results import store
-
     return store.files_sha256(sorted(Path(path).glob("*.safetensors")))
 
 
-# ---------------------------------------------------------------------------------------------
-# tokenizer, data, model
+# --------------------------------------------------------------------------- tokenizer, data, model
 
 
 def encode_documents(tokenizer, texts: list[str]) -> list[list[int]]:
@@ -171,8 +166,7 @@ def build_model(spec: dict, tokenizer, device: str):
         raise BaseError(f"tokenizer has {len(tokenizer)} tokens, the size asks for {config.vocab_size}")
     torch.manual_seed(spec["seed"])
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # fp32 master weights
-    return model
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # fp32 master weights
 
 
 def lr_factor(step: int, spec: dict) -> float:
@@ -184,8 +178,7 @@ def lr_factor(step: int, spec: dict) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-# ---------------------------------------------------------------------------------------------
-# held-out perplexity (also the post-training-quantization measure)
+# --------------------------------------------------------------------------- held-out perplexity (also PTQ's)
 
 
 def heldout_eval(model, tokenizer, texts: list[str], seq_len: int, max_tokens: int | None = None,
@@ -257,8 +250,7 @@ def heldout_texts() -> list[str]:
     return [d.text for d in corpus.load().split()[1]]
 
 
-# ---------------------------------------------------------------------------------------------
-# the build
+# --------------------------------------------------------------------------- the build
 
 
 def _log(progress: bool, msg: str) -> None:
@@ -270,8 +262,6 @@ def build(spec: dict, device: str, out: Path, key: str, compile: bool = False, p
     """Train the base described by `spec` on `device` and save it into `out` (model, tokenizer,
     base.json). Returns the base.json record."""
     import torch
-
-    from qlab.results import store
 
     t_start = time.perf_counter()
     cuda = device.startswith("cuda")

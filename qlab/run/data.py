@@ -112,16 +112,11 @@ def read(data_cfg) -> RawData:
 
 
 def tokenize_split(convs: list[Conversation], tokenizer, max_seq_len: int, name: str) -> Split:
-    samples, dropped = [], 0
-    for conv in convs:
-        enc = encode(conv, tokenizer, max_seq_len)
-        if enc is None:
-            dropped += 1
-        else:
-            samples.append(enc)
+    encoded = [encode(conv, tokenizer, max_seq_len) for conv in convs]
+    samples = [e for e in encoded if e is not None]
     if not samples:
         raise DataError(f"{name}: every sample lost its target tokens at data.max_seq_len={max_seq_len}")
-    return Split(samples, dropped)
+    return Split(samples, len(encoded) - len(samples))
 
 
 def collate(samples, pad_id: int, pad_to: int | None = None) -> dict:

@@ -35,8 +35,6 @@ MANIFEST = "sweep.json"
 _progress = None  # a tqdm bar, when the launcher runs the points in this process
 
 
-# ---------------------------------------------------------------- manifest
-
 def sweep_root(cfg: DictConfig) -> Path:
     return Path(cfg.tracker.results_dir) / cfg.tracker.sweep
 
@@ -109,8 +107,6 @@ def _hardware() -> dict:
     return {k: env.get(k) for k in ("gpu", "gpu_count", "driver", "cpu", "cpu_count", "cuda", "torch",
                                     "transformers", "peft", "bitsandbytes", "python")}
 
-
-# ---------------------------------------------------------------- one grid point
 
 def runs_per_gpu() -> int:
     """QLAB_RUNS_PER_GPU (default 1): how many runs share one GPU at a time under a parallel

@@ -4,11 +4,10 @@ LoRA adapter (unmerged), and `qlab generate-bench`, which runs it for several se
     python -m qlab.run task=generate quant=nf4 quant.double_quant=true generate.adapter_run=results/adhoc/<id>
     qlab generate-bench [--run results/adhoc/<id>] [--model llama-7b] [--quants bf16,nf4,nf4+dq] [--batch-sizes 1,8]
 
-The bench composes one config per quantization setting x {no adapter, the run's adapter} and runs
-each as every run is run, in a process of its own (launch.run_isolated): a CPU bench pays ~5 s
-of imports per configuration for that isolation. A complete result is skipped unless --force.
-Exit status: 0 all ok (an oom is a result), 1 a configuration failed, 2 bad arguments.
-What each metric means, and why 4-bit weights can generate slower: docs/generation.md.
+The bench runs one configuration per quantization setting x {no adapter, the run's adapter}, each
+in a process of its own through the one launcher, skipping complete results unless --force. Exit
+status: 0 all ok (an oom is a result), 1 a configuration failed, 2 bad arguments. What each metric
+means, and why 4-bit weights can generate slower: docs/generation.md.
 """
 
 from __future__ import annotations
