@@ -257,9 +257,7 @@ def main(argv=None) -> int:
     env = store.environment()
     log(f"kernels on {env['gpu'] or env['cpu']} ({device}{', quick' if args.quick else ''})")
 
-    timings = []
-    if not args.skip_timing:
-        timings = bench_kernels(device, sizes, timer(device, warmup, repeats), log)
+    timings = [] if args.skip_timing else bench_kernels(device, sizes, timer(device, warmup, repeats), log)
 
     log("quantization error")
     g = torch.Generator(device=device).manual_seed(1)
@@ -298,12 +296,11 @@ def main(argv=None) -> int:
         "timings": timings,
         "errors": errors,
         "error_data": error_data,
-        "wall_s": None,
+        "wall_s": round(time.perf_counter() - t_start, 1),
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = store.device_slug(env)
-    result["wall_s"] = round(time.perf_counter() - t_start, 1)
     store.atomic_write_json(out / f"{stem}.json", result)
     md = markdown(result)
     (out / f"{stem}.md").write_text(md)

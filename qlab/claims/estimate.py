@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qlab.run import measure, presets
 from qlab.config import (ADAPTER_TARGETS, COMPUTE_DTYPES, FOUR_BIT, OPTIMIZERS, QUANT_SETTINGS, QUANT_TYPES,
-                         ConfigError)
+                         ConfigError, resolve_path)
+from qlab.reference import pretrain
+from qlab.run import adapters, measure, models, optim, presets
 
 GiB = 2**30
 BLOCK_4BIT = 64  # bnb Linear4bit: one absmax per 64 weights
@@ -162,9 +163,7 @@ def weight_bytes(model: torch.nn.Module, quant: str, double_quant: bool, dtype: 
 def adapted_layers(model: torch.nn.Module, targets: str) -> list[tuple[str, int, int]]:
     """(name, in, out) of every layer LoRA wraps: peft matches target names against the last
     component of module names, so every linear with that leaf name is adapted."""
-    from qlab.run.adapters import resolve_targets
-
-    names = set(resolve_targets(model, targets))
+    names = set(adapters.resolve_targets(model, targets))
     return [(n, *_in_out(m)) for n, m in model.named_modules() if _is_linear(m) and n.rsplit(".", 1)[-1] in names]
 
 
@@ -175,8 +174,6 @@ def lora_shapes(layers, r: int) -> list[tuple[int, int]]:
 
 def optimizer_state_bytes(name: str, shapes) -> int:
     """`qlab.run.optim.state_bytes` of tensors of these shapes (meta tensors: no storage)."""
-    from qlab.run import optim
-
     return optim.state_bytes(name, [torch.empty(s, device="meta") for s in shapes])
 
 
@@ -280,9 +277,7 @@ class Setting:
         return self.quant + ("+DQ" if self.double_quant else "")
 
     def dtype(self) -> torch.dtype:
-        from qlab.run.models import compute_dtype
-
-        return compute_dtype(self, self.device)  # reads .compute_dtype, as of a quant config
+        return models.compute_dtype(self, self.device)  # reads .compute_dtype, as of a quant config
 
 
 @dataclass
@@ -331,8 +326,6 @@ class Estimate:
 
 def estimate(model: str | torch.nn.Module, setting: Setting, name: str | None = None) -> Estimate:
     """Estimate for `model`: a preset name, a local directory or an already built meta model."""
-    from qlab.run import optim
-
     setting.validate()
     if isinstance(model, str):
         name, model = name or model, meta_model(model_config(model))
@@ -372,14 +365,10 @@ def run_model_config(model_cfg):
     """The transformers config of a run's `model` group: the preset's, or config.json of a local
     directory or hub id (config.json only, through the Hugging Face cache)."""
     if getattr(model_cfg, "base", None):  # the shape comes from the size's spec: nothing is trained
-        from qlab.reference import pretrain
-
         return pretrain.model_config(pretrain.spec_for(model_cfg.base))
     if not model_cfg.name_or_path:
         return preset_config(model_cfg.preset)
     from transformers import AutoConfig
-
-    from qlab.config import resolve_path
 
     path = model_cfg.name_or_path
     local = resolve_path(os.path.expanduser(path))

@@ -19,10 +19,14 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from qlab.claims import estimate, kernels
+from qlab.config import QUANT_SETTINGS, ModelConfig, QuantConfig
 from qlab.reference import pretrain
-from qlab.claims import kernels
 from qlab.results import stats, store
-from qlab.config import QUANT_SETTINGS
+from qlab.run import models
+from qlab.run.device import resolve_device
 
 # label -> (quant.type for models.load, double_quant); "int4" is loaded as bf16, then rounded
 TYPES: dict[str, tuple[str, bool]] = {**QUANT_SETTINGS, "int4": ("bf16", False)}
@@ -40,45 +44,34 @@ def result_dir(results: Path | str, size: str) -> Path:
 def decoder_linears(model) -> list[tuple[str, object]]:
     """(name, module) of every layer transformers' bitsandbytes integration quantizes (for a
     LLaMA: every decoder linear layer, not the head): estimate.quantized_linears, shared."""
-    from qlab.claims import estimate
-
     return list(estimate.quantized_linears(model).items())
 
 
-def int4_in_place(model, blocksize: int = BLOCKSIZE) -> int:
+def int4_in_place(model) -> int:
     """Replace every decoder linear weight by its int4 round trip (kernels.round_trip: absmax
-    per `blocksize` weights of the flattened tensor, as bitsandbytes blocks them). Returns the
+    per BLOCKSIZE weights of the flattened tensor, as bitsandbytes blocks them). Returns the
     number of weights quantized."""
-    import torch
-
     n = 0
     with torch.no_grad():
         for _, m in decoder_linears(model):
-            m.weight.data.copy_(kernels.round_trip(m.weight.data, "int4", blocksize))
+            m.weight.data.copy_(kernels.round_trip(m.weight.data, "int4", BLOCKSIZE))
             n += m.weight.numel()
     return n
 
 
 def _model_cfg(size: str):
-    from qlab.config import ModelConfig
-
     return ModelConfig(name=f"base-{size}", name_or_path=None, preset=None, base=size)
 
 
 def _free(device: str) -> None:
     gc.collect()
     if device.startswith("cuda"):
-        import torch
-
         torch.cuda.empty_cache()
 
 
 def measure_type(label: str, size: str, device: str, texts: list[str], seq_len: int,
                  max_tokens: int | None) -> dict:
     """Load the base as `label`, evaluate it; per-window NLLs kept for the paired comparison."""
-    from qlab.run import models
-    from qlab.config import QuantConfig
-
     qtype, dq = TYPES[label]
     quant = QuantConfig(type=qtype, double_quant=dq)
     loaded = models.load(_model_cfg(size), quant, device)
@@ -110,32 +103,20 @@ def measure_type(label: str, size: str, device: str, texts: list[str], seq_len: 
     return out
 
 
-def weight_errors(path: Path | str, device: str = "cpu", blocksize: int = BLOCKSIZE) -> dict:
+def weight_errors(path: Path | str, device: str = "cpu") -> dict:
     """Pooled quantization error of every decoder linear weight of the stored checkpoint (its own
     float32 values, not a bf16 cast), per kind in ERROR_KINDS."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    parts: dict[str, list[dict]] = {k: [] for k in ERROR_KINDS}
-    linears = decoder_linears(model)
-    for _, m in linears:
-        w = m.weight.detach().to(device)
-        for label, (kind, dq) in ERROR_KINDS.items():
-            parts[label].append(kernels.quantization_error(w, kind, blocksize, dq))
-    out = {label: kernels.combine_errors(p) for label, p in parts.items()}
-    for e in out.values():
-        e["tensors"] = len(linears)
-    del model
-    return out
+    weights = [m.weight.detach().to(device) for _, m in decoder_linears(model)]
+    return {label: {**kernels.combine_errors([kernels.quantization_error(w, kind, BLOCKSIZE, dq) for w in weights]),
+                    "tensors": len(weights)} for label, (kind, dq) in ERROR_KINDS.items()}
 
 
 def measure(size: str, device: str = "auto", results: Path | str = "results", max_tokens: int | None = None,
             types: list[str] | None = None, progress: bool = True) -> Path:
     """Run the PTQ measurement of base-<size> and write ptq.json / ptq.md; returns ptq.json's path."""
-    from qlab.run.device import resolve_device
-    from qlab.run.models import model_path
-
     device = resolve_device(device)
     spec = pretrain.spec_for(size)
     types = list(types or TYPES)
@@ -143,7 +124,7 @@ def measure(size: str, device: str = "auto", results: Path | str = "results", ma
     if unknown or "bf16" not in types:
         raise ValueError(f"types must include bf16 and come from {', '.join(TYPES)}; got {types}")
     t_start = time.perf_counter()
-    path = Path(model_path(_model_cfg(size), device))  # builds the base if missing (pretrain.ensure_base)
+    path = Path(models.model_path(_model_cfg(size), device))  # builds the base if missing (pretrain.ensure_base)
     info = json.loads((path / "base.json").read_text())
     texts = pretrain.heldout_texts()
     seq_len = spec["seq_len"]
@@ -151,24 +132,19 @@ def measure(size: str, device: str = "auto", results: Path | str = "results", ma
 
     per: dict[str, dict] = {}
     for label in types:
-        per[label] = measure_type(label, size, device, texts, seq_len, max_tokens)
-        r = per[label]
+        r = per[label] = measure_type(label, size, device, texts, seq_len, max_tokens)
         if progress:
             print(f"[ptq base-{size}] {label:7s} perplexity {r['perplexity']:.4f} ({r['tokens']:,} tokens, "
                   f"{r['weight_bytes'] / 2**20:.2f} MiB weights, load {r['load_time_s']:.1f}s, "
                   f"eval {r['eval_s']:.1f}s)", file=sys.stderr, flush=True)
-    window_tokens = per["bf16"]["window_tokens"]
-    for label, r in per.items():  # the same tokens for every type, window by window
-        if r["tokens"] != per["bf16"]["tokens"] or r["window_tokens"] != window_tokens:
-            raise RuntimeError(f"{label} was evaluated on other tokens than bf16: {r['tokens']} vs "
-                               f"{per['bf16']['tokens']}")
     ref = per["bf16"]
-    for label, r in per.items():
+    window_tokens = ref["window_tokens"]
+    for label, r in per.items():  # the same tokens for every type, window by window
+        if r["tokens"] != ref["tokens"] or r.pop("window_tokens") != window_tokens:
+            raise RuntimeError(f"{label} was evaluated on other tokens than bf16: {r['tokens']} vs {ref['tokens']}")
         cmp = stats.paired_log_ratio(r["window_nll"], ref["window_nll"], window_tokens)
-        r["delta_vs_bf16"] = r["perplexity"] - ref["perplexity"]
-        r["rel_vs_bf16"] = cmp["rel"]
-        r["rel_vs_bf16_ci95"] = cmp["rel_ci95"]
-        del r["window_tokens"]
+        r.update(delta_vs_bf16=r["perplexity"] - ref["perplexity"], rel_vs_bf16=cmp["rel"],
+                 rel_vs_bf16_ci95=cmp["rel_ci95"])
 
     t0 = time.perf_counter()
     errors = weight_errors(path, device)
@@ -256,8 +232,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=None, help="cut the held-out split (default: the size's)")
     ap.add_argument("--types", default=",".join(TYPES), help=f"comma-separated subset of {','.join(TYPES)}")
     args = ap.parse_args(argv)
-    from qlab.run.device import resolve_device
-
     try:
         device = resolve_device(args.device)
     except RuntimeError as e:

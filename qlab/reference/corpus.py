@@ -49,11 +49,11 @@ class Corpus:
     sha256: str  # of the compressed file, as in SHA256SUMS
     path: Path
 
-    def split(self, heldout_fraction: float = HELDOUT_FRACTION) -> tuple[list[Document], list[Document]]:
+    def split(self) -> tuple[list[Document], list[Document]]:
         """(train, heldout), by file: deterministic, disjoint, independent of the other files."""
         train, held = [], []
         for doc in self.documents:
-            (held if is_heldout(doc.path, heldout_fraction) else train).append(doc)
+            (held if is_heldout(doc.path) else train).append(doc)
         return train, held
 
     @property
@@ -61,9 +61,9 @@ class Corpus:
         return sum(len(d.text) for d in self.documents)
 
 
-def is_heldout(path: str, fraction: float = HELDOUT_FRACTION) -> bool:
+def is_heldout(path: str) -> bool:
     h = int.from_bytes(hashlib.sha256(f"qlab-heldout:{path}".encode()).digest()[:8], "big")
-    return h < fraction * 2**64
+    return h < HELDOUT_FRACTION * 2**64
 
 
 def expected_sha256(directory: Path = CORPUS_DIR, name: str = CORPUS_NAME) -> str:

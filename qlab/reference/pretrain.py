@@ -20,6 +20,9 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+
 from qlab.config import SHAPES
 from qlab.reference import corpus
 from qlab.results import store
@@ -126,8 +129,6 @@ def packed_batches(docs: list[list[int]], seq_len: int, batch_size: int, seed: i
     """Endless (batch_size, seq_len) LongTensors. Each epoch shuffles the documents, concatenates
     them, cuts the stream into non-overlapping seq_len blocks (the tail shorter than a block is
     dropped) and shuffles the blocks; a batch never repeats a block within an epoch."""
-    import torch
-
     rng = random.Random(seed)
     pending: list[torch.Tensor] = []
     tensors = [torch.tensor(d, dtype=torch.long) for d in docs]  # once: an epoch only reorders them
@@ -158,7 +159,6 @@ def model_config(spec: dict, tokenizer=None):
 
 
 def build_model(spec: dict, tokenizer, device: str):
-    import torch
     from transformers import AutoModelForCausalLM
 
     config = model_config(spec, tokenizer)
@@ -195,9 +195,6 @@ def heldout_eval(model, tokenizer, texts: list[str], seq_len: int, max_tokens: i
     predictions), in a fixed order: two models evaluated on the same texts get the same windows,
     so their difference can be paired window by window (ptq's noise estimate).
     """
-    import torch
-    import torch.nn.functional as F
-
     if seq_len < 2:
         raise ValueError(f"seq_len must be >= 2, got {seq_len}")
     ids = [t for doc in encode_documents(tokenizer, list(texts)) for t in doc]
@@ -261,8 +258,6 @@ def _log(progress: bool, msg: str) -> None:
 def build(spec: dict, device: str, out: Path, key: str, compile: bool = False, progress: bool = False) -> dict:
     """Train the base described by `spec` on `device` and save it into `out` (model, tokenizer,
     base.json). Returns the base.json record."""
-    import torch
-
     t_start = time.perf_counter()
     cuda = device.startswith("cuda")
     if cuda:

@@ -256,14 +256,10 @@ def all_plots(runs: pd.DataFrame, arms: pd.DataFrame, curves: pd.DataFrame, vary
     }
 
 
-def generation_plots(table: pd.DataFrame, batch_sizes: list[int], out: Path) -> dict:
-    """The plot of one generation group (qlab generate-bench results); returns {name: caption}."""
-    return {"generation": generation(table, batch_sizes, out / "generation")}
-
-
 def generation(table: pd.DataFrame, batch_sizes: list[int], stem: Path) -> str:
-    """Left: time to first token at batch 1; right: decode tokens/s per batch size; one bar per
-    quantization setting x adapter, coloured by quantization type, hatched for DQ."""
+    """The plot of one generation group. Left: time to first token at batch 1; right: decode
+    tokens/s per batch size; one bar per quantization setting x adapter, coloured by quantization
+    type, hatched for DQ."""
     rows = table.reset_index(drop=True)
     names = [f"{r.quant_label}  {r.adapter}" for _, r in rows.iterrows()]
     y = np.arange(len(rows))

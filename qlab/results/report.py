@@ -173,7 +173,7 @@ def generation_report(g: pd.DataFrame, out: Path, baselines: dict) -> dict:
     paths = tables.write(numeric, disp, out / "tables" / axis.key, axis.title, notes)
     made = {"kind": "generate", "tables": [(axis, paths, tables.to_markdown(disp), " ".join(notes))],
             "grid": None, "arms": numeric}
-    made["plots"] = plots.generation_plots(numeric, sizes, out / "plots")
+    made["plots"] = {"generation": plots.generation(numeric, sizes, out / "plots" / "generation")}
     return made
 
 

@@ -31,8 +31,7 @@ def nvml_handle(device: str):
 
         pynvml.nvmlInit()
         index = torch.device(device).index
-        if index is None:
-            index = torch.cuda.current_device()
+        index = torch.cuda.current_device() if index is None else index
         # NVML numbers GPUs physically; honour CUDA_VISIBLE_DEVICES when it lists indices
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         if visible and all(v.strip().isdigit() for v in visible.split(",")):
@@ -49,16 +48,14 @@ def sampler_interval_s() -> float:
 
 
 class PeakSampler(threading.Thread):
-    """Polls NVML device-used, this process's GPU memory and RSS every `interval_s`."""
+    """Polls NVML device-used, this process's GPU memory and RSS every sampler_interval_s()."""
 
-    def __init__(self, device: str, interval_s: float | None = None):
+    def __init__(self, device: str):
         super().__init__(daemon=True)
-        self.interval_s = sampler_interval_s() if interval_s is None else interval_s
+        self.interval_s = sampler_interval_s()
         self.proc = psutil.Process()
         self.nvml, self.handle = nvml_handle(device) if device.startswith("cuda") else (None, None)
-        self.peak_rss = 0
-        self.peak_device_used = None
-        self.peak_process_gpu = None
+        self.peak_rss, self.peak_device_used, self.peak_process_gpu = 0, None, None
         self._halt = threading.Event()
 
     def sample(self) -> None:
