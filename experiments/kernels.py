@@ -282,20 +282,13 @@ def main(argv=None) -> int:
     del weights
 
     result = {
-        "benchmark": "kernels",
-        "created_at": store.now(),
-        "git_commit": store.git_commit(),
-        "environment": env,
-        "device": device,
-        "cpu_fallback": device == "cpu",
-        "quick": args.quick,
+        "benchmark": "kernels", "created_at": store.now(), "git_commit": store.git_commit(), "environment": env,
+        "device": device, "cpu_fallback": device == "cpu", "quick": args.quick,
         "settings": {"warmup": warmup, "repeats": repeats, "flush_l2": device == "cuda",
                      "dtype": str(sizes["dtype"]).split(".")[-1], "weights": sizes["weights"],
                      "matmul_tokens": sizes["tokens"], "timed_blocksizes": TIMED_BLOCKSIZES,
                      "int8_threshold": INT8_THRESHOLD, "model": str(path), "layers": args.layers},
-        "timings": timings,
-        "errors": errors,
-        "error_data": error_data,
+        "timings": timings, "errors": errors, "error_data": error_data,
         "wall_s": round(time.perf_counter() - t_start, 1),
     }
     out = Path(args.out)

@@ -146,15 +146,8 @@ def weight_bytes(model: torch.nn.Module, quant: str, double_quant: bool, dtype: 
         held = FP32 if _keeps_fp32(name, model, dtype) else dtype.itemsize
         other += p.numel() * held
         other_after += p.numel() * (FP32 if quant != "bf16" and upcast else held)
-    return {
-        "weight_bytes": packed + state + other,
-        "quantized_weight_bytes": packed,
-        "quant_state_bytes": state,
-        "unquantized_weight_bytes": other,
-        "quantized_params": n_quantized,
-        "bits_per_quantized_param": 8 * (packed + state) / n_quantized if n_quantized else None,
-        "weight_bytes_after_prepare": packed + state + other_after,
-    }
+    return {**models.weight_record(packed, state, other, n_quantized),
+            "weight_bytes_after_prepare": packed + state + other_after}
 
 
 # --------------------------------------------------------------------------- adapter, optimizer
@@ -233,14 +226,9 @@ def activation_bytes(d: Dims, batch: int, seq: int, *, compute_bytes: int, resid
         kept, recomputed = d.layers * one_layer, 0
     logits = t * d.vocab * FP32  # T*vocab: what the float32 log-softmax cross-entropy saves
     total = kept + recomputed + logits + dequant_bytes
-    return {
-        "activation_bytes": total,
-        "layer_activation_bytes": one_layer,
-        "kept_activation_bytes": kept,  # all layers (no checkpointing) or their inputs
-        "recomputed_activation_bytes": recomputed,
-        "logits_bytes": logits,
-        "dequant_workspace_bytes": dequant_bytes,
-    }
+    return {"activation_bytes": total, "layer_activation_bytes": one_layer,
+            "kept_activation_bytes": kept,  # all layers (no checkpointing) or their inputs
+            "recomputed_activation_bytes": recomputed, "logits_bytes": logits, "dequant_workspace_bytes": dequant_bytes}
 
 
 # --------------------------------------------------------------------------- the estimate
@@ -341,18 +329,12 @@ def estimate(model: str | torch.nn.Module, setting: Setting, name: str | None = 
         residual_bytes=FP32 if quantized else dtype.itemsize, layers=layers, r=setting.r,
         lora_dropout=setting.lora_dropout, checkpointing=setting.checkpointing, dequant_bytes=dequant)
     return Estimate(
-        model=name or getattr(model.config, "name_or_path", "") or type(model).__name__,
-        arch=type(model).__name__,
-        total_params=sum(p.numel() for p in model.parameters()),
-        setting=setting,
-        weights=weights,
-        adapter_params=sum(a * b for a, b in shapes),
-        adapted_layers=len(layers),
+        model=name or getattr(model.config, "name_or_path", "") or type(model).__name__, arch=type(model).__name__,
+        total_params=sum(p.numel() for p in model.parameters()), setting=setting, weights=weights,
+        adapter_params=sum(a * b for a, b in shapes), adapted_layers=len(layers),
         target_modules=sorted({n.rsplit(".", 1)[-1] for n, _, _ in layers}),
         optimizer_state_bytes=optimizer_state_bytes(setting.optim, shapes),
-        optimizer_state_location=optim.state_location(setting.optim, setting.device),
-        activations=acts,
-    )
+        optimizer_state_location=optim.state_location(setting.optim, setting.device), activations=acts)
 
 
 def estimate_for_config(cfg, device: str) -> Estimate:

@@ -81,11 +81,7 @@ def measure_type(label: str, size: str, device: str, texts: list[str], seq_len: 
         n = int4_in_place(loaded.model)
         held = sum(m.weight.numel() * m.weight.element_size() for _, m in decoder_linears(loaded.model))
         # int4 storage: 4 bits per weight + a float32 absmax per 64 = 4.5 bits (kernels.storage_bits)
-        quantized = math.ceil(n * 4 / 8)
-        state = math.ceil(n / BLOCKSIZE) * 4
-        wb = {"weight_bytes": wb["weight_bytes"] - held + quantized + state, "quantized_weight_bytes": quantized,
-              "quant_state_bytes": state, "unquantized_weight_bytes": wb["weight_bytes"] - held,
-              "quantized_params": n, "bits_per_quantized_param": kernels.storage_bits("int4", BLOCKSIZE),
+        wb = {**models.weight_record(math.ceil(n * 4 / 8), math.ceil(n / BLOCKSIZE) * 4, wb["weight_bytes"] - held, n),
               "weight_bytes_basis": "computed: int4 storage of the decoder linear weights (held dequantized)",
               "int4_round_trip_s": time.perf_counter() - t0}
     else:
@@ -151,11 +147,7 @@ def measure(size: str, device: str = "auto", results: Path | str = "results", ma
     errors_s = time.perf_counter() - t0
 
     record = {
-        "schema": "qlab.ptq/1",
-        "kind": "ptq",
-        "model": f"base-{size}",
-        "size": size,
-        "device": device,
+        "schema": "qlab.ptq/1", "kind": "ptq", "model": f"base-{size}", "size": size, "device": device,
         "base": {"path_name": path.name, "key": info.get("key"), "precision": info.get("precision"),
                  "build_version": info.get("build_version"), "params": info.get("params"),
                  "corpus_sha256": (info.get("corpus") or {}).get("sha256"),
@@ -164,14 +156,9 @@ def measure(size: str, device: str = "auto", results: Path | str = "results", ma
                  "git_commit": info.get("git_commit"), "created": info.get("created")},
         "eval": {"split": "held-out", "files": len(texts), "seq_len": seq_len, "max_tokens": max_tokens,
                  "tokens": ref["tokens"], "windows": len(window_tokens), "window_tokens": window_tokens},
-        "blocksize": BLOCKSIZE,
-        "types": per,
-        "weight_error": errors,
-        "weight_error_s": errors_s,
+        "blocksize": BLOCKSIZE, "types": per, "weight_error": errors, "weight_error_s": errors_s,
         "wall_time_s": time.perf_counter() - t_start,
-        "env": store.environment(),
-        "git_commit": store.git_commit(),
-        "created": store.now(),
+        "env": store.environment(), "git_commit": store.git_commit(), "created": store.now(),
     }
     out = result_dir(results, size)
     out.mkdir(parents=True, exist_ok=True)

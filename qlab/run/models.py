@@ -178,16 +178,15 @@ def weight_bytes(model: torch.nn.Module) -> dict:
             state += _nbytes(getattr(p, "SCB", None))
         else:
             other += _nbytes(p)
-    total = quantized + state + other
-    return {
-        "weight_bytes": total,
-        "quantized_weight_bytes": quantized,
-        "quant_state_bytes": state,
-        "unquantized_weight_bytes": other,
-        "quantized_params": quantized_params,
-        # constants included: 4 + 32/64 = 4.5 for nf4/fp4, 4 + 8/64 + 32/(64*256) = 4.127 with DQ
-        "bits_per_quantized_param": 8 * (quantized + state) / quantized_params if quantized_params else None,
-    }
+    return weight_record(quantized, state, other, quantized_params)
+
+
+def weight_record(quantized: int, state: int, other: int, quantized_params: int) -> dict:
+    """weight_bytes()' keys from its parts. Bits per quantized weight, constants included:
+    4 + 32/64 = 4.5 for nf4/fp4, 4 + 8/64 + 32/(64*256) = 4.127 with DQ."""
+    return {"weight_bytes": quantized + state + other, "quantized_weight_bytes": quantized, "quant_state_bytes": state,
+            "unquantized_weight_bytes": other, "quantized_params": quantized_params,
+            "bits_per_quantized_param": 8 * (quantized + state) / quantized_params if quantized_params else None}
 
 
 def prepare_for_training(model: torch.nn.Module, quantized: bool, gradient_checkpointing: bool,
