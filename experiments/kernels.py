@@ -153,7 +153,7 @@ ERROR_SETTINGS = (
 
 
 def error_rows(data: str, tensors, log) -> list[dict]:
-    """tensors: a list of 2-D tensors, pooled (qlab.kernels.combine_errors) per setting."""
+    """tensors: a list of 2-D tensors, pooled (kernels.combine_errors) per setting."""
     rows = []
     for kind, bs, dq in ERROR_SETTINGS:
         parts = [K.quantization_error(t, kind, bs or 64, dq) for t in tensors]

@@ -2,7 +2,7 @@
 
   qlab run [hydra overrides]        one run, or a sweep with -m / experiment=...  (= python -m qlab.run)
   qlab report RESULTS_DIR [...]     tables, plots and statistics from result.json files
-  qlab estimate [--model M] [--all] memory predicted from the config alone (= python -m qlab.estimate)
+  qlab estimate [--model M] [--all] memory predicted from the config alone (= python -m qlab.claims.estimate)
   qlab chat RUN_DIR [--prompt ...]  talk to the base model plus a run's adapter
   qlab generate-bench [--run RUN]   generation speed and memory per quantization type (one process each)
   qlab claims [--no-run]            the QLoRA paper's claims: run what is missing, compute verdicts
@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 VERBS = {
@@ -29,8 +30,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     module, func = VERBS[argv[0]].split(":")
     sys.argv = [f"qlab {argv[0]}", *argv[1:]]  # Hydra and argparse read sys.argv
-    import importlib
-
     result = getattr(importlib.import_module(module), func)()
     return result if isinstance(result, int) else 0
 

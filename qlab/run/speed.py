@@ -60,17 +60,13 @@ def recompute_everything():
     return create_selective_checkpoint_contexts(lambda ctx, op, *args, **kwargs: CheckpointPolicy.MUST_RECOMPUTE)
 
 
-def _head_and_decoder(model: torch.nn.Module):
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.get_decoder(), base.get_output_embeddings()
-
-
 def chunked_loss(model: torch.nn.Module, batch: dict, chunk_tokens: int) -> torch.Tensor:
     """The causal-LM loss (mean over target tokens) without full logits: the decoder's hidden
     states at positions whose next token is a target go through the output head
     `chunk_tokens` rows at a time, each chunk checkpointed (its logits are recomputed in
     backward instead of stored). Equal to the model's own loss up to float rounding."""
-    decoder, head = _head_and_decoder(model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under peft's wrapper
+    decoder, head = base.get_decoder(), base.get_output_embeddings()
     # a padded batch has attention_mask, a packed row (data.pack) position_ids instead
     masks = {k: batch[k] for k in ("attention_mask", "position_ids") if k in batch}
     hidden = decoder(input_ids=batch["input_ids"], **masks).last_hidden_state

@@ -29,7 +29,7 @@ from qlab import config as qconfig
 from qlab.results import store
 from qlab.run import launch
 
-log = logging.getLogger("qlab.sweep")
+log = logging.getLogger(__name__)
 INVOCATION_ENV = "QLAB_SWEEP_INVOCATION"
 MANIFEST = "sweep.json"
 _progress = None  # a tqdm bar, when the launcher runs the points in this process

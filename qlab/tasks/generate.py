@@ -13,7 +13,6 @@ means, and why 4-bit weights can generate slower: docs/generation.md.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -28,6 +27,7 @@ from qlab import config
 from qlab.results import store
 from qlab.results.stats import summarize
 from qlab.run import launch
+from qlab.run.data import load_conversations
 from qlab.tasks import Outcome, failure
 from qlab.tasks.chat import ChatError, build_prompt_ids, check_same_base, read_run
 
@@ -72,8 +72,7 @@ def prepare(cfg: DictConfig) -> Inputs:
 
 def read_prompts(n: int) -> list[str]:
     """The first human turn of the first `n` conversations of the embedded eval data."""
-    with open(EVAL_DATA, encoding="utf-8") as f:
-        return [json.loads(line)["conversation"][0]["human"] for line in f if line.strip()][:n]
+    return [conv[0][0] for conv in load_conversations(str(EVAL_DATA))[0][:n]]
 
 
 def left_pad(rows: list[list[int]], pad_id: int, device: str):
