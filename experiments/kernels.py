@@ -16,6 +16,7 @@ import argparse
 import re
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -85,8 +86,7 @@ def bench_kernels(device: str, sizes: dict, timer, log) -> list[dict]:
         if flop is not None:  # flop / ms / 1e9 = TFLOP/s
             row["tflop_per_s"] = flop / row["median_ms"] / 1e9
         rows.append(row)
-        rate = _rate(row)
-        log(f"  {op:16s} {label:10s} {row['shape']:>11s}  median {row['median_ms']:.3f} ms  {rate}")
+        log(f"  {op:16s} {label:10s} {row['shape']:>11s}  median {row['median_ms']:.3f} ms  {_rate(row)}")
 
     with torch.inference_mode():
         for wname, (out_f, in_f) in sizes["weights"].items():
@@ -99,40 +99,32 @@ def bench_kernels(device: str, sizes: dict, timer, log) -> list[dict]:
                         # bytes moved: n weights in, n/2 packed bytes + 4 bytes of absmax per block out
                         # (DQ: 1 byte per block + a second pass over the constants, ignored here)
                         moved = n * esize + n // 2 + 4 * n // bs
-
-                        def quant(bs=bs, dq=dq, kind=kind):
-                            return F.quantize_4bit(W, blocksize=bs, compress_statistics=dq, quant_type=kind)
-
-                        ms = timer(quant)
-                        record("quantize_4bit", label, W.shape, ms, wname, moved=moved)
+                        quant = partial(F.quantize_4bit, W, blocksize=bs, compress_statistics=dq, quant_type=kind)
+                        record("quantize_4bit", label, W.shape, timer(quant), wname, moved=moved)
                         packed, state = quant()
-                        ms = timer(lambda packed=packed, state=state: F.dequantize_4bit(packed, state))
-                        record("dequantize_4bit", label, W.shape, ms, wname, moved=moved)
-            # int8: n fp16 in, n int8 + 4 bytes per row out
+                        record("dequantize_4bit", label, W.shape, timer(partial(F.dequantize_4bit, packed, state)),
+                               wname, moved=moved)
+            # int8 bytes moved: n fp16 in, n int8 + a float32 per row out; back: those in, n float32 out
             W16 = W.to(torch.float16)
-            moved = n * 2 + n + 4 * out_f
-            ms = timer(lambda: F.int8_vectorwise_quant(W16))
-            record("int8_quant", "int8", W.shape, ms, wname, moved=moved, dtype_label="float16")
+            record("int8_quant", "int8", W.shape, timer(partial(F.int8_vectorwise_quant, W16)), wname,
+                   moved=n * 2 + n + 4 * out_f, dtype_label="float16")
             codes, scb, _ = F.int8_vectorwise_quant(W16)
-            moved = n + 4 * out_f + 4 * n  # int8 in, float32 out (bnb dequantizes to float32)
-            ms = timer(lambda: F.int8_vectorwise_dequant(codes, scb))
-            record("int8_dequant", "int8", W.shape, ms, wname, moved=moved, dtype_label="int8->float32")
+            record("int8_dequant", "int8", W.shape, timer(partial(F.int8_vectorwise_dequant, codes, scb)), wname,
+                   moved=n + 4 * out_f + 4 * n, dtype_label="int8->float32")
 
             # matmul: (tokens x in) @ (in x out): 2 * tokens * in * out flop
             x = torch.randn(sizes["tokens"], in_f, generator=g, device=device).to(dtype)
             flop = 2 * sizes["tokens"] * in_f * out_f
             mm_shape = (sizes["tokens"], in_f, out_f)
-            ms = timer(lambda: torch.matmul(x, W.t()))
-            record("matmul", "plain", mm_shape, ms, wname, flop=flop)
+            record("matmul", "plain", mm_shape, timer(lambda: torch.matmul(x, W.t())), wname, flop=flop)
             for label, kind, dq in (("nf4", "nf4", False), ("nf4+DQ", "nf4", True), ("fp4", "fp4", False)):
                 packed, state = F.quantize_4bit(W, blocksize=64, compress_statistics=dq, quant_type=kind)
-                ms = timer(lambda packed=packed, state=state: bnb.matmul_4bit(x, packed.t(), quant_state=state))
+                ms = timer(partial(bnb.matmul_4bit, x, packed.t(), quant_state=state))
                 record("matmul", label, mm_shape, ms, wname, flop=flop)
             lin = bnb.nn.Linear8bitLt(in_f, out_f, bias=False, has_fp16_weights=False, threshold=INT8_THRESHOLD)
             lin.weight = bnb.nn.Int8Params(W16.cpu(), requires_grad=False, has_fp16_weights=False)
             lin = lin.to(device)  # quantizes here
-            ms = timer(lambda: lin(x))
-            record("matmul", "int8", mm_shape, ms, wname, flop=flop)
+            record("matmul", "int8", mm_shape, timer(partial(lin, x)), wname, flop=flop)
             del W, W16, x, lin, packed, state, codes, scb
             if device == "cuda":
                 torch.cuda.empty_cache()
