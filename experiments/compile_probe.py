@@ -21,16 +21,20 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from qlab import config  # noqa: E402
+from qlab.run import data, measure, models, speed  # noqa: E402
+from qlab.tasks import train  # noqa: E402
+
 
 def arms(backends):
-    yield "eager", None, "ckpt"
-    for b in backends:
-        yield f"{b}+ckpt", b, "ckpt"
-    yield "inductor+ckpt, partitioner", "inductor", "partitioner"
-    yield "inductor (no ckpt)", "inductor", "none"
+    """(name, compile backend or None, checkpointing: ckpt | partitioner | none) of every arm."""
+    return [("eager", None, "ckpt"), *((f"{b}+ckpt", b, "ckpt") for b in backends),
+            ("inductor+ckpt, partitioner", "inductor", "partitioner"), ("inductor (no ckpt)", "inductor", "none")]
 
 
 def uncompile(model):
@@ -42,10 +46,6 @@ def uncompile(model):
 
 
 def step(model, batch, cfg, device, dtype):
-    import torch
-
-    from qlab.run import speed
-
     outs = []
     layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
     hooks = [m.register_forward_hook(lambda mod, a, out: outs.append(
@@ -62,8 +62,7 @@ def step(model, batch, cfg, device, dtype):
         with speed.autocast(cfg.speed, device, dtype):
             loss = speed.loss_fn(cfg.speed)(model, batch)
     loss.backward()
-    if cuda:
-        torch.cuda.synchronize()
+    measure.sync(device)
     for h in hooks:
         h.remove()
     grad = torch.cat([p.grad.flatten().float() for p in lora if p.grad is not None])
@@ -71,15 +70,8 @@ def step(model, batch, cfg, device, dtype):
 
 
 def probe(model_name, quant, pad, backends, overrides, one_row=False):
-    import torch
-
-    from qlab import config
-    from qlab.run import data, models, speed
-    from qlab.tasks import train
-
-    q = ["quant=bf16"] if quant == "bf16" else [f"quant={quant}"]
     cfg = config.compose([f"model={model_name}", "train=gpu", "adapter=all_linear", "adapter.dropout=0",
-                          f"data.pad_to={pad}", "data.max_seq_len=512", *q, *overrides])
+                          f"data.pad_to={pad}", "data.max_seq_len=512", f"quant={quant}", *overrides])
     raw = data.read(cfg.data)
     s = train.setup(cfg, raw)
     device, model, batches = s.device, s.model, s.batches

@@ -88,12 +88,9 @@ def _complete(path: Path, key: str) -> bool:
 
 def ensure_base(size: str, device: str = "cpu", *, steps: int | None = None, out: Path | str | None = None,
                 compile: bool = False, progress: bool = False) -> Path:
-    """Return the directory of the pretrained base `size`, training it first if needed.
-
-    `device`: where to train ("auto", "cpu", "cuda", "cuda:N"). `steps` overrides the size's
-    budget (a different cache key). `out`: build there instead of `$QLAB_CACHE/base/...`.
-    Concurrency-safe like presets.ensure (presets.build_once).
-    """
+    """The directory of the pretrained base `size`, trained on `device` first if needed
+    (presets.build_once: safe under concurrency). `steps` overrides the size's budget (another
+    cache key); `out` builds there instead of `$QLAB_CACHE/base/...`."""
     device = resolve_device(device)
     spec = spec_for(size, steps)
     key = build_key(spec, device, corpus.checksum())
@@ -183,18 +180,11 @@ def lr_factor(step: int, spec: dict) -> float:
 
 def heldout_eval(model, tokenizer, texts: list[str], seq_len: int, max_tokens: int | None = None,
                  batch_size: int = 8, amp_dtype=None, per_window: bool = False) -> dict:
-    """Token-weighted mean negative log-likelihood over `texts`.
-
-    The texts are encoded as in training (<s> ids </s>, concatenated), cut to `max_tokens`, and
-    read in windows of seq_len tokens that overlap by one, so every token but the first is
-    predicted exactly once, with up to seq_len - 1 tokens of context. Works for any causal LM,
-    bitsandbytes-quantized ones included (the model's own dtype decides the compute, unless
-    `amp_dtype` turns on autocast on CUDA).
-
-    `per_window` adds `window_nll` (summed NLL of each window) and `window_tokens` (its
-    predictions), in a fixed order: two models evaluated on the same texts get the same windows,
-    so their difference can be paired window by window (ptq's noise estimate).
-    """
+    """Token-weighted mean negative log-likelihood over `texts`, encoded as in training and cut
+    to `max_tokens`, in windows of seq_len tokens overlapping by one (every token but the first is
+    predicted once). Any causal LM, quantized ones included; `amp_dtype` autocasts on CUDA.
+    `per_window` adds each window's summed NLL (`window_nll`) and predictions (`window_tokens`) in
+    an order the texts fix, so two models compare window by window (ptq's noise estimate)."""
     if seq_len < 2:
         raise ValueError(f"seq_len must be >= 2, got {seq_len}")
     ids = [t for doc in encode_documents(tokenizer, list(texts)) for t in doc]

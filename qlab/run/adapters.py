@@ -1,13 +1,8 @@
 """Attach LoRA adapters (peft) to the query/value projections or to every linear layer.
 
-Target names are resolved from the model's own modules:
-  all_linear  every nn.Linear / bnb Linear4bit / Linear8bitLt except the output head
-              (the paper's choice: "LoRA on all linear transformer block layers")
-  qv          the attention query and value projections, the original LoRA choice:
-              LLaMA/Mistral/OPT-style separate `q_proj` and `v_proj`;
-              BLOOM/GPT-NeoX/Falcon fuse q, k and v into one `query_key_value` linear, so
-              there `qv` means LoRA on that fused projection: it adapts keys too, and its
-              adapter has 3x the output width of a q_proj adapter.
+Targets are resolved from the model's own modules: `all_linear` is every linear layer but the
+output head (the paper's choice); `qv` the query and value projections, or where an architecture
+fuses q, k and v into one linear (BLOOM, GPT-NeoX, Falcon) that fused layer (docs/running.md).
 """
 
 from __future__ import annotations

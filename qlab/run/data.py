@@ -16,6 +16,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Iterator
 
+from qlab.config import resolve_path
+
 IGNORE_INDEX = -100
 Conversation = list[tuple[str, str]]  # [(human, assistant), ...]
 
@@ -101,8 +103,6 @@ class RawData:
 
 
 def read(data_cfg) -> RawData:
-    from qlab.config import resolve_path
-
     train, skipped = load_conversations(resolve_path(data_cfg.train_file), data_cfg.format, data_cfg.on_bad_line)
     ev = None
     if data_cfg.eval_file:

@@ -1,11 +1,9 @@
 """Trackers that watch a training loop without living in it.
 
-`MemoryWindow` is a context manager: on entry it resets PyTorch's peak counters and starts a
-sampler thread that polls NVML (device-level used memory, which *does* see CUDA managed
-memory of paged optimizers and the CUDA context, unlike torch's counters) and the process RSS;
-on exit it records the peaks. `StepClock` times steps with CUDA events on a GPU (host clock
-with the device synchronized on a CPU), so a step's time is its real device time, not its
-launch time. Their series are summarized by qlab.results.stats.summarize.
+`MemoryWindow` (a context manager) resets PyTorch's peak counters on entry and samples NVML's
+device-used memory, which sees the CUDA context and paged optimizers' managed memory where torch's
+counters do not, and the process RSS; on exit it records the peaks. `StepClock` times each step
+with CUDA events on a GPU, so a step's time is its device time, not its launch time.
 """
 
 from __future__ import annotations
@@ -167,16 +165,11 @@ NOISY_CV = 0.02  # a run whose per-step throughput varies more than 2% is flagge
 
 def memory_breakdown(weights: dict, adapter_bytes: int, optimizer_state: dict, logits_bytes: int,
                      peak_allocated: int | None) -> dict:
-    """Where the bytes at the peak went, in `<part>_bytes` keys.
-
-    Exact: the weights as held after the QLoRA preparation (quantized tensors, their
-    constants, the non-quantized rest), the adapters, their float32 gradients (one per
-    adapter parameter, all alive at the end of backward) and the optimizer state by location.
-    Estimated: `logits_bytes`, the float32 logits the loss materializes for the largest batch.
-    Remainder: `activations_bytes` = torch's peak allocated minus every device-resident part
-    above: saved activations, recomputation buffers, temporaries. Managed (paged) optimizer
-    state is listed but not subtracted: torch's allocator never sees it. On a CPU there is no
-    allocator peak, so no remainder."""
+    """Where the bytes at the peak went, in `<part>_bytes` keys: exactly, the weights as held after
+    the QLoRA preparation, the adapters, their float32 gradients (all alive at the end of backward)
+    and the optimizer state by location; estimated, the float32 logits of the largest batch; and
+    `activations_bytes`, torch's peak allocated less every device-resident part (managed state is
+    never seen by torch's allocator; a CPU has no allocator peak, so no remainder)."""
     parts = {
         "quantized_weights_bytes": weights["quantized_weight_bytes"],
         "quant_constants_bytes": weights["quant_state_bytes"],

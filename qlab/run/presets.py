@@ -32,11 +32,9 @@ def cache_root() -> Path:
 
 
 def build_once(target: Path, complete: Callable[[Path], bool], build: Callable[[Path], None]) -> Path:
-    """Return `target`, first building it with `build(directory)` unless `complete(target)`.
-
-    Safe under concurrency: builders take a file lock beside `target`, write into a temporary
-    directory and rename it into place, so a reader never sees a half-written model and
-    concurrent callers build once; a build that fails leaves nothing behind."""
+    """`target`, first built with `build(directory)` unless `complete(target)`. Builders take a
+    file lock beside it and rename a temporary directory into place, so a reader never sees a
+    half-written model, concurrent callers build once, and a failed build leaves nothing."""
     if complete(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -221,13 +221,11 @@ def run(cfg: DictConfig, inputs: Inputs, recorder) -> Outcome:
             with window:  # QLAB_INJECT_FAULT (tests) fails the last batch size after its warm-up
                 c = time_calls(gen, batches(prompt_ids, b), n if b in sizes else None, g.repeats,
                                before=partial(loop.inject_fault, 1, recorder.id) if b == sizes[-1] else None)
-            for key, v in window.peaks.items():
-                if v is not None:
-                    peaks.setdefault(key, []).append(v)
+            peaks.update({k: max(v, peaks.get(k, v)) for k, v in window.peaks.items() if v is not None})
             metrics.update(batch_metrics(b, n, c, window.peaks))
             samples = c.samples if b == 1 else samples
             window = None
-        metrics.update({key: max(values) for key, values in peaks.items()})
+        metrics.update(peaks)  # the largest over the batch sizes
         if samples:
             metrics.update(sample_output_ids=samples[0], greedy_deterministic=all(s == samples[0] for s in samples),
                            sample_output_text=tok.decode(samples[0], skip_special_tokens=True))
