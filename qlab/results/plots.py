@@ -53,13 +53,11 @@ def label(row, varying: list[str]) -> str:
     return "  ".join(str(row[c]) for c in ["quant_label", *[c for c in ("optim", "adapter") if c in varying]])
 
 
-def save(fig, stem: Path) -> list[Path]:
+def save(fig, stem: Path) -> None:
     stem.parent.mkdir(parents=True, exist_ok=True)
-    paths = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
-    fig.savefig(paths[0], dpi=150, bbox_inches="tight")
-    fig.savefig(paths[1], bbox_inches="tight", metadata={"Date": None})
+    fig.savefig(stem.with_suffix(".png"), dpi=150, bbox_inches="tight")
+    fig.savefig(stem.with_suffix(".svg"), bbox_inches="tight", metadata={"Date": None})  # no date: same bytes again
     plt.close(fig)
-    return paths
 
 
 def _quant_legend(arms: pd.DataFrame) -> list:
@@ -87,17 +85,11 @@ def _barh_frame(n: int, width: float = 7.5):
     return fig, ax
 
 
-def _means(ok: pd.DataFrame, arms: pd.DataFrame, cols: list[str]) -> pd.DataFrame:
-    """Per-arm means of byte columns of the ok runs, in the arms' order."""
-    keys = ["quant_label", "optim", "adapter"]
-    m = ok.groupby(keys)[cols].mean()
-    return m.reindex(pd.MultiIndex.from_frame(arms[keys])).reset_index(drop=True)
-
-
 def memory_breakdown(runs: pd.DataFrame, arms: pd.DataFrame, varying: list[str], stem: Path) -> str:
     ok = runs[runs.status == "ok"]
     cols = [c for _, c, _ in SEGMENTS if c] + ["peak_bytes", "peak_allocated_bytes"]
-    means = _means(ok, arms, cols) / GiB
+    keys = ["quant_label", "optim", "adapter"]  # per-arm means of the ok runs, in the arms' order
+    means = ok.groupby(keys)[cols].mean().reindex(pd.MultiIndex.from_frame(arms[keys])).reset_index(drop=True) / GiB
     fig, ax = _barh_frame(len(arms), 8.5)
     y = np.arange(len(arms))
     left = np.zeros(len(arms))

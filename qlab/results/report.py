@@ -142,9 +142,8 @@ def generation_notes(baseline: str, g: pd.DataFrame, sizes: list[int]) -> list[s
                  "weights: bytes the loaded base weights hold (`weight_bytes`), adapter not included.")
     dtypes = sorted(set(ok.get("compute_dtype", pd.Series(dtype=object)).dropna()))
     if dtypes:
-        notes.append("Compute dtype: " + ", ".join(dtypes) + (" (on a CPU, bf16 holds float32 weights: bf16 "
-                                                              "matmuls are slow there)" if "float32" in dtypes else "")
-                     + ".")
+        cpu = " (on a CPU, bf16 holds float32 weights: bf16 matmuls are slow there)" if "float32" in dtypes else ""
+        notes.append("Compute dtype: " + ", ".join(dtypes) + cpu + ".")
     calls = [f"b{b}: {int(ok[c].min())}" for b in sizes
              if (c := f"generate_calls_b{b}") in ok and ok[c].notna().any()]
     if calls and "ttft_n" in ok and ok.ttft_n.notna().any():
