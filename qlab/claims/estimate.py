@@ -38,9 +38,6 @@ FP32 = 4
 SETTINGS = tuple((label, quant, dq) for label, (quant, dq) in QUANT_SETTINGS.items())
 
 
-# --------------------------------------------------------------------------- the model, on meta
-
-
 def model_config(model: str):
     """A transformers config from a preset name (qlab.run.presets.PRESETS) or a local directory
     holding config.json. Nothing is downloaded, nothing is built."""
@@ -108,9 +105,6 @@ def _keeps_fp32(name: str, model, dtype: torch.dtype) -> bool:
     return any(m in name.split(".") for m in mods)
 
 
-# --------------------------------------------------------------------------- weights (exact)
-
-
 def four_bit_bytes(n: int, double_quant: bool) -> tuple[int, int]:
     """(packed weight bytes, quant state bytes) of one bnb 4-bit tensor of n weights."""
     packed = (n + 1) // 2  # two 4-bit weights per uint8
@@ -150,9 +144,6 @@ def weight_bytes(model: torch.nn.Module, quant: str, double_quant: bool, dtype: 
             "weight_bytes_after_prepare": packed + state + other_after}
 
 
-# --------------------------------------------------------------------------- adapter, optimizer
-
-
 def adapted_layers(model: torch.nn.Module, targets: str) -> list[tuple[str, int, int]]:
     """(name, in, out) of every layer LoRA wraps: peft matches target names against the last
     component of module names, so every linear with that leaf name is adapted."""
@@ -168,9 +159,6 @@ def lora_shapes(layers, r: int) -> list[tuple[int, int]]:
 def optimizer_state_bytes(name: str, shapes) -> int:
     """`qlab.run.optim.state_bytes` of tensors of these shapes (meta tensors: no storage)."""
     return optim.state_bytes(name, [torch.empty(s, device="meta") for s in shapes])
-
-
-# --------------------------------------------------------------------------- activations (estimate)
 
 
 @dataclass
@@ -229,9 +217,6 @@ def activation_bytes(d: Dims, batch: int, seq: int, *, compute_bytes: int, resid
     return {"activation_bytes": total, "layer_activation_bytes": one_layer,
             "kept_activation_bytes": kept,  # all layers (no checkpointing) or their inputs
             "recomputed_activation_bytes": recomputed, "logits_bytes": logits, "dequant_workspace_bytes": dequant_bytes}
-
-
-# --------------------------------------------------------------------------- the estimate
 
 
 @dataclass
@@ -368,9 +353,6 @@ def setting_for_config(cfg, device: str) -> Setting:
     )
 
 
-# --------------------------------------------------------------------------- tables
-
-
 def _gib(n: int) -> str:
     return f"{n / GiB:,.3f}"
 
@@ -456,9 +438,6 @@ def format_all(estimates: list[Estimate]) -> str:
             lines.append(f"double quantization saves {saved / 1e9:.2f} GB ({saved / GiB:.2f} GiB) on {q}: "
                          f"{dbits:.3f} bits/param x {_count(dq.weights['quantized_params'])} quantized params")
     return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------- command line
 
 
 def parser() -> argparse.ArgumentParser:

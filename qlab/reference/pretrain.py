@@ -27,6 +27,7 @@ from qlab.config import SHAPES
 from qlab.reference import corpus
 from qlab.results import store
 from qlab.run.device import resolve_device
+from qlab.run.measure import sync
 from qlab.run.presets import SPECIAL_TOKENS, build_once, cache_root, train_bpe
 
 BUILD_VERSION = 1  # bump when the build procedure changes, so cached bases rebuild
@@ -46,9 +47,6 @@ LOG_EVERY = 10
 
 class BaseError(RuntimeError):
     pass
-
-
-# --------------------------------------------------------------------------- configuration and cache key
 
 
 def spec_for(size: str, steps: int | None = None) -> dict:
@@ -109,9 +107,6 @@ def weights_sha256(path: Path | str) -> str:
     key differ (CUDA training is not bit-reproducible), so runs record it and results are compared
     only between runs of the same weights."""
     return store.files_sha256(sorted(Path(path).glob("*.safetensors")))
-
-
-# --------------------------------------------------------------------------- tokenizer, data, model
 
 
 def encode_documents(tokenizer, texts: list[str]) -> list[list[int]]:
@@ -175,9 +170,6 @@ def lr_factor(step: int, spec: dict) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-# --------------------------------------------------------------------------- held-out perplexity (also PTQ's)
-
-
 def heldout_eval(model, tokenizer, texts: list[str], seq_len: int, max_tokens: int | None = None,
                  batch_size: int = 8, amp_dtype=None, per_window: bool = False) -> dict:
     """Token-weighted mean negative log-likelihood over `texts`, encoded as in training and cut
@@ -237,9 +229,6 @@ def heldout_texts() -> list[str]:
     return [d.text for d in corpus.load().split()[1]]
 
 
-# --------------------------------------------------------------------------- the build
-
-
 def _log(progress: bool, msg: str) -> None:
     if progress:
         print(msg, file=sys.stderr, flush=True)
@@ -281,12 +270,9 @@ def build(spec: dict, device: str, out: Path, key: str, compile: bool = False, p
     _log(progress, f"[base {spec['size']}] {n_params / 1e6:.2f} M params; held-out ppl before training "
                    f"{init['perplexity']:.1f} ({init['tokens']:,} tokens)")
 
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": spec["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=spec["lr"], betas=tuple(spec["betas"]), fused=cuda,
-    )
+    groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": spec["weight_decay"]},
+              {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]  # matrices decay
+    opt = torch.optim.AdamW(groups, lr=spec["lr"], betas=tuple(spec["betas"]), fused=cuda)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, spec))
     step_fn = torch.compile(model) if compile else model
     batches = packed_batches(docs, spec["seq_len"], spec["batch_size"], spec["seed"])
@@ -294,8 +280,7 @@ def build(spec: dict, device: str, out: Path, key: str, compile: bool = False, p
 
     curve: list[dict] = [{"step": 0, "tokens": 0, "heldout_loss": evaluate(spec["curve_eval_tokens"])["loss"]}]
     model.train()
-    if cuda:
-        torch.cuda.synchronize()
+    sync(device)
     t_train = time.perf_counter()
     eval_s = 0.0
     window_loss, window_n = 0.0, 0
@@ -324,8 +309,7 @@ def build(spec: dict, device: str, out: Path, key: str, compile: bool = False, p
                                f"held-out {rec['heldout_loss']:.3f} lr {rec['lr']:.2e} "
                                f"({rec['elapsed_s']:.0f}s)")
             curve.append(rec)
-    if cuda:
-        torch.cuda.synchronize()
+    sync(device)
     train_s = time.perf_counter() - t_train - eval_s
     final = evaluate(spec["eval_tokens"])
     _log(progress, f"[base {spec['size']}] held-out ppl {final['perplexity']:.2f} "

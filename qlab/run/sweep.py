@@ -32,6 +32,8 @@ from qlab.run import launch
 log = logging.getLogger(__name__)
 INVOCATION_ENV = "QLAB_SWEEP_INVOCATION"
 MANIFEST = "sweep.json"
+HARDWARE = ("gpu", "gpu_count", "driver", "cpu", "cpu_count", "cuda", "torch", "transformers", "peft", "bitsandbytes",
+            "python")  # what the manifest records of store.environment()
 _progress = None  # a tqdm bar, when the launcher runs the points in this process
 
 
@@ -77,7 +79,8 @@ class ManifestCallback(Callback):
         total = math.prod(len(values) for values in grid.values())
         with _manifest(sweep_root(config)) as m:
             m.update(sweep=config.tracker.sweep, grid=grid, points=total, experiment=config.get("experiment"))
-            m["hardware"] = _hardware()
+            env = store.environment()
+            m["hardware"] = {k: env.get(k) for k in HARDWARE}
             m["invocations"].append({"id": invocation, "started_at": store.now(), "argv": sys.argv})
         log.info("sweep %s: %d grid points %s -> %s", config.tracker.sweep, total, grid, sweep_root(config))
         if config.hydra.launcher._target_.endswith("BasicLauncher"):
@@ -100,12 +103,6 @@ class ManifestCallback(Callback):
         log.info("sweep %s done: %s (manifest: %s)", config.tracker.sweep, summary, sweep_root(config) / MANIFEST)
         if counts["failed"]:
             raise SystemExit(1)
-
-
-def _hardware() -> dict:
-    env = store.environment()
-    return {k: env.get(k) for k in ("gpu", "gpu_count", "driver", "cpu", "cpu_count", "cuda", "torch",
-                                    "transformers", "peft", "bitsandbytes", "python")}
 
 
 def runs_per_gpu() -> int:
