@@ -208,12 +208,9 @@ def build(raw: RawData, data_cfg, tokenizer, batch_size: int, seed: int) -> Data
     ev = tokenize_split(raw.eval, tokenizer, data_cfg.max_seq_len, data_cfg.eval_file) if raw.eval else None
     pad_to = data_cfg.max_seq_len if data_cfg.pad_to == "max_seq_len" else None
     pack_tokens = (data_cfg.pack_tokens or pack_budget(train, data_cfg, batch_size)) if data_cfg.pack else None
-    stats = {
-        "train_samples": len(train.samples),
-        "eval_samples": len(ev.samples) if ev else 0,
-        "dropped_no_target": train.dropped_no_target + (ev.dropped_no_target if ev else 0),
-        "skipped_bad_lines": raw.skipped_bad_lines,
-    }
+    stats = {"train_samples": len(train.samples), "eval_samples": len(ev.samples) if ev else 0,
+             "dropped_no_target": train.dropped_no_target + (ev.dropped_no_target if ev else 0),
+             "skipped_bad_lines": raw.skipped_bad_lines}
     if pack_tokens:
         stats["pack_tokens"] = pack_tokens
     return Data(train, ev, batch_size, pad_id, pad_to, seed, stats, pack_tokens)

@@ -170,17 +170,12 @@ def memory_breakdown(weights: dict, adapter_bytes: int, optimizer_state: dict, l
     and the optimizer state by location; estimated, the float32 logits of the largest batch; and
     `activations_bytes`, torch's peak allocated less every device-resident part (managed state is
     never seen by torch's allocator; a CPU has no allocator peak, so no remainder)."""
-    parts = {
-        "quantized_weights_bytes": weights["quantized_weight_bytes"],
-        "quant_constants_bytes": weights["quant_state_bytes"],
-        "unquantized_weights_bytes": weights["unquantized_weight_bytes"],
-        "adapters_bytes": adapter_bytes,
-        "gradients_bytes": adapter_bytes,
-        "optimizer_state_device_bytes": optimizer_state["device"],
-        "optimizer_state_managed_bytes": optimizer_state["managed"],
-        "optimizer_state_cpu_bytes": optimizer_state["cpu"],
-        "logits_bytes": logits_bytes,
-    }
+    parts = {"quantized_weights_bytes": weights["quantized_weight_bytes"],
+             "quant_constants_bytes": weights["quant_state_bytes"],
+             "unquantized_weights_bytes": weights["unquantized_weight_bytes"],
+             "adapters_bytes": adapter_bytes, "gradients_bytes": adapter_bytes,
+             **{f"optimizer_state_{where}_bytes": optimizer_state[where] for where in ("device", "managed", "cpu")},
+             "logits_bytes": logits_bytes}
     if peak_allocated is not None:
         on_device = sum(v for k, v in parts.items() if k not in ("optimizer_state_managed_bytes", "optimizer_state_cpu_bytes"))
         parts["activations_bytes"] = max(0, peak_allocated - on_device)

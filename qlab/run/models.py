@@ -1,12 +1,8 @@
-"""Load a base model (hub id, local directory or preset) quantized the way `quant=` says.
-
-Quantization always goes through transformers' real `BitsAndBytesConfig`, so a qlab run holds
-exactly the bitsandbytes modules a QLoRA user's run holds:
-  bf16  no quantization: weights in the compute dtype (bfloat16 on GPU; float32 on CPU)
-  int8  LLM.int8: Linear8bitLt, int8 weights + one float32 scale per output row
-  nf4   Linear4bit, 4-bit NormalFloat, one absmax per 64 weights
-  fp4   Linear4bit, 4-bit float (e2m1), one absmax per 64 weights
-with `double_quant` quantizing the 4-bit absmax constants themselves to 8 bits (blocks of 256).
+"""Load a base model (hub id, local directory, preset or pretrained base) quantized the way
+`quant=` says, always through transformers' real `BitsAndBytesConfig`, so a qlab run holds
+exactly the bitsandbytes modules a QLoRA user's run holds: none for bf16 (the compute dtype),
+Linear8bitLt for int8 (int8 weights, a float32 scale per output row), Linear4bit for nf4 and fp4
+(an absmax per 64 weights; `double_quant` quantizes those to 8 bits in blocks of 256).
 """
 
 from __future__ import annotations
