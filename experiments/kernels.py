@@ -95,7 +95,7 @@ def bench_kernels(device: str, sizes: dict, timer, log) -> list[dict]:
             for kind in K.FOUR_BIT_BNB:
                 for bs in TIMED_BLOCKSIZES:
                     for dq in (False, True):
-                        label = f"{kind}-b{bs}" + ("+DQ" if dq else "")
+                        label = _label(kind, bs, dq)
                         # bytes moved: n weights in, n/2 packed bytes + 4 bytes of absmax per block out
                         # (DQ: 1 byte per block + a second pass over the constants, ignored here)
                         moved = n * esize + n // 2 + 4 * n // bs
@@ -148,8 +148,7 @@ def error_rows(data: str, tensors, log) -> list[dict]:
     """tensors: a list of 2-D tensors, pooled (kernels.combine_errors) per setting."""
     rows = []
     for kind, bs, dq in ERROR_SETTINGS:
-        parts = [K.quantization_error(t, kind, bs or 64, dq) for t in tensors]
-        e = K.combine_errors(parts)
+        e = K.combine_errors([K.quantization_error(t, kind, bs or 64, dq) for t in tensors])
         # int8's scale is per row, so its bits/weight depend on each tensor's row length
         bits = sum(K.storage_bits(kind, bs or 64, dq, row_len=t.shape[-1]) * t.numel() for t in tensors)
         rows.append({"data": data, "kind": kind, "blocksize": bs, "double_quant": dq,

@@ -67,11 +67,8 @@ def build(optim_cfg, params: list[torch.Tensor], device: str):
         import bitsandbytes as bnb
 
         guard_managed_memory(optim_cfg.name, params, device)
-        cls = {
-            "adamw_8bit": bnb.optim.AdamW8bit,
-            "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,
-            "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
-        }[optim_cfg.name]
+        cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,
+               "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[optim_cfg.name]
         opt = cls(params, **kw)
     warmup = optim_cfg.lr_warmup_steps
     # constant lr after a linear ramp over `warmup` steps: factor (step+1)/warmup, capped at 1

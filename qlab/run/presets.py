@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from qlab.config import ASSETS, SHAPES
+from qlab.run.data import load_conversations
 
 PRESETS: dict[str, dict] = SHAPES["presets"]  # conf/shapes.yaml
 
@@ -73,8 +74,6 @@ def ensure(name: str, device: str = "cpu") -> Path:
 
 def build_tokenizer():
     """Byte-level BPE trained on the embedded chat data: covers any UTF-8 text (Chinese too)."""
-    from qlab.run.data import load_conversations
-
     convs, _ = load_conversations(str(TOKENIZER_CORPUS))
     texts = [text for conv in convs for turn in conv for text in turn]
     return train_bpe(texts, TOKENIZER_VOCAB)

@@ -116,11 +116,9 @@ def load_chat(run_dir: Path, model_override: str | None = None, quant: QuantConf
     if quant is not None and (quant.type, quant.double_quant) != (trained_quant.type, trained_quant.double_quant):
         warnings.warn(f"the adapter was trained on a {_q(trained_quant)} base; chatting with {_q(quant)} "
                       "(allowed: the adapter is 16/32-bit, but outputs may differ)")
-    device = resolve_device(device)
-    loaded = models.load(model_cfg, quant or trained_quant, device)
+    loaded = models.load(model_cfg, quant or trained_quant, resolve_device(device))
     check_same_base(adapter, loaded.model)
-    model = PeftModel.from_pretrained(loaded.model, str(adapter))
-    model.eval()
+    model = PeftModel.from_pretrained(loaded.model, str(adapter)).eval()
     context = getattr(loaded.model.config, "max_position_embeddings", None) or cfg.data.max_seq_len
     return Chat(model, loaded.tokenizer, context, sampling or Sampling())
 
