@@ -18,7 +18,7 @@ import functools
 import math
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -177,7 +177,6 @@ def dims(model: torch.nn.Module) -> Dims:
     c = model.config
     h, heads = c.hidden_size, c.num_attention_heads
     head_dim = getattr(c, "head_dim", None) or h // heads
-    leaves = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_linear(m)}
     return Dims(
         hidden=h,
         intermediate=getattr(c, "intermediate_size", None) or 4 * h,
@@ -185,7 +184,7 @@ def dims(model: torch.nn.Module) -> Dims:
         heads=heads,
         kv_dim=(getattr(c, "num_key_value_heads", None) or heads) * head_dim,
         vocab=model.get_output_embeddings().out_features,
-        gated_mlp=any("gate" in leaf for leaf in leaves),
+        gated_mlp=any("gate" in n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_linear(m)),
         eager_attention=getattr(c, "_attn_implementation", "eager") == "eager",
     )
 
@@ -406,11 +405,7 @@ def format_one(e: Estimate) -> str:
 def estimate_all(model: str, base: Setting) -> list[Estimate]:
     """The six weight settings of SETTINGS for one model, built on meta once."""
     built = meta_model(model_config(model))
-    out = []
-    for _, quant, dq in SETTINGS:
-        s = Setting(**{**base.__dict__, "quant": quant, "double_quant": dq})
-        out.append(estimate(built, s, name=model))
-    return out
+    return [estimate(built, replace(base, quant=quant, double_quant=dq), name=model) for _, quant, dq in SETTINGS]
 
 
 def format_all(estimates: list[Estimate]) -> str:
