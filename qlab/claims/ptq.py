@@ -63,12 +63,6 @@ def _model_cfg(size: str):
     return ModelConfig(name=f"base-{size}", name_or_path=None, preset=None, base=size)
 
 
-def _free(device: str) -> None:
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-
-
 def measure_type(label: str, size: str, device: str, texts: list[str], seq_len: int,
                  max_tokens: int | None) -> dict:
     """Load the base as `label`, evaluate it; per-window NLLs kept for the paired comparison."""
@@ -94,8 +88,10 @@ def measure_type(label: str, size: str, device: str, texts: list[str], seq_len: 
            "loss": ev["loss"], "perplexity": ev["perplexity"], "tokens": ev["tokens"],
            "load_time_s": loaded.load_time_s, "eval_s": eval_s, **wb,
            "window_nll": ev["window_nll"], "window_tokens": ev["window_tokens"]}
-    del loaded
-    _free(device)
+    del loaded  # the next type loads afresh
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
     return out
 
 

@@ -191,8 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=CORPUS_DIR, help=f"output directory (default {CORPUS_DIR})")
     args = ap.parse_args(argv)
     if args.build:
-        info = build(args.stdlib, args.out)
-        for k, v in info.items():
+        for k, v in build(args.stdlib, args.out).items():
             print(f"{k:14s} {v}")
         return 0
     try:

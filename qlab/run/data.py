@@ -182,9 +182,7 @@ class Data:
             used += len(sample[0])
 
     def eval_batches(self) -> Iterator[dict]:
-        if self.eval is None:
-            return
-        s = self.eval.samples
+        s = self.eval.samples if self.eval else []
         for i in range(0, len(s), self.batch_size):
             yield collate(s[i : i + self.batch_size], self.pad_id, None)
 

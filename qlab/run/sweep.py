@@ -95,8 +95,7 @@ class ManifestCallback(Callback):
             for run in m["runs"].values():
                 if run.get("invocation") == invocation:
                     counts[run["outcome"]] = counts.get(run["outcome"], 0) + 1
-            inv = next(i for i in m["invocations"] if i["id"] == invocation)
-            inv.update(finished_at=store.now(), counts=counts)
+            next(i for i in m["invocations"] if i["id"] == invocation).update(finished_at=store.now(), counts=counts)
         if _progress is not None:
             _progress.close()
         summary = " / ".join(f"{v} {k}" for k, v in counts.items())
