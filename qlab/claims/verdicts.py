@@ -30,11 +30,18 @@ Comparison kinds (a small lookup table, `KINDS`):
                every interval entirely below 0 -> reproduced; any entirely above 0 (an other type
                significantly lower) -> not reproduced; otherwise the difference is within noise ->
                inconclusive. `measured`: the relative perplexity change vs the closest other type
-  interleaved_equivalent  tokens/s of method `a` vs method `b` of experiments/overhead.py
-               (results/overhead/<overhead>.json): one model, one process, the methods run in
-               interleaved rounds, so round i of `a` and of `b` saw the same card state and are
-               paired: the 95% t-interval of the mean per-round ratio a/b - 1 inside +-margin ->
-               reproduced, entirely outside -> not reproduced, else inconclusive
+  interleaved_equivalent  tokens/s of method `a` vs method `b` in the retired overhead bench's
+               record (results/overhead/<overhead>.json), interleaved rounds in one process: the
+               95% t-interval of the mean per-round ratio a/b - 1 inside +-margin -> reproduced,
+               entirely outside -> not reproduced, else inconclusive
+  speed_ratio  tokens/s of arm a over arm b in the comparisons (task=compare) of `sweep`, the
+               pair `pair`'s 95% interval over its paired rounds against `at_least` / `at_most`
+               (the whole interval beyond the threshold -> reproduced, the whole interval on the
+               wrong side -> not reproduced, else inconclusive) or `margin` (inside 1 +- margin ->
+               reproduced, entirely outside -> not reproduced); a comparison whose A/A control's
+               interval excludes 1 is not valid: inconclusive
+  ratio        mean `metric` of arm `a` over arm `b` (runs of `sweep`) against `at_most` /
+               `at_least`, no interval: for what a run measures without noise (torch's peak bytes)
   curve_within the run of arm `a` follows the reference run `b` step by step: the moving average of
                its per-step loss over `window` steps stays within max(bound.abs, bound.rel x the
                reference's) at every step; both arms select by stored config (`b`: dotted keys and
@@ -286,7 +293,8 @@ def k_ptq_lower(claim: dict, record: dict | None) -> Verdict:
 def k_interleaved_equivalent(claim: dict, record: dict | None) -> Verdict:
     if record is None:
         return Verdict(INCONCLUSIVE, reason=f"not run yet: results/overhead/{claim['overhead']}.json does not "
-                                            "exist (python experiments/overhead.py on a GPU)")
+                                            "exist (the retired overhead bench's record; kind speed_ratio reads "
+                                            "comparisons)")
     methods = record["methods"]
     if claim["a"] not in methods or claim["b"] not in methods:
         return Verdict(INCONCLUSIVE, reason=f"{claim['overhead']}.json has no {claim['a']} / {claim['b']} method")
@@ -305,6 +313,61 @@ def k_interleaved_equivalent(claim: dict, record: dict | None) -> Verdict:
     if lo > margin or hi < -margin:
         return Verdict(NOT_REPRODUCED, 100 * m, ci, f"{what}: entirely outside +-{100 * margin:g}%", n)
     return Verdict(INCONCLUSIVE, 100 * m, ci, f"{what}: straddles +-{100 * margin:g}%", n)
+
+
+def _speed_ratio_one(claim: dict, r: pd.Series) -> Verdict:
+    p, aa = r["pairs"][claim["pair"]], r.get("aa_control")
+    lo, hi = p["ci95"]
+    n = f"{p['rounds']} paired rounds"
+    what = f"{claim['pair']} tok/s {p['ratio']:.3f} [{lo:.3f}, {hi:.3f}] ({r.env_gpu or r.env_cpu}; {p['verdict']})"
+    if isinstance(aa, dict):
+        if not aa["covers_1"]:
+            return Verdict(INCONCLUSIVE, p["ratio"], (lo, hi), f"{what}: the A/A control's interval "
+                           f"[{aa['ci95'][0]:.3f}, {aa['ci95'][1]:.3f}] excludes 1, the comparison is not valid", n)
+        what += f", A/A floor [{aa['ci95'][0]:.3f}, {aa['ci95'][1]:.3f}]"
+    if "margin" in claim:
+        low, high = 1 - claim["margin"], 1 + claim["margin"]
+        bound = f"1 +- {claim['margin']:g}"
+        ok, wrong = low <= lo and hi <= high, lo > high or hi < low
+    elif "at_least" in claim:
+        bound = f">= {claim['at_least']:g}"
+        ok, wrong = lo >= claim["at_least"], hi < claim["at_least"]
+    else:
+        bound = f"<= {claim['at_most']:g}"
+        ok, wrong = hi <= claim["at_most"], lo > claim["at_most"]
+    if ok:
+        return Verdict(REPRODUCED, p["ratio"], (lo, hi), f"{what}: the whole 95% interval {bound}", n)
+    if wrong:
+        return Verdict(NOT_REPRODUCED, p["ratio"], (lo, hi), f"{what}: the whole 95% interval fails {bound}", n)
+    return Verdict(INCONCLUSIVE, p["ratio"], (lo, hi), f"{what}: the 95% interval straddles {bound}", n)
+
+
+def k_speed_ratio(claim: dict, runs: pd.DataFrame) -> Verdict:
+    """Every ok comparison of the sweep that has the pair must agree; the last one's numbers."""
+    rows = [r for _, r in runs.iterrows() if r.get("kind") == "compare" and r.status == "ok"
+            and isinstance(r.get("pairs"), dict) and claim["pair"] in r["pairs"]]
+    if not rows:
+        return Verdict(INCONCLUSIVE, reason=f"not run yet: no comparison in results/{claim['sweep']}/ has the "
+                                            f"pair {claim['pair']}")
+    each = [_speed_ratio_one(claim, r) for r in rows]
+    v = each[-1]
+    if len({e.verdict for e in each}) > 1:
+        v = Verdict(INCONCLUSIVE, v.measured, v.ci, "the comparisons disagree: " + "; ".join(
+            f"{e.verdict} ({e.reason})" for e in each), v.n)
+    if len(rows) > 1:
+        v.n = f"{len(rows)} comparisons, the last: {v.n}"
+    return v
+
+
+def k_ratio(claim: dict, runs: pd.DataFrame) -> Verdict:
+    a, b, n, empty = _arms(claim, runs)
+    if empty:
+        return empty
+    r = float(a.mean() / b.mean())
+    bound, ok = ((f"at most {claim['at_most']:g}", r <= claim["at_most"]) if "at_most" in claim
+                 else (f"at least {claim['at_least']:g}", r >= claim["at_least"]))
+    return Verdict(REPRODUCED if ok else NOT_REPRODUCED, r,
+                   reason=f"{claim['metric']} of a / b = {r:.3f}: {'' if ok else 'not '}{bound}", n=n)
 
 
 # ------------------------------------------------------------------ an arm against a reference run
@@ -444,8 +507,9 @@ def load_overhead(results: Path, stem: str) -> dict | None:
 KINDS = {"value": k_value, "difference": k_difference, "lower": k_lower, "equivalent": k_equivalent,
          "survives": k_survives, "estimate": k_estimate, "kernel_order": k_kernel_order,
          "ptq_error": k_ptq_error, "ptq_lower": k_ptq_lower, "interleaved_equivalent": k_interleaved_equivalent,
-         "curve_within": k_curve_within, "eval_within": k_eval_within}
-NEEDS_RUNS = ("value", "difference", "lower", "equivalent", "survives", "curve_within", "eval_within")
+         "speed_ratio": k_speed_ratio, "ratio": k_ratio, "curve_within": k_curve_within, "eval_within": k_eval_within}
+NEEDS_RUNS = ("value", "difference", "lower", "equivalent", "survives", "speed_ratio", "ratio", "curve_within",
+              "eval_within")
 NEEDS_PTQ = ("ptq_error", "ptq_lower")  # evidence: results/ptq-base-<claim['ptq']>/ptq.json
 
 

@@ -3,8 +3,8 @@ report, the statistics and the plots share: axis orders, quantization labels, me
 
 Every run found is a row, oom and failed ones included (their `status` says so). Each row
 carries its comparability group: runs are only compared inside a group (see `GROUP_KEYS`).
-A result's `kind` (its task: "train" or "generate"; "train" when the file has none) is part of
-the group: training and generation results never share one.
+A result's `kind` (its task: train, generate, compare, eval; "train" when the file has none) is
+part of the group: results of two kinds never share one.
 The speed path of a training run (`speed`: recipe | fast | trainer, see `speed_label`) is an
 ablation axis like the quantization: runs that differ only in it share a group, and its
 `quant_label` names it (`nf4+DQ · fast`), so every consumer that tells configurations apart by
@@ -22,10 +22,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from qlab.config import PROJECT_ROOT
-from qlab.results.store import NON_IDENTITY_KEYS, RESULT, peak_bytes
-
-SPEED_CONF = Path(PROJECT_ROOT) / "conf" / "speed"
+from qlab.results import store
+from qlab.results.store import NON_IDENTITY_KEYS, RECIPE, RESULT, TASK_SECTIONS, peak_bytes
 
 GiB = 2**30
 ADAPTER_BYTES_PER_PARAM = 4  # LoRA A/B matrices are trained in float32: 4 bytes/param
@@ -36,10 +34,9 @@ ORDER = {
     "quant_label": ["bf16", "int8", "nf4", "nf4+DQ", "fp4", "fp4+DQ"],
     "dq": ["off", "on"],
     "optim": ["adamw", "paged_adamw_32bit", "adamw_8bit", "paged_adamw_8bit"],
-    "adapter": ["qv", "all_linear", "none", "lora"],  # none/lora: generation results
-    "speed": ["trainer", "recipe", "fast"],  # trainer: the HF Trainer path (experiments/speed_bench.py)
+    "adapter": ["qv", "all_linear", "full", "none", "lora"],  # full: full fine-tuning; none/lora: generation and eval
+    "speed": ["trainer", "recipe", "fast"],  # trainer: the HF Trainer's loop (train.runner=hf_trainer)
 }
-RECIPE = "recipe"  # the speed label that adds nothing to a quant label (the paper's recipe)
 SPEED_SEP = " · "  # quant label · speed label
 # Keys that define a comparability group (besides hardware): column -> dotted config key.
 GROUP_KEYS = {
@@ -52,12 +49,14 @@ GROUP_KEYS = {
 }
 # Config keys that are the ablation axes (they vary *inside* a group) or don't change what a
 # run measures; every other config key must match for runs to share a group.
-AXIS_CONFIG_KEYS = ("quant.type", "quant.double_quant", "optim.name", "adapter.targets", "seed", "speed")
+AXIS_CONFIG_KEYS = ("quant.type", "quant.double_quant", "optim.name", "adapter.targets", "seed", "speed",
+                    "train.runner")  # the runner is part of the speed path (trainer)
 # Generation results: with or without an adapter is an axis (`adapter`: none | lora), so the
 # adapter's config (source run, rank) does not split the group; arms keep one adapter per row.
-KIND_AXIS_CONFIG_KEYS = {"generate": ("adapter",)}
-KINDS = ("train", "generate")  # sections in this order
+KIND_AXIS_CONFIG_KEYS = {"generate": ("adapter",), "eval": ("adapter",)}
+KINDS = ("train", "generate", "compare", "eval")  # sections in this order
 GENERATE_LABEL_KEYS = ("bench.new_tokens", "bench.batch_sizes", "bench.prompts", "bench.repeats")
+EVAL_LABEL_KEYS = ("eval.limit", "eval.max_length_used", "eval.batch_size")
 VERSIONS = ("python", "torch", "transformers", "peft", "bitsandbytes", "cuda")
 
 
@@ -127,6 +126,35 @@ def generation_metrics(runs: pd.DataFrame) -> tuple[Metric, ...]:
         p = f"e2e_tokens_per_s_b{b}"
         out.append(Metric(f"e2e_tok_s_b{b}", f"{p}_median_tok", 1, f"end-to-end tok/s b{b}", 0, delta=True))
     return tuple(out)
+# An eval table's column per task: the first of these the task reports, else its first metric
+# (acc_mutual_info: qlab's chitchat choice, where generic replies are likely without any context)
+EVAL_MAIN_METRICS = ("word_perplexity", "acc_mutual_info", "acc", "exact_match")
+
+
+def eval_metrics(runs: pd.DataFrame) -> tuple[Metric, ...]:
+    """The columns of an eval table (task=eval results): per task the runs asked for (qlab's local
+    tasks first), its main metric (EVAL_MAIN_METRICS) as the harness reports it
+    (`lm_eval.<task>.<metric>`), each followed by its standard error where the harness gives one."""
+    from qlab.reference.lm_eval_tasks import LOCAL_TASKS
+
+    asked = {t for v in runs.get("eval_tasks", pd.Series(dtype=object)).dropna() for t in str(v).split("+")}
+    if not asked:  # a result without the list: every task it has numbers for
+        asked = {c.split(".")[1] for c in runs.columns if c.startswith("lm_eval.")}
+    order = [t for t in LOCAL_TASKS if t in asked] + sorted(asked - set(LOCAL_TASKS))
+    out = []
+    for task in order:
+        prefix = f"lm_eval.{task}."
+        names = sorted(c[len(prefix):] for c in runs.columns
+                       if c.startswith(prefix) and not c.endswith("_stderr") and runs[c].notna().any())
+        if not names:
+            continue
+        metric = next((m for m in EVAL_MAIN_METRICS if m in names), names[0])
+        decimals = 2 if "perplexity" in metric else 4
+        out.append(Metric(f"{task}.{metric}", prefix + metric, 1, f"{task} {metric}", decimals, delta=True))
+        out.append(Metric(f"{task}.{metric}_stderr", f"{prefix}{metric}_stderr", 1, "stderr", decimals))
+    return tuple(out)
+
+
 # Metric keys the report reads; a run without one (CPU: no torch.cuda or NVML peaks; an oom or
 # failed run: no throughput or loss) gets NaN, so every frame has every column.
 READ_METRICS = ("weight_bytes", "quantized_weight_bytes", "quant_state_bytes", "unquantized_weight_bytes",
@@ -150,38 +178,25 @@ def quant_label(quant: str, double_quant: bool, speed: str | None = None) -> str
     return label if speed in (None, RECIPE) else f"{label}{SPEED_SEP}{speed}"
 
 
-_SPEED_PRESETS: dict | None = None
+# conf/speed/ as it was for every result written before results recorded their speed label
+# (axes.speed, store.speed_label): those results are labelled with these switches, never with
+# conf/ as it is now
+PRESETS_OF_UNLABELLED = {
+    "recipe": {"upcast_non_quantized": True, "adapter_autocast": False, "compile": "none",
+               "compile_backend": "inductor", "loss": "full", "loss_chunk_tokens": 1024},
+    "fast": {"upcast_non_quantized": False, "adapter_autocast": True, "compile": "layers",
+             "compile_backend": "inductor", "loss": "chunked", "loss_chunk_tokens": 1024},
+}
 
 
-def speed_presets() -> dict[str, dict]:
-    """conf/speed/<name>.yaml -> its switches, recipe first."""
-    global _SPEED_PRESETS
-    if _SPEED_PRESETS is None:
-        from omegaconf import OmegaConf
-
-        files = sorted(SPEED_CONF.glob("*.yaml"), key=lambda p: rank("speed", p.stem))
-        _SPEED_PRESETS = {p.stem: OmegaConf.to_container(OmegaConf.load(p)) for p in files}
-    return _SPEED_PRESETS
-
-
-def speed_label(speed: dict | None) -> str:
-    """The name of a run's speed path, from its config's `speed` block:
-      - `speed.runner` when set: a run made by another training loop on the same config
-        (`trainer`: the HF Trainer recipe of experiments/speed_bench.py);
-      - the conf/speed/ preset the switches equal (`recipe`, `fast`);
-      - otherwise the nearest preset and what differs: `fast (compile=none)`.
-    Results from before the speed group have no block: they ran the recipe (the defaults)."""
-    if not speed:
-        return RECIPE
-    if speed.get("runner"):
-        return str(speed["runner"])
-    diffs = {name: {k: speed[k] for k, v in preset.items() if k in speed and speed[k] != v}
-             for name, preset in speed_presets().items()}
-    if not diffs:
-        return RECIPE
-    name = min(diffs, key=lambda n: len(diffs[n]))  # ties: the recipe first (presets are ordered)
-    extra = ", ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in diffs[name].items())
-    return f"{name} ({extra})" if extra else name
+def speed_label(result: dict) -> str | None:
+    """A training result's speed path as it recorded it (axes.speed), or for a result from before
+    that, store.speed_label of its stored config with PRESETS_OF_UNLABELLED."""
+    if (result.get("kind") or "train") != "train":
+        return None
+    axes, cfg = result.get("axes") or {}, result.get("config") or {}
+    return axes.get("speed") or store.speed_label(cfg.get("speed"), (cfg.get("train") or {}).get("runner"),
+                                                  PRESETS_OF_UNLABELLED)
 
 
 def find_results(root: Path) -> list[Path]:
@@ -203,8 +218,10 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 
 def _residual_config(config: dict, kind: str = "train") -> dict:
-    """The config keys that must match inside a group and are not named in GROUP_KEYS."""
-    skip = (*NON_IDENTITY_KEYS, *AXIS_CONFIG_KEYS, *KIND_AXIS_CONFIG_KEYS.get(kind, ()), *GROUP_KEYS.values())
+    """The config keys that must match inside a group and are not named in GROUP_KEYS (`task` is
+    the kind, a group key already)."""
+    skip = ("task", *NON_IDENTITY_KEYS, *AXIS_CONFIG_KEYS, *KIND_AXIS_CONFIG_KEYS.get(kind, ()), *GROUP_KEYS.values(),
+            *(t for t in TASK_SECTIONS if t != kind))  # another task's section is not this run's config
     return {k: v for k, v in flatten(config).items()
             if not any(k == s or k.startswith(s + ".") for s in skip)}
 
@@ -227,6 +244,19 @@ def generation_config(cfg: dict, metrics: dict) -> tuple[dict, str]:
     return cfg, (adapter.get("run_id") or "") + (f" {sha[:8]}" if sha else "")
 
 
+def eval_config(cfg: dict, metrics: dict) -> tuple[dict, str]:
+    """An eval result's config as the report groups and labels it, and what it ran beside the base
+    (the training run and its weights' hash, as for generation). The tasks asked for do not split
+    groups: a task a run did not evaluate is an empty cell."""
+    e = {k: v for k, v in (cfg.get("eval") or {}).items() if k not in ("adapter_run", "tasks")}
+    e.update(device=(cfg.get("train") or {}).get("device"), max_length_used=metrics.get("lm_eval_max_length"))
+    sha = metrics.get("adapter_weights_sha256") or metrics.get("model_weights_sha256")
+    cfg = {"model": {k: v for k, v in (cfg.get("model") or {}).items() if v is not None}, "quant": cfg.get("quant"),
+           "eval": e, "seed": cfg.get("seed"), "tracker": cfg.get("tracker"),
+           "adapter": {"run_id": metrics.get("adapter_run_id"), "weights_sha256": sha}}
+    return cfg, (metrics.get("adapter_run_id") or "") + (f" {sha[:8]}" if sha else "")
+
+
 def _num(v) -> float:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
 
@@ -237,6 +267,8 @@ def _row(r: dict, rel: str) -> dict:
     cfg, adapter_run = r.get("config") or {}, ""
     if kind == "generate":
         cfg, adapter_run = generation_config(cfg, m)
+    elif kind == "eval":
+        cfg, adapter_run = eval_config(cfg, m)
     flat = flatten(cfg)
     error = r.get("error") or {}
     row = {
@@ -252,11 +284,10 @@ def _row(r: dict, rel: str) -> dict:
         "optim": axes.get("optim"),
         "adapter": axes.get("adapter"),
         "seed": axes.get("seed", r.get("seed")),
-        # generation results run no training step: no speed path
-        "speed": speed_label(cfg.get("speed")) if kind == "train" else None,
+        "speed": speed_label(r),  # generation results and comparisons: none
     }
     row["quant_label"] = quant_label(row["quant"], row["double_quant"], row["speed"])
-    row["adapter_run"] = adapter_run  # which adapter a generation result ran with: two never merge
+    row["adapter_run"] = adapter_run  # which adapter a generation or eval result ran with: two never merge
     row["dq"] = "on" if row["double_quant"] else "off"
     for col, key in GROUP_KEYS.items():
         if col != "model":
@@ -265,6 +296,8 @@ def _row(r: dict, rel: str) -> dict:
     row["config_rest"] = json.dumps(_residual_config(cfg, kind), sort_keys=True, default=str)
     row.update(_derived(m))
     for k, v in sorted(m.items()):
+        if isinstance(v, list) and any(isinstance(x, (dict, list)) for x in v):
+            continue  # a comparison's rounds: result.json has them, a table cell would not
         if isinstance(v, list):
             v = "+".join(map(str, v))
         row.setdefault(k, v)
@@ -357,6 +390,12 @@ def assign_groups(df: pd.DataFrame) -> pd.DataFrame:
             label = (f"generation · {r.model} · {rest.get('bench.new_tokens')} new tokens · batch {sizes} · "
                      f"{rest.get('bench.prompts')} prompts x {rest.get('bench.repeats')} repeats · {r.hardware}")
             differing = [k for k in differing if k not in GENERATE_LABEL_KEYS]
+        elif r.kind == "eval":
+            label = (f"evaluation · {r.model} · limit {rest.get('eval.limit') or 'none'} · max_length "
+                     f"{rest.get('eval.max_length_used')} · batch {rest.get('eval.batch_size')} · {r.hardware}")
+            differing = [k for k in differing if k not in EVAL_LABEL_KEYS]
+        elif r.kind == "compare":
+            label = f"comparison · {r.model} · {r.hardware}"
         else:
             label = (f"{r.model} · {r.data} · seq {r.max_seq_len} (pad {r.pad_to}) · batch {r.batch_size} · "
                      f"{r.steps} steps · {r.hardware}")

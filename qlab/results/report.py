@@ -6,9 +6,9 @@
 Every result.json below RESULTS_DIR (hidden directories aside) is read, and the page, runs.csv,
 the statistics, tables and plots are written deterministically into RESULTS_DIR/report.md and
 RESULTS_DIR/report/ (or --out), a section per comparability group: runs of different groups
-never share a table, a test or a plot. Generation results get a generation table and plot per
-group and no statistics. What each file holds: docs/results.md. Exit status: 0 written, 1 no
-result.json found, 2 bad arguments.
+never share a table, a test or a plot. Generation, evaluation and comparison results get tables
+of their own per group and no statistics. What each file holds: docs/results.md. Exit status: 0
+written, 1 no result.json found, 2 bad arguments.
 """
 
 from __future__ import annotations
@@ -176,6 +176,71 @@ def generation_report(g: pd.DataFrame, out: Path, baselines: dict) -> dict:
     return made
 
 
+def eval_report(g: pd.DataFrame, out: Path, baselines: dict) -> dict:
+    """The eval table of one eval group into `out`."""
+    numeric, disp, baseline, mains = tables.eval_display(g, baselines.get("quant"))
+    ok = g[g.status == "ok"]
+    items = {m.name.split(".")[0]: ok[c].dropna().astype(int).unique()
+             for m in mains if (c := f"eval.{m.name.split('.')[0]}.items") in ok}
+    notes = [EVAL_READING, f"Baseline: {baseline} with the same adapter setting.",
+             "Items per task (documents or questions): " + ", ".join(
+                 f"{t} {'/'.join(map(str, sorted(n)))}" for t, n in items.items()) + "."]
+    axis = tables.EVAL
+    paths = tables.write(numeric, disp, out / "tables" / axis.key, axis.title, notes)
+    return {"kind": "eval", "tables": [(axis, paths, tables.to_markdown(disp), " ".join(notes))], "grid": None,
+            "arms": numeric, "plots": {}}
+
+
+EVAL_READING = (
+    "Cells: the lm-evaluation-harness metric of the run (the mean over runs where a row has several, with a "
+    "bootstrap 95% CI) ± the harness's standard error (none for perplexities, which lm-eval does not give one); "
+    "(+x.x%): change vs the baseline quantization with the same adapter setting, 100 (arm - base) / base. "
+    "word_perplexity = exp(-sum of loglikelihoods / sum of whitespace-separated words) over the documents, in "
+    "windows of max_length tokens; acc: fraction of items whose highest-loglikelihood choice is right; "
+    "acc_mutual_info: ... whose choice the context raises most above its loglikelihood alone (qlab's chitchat "
+    "task: 4 choices, chance 0.25). Per-item numbers for paired tests: samples/<task>.jsonl in each "
+    "run directory.")
+
+
+def eval_setup_lines(g: pd.DataFrame) -> list[str]:
+    rest = json.loads(g.iloc[0].config_rest)
+    lines = [*_machine_lines(g),
+             f"- **Model** {g.iloc[0].model}; **lm-evaluation-harness** "
+             f"{_distinct(g.get('lm_eval_version', pd.Series(dtype=object)).dropna())}: limit "
+             f"{rest.get('eval.limit') or 'none (every item)'}, max_length {rest.get('eval.max_length_used')} tokens, "
+             f"batch {rest.get('eval.batch_size')}, few-shot {rest.get('eval.num_fewshot')}; one process per row"]
+    hashes = [f"{c.split('.')[1]} `{_distinct(g[c].dropna())[:12]}`" for c in sorted(g.columns)
+              if c.startswith("eval.") and c.endswith(".task_sha256") and g[c].notna().any()]
+    if hashes:
+        lines.append("- **Local tasks** (qlab/reference/lm_eval_tasks.py, content SHA-256): " + ", ".join(hashes))
+    adapters = sorted({a for a in g.adapter_run.dropna() if a})
+    if adapters:
+        lines.append("- **Adapters** (LoRA unmerged; `full`: a fully fine-tuned model) from run(s): "
+                     + ", ".join(f"`{a}`" for a in adapters))
+    lines.append("- **Git commits of the runs**: " + _distinct(g.git_commit.fillna("unknown (not recorded)")))
+    return lines
+
+
+def compare_report(g: pd.DataFrame, out: Path) -> dict:
+    """The arms and pairs tables of one group of comparisons (task=compare), every run's rows
+    under its run id."""
+    made = {"kind": "compare", "tables": [], "grid": None, "plots": {}}
+    arms, pairs = [], []
+    for _, r in g[g.status == "ok"].iterrows():
+        a, p = tables.compare_tables({k: r[k] for k in ("arms", "pairs", "aa_control") if isinstance(r.get(k), dict)})
+        arms.append(a.assign(run=r.run_id))
+        pairs.append(p.assign(run=r.run_id, stopped=f"{r.stopped} ({int(r.rounds_completed)} rounds)"))
+    for key, title, frames in (("compare_arms", "Arms", arms), ("compare_pairs", "Pairs", pairs)):
+        if not frames:
+            continue
+        disp = pd.concat(frames, ignore_index=True)
+        disp = disp[["run", *[c for c in disp.columns if c != "run"]]]
+        axis = tables.Axis(key, "arm", f"{tables.COMPARISON.title}: {title.lower()}", (), "")
+        paths = tables.write(disp, disp, out / "tables" / key, axis.title, [tables.COMPARE_NOTES])
+        made["tables"].append((axis, paths, tables.to_markdown(disp), tables.COMPARE_NOTES))
+    return made
+
+
 def generation_setup_lines(g: pd.DataFrame) -> list[str]:
     r = g.iloc[0]
     rest = json.loads(r.config_rest)
@@ -269,8 +334,11 @@ def write_page(runs: pd.DataFrame, root: Path, out: Path, page: Path, sections: 
     tested = comp.p_welch.notna().sum()
     trained = (runs.kind == "train").any()
     lines += ["", "**Statistics**: " + (
-        "none: these are generation results (qlab generate-bench); the statistics compare training ablation "
-        "pairs across seeds. Each table cell carries its run's own 95% interval over its timed calls."
+        "a comparison's own: each pair's 95% interval over its paired rounds (the tables)."
+        if not trained and set(runs.kind) == {"compare"} else
+        "none: these are generation or evaluation results (qlab generate-bench, qlab eval); the statistics compare "
+        "training ablation pairs across seeds. Each generation cell carries its run's own 95% interval over its "
+        "timed calls, each evaluation cell the harness's standard error."
         if not trained else
         f"{tested} Welch t-tests over {len(comp)} comparisons; significant after Holm (p < 0.05): "
         f"{int((comp.p_welch_holm < 0.05).sum())}. See [statistics.md]({rel(out / 'statistics.md', page)})."
@@ -283,6 +351,11 @@ def write_page(runs: pd.DataFrame, root: Path, out: Path, page: Path, sections: 
         lines += ["", f"## Group {group}: {labels[group]}" if len(labels) > 1 else "## Setup", ""]
         if made.get("kind") == "generate":
             lines += generation_setup_lines(g)
+        elif made.get("kind") == "eval":
+            lines += eval_setup_lines(g)
+        elif made.get("kind") == "compare":
+            lines += [*_machine_lines(g), "- **Git commits of the runs**: "
+                      + _distinct(g.git_commit.fillna("unknown (not recorded)"))]
         else:
             lines += setup_lines(g, root)
         for axis, paths, md, notes in made["tables"]:
@@ -295,7 +368,7 @@ def write_page(runs: pd.DataFrame, root: Path, out: Path, page: Path, sections: 
             lines += ["", f"{h} Full grid", "", "Every configuration: " + " · ".join(
                 f"[{ext}]({rel(p, page)})" for ext, p in made["grid"].items())]
         plot_dir = made["plot_dir"]
-        lines += ["", f"{h} Plots"]
+        lines += ["", f"{h} Plots"] if made["plots"] else []
         for name, caption in made["plots"].items():
             png, svg = plot_dir / f"{name}.png", plot_dir / f"{name}.svg"
             lines += ["", f"![{name}]({rel(png, page)})", "", f"{caption} ([SVG]({rel(svg, page)}))"]
@@ -366,10 +439,14 @@ def build(root: Path, out: Path | None = None, baselines: dict | None = None, wa
         g = runs[runs.group == group]
         if g.kind.iloc[0] == "generate":
             sections[group] = generation_report(g, gout, baselines or {})
+        elif g.kind.iloc[0] == "eval":
+            sections[group] = eval_report(g, gout, baselines or {})
+        elif g.kind.iloc[0] == "compare":
+            sections[group] = compare_report(g, gout)
         else:
             sections[group] = group_report(g, curves, gout, baselines or {})
         sections[group]["plot_dir"] = gout / "plots"
-    comp = tables.comparisons(runs[runs.kind == "train"])  # generation results: no ablation pairs
+    comp = tables.comparisons(runs[runs.kind == "train"])  # generation and eval results: no ablation pairs
     comp.to_csv(out / "statistics.csv", index=False, float_format="%.10g")
     (out / "statistics.md").write_text(statistics_markdown(comp, dict(zip(runs.group, runs.group_label))))
     # the page names the directory as given (relative for `make report`), never a machine's absolute path

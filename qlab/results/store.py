@@ -6,6 +6,7 @@ Layout: results/<sweep>/<run id>/
   metrics.jsonl  one line per step, appended as the run goes (a killed run leaves only this)
   config.yaml    the resolved config, written at start
   adapter/       the LoRA adapter (save_pretrained), when train.save_adapter
+  model/         instead, for adapter.targets=full: the fine-tuned weights and tokenizer (a checkpoint)
 W&B calls are wrapped: a W&B failure becomes a warning and never costs the local result.
 """
 
@@ -26,9 +27,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from qlab.config import PROJECT_ROOT
+from qlab.config import PROJECT_ROOT, resolve_path
 
 RESULT = "result.json"
 COMPLETE_STATUSES = ("ok", "oom")
@@ -39,10 +41,14 @@ NON_IDENTITY_KEYS = ("tracker", "force", "experiment", "train.progress", "train.
                      "train.profile_steps")  # profiling leaves what a run measures as it was
 # The config a task reads (dotted keys), where it is not everything: the rest never enters its
 # id. Training reads every section but the other tasks' own.
-TASK_KEYS = {"generate": ("task", "model", "quant", "generate", "seed", "train.device")}
-TASK_SECTIONS = ("generate",)  # sections that belong to one task each
-# Config keys naming a run directory whose adapter weights, not its path, define a run
-IDENTITY_FILES = {"generate.adapter_run": "adapter/adapter_model.*"}
+TASK_KEYS = {"generate": ("task", "model", "quant", "generate", "seed", "train.device"),
+             "compare": ("task", "compare", "seed", "train.device"),
+             "eval": ("task", "model", "quant", "eval", "seed", "train.device")}
+TASK_SECTIONS = ("generate", "compare", "eval")  # sections that belong to one task each
+# Config keys naming a run directory whose weights (adapter, or a fully fine-tuned model), not
+# its path, define a run: key -> glob pattern(s) inside that directory
+IDENTITY_FILES = {"generate.adapter_run": "adapter/adapter_model.*",
+                  "eval.adapter_run": ("adapter/adapter_model.*", "model/*.safetensors")}
 
 
 @dataclass
@@ -50,7 +56,7 @@ class Result:
     """One run's record: result.json, written only by RunRecorder.finish."""
 
     run_id: str
-    kind: str  # the task: train | generate
+    kind: str  # the task: train | generate | compare | eval
     sweep: str
     status: str  # ok | oom | failed
     error: Optional[dict]  # {type, message, traceback} unless ok
@@ -82,6 +88,7 @@ ADDED_KEYS = {
     "speed.compile_backend": "inductor", "speed.loss": "full", "speed.loss_chunk_tokens": 1024,
     "data.pack": False, "data.pack_tokens": None,
     "task": "train", "train.runner": "qlab", "data.pack_budget": "positions",
+    "model.gguf": None, "data.source": None,
 }
 
 
@@ -132,7 +139,8 @@ def identity(config: dict, neutral: bool = False) -> dict:
             node = ident
             for part in parents:
                 node = node[part]
-            node[leaf] = files_sha256(sorted(Path(path).glob(pattern)))[:16]
+            patterns = (pattern,) if isinstance(pattern, str) else pattern
+            node[leaf] = files_sha256(sorted(f for p in patterns for f in Path(path).glob(p)))[:16]
     for key, value in (ADDED_KEYS.items() if neutral else ()):
         _drop(ident, key, value)
     return ident
@@ -144,9 +152,21 @@ def run_id(cfg: DictConfig) -> str:
     ident = identity(OmegaConf.to_container(cfg, resolve=True))
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:8]
     q = cfg.quant.type + ("-dq" if cfg.quant.double_quant else "")
+    if cfg.task == "compare":  # the arms' model, by conf/experiment/speed.yaml's convention
+        return f"compare_{cfg.model.name}_{len(cfg.compare.arms)}arms_s{cfg.seed}_{digest}"
     if cfg.task == "generate":
         return f"{cfg.model.name}_{q}_{'lora' if cfg.generate.adapter_run else 'none'}_{digest}"
+    if cfg.task == "eval":
+        return f"{cfg.model.name}_{q}_{eval_adapter(cfg.eval.adapter_run)}_{digest}"
     return f"{cfg.model.name}_{q}_{cfg.optim.name}_{cfg.adapter.targets}_s{cfg.seed}_{digest}"
+
+
+def eval_adapter(run: str | None) -> str:
+    """What task=eval runs beside the base: none, a run's LoRA adapter (lora), or the model a full
+    fine-tuning run saved in model/ in place of the base (full)."""
+    if not run:
+        return "none"
+    return "full" if (Path(resolve_path(run)) / "model").is_dir() else "lora"
 
 
 def run_dir(cfg: DictConfig) -> Path:
@@ -172,6 +192,33 @@ def fresh_result(cfg: DictConfig, since: float) -> dict | None:
     """The result a run process wrote after `since`, or None (fresh_dir)."""
     directory = fresh_dir(run_dir(cfg), since)
     return read_result(directory) if directory else None
+
+
+SPEED_PRESETS = Path(PROJECT_ROOT) / "conf" / "speed"
+RECIPE = "recipe"  # the speed label that adds nothing to a quant label (the paper's recipe)
+
+
+def speed_presets(directory: Path = SPEED_PRESETS) -> dict[str, dict]:
+    """conf/speed/<name>.yaml -> its switches, the recipe first."""
+    files = sorted(Path(directory).glob("*.yaml"), key=lambda p: (p.stem != RECIPE, p.stem))
+    return {p.stem: yaml.safe_load(p.read_text()) for p in files}
+
+
+def speed_label(speed: dict | None, runner: str | None, presets: dict[str, dict]) -> str:
+    """A training run's speed path: `trainer` for the HF Trainer's loop (train.runner=hf_trainer;
+    results of the retired speed bench say speed.runner: trainer), else the preset whose
+    switches the run's equal (`recipe`, `fast`), else the nearest one and what differs:
+    `fast (compile=none)`. A run without a speed block ran the recipe (the defaults). Each
+    result records its label (axes.speed) with the presets of conf/speed/ as they were then."""
+    if runner == "hf_trainer" or (speed or {}).get("runner"):
+        return "trainer"
+    if not speed:
+        return RECIPE
+    diffs = {name: {k: speed[k] for k, v in preset.items() if k in speed and speed[k] != v}
+             for name, preset in presets.items()}
+    name = min(diffs, key=lambda n: len(diffs[n]))  # ties: the recipe first (presets are ordered)
+    extra = ", ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in diffs[name].items())
+    return f"{name} ({extra})" if extra else name
 
 
 # The peak a run is judged by, most complete first: NVML's device-used sees the CUDA context and
@@ -433,8 +480,14 @@ class RunRecorder:
         c = self.cfg
         axes = {"model": c.model.name, "quant": c.quant.type, "double_quant": bool(c.quant.double_quant),
                 "optim": c.optim.name, "adapter": c.adapter.targets, "seed": c.seed}
-        if c.task == "generate":  # no training: no optimizer; with or without a run's adapter
+        if c.task == "train":
+            axes["speed"] = speed_label(OmegaConf.to_container(c.speed), c.train.runner, speed_presets())
+        elif c.task == "generate":  # no training: no optimizer; with or without a run's adapter
             axes.update(optim=None, adapter="lora" if c.generate.adapter_run else "none")
+        elif c.task == "eval":  # the base with nothing, a run's adapter, or a fully fine-tuned model
+            axes.update(optim=None, adapter=eval_adapter(c.eval.adapter_run))
+        else:  # a comparison: its arms carry their own settings
+            axes.update(quant=None, double_quant=False, optim=None, adapter=None)
         result = Result(run_id=self.id, kind=c.task, sweep=c.tracker.sweep, status=status, error=error, axes=axes,
                         metrics=metrics, config=OmegaConf.to_container(c, resolve=True), env=environment(),
                         git_commit=git_commit(), seed=c.seed, started_at=self.started_at, finished_at=now(),

@@ -10,13 +10,18 @@ Markdown and LaTeX the same numbers formatted.
 
 The speed path (`speed`: recipe, fast, or trainer for the HF Trainer loop) is an axis too; its
 quant labels name it (`nf4+DQ · fast`), so the quantization table lists every speed path beside
-the 16-bit baseline. `speed_table` is the speed benchmark's view across groups (one row per
-model x mode, experiments/speed_bench.py) with the ratios `speed_ratios` computes.
+the 16-bit baseline.
 
 Generation results (kind "generate", task=generate) get one table instead: one row per
 quantization setting x adapter (none | lora), with load time, weights, peak memory, time to
 first token and decode / end-to-end throughput per batch size (`frame.generation_metrics`),
 and the % change vs the baseline quantization (bf16) with the same adapter setting.
+Comparisons (kind "compare", task=compare) get their arms and pairs (`compare_tables`).
+
+Evaluation results (kind "eval", task=eval) get one table too, built the same way: one row per
+quantization setting x adapter (none | lora | full, each training run named when there are
+several), per task its main metric as lm-evaluation-harness reports it ± the harness's standard
+error (`frame.eval_metrics`), and the % change vs bf16 with the same adapter setting.
 
 `comparisons` tests each ablation pair (`PAIRS`) across seeds for statistics.csv.
 """
@@ -31,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from qlab.results.frame import METRICS, RECIPE, Metric, byte_unit, generation_metrics, rank
+from qlab.results.frame import METRICS, Metric, eval_metrics, generation_metrics, quant_label, rank
 from qlab.results.stats import bootstrap_ci, compare, holm
 
 CONFIG = ["quant_label", "quant", "dq", "optim", "adapter", "speed"]
@@ -56,10 +61,13 @@ AXES = (
          ("quant", "dq", "optim", "adapter"), "trainer"),
 )
 HEADERS = {"quant_label": "quant", "quant": "quant", "dq": "DQ", "optim": "optimizer", "adapter": "adapter",
-           "speed": "speed", "model": "model", "mode": "mode"}
+           "speed": "speed", "model": "model", "arm": "arm", "runner": "runner", "pair": "pair",
+           "verdict": "verdict", "run": "run", "stopped": "stopped"}
 # The generation table compares quantization settings with the same adapter setting.
 GENERATION = Axis("generation", "quant_label", "Generation speed and memory per quantization type",
                   ("adapter",), "bf16")
+EVAL = Axis("eval", "quant_label", "Evaluation (lm-evaluation-harness) per quantization type and adapter",
+            ("adapter",), "bf16")
 
 
 
@@ -184,11 +192,11 @@ def generation_arms(runs: pd.DataFrame, metrics: tuple[Metric, ...]) -> pd.DataF
     return df.iloc[sorted(range(len(df)), key=lambda i: order.iloc[i])].reset_index(drop=True)
 
 
-def generation_table(arm_df: pd.DataFrame, metrics: tuple[Metric, ...], requested: str | None = None):
+def generation_table(arm_df: pd.DataFrame, metrics: tuple[Metric, ...], requested: str | None = None,
+                     axis: Axis = GENERATION):
     """(numeric table, baseline): the arms with their % change vs the baseline quantization
     of the same adapter setting (100 (arm - base) / base; no change where the setting has no
     baseline arm). Metrics no run holds (torch's peak on a CPU) are left out."""
-    axis = GENERATION
     baseline = choose_baseline(arm_df.quant_label.unique(), axis, requested)
     table = pd.concat([_vs_baseline(block, "quant_label", baseline, metrics)
                        for _, block in arm_df.groupby(["adapter"], sort=False)]).reset_index(drop=True)
@@ -206,114 +214,78 @@ def generation_display(runs: pd.DataFrame, requested: str | None = None):
     return numeric, display(numeric, ["quant_label", "adapter"], kept), baseline, kept
 
 
-# ---------------------------------------------------------------- speed benchmark
-
-# Rows of the speed table: the HF Trainer recipe, qlab's recipe and fast paths (nf4+DQ), and the
-# 16-bit LoRA baseline eager (bf16) and fast (bf16-fast).
-SPEED_MODES = ("trainer", "recipe", "fast", "bf16", "bf16-fast")
-# ratio name -> (numerator mode, denominator mode, column of speed_table)
-SPEED_RATIOS = {
-    "fast/trainer tok/s": ("fast", "trainer", "tok_s"),
-    "fast/bf16 tok/s": ("fast", "bf16", "tok_s"),
-    "peak fast/recipe": ("fast", "recipe", "peak"),
-    "NVML peak fast/recipe": ("fast", "recipe", "nvml_peak_bytes"),
-}
-# speed_table column -> runs column (one run's value; the mean where a row has several runs); only
-# tok_s carries an interval (one run's own over its measured steps)
-SPEED_COLUMNS = tuple(Metric(name, source, 1, name, 0, run_ci=ci) for name, source, ci in (
-    ("tok_s", "tokens_per_s_median_tok", ("tokens_per_s_ci95_low_tok", "tokens_per_s_ci95_high_tok")),
-    ("tok_s_cv", "tokens_per_s_cv", None), ("step_time_s", "step_time_median_s", None),
-    ("steps", "tokens_per_s_n", None), ("torch_peak_bytes", "peak_allocated_bytes", None),
-    ("nvml_peak_bytes", "nvml_peak_device_used_bytes", None), ("weight_bytes", "weight_bytes", None),
-    ("weight_bytes_after_prepare", "weight_bytes_after_prepare", None)))
-
-
-def speed_mode(quant: str, speed: str | None) -> str:
-    """A run's mode in the speed table: its speed path (trainer, recipe, fast) for a quantized
-    base; bf16 (the recipe) or bf16-<speed> for the 16-bit baseline."""
-    speed = speed or RECIPE
-    if quant == "bf16":
-        return "bf16" if speed == RECIPE else f"bf16-{speed}"
-    return speed
+def eval_display(runs: pd.DataFrame, requested: str | None = None):
+    """(numeric, formatted, baseline, metrics) of one eval group: per task its main metric, with
+    the runs' mean [bootstrap 95% CI where a row has several runs] ± the harness's standard error
+    (the mean of the runs' where several) and the % change vs the baseline."""
+    metrics = eval_metrics(runs)
+    numeric, baseline, kept = generation_table(generation_arms(runs, metrics), metrics, requested, EVAL)
+    mains = tuple(m for m in kept if not m.name.endswith("_stderr"))
+    disp = display(numeric, ["quant_label", "adapter"], ())
+    for m in mains:
+        cells = []
+        for _, r in numeric.iterrows():
+            cell, se = _cell(r, m, with_delta=False), r.get(f"{m.name}_stderr", math.nan)
+            if cell != "-" and np.isfinite(se):
+                cell += f" ± {se:,.{m.decimals}f}"
+            delta = r.get(f"{m.name}_delta_pct", math.nan)
+            if cell != "-" and np.isfinite(delta) and not r.is_baseline:
+                cell += f" ({pct(delta)})"
+            cells.append(cell)
+        disp[m.header] = cells
+    return numeric, disp, baseline, mains
 
 
-def speed_table(runs: pd.DataFrame, modes: dict | None = None) -> pd.DataFrame:
-    """One row per model x mode (`modes`: run_id -> mode; default `speed_mode`), models in order
-    of appearance, modes in SPEED_MODES order. Per row: n ok runs, status summary, the first
-    error, and the SPEED_COLUMNS. tok_s is the median over the measured steps of each step's
-    tokens / step time, its interval the run's 95% t-interval of the mean per-step rate (with
-    several runs: their mean and a bootstrap CI across runs); tok_s_cv the per-step CV. `peak`:
-    torch's peak allocated bytes, or where there are none (CPU) the run's `peak_bytes`
-    (`peak_source` says which)."""
-    runs = runs.copy()
-    runs["mode"] = [(modes or {}).get(rid) or speed_mode(q, s)
-                    for rid, q, s in zip(runs.run_id, runs.quant, runs.speed)]
-    models = list(dict.fromkeys(runs.model))
-    rows = []
-    for (model, mode), g in runs.groupby(["model", "mode"], sort=False):
-        ok = g[g.status == "ok"]
-        bad = g[g.status != "ok"]
-        arm = _arm_metrics(g, SPEED_COLUMNS)
-        row = {"model": model, "mode": mode, "quant_label": g.quant_label.iloc[0], "n": arm["n"],
-               "runs": arm["runs"], "run_ids": " ".join(g.run_id),
-               "error": (f"{bad.error_type.iloc[-1]}: {bad.error_message.iloc[-1]}"
-                         if len(bad) and isinstance(bad.error_type.iloc[-1], str) else ""),
-               **{m.name: arm[m.name] for m in SPEED_COLUMNS},
-               "tok_s_ci95_low": arm["tok_s_ci95_low"], "tok_s_ci95_high": arm["tok_s_ci95_high"]}
-        torch_peak = row["torch_peak_bytes"]
-        own = ok.peak_bytes.astype(float).dropna() if "peak_bytes" in ok else pd.Series(dtype=float)
-        if np.isfinite(torch_peak):
-            row["peak"], row["peak_source"] = torch_peak, "torch peak allocated"
-        else:
-            row["peak"] = own.mean() if len(own) else math.nan
-            row["peak_source"] = ", ".join(sorted(set(ok.peak_source.dropna()))) if len(own) else None
-        rows.append(row)
-    df = pd.DataFrame(rows)
-    order = df.apply(lambda r: (models.index(r.model), SPEED_MODES.index(r["mode"]) if r["mode"] in SPEED_MODES
-                                else len(SPEED_MODES), r["mode"]), axis=1)
-    return df.iloc[sorted(range(len(df)), key=lambda i: order.iloc[i])].reset_index(drop=True)
+# ---------------------------------------------------------------- comparisons (task=compare)
+
+COMPARISON = Axis("compare", "arm", "Speed comparison: interleaved rounds, paired ratios", (), "")
 
 
-def speed_ratios(table: pd.DataFrame) -> pd.DataFrame:
-    """Per model, each SPEED_RATIOS entry: numerator mode's value / denominator mode's value
-    (NaN where either mode has no ok run or no value)."""
-    rows = []
-    for model, g in table.groupby("model", sort=False):
-        value = lambda mode, col: (g.loc[g["mode"] == mode, col].iloc[0] if (g["mode"] == mode).any()  # noqa: E731
-                                   else math.nan)
-        row = {"model": model}
-        for name, (num, den, col) in SPEED_RATIOS.items():
-            a, b = value(num, col), value(den, col)
-            row[name] = a / b if np.isfinite(a) and np.isfinite(b) and b else math.nan
-        rows.append(row)
-    return pd.DataFrame(rows, columns=["model", *SPEED_RATIOS])
+def _num(v, fmt: str) -> str:
+    return format(v, fmt) if isinstance(v, (int, float)) and math.isfinite(v) else "-"
 
 
-def speed_display(table: pd.DataFrame) -> pd.DataFrame:
-    """The speed table formatted: bytes in GiB, or MiB when every value is below 1 GiB."""
-    byte_cols = ["peak", "torch_peak_bytes", "nvml_peak_bytes", "weight_bytes", "weight_bytes_after_prepare"]
-    unit, scale = byte_unit(table[byte_cols].max().max())
+def compare_tables(m: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A comparison's metrics (tasks/compare.summarize) as two formatted tables: the arms
+    (tokens/s, step time, GPU busy fraction, launches per step, MFU) and the pairs (ratio [95%
+    CI], half-width, rounds, verdict; the A/A control last)."""
+    arms = pd.DataFrame([{
+        "arm": name, "runner": a["runner"], "quant": quant_label(a["quant"], a["double_quant"]), "speed": a["speed"],
+        "optimizer": a["optim"], "tok/s": _num(a["tokens_per_s"], ",.0f"),
+        "step ms (median)": _num(1e3 * (a["step_time_median_s"] or math.nan), ",.0f"),
+        "GPU busy": _num(a.get("gpu_busy_fraction"), ".0%"),
+        "launches/step": _num(a.get("profile_kernel_launches_per_step"), ",.0f"), "MFU": _num(a.get("mfu"), ".1%"),
+    } for name, a in m["arms"].items()])
+    rows = [(name, p) for name, p in m.get("pairs", {}).items()]
+    if m.get("aa_control"):
+        rows.append((f"{m['aa_control']['pair']} (A/A floor)", {**m["aa_control"], "verdict": (
+            "covers 1" if m["aa_control"]["covers_1"] else "excludes 1: comparison not valid")}))
+    pairs = pd.DataFrame([{"pair": name, "ratio [95% CI]": f"{p['ratio']:.3f} [{p['ci95'][0]:.3f}, {p['ci95'][1]:.3f}]",
+                           "half-width": f"{p['half_width']:.1%}", "rounds": str(p["rounds"]), "verdict": p["verdict"]}
+                          for name, p in rows], columns=["pair", "ratio [95% CI]", "half-width", "rounds", "verdict"])
+    return arms, pairs
 
-    def num(v, fmt):
-        return format(v, fmt) if np.isfinite(v) else "-"
 
-    return pd.DataFrame({
-        "model": table.model, "mode": table["mode"], "quant": table.quant_label, "runs": table.runs,
-        "tok/s median [95% CI]": [_cell(r, SPEED_COLUMNS[0], with_delta=False) for _, r in table.iterrows()],
-        "CV": [f"{v:.1%}" if np.isfinite(v) else "-" for v in table.tok_s_cv],
-        "steps": [num(v, ".0f") for v in table.steps],
-        f"torch peak alloc ({unit})": [num(v / scale, ",.2f") for v in table.torch_peak_bytes],
-        f"NVML peak ({unit})": [num(v / scale, ",.2f") for v in table.nvml_peak_bytes],
-        f"weights ({unit})": [num(v / scale, ",.2f") for v in table.weight_bytes],
-        f"weights after prepare ({unit})": [num(v / scale, ",.2f") for v in table.weight_bytes_after_prepare],
-    })
+COMPARE_NOTES = (
+    "tok/s: positions processed (padding included) per second of device time, this machine's, pooled over the "
+    "rounds; ratio: tokens/s of a over b within each round, geometric mean over rounds with a 95% t-interval "
+    "on the log-ratios; half-width: the interval's relative half-width; no difference: the interval covers 1 or "
+    "lies inside the A/A floor. GPU busy: kernel time per step (torch.profiler, after warm-up) over the mean "
+    "step time; MFU: 6 N tokens/s over the card's dense bf16 peak (N: the base model's parameters). Memory "
+    "peaks of co-resident arms are not isolated: see the isolated runs (conf/experiment/speed-peaks.yaml).")
 
 
-def ratios_display(ratios: pd.DataFrame) -> pd.DataFrame:
-    out = pd.DataFrame({"model": ratios.model})
-    for name in SPEED_RATIOS:
-        out[name] = [f"{v:.2f}x" if np.isfinite(v) else "-" for v in ratios[name]]
-    return out
+def compare_markdown(m: dict, machine: str) -> str:
+    """compare.md: one comparison's setup line, arms and pairs."""
+    arms, pairs = compare_tables(m)
+    reached = m.get("half_width_reached")
+    lines = [f"# Speed comparison: {len(m['arms'])} arms, interleaved rounds", "", f"Measured on {machine}.", "",
+             f"{m['rounds_completed']} rounds x {m['steps_per_round']} steps per arm; stopped: {m['stopped']} "
+             f"(target half-width {m['target_half_width']:.0%}"
+             + (f", reached {reached:.1%})." if reached is not None else ")."), "",
+             to_markdown(arms), "", to_markdown(pairs) if len(pairs) else "No pair: fewer than two rounds.", "",
+             COMPARE_NOTES, ""]
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- formatting

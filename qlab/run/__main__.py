@@ -1,4 +1,4 @@
-"""`python -m qlab.run <overrides>`: one run (`task=train|generate`), or a sweep with `-m` or
+"""`python -m qlab.run <overrides>`: one run (`task=train|generate|compare`), or a sweep with `-m` or
 an experiment. Exit codes of a single run: 0 ok, 1 failed, 2 invalid config or data (nothing
 loaded, nothing written), 3 out of memory."""
 

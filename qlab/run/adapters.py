@@ -2,7 +2,8 @@
 
 Targets are resolved from the model's own modules: `all_linear` is every linear layer but the
 output head (the paper's choice); `qv` the query and value projections, or where an architecture
-fuses q, k and v into one linear (BLOOM, GPT-NeoX, Falcon) that fused layer (docs/running.md).
+fuses q, k and v into one linear (BLOOM, GPT-NeoX, Falcon) that fused layer (docs/running.md);
+`full` no LoRA: every weight of the model trains (the baseline LoRA is compared to).
 """
 
 from __future__ import annotations
@@ -43,8 +44,12 @@ def resolve_targets(model: torch.nn.Module, targets: str) -> list[str]:
 
 
 def attach(model: torch.nn.Module, adapter_cfg):
+    """(the model that trains, the adapted layers' names): a peft model, or for targets=full the
+    model itself and no names."""
     from peft import LoraConfig, get_peft_model
 
+    if adapter_cfg.targets == "full":
+        return model, []
     target_modules = resolve_targets(model, adapter_cfg.targets)
     lora = LoraConfig(
         r=adapter_cfg.r,

@@ -11,12 +11,13 @@ block-diagonally (docs/running.md#data). Evaluation always stays padded.
 
 from __future__ import annotations
 
+import importlib
 import json
 import random
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from qlab.config import resolve_path
+from qlab.config import DATA_SOURCES, resolve_path
 
 IGNORE_INDEX = -100
 Conversation = list[tuple[str, str]]  # [(human, assistant), ...]
@@ -102,11 +103,26 @@ class RawData:
     skipped_bad_lines: int
 
 
+def files(data_cfg) -> tuple[str, str | None]:
+    """(train file, eval file or None): data.train_file / eval_file, or those data.source builds on
+    first use into $QLAB_CACHE (config.DATA_SOURCES), so the config never names a machine's path.
+    A source that cannot be built (its wheel absent) is a DataError saying how to install it."""
+    source = data_cfg.get("source")
+    if source is None:
+        return resolve_path(data_cfg.train_file), resolve_path(data_cfg.eval_file) if data_cfg.eval_file else None
+    try:
+        train, ev = importlib.import_module(DATA_SOURCES[source]).build()
+    except RuntimeError as e:  # e.g. ChitchatError: not installed, or not the recorded bytes
+        raise DataError(f"data.source={source}: {e}") from None
+    return str(train), str(ev)
+
+
 def read(data_cfg) -> RawData:
-    train, skipped = load_conversations(resolve_path(data_cfg.train_file), data_cfg.format, data_cfg.on_bad_line)
+    train_file, eval_file = files(data_cfg)
+    train, skipped = load_conversations(train_file, data_cfg.format, data_cfg.on_bad_line)
     ev = None
-    if data_cfg.eval_file:
-        ev, skipped_eval = load_conversations(resolve_path(data_cfg.eval_file), data_cfg.format, data_cfg.on_bad_line)
+    if eval_file:
+        ev, skipped_eval = load_conversations(eval_file, data_cfg.format, data_cfg.on_bad_line)
         ev, skipped = ev[: data_cfg.max_eval_samples], skipped + skipped_eval
     return RawData(train, ev, skipped)
 
@@ -202,8 +218,9 @@ def build(raw: RawData, data_cfg, tokenizer, batch_size: int, seed: int) -> Data
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no eos token; the chat format needs </s>")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    train = tokenize_split(raw.train, tokenizer, data_cfg.max_seq_len, data_cfg.train_file)
-    ev = tokenize_split(raw.eval, tokenizer, data_cfg.max_seq_len, data_cfg.eval_file) if raw.eval else None
+    name = data_cfg.train_file or data_cfg.source
+    train = tokenize_split(raw.train, tokenizer, data_cfg.max_seq_len, name)
+    ev = tokenize_split(raw.eval, tokenizer, data_cfg.max_seq_len, data_cfg.eval_file or name) if raw.eval else None
     pad_to = data_cfg.max_seq_len if data_cfg.pad_to == "max_seq_len" else None
     pack_tokens = (data_cfg.pack_tokens or pack_budget(train, data_cfg, batch_size)) if data_cfg.pack else None
     stats = {"train_samples": len(train.samples), "eval_samples": len(ev.samples) if ev else 0,

@@ -1,8 +1,12 @@
-"""The measured training loop and the held-out evaluation.
+"""qlab's training loop (runner=qlab), the bare loop a comparison measures it against
+(runner=bare), and the driver every runner's train() shares.
 
-Steps [0, warmup_steps) run unmeasured (allocator growth, kernel autotuning, lazy init);
-peaks are reset and step times recorded from `warmup_steps` on. An out-of-memory error ends
-the loop and is returned as status "oom" together with everything measured until then.
+A stepper owns one runner's steps on a persistent model and optimizer: `warmup(n)` runs n steps
+unmeasured, `window(n)` n device-timed steps (measure.StepClock), so a run drives one through its
+steps and task=compare drives several in interleaved rounds. `drive` is a run: steps
+[0, warmup_steps) unmeasured (allocator growth, kernel autotuning, lazy init; the last
+train.profile_steps of them profiled), peaks reset and step times recorded from warmup_steps on.
+An out-of-memory error ends the run as status "oom" with everything measured until then.
 """
 
 from __future__ import annotations
@@ -73,6 +77,18 @@ def checkpointed_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
 
 
+def probe_layers(model: torch.nn.Module, cfg) -> list[torch.nn.Module]:
+    """The layers whose recompute the first step checks (CheckpointProbe); raises when
+    train.gradient_checkpointing asks for checkpointing and no layer has it. Compiled layers
+    checkpoint inside their compiled code (speed.compile_layers), where no hook can count."""
+    if not cfg.train.gradient_checkpointing:
+        return []
+    layers = checkpointed_layers(model)
+    if not layers and not any(getattr(m, "qlab_checkpoint", False) for m in model.modules()):
+        raise RuntimeError("train.gradient_checkpointing=true but no layer has checkpointing enabled")
+    return layers
+
+
 class CheckpointProbe:
     """Counts forward calls inside the checkpointed decoder layers during one step: with
     gradient checkpointing really active each layer's body runs twice (forward, then again
@@ -81,15 +97,18 @@ class CheckpointProbe:
 
     def __init__(self, layers: list[torch.nn.Module]):
         self.calls = 0
+        self.layers = len(layers)
         self.handles = [next(m.children()).register_forward_hook(self._hook) for m in layers]
 
     def _hook(self, *_):
         self.calls += 1
 
-    def remove(self) -> int:
+    def check(self) -> None:
         for h in self.handles:
             h.remove()
-        return self.calls
+        if self.calls != 2 * self.layers:
+            raise RuntimeError(f"gradient checkpointing is not active: {self.layers} layers ran {self.calls} "
+                               f"times in one step (expected {2 * self.layers}: forward + recompute)")
 
 
 def _to(batch: dict, device: str) -> dict:
@@ -119,67 +138,98 @@ def loss_summary(losses: list[float]) -> dict:
             "train_loss_tail_mean": sum(tail) / len(tail)}
 
 
-def train(model, data: Data, optimizer, scheduler, cfg, device: str,
-          on_step: Callable[[dict], None] = lambda rec: None, run_id: str = "") -> TrainOutcome:
-    tc, max_norm = cfg.train, cfg.optim.max_grad_norm
-    if data.pack_tokens:  # a hub id's architecture is known only now
-        check_packing(getattr(model.config, "model_type", None))
-    params = [p for p in model.parameters() if p.requires_grad]
-    model.train()
-    batches = data.train_batches()
-    clock = StepClock(device)
-    tokens, real_tokens, targets, losses = [], [], [], []
-    probe_layers = checkpointed_layers(model) if tc.gradient_checkpointing else []
-    # compiled layers checkpoint inside their compiled code (speed.compile_layers): backward's
-    # replay runs in the compiled graph, where no Python hook can count it
-    compiled = [m for m in model.modules() if getattr(m, "qlab_checkpoint", False)]
-    if tc.gradient_checkpointing and not (probe_layers or compiled):
-        raise RuntimeError("train.gradient_checkpointing=true but no layer has checkpointing enabled")
-    bar = tqdm(total=tc.steps, desc="train", disable=not tc.progress, dynamic_ncols=True)
-    compute = speed.loss_fn(cfg.speed)
-    dtype = compute_dtype(cfg.quant, device)
+class Stepper:
+    """qlab's step (runner=qlab): fetch, forward (speed.loss_fn under speed.autocast), backward,
+    clip, optimizer and scheduler step, zero_grad, then the loss and token counts read and
+    `on_step(record)`. runner=bare does the same step and nothing else: no checkpoint probe, no
+    per-step host sync (the loss is read once per window, tokens are shape metadata): the
+    reference for what qlab's loop costs. `times`, `counts` (batch_tokens) and `losses`
+    accumulate over windows; `done` counts completed steps."""
 
-    def step_once(step: int) -> dict:
-        batch = _to(next(batches), device)
-        probe = CheckpointProbe(probe_layers) if step == 0 and probe_layers else None
-        inject_fault(step, run_id)
-        with speed.autocast(cfg.speed, device, dtype):
-            loss = compute(model, batch)
+    def __init__(self, model, data: Data, optimizer, scheduler, cfg, device: str,
+                 on_step: Callable[[dict], None] | None = None, run_id: str = ""):
+        if data.pack_tokens:  # a hub id's architecture is known only now
+            check_packing(getattr(model.config, "model_type", None))
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.device, self.run_id = device, run_id
+        self.bare = cfg.train.runner == "bare"
+        self.on_step = on_step or (lambda rec: None)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.max_norm = cfg.optim.max_grad_norm
+        self.layers = probe_layers(model, cfg)
+        self.batches = data.train_batches()
+        self.compute, self.speed = speed.loss_fn(cfg.speed), cfg.speed
+        self.dtype = compute_dtype(cfg.quant, device)
+        self.clock = StepClock(device)
+        self.counts: list[dict] = []
+        self.losses: list[float] = []
+        self.done = 0
+        self.bar = tqdm(total=cfg.train.steps, desc="train", disable=not cfg.train.progress, dynamic_ncols=True)
+        model.train()
+
+    @property
+    def times(self) -> list[float]:
+        return self.clock.times
+
+    def _step(self) -> dict:
+        step = self.done
+        batch = _to(next(self.batches), self.device)
+        probe = CheckpointProbe(self.layers) if step == 0 and self.layers and not self.bare else None
+        inject_fault(step, self.run_id)
+        with speed.autocast(self.speed, self.device, self.dtype):
+            loss = self.compute(self.model, batch)
         loss.backward()
-        if max_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, max_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if probe is not None and (calls := probe.remove()) != 2 * len(probe_layers):
-            raise RuntimeError(
-                f"gradient checkpointing is not active: {len(probe_layers)} layers ran {calls} "
-                f"times in one step (expected {2 * len(probe_layers)}: forward + recompute)"
-            )
-        losses.append(float(loss.detach()))
-        bar.update(1)
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        return {"step": step, "loss": losses[-1], "lr": scheduler.get_last_lr()[0], **batch_tokens(batch)}
+        if self.max_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.bare:
+            self.done += 1
+            self.last_loss = loss
+            return {"step": step, "tokens": batch["input_ids"].numel()}
+        if probe is not None:
+            probe.check()
+        self.losses.append(float(loss.detach()))
+        self.done += 1
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{self.losses[-1]:.3f}")
+        return {"step": step, "loss": self.losses[-1], "lr": self.scheduler.get_last_lr()[0], **batch_tokens(batch)}
 
+    def warmup(self, n: int) -> None:
+        for _ in range(n):
+            self.on_step(self._step())
+
+    def window(self, n: int) -> list[float]:
+        """n device-timed steps; their seconds."""
+        first = len(self.counts)
+        for _ in range(n):
+            with self.clock:
+                rec = self._step()
+            if not self.bare:  # reading the time waits for the step: the bare loop never waits
+                rec["step_time_s"] = self.clock.times[-1]
+            self.counts.append(rec)
+            self.on_step(rec)
+        if self.bare and n:
+            self.losses.append(float(self.last_loss.detach()))
+        return self.times[first:first + n]
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def drive(stepper, cfg, device: str) -> TrainOutcome:
+    """One run of `cfg.train.steps` steps through `stepper` (any runner's), measured."""
+    tc = cfg.train
     mem = MemoryWindow(device)
     prof = profiling.StepProfile(device, tc.profile_steps)
-    first_profiled = tc.warmup_steps - tc.profile_steps  # the last warm-up steps
     status, error = "ok", None
     try:
-        for step in range(first_profiled):
-            on_step(step_once(step))
-        with prof:
-            for step in range(first_profiled, tc.warmup_steps):
-                on_step(step_once(step))
+        stepper.warmup(tc.warmup_steps - tc.profile_steps)
+        with prof:  # the last warm-up steps
+            stepper.warmup(tc.profile_steps)
         with mem:  # peaks and step times from here on: warm-up excluded
-            for step in range(tc.warmup_steps, tc.steps):
-                with clock:
-                    rec = step_once(step)
-                rec["step_time_s"] = clock.times[-1]
-                tokens.append(rec["tokens"])
-                real_tokens.append(rec["real_tokens"])
-                targets.append(rec["target_tokens"])
-                on_step(rec)
+            stepper.window(tc.steps - tc.warmup_steps)
     except torch.OutOfMemoryError as e:  # an OOM is a result: keep what was measured
         status, error = "oom", error_record(e, with_traceback=False)
         if device.startswith("cuda"):
@@ -187,13 +237,20 @@ def train(model, data: Data, optimizer, scheduler, cfg, device: str,
     except Exception as e:  # any other failure: recorded as failed, with the steps that ran
         status, error = "failed", error_record(e)
     finally:
-        bar.close()
+        stepper.close()
+    counts = stepper.counts
     metrics = dict(mem.peaks)
-    metrics.update(throughput(clock.times[: len(tokens)], tokens, real_tokens, targets))
-    metrics["steps_completed"] = len(losses)
-    metrics.update(loss_summary(losses))
+    metrics.update(throughput(stepper.times[: len(counts)], *([c[k] for c in counts]
+                                                              for k in ("tokens", "real_tokens", "target_tokens"))))
+    metrics["steps_completed"] = stepper.done
+    metrics.update(loss_summary(stepper.losses))
     metrics.update(prof.metrics())
-    return TrainOutcome(status, metrics, error, losses, prof.report())
+    return TrainOutcome(status, metrics, error, stepper.losses, prof.report())
+
+
+def train(model, data: Data, optimizer, scheduler, cfg, device: str,
+          on_step: Callable[[dict], None] = lambda rec: None, run_id: str = "") -> TrainOutcome:
+    return drive(Stepper(model, data, optimizer, scheduler, cfg, device, on_step, run_id), cfg, device)
 
 
 def throughput(times: list[float], tokens: list[int], real: list[int], targets: list[int]) -> dict:
@@ -209,7 +266,6 @@ def throughput(times: list[float], tokens: list[int], real: list[int], targets: 
     out["real_tokens_per_s"] = sum(real) / total_time
     out["target_tokens_per_s"] = sum(targets) / total_time
     return out
-
 
 @torch.no_grad()
 def evaluate(model, data: Data, cfg, device: str) -> dict:

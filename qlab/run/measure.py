@@ -164,16 +164,18 @@ NOISY_CV = 0.02  # a run whose per-step throughput varies more than 2% is flagge
 
 
 def memory_breakdown(weights: dict, adapter_bytes: int, optimizer_state: dict, logits_bytes: int,
-                     peak_allocated: int | None) -> dict:
+                     peak_allocated: int | None, gradient_bytes: int | None = None) -> dict:
     """Where the bytes at the peak went, in `<part>_bytes` keys: exactly, the weights as held after
-    the QLoRA preparation, the adapters, their float32 gradients (all alive at the end of backward)
-    and the optimizer state by location; estimated, the float32 logits of the largest batch; and
+    the QLoRA preparation, the adapters, their float32 gradients (all alive at the end of backward;
+    `gradient_bytes` where they are not the adapter's: full fine-tuning's are the weights' own) and
+    the optimizer state by location; estimated, the float32 logits of the largest batch; and
     `activations_bytes`, torch's peak allocated less every device-resident part (managed state is
     never seen by torch's allocator; a CPU has no allocator peak, so no remainder)."""
     parts = {"quantized_weights_bytes": weights["quantized_weight_bytes"],
              "quant_constants_bytes": weights["quant_state_bytes"],
              "unquantized_weights_bytes": weights["unquantized_weight_bytes"],
-             "adapters_bytes": adapter_bytes, "gradients_bytes": adapter_bytes,
+             "adapters_bytes": adapter_bytes,
+             "gradients_bytes": adapter_bytes if gradient_bytes is None else gradient_bytes,
              **{f"optimizer_state_{where}_bytes": optimizer_state[where] for where in ("device", "managed", "cpu")},
              "logits_bytes": logits_bytes}
     if peak_allocated is not None:

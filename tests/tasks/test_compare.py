@@ -1,0 +1,274 @@
+"""task=compare: the round schedule, the paired statistics on synthetic step times with known
+answers (drift included), the stopping rule, the A/A control, resuming a killed attempt (arms
+with synthetic step times, the task's real loop around them), validation, and a real tiny
+comparison on a CPU through `python -m qlab.run experiment=speed-cpu` (composition inside a
+running Hydra app) read back by `qlab report`."""
+
+import json
+import math
+import random
+import statistics
+import subprocess
+import sys
+from collections import Counter
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import ROOT
+from qlab import config, tasks
+from qlab.results import report, store
+from qlab.tasks import compare
+
+
+# ---------------------------------------------------------------- the round schedule
+
+@pytest.mark.parametrize("n", [2, 3, 4, 5, 8])
+def test_williams_square_is_balanced(n):
+    rows = compare.williams(n)
+    cycle = len(rows) // n  # 1 square for even n, the square and its mirror for odd n
+    assert len(rows) == (n if n % 2 == 0 else 2 * n)
+    assert all(sorted(row) == list(range(n)) for row in rows)  # every arm once per round
+    for position in range(n):  # every arm in every position equally often
+        assert set(Counter(row[position] for row in rows).values()) == {cycle}
+    follows = Counter((row[i], row[i + 1]) for row in rows for i in range(n - 1))
+    assert len(follows) == n * (n - 1) and set(follows.values()) == {cycle}  # each arm after each other
+
+
+# ---------------------------------------------------------------- paired ratios, known answers
+
+def block(seconds: float, steps: int = 3) -> list[float]:
+    return [seconds] * steps
+
+
+def test_ratio_interval_is_the_t_interval_of_the_log_ratios():
+    rng = np.random.default_rng(0)
+    logs = np.log(1.2) + rng.normal(0, 0.1, 30)  # a is 20% faster, 10% block-to-block noise
+    rounds = [{"tokens": {"a": 6144, "b": 6144}, "step_time_s": {"a": block(0.25 / math.exp(x)), "b": block(0.25)}}
+              for x in logs]
+    p = compare.pair_stats(compare.rates(rounds, "a"), compare.rates(rounds, "b"))
+    half = 2.045229642132703 * logs.std(ddof=1) / math.sqrt(30)  # t(0.975, 29)
+    assert p["ratio"] == pytest.approx(math.exp(logs.mean())) and p["rounds"] == 30
+    assert p["ci95"] == pytest.approx([math.exp(logs.mean() - half), math.exp(logs.mean() + half)])
+    assert p["half_width"] == pytest.approx(math.expm1(half))
+    assert p["ci95"][0] < 1.2 < p["ci95"][1]
+
+
+def test_pairing_sees_through_drift_that_separate_runs_get_wrong():
+    """The card slows by 40% for a while (a neighbour, a clock change), as the H200s do in blocks.
+    Arm a is 10% faster than b. Run one after the other (the retired speed bench), a lands in the
+    slow stretch and its median says it is slower; in interleaved rounds both arms see the same
+    card in each round and the paired ratio finds the 10%."""
+    rnd = random.Random(1)
+    card = [1.4 if 10 <= t < 30 else 1.0 for t in range(60)]  # the slowdown, in blocks of one arm's steps
+    step = lambda arm, t: 0.25 * card[t] / (1.1 if arm == "a" else 1.0) * rnd.uniform(0.97, 1.03)  # noqa: E731
+    a_alone = [2048 / step("a", t) for t in range(10, 30)]  # a's run: 20 steps in the slow stretch
+    b_alone = [2048 / step("b", t) for t in range(30, 50)]  # then b's, after it
+    unpaired = statistics.median(a_alone) / statistics.median(b_alone)
+    assert unpaired < 0.85  # wrong: a looks slower
+    rounds = []
+    for r in range(30):  # a round: both arms' blocks back to back, the order alternating
+        t = 2 * r
+        first, second = ("a", "b") if r % 2 == 0 else ("b", "a")
+        times = {first: [step(first, t) for _ in range(3)], second: [step(second, t + 1) for _ in range(3)]}
+        rounds.append({"tokens": {"a": 6144, "b": 6144}, "step_time_s": times})
+    p = compare.pair_stats(compare.rates(rounds, "a"), compare.rates(rounds, "b"))
+    assert p["ci95"][0] < 1.1 < p["ci95"][1] and p["ci95"][0] > 1.0  # right: faster, by about 10%
+
+
+def test_stopping_rule():
+    k = OmegaConf.create({"min_rounds": 4, "max_rounds": 10, "target_half_width": 0.05})
+    narrow, wide = {"x/y": {"half_width": 0.04}}, {"x/y": {"half_width": 0.04}, "x/z": {"half_width": 0.2}}
+    assert compare.stop_reason(narrow, 3, k) is None  # never before min_rounds
+    assert compare.stop_reason(narrow, 4, k) == "target"
+    assert compare.stop_reason(wide, 9, k) is None  # every pair must be narrow
+    assert compare.stop_reason(wide, 10, k) == "max_rounds"
+
+
+def test_verdict_against_the_aa_floor():
+    pair = lambda lo, hi: {"ci95": [lo, hi]}  # noqa: E731
+    floor = [0.96, 1.05]
+    assert compare.verdict(pair(1.01, 1.04), floor) == "no difference"  # excludes 1, inside the floor
+    assert compare.verdict(pair(1.01, 1.08), floor) == "a faster"
+    assert compare.verdict(pair(0.90, 0.95), floor) == "a slower"
+    assert compare.verdict(pair(0.97, 1.10), None) == "no difference"  # covers 1
+
+
+# ---------------------------------------------------------------- the task's loop on synthetic arms
+
+class FakeStepper:
+    """An arm whose step takes `seconds` times the card's speed in this round (it drifts: every
+    third round 30% slower) times the block's own noise."""
+
+    def __init__(self, seconds: float, noise: float, rng: random.Random, card: dict):
+        self.seconds, self.noise, self.rng, self.card = seconds, noise, rng, card
+        self.counts, self.closed = [], False
+
+    def window(self, n):
+        self.card["windows"] += 1
+        rnd = (self.card["windows"] - 1) // self.card["arms"]
+        factor = (1.3 if rnd % 3 == 0 else 1.0) * math.exp(self.rng.gauss(0, self.noise))
+        self.counts += [{"tokens": 256}] * n
+        return [self.seconds * factor] * n
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.fixture
+def fake_arms(monkeypatch):
+    """compare.build replaced: arm `name` steps in SECONDS[name] (0.1 s if not listed)."""
+    made = {}
+
+    def use(seconds: dict, noise: float = 0.01):
+        rng = random.Random(0)
+        card = {"windows": 0, "arms": 0}
+
+        def build(name, cfg, raw, k, out):
+            card["arms"] += 1
+            made[name] = compare.Arm(FakeStepper(seconds.get(name, 0.1), noise, rng, card), "cpu",
+                                     {"runner": cfg.train.runner, "quant": cfg.quant.type,
+                                      "double_quant": bool(cfg.quant.double_quant), "speed": "recipe",
+                                      "optim": cfg.optim.name, "total_params": 1000})
+            return made[name]
+
+        monkeypatch.setattr(compare, "build", build)
+        return made
+
+    return use
+
+
+def small(compose, *overrides):
+    return compose("task=compare", "compare.common=['model=tiny-llama','train.device=cpu','data.eval_file=null']",
+                   "+compare.arms={a:['quant=nf4'],b:['quant=bf16']}", "compare.pairs=[a/b]", "compare.aa_control=a",
+                   *overrides)
+
+
+def result_of(cfg) -> dict:
+    return json.loads((store.run_dir(cfg) / store.RESULT).read_text())
+
+
+def test_stops_at_the_target_with_the_aa_control(compose, fake_arms):
+    made = fake_arms({"a": 0.08, "a-aa": 0.08, "b": 0.1}, noise=0.01)
+    cfg = small(compose, "compare.min_rounds=4", "compare.max_rounds=30")
+    assert tasks.single(cfg) == 0
+    m = result_of(cfg)["metrics"]
+    assert m["stopped"] == "target" and m["rounds_completed"] == 4  # 1% noise: narrow at once
+    p = m["pairs"]["a/b"]
+    assert p["ratio"] == pytest.approx(1.25, rel=0.02) and p["half_width"] <= 0.05 and p["verdict"] == "a faster"
+    assert m["aa_control"]["pair"] == "a-aa/a" and m["aa_control"]["covers_1"] and m["valid"]
+    assert all(sorted(r["order"]) == ["a", "a-aa", "b"] for r in m["rounds"])  # every arm once per round
+    assert [len(r["step_time_s"]["b"]) for r in m["rounds"]] == [5] * 4  # every block's raw step times
+    assert m["arms"]["a"]["tokens_per_s"] == pytest.approx(256 / 0.08, rel=0.3)
+    assert all(arm.stepper.closed for arm in made.values())
+
+
+def test_stops_at_the_round_budget_with_the_width_it_reached(compose, fake_arms):
+    fake_arms({"a": 0.1, "b": 0.1}, noise=0.3)
+    cfg = small(compose, "compare.min_rounds=2", "compare.max_rounds=5")
+    assert tasks.single(cfg) == 0
+    m = result_of(cfg)["metrics"]
+    assert m["stopped"] == "max_rounds" and m["rounds_completed"] == 5
+    assert m["half_width_reached"] == m["pairs"]["a/b"]["half_width"] > 0.05
+
+
+def test_stops_at_the_time_budget(compose, fake_arms, monkeypatch):
+    """Each look at the clock finds the run 100 s older: a budget of 450 s allows 5 rounds."""
+    import time
+    from types import SimpleNamespace
+
+    fake_arms({}, noise=0.3)
+    clock = iter(range(10**6))
+    born = compare.psutil.Process().create_time()
+    monkeypatch.setattr(compare, "time", SimpleNamespace(time=lambda: born + 100 * next(clock),
+                                                         perf_counter=time.perf_counter))
+    cfg = small(compose, "compare.min_rounds=2", "compare.max_rounds=50", "compare.time_budget_s=450")
+    assert tasks.single(cfg) == 0
+    m = result_of(cfg)["metrics"]
+    assert m["stopped"] == "time_budget" and m["rounds_completed"] == 5
+
+
+def test_a_broken_aa_control_voids_the_comparison(compose, fake_arms):
+    fake_arms({"a": 0.1, "a-aa": 0.08, "b": 0.1})  # the twin runs 25% faster: the harness is not fair
+    cfg = small(compose, "compare.min_rounds=3", "compare.max_rounds=3")
+    assert tasks.single(cfg) == 0
+    m = result_of(cfg)["metrics"]
+    assert not m["aa_control"]["covers_1"] and m["valid"] is False
+
+
+def test_resumes_the_rounds_of_a_killed_attempt(compose, fake_arms):
+    fake_arms({"a": 0.08, "b": 0.1}, noise=0.2)
+    cfg = small(compose, "compare.aa_control=null", "compare.min_rounds=2", "compare.max_rounds=4")
+    staged = store.staging_dir(cfg)
+    staged.mkdir(parents=True)
+    killed = [{"step": r, "round": r, "attempt": "earlier", "order": ["b", "a"], "tokens": {"a": 1280, "b": 1280},
+               "step_time_s": {"a": block(0.5 + 0.2 * (r % 2), 5), "b": block(0.5, 5)}} for r in range(3)]
+    (staged / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in killed) + '{"step": 3, "rou')
+    assert tasks.single(cfg) == 0
+    m = result_of(cfg)["metrics"]
+    assert m["rounds_completed"] == 4 and [r["attempt"] for r in m["rounds"]][:3] == ["earlier"] * 3
+    assert m["rounds"][3]["attempt"] != "earlier"  # one new round: the budget was 4
+    lines = (store.run_dir(cfg) / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["round"] for x in lines] == [0, 1, 2, 3]  # the log holds every round
+
+
+# ---------------------------------------------------------------- validation
+
+@pytest.mark.parametrize("overrides, key", [
+    (["~compare.arms.b"], "compare.arms"),
+    (["compare.pairs=[a/c]"], "compare.pairs"),
+    (["compare.aa_control=c"], "compare.aa_control"),
+    (["compare.min_rounds=1"], "compare.min_rounds"),
+    (["compare.max_rounds=3", "compare.min_rounds=4"], "compare.max_rounds"),
+    (["compare.arms.a=['quant=int4']"], "compare.arms.a: quant"),
+    (["compare.arms.a=['train.runner=turbo']"], "compare.arms.a: train.runner"),
+])
+def test_bad_comparisons_run_nothing_and_name_the_key(compose, tmp_path, caplog, overrides, key):
+    assert tasks.single(small(compose, *overrides)) == tasks.EXIT["invalid"]
+    assert f"invalid input, nothing was run: {key}" in caplog.text
+    assert not list(tmp_path.rglob(store.RESULT))
+
+
+def test_the_bare_loop_is_an_arm_never_a_training_run(compose):
+    with pytest.raises(config.ConfigError, match="train.runner: bare is the plain loop"):
+        config.validate(compose("train.runner=bare"))
+    config.validate(compose("train.runner=bare"), arm=True)
+
+
+def test_compose_inside_a_running_hydra_app():
+    """What `python -m qlab.run task=compare` does: compose an arm while Hydra's app holds
+    GlobalHydra, which stays as it was."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        running = GlobalHydra.instance().hydra
+        assert config.compose(["+arm=fast"]).speed.compile == "layers"
+        assert GlobalHydra.instance().hydra is running
+
+
+# ---------------------------------------------------------------- a real comparison on a CPU
+
+def test_tiny_comparison_end_to_end(tmp_path):
+    """The CPU variant cut to four arms (the Trainer's loop, qlab's fast step, the bare loop, the
+    A/A twin) for time: each a real model in one process, through the CLI."""
+    cut = [f"~compare.arms.{a}" for a in ("recipe", "bf16", "bf16-fast", "fast-adamw")]
+    proc = subprocess.run([sys.executable, "-m", "qlab.run", "experiment=speed-cpu", f"tracker.results_dir={tmp_path}",
+                           *cut, "compare.pairs=[fast/trainer,fast/bare]", "compare.max_rounds=2"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [path] = list((tmp_path / "compare-tiny-llama").glob("*/result.json"))
+    r = json.loads(path.read_text())
+    assert r["kind"] == "compare" and r["status"] == "ok" and r["run_id"] == path.parent.name
+    m = r["metrics"]
+    assert set(m["arms"]) == {"trainer", "fast", "bare", "fast-aa"} and m["rounds_completed"] == 2
+    t = m["arms"]["trainer"]
+    assert t["runner"] == "hf_trainer" and t["speed"] == "trainer" and t["tokens_per_s"] > 0
+    assert m["arms"]["bare"]["runner"] == "bare" and m["arms"]["fast"]["speed"] == "fast (compile=none)"
+    assert all(len(r["step_time_s"][a]) == 2 for r in m["rounds"] for a in m["arms"])
+    assert set(m["pairs"]) == {"fast/trainer", "fast/bare"} and m["aa_control"]["pair"] == "fast-aa/fast"
+    assert (path.parent / "compare.md").is_file() and (path.parent / "profile-trainer.txt").is_file()
+    page = report.build(tmp_path / "compare-tiny-llama", wandb=False)
+    text = page.read_text()
+    assert "fast-aa/fast (A/A floor)" in text and "| trainer " in text and "hf_trainer" in text
