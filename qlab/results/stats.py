@@ -233,7 +233,8 @@ def tost_paired(a, b, margin: float, alpha: float = EQUIVALENCE_ALPHA) -> dict:
 def noninferiority_paired(a, b, margin: float, alpha: float = EQUIVALENCE_ALPHA, lower_is_better: bool = True) -> dict:
     """Is a no worse than b by more than `margin`? For a metric where lower is better (a loss) worse
     means a - b > 0: H0 mean(d) >= +margin against < +margin, a one-sided t-test at `alpha` (p), decided
-    on the upper end of the same 1 - 2 alpha (90%) interval as `tost_paired` (the one-sided 95% bound):
+    on the upper end of the same 1 - 2 alpha (90%) interval as `tost_paired` (the one-sided 95% bound);
+    `p_inferior` is the opposite one-sided test's (H0 mean(d) <= +margin), which the lower end decides:
       upper end below +margin -> "non-inferior"
       lower end at or above +margin -> "inferior" (worse by more than the margin)
       otherwise (or < 2 pairs) -> "inconclusive".
@@ -245,6 +246,7 @@ def noninferiority_paired(a, b, margin: float, alpha: float = EQUIVALENCE_ALPHA,
     x, y = worse(np.asarray(a, dtype=float), np.asarray(b, dtype=float))
     out = paired_difference(x, y, 1 - 2 * alpha)
     out.update(margin=float(margin), alpha=alpha, p=_one_sided_p(_paired(x, y), margin, "less"),
+               p_inferior=_one_sided_p(_paired(x, y), margin, "greater"),  # H0 mean(d) <= +margin
                lower_is_better=lower_is_better, mean_a=float(np.mean(a)), mean_b=float(np.mean(b)))
     ci = out["ci"]
     out["outcome"] = ("inconclusive" if ci is None else "non-inferior" if ci[1] < margin else

@@ -244,3 +244,12 @@ def test_paired_lower_both_ways_and_within_noise():
     assert stats.paired_lower(b + [0.05, 0.06, 0.04, 0.05, 0.05], b)["outcome"] == "higher"
     assert stats.paired_lower(b + [0.05, -0.06, 0.04, -0.05, 0.0], b)["outcome"] == "no difference shown"
     assert stats.paired_lower([1.0], [2.0])["outcome"] == "no difference shown"  # one pair: no interval
+
+
+def test_noninferiority_reports_both_one_sided_tests():
+    b = np.array([2.00, 2.30, 1.90, 2.10, 2.50])
+    d = np.array([0.20, 0.21, 0.19, 0.20, 0.20])
+    r = stats.noninferiority_paired(b + d, b, 0.05)
+    assert r["p"] == pytest.approx(st.ttest_1samp(d, 0.05, alternative="less").pvalue) and r["p"] > 0.9
+    assert r["p_inferior"] == pytest.approx(st.ttest_1samp(d, 0.05, alternative="greater").pvalue)
+    assert r["p_inferior"] < 0.05 and r["outcome"] == "inferior"
