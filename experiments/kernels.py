@@ -4,34 +4,19 @@
     python experiments/kernels.py --quick --out /tmp/k # fewer repeats (CPU: well under a minute)
     python experiments/kernels.py --model-path DIR     # errors on a real checkpoint's weights
 
-Timed (one call each; warm-up calls first; stats.summarize: median, p90, mean, 95% t-interval):
-  quantize_4bit / dequantize_4bit   nf4, fp4 x DQ off/on x blocksize 64, 128
-  int8_vectorwise_quant / _dequant  LLM.int8's row-wise absmax (weights cast to float16 first)
-  matmul   input x weight^T: plain, bnb.matmul_4bit (nf4, nf4+DQ, fp4; blocksize 64),
-           and bnb's Linear8bitLt (threshold 6.0, transformers' default)
-Shapes on CUDA: LLaMA-7B's q/k/v/o weight 4096x4096 and gate/up weight 11008x4096 (out x in),
-in bfloat16 (the paper's compute type); matmul input 4 seq x 512 tok = 2,048 tok x 4096.
-On CUDA each timed call starts with a cold L2 (a 256 MiB buffer is zeroed first, untimed):
-a 4096x4096 bf16 weight is 32 MiB and would otherwise sit in the H100's 50 MiB L2.
-Without CUDA: quarter widths (1024x1024, 2752x1024, 512 tok), float32, perf_counter timing,
-flagged `cpu_fallback` in the JSON: those numbers say nothing about a GPU.
-
-Errors: MSE, RMSE, max/mean absolute error, SQNR (qlab.kernels.quantization_error) of nf4,
-fp4 (with and without DQ), qlab's reference int4 (blocksize 64, 128, 256) and int8, on N(0,1)
-data and on the linear weights of a model: a real checkpoint with --model-path, else the preset
-(llama-7b on CUDA, tiny-llama on CPU), whose weights are RANDOM INIT (normal, std 0.02): not
-the heavier-tailed weights of a trained model. By default the first, middle and last layer.
-
-Writes <out>/<gpu-or-cpu-name>.json (with qlab.track.environment()) and a .md table beside it.
+Times quantize / dequantize (nf4, fp4 x DQ x blocksize 64, 128; LLM.int8's row-wise absmax) and
+the matmul of a 4 x 512-token batch (plain, bnb 4-bit, Linear8bitLt), one call at a time, and
+measures each kind's round-trip error on N(0,1) data and on a model's linear weights. Writes
+<out>/<gpu-or-cpu-name>.json and a .md table; shapes, timing and caveats: docs/kernels.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import re
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -40,7 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 from qlab.claims import kernels as K  # noqa: E402
-from qlab.results import stats  # noqa: E402
+from qlab.results import stats, store  # noqa: E402
+from qlab.run import measure, models, presets  # noqa: E402
+from qlab.run.device import resolve_device  # noqa: E402
 
 MiB = 2**20
 TIMED_BLOCKSIZES = (64, 128)
@@ -63,39 +50,25 @@ REPEATS = {  # (warm-up calls, timed calls)
 }
 
 
-# --------------------------------------------------------------------------- timing
+def timer(device: str, warmup: int, repeats: int):
+    """`timed(fn)` -> ms of each of `repeats` calls after `warmup` untimed ones, timed one call at
+    a time by measure.StepClock; on CUDA each call starts with a cold L2 (an untimed flush)."""
+    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device=device) if device == "cuda" else None
 
-
-class Timer:
-    """Times one call at a time: CUDA events around it (after an untimed L2 flush), or the
-    host clock on CPU."""
-
-    def __init__(self, device: str, warmup: int, repeats: int):
-        self.device, self.warmup, self.repeats = device, warmup, repeats
-        self.flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device=device) if device == "cuda" else None
-
-    def __call__(self, fn) -> list[float]:
-        for _ in range(self.warmup):
+    def timed(fn) -> list[float]:
+        for _ in range(warmup):
             fn()
-        if self.device != "cuda":
-            ms = []
-            for _ in range(self.repeats):
-                t0 = time.perf_counter()
+        clock = measure.StepClock(device)
+        for _ in range(repeats):
+            if flush is not None:
+                flush.zero_()
+            with clock:
                 fn()
-                ms.append((time.perf_counter() - t0) * 1e3)
-            return ms
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(self.repeats)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(self.repeats)]
-        for s, e in zip(starts, ends):
-            self.flush.zero_()
-            s.record()
-            fn()
-            e.record()
-        torch.cuda.synchronize()
-        return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+        return [t * 1e3 for t in clock.times]
+    return timed
 
 
-def bench_kernels(device: str, sizes: dict, timer: Timer, log) -> list[dict]:
+def bench_kernels(device: str, sizes: dict, timer, log) -> list[dict]:
     import bitsandbytes as bnb
     import bitsandbytes.functional as F
 
@@ -103,9 +76,7 @@ def bench_kernels(device: str, sizes: dict, timer: Timer, log) -> list[dict]:
     esize = torch.finfo(dtype).bits // 8
     g = torch.Generator(device=device).manual_seed(0)
     rows = []
-    # LLM.int8 computes in float16: Linear8bitLt casts a bf16 input (timed, as in a real layer)
-    # and bitsandbytes logs that on every call; the filter drops only that line.
-    logging.getLogger("bitsandbytes.autograd._functions").addFilter(_NO_CAST_NOTICE)
+    models.quiet_bnb_casts()  # Linear8bitLt casts a bf16 input to float16 (timed, as in a real layer)
 
     def record(op, label, shape, ms, weight, moved=None, flop=None, dtype_label=str(dtype).split(".")[-1]):
         row = {"op": op, "config": label, "weight": weight, "shape": "x".join(map(str, shape)),
@@ -115,8 +86,7 @@ def bench_kernels(device: str, sizes: dict, timer: Timer, log) -> list[dict]:
         if flop is not None:  # flop / ms / 1e9 = TFLOP/s
             row["tflop_per_s"] = flop / row["median_ms"] / 1e9
         rows.append(row)
-        rate = _rate(row)
-        log(f"  {op:16s} {label:10s} {row['shape']:>11s}  median {row['median_ms']:.3f} ms  {rate}")
+        log(f"  {op:16s} {label:10s} {row['shape']:>11s}  median {row['median_ms']:.3f} ms  {_rate(row)}")
 
     with torch.inference_mode():
         for wname, (out_f, in_f) in sizes["weights"].items():
@@ -125,52 +95,40 @@ def bench_kernels(device: str, sizes: dict, timer: Timer, log) -> list[dict]:
             for kind in K.FOUR_BIT_BNB:
                 for bs in TIMED_BLOCKSIZES:
                     for dq in (False, True):
-                        label = f"{kind}-b{bs}" + ("+DQ" if dq else "")
+                        label = _label(kind, bs, dq)
                         # bytes moved: n weights in, n/2 packed bytes + 4 bytes of absmax per block out
                         # (DQ: 1 byte per block + a second pass over the constants, ignored here)
                         moved = n * esize + n // 2 + 4 * n // bs
-
-                        def quant(bs=bs, dq=dq, kind=kind):
-                            return F.quantize_4bit(W, blocksize=bs, compress_statistics=dq, quant_type=kind)
-
-                        ms = timer(quant)
-                        record("quantize_4bit", label, W.shape, ms, wname, moved=moved)
+                        quant = partial(F.quantize_4bit, W, blocksize=bs, compress_statistics=dq, quant_type=kind)
+                        record("quantize_4bit", label, W.shape, timer(quant), wname, moved=moved)
                         packed, state = quant()
-                        ms = timer(lambda packed=packed, state=state: F.dequantize_4bit(packed, state))
-                        record("dequantize_4bit", label, W.shape, ms, wname, moved=moved)
-            # int8: n fp16 in, n int8 + 4 bytes per row out
+                        record("dequantize_4bit", label, W.shape, timer(partial(F.dequantize_4bit, packed, state)),
+                               wname, moved=moved)
+            # int8 bytes moved: n fp16 in, n int8 + a float32 per row out; back: those in, n float32 out
             W16 = W.to(torch.float16)
-            moved = n * 2 + n + 4 * out_f
-            ms = timer(lambda: F.int8_vectorwise_quant(W16))
-            record("int8_quant", "int8", W.shape, ms, wname, moved=moved, dtype_label="float16")
+            record("int8_quant", "int8", W.shape, timer(partial(F.int8_vectorwise_quant, W16)), wname,
+                   moved=n * 2 + n + 4 * out_f, dtype_label="float16")
             codes, scb, _ = F.int8_vectorwise_quant(W16)
-            moved = n + 4 * out_f + 4 * n  # int8 in, float32 out (bnb dequantizes to float32)
-            ms = timer(lambda: F.int8_vectorwise_dequant(codes, scb))
-            record("int8_dequant", "int8", W.shape, ms, wname, moved=moved, dtype_label="int8->float32")
+            record("int8_dequant", "int8", W.shape, timer(partial(F.int8_vectorwise_dequant, codes, scb)), wname,
+                   moved=n + 4 * out_f + 4 * n, dtype_label="int8->float32")
 
             # matmul: (tokens x in) @ (in x out): 2 * tokens * in * out flop
             x = torch.randn(sizes["tokens"], in_f, generator=g, device=device).to(dtype)
             flop = 2 * sizes["tokens"] * in_f * out_f
             mm_shape = (sizes["tokens"], in_f, out_f)
-            ms = timer(lambda: torch.matmul(x, W.t()))
-            record("matmul", "plain", mm_shape, ms, wname, flop=flop)
+            record("matmul", "plain", mm_shape, timer(lambda: torch.matmul(x, W.t())), wname, flop=flop)
             for label, kind, dq in (("nf4", "nf4", False), ("nf4+DQ", "nf4", True), ("fp4", "fp4", False)):
                 packed, state = F.quantize_4bit(W, blocksize=64, compress_statistics=dq, quant_type=kind)
-                ms = timer(lambda packed=packed, state=state: bnb.matmul_4bit(x, packed.t(), quant_state=state))
+                ms = timer(partial(bnb.matmul_4bit, x, packed.t(), quant_state=state))
                 record("matmul", label, mm_shape, ms, wname, flop=flop)
             lin = bnb.nn.Linear8bitLt(in_f, out_f, bias=False, has_fp16_weights=False, threshold=INT8_THRESHOLD)
             lin.weight = bnb.nn.Int8Params(W16.cpu(), requires_grad=False, has_fp16_weights=False)
             lin = lin.to(device)  # quantizes here
-            ms = timer(lambda: lin(x))
-            record("matmul", "int8", mm_shape, ms, wname, flop=flop)
+            record("matmul", "int8", mm_shape, timer(partial(lin, x)), wname, flop=flop)
             del W, W16, x, lin, packed, state, codes, scb
             if device == "cuda":
                 torch.cuda.empty_cache()
     return rows
-
-
-_NO_CAST_NOTICE = type("NoCastNotice", (logging.Filter,), {
-    "filter": staticmethod(lambda rec: "inputs will be cast" not in rec.getMessage())})()
 
 
 def _rate(row: dict) -> str:
@@ -178,8 +136,6 @@ def _rate(row: dict) -> str:
         return f"{row['gb_per_s']:.3g} GB/s"
     return f"{row['tflop_per_s']:.3g} TFLOP/s"
 
-
-# --------------------------------------------------------------------------- errors
 
 ERROR_SETTINGS = (
     *((kind, bs, dq) for bs in ERROR_BLOCKSIZES for kind in ("nf4", "fp4") for dq in (False, True)),
@@ -189,11 +145,10 @@ ERROR_SETTINGS = (
 
 
 def error_rows(data: str, tensors, log) -> list[dict]:
-    """tensors: a list of 2-D tensors, pooled (qlab.kernels.combine_errors) per setting."""
+    """tensors: a list of 2-D tensors, pooled (kernels.combine_errors) per setting."""
     rows = []
     for kind, bs, dq in ERROR_SETTINGS:
-        parts = [K.quantization_error(t, kind, bs or 64, dq) for t in tensors]
-        e = K.combine_errors(parts)
+        e = K.combine_errors([K.quantization_error(t, kind, bs or 64, dq) for t in tensors])
         # int8's scale is per row, so its bits/weight depend on each tensor's row length
         bits = sum(K.storage_bits(kind, bs or 64, dq, row_len=t.shape[-1]) * t.numel() for t in tensors)
         rows.append({"data": data, "kind": kind, "blocksize": bs, "double_quant": dq,
@@ -237,9 +192,6 @@ def model_linear_weights(path: Path, device: str, layers: str):
             with safe_open(str(f), framework="pt", device=device) as st:
                 out.append(st.get_tensor(name))
     return out, sorted(keep), len(idx)
-
-
-# --------------------------------------------------------------------------- output
 
 
 def markdown(result: dict) -> str:
@@ -288,13 +240,7 @@ def main(argv=None) -> int:
     p.add_argument("--layers", default="sample", choices=["sample", "all"], help="model layers for the error")
     p.add_argument("--skip-timing", action="store_true", help="errors only")
     args = p.parse_args(argv)
-
-    from qlab.run import presets
-    from qlab.results import store
-
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda but CUDA is not available")
+    device = resolve_device(args.device)
     sizes = SIZES[device]
     warmup, repeats = REPEATS[(device, args.quick)]
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
@@ -302,9 +248,7 @@ def main(argv=None) -> int:
     env = store.environment()
     log(f"kernels on {env['gpu'] or env['cpu']} ({device}{', quick' if args.quick else ''})")
 
-    timings = []
-    if not args.skip_timing:
-        timings = bench_kernels(device, sizes, Timer(device, warmup, repeats), log)
+    timings = [] if args.skip_timing else bench_kernels(device, sizes, timer(device, warmup, repeats), log)
 
     log("quantization error")
     g = torch.Generator(device=device).manual_seed(1)
@@ -329,26 +273,18 @@ def main(argv=None) -> int:
     del weights
 
     result = {
-        "benchmark": "kernels",
-        "created_at": store.now(),
-        "git_commit": store.git_commit(),
-        "environment": env,
-        "device": device,
-        "cpu_fallback": device == "cpu",
-        "quick": args.quick,
+        "benchmark": "kernels", "created_at": store.now(), "git_commit": store.git_commit(), "environment": env,
+        "device": device, "cpu_fallback": device == "cpu", "quick": args.quick,
         "settings": {"warmup": warmup, "repeats": repeats, "flush_l2": device == "cuda",
                      "dtype": str(sizes["dtype"]).split(".")[-1], "weights": sizes["weights"],
                      "matmul_tokens": sizes["tokens"], "timed_blocksizes": TIMED_BLOCKSIZES,
                      "int8_threshold": INT8_THRESHOLD, "model": str(path), "layers": args.layers},
-        "timings": timings,
-        "errors": errors,
-        "error_data": error_data,
-        "wall_s": None,
+        "timings": timings, "errors": errors, "error_data": error_data,
+        "wall_s": round(time.perf_counter() - t_start, 1),
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = store.device_slug(env)
-    result["wall_s"] = round(time.perf_counter() - t_start, 1)
     store.atomic_write_json(out / f"{stem}.json", result)
     md = markdown(result)
     (out / f"{stem}.md").write_text(md)

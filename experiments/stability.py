@@ -3,26 +3,17 @@
     python experiments/stability.py                     # on the GPU machine, before benchmarks
     python experiments/stability.py --quick --out /tmp/s   # CPU check
 
-A training step's time varies for three kinds of reasons: the GPU (clocks, power and thermal
-throttling, another tenant's kernels), the host (launch-bound Python competing for a core),
-and the code. This probe measures the first two with no model at all, each as the
-coefficient of variation over `windows` repeated windows:
-  gemm     `gemms` bf16 matmuls of 8192 x 8192 x 8192 per window (2 x 8192^3 = 1.1 TFLOP
-           each), CUDA-event timed: pure device work, no host in the loop
-  launch   `launches` tiny in-place adds per window, wall time with a sync at the end: the
-           host's launch path, which a 7B QLoRA step leans on (~10^4 launches per step)
-  python   a pure-Python loop of 10^5 iterations per window: the host core alone
-plus what NVML says about the card before and after: other processes on it, utilization
-while we are idle, clocks against their maximum, throttle reasons, temperature and power.
-If `gemm` or `launch` varies by more than 2% here, no harness can promise a 2% CV on this
-machine. Writes <out>/<device slug>-stability.json and .md.
+Three probes with no model, each as the CV over `windows` repeated windows: `gemm` (bf16 matmuls,
+CUDA-event timed: the device alone), `launch` (tiny in-place adds, wall time: the host's launch
+path) and `python` (a pure-Python loop: the host core); plus what NVML says about the card before
+and after. If gemm or launch varies by more than 2% here, no harness can promise a 2% CV on this
+machine (docs/kernels.md). Writes <out>/<device slug>-stability.json and .md.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -32,19 +23,14 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from qlab.results import stats, store  # noqa: E402
 from qlab.run import measure  # noqa: E402
-from qlab.results import store
-
-
-def cv(xs: list[float]) -> float:
-    return statistics.stdev(xs) / statistics.fmean(xs)
+from qlab.run.device import resolve_device  # noqa: E402
 
 
 def nvml_state() -> dict | None:
     """The card as NVML sees it: a None result means no NVML (CPU machine)."""
-    if not torch.cuda.is_available():
-        return None
-    pynvml, h = measure._nvml_handle("cuda")  # the visible card, mapped to NVML's physical index
+    pynvml, h = measure.nvml_handle("cuda")  # the visible card, mapped to NVML's physical index
     if h is None:
         return None
     out = {}
@@ -71,9 +57,7 @@ def nvml_state() -> dict | None:
 
 def idle_utilization(seconds: float) -> list | None:
     """NVML utilization sampled while this process runs nothing: nonzero means a neighbour."""
-    if not torch.cuda.is_available():
-        return None
-    pynvml, h = measure._nvml_handle("cuda")
+    pynvml, h = measure.nvml_handle("cuda")
     if h is None:
         return None
     samples = []
@@ -88,42 +72,28 @@ def idle_utilization(seconds: float) -> list | None:
 
 
 def gemm_windows(windows: int, gemms: int, n: int) -> list[float]:
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = resolve_device("auto")
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     a = torch.randn(n, n, device=dev, dtype=dtype)
     b = torch.randn(n, n, device=dev, dtype=dtype)
-    out = []
-    for w in range(windows + 2):  # the first two warm the kernels and clocks, uncounted
-        if dev == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+    clock = measure.StepClock(dev)  # CUDA events: the device's time, no host in the loop
+    for _ in range(windows + 2):  # the first two warm the kernels and clocks, uncounted
+        with clock:
             for _ in range(gemms):
-                a @ b
-            end.record()
-            end.synchronize()
-            seconds = start.elapsed_time(end) / 1000
-        else:
-            t0 = time.perf_counter()
-            for _ in range(gemms):
-                a @ b
-            seconds = time.perf_counter() - t0
-        if w >= 2:
-            out.append(seconds)
-    return out
+                a @ b  # 2 x n^3 flop: 1.1 TFLOP at n = 8192
+    return clock.times[2:]
 
 
 def launch_windows(windows: int, launches: int) -> list[float]:
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = resolve_device("auto")
     x = torch.zeros(16, device=dev)
     out = []
     for w in range(windows + 2):
-        if dev == "cuda":
-            torch.cuda.synchronize()
+        measure.sync(dev)
         t0 = time.perf_counter()
-        for _ in range(launches):
+        for _ in range(launches):  # a 7B QLoRA step launches ~10^4 kernels
             x.add_(1)
-        if dev == "cuda":
-            torch.cuda.synchronize()
+        measure.sync(dev)
         if w >= 2:
             out.append(time.perf_counter() - t0)
     return out
@@ -158,7 +128,7 @@ def main(argv=None) -> int:
               "python": python_windows(args.windows)}
     after = nvml_state()
     env = store.environment()
-    summary = {name: {"median_s": statistics.median(xs), "cv": cv(xs), "min_s": min(xs), "max_s": max(xs)}
+    summary = {name: {**stats.summarize(xs, "", "s"), "min_s": min(xs), "max_s": max(xs)}
                for name, xs in probes.items()}
     if torch.cuda.is_available():
         flops = 2 * args.n ** 3 * args.gemms

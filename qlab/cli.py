@@ -2,7 +2,7 @@
 
   qlab run [hydra overrides]        one run, or a sweep with -m / experiment=...  (= python -m qlab.run)
   qlab report RESULTS_DIR [...]     tables, plots and statistics from result.json files
-  qlab estimate [--model M] [--all] memory predicted from the config alone (= python -m qlab.estimate)
+  qlab estimate [--model M] [--all] memory predicted from the config alone (= python -m qlab.claims.estimate)
   qlab chat RUN_DIR [--prompt ...]  talk to the base model plus a run's adapter
   qlab generate-bench [--run RUN]   generation speed and memory per quantization type (one process each)
   qlab eval RUN_OR_MODEL [--tasks]  lm-evaluation-harness on a base (quantized) with a run's adapter
@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 VERBS = {
@@ -31,8 +32,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     module, func = VERBS[argv[0]].split(":")
     sys.argv = [f"qlab {argv[0]}", *argv[1:]]  # Hydra and argparse read sys.argv
-    import importlib
-
     result = getattr(importlib.import_module(module), func)()
     return result if isinstance(result, int) else 0
 

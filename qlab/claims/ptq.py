@@ -1,42 +1,12 @@
 """Post-training quantization of the pretrained base: held-out perplexity per storage type (the
-analogue of the QLoRA paper's Table 2, whose mean perplexities were Int4 34.34, FP4 31.07,
-NF4+DQ 27.41) and quantization error on the base's real weights.
+paper's Table 2) and the quantization error of the base's real weights.
 
-    python -m qlab.ptq --size tiny|small|gpu|auto [--device auto] [--results results] [--max-tokens N]
+    python -m qlab.claims.ptq --size tiny|small|gpu|auto [--device auto] [--results results] [--max-tokens N]
 
-The base comes from qlab.base's cache (`model=base-<size>`; built first if missing, as a run
-would). Each type is loaded afresh and evaluated on the same held-out tokens:
-
-  bf16      no quantization, weights in the compute dtype (models.compute_dtype: bfloat16 on
-            CUDA, float32 on a CPU, where the `bf16` arm is therefore float32)
-  int8      LLM.int8 (Linear8bitLt)                  \\  the real path: qlab.models.load, i.e.
-  nf4, fp4  4-bit NormalFloat / float, blocksize 64   >  transformers' from_pretrained with a
-  +DQ       the absmax constants quantized to 8 bits /   BitsAndBytesConfig
-  int4      bitsandbytes has no int4 type. The base is loaded as `bf16` and every linear weight
-            of the decoder layers (q k v o gate up down: exactly the layers bitsandbytes
-            quantizes; never the embeddings, norms or output head) is quantized and dequantized
-            in place by qlab.kernels' reference blockwise-absmax int4 (blocksize 64, codes
-            -7..7, one float32 absmax per block). The layers then compute with the dequantized
-            weights, as a 4-bit layer does after its dequantize. Its weight bytes are what int4
-            storage would take (4 + 32/64 bits per quantized weight), computed, not held.
-
-Perplexity: qlab.base.heldout_eval (what heldout_perplexity reports) on the corpus' held-out
-split, the size's eval length (`eval_tokens`; the whole split for small and gpu) in windows of the
-size's training length. Every type must see the same tokens (checked).
-
-Noise: the evaluation is deterministic, but the held-out text is a sample. Two types are
-compared window by window (the same windows for every type): the difference of log-perplexity
-is the token-weighted mean of per-window differences, with a 95% t-interval over windows
-(qlab.results.stats.paired_log_ratio). qlab.claims decides an order only where that interval
-excludes zero; a difference inside it is a tie within noise (inconclusive).
-
-Quantization error: MSE and max absolute error (qlab.kernels.quantization_error, blocksize 64)
-of nf4, fp4, int4 (and nf4/fp4 with DQ) on every decoder linear weight of the stored float32
-checkpoint, pooled over all of them (kernels.combine_errors).
-
-Writes <results>/ptq-base-<size>/ptq.json and ptq.md: hardware and versions, the base's
-identity (cache key, build, held-out perplexity as built), per type perplexity, its difference
-vs bf16 (with the paired interval), weight bytes, and the error table.
+Each type is loaded afresh (models.load) and evaluated on the same held-out windows; int4, which
+bitsandbytes lacks, is the bf16 base with every quantized layer's weight replaced by its
+kernels.round_trip. Two types are compared window by window (stats.paired_log_ratio). Writes
+<results>/ptq-base-<size>/ptq.json and ptq.md; the method is in docs/pretrained-base.md.
 """
 
 from __future__ import annotations
@@ -49,10 +19,14 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from qlab.claims import estimate, kernels
+from qlab.config import QUANT_SETTINGS, ModelConfig, QuantConfig
 from qlab.reference import pretrain
-from qlab.claims import kernels
 from qlab.results import stats, store
-from qlab.config import QUANT_SETTINGS
+from qlab.run import models
+from qlab.run.device import resolve_device
 
 # label -> (quant.type for models.load, double_quant); "int4" is loaded as bf16, then rounded
 TYPES: dict[str, tuple[str, bool]] = {**QUANT_SETTINGS, "int4": ("bf16", False)}
@@ -67,51 +41,31 @@ def result_dir(results: Path | str, size: str) -> Path:
     return Path(results) / f"ptq-base-{size}"
 
 
-# ------------------------------------------------------------------------------ the model side
-
-
 def decoder_linears(model) -> list[tuple[str, object]]:
     """(name, module) of every layer transformers' bitsandbytes integration quantizes (for a
-    LLaMA: every decoder linear layer, not the head): qlab.estimate's rule, shared."""
-    from qlab.claims import estimate
-
+    LLaMA: every decoder linear layer, not the head): estimate.quantized_linears, shared."""
     return list(estimate.quantized_linears(model).items())
 
 
-def int4_in_place(model, blocksize: int = BLOCKSIZE) -> int:
+def int4_in_place(model) -> int:
     """Replace every decoder linear weight by its int4 round trip (kernels.round_trip: absmax
-    per `blocksize` weights of the flattened tensor, as bitsandbytes blocks them). Returns the
+    per BLOCKSIZE weights of the flattened tensor, as bitsandbytes blocks them). Returns the
     number of weights quantized."""
-    import torch
-
     n = 0
     with torch.no_grad():
         for _, m in decoder_linears(model):
-            m.weight.data.copy_(kernels.round_trip(m.weight.data, "int4", blocksize))
+            m.weight.data.copy_(kernels.round_trip(m.weight.data, "int4", BLOCKSIZE))
             n += m.weight.numel()
     return n
 
 
 def _model_cfg(size: str):
-    from qlab.config import ModelConfig
-
     return ModelConfig(name=f"base-{size}", name_or_path=None, preset=None, base=size)
-
-
-def _free(device: str) -> None:
-    gc.collect()
-    if device.startswith("cuda"):
-        import torch
-
-        torch.cuda.empty_cache()
 
 
 def measure_type(label: str, size: str, device: str, texts: list[str], seq_len: int,
                  max_tokens: int | None) -> dict:
     """Load the base as `label`, evaluate it; per-window NLLs kept for the paired comparison."""
-    from qlab.run import models
-    from qlab.config import QuantConfig
-
     qtype, dq = TYPES[label]
     quant = QuantConfig(type=qtype, double_quant=dq)
     loaded = models.load(_model_cfg(size), quant, device)
@@ -121,11 +75,7 @@ def measure_type(label: str, size: str, device: str, texts: list[str], seq_len: 
         n = int4_in_place(loaded.model)
         held = sum(m.weight.numel() * m.weight.element_size() for _, m in decoder_linears(loaded.model))
         # int4 storage: 4 bits per weight + a float32 absmax per 64 = 4.5 bits (kernels.storage_bits)
-        quantized = math.ceil(n * 4 / 8)
-        state = math.ceil(n / BLOCKSIZE) * 4
-        wb = {"weight_bytes": wb["weight_bytes"] - held + quantized + state, "quantized_weight_bytes": quantized,
-              "quant_state_bytes": state, "unquantized_weight_bytes": wb["weight_bytes"] - held,
-              "quantized_params": n, "bits_per_quantized_param": kernels.storage_bits("int4", BLOCKSIZE),
+        wb = {**models.weight_record(math.ceil(n * 4 / 8), math.ceil(n / BLOCKSIZE) * 4, wb["weight_bytes"] - held, n),
               "weight_bytes_basis": "computed: int4 storage of the decoder linear weights (held dequantized)",
               "int4_round_trip_s": time.perf_counter() - t0}
     else:
@@ -138,40 +88,27 @@ def measure_type(label: str, size: str, device: str, texts: list[str], seq_len: 
            "loss": ev["loss"], "perplexity": ev["perplexity"], "tokens": ev["tokens"],
            "load_time_s": loaded.load_time_s, "eval_s": eval_s, **wb,
            "window_nll": ev["window_nll"], "window_tokens": ev["window_tokens"]}
-    del loaded
-    _free(device)
+    del loaded  # the next type loads afresh
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
     return out
 
 
-def weight_errors(path: Path | str, device: str = "cpu", blocksize: int = BLOCKSIZE) -> dict:
+def weight_errors(path: Path | str, device: str = "cpu") -> dict:
     """Pooled quantization error of every decoder linear weight of the stored checkpoint (its own
     float32 values, not a bf16 cast), per kind in ERROR_KINDS."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    parts: dict[str, list[dict]] = {k: [] for k in ERROR_KINDS}
-    linears = decoder_linears(model)
-    for _, m in linears:
-        w = m.weight.detach().to(device)
-        for label, (kind, dq) in ERROR_KINDS.items():
-            parts[label].append(kernels.quantization_error(w, kind, blocksize, dq))
-    out = {label: kernels.combine_errors(p) for label, p in parts.items()}
-    for e in out.values():
-        e["tensors"] = len(linears)
-    del model
-    return out
-
-
-# ------------------------------------------------------------------------------ the measurement
+    weights = [m.weight.detach().to(device) for _, m in decoder_linears(model)]
+    return {label: {**kernels.combine_errors([kernels.quantization_error(w, kind, BLOCKSIZE, dq) for w in weights]),
+                    "tensors": len(weights)} for label, (kind, dq) in ERROR_KINDS.items()}
 
 
 def measure(size: str, device: str = "auto", results: Path | str = "results", max_tokens: int | None = None,
             types: list[str] | None = None, progress: bool = True) -> Path:
     """Run the PTQ measurement of base-<size> and write ptq.json / ptq.md; returns ptq.json's path."""
-    from qlab.run.device import resolve_device
-    from qlab.run.models import model_path
-
     device = resolve_device(device)
     spec = pretrain.spec_for(size)
     types = list(types or TYPES)
@@ -179,7 +116,7 @@ def measure(size: str, device: str = "auto", results: Path | str = "results", ma
     if unknown or "bf16" not in types:
         raise ValueError(f"types must include bf16 and come from {', '.join(TYPES)}; got {types}")
     t_start = time.perf_counter()
-    path = Path(model_path(_model_cfg(size), device))  # builds the base if missing (qlab.base)
+    path = Path(models.model_path(_model_cfg(size), device))  # builds the base if missing (pretrain.ensure_base)
     info = json.loads((path / "base.json").read_text())
     texts = pretrain.heldout_texts()
     seq_len = spec["seq_len"]
@@ -187,35 +124,26 @@ def measure(size: str, device: str = "auto", results: Path | str = "results", ma
 
     per: dict[str, dict] = {}
     for label in types:
-        per[label] = measure_type(label, size, device, texts, seq_len, max_tokens)
-        r = per[label]
+        r = per[label] = measure_type(label, size, device, texts, seq_len, max_tokens)
         if progress:
             print(f"[ptq base-{size}] {label:7s} perplexity {r['perplexity']:.4f} ({r['tokens']:,} tokens, "
                   f"{r['weight_bytes'] / 2**20:.2f} MiB weights, load {r['load_time_s']:.1f}s, "
                   f"eval {r['eval_s']:.1f}s)", file=sys.stderr, flush=True)
-    window_tokens = per["bf16"]["window_tokens"]
-    for label, r in per.items():  # the same tokens for every type, window by window
-        if r["tokens"] != per["bf16"]["tokens"] or r["window_tokens"] != window_tokens:
-            raise RuntimeError(f"{label} was evaluated on other tokens than bf16: {r['tokens']} vs "
-                               f"{per['bf16']['tokens']}")
     ref = per["bf16"]
-    for label, r in per.items():
+    window_tokens = ref["window_tokens"]
+    for label, r in per.items():  # the same tokens for every type, window by window
+        if r["tokens"] != ref["tokens"] or r.pop("window_tokens") != window_tokens:
+            raise RuntimeError(f"{label} was evaluated on other tokens than bf16: {r['tokens']} vs {ref['tokens']}")
         cmp = stats.paired_log_ratio(r["window_nll"], ref["window_nll"], window_tokens)
-        r["delta_vs_bf16"] = r["perplexity"] - ref["perplexity"]
-        r["rel_vs_bf16"] = cmp["rel"]
-        r["rel_vs_bf16_ci95"] = cmp["rel_ci95"]
-        del r["window_tokens"]
+        r.update(delta_vs_bf16=r["perplexity"] - ref["perplexity"], rel_vs_bf16=cmp["rel"],
+                 rel_vs_bf16_ci95=cmp["rel_ci95"])
 
     t0 = time.perf_counter()
     errors = weight_errors(path, device)
     errors_s = time.perf_counter() - t0
 
     record = {
-        "schema": "qlab.ptq/1",
-        "kind": "ptq",
-        "model": f"base-{size}",
-        "size": size,
-        "device": device,
+        "schema": "qlab.ptq/1", "kind": "ptq", "model": f"base-{size}", "size": size, "device": device,
         "base": {"path_name": path.name, "key": info.get("key"), "precision": info.get("precision"),
                  "build_version": info.get("build_version"), "params": info.get("params"),
                  "corpus_sha256": (info.get("corpus") or {}).get("sha256"),
@@ -224,14 +152,9 @@ def measure(size: str, device: str = "auto", results: Path | str = "results", ma
                  "git_commit": info.get("git_commit"), "created": info.get("created")},
         "eval": {"split": "held-out", "files": len(texts), "seq_len": seq_len, "max_tokens": max_tokens,
                  "tokens": ref["tokens"], "windows": len(window_tokens), "window_tokens": window_tokens},
-        "blocksize": BLOCKSIZE,
-        "types": per,
-        "weight_error": errors,
-        "weight_error_s": errors_s,
+        "blocksize": BLOCKSIZE, "types": per, "weight_error": errors, "weight_error_s": errors_s,
         "wall_time_s": time.perf_counter() - t_start,
-        "env": store.environment(),
-        "git_commit": store.git_commit(),
-        "created": store.now(),
+        "env": store.environment(), "git_commit": store.git_commit(), "created": store.now(),
     }
     out = result_dir(results, size)
     out.mkdir(parents=True, exist_ok=True)
@@ -247,14 +170,11 @@ def load(results: Path | str, size: str) -> dict | None:
         return None
 
 
-# ------------------------------------------------------------------------------ the page
-
-
 def render(rec: dict) -> str:
     env, b, ev = rec["env"], rec["base"], rec["eval"]
     hw = env.get("gpu") or f"CPU: {env.get('cpu')}"
     lines = [f"# Post-training quantization of {rec['model']}", "",
-             f"Generated by `python -m qlab.ptq --size {rec['size']}` ({rec['created']}, commit "
+             f"Generated by `python -m qlab.claims.ptq --size {rec['size']}` ({rec['created']}, commit "
              f"`{rec['git_commit']}`) on {hw}; torch {env.get('torch')}, transformers {env.get('transformers')}, "
              f"bitsandbytes {env.get('bitsandbytes')}, Python {env.get('python')}.", "",
              f"Base: `{b['path_name']}` ({b['params']:,} params, {b['precision']} build, held-out perplexity "
@@ -271,8 +191,8 @@ def render(rec: dict) -> str:
         lines.append(f"| {label} | {r['perplexity']:.4f} | {r['delta_vs_bf16']:+.4f} | {ci} | "
                      f"{r['weight_bytes'] / 2**20:.3f}{computed} | {f'{bits:.3f}' if bits else '-'} |")
     bf16_dtype = rec["types"]["bf16"]["compute_dtype"]
-    lines += ["", f"`bf16` holds {bf16_dtype} weights here (qlab.models.compute_dtype). int4 is qlab's reference "
-              "blockwise-absmax quantizer (qlab.kernels, blocksize 64, codes -7..7), applied in place to every "
+    lines += ["", f"`bf16` holds {bf16_dtype} weights here (models.compute_dtype). int4 is qlab's reference "
+              "blockwise-absmax quantizer (qlab.claims.kernels, blocksize 64, codes -7..7), applied in place to every "
               "decoder linear weight: bitsandbytes has no int4 type. The interval is paired over the held-out "
               "windows (qlab.results.stats.paired_log_ratio).", "",
               f"## Quantization error of the base's weights (blocksize {rec['blocksize']})", "",
@@ -287,7 +207,7 @@ def render(rec: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m qlab.ptq", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m qlab.claims.ptq", description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="auto", choices=[*pretrain.SIZES, "auto"],
                     help="auto: gpu where CUDA is available, else small")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -295,8 +215,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=None, help="cut the held-out split (default: the size's)")
     ap.add_argument("--types", default=",".join(TYPES), help=f"comma-separated subset of {','.join(TYPES)}")
     args = ap.parse_args(argv)
-    from qlab.run.device import resolve_device
-
     try:
         device = resolve_device(args.device)
     except RuntimeError as e:

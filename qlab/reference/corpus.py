@@ -1,39 +1,11 @@
 """The embedded pretraining corpus: Python standard-library sources, frozen in the repository.
 
-The quality claims (NF4 vs FP4 vs Int4 after post-training quantization, 4-bit QLoRA vs 16-bit
-LoRA) need a *pretrained* base, and qlab builds its own without downloading anything
-(`qlab.base`). Its text is `qlab/assets/corpus/python-stdlib.txt.gz`: the `.py` files of
-CPython 3.11.7's standard library, extracted once by `python -m qlab.corpus --build` and
-committed. The committed file is the source of truth (every machine trains on the same bytes,
-so bases and their perplexities are comparable); `--build` only shows how it was made, and
-re-running it with another Python version gives a different corpus (and a different checksum,
-hence different cache keys downstream).
-
-Selection (deterministic: every `*.py` under the stdlib directory, sorted by relative POSIX
-path, minus):
-  test/, tests/, idle_test/ directories   test suites: deliberately malformed, odd-encoding and
-                                          data-only files; left out so the corpus is library code
-  site-packages/, config-3.*/             not the standard library
-  _sysconfigdata_*.py                     machine-specific build paths
-  encodings/                              generated codec mapping tables (gencodec.py), not code
-  pydoc_data/                             one generated 750 kB string of documentation
-  html/entities.py                        one 75 kB data table of HTML entities
-CPython 3.11.7 (pyenv build, Linux x86-64): 607 files, 9.83 MB of text.
-
-Format of the decompressed text (UTF-8): one record per file,
-    "\\x1e" + relative path + "\\n" + file text (newline-terminated)
-The ASCII record separator (0x1E) never occurs in the selected sources (the build checks it).
-Compression is gzip level 9 with mtime 0 and no file name in the header, so the same input
-gives the same bytes with the same zlib.
-
-Beside it: `SHA256SUMS` (sha256sum format; `load` checks it on every call and refuses a file
-that does not match) and `LICENSE` (the PSF licence under which the sources are distributed).
-
-Splits are by file: a file is held out when the first 8 bytes of sha256("qlab-heldout:" +
-path), read as an integer, fall below 3% of 2**64 (17 of the 607 files, 221 k characters:
-97.75% / 2.25% of the text). By file, so no held-out text has been seen
-in training (a function's callers and its definition stay on one side); by hash of the path,
-so the split does not depend on which other files are present.
+`qlab/assets/corpus/python-stdlib.txt.gz` holds the library code of CPython 3.11.7's standard
+library (607 `.py` files; test suites, generated tables and machine-specific files left out), one
+record per file: "\\x1e" + relative path + "\\n" + text. The committed file is the source of truth,
+checked against SHA256SUMS on every load, so every machine trains on the same bytes; `--build`
+shows how it was made. Train / held-out split by file, on a hash of the path. Selection, format
+and split: docs/pretrained-base.md.
 """
 
 from __future__ import annotations
@@ -48,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qlab.config import ASSETS
+from qlab.results import store
 
 CORPUS_DIR = ASSETS / "corpus"
 CORPUS_NAME = "python-stdlib.txt.gz"
@@ -76,11 +49,11 @@ class Corpus:
     sha256: str  # of the compressed file, as in SHA256SUMS
     path: Path
 
-    def split(self, heldout_fraction: float = HELDOUT_FRACTION) -> tuple[list[Document], list[Document]]:
+    def split(self) -> tuple[list[Document], list[Document]]:
         """(train, heldout), by file: deterministic, disjoint, independent of the other files."""
         train, held = [], []
         for doc in self.documents:
-            (held if is_heldout(doc.path, heldout_fraction) else train).append(doc)
+            (held if is_heldout(doc.path) else train).append(doc)
         return train, held
 
     @property
@@ -88,19 +61,15 @@ class Corpus:
         return sum(len(d.text) for d in self.documents)
 
 
-def is_heldout(path: str, fraction: float = HELDOUT_FRACTION) -> bool:
+def is_heldout(path: str) -> bool:
     h = int.from_bytes(hashlib.sha256(f"qlab-heldout:{path}".encode()).digest()[:8], "big")
-    return h < fraction * 2**64
-
-
-def sha256_file(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return h < HELDOUT_FRACTION * 2**64
 
 
 def expected_sha256(directory: Path = CORPUS_DIR, name: str = CORPUS_NAME) -> str:
     sums = Path(directory) / SUMS_NAME
     if not sums.is_file():
-        raise CorpusError(f"{sums} is missing: cannot verify {name} (rebuild with python -m qlab.corpus --build)")
+        raise CorpusError(f"{sums} is missing: cannot verify {name} (restore it: git checkout -- qlab/assets/corpus)")
     for line in sums.read_text().splitlines():
         parts = line.split()
         if len(parts) == 2 and parts[1].lstrip("*") == name:
@@ -108,18 +77,14 @@ def expected_sha256(directory: Path = CORPUS_DIR, name: str = CORPUS_NAME) -> st
     raise CorpusError(f"{sums} has no line for {name}")
 
 
-def checksum(directory: Path = CORPUS_DIR) -> str:
-    """The corpus identity used in cache keys: its expected (committed) SHA-256, verified."""
-    return verify(directory)
-
-
-def verify(directory: Path = CORPUS_DIR, name: str = CORPUS_NAME) -> str:
-    """Check the compressed file against SHA256SUMS; return the checksum or raise CorpusError."""
+def checksum(directory: Path = CORPUS_DIR, name: str = CORPUS_NAME) -> str:
+    """The corpus identity used in cache keys: the compressed file's SHA-256, checked against
+    SHA256SUMS (a CorpusError otherwise)."""
     path = Path(directory) / name
     if not path.is_file():
         raise CorpusError(f"corpus file missing: {path}")
     want = expected_sha256(directory, name)
-    got = sha256_file(path)
+    got = store.files_sha256([path])
     if got != want:
         raise CorpusError(
             f"corpus checksum mismatch for {path}: SHA256SUMS says {want}, the file hashes to {got}. "
@@ -131,7 +96,7 @@ def verify(directory: Path = CORPUS_DIR, name: str = CORPUS_NAME) -> str:
 
 def load(directory: Path = CORPUS_DIR, name: str = CORPUS_NAME) -> Corpus:
     """Verify the checksum (every call), decompress and parse the records."""
-    digest = verify(directory, name)
+    digest = checksum(directory, name)
     path = Path(directory) / name
     try:
         text = gzip.decompress(path.read_bytes()).decode("utf-8")
@@ -150,10 +115,6 @@ def parse(text: str, where: str = "corpus") -> list[Document]:
             raise CorpusError(f"{where}: malformed record near {head[:60]!r}")
         docs.append(Document(head, body))
     return docs
-
-
-# ---------------------------------------------------------------------------------------------
-# build (run once; the output is committed)
 
 
 def select(stdlib: Path) -> list[Path]:
@@ -205,7 +166,7 @@ def build(stdlib: Path | None = None, out_dir: Path = CORPUS_DIR) -> dict:
         f"{'=' * (len(CORPUS_NAME) + 19)}\n\n"
         f"Source: the .py files of the Python {version} standard library ({len(files)} files,\n"
         f"{len(raw):,} bytes of UTF-8 text; {len(data):,} bytes gzip-compressed), extracted\n"
-        "by `python -m qlab.corpus --build` (selection rules in qlab/corpus.py).\n"
+        "by `python -m qlab.reference.corpus --build` (selection rules in docs/pretrained-base.md).\n"
         f"sha256 of the compressed file: {digest}\n"
         "The text is unmodified except that line endings are normalized to LF and each file\n"
         "is preceded by a 0x1E byte and its relative path.\n"
@@ -223,15 +184,14 @@ def build(stdlib: Path | None = None, out_dir: Path = CORPUS_DIR) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m qlab.corpus", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m qlab.reference.corpus", description=__doc__.split("\n\n")[0])
     ap.add_argument("--build", action="store_true",
                     help="extract the corpus from this interpreter's stdlib (the committed one is 3.11.7)")
     ap.add_argument("--stdlib", type=Path, default=None, help="stdlib directory (default: this interpreter's)")
     ap.add_argument("--out", type=Path, default=CORPUS_DIR, help=f"output directory (default {CORPUS_DIR})")
     args = ap.parse_args(argv)
     if args.build:
-        info = build(args.stdlib, args.out)
-        for k, v in info.items():
+        for k, v in build(args.stdlib, args.out).items():
             print(f"{k:14s} {v}")
         return 0
     try:

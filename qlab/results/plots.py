@@ -53,19 +53,17 @@ def label(row, varying: list[str]) -> str:
     return "  ".join(str(row[c]) for c in ["quant_label", *[c for c in ("optim", "adapter") if c in varying]])
 
 
-def save(fig, stem: Path) -> list[Path]:
+def save(fig, stem: Path) -> None:
     stem.parent.mkdir(parents=True, exist_ok=True)
-    paths = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
-    fig.savefig(paths[0], dpi=150, bbox_inches="tight")
-    fig.savefig(paths[1], bbox_inches="tight", metadata={"Date": None})
+    fig.savefig(stem.with_suffix(".png"), dpi=150, bbox_inches="tight")
+    fig.savefig(stem.with_suffix(".svg"), bbox_inches="tight", metadata={"Date": None})  # no date: same bytes again
     plt.close(fig)
-    return paths
 
 
-def _quant_legend(arms: pd.DataFrame, dq: bool = True) -> list:
+def _quant_legend(arms: pd.DataFrame) -> list:
     present = [q for q in QUANT_COLORS if q in set(arms.quant)] + sorted(set(arms.quant) - set(QUANT_COLORS))
     handles = [Patch(facecolor=color(q), label=q) for q in present]
-    if dq and (arms.dq == "on").any():
+    if (arms.dq == "on").any():
         handles.append(Patch(facecolor="white", edgecolor="black", hatch=DQ_HATCH, label="+DQ (double quant)"))
     return handles
 
@@ -87,17 +85,11 @@ def _barh_frame(n: int, width: float = 7.5):
     return fig, ax
 
 
-def _means(ok: pd.DataFrame, arms: pd.DataFrame, cols: list[str]) -> pd.DataFrame:
-    """Per-arm means of byte columns of the ok runs, in the arms' order."""
-    keys = ["quant_label", "optim", "adapter"]
-    m = ok.groupby(keys)[cols].mean()
-    return m.reindex(pd.MultiIndex.from_frame(arms[keys])).reset_index(drop=True)
-
-
 def memory_breakdown(runs: pd.DataFrame, arms: pd.DataFrame, varying: list[str], stem: Path) -> str:
     ok = runs[runs.status == "ok"]
     cols = [c for _, c, _ in SEGMENTS if c] + ["peak_bytes", "peak_allocated_bytes"]
-    means = _means(ok, arms, cols) / GiB
+    keys = ["quant_label", "optim", "adapter"]  # per-arm means of the ok runs, in the arms' order
+    means = ok.groupby(keys)[cols].mean().reindex(pd.MultiIndex.from_frame(arms[keys])).reset_index(drop=True) / GiB
     fig, ax = _barh_frame(len(arms), 8.5)
     y = np.arange(len(arms))
     left = np.zeros(len(arms))
@@ -266,14 +258,10 @@ def all_plots(runs: pd.DataFrame, arms: pd.DataFrame, curves: pd.DataFrame, vary
     }
 
 
-def generation_plots(table: pd.DataFrame, batch_sizes: list[int], out: Path) -> dict:
-    """The plot of one generation group (qlab generate-bench results); returns {name: caption}."""
-    return {"generation": generation(table, batch_sizes, out / "generation")}
-
-
 def generation(table: pd.DataFrame, batch_sizes: list[int], stem: Path) -> str:
-    """Left: time to first token at batch 1; right: decode tokens/s per batch size; one bar per
-    quantization setting x adapter, coloured by quantization type, hatched for DQ."""
+    """The plot of one generation group. Left: time to first token at batch 1; right: decode
+    tokens/s per batch size; one bar per quantization setting x adapter, coloured by quantization
+    type, hatched for DQ."""
     rows = table.reset_index(drop=True)
     names = [f"{r.quant_label}  {r.adapter}" for _, r in rows.iterrows()]
     y = np.arange(len(rows))

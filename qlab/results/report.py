@@ -1,47 +1,14 @@
 """`qlab report`: ablation tables, statistics and plots of a sweep, from its result files alone.
 
-  qlab report RESULTS_DIR [--baseline [AXIS=]VALUE ...] [--out DIR] [--no-wandb]
-  python -m qlab.report results/default-llama-7b          make report SWEEP=default-llama-7b
+    qlab report RESULTS_DIR [--baseline [AXIS=]VALUE ...] [--out DIR] [--no-wandb]
+    python -m qlab.results.report results/default-llama-7b          make report SWEEP=default-llama-7b
 
-RESULTS_DIR is a sweep directory (results/<sweep>/) or a directory above several sweeps: every
-result.json below it is read, except under hidden directories (.staging/ .logs/ .hydra/).
-Written, deterministically (sorted rows, fixed bootstrap seed, no timestamps), into
-OUT = RESULTS_DIR/report/ unless --out says otherwise:
-  RESULTS_DIR/report.md (OUT/report.md with --out)  the page: setup, tables, statistics, plots
-  OUT/runs.csv                       every run, oom and failed ones included (`status`)
-  OUT/statistics.md, .csv            ablation pairs: Welch t, Mann-Whitney U, Hedges' g, Holm
-  OUT/tables/<axis>.md, .tex, .csv   quant, double_quant, optim, adapter, grid
-  OUT/plots/<name>.png, .svg         memory_breakdown, throughput, loss_curves, eval_loss,
-                                     memory_vs_quality
-OUT is cleared first when an earlier report made it (it holds a .qlab-report marker).
-
-Generation results (`kind: "generate"`, written by `qlab generate-bench`) form groups of their
-own and get, instead of the ablation tables, one generation table per group
-(OUT/tables/generation.md, .tex, .csv: per quantization setting x adapter, load time, weights,
-peak memory, time to first token, decode and end-to-end tokens/s per batch size, with 95% CIs
-and % change vs bf16 with the same adapter setting) and one plot (OUT/plots/generation.png,
-.svg). They take no part in the statistics (those compare training ablation pairs across seeds).
-`--baseline VALUE` (a quant label) also sets the generation table's baseline.
-
-Evaluation results (`kind: "eval"`, written by `qlab eval` / task=eval) likewise get one table
-per group (OUT/tables/eval.md, .tex, .csv): per quantization setting x adapter, each task's
-main lm-evaluation-harness metric ± its standard error and % change vs bf16 with the same
-adapter setting; no plot, no statistics (paired tests across arms read samples/<task>.jsonl).
-
-Comparability groups. Runs are compared only when comparable: same kind (training or
-generation), same model, data, max_seq_len,
-pad_to, batch size, steps and hardware (GPU name; CPU name for CPU runs), and the same value
-of every other config key that is not an ablation axis (lr, LoRA rank, eval samples, warm-up,
-...). Results spanning several groups get one section per group: each group has its own
-tables and plots under OUT/group-<n>/ and a heading naming the keys in which the groups
-differ; runs of different groups never share a table, a test or a plot. runs.csv and the
-statistics list all groups (column `group`); the Holm correction covers every comparison of
-the report, all groups together.
-
-W&B: when runs were logged to W&B (config tracker.wandb: true), the report is logged too, as
-one W&B run grouped under the sweep name, in the runs' tracker.wandb_mode (offline default),
-its files under RESULTS_DIR/wandb/. A W&B failure is a warning, never a failed report.
-Exit status: 0 written, 1 no result.json found, 2 bad arguments.
+Every result.json below RESULTS_DIR (hidden directories aside) is read, and the page, runs.csv,
+the statistics, tables and plots are written deterministically into RESULTS_DIR/report.md and
+RESULTS_DIR/report/ (or --out), a section per comparability group: runs of different groups
+never share a table, a test or a plot. Generation, evaluation and comparison results get tables
+of their own per group and no statistics. What each file holds: docs/results.md. Exit status: 0
+written, 1 no result.json found, 2 bad arguments.
 """
 
 from __future__ import annotations
@@ -177,9 +144,8 @@ def generation_notes(baseline: str, g: pd.DataFrame, sizes: list[int]) -> list[s
                  "weights: bytes the loaded base weights hold (`weight_bytes`), adapter not included.")
     dtypes = sorted(set(ok.get("compute_dtype", pd.Series(dtype=object)).dropna()))
     if dtypes:
-        notes.append("Compute dtype: " + ", ".join(dtypes) + (" (on a CPU, bf16 holds float32 weights: bf16 "
-                                                              "matmuls are slow there)" if "float32" in dtypes else "")
-                     + ".")
+        cpu = " (on a CPU, bf16 holds float32 weights: bf16 matmuls are slow there)" if "float32" in dtypes else ""
+        notes.append("Compute dtype: " + ", ".join(dtypes) + cpu + ".")
     calls = [f"b{b}: {int(ok[c].min())}" for b in sizes
              if (c := f"generate_calls_b{b}") in ok and ok[c].notna().any()]
     if calls and "ttft_n" in ok and ok.ttft_n.notna().any():
@@ -208,7 +174,7 @@ def generation_report(g: pd.DataFrame, out: Path, baselines: dict) -> dict:
     paths = tables.write(numeric, disp, out / "tables" / axis.key, axis.title, notes)
     made = {"kind": "generate", "tables": [(axis, paths, tables.to_markdown(disp), " ".join(notes))],
             "grid": None, "arms": numeric}
-    made["plots"] = plots.generation_plots(numeric, sizes, out / "plots")
+    made["plots"] = {"generation": plots.generation(numeric, sizes, out / "plots" / "generation")}
     return made
 
 

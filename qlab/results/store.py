@@ -6,6 +6,7 @@ Layout: results/<sweep>/<run id>/
   metrics.jsonl  one line per step, appended as the run goes (a killed run leaves only this)
   config.yaml    the resolved config, written at start
   adapter/       the LoRA adapter (save_pretrained), when train.save_adapter
+  model/         instead, for adapter.targets=full: the fine-tuned weights and tokenizer (a checkpoint)
 W&B calls are wrapped: a W&B failure becomes a warning and never costs the local result.
 """
 
@@ -87,6 +88,7 @@ ADDED_KEYS = {
     "speed.compile_backend": "inductor", "speed.loss": "full", "speed.loss_chunk_tokens": 1024,
     "data.pack": False, "data.pack_tokens": None,
     "task": "train", "train.runner": "qlab", "data.pack_budget": "positions",
+    "model.gguf": None, "data.source": None,
 }
 
 

@@ -1,13 +1,9 @@
 """Attach LoRA adapters (peft) to the query/value projections or to every linear layer.
 
-Target names are resolved from the model's own modules:
-  all_linear  every nn.Linear / bnb Linear4bit / Linear8bitLt except the output head
-              (the paper's choice: "LoRA on all linear transformer block layers")
-  qv          the attention query and value projections, the original LoRA choice:
-              LLaMA/Mistral/OPT-style separate `q_proj` and `v_proj`;
-              BLOOM/GPT-NeoX/Falcon fuse q, k and v into one `query_key_value` linear, so
-              there `qv` means LoRA on that fused projection: it adapts keys too, and its
-              adapter has 3x the output width of a q_proj adapter.
+Targets are resolved from the model's own modules: `all_linear` is every linear layer but the
+output head (the paper's choice); `qv` the query and value projections, or where an architecture
+fuses q, k and v into one linear (BLOOM, GPT-NeoX, Falcon) that fused layer (docs/running.md);
+`full` no LoRA: every weight of the model trains (the baseline LoRA is compared to).
 """
 
 from __future__ import annotations
@@ -20,20 +16,16 @@ from qlab.config import ConfigError
 QV_CANDIDATES = (("q_proj", "v_proj"), ("query", "value"), ("query_key_value",), ("qkv_proj",), ("Wqkv",))
 
 
-def _linear_types() -> tuple:
-    import bitsandbytes as bnb
-
-    return (torch.nn.Linear, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
-
-
 def linear_leaf_names(model: torch.nn.Module) -> set[str]:
     """Last name component of every linear layer, output head excluded."""
-    head = model.get_output_embeddings()
-    return {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-            if isinstance(m, _linear_types()) and m is not head}
+    import bitsandbytes as bnb
+
+    linear, head = (torch.nn.Linear, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt), model.get_output_embeddings()
+    return {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, linear) and m is not head}
 
 
 def resolve_targets(model: torch.nn.Module, targets: str) -> list[str]:
+    """The leaf names peft's `target_modules` should match for `targets` (qv | all_linear)."""
     names = linear_leaf_names(model)
     arch = getattr(model.config, "model_type", type(model).__name__)
     if targets == "all_linear":
@@ -52,8 +44,12 @@ def resolve_targets(model: torch.nn.Module, targets: str) -> list[str]:
 
 
 def attach(model: torch.nn.Module, adapter_cfg):
+    """(the model that trains, the adapted layers' names): a peft model, or for targets=full the
+    model itself and no names."""
     from peft import LoraConfig, get_peft_model
 
+    if adapter_cfg.targets == "full":
+        return model, []
     target_modules = resolve_targets(model, adapter_cfg.targets)
     lora = LoraConfig(
         r=adapter_cfg.r,

@@ -1,65 +1,23 @@
 """Multi-turn chat data with the loss on the assistant's tokens only.
 
-A conversation becomes the token sequence of the seed document's format
-
-    <s> human1 </s> assistant1 </s> human2 </s> assistant2 </s> ...
-
-and its labels copy the ids of each assistant reply *and the </s> that closes it* (the model
-must learn to stop); everything else (the <s>, the human turns and their </s>) is -100, which
-cross-entropy ignores. Each utterance is tokenized on its own, without special tokens, and
-the special ids are placed between them, so no tokenizer merges across a turn boundary.
-
-Input files are JSONL in either layout, one record per line:
-  conversation  {"conversation": [{"human": "...", "assistant": "..."}, ...]}   (MOSS/Firefly)
-  alpaca        {"instruction": "...", "input": "...", "output": "..."}           (one turn)
-
-Training batches come in one of two shapes:
-
-  padded (default)  [batch_size, longest | max_seq_len]: batch_size conversations, right-padded,
-                    with an attention_mask that hides the padding
-  packed            data.pack=true: ONE row of whole conversations laid end to end, taken
-                    greedily in the (seeded, shuffled) data order until the next one would
-                    exceed the budget (data.pack_budget: batch_size * max_seq_len positions, or
-                    batch_size conversations on average; data.pack_tokens overrides it); that
-                    conversation opens the next row. A row is never empty:
-                    a lone conversation longer than a budget below max_seq_len gets a row to
-                    itself. Each conversation is truncated to max_seq_len exactly as when
-                    padded, and its labels are unchanged (the <s> that opens it is -100, so no
-                    target is ever predicted across a boundary).
-                    E.g. 4 x 512 = 2,048 positions per step, the positions of a pad_to=max_seq_len
-                    batch, none of them padding: with the embedded chat data's ~40-token
-                    conversations (preset tokenizer) ~50 conversations per step where the padded
-                    batch holds 4. Rows vary in length, so speed.compile=layers (static shapes)
-                    compiles again for each new length.
-
-A packed row carries `position_ids` restarting at 0 at each conversation and NO attention_mask.
-That is how transformers recognises packing, in masking_utils.py `_preprocess_mask_arguments`:
-
-    if position_ids is not None and attention_mask is None and cache is None:
-        packed_sequence_mask = find_packed_sequence_indices(position_ids)
-
-(`past_key_values` in place of `cache` in 5.17; models.load sets use_cache=False, so there is
-no cache). find_packed_sequence_indices starts a new sequence wherever position_ids do not step
-by +1, and create_causal_mask ANDs the causal mask with "same sequence": a block-diagonal causal
-mask, for sdpa and eager attention. With any 2-D attention_mask, all ones included, the
-detection is skipped and the conversations would attend to each other. Rotary positions restart
-with position_ids, so each conversation sees exactly the positions it sees alone, and a packed
-row's loss is the token-weighted mean of its conversations' own losses (tests/test_pack.py
-checks both on tiny-llama). ALiBi models (BLOOM) take no position_ids and cannot be packed this
-way: config.validate refuses them. The attention is still computed over the whole row and
-masked (no varlen kernel with sdpa): L^2 scores per head instead of batch_size x max_seq_len^2,
-e.g. 2,048^2 = 4x the 4 x 512^2 of a padded batch.
-
-Evaluation always stays padded, one conversation per row: eval_loss is then the same quantity,
-over the same rows, whether training packed or not.
+A conversation becomes `<s> human1 </s> assistant1 </s> human2 </s> assistant2 </s> ...`; its
+labels copy each assistant reply *and the </s> that closes it* (the model must learn to stop) and
+are -100 elsewhere. Each utterance is tokenized on its own and the special ids placed between, so
+no merge crosses a turn boundary. Files are JSONL, MOSS/Firefly conversations or alpaca records.
+Training batches are padded, or (data.pack) rows of whole conversations end to end whose
+position_ids restart at each and that have no attention_mask, so transformers masks attention
+block-diagonally (docs/running.md#data). Evaluation always stays padded.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import random
 from dataclasses import dataclass, field
 from typing import Iterator
+
+from qlab.config import DATA_SOURCES, resolve_path
 
 IGNORE_INDEX = -100
 Conversation = list[tuple[str, str]]  # [(human, assistant), ...]
@@ -145,28 +103,36 @@ class RawData:
     skipped_bad_lines: int
 
 
-def read(data_cfg) -> RawData:
-    from qlab.config import resolve_path
+def files(data_cfg) -> tuple[str, str | None]:
+    """(train file, eval file or None): data.train_file / eval_file, or those data.source builds on
+    first use into $QLAB_CACHE (config.DATA_SOURCES), so the config never names a machine's path.
+    A source that cannot be built (its wheel absent) is a DataError saying how to install it."""
+    source = data_cfg.get("source")
+    if source is None:
+        return resolve_path(data_cfg.train_file), resolve_path(data_cfg.eval_file) if data_cfg.eval_file else None
+    try:
+        train, ev = importlib.import_module(DATA_SOURCES[source]).build()
+    except RuntimeError as e:  # e.g. ChitchatError: not installed, or not the recorded bytes
+        raise DataError(f"data.source={source}: {e}") from None
+    return str(train), str(ev)
 
-    train, skipped = load_conversations(resolve_path(data_cfg.train_file), data_cfg.format, data_cfg.on_bad_line)
+
+def read(data_cfg) -> RawData:
+    train_file, eval_file = files(data_cfg)
+    train, skipped = load_conversations(train_file, data_cfg.format, data_cfg.on_bad_line)
     ev = None
-    if data_cfg.eval_file:
-        ev, skipped_eval = load_conversations(resolve_path(data_cfg.eval_file), data_cfg.format, data_cfg.on_bad_line)
+    if eval_file:
+        ev, skipped_eval = load_conversations(eval_file, data_cfg.format, data_cfg.on_bad_line)
         ev, skipped = ev[: data_cfg.max_eval_samples], skipped + skipped_eval
     return RawData(train, ev, skipped)
 
 
 def tokenize_split(convs: list[Conversation], tokenizer, max_seq_len: int, name: str) -> Split:
-    samples, dropped = [], 0
-    for conv in convs:
-        enc = encode(conv, tokenizer, max_seq_len)
-        if enc is None:
-            dropped += 1
-        else:
-            samples.append(enc)
+    encoded = [encode(conv, tokenizer, max_seq_len) for conv in convs]
+    samples = [e for e in encoded if e is not None]
     if not samples:
         raise DataError(f"{name}: every sample lost its target tokens at data.max_seq_len={max_seq_len}")
-    return Split(samples, dropped)
+    return Split(samples, len(encoded) - len(samples))
 
 
 def collate(samples, pad_id: int, pad_to: int | None = None) -> dict:
@@ -187,7 +153,7 @@ def collate(samples, pad_id: int, pad_to: int | None = None) -> dict:
 
 def pack(samples) -> dict:
     """One row [1, sum of lengths]: the conversations end to end, position_ids restarting at 0
-    at each, and deliberately no attention_mask (see the module docstring)."""
+    at each, and deliberately no attention_mask (from which transformers detects the packing)."""
     import torch
 
     row = lambda values: torch.tensor([[v for seq in values for v in seq]], dtype=torch.long)  # noqa: E731
@@ -232,9 +198,7 @@ class Data:
             used += len(sample[0])
 
     def eval_batches(self) -> Iterator[dict]:
-        if self.eval is None:
-            return
-        s = self.eval.samples
+        s = self.eval.samples if self.eval else []
         for i in range(0, len(s), self.batch_size):
             yield collate(s[i : i + self.batch_size], self.pad_id, None)
 
@@ -254,16 +218,14 @@ def build(raw: RawData, data_cfg, tokenizer, batch_size: int, seed: int) -> Data
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no eos token; the chat format needs </s>")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    train = tokenize_split(raw.train, tokenizer, data_cfg.max_seq_len, data_cfg.train_file)
-    ev = tokenize_split(raw.eval, tokenizer, data_cfg.max_seq_len, data_cfg.eval_file) if raw.eval else None
+    name = data_cfg.train_file or data_cfg.source
+    train = tokenize_split(raw.train, tokenizer, data_cfg.max_seq_len, name)
+    ev = tokenize_split(raw.eval, tokenizer, data_cfg.max_seq_len, data_cfg.eval_file or name) if raw.eval else None
     pad_to = data_cfg.max_seq_len if data_cfg.pad_to == "max_seq_len" else None
     pack_tokens = (data_cfg.pack_tokens or pack_budget(train, data_cfg, batch_size)) if data_cfg.pack else None
-    stats = {
-        "train_samples": len(train.samples),
-        "eval_samples": len(ev.samples) if ev else 0,
-        "dropped_no_target": train.dropped_no_target + (ev.dropped_no_target if ev else 0),
-        "skipped_bad_lines": raw.skipped_bad_lines,
-    }
+    stats = {"train_samples": len(train.samples), "eval_samples": len(ev.samples) if ev else 0,
+             "dropped_no_target": train.dropped_no_target + (ev.dropped_no_target if ev else 0),
+             "skipped_bad_lines": raw.skipped_bad_lines}
     if pack_tokens:
         stats["pack_tokens"] = pack_tokens
     return Data(train, ev, batch_size, pad_id, pad_to, seed, stats, pack_tokens)

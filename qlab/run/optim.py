@@ -44,18 +44,17 @@ class ManagedMemoryRefused(RuntimeError):
     pass
 
 
-def guard_managed_memory(name: str, params: list[torch.Tensor], device: str, headroom: float = 0.9) -> None:
-    """Refuse to create a paged optimizer whose state would not fit in the device memory free
-    right now: oversubscribing CUDA managed memory can hang the whole GPU, not only this run."""
+def guard_managed_memory(name: str, params: list[torch.Tensor], device: str) -> None:
+    """Refuse to create a paged optimizer whose state would not fit in 90% of the device memory
+    free right now: oversubscribing CUDA managed memory can hang the whole GPU, not only this run."""
     if state_location(name, device) != "managed":
         return
     free, _ = torch.cuda.mem_get_info(torch.device(device))
     need = state_bytes(name, params)
-    if need > headroom * free:
-        raise ManagedMemoryRefused(
-            f"optim.name={name}: paged state needs {need / 2**30:.2f} GiB of managed memory but only "
-            f"{free / 2**30:.2f} GiB of device memory is free (limit {headroom:.0%} of free); refusing"
-        )
+    if need > 0.9 * free:
+        raise ManagedMemoryRefused(f"optim.name={name}: paged state needs {need / 2**30:.2f} GiB of managed memory "
+                                   f"but only {free / 2**30:.2f} GiB of device memory is free (limit 90% of free); "
+                                   "refusing")
 
 
 def build(optim_cfg, params: list[torch.Tensor], device: str):
@@ -68,11 +67,8 @@ def build(optim_cfg, params: list[torch.Tensor], device: str):
         import bitsandbytes as bnb
 
         guard_managed_memory(optim_cfg.name, params, device)
-        cls = {
-            "adamw_8bit": bnb.optim.AdamW8bit,
-            "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,
-            "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
-        }[optim_cfg.name]
+        cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,
+               "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[optim_cfg.name]
         opt = cls(params, **kw)
     warmup = optim_cfg.lr_warmup_steps
     # constant lr after a linear ramp over `warmup` steps: factor (step+1)/warmup, capped at 1

@@ -1,14 +1,10 @@
-"""Architecture presets: random-init models built from a config, saved once, loaded back.
+"""Architecture presets: random-init models of a known shape, built once and loaded back.
 
-A preset is a row of `PRESETS`: the transformers config class and its shape. `ensure(name)`
-builds the model with random weights, trains a byte-level BPE tokenizer on the embedded chat
-data (so nothing is downloaded), and saves both with `save_pretrained` into
-`$QLAB_CACHE/presets/<name>-<hash>/`. Runs then load that directory through the same
-`from_pretrained` + `BitsAndBytesConfig` path a real checkpoint takes, so quantization is
-byte-for-byte what a hub model of that shape would get (the values differ, the layout not).
-
-The 7B shapes are for GPU memory and throughput work: their weights are random, so their
-losses mean nothing; the tiny shapes are for CPU tests and the embedded default sweep.
+A preset is a row of `PRESETS` (conf/shapes.yaml). `ensure(name)` builds it with random weights
+and a byte-level BPE tokenizer trained on the embedded chat data (nothing is downloaded), saved
+into `$QLAB_CACHE/presets/<name>-<hash>/`. Runs load it through the `from_pretrained` +
+`BitsAndBytesConfig` path of a real checkpoint, so it is quantized exactly as a hub model of that
+shape (its values aside: the 7B shapes' losses mean nothing; they are for memory and speed).
 """
 
 from __future__ import annotations
@@ -22,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from qlab.config import ASSETS, SHAPES
+from qlab.run.data import load_conversations
 
 PRESETS: dict[str, dict] = SHAPES["presets"]  # conf/shapes.yaml
 
@@ -36,11 +33,9 @@ def cache_root() -> Path:
 
 
 def build_once(target: Path, complete: Callable[[Path], bool], build: Callable[[Path], None]) -> Path:
-    """Return `target`, first building it with `build(directory)` unless `complete(target)`.
-
-    Safe under concurrency: builders take a file lock beside `target`, write into a temporary
-    directory and rename it into place, so a reader never sees a half-written model and
-    concurrent callers build once; a build that fails leaves nothing behind."""
+    """`target`, first built with `build(directory)` unless `complete(target)`. Builders take a
+    file lock beside it and rename a temporary directory into place, so a reader never sees a
+    half-written model, concurrent callers build once, and a failed build leaves nothing."""
     if complete(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -71,7 +66,7 @@ def ensure(name: str, device: str = "cpu") -> Path:
     """Return the directory of preset `name`, building it first if needed (build_once)."""
     def build(out: Path) -> None:
         tokenizer = build_tokenizer()
-        build_model(name, len(tokenizer), tokenizer, device).save_pretrained(out)
+        build_model(name, tokenizer, device).save_pretrained(out)
         tokenizer.save_pretrained(out)
 
     return build_once(preset_dir(name), lambda p: (p / "config.json").is_file(), build)
@@ -79,8 +74,6 @@ def ensure(name: str, device: str = "cpu") -> Path:
 
 def build_tokenizer():
     """Byte-level BPE trained on the embedded chat data: covers any UTF-8 text (Chinese too)."""
-    from qlab.run.data import load_conversations
-
     convs, _ = load_conversations(str(TOKENIZER_CORPUS))
     texts = [text for conv in convs for turn in conv for text in turn]
     return train_bpe(texts, TOKENIZER_VOCAB)
@@ -105,20 +98,25 @@ def train_bpe(texts: list[str], vocab_size: int, **tokenizer_kwargs):
     )
 
 
-def build_model(name: str, tokenizer_size: int, tokenizer, device: str):
-    import torch
-    from transformers import AutoModelForCausalLM, BloomConfig, LlamaConfig
+def model_config(name: str, vocab_size: int | None = None, **token_ids):
+    """Preset `name`'s transformers config; `vocab_size` fills in the tiny presets' (their
+    tokenizer's, conf/shapes.yaml leaves it null)."""
+    from transformers import BloomConfig, LlamaConfig
 
     spec = dict(PRESETS[name])
     arch = spec.pop("arch")
-    if spec["vocab_size"] is None:
-        spec["vocab_size"] = tokenizer_size
-    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-               pad_token_id=tokenizer.pad_token_id)
-    config = (LlamaConfig if arch == "llama" else BloomConfig)(**spec, **ids)
+    spec["vocab_size"] = spec["vocab_size"] or vocab_size
+    return (LlamaConfig if arch == "llama" else BloomConfig)(**spec, **token_ids)
+
+
+def build_model(name: str, tokenizer, device: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = model_config(name, len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     # 16-bit on a GPU (a 7B model is 13.5 GB there), float32 for the tiny CPU presets.
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     torch.manual_seed(0)  # the same weights every build (per device type: CPU and CUDA RNGs differ)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)

@@ -1,20 +1,10 @@
-"""Speed switches of the training step, each an ablation axis (conf/speed/), never silent.
-
-  upcast_non_quantized  true: the QLoRA recipe (peft's prepare_model_for_kbit_training casts
-                        every non-quantized weight — embeddings, norms, head — to float32, so
-                        hidden states and attention run in float32); false: they stay in the
-                        compute dtype (norms still compute in float32 inside, outputs in bf16)
-  adapter_autocast      run the forward under torch.autocast(compute dtype): the float32 LoRA
-                        weights stay the optimizer's master copies, their GEMMs run in bf16 on
-                        tensor cores (a no-op when the compute dtype is float32)
-  compile               none | layers: torch.compile each decoder layer of the peft-wrapped model,
-                        its activation checkpoint inside the compiled code (compile_layers),
-                        `compile_backend` inductor by default
-  loss                  full: the model's own loss over full float32 logits [batch, seq, vocab];
-                        chunked: logits only for the target positions, `loss_chunk_tokens` at a
-                        time, each chunk recomputed in backward, so full logits never exist
-                        (BLOOM's 250,880-token vocabulary: 4 x 512 x 250,880 x 4 B = 2.05 GB
-                        of float32 logits, more with their gradient, per step)
+"""Speed switches of the training step, each an ablation axis (conf/speed/), never silent:
+`upcast_non_quantized` (the recipe's float32 up-cast of every non-quantized weight, or not),
+`adapter_autocast` (the forward under torch.autocast: LoRA's GEMMs in the compute dtype, its
+float32 weights the optimizer's master copies), `compile` (torch.compile per decoder layer) and
+`loss` (the model's own over full float32 logits, or `chunked` over the target positions only:
+for BLOOM 4 x 512 positions x 250,880 tokens x 4 B = 2.05 GB of logits per step). See
+docs/speed-switches.md.
 """
 
 from __future__ import annotations
@@ -33,18 +23,10 @@ def autocast(speed_cfg, device: str, dtype: torch.dtype):
 
 def compile_layers(model: torch.nn.Module, speed_cfg) -> int:
     """Compile every decoder layer in place, its activation checkpoint inside the compiled code;
-    returns how many were compiled.
-
-    Each layer's `forward` becomes torch.compile(checkpoint(forward)): torch.compile traces
-    torch.utils.checkpoint as a higher-order op and recomputes the layer in backward, every op of
-    it (recompute_everything; torchtitan compiles its checkpointed blocks the same way). qlab
-    takes checkpointing over from transformers for these layers (`gradient_checkpointing` off,
-    `qlab_checkpoint` on) because transformers up to 5.17 checkpoints the module call from
-    outside: the compiled code
-    then ran inside a checkpoint, and backward's replay saved other tensors than the forward had
-    (CheckpointError on an H200 with transformers 5.17 and torch 2.11, every step; the record is in
-    results/logs/2026-11-28-h200x4-call1/). Transformers 5.24 checkpoints inside `forward`,
-    which this replaces, so both versions run the same compiled, checkpointed code."""
+    returns how many were compiled. Each layer's `forward` becomes torch.compile(checkpoint(forward)),
+    every op recomputed in backward (recompute_everything), and qlab, not transformers, checkpoints
+    these layers (`gradient_checkpointing` off, `qlab_checkpoint` on): a compiled layer that
+    transformers checkpoints from outside breaks backward's replay (docs/speed-switches.md)."""
     if speed_cfg.compile == "none":
         return 0
     from transformers.modeling_layers import GradientCheckpointingLayer
@@ -70,22 +52,12 @@ def _checkpointed(layer: torch.nn.Module, forward):
 
 def recompute_everything():
     """A selective-checkpoint policy of MUST_RECOMPUTE for every op: the layer keeps only its
-    inputs for backward, as eager checkpointing does. Without it, inductor's partitioner treats the
-    checkpoint as a preference and saves activations it finds cheaper to keep than to recompute.
-    On the llama-7b shape (batch 4 x 512, nf4, bf16 hidden states, an H200): one step of
-    experiments/compile_probe.py saved 9.6 GiB for backward with the partitioner's choice, 4.9 GiB
-    with this policy and 1.3 GiB eager (the compiled counts include the 3.6 GiB of 4-bit weights a
-    compiled graph saves by reference); over the speed bench's measured steps the fast mode's torch
-    peak was 10.22 GiB with the partitioner's choice and 5.75 GiB with this policy (the recipe's:
-    6.74 GiB), at 1.7-2.1x the Trainer's tokens/s either way (results/speed-bench/)."""
+    inputs for backward, as eager checkpointing does. Without it inductor's partitioner treats the
+    checkpoint as a preference and saves activations it finds cheaper to keep than to recompute
+    (on the llama-7b shape 9.6 GiB against 4.9: docs/speed-switches.md)."""
     from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
     return create_selective_checkpoint_contexts(lambda ctx, op, *args, **kwargs: CheckpointPolicy.MUST_RECOMPUTE)
-
-
-def _head_and_decoder(model: torch.nn.Module):
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.get_decoder(), base.get_output_embeddings()
 
 
 def chunked_loss(model: torch.nn.Module, batch: dict, chunk_tokens: int) -> torch.Tensor:
@@ -93,7 +65,8 @@ def chunked_loss(model: torch.nn.Module, batch: dict, chunk_tokens: int) -> torc
     states at positions whose next token is a target go through the output head
     `chunk_tokens` rows at a time, each chunk checkpointed (its logits are recomputed in
     backward instead of stored). Equal to the model's own loss up to float rounding."""
-    decoder, head = _head_and_decoder(model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under peft's wrapper
+    decoder, head = base.get_decoder(), base.get_output_embeddings()
     # a padded batch has attention_mask, a packed row (data.pack) position_ids instead
     masks = {k: batch[k] for k in ("attention_mask", "position_ids") if k in batch}
     hidden = decoder(input_ids=batch["input_ids"], **masks).last_hidden_state

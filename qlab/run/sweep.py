@@ -1,15 +1,11 @@
 """Sweeps: a Hydra multirun where every grid point is one isolated, resumable run.
 
-Hydra expands the grid and its launcher (basic: one after another; joblib: one per GPU;
-submitit: SLURM jobs) calls `run_point` once per point. `run_point`
-  - prunes meaningless points (double quantization of int8/16-bit): recorded, not run;
-  - skips points whose result is complete (status ok or oom), unless force=true;
-  - otherwise runs the point in a fresh `python -m qlab.run <the point's overrides>` process,
-    so memory peaks, CUDA context and allocator state never carry from one run into the
-    next, and records the child's result. A child that dies without writing a result
-    (killed, segfault) is recorded as failed; the sweep goes on either way.
-`ManifestCallback` keeps results/<sweep>/sweep.json: the grid, the hardware, each
-invocation's start, end and counts, and every point's status, updated as runs finish.
+Hydra expands the grid and its launcher calls `run_point` once per point, which prunes
+meaningless points (double quantization of int8/16-bit), skips those whose result is complete
+(unless force=true) and runs the rest through the one launcher, each in a fresh process, so no
+memory peak, CUDA context or allocator state carries into the next run (one that dies is recorded
+as failed; the sweep goes on). `ManifestCallback` keeps results/<sweep>/sweep.json: the grid, the
+hardware, each invocation and every point's status.
 """
 
 from __future__ import annotations
@@ -17,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -32,13 +29,13 @@ from qlab import config as qconfig
 from qlab.results import store
 from qlab.run import launch
 
-log = logging.getLogger("qlab.sweep")
+log = logging.getLogger(__name__)
 INVOCATION_ENV = "QLAB_SWEEP_INVOCATION"
 MANIFEST = "sweep.json"
+HARDWARE = ("gpu", "gpu_count", "driver", "cpu", "cpu_count", "cuda", "torch", "transformers", "peft", "bitsandbytes",
+            "python")  # what the manifest records of store.environment()
 _progress = None  # a tqdm bar, when the launcher runs the points in this process
 
-
-# ---------------------------------------------------------------- manifest
 
 def sweep_root(cfg: DictConfig) -> Path:
     return Path(cfg.tracker.results_dir) / cfg.tracker.sweep
@@ -79,12 +76,11 @@ class ManifestCallback(Callback):
         invocation = uuid.uuid4().hex[:12]
         os.environ[INVOCATION_ENV] = invocation
         grid = grid_from(config.hydra)
-        total = 1
-        for values in grid.values():
-            total *= len(values)
+        total = math.prod(len(values) for values in grid.values())
         with _manifest(sweep_root(config)) as m:
             m.update(sweep=config.tracker.sweep, grid=grid, points=total, experiment=config.get("experiment"))
-            m["hardware"] = _hardware()
+            env = store.environment()
+            m["hardware"] = {k: env.get(k) for k in HARDWARE}
             m["invocations"].append({"id": invocation, "started_at": store.now(), "argv": sys.argv})
         log.info("sweep %s: %d grid points %s -> %s", config.tracker.sweep, total, grid, sweep_root(config))
         if config.hydra.launcher._target_.endswith("BasicLauncher"):
@@ -99,8 +95,7 @@ class ManifestCallback(Callback):
             for run in m["runs"].values():
                 if run.get("invocation") == invocation:
                     counts[run["outcome"]] = counts.get(run["outcome"], 0) + 1
-            inv = next(i for i in m["invocations"] if i["id"] == invocation)
-            inv.update(finished_at=store.now(), counts=counts)
+            next(i for i in m["invocations"] if i["id"] == invocation).update(finished_at=store.now(), counts=counts)
         if _progress is not None:
             _progress.close()
         summary = " / ".join(f"{v} {k}" for k, v in counts.items())
@@ -109,25 +104,13 @@ class ManifestCallback(Callback):
             raise SystemExit(1)
 
 
-def _hardware() -> dict:
-    env = store.environment()
-    return {k: env.get(k) for k in ("gpu", "gpu_count", "driver", "cpu", "cpu_count", "cuda", "torch",
-                                    "transformers", "peft", "bitsandbytes", "python")}
-
-
-# ---------------------------------------------------------------- one grid point
-
 def runs_per_gpu() -> int:
     """QLAB_RUNS_PER_GPU (default 1): how many runs share one GPU at a time under a parallel
-    launcher. Small runs (the 34 M base's quality sweep) leave an H100 mostly idle one at a time."""
+    launcher (small runs, like the 34 M base's, leave a GPU mostly idle one at a time)."""
     raw = os.environ.get("QLAB_RUNS_PER_GPU", "1")
-    try:
-        n = int(raw)
-    except ValueError:
-        n = 0
-    if n < 1:
+    if not raw.strip().isdigit() or int(raw) < 1:
         raise ValueError(f"QLAB_RUNS_PER_GPU must be an integer >= 1, got {raw!r}")
-    return n
+    return int(raw)
 
 
 def gpu_slots() -> int:

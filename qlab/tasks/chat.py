@@ -5,13 +5,9 @@
     qlab chat RUN --prompts-file prompts.txt --no-sample     # one prompt per line, greedy
     qlab chat RUN --merge-to merged/                         # adapter merged into a 16-bit base
 
-The base model and its quantization default to the run's own (from its result.json), so the
-adapter meets the weights it was trained against; `--model` / `--quant` / `--double-quant`
-override them (a different quantization is allowed, with a warning; a different base model is
-an error). The conversation uses the training format, `<s>human1</s>assistant1</s>human2</s>`,
-so the history is part of every prompt; when it no longer fits the context, the oldest turns
-are dropped first. Sampling defaults are the seed document's: max_new_tokens 250, top_p 0.75,
-temperature 0.35, repetition penalty 1.2.
+The base and its quantization default to the run's own, so the adapter meets the weights it was
+trained against; the conversation keeps the training format with its history in every prompt
+(docs/chat.md).
 """
 
 from __future__ import annotations
@@ -26,6 +22,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from qlab.config import ConfigError, QuantConfig
+from qlab.run.presets import PRESETS
 
 
 class ChatError(RuntimeError):
@@ -88,11 +85,10 @@ class Chat:
         self.last_prompt = self.tokenizer.decode(ids)
         inputs = torch.tensor([ids], device=self.model.device)
         kw = dict(max_new_tokens=self.sampling.max_new_tokens, repetition_penalty=self.sampling.repetition_penalty,
-                  eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)
+                  eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+                  do_sample=self.sampling.do_sample)
         if self.sampling.do_sample:
-            kw.update(do_sample=True, top_p=self.sampling.top_p, temperature=self.sampling.temperature)
-        else:
-            kw.update(do_sample=False)
+            kw.update(top_p=self.sampling.top_p, temperature=self.sampling.temperature)
         streamer = TextStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
         with torch.no_grad():
             out = self.model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs),
@@ -113,26 +109,18 @@ def load_chat(run_dir: Path, model_override: str | None = None, quant: QuantConf
     cfg = OmegaConf.create(result["config"])
     model_cfg = cfg.model
     if model_override:
-        preset = model_override if _is_preset(model_override) else None
+        preset = model_override if model_override in PRESETS else None
         model_cfg = OmegaConf.create({"name": model_override, "preset": preset, "trust_remote_code": False,
                                       "name_or_path": None if preset else model_override})
     trained_quant = cfg.quant
     if quant is not None and (quant.type, quant.double_quant) != (trained_quant.type, trained_quant.double_quant):
         warnings.warn(f"the adapter was trained on a {_q(trained_quant)} base; chatting with {_q(quant)} "
                       "(allowed: the adapter is 16/32-bit, but outputs may differ)")
-    device = resolve_device(device)
-    loaded = models.load(model_cfg, quant or trained_quant, device)
+    loaded = models.load(model_cfg, quant or trained_quant, resolve_device(device))
     check_same_base(adapter, loaded.model)
-    model = PeftModel.from_pretrained(loaded.model, str(adapter))
-    model.eval()
+    model = PeftModel.from_pretrained(loaded.model, str(adapter)).eval()
     context = getattr(loaded.model.config, "max_position_embeddings", None) or cfg.data.max_seq_len
     return Chat(model, loaded.tokenizer, context, sampling or Sampling())
-
-
-def _is_preset(name: str) -> bool:
-    from qlab.run.presets import PRESETS
-
-    return name in PRESETS
 
 
 def _q(q) -> str:
@@ -172,10 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quant", choices=["bf16", "int8", "nf4", "fp4"], help="quantization (default: the run's)")
     p.add_argument("--double-quant", action="store_true")
     p.add_argument("--device", default="auto")
-    p.add_argument("--max-new-tokens", type=int, default=250)
-    p.add_argument("--top-p", type=float, default=0.75)
-    p.add_argument("--temperature", type=float, default=0.35)
-    p.add_argument("--repetition-penalty", type=float, default=1.2)
+    d = Sampling()  # the seed document's sampling
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    p.add_argument("--top-p", type=float, default=d.top_p)
+    p.add_argument("--temperature", type=float, default=d.temperature)
+    p.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty)
     p.add_argument("--no-sample", action="store_true", help="greedy decoding (deterministic)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--merge-to", type=Path, help="merge the adapter into a 16-bit copy of the base, save it there")

@@ -4,17 +4,15 @@ LoRA adapter (unmerged), and `qlab generate-bench`, which runs it for several se
     python -m qlab.run task=generate quant=nf4 quant.double_quant=true generate.adapter_run=results/adhoc/<id>
     qlab generate-bench [--run results/adhoc/<id>] [--model llama-7b] [--quants bf16,nf4,nf4+dq] [--batch-sizes 1,8]
 
-The bench composes one config per quantization setting x {no adapter, the run's adapter} and runs
-each as every run is run, in a process of its own (launch.run_isolated): a CPU bench pays ~5 s
-of imports per configuration for that isolation. A complete result is skipped unless --force.
-Exit status: 0 all ok (an oom is a result), 1 a configuration failed, 2 bad arguments.
-What each metric means, and why 4-bit weights can generate slower: docs/generation.md.
+The bench runs one configuration per quantization setting x {no adapter, the run's adapter}, each
+in a process of its own through the one launcher, skipping complete results unless --force. Exit
+status: 0 all ok (an oom is a result), 1 a configuration failed, 2 bad arguments. What each metric
+means, and why 4-bit weights can generate slower: docs/generation.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -29,6 +27,7 @@ from qlab import config
 from qlab.results import store
 from qlab.results.stats import summarize
 from qlab.run import launch
+from qlab.run.data import load_conversations
 from qlab.tasks import Outcome, failure
 from qlab.tasks.chat import ChatError, build_prompt_ids, check_same_base, read_run
 
@@ -73,8 +72,7 @@ def prepare(cfg: DictConfig) -> Inputs:
 
 def read_prompts(n: int) -> list[str]:
     """The first human turn of the first `n` conversations of the embedded eval data."""
-    with open(EVAL_DATA, encoding="utf-8") as f:
-        return [json.loads(line)["conversation"][0]["human"] for line in f if line.strip()][:n]
+    return [conv[0][0] for conv in load_conversations(str(EVAL_DATA))[0][:n]]
 
 
 def left_pad(rows: list[list[int]], pad_id: int, device: str):
@@ -223,13 +221,11 @@ def run(cfg: DictConfig, inputs: Inputs, recorder) -> Outcome:
             with window:  # QLAB_INJECT_FAULT (tests) fails the last batch size after its warm-up
                 c = time_calls(gen, batches(prompt_ids, b), n if b in sizes else None, g.repeats,
                                before=partial(loop.inject_fault, 1, recorder.id) if b == sizes[-1] else None)
-            for key, v in window.peaks.items():
-                if v is not None:
-                    peaks.setdefault(key, []).append(v)
+            peaks.update({k: max(v, peaks.get(k, v)) for k, v in window.peaks.items() if v is not None})
             metrics.update(batch_metrics(b, n, c, window.peaks))
             samples = c.samples if b == 1 else samples
             window = None
-        metrics.update({key: max(values) for key, values in peaks.items()})
+        metrics.update(peaks)  # the largest over the batch sizes
         if samples:
             metrics.update(sample_output_ids=samples[0], greedy_deterministic=all(s == samples[0] for s in samples),
                            sample_output_text=tok.decode(samples[0], skip_special_tokens=True))

@@ -41,6 +41,7 @@ class Setup:
     prepared: dict  # weight bytes after the k-bit preparation (models.weight_bytes)
     batches: data.Data
     metrics: dict
+    tokenizer: object = None  # saved beside a full fine-tuning run's weights
 
 
 def setup(cfg: DictConfig, raw) -> Setup:
@@ -56,7 +57,7 @@ def setup(cfg: DictConfig, raw) -> Setup:
                "total_params": sum(p.quant_state.shape.numel() if getattr(p, "quant_state", None) is not None
                                    else p.numel() for p in loaded.model.parameters())}
     models.prepare_for_training(loaded.model, cfg.quant.type != "bf16", cfg.train.gradient_checkpointing,
-                                upcast=cfg.speed.upcast_non_quantized)
+                                upcast=cfg.speed.upcast_non_quantized, full=cfg.adapter.targets == "full")
     prepared = models.weight_bytes(loaded.model)  # the recipe up-casts non-quantized weights
     # seed right before the adapters draw their initial weights: loading may have consumed
     # random numbers (building a preset the first time does), which must not change the run
@@ -66,7 +67,7 @@ def setup(cfg: DictConfig, raw) -> Setup:
     metrics.update(weight_bytes_after_prepare=prepared["weight_bytes"],
                    compiled_layers=speed.compile_layers(model, cfg.speed), **adapters.count_params(model),
                    lora_target_modules=targets, **{f"data_{k}": v for k, v in batches.stats.items()})
-    return Setup(device, model, prepared, batches, metrics)
+    return Setup(device, model, prepared, batches, metrics, loaded.tokenizer)
 
 
 def run(cfg: DictConfig, raw, recorder) -> Outcome:
@@ -95,7 +96,10 @@ def run(cfg: DictConfig, raw, recorder) -> Outcome:
         t_eval = time.perf_counter()
         metrics.update(loop.evaluate(s.model, s.batches, cfg, s.device))
         metrics["eval_s"] = time.perf_counter() - t_eval
-        if cfg.train.save_adapter:
+        if cfg.train.save_adapter and cfg.adapter.targets == "full":  # the weights, loadable as a checkpoint
+            s.model.save_pretrained(recorder.dir / "model")
+            s.tokenizer.save_pretrained(recorder.dir / "model")
+        elif cfg.train.save_adapter:
             s.model.save_pretrained(recorder.dir / "adapter")
     except Exception as e:  # outside the loop: loading, adapters, data, optimizer, eval
         return failure(e, metrics)
@@ -108,11 +112,13 @@ def record_memory(cfg: DictConfig, device: str, model, prepared: dict, state: di
     measured (`metrics`: the run's so far)."""
     out = {"optimizer_state_bytes": sum(state.values())}
     out.update(predicted_vs_measured(cfg, device, {**metrics, **out}))
-    adapter_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     vocab = model.get_output_embeddings().weight.shape[0]
     logits = metrics.get("max_tokens_per_step", 0) * vocab * 4  # float32 logits of the largest batch
+    # full fine-tuning: what trains is the weights, counted as weights; no adapter, their gradients
+    adapter_bytes = 0 if cfg.adapter.targets == "full" else trainable
     out["memory_breakdown"] = measure.memory_breakdown(prepared, adapter_bytes, state, logits,
-                                                       metrics.get("peak_allocated_bytes"))
+                                                       metrics.get("peak_allocated_bytes"), gradient_bytes=trainable)
     return out
 
 

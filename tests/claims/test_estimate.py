@@ -11,6 +11,7 @@ from qlab.config import PROJECT_ROOT
 from qlab.run import adapters, models, optim, presets
 from qlab.claims import estimate
 from qlab.config import ConfigError, validate
+from conftest import SMOLLM2
 
 ROOT = Path(PROJECT_ROOT)
 WEIGHT_KEYS = ("weight_bytes", "quantized_weight_bytes", "quant_state_bytes", "unquantized_weight_bytes",
@@ -239,3 +240,50 @@ def test_base_shape_comes_from_its_spec_without_training(compose, monkeypatch):
         2 * spec["vocab_size"] * spec["hidden_size"]
         + spec["num_hidden_layers"] * (4 * spec["hidden_size"] ** 2 + 3 * spec["hidden_size"] * spec["intermediate_size"]
                                        + 2 * spec["hidden_size"]) + spec["hidden_size"])
+
+
+@pytest.mark.parametrize("name", ["adamw", "paged_adamw_8bit"])
+def test_full_fine_tuning_is_predicted_exactly(compose, name):
+    """adapter=full: the weights as loaded (bfloat16, as on a GPU), their float32 master copies
+    after preparation, every parameter trainable, and the optimizer's state over every weight after
+    a real step (8-bit state for tensors of >= 4,096 values, 32-bit for the rest) as predicted."""
+    cfg = compose("adapter=full", "quant=bf16", "quant.compute_dtype=bfloat16", f"optim={name}")
+    predicted = estimate.estimate_for_config(cfg, "cpu")
+    loaded = models.load(cfg.model, cfg.quant, "cpu")
+    assert {k: predicted.weights[k] for k in WEIGHT_KEYS} == {k: loaded.weight_bytes[k] for k in WEIGHT_KEYS}
+    models.prepare_for_training(loaded.model, False, True, full=True)
+    assert predicted.weights["weight_bytes_after_prepare"] == models.weight_bytes(loaded.model)["weight_bytes"]
+    model, names = adapters.attach(loaded.model, cfg.adapter)
+    assert predicted.adapter_params == adapters.count_params(model)["trainable_params"] == predicted.total_params
+    assert predicted.target_modules == names == []
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt, _ = optim.build(cfg.optim, params, "cpu")
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    held = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
+               if torch.is_tensor(v) and v.dim() > 0)
+    assert predicted.optimizer_state_bytes == held
+    assert predicted.parts["adapters_bytes"] == 0 and predicted.parts["gradients_bytes"] == 4 * predicted.total_params
+    with pytest.raises(ConfigError, match="full fine-tuning"):
+        estimate.estimate("tiny-llama", estimate.Setting(quant="nf4", adapter="full"))
+
+
+@SMOLLM2
+def test_smollm2_nf4_dq_weights_are_predicted_exactly(compose, capsys):
+    """A real model (model=smollm2-135m, dequantized from its GGUF) quantized as NF4+DQ holds
+    exactly the bytes the analytic model predicts from its config; `qlab estimate` knows it by name."""
+    cfg = compose("model=smollm2-135m", *QUANTS["nf4+DQ"])
+    predicted = estimate.estimate_for_config(cfg, "cpu")
+    loaded = models.load(cfg.model, cfg.quant, "cpu")
+    assert type(loaded.model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    assert {k: predicted.weights[k] for k in WEIGHT_KEYS} == {k: loaded.weight_bytes[k] for k in WEIGHT_KEYS}
+    # 30 layers x (2 x 576^2 + 2 x 576 x 192 + 3 x 576 x 1536) = 106,168,320 weights in 4 bits; the tied
+    # 49,152 x 576 embedding (28.3 M) and the norms stay float32 on a CPU
+    assert loaded.weight_bytes["quantized_params"] == 106_168_320
+    # 4 + 8/64 + 32/(64*256) = 4.127 bits, plus each of the 210 tensors' fixed 1,092 B of codes
+    bits = 4 + 8 / 64 + 32 / (64 * 256) + 210 * 1092 * 8 / 106_168_320
+    assert loaded.weight_bytes["bits_per_quantized_param"] == pytest.approx(bits, abs=1e-4)  # 4.144
+    assert estimate.main(["--model", "smollm2-135m", "--quant", "bf16", "--adapter", "full"]) == 0
+    out = capsys.readouterr().out
+    assert "full fine-tuning (134.52M params)" in out and "LlamaForCausalLM" in out

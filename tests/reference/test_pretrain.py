@@ -10,6 +10,7 @@ import time
 import pytest
 
 from qlab.reference import corpus, pretrain
+from qlab.results import store
 
 
 # ------------------------------------------------------------------------------------ corpus
@@ -17,7 +18,7 @@ from qlab.reference import corpus, pretrain
 
 def test_corpus_checksum_is_verified_and_a_corrupted_copy_rejected(tmp_path):
     c = corpus.load()
-    assert c.sha256 == corpus.expected_sha256() == corpus.sha256_file(corpus.CORPUS_DIR / corpus.CORPUS_NAME)
+    assert c.sha256 == corpus.expected_sha256() == store.files_sha256([corpus.CORPUS_DIR / corpus.CORPUS_NAME])
     assert len(c.documents) > 500 and c.chars > 5_000_000
     assert (corpus.CORPUS_DIR / corpus.CORPUS_NAME).stat().st_size < 5 * 2**20  # committed: under 5 MB
     assert "Python Software Foundation" in (corpus.CORPUS_DIR / corpus.LICENSE_NAME).read_text()

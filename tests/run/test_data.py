@@ -101,3 +101,68 @@ def test_collate_pads_and_masks():
     assert batch["input_ids"].tolist() == [[1, 5, 6, 0], [1, 7, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 5, 6, -100], [-100, 7, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 0, 0]]
+
+
+# -- real models and real conversations -----------------------------------------------------------
+
+from conftest import CHITCHAT, GEMMA, SMOLLM2  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def chitchat_eval(qlab_cache):
+    from qlab.reference import chitchat
+
+    return data.load_conversations(str(chitchat.build()[1]))[0]
+
+
+@SMOLLM2
+@CHITCHAT
+def test_chitchat_mask_with_smollm2_token_by_token(chitchat_eval):
+    """The seed format with SmolLM2-Instruct's tokenizer: its bos <|im_start|> opens the sequence,
+    its eos <|im_end|> (the end of turn the instruct model emits, where generation stops) closes
+    each utterance; labels on the assistant replies and their closing <|im_end|> only. Measured on
+    24 held-out conversations before any fine-tuning (mean NLL of the assistant tokens): closing
+    turns with <|im_end|> 4.42 nats/token, with <|endoftext|> 5.08; opening with <|im_start|>,
+    <|endoftext|> or nothing 4.435 / 4.420 / 4.417: the model reads the format."""
+    from transformers import AutoTokenizer
+
+    from qlab.reference import gguf
+
+    tok = AutoTokenizer.from_pretrained(gguf.ensure("smollm2-135m"))
+    conv = chitchat_eval[0]  # the first held-out conversation
+    assert conv[:2] == [("Hey!", "What up"), ("That is a loaded question", "Oh I think you know what we need to do.")]
+    ids, labels = data.encode(conv, tok, max_seq_len=34)
+    S, E = "<|im_start|>", "<|im_end|>"
+    expected = [  # (token, trained on)
+        (S, 0), ("Hey", 0), ("!", 0), (E, 0),
+        ("What", 1), ("Ġup", 1), (E, 1),
+        ("That", 0), ("Ġis", 0), ("Ġa", 0), ("Ġloaded", 0), ("Ġquestion", 0), (E, 0),
+        ("Oh", 1), ("ĠI", 1), ("Ġthink", 1), ("Ġyou", 1), ("Ġknow", 1), ("Ġwhat", 1), ("Ġwe", 1), ("Ġneed", 1),
+        ("Ġto", 1), ("Ġdo", 1), (".", 1), (E, 1),
+        ("If", 0), ("Ġyou", 0), ("Ġwere", 0), ("Ġin", 0), ("Ġpower", 0), ("Ġwhat", 0), ("Ġwould", 0), ("Ġyou", 0),
+        ("Ġdo", 0),  # max_seq_len=34 cuts the third human turn here
+    ]
+    assert list(zip(tok.convert_ids_to_tokens(ids), [int(x != IGNORE_INDEX) for x in labels])) == expected
+    assert all(x == i for x, i in zip(labels, ids) if x != IGNORE_INDEX)  # a label is its own token
+    assert (ids[0], tok.bos_token_id, tok.eos_token_id) == (1, 1, 2)
+    # the whole conversation: every assistant reply and its <|im_end|> is a target, nothing else
+    ids, labels = data.encode(conv, tok, max_seq_len=10**6)
+    targets = [i for i, x in zip(ids, labels) if x != IGNORE_INDEX]
+    assert targets == [t for _, a in conv for t in tok(a, add_special_tokens=False).input_ids + [2]]
+
+
+@GEMMA
+@CHITCHAT
+@pytest.mark.slow
+def test_gemma_sequences_start_with_bos(chitchat_eval):
+    """Gemma needs <bos> first (12 held-out conversations' assistant tokens cost 3.94 nats/token
+    with it, 5.23 without, before fine-tuning); its eos <eos> closes each utterance (5.29 with
+    <end_of_turn> instead)."""
+    from transformers import AutoTokenizer
+
+    from qlab.reference import gguf
+
+    tok = AutoTokenizer.from_pretrained(gguf.ensure("gemma3-270m"))  # joins and converts once: ~1-2 min
+    ids, labels = data.encode(chitchat_eval[0], tok, max_seq_len=64)
+    assert tok.convert_ids_to_tokens(ids[:5]) == ["<bos>", "Hey", "!", "<eos>", "What"]
+    assert labels[:4] == [IGNORE_INDEX] * 4 and labels[4] == ids[4]

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import FAST, ROOT
+from conftest import CHITCHAT, FAST, ROOT, SMOLLM2
 
 # 4 quick steps per run; the eval split cut to a few samples
 QUICK = [o for o in FAST if not o.startswith(("train.steps", "train.warmup_steps"))] + [
@@ -265,3 +265,64 @@ def test_experiments_find_the_committed_results_complete(compose, experiment, ar
         assert cfg.tracker.sweep == sweep and found is not None and committed in found.name, name
         assert store.run_dir(cfg) != found  # the id hashes the grown schema; the identity matches
     assert all(store.complete_result(arm(name)) is None for name in new)
+
+
+REAL_ARMS = ["bf16-qv", "bf16-all-linear", "nf4-dq-qv", "nf4-dq-all-linear", "fp4-qv", "fp4-all-linear", "full-ft"]
+
+
+def test_real_experiment_is_35_runs_on_equal_tokens():
+    """experiment=real: 16-bit LoRA, NF4+DQ and FP4 on q/v and all linear layers, and 16-bit full
+    fine-tuning, x 5 seeds, each a valid, distinct run; every arm the same positions per step and
+    steps, at LoRA's lr but full fine-tuning's own."""
+    import itertools
+
+    from hydra import compose, initialize_config_dir
+
+    from qlab import config
+    from qlab.results import store
+    from qlab.run.sweep import grid_from
+
+    config.register()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        grid = grid_from(compose("config", overrides=["experiment=real"], return_hydra_config=True).hydra)
+    assert grid == {"+arm": REAL_ARMS, "seed": ["0", "1", "2", "3", "4"]}
+    runs = {}
+    for arm, seed in itertools.product(*grid.values()):
+        cfg = config.compose(["experiment=real", f"+arm={arm}", f"seed={seed}"])
+        config.validate(cfg)
+        runs[store.run_id(cfg)] = cfg
+    assert len(runs) == 35
+    settings = {(c.quant.type, c.quant.double_quant, c.adapter.targets, c.optim.lr) for c in runs.values()}
+    assert settings == {(q, dq, t, 2e-4) for q, dq in (("bf16", False), ("nf4", True), ("fp4", False))
+                        for t in ("qv", "all_linear")} | {("bf16", False, "full", 2e-5)}
+    shape = {(c.train.steps, c.train.batch_size, c.data.max_seq_len, c.data.pad_to, c.optim.name, c.adapter.r,
+              c.model.gguf, c.data.source, c.train.device, c.tracker.sweep) for c in runs.values()}
+    assert shape == {(300, 8, 512, "max_seq_len", "paged_adamw_32bit", 64, "smollm2-135m", "chitchat", "cuda",
+                      "real-smollm2-135m")}
+
+
+@pytest.mark.slow
+@SMOLLM2
+@CHITCHAT
+def test_real_cpu_runs_smollm2_end_to_end(tmp_path):
+    """experiment=real-cpu, two arms: QLoRA and full fine-tuning of SmolLM2 on chitchat, a few
+    steps on the CPU, through the sweep's isolated runs (~1 min each on 2 cores)."""
+    results = tmp_path / "results"
+    proc = subprocess.run([sys.executable, "-m", "qlab.run", "experiment=real-cpu", f"tracker.results_dir={results}",
+                           "+arm=nf4-dq-all-linear,full-ft", "seed=0"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=900)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "2 ok / 0 oom / 0 failed" in out, out[-3000:]
+    done = {r["axes"]["adapter"]: (p, r) for p in (results / "real-smollm2-135m-cpu").glob("*/result.json")
+            for r in [json.loads(p.read_text())]}
+    assert set(done) == {"all_linear", "full"}
+    for path, r in done.values():
+        m = r["metrics"]
+        assert m["model_source"].startswith("gguf: dequantized from a 4-bit GGUF, SmolLM2-135M-Instruct.Q4_1.gguf")
+        assert m["eval_target_tokens"] > 0 and m["eval_loss"] < 8  # ln(49,152) = 10.8: a language model
+        assert m["data_train_samples"] > 3_000 and m["steps_completed"] == 3
+    assert done["all_linear"][1]["axes"]["quant"] == "nf4" and done["all_linear"][1]["axes"]["double_quant"]
+    assert (done["all_linear"][0].parent / "adapter" / "adapter_config.json").is_file()
+    full = done["full"][1]["metrics"]
+    assert full["trainable_params"] == full["total_params"] == 134_515_008
+    assert (done["full"][0].parent / "model" / "model.safetensors").is_file()

@@ -137,3 +137,35 @@ def test_wandb_failure_never_loses_the_run(compose, tmp_path, monkeypatch):
         assert tasks.single(compose("tracker=wandb")) == 0
     [path] = result_files(tmp_path)
     assert json.loads(path.read_text())["status"] == "ok"
+
+
+def test_full_fine_tuning_trains_every_weight_and_saves_the_model(compose, tmp_path):
+    """adapter=full (16-bit base): no LoRA, every parameter trains under AdamW, the loss falls, the
+    weights are saved as a checkpoint into model/ (no adapter/), and the analytic model predicts
+    the exact terms it measured."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = compose("adapter=full", "quant=bf16", "optim.lr=1e-3", "train.steps=30", "train.warmup_steps=2")
+    assert tasks.single(cfg) == 0
+    [path] = result_files(tmp_path / "results")
+    r = json.loads(path.read_text())
+    m = r["metrics"]
+    assert r["axes"]["adapter"] == "full" and "_full_" in r["run_id"] and m["lora_target_modules"] == []
+    assert m["trainable_params"] == m["total_params"] > 0
+    assert m["optimizer_state_bytes"] == 2 * 4 * m["total_params"]  # two float32 moments per weight
+    b = m["memory_breakdown"]
+    assert b["adapters_bytes"] == 0 and b["gradients_bytes"] == 4 * m["total_params"]
+    assert b["unquantized_weights_bytes"] == 4 * m["total_params"]  # the float32 weights, counted once
+    for key, v in m["predicted_vs_measured"].items():
+        assert v["predicted"] == v["measured"], key
+    losses = [json.loads(l)["loss"] for l in (path.parent / "metrics.jsonl").read_text().splitlines()]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3  # it learns
+    assert not (path.parent / "adapter").exists()
+    saved = AutoModelForCausalLM.from_pretrained(path.parent / "model")  # an evaluation can load it
+    assert sum(p.numel() for p in saved.parameters()) == m["total_params"]
+    assert (path.parent / "model" / "tokenizer.json").is_file()
+
+
+def test_full_fine_tuning_refuses_a_quantized_base(compose, tmp_path):
+    assert tasks.single(compose("adapter=full", "quant=nf4")) == tasks.EXIT["invalid"]
+    assert result_files(tmp_path) == []
