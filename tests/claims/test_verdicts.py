@@ -452,3 +452,9 @@ def test_estimate_shows_device_and_total_in_gb_and_gib():
     [r] = verdicts.evaluate([c], None)
     assert r["verdict"] == "reproduced" and r["margin"] == "<= 48" and r["measured_on"] == "llama-65b (analytic)"
     assert "device_bytes 44.02 GB = 40.99 GiB; total_bytes 50.41 GB = 46.95 GiB" in r["reason"]
+
+
+def test_the_papers_value_carries_its_unit_only_where_it_is_a_number():
+    assert verdicts.paper_text({"paper": "< 48", "unit": "GB"}) == "< 48 GB"
+    assert verdicts.paper_text({"paper": 0.373, "unit": "bits/param"}) == "0.373 bits/param"
+    assert verdicts.paper_text({"paper": "equal", "unit": "nats"}) == "equal"
