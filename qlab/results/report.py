@@ -321,10 +321,12 @@ def random_weights_note(runs: pd.DataFrame) -> list[str]:
     if not random:
         return []
     which = "These runs" if frame.random_weights(runs) else "The runs of " + ", ".join(f"`{m}`" for m in random)
-    trained = (runs.loc[runs.model_weights == "random", "kind"] == "train").any()
-    shown = ("no loss column (train loss, eval loss, perplexity), loss statistic, eval-loss plot or memory-vs-quality "
-             "plot is shown for them, and their loss curves only show that training ran" if trained else
-             "what they generate is not language")
+    kinds = set(runs.loc[runs.model_weights == "random", "kind"])
+    shown = "; ".join(text for kind, text in (
+        ("train", "no loss column (train loss, eval loss, perplexity), loss statistic, eval-loss plot or "
+                  "memory-vs-quality plot is shown for them, and their loss curves only show that training ran"),
+        ("generate", "what they generate is not language"),
+        ("eval", "their evaluation scores are an untrained model's")) if kind in kinds) or "speed is all they show"
     return ["", f"> **Random weights, not quality.** {which} used a random-init preset shape "
             f"({', '.join(random)}: model.preset in the stored config, no pretrained weights), which knows no "
             "language: its losses measure nothing a reader could call quality. Memory and speed are what these "
