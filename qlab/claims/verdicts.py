@@ -5,8 +5,9 @@
 A claims file lists claims; each names the paper's statement and number, its source, where
 the measurement comes from, the metric, the comparison and the tolerance. Verdicts are
 computed here, never typed: `reproduced`, `not reproduced`, or `inconclusive` with the reason
-(no runs yet, one seed per arm, an interval that straddles the margin). A claim that fails is
-reported as failing.
+(no runs yet, one seed per arm, an interval that straddles the margin), and `fact`, `untested`
+and `information` for rows that are not experiments on the paper's claim (below). A claim that
+fails is reported as failing.
 
 Comparison kinds (a small lookup table, `KINDS`):
   value        mean of `metric` over the runs matching `where`, vs `paper_value` +- tolerance
@@ -19,7 +20,8 @@ Comparison kinds (a small lookup table, `KINDS`):
   survives     under the claim's experiment, every run of arm `a` is ok and every run of arm `b`
                ran out of memory
   estimate     a number from the analytic memory model (qlab.estimate) of `model` under one
-               or two settings, vs `paper_value` +- tolerance or `at_most`
+               or two settings, vs `paper_value` +- tolerance or `at_most`; `show: [metric, ...]`
+               states the judged metric and these of the same setting in GB (1e9) and GiB (2^30)
   kernel_order quantization error (MSE) of `kinds` on standard-normal data: the first is lowest
   ptq_error    quantization error `metric` (mse) of `kinds` on the real weights of base-`ptq`
                (every decoder linear weight; results/ptq-base-<ptq>/ptq.json): the first is
@@ -49,21 +51,54 @@ Comparison kinds (a small lookup table, `KINDS`):
                of each, compared only when trained on the same base weights (docs/numerics.md)
   eval_within  the same pair, judged on eval_loss: |a - b| <= max(bound.abs, bound.rel x b)
                (`information: true`: shown for scale, no verdict)
+Paired kinds: runs of arm `a` and arm `b` are paired by seed and by every other setting of the
+stored config that is not the compared axis (the keys in which no run of a shares a value with a
+run of b: quant.type, adapter.targets, optim.lr, ...; `seed` always pairs): the same seed means the
+same data order and LoRA initialization in both arms. A run without a partner (a missing or failed
+run, an extra seed) is left out and named in the reason; of two runs with one key in one arm the
+newest ok one counts. Each reason gives n pairs, both arms' means over the paired runs, the mean
+paired difference a - b with its interval and, where there is one, the margin. `margin` is
+{abs: x} (in the metric's unit, nats for eval_loss) or {rel: x} (x times arm b's mean over the
+paired runs), stated in the claims file before the runs.
+  equivalent_paired   two one-sided tests (stats.tost_paired) at +-margin: the 90% interval of the
+               mean paired difference inside +-margin -> equivalent, entirely outside -> not
+               equivalent, else inconclusive (the TOST p beside it). `expect: equivalent` (default):
+               equivalent -> reproduced; `expect: different`: not equivalent -> reproduced
+  noninferior_paired  a no worse than b by more than the margin (stats.noninferiority_paired; lower
+               is better unless `higher_is_better: true`): the 90% interval's upper end below
+               +margin -> non-inferior, its lower end at or above +margin -> inferior, else
+               inconclusive. `expect: noninferior` (default) or `expect: inferior`
+  lower_paired a lower than b (stats.paired_lower): the 95% interval of the mean paired difference
+               entirely below 0 -> reproduced, entirely above 0 -> not reproduced, else inconclusive
+  `show: [metric, ...]`: each arm's mean of those metrics beside (trainable_params);
+  `equal_tokens: true`: every pair saw the same positions (steps_completed x max_tokens_per_step),
+  else inconclusive
+  untested     no measurement: the claim's `reason` says why (verdict `untested`)
+Flags of any claim: `fact: true` marks arithmetic of the storage format, not an experiment: its
+verdict reads `fact` where it holds (and stays `not reproduced` where it does not);
+`information: true` shows the row for what it measures, verdict `information`, never a verdict
+(curve_within / eval_within apply it themselves: a failed run still fails there).
+Each row names what it was measured on (`measured_on`: model · data of its runs, random-init
+presets marked "random weights" from their stored config; the analytic model's model; the PTQ
+record's base; until runs exist, the claim's own `measured_on`) and its margin or tolerance.
 A claims file with no `sweep` in a claim is judged for any one sweep (`--sweep`, or the sweep
 that ends with `SweepVerdicts` as its callback) into <results>/<sweep>/<claims file's stem>.md.
 Runs come from `results/<sweep>/`: `make claims` first runs the sweeps that have no results
 (`experiment` plus `overrides`, a Hydra multirun), and the PTQ measurements that have no
-ptq.json (`python -m qlab.ptq --size <ptq>`), unless --no-run; GPU-sized ones (`train=gpu`
+ptq.json (`python -m qlab.claims.ptq --size <ptq>`), unless --no-run; GPU-sized ones (`train=gpu`
 among the overrides, `ptq: gpu`) only where CUDA is available.
 
-Besides claims.md (every column, the reasons), `write` produces summary.md: one compact table
-(claim, paper, measured, verdict) for the README to include verbatim.
+Besides claims.md (every column, the reasons, every arm of each sweep a paired claim reads), `write`
+produces summary.md: one compact table (claim, measured on, paper, measured with its interval,
+margin, n, verdict) for the README to include verbatim.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +118,9 @@ from qlab.run.sweep import ManifestCallback
 
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
 INFORMATION = "information"  # a row shown for scale (a claim with `information: true`), no verdict
+FACT = "fact"  # `fact: true`: arithmetic of the storage format that holds, not an experiment
+UNTESTED = "untested"  # kind untested: no measurement, for the reason the claim states
+VERDICTS = (REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE, FACT, UNTESTED, INFORMATION)  # the counts' order
 ALPHA = 0.05
 DEFAULT_CLAIMS = Path(PROJECT_ROOT) / "experiments" / "claims.yaml"
 
@@ -94,6 +132,8 @@ class Verdict:
     ci: tuple[float, float] | None = None
     reason: str = ""
     n: str = ""
+    ci_level: float = stats.CONFIDENCE  # the paired equivalence kinds decide on 90% intervals
+    margin: str = ""  # the margin as applied (a relative margin in the metric's unit); else from the claim
 
 
 # ------------------------------------------------------------------ selecting runs
@@ -190,36 +230,62 @@ def k_equivalent(claim: dict, runs: pd.DataFrame) -> Verdict:
     return Verdict(INCONCLUSIVE, d, (lo, hi), f"95% interval straddles the margin +-{margin:.4g}", n)
 
 
+def _gib(r: pd.Series, col: str) -> str:
+    v = pd.to_numeric(pd.Series([r.get(col)]), errors="coerce").iloc[0]
+    return "n/a" if pd.isna(v) else f"{v / 2**30:.2f} GiB"
+
+
+def _memory_of(arm: pd.DataFrame) -> str:
+    """An arm's runs as the memory cap saw them: status, where the optimizer state lived and how
+    large, torch's and NVML's peaks; the cap from the stored config (train.max_device_memory_gib)."""
+    out = []
+    for _, r in arm.iterrows():
+        rest = json.loads(r.config_rest) if isinstance(r.get("config_rest"), str) else {}
+        out.append(f"{r.optim} {r.status} under a {rest.get('train.max_device_memory_gib', 'n/a')} GiB allocator "
+                   f"cap (optimizer state {_gib(r, 'optimizer_state_bytes')} in "
+                   f"{r.get('optimizer_state_location', 'n/a')} memory; torch peak {_gib(r, 'peak_allocated_bytes')}, "
+                   f"NVML device peak {_gib(r, 'nvml_peak_device_used_bytes')})")
+    return "; ".join(out)
+
+
 def k_survives(claim: dict, runs: pd.DataFrame) -> Verdict:
     a, b = select(runs, claim["a"], None), select(runs, claim["b"], None)
     n = f"n={len(a)} vs {len(b)}"
     if a.empty or b.empty:
         return Verdict(INCONCLUSIVE, reason="an arm has no run yet", n=n)
     a_ok, b_oom = (a.status == "ok").all(), (b.status == "oom").all()
+    runs_text = f": {_memory_of(a)}; {_memory_of(b)}"
     if a_ok and b_oom:
-        return Verdict(REPRODUCED, reason="every run of a completed, every run of b ran out of memory", n=n)
+        return Verdict(REPRODUCED, reason=f"every run of a completed, every run of b ran out of memory{runs_text}", n=n)
     if not a_ok and (a.status == "oom").any():
-        return Verdict(NOT_REPRODUCED, reason="arm a ran out of memory too", n=n)
+        return Verdict(NOT_REPRODUCED, reason=f"arm a ran out of memory too{runs_text}", n=n)
     return Verdict(INCONCLUSIVE, reason=f"statuses a={sorted(set(a.status))}, b={sorted(set(b.status))}: "
-                                        "the memory cap did not separate them", n=n)
+                                        f"the memory cap did not separate them{runs_text}", n=n)
 
 
 def k_estimate(claim: dict, runs: pd.DataFrame) -> Verdict:
     from qlab.claims import estimate
 
-    def value(setting: dict) -> float:
-        e = estimate.estimate(claim["model"], estimate.Setting(**setting))
-        return float(e.as_metrics()[claim["metric"]])
+    def metrics(setting: dict) -> dict:
+        return estimate.estimate(claim["model"], estimate.Setting(**setting)).as_metrics()
 
-    measured = value(claim["setting"]) - (value(claim["minus"]) if "minus" in claim else 0.0)
+    first = metrics(claim["setting"])
+    measured = float(first[claim["metric"]])
+    if "minus" in claim:
+        measured -= float(metrics(claim["minus"])[claim["metric"]])
     measured /= claim.get("scale", 1.0)
+    # `show`: the judged metric and others of the same setting, each in GB (1e9 bytes) and GiB (2^30 bytes)
+    shown = "".join(f"; {m} {first[m] / 1e9:.2f} GB = {first[m] / 2**30:.2f} GiB"
+                    for m in [claim["metric"], *claim["show"]]) if claim.get("show") else ""
     if "at_most" in claim:
         ok = measured <= claim["at_most"]
-        return Verdict(REPRODUCED if ok else NOT_REPRODUCED, measured,
-                       reason=f"analytic model: {'at most' if ok else 'above'} {claim['at_most']}", n="estimate")
+        unit = f" {claim['unit']}" if claim.get("unit") else ""
+        return Verdict(REPRODUCED if ok else NOT_REPRODUCED, measured, n="estimate",
+                       reason=f"analytic model: {claim['metric']} {'at most' if ok else 'above'} "
+                              f"{claim['at_most']}{unit}{shown}")
     ok = _within(measured, claim)
     return Verdict(REPRODUCED if ok else NOT_REPRODUCED, measured,
-                   reason=f"analytic model: {'within' if ok else 'outside'} the tolerance", n="estimate")
+                   reason=f"analytic model: {'within' if ok else 'outside'} the tolerance{shown}", n="estimate")
 
 
 def k_kernel_order(claim: dict, runs: pd.DataFrame) -> Verdict:
@@ -370,6 +436,208 @@ def k_ratio(claim: dict, runs: pd.DataFrame) -> Verdict:
                    reason=f"{claim['metric']} of a / b = {r:.3f}: {'' if ok else 'not '}{bound}", n=n)
 
 
+# ------------------------------------------------------------------ paired arms
+
+@dataclass
+class Paired:
+    """Runs of arm a and arm b paired one to one (`pair_runs`)."""
+
+    a: np.ndarray  # the metric of each pair's a run (scaled)
+    b: np.ndarray
+    labels: list[str]  # each pair's key, "seed=0"
+    compared: list[str]  # the config keys in which the arms differ: the compared axis
+    unpaired: list[str]  # runs left out, and why
+    superseded: list[str]  # older runs of a key that has a newer ok one
+    rows: tuple[pd.DataFrame, pd.DataFrame]  # each pair's a and b rows of the runs frame, in pair order
+
+
+def _identity(root: Path, rel: str) -> dict:
+    """A run's stored config, flattened, without the keys that never change what it measures."""
+    flat = flatten((store.read_result(root / rel) or {}).get("config") or {})
+    return {k: v for k, v in flat.items()
+            if not any(k == s or k.startswith(s + ".") for s in store.NON_IDENTITY_KEYS)}
+
+
+def _text(v) -> str:
+    return json.dumps(v, sort_keys=True, default=str)
+
+
+def pair_runs(claim: dict, runs: pd.DataFrame) -> Paired:
+    """Pair the runs of arm a with those of arm b by seed and every other config key that is not the
+    compared axis. The compared axis is found, not named: the keys in which no run of a shares a
+    value with a run of b (seed excepted: it always pairs). Within an arm, of several runs with one
+    key the newest ok run with a finite metric counts (the others are listed as superseded); a key
+    present in one arm only, or whose runs in the other arm all ended oom/failed or lack the metric,
+    is listed as unpaired with the reason."""
+    root, metric, scale = Path(runs.attrs.get("root", ".")), claim["metric"], claim.get("scale", 1.0)
+    arms = {side: select(runs, claim[side], None) for side in ("a", "b")}
+    configs = {side: [_identity(root, rel) for rel in arms[side].path] for side in arms}
+    keys = sorted({k for side in configs for c in configs[side] for k in c})
+    values = {side: {k: {_text(c.get(k)) for c in configs[side]} for k in keys} for side in configs}
+    compared = [k for k in keys if k != "seed" and not values["a"][k] & values["b"][k]]
+    pairing = [k for k in keys if k not in compared]
+    common = {k: pd.Series([_text(c.get(k)) for side in configs for c in configs[side]]).mode().iloc[0]
+              for k in pairing}
+
+    def label(key: tuple) -> str:
+        parts = dict(key)
+        extra = [f"{k}={json.loads(v)}" for k, v in key if k != "seed" and v != common.get(k)]
+        return ", ".join([f"seed={json.loads(parts.get('seed', 'null'))}", *extra])
+
+    chosen, why, superseded = {}, {}, []
+    for side in ("a", "b"):
+        chosen[side], why[side] = {}, {}
+        by_key: dict[tuple, list] = {}
+        for (_, row), cfg in zip(arms[side].iterrows(), configs[side]):
+            by_key.setdefault(tuple((k, _text(cfg.get(k))) for k in pairing), []).append(row)
+        for key, rows in by_key.items():
+            value = lambda r: pd.to_numeric(pd.Series([r.get(metric)]), errors="coerce").iloc[0]  # noqa: E731
+            usable = [r for r in rows if r.status == "ok" and math.isfinite(value(r))]
+            if usable:
+                newest = max(usable, key=lambda r: str(r.started_at))
+                chosen[side][key] = newest
+                superseded += [f"{side} {r.run_id}" for r in rows if r.run_id != newest.run_id]
+            else:
+                why[side][key] = ", ".join(f"{r.run_id} {r.status}" + ("" if r.status != "ok" else f" without {metric}")
+                                           for r in rows)
+    both = sorted(set(chosen["a"]) & set(chosen["b"]), key=label)
+    unpaired = []
+    for side, other in (("a", "b"), ("b", "a")):
+        for key in sorted(set(chosen[side]) | set(why[side]), key=label):
+            if key in both:
+                continue
+            if key in why[side]:
+                unpaired.append(f"{side} {label(key)} ({why[side][key]})")
+            elif key in why[other]:
+                continue  # named once, from the side whose run failed
+            else:
+                unpaired.append(f"{side} {label(key)} (no run of {other} with these settings)")
+    a_rows = pd.DataFrame([chosen["a"][k] for k in both])
+    b_rows = pd.DataFrame([chosen["b"][k] for k in both])
+    num = lambda rows: (pd.to_numeric(rows[metric], errors="coerce").to_numpy(float) / scale  # noqa: E731
+                        if len(rows) else np.array([]))
+    return Paired(num(a_rows), num(b_rows), [label(k) for k in both], compared, unpaired, superseded,
+                  (a_rows, b_rows))
+
+
+def _arm_name(spec: dict) -> str:
+    return " ".join(str(v) for v in spec.values())
+
+
+def _margin(claim: dict, mean_b: float) -> tuple[float, str]:
+    """(the margin in the metric's unit, how it was stated): {abs: x} or {rel: x} of b's mean."""
+    m = claim["margin"]
+    if "abs" in m:
+        return float(m["abs"]), f"+-{m['abs']:g} (absolute)"
+    value = float(m["rel"]) * abs(mean_b)
+    return value, f"+-{100 * m['rel']:g}% of b's mean = +-{value:.4g}"
+
+
+def _paired_extra(claim: dict, p: Paired) -> tuple[str, str | None]:
+    """The reason's tail (shown metrics, the compared axis, unpaired and superseded runs) and, with
+    `equal_tokens`, why the pairs are not comparable (None when they are)."""
+    a_rows, b_rows = p.rows
+    parts, problem = [], None
+    for m in claim.get("show", []):
+        if m in a_rows and m in b_rows:
+            va, vb = (pd.to_numeric(r[m], errors="coerce").mean() for r in (a_rows, b_rows))
+            parts.append(f"{m}: a {va:,.4g}, b {vb:,.4g}")
+    if claim.get("equal_tokens"):
+        tokens = [(pd.to_numeric(r["steps_completed"], errors="coerce")
+                   * pd.to_numeric(r["max_tokens_per_step"], errors="coerce")).to_numpy(float)
+                  if {"steps_completed", "max_tokens_per_step"} <= set(r.columns) else np.array([np.nan])
+                  for r in (a_rows, b_rows)]
+        if not all(np.isfinite(t).all() for t in tokens):
+            problem = "the runs do not record steps_completed x max_tokens_per_step: equal tokens unchecked"
+        elif (tokens[0] != tokens[1]).any():
+            problem = "unequal tokens in a pair: " + "; ".join(
+                f"{lab}: a {x:,.0f}, b {y:,.0f}" for lab, x, y in zip(p.labels, *tokens) if x != y)
+        else:
+            parts.append("equal tokens: " + ", ".join(f"{t:,}" for t in sorted(set(tokens[0].astype(int))))
+                         + " positions per run (steps x tokens/step)")
+    parts.append("paired by seed and every other setting; compared: " + (", ".join(p.compared) or "nothing differs"))
+    if p.unpaired:
+        parts.append("unpaired, left out: " + "; ".join(p.unpaired))
+    if p.superseded:
+        parts.append("superseded by newer runs: " + ", ".join(p.superseded))
+    return "; ".join(parts), problem
+
+
+def _paired(claim: dict, runs: pd.DataFrame):
+    """(Paired, reason tail) or a Verdict saying why there is nothing to test."""
+    p = pair_runs(claim, runs)
+    tail, problem = _paired_extra(claim, p)
+    n = f"{len(p.a)} pairs"
+    if len(p.a) < 2:
+        return Verdict(INCONCLUSIVE, reason=f"{len(p.a)} pair(s) of ok runs: no interval; {tail}", n=n)
+    if problem:
+        return Verdict(INCONCLUSIVE, reason=f"{problem}; {tail}", n=n)
+    return p, tail
+
+
+def _means(claim: dict, r: dict, unit: str) -> str:
+    return (f"{_arm_name(claim['a'])} {r['mean_a']:.4f}, {_arm_name(claim['b'])} {r['mean_b']:.4f} "
+            f"({claim['metric']}{unit}, means over the pairs)")
+
+
+def k_equivalent_paired(claim: dict, runs: pd.DataFrame) -> Verdict:
+    p = _paired(claim, runs)
+    if isinstance(p, Verdict):
+        return p
+    p, tail = p
+    margin, stated = _margin(claim, float(p.b.mean()))
+    r = stats.tost_paired(p.a, p.b, margin)
+    lo, hi = r["ci"]
+    unit = f" {claim['unit']}" if claim.get("unit") else ""
+    expect = claim.get("expect", "equivalent")
+    verdict = {"inconclusive": INCONCLUSIVE, "equivalent": REPRODUCED if expect == "equivalent" else NOT_REPRODUCED,
+               "not equivalent": REPRODUCED if expect == "different" else NOT_REPRODUCED}[r["outcome"]]
+    reason = (f"{_means(claim, r, unit)}; a - b {r['mean']:+.4f} [90% CI {lo:+.4f}, {hi:+.4f}], "
+              f"TOST p={r['p_tost']:.3g}; margin {stated}: {r['outcome']}; {tail}")
+    return Verdict(verdict, r["mean"], (lo, hi), reason, f"{len(p.a)} pairs", 1 - 2 * r["alpha"], stated)
+
+
+def k_noninferior_paired(claim: dict, runs: pd.DataFrame) -> Verdict:
+    p = _paired(claim, runs)
+    if isinstance(p, Verdict):
+        return p
+    p, tail = p
+    margin, stated = _margin(claim, float(p.b.mean()))
+    lower = not claim.get("higher_is_better", False)
+    r = stats.noninferiority_paired(p.a, p.b, margin, lower_is_better=lower)
+    lo, hi = r["ci"]
+    unit = f" {claim['unit']}" if claim.get("unit") else ""
+    expect = claim.get("expect", "noninferior")
+    verdict = {"inconclusive": INCONCLUSIVE,
+               "non-inferior": REPRODUCED if expect == "noninferior" else NOT_REPRODUCED,
+               "inferior": REPRODUCED if expect == "inferior" else NOT_REPRODUCED}[r["outcome"]]
+    diff = "a - b" if lower else "b - a (how much worse a is)"
+    test = (f"one-sided p={r['p_inferior']:.3g} (H0: a worse by at most the margin)" if expect == "inferior" else
+            f"one-sided p={r['p']:.3g} (H0: a worse by the margin or more)")
+    reason = (f"{_means(claim, r, unit)}; {diff} {r['mean']:+.4f} [90% CI {lo:+.4f}, {hi:+.4f}], {test}; "
+              f"margin {stated}: {r['outcome']}; {tail}")
+    return Verdict(verdict, r["mean"], (lo, hi), reason, f"{len(p.a)} pairs", 1 - 2 * r["alpha"], stated)
+
+
+def k_lower_paired(claim: dict, runs: pd.DataFrame) -> Verdict:
+    p = _paired(claim, runs)
+    if isinstance(p, Verdict):
+        return p
+    p, tail = p
+    r = stats.paired_lower(p.a, p.b)
+    lo, hi = r["ci"]
+    unit = f" {claim['unit']}" if claim.get("unit") else ""
+    verdict = {"lower": REPRODUCED, "higher": NOT_REPRODUCED}.get(r["outcome"], INCONCLUSIVE)
+    said = {"lower": "a lower", "higher": "a higher"}.get(r["outcome"], "no difference shown")
+    reason = (f"{_means(claim, r, unit)}; a - b {r['mean']:+.4f} [95% CI {lo:+.4f}, {hi:+.4f}], "
+              f"paired t p={r['p']:.3g}: {said}; {tail}")
+    return Verdict(verdict, r["mean"], (lo, hi), reason, f"{len(p.a)} pairs", r["confidence"], "none (a < b)")
+
+
+def k_untested(claim: dict, runs) -> Verdict:
+    return Verdict(UNTESTED, reason=claim["reason"], n="-")
+
+
 # ------------------------------------------------------------------ an arm against a reference run
 
 def moving_average(xs, window: int) -> np.ndarray:
@@ -498,8 +766,6 @@ def k_eval_within(claim: dict, runs: pd.DataFrame) -> Verdict:
 
 
 def load_overhead(results: Path, stem: str) -> dict | None:
-    import json
-
     path = results / "overhead" / f"{stem}.json"
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -507,9 +773,14 @@ def load_overhead(results: Path, stem: str) -> dict | None:
 KINDS = {"value": k_value, "difference": k_difference, "lower": k_lower, "equivalent": k_equivalent,
          "survives": k_survives, "estimate": k_estimate, "kernel_order": k_kernel_order,
          "ptq_error": k_ptq_error, "ptq_lower": k_ptq_lower, "interleaved_equivalent": k_interleaved_equivalent,
-         "speed_ratio": k_speed_ratio, "ratio": k_ratio, "curve_within": k_curve_within, "eval_within": k_eval_within}
+         "speed_ratio": k_speed_ratio, "ratio": k_ratio, "curve_within": k_curve_within, "eval_within": k_eval_within,
+         "equivalent_paired": k_equivalent_paired, "noninferior_paired": k_noninferior_paired,
+         "lower_paired": k_lower_paired, "untested": k_untested}
+PAIRED = ("equivalent_paired", "noninferior_paired", "lower_paired")
+SHOWS_INFORMATION = ("curve_within", "eval_within")  # their own `information` rule: a failed run still fails
 NEEDS_RUNS = ("value", "difference", "lower", "equivalent", "survives", "speed_ratio", "ratio", "curve_within",
-              "eval_within")
+              "eval_within", *PAIRED)
+EXPECT = {"equivalent_paired": ("equivalent", "different"), "noninferior_paired": ("noninferior", "inferior")}
 NEEDS_PTQ = ("ptq_error", "ptq_lower")  # evidence: results/ptq-base-<claim['ptq']>/ptq.json
 
 
@@ -528,6 +799,19 @@ def load_claims(path: Path, sweep: str | None = None) -> list[dict]:
             raise ValueError(f"{path}: claim {c['id']}: unknown kind {c['kind']!r} (choose from {', '.join(KINDS)})")
         if c["kind"] in NEEDS_PTQ and c.get("ptq") not in ("tiny", "small", "gpu"):
             raise ValueError(f"{path}: claim {c['id']}: kind {c['kind']} needs ptq: tiny|small|gpu (the base size)")
+        if c["kind"] == "untested" and not c.get("reason"):
+            raise ValueError(f"{path}: claim {c['id']}: kind untested needs a reason (why it is not measured)")
+        if c["kind"] in PAIRED:
+            for key in ("a", "b", "metric"):
+                if key not in c:
+                    raise ValueError(f"{path}: claim {c['id']}: kind {c['kind']} needs '{key}'")
+            m = c.get("margin")
+            if c["kind"] != "lower_paired" and not (isinstance(m, dict) and len(m) == 1 and ("abs" in m or "rel" in m)
+                                                    and float(next(iter(m.values()))) > 0):
+                raise ValueError(f"{path}: claim {c['id']}: kind {c['kind']} needs margin: {{abs: x}} (the metric's "
+                                 "unit) or {rel: x} (a fraction of arm b's mean), x > 0, stated before the runs")
+            if c.get("expect", EXPECT.get(c["kind"], ("",))[0]) not in EXPECT.get(c["kind"], ("",)):
+                raise ValueError(f"{path}: claim {c['id']}: expect must be one of {', '.join(EXPECT[c['kind']])}")
     return claims
 
 
@@ -570,8 +854,55 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def evaluate(claims: list[dict], results: Path) -> list[dict]:
+def measured_on(c: dict, runs) -> str:
+    """What a claim's numbers come from, for its row: model · data of the runs its arms select (a
+    random-init preset marked: its losses say nothing of quality), the analytic model's model, the PTQ
+    record's base and text, the overhead record's model; a claim's own `model` where it names one."""
+    kind = c["kind"]
+    if kind == "kernel_order":
+        return "N(0,1) data"
+    if kind == "estimate":
+        return f"{c['model']} (analytic)"
+    planned = c.get("measured_on") or c.get("model") or "-"  # the claims file's, until runs exist
+    if kind in NEEDS_PTQ:
+        if not runs:
+            return f"base-{c['ptq']}"
+        split = (runs.get("eval") or {}).get("split")
+        return f"{runs.get('model', 'base-' + c['ptq'])}" + (f" · its {split} split" if split else "")
+    if kind == "interleaved_equivalent":
+        return str((runs or {}).get("setup", {}).get("model") or planned)
+    if kind not in NEEDS_RUNS or runs is None or runs.empty or "model" not in runs:
+        return str(planned) + (" (not run yet)" if kind in NEEDS_RUNS and planned != "-" else "")
+    specs = [c[k] for k in ("a", "b", "where") if isinstance(c.get(k), dict)]
+    sel = pd.concat([select(runs, spec, None) for spec in specs]) if specs else runs
+    sel = sel if len(sel) else runs
+    parts = []
+    for model, g in sel.groupby("model", sort=True):
+        weights = set(g.get("model_weights", pd.Series(dtype=object)).dropna())
+        note = {"random": " (random weights)", "gguf": " (dequantized from a 4-bit GGUF)"}.get(
+            next(iter(weights)) if len(weights) == 1 else "", "")
+        data = sorted({str(d) for d in g.get("data", pd.Series(dtype=object)).dropna()})
+        parts.append(f"{model}{note}" + (f" · {', '.join(data)}" if data else ""))
+    return "; ".join(parts)
 
+
+def margin_text(c: dict) -> str:
+    """The claim's margin or tolerance as stated in the claims file ("" where it has none)."""
+    if isinstance(c.get("margin"), dict):
+        m = c["margin"]
+        return f"+-{m['abs']:g}" if "abs" in m else f"+-{100 * m['rel']:g}% of b"
+    if c.get("margin") is not None:
+        return f"+-{100 * c['margin']:g}%" + (" of b" if c["kind"] == "equivalent" else "")
+    tol = c.get("tolerance") or {}
+    if tol:
+        return " + ".join(f"+-{v:g}" if k == "abs" else f"+-{100 * v:g}%" for k, v in tol.items())
+    for key, sign in (("at_most", "<="), ("at_least", ">=")):
+        if key in c:
+            return f"{sign} {c[key]:g}"
+    return ""
+
+
+def evaluate(claims: list[dict], results: Path) -> list[dict]:
     cache: dict[str, pd.DataFrame] = {}
     rows = []
     for c in claims:
@@ -587,10 +918,17 @@ def evaluate(claims: list[dict], results: Path) -> list[dict]:
             runs = cache[sweep]
         v = KINDS[c["kind"]](c, runs) if (c["kind"] not in NEEDS_RUNS or not runs.empty) else \
             Verdict(INCONCLUSIVE, reason=f"not run yet: results/{c['sweep']}/ has no result")
+        if c.get("fact"):
+            v.reason = f"a fact of the storage format (arithmetic, not an experiment): {v.reason}"
+            v.verdict = FACT if v.verdict == REPRODUCED else v.verdict
+        if c.get("information") and c["kind"] not in SHOWS_INFORMATION:
+            v.reason = f"shown for what it measures, not a verdict on the paper's claim: {v.reason}"
+            v.verdict = INFORMATION
         rows.append({"id": c["id"], "statement": c["statement"], "source": c["source"],
                      "paper": c.get("paper", c.get("paper_value")), "unit": c.get("unit", ""),
-                     "measured": v.measured, "ci95": list(v.ci) if v.ci else None, "verdict": v.verdict,
-                     "reason": v.reason, "n": v.n,
+                     "measured_on": measured_on(c, runs), "margin": v.margin or margin_text(c),
+                     "measured": v.measured, "ci": list(v.ci) if v.ci else None, "ci_level": v.ci_level,
+                     "verdict": v.verdict, "reason": v.reason, "n": v.n,
                      "evidence": c.get("sweep") or (f"ptq-base-{c['ptq']}" if c["kind"] in NEEDS_PTQ else
                                                     f"overhead/{c['overhead']}" if c.get("overhead") else c["kind"])})
     return rows
@@ -604,8 +942,8 @@ def evidence_machine(results: Path, evidence: str) -> str:
     """Where a claim's numbers were measured: the hardware and versions its evidence recorded
     (a sweep's first result, ptq.json, the overhead record); claims computed by this command
     (kernel_order on N(0,1) data, the analytic estimate) name the machine evaluating them."""
-    import json
-
+    if evidence == "untested":
+        return "not measured"
     if evidence in ("kernel_order", "estimate"):
         return ("analytic (no hardware)" if evidence == "estimate" else
                 f"computed by this command: {_machine(store.environment())}")
@@ -626,6 +964,51 @@ def _fmt(x) -> str:
     return f"{x:,.4g}" if isinstance(x, float) else str(x)
 
 
+def counts_line(rows: list[dict]) -> str:
+    """"7 reproduced, 2 not reproduced, 5 inconclusive, 2 fact, 1 untested, 3 information": the first
+    three always, the others where a row has them."""
+    counts = {k: sum(r["verdict"] == k for r in rows) for k in VERDICTS}
+    return ", ".join(f"{v} {k}" for k, v in counts.items() if v or k in (REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE))
+
+
+def _interval(r: dict) -> str:
+    if not r.get("ci"):
+        return ""
+    level = r.get("ci_level", stats.CONFIDENCE)
+    tag = "" if abs(level - stats.CONFIDENCE) < 1e-9 else f"{100 * level:g}%: "
+    return f" [{tag}{_fmt(r['ci'][0])}, {_fmt(r['ci'][1])}]"
+
+
+def arms_section(claims: list[dict], results: Path) -> list[str]:
+    """Every arm of each sweep a paired claim reads, with its mean of the claim's metric over its ok
+    runs [95% t-interval] and its trainable parameters: the arms no claim names are shown too."""
+    lines = []
+    for sweep, metric in dict.fromkeys((c["sweep"], c["metric"]) for c in claims if c["kind"] in PAIRED):
+        if results is None or not (results / sweep).is_dir():
+            continue
+        runs = load_runs(results / sweep)
+        if runs.empty or metric not in runs:
+            continue
+        runs = runs[runs.kind == "train"]
+        keys = [k for k in ("model", "data", "quant_label", "adapter", "optim") if runs[k].nunique() > 1
+                or k in ("quant_label", "adapter")]
+        table = [f"| {' | '.join(keys)} | runs (ok/all) | {metric} [95% CI] | trainable params |",
+                 "|" + "---|" * (len(keys) + 3)]
+        for cfg, g in runs.groupby(keys, sort=False):
+            cfg = cfg if isinstance(cfg, tuple) else (cfg,)
+            ok = g[g.status == "ok"]
+            v = pd.to_numeric(ok[metric], errors="coerce").dropna().to_numpy(float)
+            ci = stats.mean_interval(v)
+            cell = "n/a" if not len(v) else f"{v.mean():.4f}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
+            params = pd.to_numeric(ok.get("trainable_params", pd.Series(dtype=float)), errors="coerce").dropna()
+            table.append(f"| {' | '.join(map(str, cfg))} | {len(ok)}/{len(g)} | {cell} | "
+                         f"{f'{params.mean():,.0f}' if len(params) else 'n/a'} |")
+        lines += ["", f"## Every arm of `{sweep}` ({metric})", "",
+                  f"Measured on {measured_on({'kind': 'value', 'where': {}}, runs)}. Each arm's ok runs (seeds); "
+                  "the claims above compare arms paired by seed.", "", *table]
+    return lines
+
+
 def write(rows: list[dict], out: Path, results: Path, claims_file: Path = DEFAULT_CLAIMS) -> Path:
     """<out>/<stem>.md, <stem>.json (stem: the claims file's) and summary.md; the claims file's
     `title` and `expected` (the header of the expected value's column) head the page."""
@@ -636,19 +1019,23 @@ def write(rows: list[dict], out: Path, results: Path, claims_file: Path = DEFAUL
     store.atomic_write_json(out / f"{stem}.json", {"claims": rows, "generated_at": store.now(),
                                                    "git_commit": store.git_commit(), "env": store.environment()})
     env = store.environment()
-    counts = {k: sum(r["verdict"] == k for r in rows) for k in (REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE)}
     lines = [f"# {doc.get('title', 'QLoRA paper claims (arXiv 2305.14314): verdicts')}", "",
-             f"Computed by `qlab claims` from `{results}` ({', '.join(f'{v} {k}' for k, v in counts.items())}). "
+             f"Computed by `qlab claims` from `{results}` ({counts_line(rows)}). "
              "Verdicts are computed from result files and the analytic model, never typed; see "
-             f"`{shown}` for each claim's metric, comparison and tolerance.", "",
+             f"`{shown}` for each claim's metric, comparison and tolerance. **fact**: arithmetic of the storage "
+             "format, not an experiment; **untested**: not measured, for the reason given; **information**: shown "
+             "for what it measures, no verdict on the paper's claim.", "",
              f"Evaluated on {env['gpu'] or env['cpu']}; where each claim's numbers were measured is under "
              "Evidence below.", "",
-             f"| claim | source | {doc.get('expected', 'paper')} | measured [95% CI] | n | verdict | why |",
-             "|---|---|---|---|---|---|---|"]
+             f"| claim | source | measured on | {doc.get('expected', 'paper')} | measured [95% CI unless stated] | "
+             "margin | n | verdict | why |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        ci = f" [{_fmt(r['ci95'][0])}, {_fmt(r['ci95'][1])}]" if r["ci95"] else ""
-        lines.append(f"| {r['statement']} | {r['source']} | {_fmt(r['paper'])} {r['unit']} | {_fmt(r['measured'])}{ci} | "
-                     f"{r['n']} | **{r['verdict']}** | {r['reason']} |")
+        lines.append(f"| {_cell(r['statement'])} | {_cell(r['source'])} | {_cell(r['measured_on'])} | "
+                     f"{_cell(paper_text(r))} | {_fmt(r['measured'])}{_interval(r)} | "
+                     f"{_cell(r['margin'] or '-')} | {r['n'] or '-'} | **{r['verdict']}** | {_cell(r['reason'])} |")
+    claims = [c for c in (doc.get("claims") or []) if c.get("kind") in PAIRED and c.get("sweep")]
+    lines += arms_section(claims, results)
     lines += ["", "## Evidence", "", "| evidence (under results/) | claims | measured on |", "|---|---|---|"]
     for evidence in dict.fromkeys(r["evidence"] for r in rows):
         ids = ", ".join(r["id"] for r in rows if r["evidence"] == evidence)
@@ -658,26 +1045,32 @@ def write(rows: list[dict], out: Path, results: Path, claims_file: Path = DEFAUL
     return out / f"{stem}.md"
 
 
+def paper_text(r: dict) -> str:
+    """The paper's value, with the unit where it is a number or a bound ("0.373 bits/param",
+    "< 48 GB"), without where it is words ("equal")."""
+    p = r["paper"]
+    numeric = (isinstance(p, (int, float)) and not isinstance(p, bool)) or \
+        (isinstance(p, str) and re.fullmatch(r"[<>=]+ ?[\d.,]+", p.strip()) is not None)
+    return _fmt(p) + (f" {r['unit']}" if numeric and r["unit"] else "")
+
+
 def _cell(text) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
 def summary(rows: list[dict], page: Path = Path("results/claims/claims.md"), expected: str = "paper") -> str:
-    """One compact table (claim, paper, measured, verdict) for the README, verbatim: the
-    reasons and sources stay in claims.md."""
-    lines = [f"| claim | {expected} | measured | verdict |", "|---|---|---|---|"]
+    """One compact table (claim, what it was measured on, paper, measured with its interval, margin,
+    n, verdict) for the README, verbatim: the reasons and sources stay in claims.md."""
+    lines = [f"| claim | measured on | {expected} | measured | margin | n | verdict |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         unit = f" {r['unit']}" if r["unit"] else ""
-        measured = _fmt(r["measured"])
-        if r["ci95"]:
-            measured += f" [{_fmt(r['ci95'][0])}, {_fmt(r['ci95'][1])}]"
+        measured = _fmt(r["measured"]) + _interval(r)
         if r["measured"] is not None and unit and measured != "n/a":
             measured += unit
-        lines.append(f"| {_cell(r['statement'])} | {_cell(_fmt(r['paper']))}{_cell(unit)} | {_cell(measured)} | "
-                     f"**{r['verdict']}** |")
-    counts = {k: sum(r["verdict"] == k for r in rows) for k in (REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE)}
-    lines += ["", f"{', '.join(f'{v} {k}' for k, v in counts.items())}; generated by `qlab claims` "
-                  f"(`{page}` has the sources, sample sizes and the reason for each verdict)."]
+        lines.append(f"| {_cell(r['statement'])} | {_cell(r['measured_on'])} | {_cell(paper_text(r))} | "
+                     f"{_cell(measured)} | {_cell(r['margin'] or '-')} | {_cell(r['n'] or '-')} | **{r['verdict']}** |")
+    lines += ["", f"{counts_line(rows)}; generated by `qlab claims` "
+                  f"(`{page}` has the sources and the reason for each verdict)."]
     return "\n".join(lines) + "\n"
 
 

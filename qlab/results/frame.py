@@ -73,6 +73,7 @@ class Metric:
     tested: bool = False  # compared across ablation pairs in the statistics
     # columns of one run's own 95% interval (over its timed calls), used when an arm has one run
     run_ci: tuple[str, str] | None = None
+    quality: bool = False  # loss-based: says nothing on random weights (`quality_metrics`)
 
 
 METRICS = (
@@ -81,12 +82,24 @@ METRICS = (
     Metric("weights_gib", "weight_bytes", GiB, "weights (GiB)", 2, delta=True),
     Metric("tok_s", "tokens_per_s", 1, "tok/s [95% CI]", 0, delta=True, tested=True,
            run_ci=("tokens_per_s_run_ci95_low", "tokens_per_s_run_ci95_high")),
-    Metric("train_loss_final", "train_loss_final", 1, "final train loss", 4, tested=True),
-    Metric("eval_loss", "eval_loss", 1, "eval loss", 4, delta=True, tested=True),
-    Metric("eval_ppl", "eval_perplexity", 1, "eval ppl", 1),
+    Metric("train_loss_final", "train_loss_final", 1, "final train loss", 4, tested=True, quality=True),
+    Metric("eval_loss", "eval_loss", 1, "eval loss", 4, delta=True, tested=True, quality=True),
+    Metric("eval_ppl", "eval_perplexity", 1, "eval ppl", 1, quality=True),
     Metric("trainable_m", "trainable_params", 1e6, "trainable params (M)", 1),
 )
 METRIC = {m.name: m for m in METRICS}
+
+
+def random_weights(runs: pd.DataFrame) -> bool:
+    """Every run of `runs` trained a random-init preset (`model_weights`): their losses measure
+    nothing a reader could call quality."""
+    return len(runs) > 0 and "model_weights" in runs and bool((runs.model_weights == "random").all())
+
+
+def quality_metrics(runs: pd.DataFrame) -> tuple[Metric, ...]:
+    """The metrics a report shows for these runs: all of METRICS, less the loss-based ones (final
+    train loss, eval loss, eval perplexity) where the runs trained random weights."""
+    return tuple(m for m in METRICS if not (m.quality and random_weights(runs)))
 MiB = 2**20
 
 
@@ -199,6 +212,18 @@ def speed_label(result: dict) -> str | None:
                                                   PRESETS_OF_UNLABELLED)
 
 
+def model_weights(model: dict) -> str:
+    """What a run's base weights were, read from its stored model config (never from conf/):
+    "random" for a preset shape built with random weights (model.preset set and none of base, gguf,
+    name_or_path), whose losses say nothing of quality; "base" for qlab's offline pretrained base,
+    "gguf" for a model dequantized from a GGUF file, "checkpoint" for a hub id or directory."""
+    model = model or {}
+    for key, kind in (("gguf", "gguf"), ("base", "base"), ("name_or_path", "checkpoint")):
+        if model.get(key):
+            return kind
+    return "random" if model.get("preset") else "checkpoint"
+
+
 def find_results(root: Path) -> list[Path]:
     """Every result.json below `root`, hidden directories (.staging/ .logs/ .hydra/) skipped."""
     root = Path(root)
@@ -286,6 +311,7 @@ def _row(r: dict, rel: str) -> dict:
         "adapter": axes.get("adapter"),
         "seed": axes.get("seed", r.get("seed")),
         "speed": speed_label(r),  # generation results and comparisons: none
+        "model_weights": model_weights(cfg.get("model")),  # random: a random-init preset (no quality)
     }
     row["quant_label"] = quant_label(row["quant"], row["double_quant"], row["speed"])
     row["adapter_run"] = adapter_run  # which adapter a generation or eval result ran with: two never merge

@@ -158,7 +158,8 @@ def eval_loss(arms: pd.DataFrame, varying: list[str], stem: Path) -> str:
             "Hollow markers: double quantization.")
 
 
-def loss_curves(runs: pd.DataFrame, curves: pd.DataFrame, varying: list[str], stem: Path) -> str:
+def loss_curves(runs: pd.DataFrame, curves: pd.DataFrame, varying: list[str], stem: Path,
+                title: str = "Train loss per step (metrics.jsonl)") -> str:
     panels_by = [c for c in ("optim", "adapter") if c in varying]
     data = curves.merge(runs[["run_id", "quant", "quant_label", "dq", "optim", "adapter"]], on="run_id")
     panels = [((), data)] if not panels_by else sorted(
@@ -183,7 +184,7 @@ def loss_curves(runs: pd.DataFrame, curves: pd.DataFrame, varying: list[str], st
             ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
-    fig.suptitle("Train loss per step (metrics.jsonl)")
+    fig.suptitle(title)
     fig.tight_layout()
     save(fig, stem)
     return ("Train loss at every step from each run's metrics.jsonl, one panel per optimizer/adapter setting; "
@@ -237,8 +238,17 @@ def memory_vs_quality(arms: pd.DataFrame, varying: list[str], stem: Path) -> str
             "joined by a staircase and numbered; the numbers are named under the plot.")
 
 
-def all_plots(runs: pd.DataFrame, arms: pd.DataFrame, curves: pd.DataFrame, varying: list[str], out: Path) -> dict:
-    """Every plot of one group into `out`; returns {name: caption}."""
+def all_plots(runs: pd.DataFrame, arms: pd.DataFrame, curves: pd.DataFrame, varying: list[str], out: Path,
+              quality: bool = True) -> dict:
+    """Every plot of one group into `out`; returns {name: caption}. quality=False (random weights):
+    no eval-loss or memory-vs-quality plot, and the loss curves labelled as training only."""
+    if not quality:
+        return {
+            "memory_breakdown": memory_breakdown(runs, arms, varying, out / "memory_breakdown"),
+            "throughput": throughput(arms, varying, out / "throughput"),
+            "loss_curves": "Random weights: these curves show that training ran, not quality. " + loss_curves(
+                runs, curves, varying, out / "loss_curves", "Train loss per step: random weights, not quality"),
+        }
     return {
         "memory_breakdown": memory_breakdown(runs, arms, varying, out / "memory_breakdown"),
         "throughput": throughput(arms, varying, out / "throughput"),

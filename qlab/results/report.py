@@ -114,22 +114,24 @@ def group_report(g: pd.DataFrame, curves: pd.DataFrame, out: Path, baselines: di
     """Tables and plots of one group into `out`; returns what the page needs."""
     arm_df = tables.arms(g)
     varying = [c for c in ("quant_label", "optim", "adapter") if g[c].nunique() > 1]
+    metrics = frame.quality_metrics(g)  # random weights: no loss columns, no eval-loss or Pareto plot
     made = {"tables": [], "plots": {}, "arms": arm_df}
     for axis in tables.AXES:
-        res = tables.axis_table(arm_df, axis, baselines.get(axis.key))
+        res = tables.axis_table(arm_df, axis, baselines.get(axis.key), metrics)
         if res is None:
             made["tables"].append((axis, None, None, "no two of its values share the same other axes in these runs"))
             continue
         numeric, baseline, fixed = res
-        disp = tables.display(numeric, [c for c in numeric.columns[: list(numeric.columns).index("n")]])
+        disp = tables.display(numeric, [c for c in numeric.columns[: list(numeric.columns).index("n")]], metrics)
         notes = table_notes(baseline, fixed, g)
         paths = tables.write(numeric, disp, out / "tables" / axis.key, axis.title, notes)
         made["tables"].append((axis, paths, tables.to_markdown(disp), " ".join(notes[1:])))
-    grid = tables.grid_table(arm_df)
-    disp = tables.display(grid, ["quant_label", "optim", "adapter"])
+    grid = tables.grid_table(arm_df, metrics)
+    disp = tables.display(grid, ["quant_label", "optim", "adapter"], metrics)
     notes = table_notes(None, {}, g)
     made["grid"] = tables.write(grid, disp, out / "tables" / "grid", "Full grid", notes)
-    made["plots"] = plots.all_plots(g, arm_df, curves[curves.run_id.isin(g.run_id)], varying, out / "plots")
+    made["plots"] = plots.all_plots(g, arm_df, curves[curves.run_id.isin(g.run_id)], varying, out / "plots",
+                                    quality=not frame.random_weights(g))
     return made
 
 
@@ -310,6 +312,27 @@ def setup_lines(g: pd.DataFrame, root: Path) -> list[str]:
     return lines
 
 
+def random_weights_note(runs: pd.DataFrame) -> list[str]:
+    """The page's warning where runs trained random-init presets (frame.model_weights, from each
+    result's stored config): their losses are not quality, so no loss column, loss statistic or
+    quality plot is shown for them."""
+    random = sorted(runs.loc[runs.model_weights == "random", "model"].dropna().unique()) \
+        if "model_weights" in runs else []
+    if not random:
+        return []
+    which = "These runs" if frame.random_weights(runs) else "The runs of " + ", ".join(f"`{m}`" for m in random)
+    kinds = set(runs.loc[runs.model_weights == "random", "kind"])
+    shown = "; ".join(text for kind, text in (
+        ("train", "no loss column (train loss, eval loss, perplexity), loss statistic, eval-loss plot or "
+                  "memory-vs-quality plot is shown for them, and their loss curves only show that training ran"),
+        ("generate", "what they generate is not language"),
+        ("eval", "their evaluation scores are an untrained model's")) if kind in kinds) or "speed is all they show"
+    return ["", f"> **Random weights, not quality.** {which} used a random-init preset shape "
+            f"({', '.join(random)}: model.preset in the stored config, no pretrained weights), which knows no "
+            "language: its losses measure nothing a reader could call quality. Memory and speed are what these "
+            f"runs measure; {shown}. Quality results come from pretrained models (results/claims/)."]
+
+
 def write_page(runs: pd.DataFrame, root: Path, out: Path, page: Path, sections: dict, comp: pd.DataFrame,
                argv_dir: str) -> None:
     counts = runs.status.value_counts()
@@ -327,6 +350,7 @@ def write_page(runs: pd.DataFrame, root: Path, out: Path, page: Path, sections: 
     for u in runs.attrs.get("unreadable", []):
         lines.append(f"- **unreadable** (skipped): `{u}`")
     labels = dict(zip(runs.group, runs.group_label))
+    lines += random_weights_note(runs)
     if len(labels) > 1:
         lines += ["", f"These results form **{len(labels)} comparability groups**, which differ in: "
                   + ", ".join(f"`{k}`" for k in frame.differing_keys(runs))

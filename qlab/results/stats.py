@@ -154,3 +154,101 @@ def holm(pvalues) -> np.ndarray:
         running = max(running, min(1.0, (m - k) * p[i]))
         out[i] = running
     return out
+
+
+# ------------------------------------------------------------------ paired arms (same seed, same settings)
+#
+# Runs of two arms that share a seed and every other setting but the compared one see the same data
+# in the same order from the same LoRA initialization, so their difference d_i = a_i - b_i carries
+# less noise than the difference of the arms' means: every test below is on the d_i (a one-sample
+# t on the pairs), never Welch's across arms. `margin` is absolute, in the metric's unit: a relative
+# margin (a fraction of arm b's mean) is converted by the caller (qlab.claims.verdicts) and stated.
+EQUIVALENCE_ALPHA = 0.05  # each one-sided test; the interval that decides is the 1 - 2 alpha = 90% one
+
+
+def _paired(a, b) -> np.ndarray:
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"paired values must match one to one: {a.shape} vs {b.shape}")
+    return a - b
+
+
+def _one_sided_p(d: np.ndarray, popmean: float, alternative: str) -> float:
+    """p of the one-sample t-test of mean(d) against `popmean` (scipy); with no spread, 0 where every d
+    lies strictly on the alternative's side, else 1; NaN for one pair."""
+    if len(d) < 2:
+        return math.nan
+    if np.ptp(d) == 0:
+        side = d[0] > popmean if alternative == "greater" else d[0] < popmean
+        return 0.0 if side else 1.0
+    return float(stats.ttest_1samp(d, popmean, alternative=alternative).pvalue)
+
+
+def paired_difference(a, b, confidence: float = CONFIDENCE) -> dict:
+    """The mean of the paired differences a_i - b_i with its t-interval over pairs (`mean_interval`:
+    None for one pair, zero width without spread) and the two-sided paired t-test's p
+    (`scipy.stats.ttest_rel`, the same test). Also each arm's mean over the paired runs."""
+    d = _paired(a, b)
+    n = len(d)
+    p = math.nan
+    if n >= 2:
+        p = (0.0 if d[0] != 0 else 1.0) if np.ptp(d) == 0 else float(stats.ttest_rel(a, b).pvalue)
+    return {"n": n, "mean": float(d.mean()) if n else math.nan, "sd": float(d.std(ddof=1)) if n > 1 else math.nan,
+            "ci": mean_interval(d, confidence), "confidence": confidence, "p": p,
+            "mean_a": float(np.mean(a)) if n else math.nan, "mean_b": float(np.mean(b)) if n else math.nan}
+
+
+def paired_lower(a, b, confidence: float = CONFIDENCE) -> dict:
+    """Is a lower than b? The `confidence` (95%) interval of the mean paired difference a - b:
+    entirely below 0 -> "lower", entirely above 0 -> "higher", else (or fewer than 2 pairs, no
+    interval) "no difference shown"; with the two-sided paired t-test's p."""
+    out = paired_difference(a, b, confidence)
+    ci = out["ci"]
+    out["outcome"] = ("lower" if ci and ci[1] < 0 else "higher" if ci and ci[0] > 0 else "no difference shown")
+    return out
+
+
+def tost_paired(a, b, margin: float, alpha: float = EQUIVALENCE_ALPHA) -> dict:
+    """Equivalence of paired arms within +-margin, by two one-sided tests (TOST): H0 mean(d) <= -margin
+    against > -margin, and H0 mean(d) >= +margin against < +margin, each a one-sided t-test at `alpha`;
+    the TOST p is the larger of the two. Decided on the 1 - 2 alpha (90%) interval of the mean
+    difference, which lies inside (-margin, +margin) exactly when both tests reject:
+      inside +-margin           -> "equivalent"
+      entirely outside +-margin -> "not equivalent" (the whole interval beyond one bound)
+      otherwise (or < 2 pairs)  -> "inconclusive"."""
+    if margin <= 0:
+        raise ValueError(f"an equivalence margin must be > 0, got {margin}")
+    out = paired_difference(a, b, 1 - 2 * alpha)
+    d = _paired(a, b)
+    out.update(margin=float(margin), alpha=alpha, p_lower=_one_sided_p(d, -margin, "greater"),
+               p_upper=_one_sided_p(d, margin, "less"))
+    out["p_tost"] = max(out["p_lower"], out["p_upper"])
+    ci = out["ci"]
+    out["outcome"] = ("inconclusive" if ci is None else
+                      "equivalent" if -margin < ci[0] and ci[1] < margin else
+                      "not equivalent" if ci[0] >= margin or ci[1] <= -margin else "inconclusive")
+    return out
+
+
+def noninferiority_paired(a, b, margin: float, alpha: float = EQUIVALENCE_ALPHA, lower_is_better: bool = True) -> dict:
+    """Is a no worse than b by more than `margin`? For a metric where lower is better (a loss) worse
+    means a - b > 0: H0 mean(d) >= +margin against < +margin, a one-sided t-test at `alpha` (p), decided
+    on the upper end of the same 1 - 2 alpha (90%) interval as `tost_paired` (the one-sided 95% bound);
+    `p_inferior` is the opposite one-sided test's (H0 mean(d) <= +margin), which the lower end decides:
+      upper end below +margin -> "non-inferior"
+      lower end at or above +margin -> "inferior" (worse by more than the margin)
+      otherwise (or < 2 pairs) -> "inconclusive".
+    Where higher is better (an accuracy) the differences are taken the other way (d = b - a: how much
+    worse a is); `mean` and `ci` are then those of b - a, `mean_a` and `mean_b` stay each arm's."""
+    if margin <= 0:
+        raise ValueError(f"a non-inferiority margin must be > 0, got {margin}")
+    worse = (lambda x, y: (x, y)) if lower_is_better else (lambda x, y: (y, x))
+    x, y = worse(np.asarray(a, dtype=float), np.asarray(b, dtype=float))
+    out = paired_difference(x, y, 1 - 2 * alpha)
+    out.update(margin=float(margin), alpha=alpha, p=_one_sided_p(_paired(x, y), margin, "less"),
+               p_inferior=_one_sided_p(_paired(x, y), margin, "greater"),  # H0 mean(d) <= +margin
+               lower_is_better=lower_is_better, mean_a=float(np.mean(a)), mean_b=float(np.mean(b)))
+    ci = out["ci"]
+    out["outcome"] = ("inconclusive" if ci is None else "non-inferior" if ci[1] < margin else
+                      "inferior" if ci[0] >= margin else "inconclusive")
+    return out

@@ -36,7 +36,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from qlab.results.frame import METRICS, Metric, eval_metrics, generation_metrics, quant_label, rank
+from qlab.results.frame import (METRICS, Metric, eval_metrics, generation_metrics, quality_metrics, quant_label,
+                                rank)
 from qlab.results.stats import bootstrap_ci, compare, holm
 
 CONFIG = ["quant_label", "quant", "dq", "optim", "adapter", "speed"]
@@ -134,10 +135,11 @@ def choose_baseline(values, axis: Axis, requested: str | None) -> str:
     return sorted(present, key=lambda v: rank(axis.column, v))[0]
 
 
-def axis_table(arm_df: pd.DataFrame, axis: Axis, requested: str | None = None):
+def axis_table(arm_df: pd.DataFrame, axis: Axis, requested: str | None = None, metrics=METRICS):
     """(numeric table, baseline, fixed context) or None when the axis never takes two values
     in one context. Contexts that do not vary in the group are dropped from the columns and
-    returned in `fixed` (e.g. {"optim": "paged_adamw_32bit"})."""
+    returned in `fixed` (e.g. {"optim": "paged_adamw_32bit"}). `metrics`: the columns shown
+    (frame.quality_metrics: no loss-based ones for random weights)."""
     ctx = [c for c in axis.context if arm_df[c].nunique() > 1]
     fixed = {c: arm_df[c].iloc[0] for c in axis.context if c not in ctx}
     blocks = [arm_df] if not ctx else [g for _, g in arm_df.groupby(ctx, sort=False)]
@@ -148,9 +150,9 @@ def axis_table(arm_df: pd.DataFrame, axis: Axis, requested: str | None = None):
     out = []
     for block in blocks:
         block = block.iloc[sorted(range(len(block)), key=lambda i: rank(axis.column, block[axis.column].iloc[i]))]
-        out.append(_vs_baseline(block, axis.column, baseline, METRICS))
+        out.append(_vs_baseline(block, axis.column, baseline, metrics))
     table = pd.concat(out).reset_index(drop=True)
-    metric_cols = [c for m in METRICS for c in (m.name, f"{m.name}_ci95_low", f"{m.name}_ci95_high")
+    metric_cols = [c for m in metrics for c in (m.name, f"{m.name}_ci95_low", f"{m.name}_ci95_high")
                    + ((f"{m.name}_delta_pct",) if m.delta else ()) if c in table]
     return table[[*ctx, axis.column, "n", "runs", "is_baseline", *metric_cols]], baseline, fixed
 
@@ -168,8 +170,8 @@ def _vs_baseline(block: pd.DataFrame, column: str, baseline: str, metrics) -> pd
     return block
 
 
-def grid_table(arm_df: pd.DataFrame) -> pd.DataFrame:
-    metric_cols = [c for m in METRICS for c in (m.name, f"{m.name}_ci95_low", f"{m.name}_ci95_high")]
+def grid_table(arm_df: pd.DataFrame, metrics=METRICS) -> pd.DataFrame:
+    metric_cols = [c for m in metrics for c in (m.name, f"{m.name}_ci95_low", f"{m.name}_ci95_high")]
     return arm_df[["quant_label", "optim", "adapter", "n", "runs", *metric_cols]]
 
 
@@ -354,13 +356,14 @@ def write(numeric: pd.DataFrame, disp: pd.DataFrame, stem: Path, title: str, not
 
 def comparisons(runs: pd.DataFrame) -> pd.DataFrame:
     """Every ablation pair, in every group and matched context where both arms have runs, for
-    every tested metric (`stats.compare`); Holm-adjusted over the whole frame (Welch and MWU
-    separately). A test needs two ok runs (seeds) per arm; with fewer, the note says so."""
-    tested = [m for m in METRICS if m.tested]
+    every tested metric (`stats.compare`; loss-based ones only where the group's weights are not
+    random, frame.quality_metrics); Holm-adjusted over the whole frame (Welch and MWU separately).
+    A test needs two ok runs (seeds) per arm; with fewer, the note says so."""
     ok = runs[runs.status == "ok"]
     rows = []
     for group in sorted(runs.group.unique()):
         g = runs[runs.group == group]
+        tested = [m for m in quality_metrics(g) if m.tested]
         for pair in PAIRS:
             arms = g[g[pair.column].isin([pair.a, pair.b])]
             contexts = arms[list(pair.match)].drop_duplicates()

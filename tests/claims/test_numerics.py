@@ -173,7 +173,7 @@ def test_the_committed_sweeps_keep_their_verdicts(tmp_path, sweep, pruned):
     assert all(r["n"] == "200 steps" for r in rows.values() if r["verdict"] != "inconclusive")
     page = (tmp_path / "numerics.md").read_text()
     assert page.startswith("# Numerics: the speed switches and packing against the QLoRA recipe")
-    assert "| claim | source | tolerance |" in page and f"| `{sweep}` |" in page
+    assert "| claim | source | measured on | tolerance |" in page and f"| `{sweep}` |" in page
 
 
 @pytest.mark.slow

@@ -136,7 +136,10 @@ def synthetic_ptq(results, size="gpu", ppl=None, mse=None, noise=0.0):
 
 
 def shipped(claim_id):
-    return next(c for c in verdicts.load_claims(verdicts.DEFAULT_CLAIMS) if c["id"] == claim_id)
+    """A shipped PTQ claim as its kind judges it: the base-gpu rows are shown as information in
+    claims.yaml (a 34M model, not citable), which would hide the verdict these tests check."""
+    c = next(c for c in verdicts.load_claims(verdicts.DEFAULT_CLAIMS) if c["id"] == claim_id)
+    return {k: v for k, v in c.items() if k != "information"}
 
 
 def one(c, results):
@@ -162,7 +165,7 @@ def test_ptq_claims_not_reproduced_when_fp4_wins(tmp_path):
                   mse={"nf4": 1.3e-5, "fp4": 1.4e-5, "int4": 1.2e-5}, noise=0.01)
     r = one(shipped("ptq_nf4_lowest_ppl"), tmp_path)
     assert r["verdict"] == "not reproduced" and r["reason"].startswith("fp4 significantly lower than nf4+DQ")
-    assert r["measured"] > 0 and r["ci95"][0] > 0
+    assert r["measured"] > 0 and r["ci"][0] > 0
     e = one(shipped("nf4_lowest_error_base"), tmp_path)
     assert e["verdict"] == "not reproduced" and "int4 1.2e-05 < nf4" in e["reason"]
 
@@ -172,7 +175,7 @@ def test_ptq_tie_within_noise_is_inconclusive(tmp_path):
     synthetic_ptq(tmp_path, ppl={"bf16": 27.0, "nf4+DQ": 27.40, "fp4": 27.43, "int4": 34.3}, noise=0.05)
     r = one(shipped("ptq_nf4_lowest_ppl"), tmp_path)
     assert r["verdict"] == "inconclusive" and "nf4+DQ vs fp4 within noise" in r["reason"]
-    lo, hi = r["ci95"]
+    lo, hi = r["ci"]
     assert lo < 0 < hi
 
 
@@ -220,7 +223,8 @@ def test_qlab_claims_runs_the_missing_ptq_measurement(tiny_base, tmp_path, monke
     for i in ("nf4_lowest_error_base", "ptq_nf4_lowest_ppl", "ptq_fp4_beats_int4"):
         assert rows[i]["measured"] is not None and rows[i]["evidence"] == "ptq-base-tiny"
     summary = (results / "claims" / "summary.md").read_text()
-    assert summary.startswith("| claim | paper | measured | verdict |\n|---|---|---|---|\n")
+    assert summary.startswith("| claim | measured on | paper | measured | margin | n | verdict |\n"
+                              "|---|---|---|---|---|---|---|\n")
     assert summary.count("\n| ") == 4  # a row per claim
     # a second call finds the measurement and runs nothing
     calls.clear()

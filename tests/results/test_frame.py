@@ -22,6 +22,20 @@ def test_quant_labels_and_their_order():
         "bf16", "int8", "nf4+DQ", "nf4+DQ · fast", "fp4", "mystery"]
 
 
+@pytest.mark.parametrize("model, weights", [
+    ({"name": "llama-7b", "name_or_path": None, "preset": "llama-7b"}, "random"),  # results from before `base`
+    ({"name": "llama-7b", "preset": "llama-7b", "base": None, "gguf": None}, "random"),
+    ({"name": "base-gpu", "preset": None, "base": "gpu"}, "base"),
+    ({"name": "smollm2-135m", "preset": None, "name_or_path": None, "gguf": "smollm2-135m"}, "gguf"),
+    ({"name": "llama-7b", "preset": "llama-7b", "name_or_path": "/ckpt/llama"}, "checkpoint"),  # a path wins
+    ({"name": "m"}, "checkpoint"),
+])
+def test_model_weights_from_the_stored_config(model, weights):
+    """Random-init is read from the model config a result stored (model.preset set, no base, gguf or
+    name_or_path), never from conf/model/ or the model's name."""
+    assert frame.model_weights(model) == weights
+
+
 def test_every_run_is_a_row_and_hidden_directories_are_not_read(tmp_path):
     root = tmp_path / "sweep"
     fake_run(root, "nf4", tps=1000.0)

@@ -237,3 +237,65 @@ def test_wandb_failure_is_a_warning(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="W&B logging of the report failed"):
         page = report.build(root)
     assert page.exists()
+
+
+RANDOM = {"name": "tiny-llama", "preset": "tiny-llama", "name_or_path": None, "base": None}
+PRETRAINED = {  # the same name where a pretrained model is loaded: the stored config decides, never conf/ or names
+    "base": {"name": "tiny-llama", "preset": None, "base": "tiny"},
+    "gguf": {"name": "smollm2-135m", "preset": None, "name_or_path": None, "gguf": "smollm2-135m"},
+    "hub": {"name": "llama-7b", "preset": None, "name_or_path": "huggyllama/llama-7b"},
+}
+
+
+def two_seeds(root, model, sweep="syn"):
+    for seed in range(2):
+        fake_run(root, "nf4", seed=seed, eval_loss=1.0 + seed / 10, train_loss=2.0, model=model, sweep=sweep)
+        fake_run(root, "fp4", seed=seed, eval_loss=1.3 + seed / 10, train_loss=2.3, model=model, sweep=sweep)
+
+
+LOSS_HEADERS = ("final train loss", "eval loss", "eval ppl")
+
+
+def test_random_weights_get_no_quality_tables_or_pareto(tmp_path):
+    root = tmp_path / "random"
+    two_seeds(root, RANDOM)
+    page = report.build(root, wandb=False).read_text()
+    top = page.split("\n## ")[0]
+    assert "**Random weights, not quality.** These runs used a random-init preset shape (tiny-llama" in top
+    md = (root / "report" / "tables" / "quant.md").read_text()
+    assert "peak mem (GiB)" in md and not any(h in md for h in LOSS_HEADERS)
+    assert not any(h in line for line in page.splitlines() if line.startswith("|") for h in LOSS_HEADERS)
+    assert not {"eval_loss", "train_loss_final", "eval_ppl"} & set(csv(root, "tables", "grid.csv").columns)
+    assert set(csv(root, "statistics.csv").metric) == {"peak_gib", "tok_s"}  # no loss statistic
+    plots = {p.stem for p in (root / "report" / "plots").glob("*.png")}
+    assert plots == {"memory_breakdown", "throughput", "loss_curves"}  # the curves stay, labelled
+    assert "Random weights: these curves show that training ran, not quality." in page
+    assert csv(root, "runs.csv").model_weights.unique().tolist() == ["random"]  # the data keeps every number
+
+
+@pytest.mark.parametrize("kind", sorted(PRETRAINED))
+def test_pretrained_weights_keep_quality_tables(tmp_path, kind):
+    root = tmp_path / kind
+    two_seeds(root, PRETRAINED[kind])
+    page = report.build(root, wandb=False).read_text()
+    assert "Random weights" not in page and all(h in page for h in LOSS_HEADERS)
+    assert {"eval_loss", "train_loss_final"} <= set(csv(root, "statistics.csv").metric)
+    assert (root / "report" / "plots" / "memory_vs_quality.png").is_file()
+    assert (root / "report" / "plots" / "eval_loss.png").is_file()
+    assert csv(root, "runs.csv").model_weights.unique().tolist() == [kind if kind != "hub" else "checkpoint"]
+
+
+def test_random_and_pretrained_groups_in_one_report(tmp_path):
+    root = tmp_path / "both"
+    two_seeds(root / "a", RANDOM, sweep="a")
+    two_seeds(root / "b", PRETRAINED["base"], sweep="b")
+    page = report.build(root, wandb=False).read_text()
+    assert "**Random weights, not quality.** The runs of `tiny-llama` used a random-init preset shape" in page
+    groups = {g: (root / "report" / f"group-{g}" / "tables" / "quant.md").read_text() for g in (1, 2)}
+    random_group = 1 if csv(root, "runs.csv").query("group == 1").model_weights.iloc[0] == "random" else 2
+    assert "eval loss" not in groups[random_group] and "eval loss" in groups[3 - random_group]
+    stats_csv = csv(root, "statistics.csv")
+    assert set(stats_csv[stats_csv.group == random_group].metric) == {"peak_gib", "tok_s"}
+    assert "eval_loss" in set(stats_csv[stats_csv.group == 3 - random_group].metric)
+    assert not (root / "report" / f"group-{random_group}" / "plots" / "memory_vs_quality.png").exists()
+    assert (root / "report" / f"group-{3 - random_group}" / "plots" / "memory_vs_quality.png").exists()

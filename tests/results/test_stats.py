@@ -162,3 +162,94 @@ def test_bootstrap_and_compare_edges():
     assert stats.compare([1.0], [2.0])["note"] == stats.NO_TEST_N1
     z = stats.compare([1.0, 1.0], [2.0, 2.0])
     assert math.isnan(z["p_welch"]) and z["note"] == "zero variance in both arms: no t-test"
+
+
+# ------------------------------------------------------------------ paired arms: known answers
+
+def test_tost_equivalent_against_scipy_by_hand():
+    # d = a - b = 0.010, 0.012, 0.008, 0.011, 0.009: mean 0.010, sd 0.0015811, se 0.00070711,
+    # t(0.95, 4) = 2.13185: 90% interval 0.010 +- 0.0015075, inside +-0.05 -> equivalent
+    b = np.array([2.00, 2.30, 1.90, 2.10, 2.50])
+    a = b + [0.010, 0.012, 0.008, 0.011, 0.009]
+    r = stats.tost_paired(a, b, 0.05)
+    half = 2.131846786 * 0.0015811388 / math.sqrt(5)
+    assert r["outcome"] == "equivalent" and r["n"] == 5 and r["confidence"] == pytest.approx(0.90)
+    assert r["mean"] == pytest.approx(0.010) and r["ci"] == pytest.approx((0.010 - half, 0.010 + half), rel=1e-6)
+    d = a - b
+    assert r["p_lower"] == pytest.approx(st.ttest_1samp(d, -0.05, alternative="greater").pvalue)
+    assert r["p_upper"] == pytest.approx(st.ttest_1samp(d, 0.05, alternative="less").pvalue)
+    assert r["p_tost"] == max(r["p_lower"], r["p_upper"]) < 0.05
+    assert r["mean_a"] == pytest.approx(a.mean()) and r["mean_b"] == pytest.approx(b.mean())
+
+
+def test_tost_not_equivalent_and_inconclusive():
+    b = np.array([2.00, 2.30, 1.90, 2.10, 2.50])
+    # a is 0.20 above b in every pair (+-0.01): the whole interval beyond +0.05 -> must fail
+    r = stats.tost_paired(b + [0.20, 0.21, 0.19, 0.20, 0.20], b, 0.05)
+    assert r["outcome"] == "not equivalent" and r["ci"][0] > 0.05 and r["p_tost"] > 0.5
+    # right on average (mean 0.01) but the pairs disagree by +-0.1: straddles the margin
+    r = stats.tost_paired(b + [0.11, -0.09, 0.12, -0.10, 0.01], b, 0.05)
+    assert r["outcome"] == "inconclusive" and r["ci"][0] < -0.05 < 0.05 < r["ci"][1]
+    # one pair: no interval, no verdict
+    assert stats.tost_paired([2.0], [2.0], 0.05)["outcome"] == "inconclusive"
+    with pytest.raises(ValueError, match="margin must be > 0"):
+        stats.tost_paired(b, b, 0)
+    with pytest.raises(ValueError, match="one to one"):
+        stats.tost_paired(b[:4], b, 0.05)
+
+
+def test_pairing_is_what_makes_equivalence_visible():
+    """Seeds differ by +-0.25 nats, arms by a steady +0.005 within each seed: Welch's interval across
+    arms cannot show equivalence within +-0.02, the paired one can."""
+    b = np.array([2.0, 2.5, 1.8, 2.2, 2.6])
+    a = b + [0.004, 0.006, 0.005, 0.005, 0.005]
+    lo, hi = stats.welch_interval(a, b)
+    assert lo < -0.02 and hi > 0.02  # unpaired: straddles the margin
+    assert stats.tost_paired(a, b, 0.02)["outcome"] == "equivalent"
+    # and equal spread with no pairing structure stays inconclusive: d alternates +-0.2
+    assert stats.tost_paired(b + [0.2, -0.2, 0.2, -0.2, 0.0], b, 0.02)["outcome"] == "inconclusive"
+
+
+def test_tost_without_spread():
+    b = np.array([1.0, 2.0, 3.0])
+    r = stats.tost_paired(b + 0.125, b, 0.25)  # every d is exactly 0.125 (binary fractions)
+    assert r["outcome"] == "equivalent" and r["ci"] == (0.125, 0.125) and r["p_tost"] == 0.0
+    r = stats.tost_paired(b + 0.5, b, 0.25)
+    assert r["outcome"] == "not equivalent" and r["p_tost"] == 1.0
+
+
+def test_noninferiority_on_the_upper_end():
+    b = np.array([2.00, 2.30, 1.90, 2.10, 2.50])
+    # a 0.01 worse (+-0.002): upper end of the 90% interval below +0.05 -> non-inferior
+    d = np.array([0.010, 0.012, 0.008, 0.011, 0.009])
+    r = stats.noninferiority_paired(b + d, b, 0.05)
+    assert r["outcome"] == "non-inferior" and r["ci"][1] < 0.05
+    assert r["p"] == pytest.approx(st.ttest_1samp(d, 0.05, alternative="less").pvalue)
+    # a much better (d = -0.3) is non-inferior too: only the upper end matters
+    assert stats.noninferiority_paired(b - 0.3 + [0, .01, -.01, 0, 0], b, 0.05)["outcome"] == "non-inferior"
+    # a 0.2 worse: the lower end at or above the margin -> inferior
+    assert stats.noninferiority_paired(b + [0.20, 0.21, 0.19, 0.20, 0.20], b, 0.05)["outcome"] == "inferior"
+    # noisy around +0.05: inconclusive
+    assert stats.noninferiority_paired(b + [0.15, -0.05, 0.16, -0.06, 0.05], b, 0.05)["outcome"] == "inconclusive"
+    # higher is better (an accuracy): a 0.2 BELOW b is worse by more than the margin
+    r = stats.noninferiority_paired(b - [0.20, 0.21, 0.19, 0.20, 0.20], b, 0.05, lower_is_better=False)
+    assert r["outcome"] == "inferior" and r["mean"] == pytest.approx(0.2) and r["mean_a"] < r["mean_b"]
+
+
+def test_paired_lower_both_ways_and_within_noise():
+    b = np.array([2.00, 2.30, 1.90, 2.10, 2.50])
+    r = stats.paired_lower(b - [0.05, 0.06, 0.04, 0.05, 0.05], b)
+    assert r["outcome"] == "lower" and r["ci"][1] < 0 and r["confidence"] == 0.95
+    assert r["p"] == pytest.approx(st.ttest_rel(b - [0.05, 0.06, 0.04, 0.05, 0.05], b).pvalue)
+    assert stats.paired_lower(b + [0.05, 0.06, 0.04, 0.05, 0.05], b)["outcome"] == "higher"
+    assert stats.paired_lower(b + [0.05, -0.06, 0.04, -0.05, 0.0], b)["outcome"] == "no difference shown"
+    assert stats.paired_lower([1.0], [2.0])["outcome"] == "no difference shown"  # one pair: no interval
+
+
+def test_noninferiority_reports_both_one_sided_tests():
+    b = np.array([2.00, 2.30, 1.90, 2.10, 2.50])
+    d = np.array([0.20, 0.21, 0.19, 0.20, 0.20])
+    r = stats.noninferiority_paired(b + d, b, 0.05)
+    assert r["p"] == pytest.approx(st.ttest_1samp(d, 0.05, alternative="less").pvalue) and r["p"] > 0.9
+    assert r["p_inferior"] == pytest.approx(st.ttest_1samp(d, 0.05, alternative="greater").pvalue)
+    assert r["p_inferior"] < 0.05 and r["outcome"] == "inferior"
