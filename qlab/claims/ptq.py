@@ -1,29 +1,38 @@
-"""Post-training quantization of the pretrained base: held-out perplexity per storage type (the
-paper's Table 2) and the quantization error of the base's real weights.
+"""Post-training quantization perplexity per storage type (the paper's Table 2) and the
+quantization error of real weights: qlab's pretrained base on its held-out split, or a real
+pretrained model (smollm2-135m, gemma3-270m: conf/model/) on a real text (qlab.reference.texts).
 
-    python -m qlab.claims.ptq --size tiny|small|gpu|auto [--device auto] [--results results] [--max-tokens N]
+    python -m qlab.claims.ptq --model smollm2-135m|gemma3-270m|<conf/model name>|tiny|small|gpu
+                              --text wiki|c4|tinystories|heldout [--types bf16,...] [--max-tokens N]
+                              [--seq-len 512] [--device auto] [--results results]
+    python -m qlab.claims.ptq --size tiny|small|gpu|auto     (= --model base-<size> --text heldout)
 
-Each type is loaded afresh (models.load) and evaluated on the same held-out windows; int4, which
-bitsandbytes lacks, is the bf16 base with every quantized layer's weight replaced by its
-kernels.round_trip. Two types are compared window by window (stats.paired_log_ratio). Writes
-<results>/ptq-base-<size>/ptq.json and ptq.md; the method is in docs/pretrained-base.md.
+The model is loaded as a run loads it (models.load; a GGUF model is converted on first use),
+once per type, afresh; int4, which bitsandbytes lacks, is the bf16 model with every quantized
+layer's weight replaced by its kernels.round_trip. Every type is scored on the same token windows
+(checked by their SHA-256), two types compared window by window (stats.paired_log_ratio). Writes
+<results>/ptq-<model>-<text>/ (ptq-base-<size>/ for a base on its held-out split): ptq.json,
+ptq.md. The method: docs/ptq.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import json
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from qlab import config
 from qlab.claims import estimate, kernels
-from qlab.config import QUANT_SETTINGS, ModelConfig, QuantConfig
-from qlab.reference import pretrain
+from qlab.config import QUANT_SETTINGS, SHAPES, ConfigError, QuantConfig
+from qlab.reference import gguf, pretrain, texts
 from qlab.results import stats, store
 from qlab.run import models
 from qlab.run.device import resolve_device
@@ -35,10 +44,93 @@ ERROR_KINDS: dict[str, tuple[str, bool]] = {  # label -> (kernels kind, double_q
     "nf4": ("nf4", False), "fp4": ("fp4", False), "int4": ("int4", False),
     "nf4+DQ": ("nf4", True), "fp4+DQ": ("fp4", True),
 }
+# Table 2's order and the neighbours worth a paired interval: (a, b) -> ppl_a / ppl_b - 1 in ptq.md
+PAIRS = (("nf4+DQ", "fp4"), ("fp4", "int4"), ("nf4+DQ", "int4"), ("nf4", "nf4+DQ"), ("nf4", "fp4"))
+
+HELDOUT = "heldout"  # a base's own held-out split (qlab.reference.corpus), as it was built with
+SEQ_LEN = 512  # positions per window on a real text, as issue 14's numbers
+# Predicted tokens per real text by default, chosen so that one model's three texts x 7 types
+# take at most ~25 min on the shared 2-core CPU the committed results come from (measured on 2
+# windows, docs/ptq.md "Sizing"): SmolLM2 ~53 s per window for the 7 types + ~61 s of loading per
+# text + 86 s of weight error once, 7 windows (~24 min); Gemma 3 ~77 s per window (its
+# 262,144-token head) + ~83 s, 4 windows (~22 min).
+TEXT_TOKENS = {"smollm2-135m": 7 * (SEQ_LEN - 1), "gemma3-270m": 4 * (SEQ_LEN - 1)}
+DEFAULT_TEXT_TOKENS = 64 * (SEQ_LEN - 1)  # any other model (a GPU has the time for 64 windows)
+LOGITS_BYTES = 2**30  # a batch's float32 logits at most (Gemma 3: 512 x 262,144 x 4 B = 512 MiB a window)
 
 
-def result_dir(results: Path | str, size: str) -> Path:
-    return Path(results) / f"ptq-base-{size}"
+@dataclass(frozen=True)
+class Target:
+    """What one measurement measures: a model (a conf/model name) on a text."""
+    model: str  # base-gpu, smollm2-135m, ...
+    text: str   # heldout | wiki | c4 | tinystories
+
+    @property
+    def name(self) -> str:
+        """The result directory's name: ptq-base-gpu (a base on its held-out split), ptq-<model>-<text>."""
+        return f"ptq-{self.model}" if self.text == HELDOUT else f"ptq-{self.model}-{self.text}"
+
+    @property
+    def size(self) -> str | None:
+        return self.model.removeprefix("base-") if self.model.removeprefix("base-") in pretrain.SIZES else None
+
+    def command(self) -> str:
+        if self.text == HELDOUT:
+            return f"python -m qlab.claims.ptq --size {self.size}"
+        return f"python -m qlab.claims.ptq --model {self.model} --text {self.text}"
+
+
+def target(model: str, text: str | None = None) -> Target:
+    """A Target from a base size (tiny|small|gpu), base-<size> or a conf/model name, and a text
+    (default: heldout for a base, else wiki). Raises ValueError naming what is wrong."""
+    model = f"base-{model}" if model in pretrain.SIZES else model
+    if not (Path(config.PROJECT_ROOT) / "conf" / "model" / f"{model}.yaml").is_file():
+        raise ValueError(f"unknown model {model!r}: a base size ({', '.join(pretrain.SIZES)}) or a conf/model name")
+    base = model.removeprefix("base-") in pretrain.SIZES
+    text = text or (HELDOUT if base else "wiki")
+    if text not in (HELDOUT, *texts.TEXTS):
+        raise ValueError(f"unknown text {text!r}: {HELDOUT} (a base's held-out split) or {', '.join(texts.TEXTS)}")
+    if text == HELDOUT and not base:
+        raise ValueError(f"text {HELDOUT} is a pretrained base's own held-out split: {model} has none "
+                         f"(choose from {', '.join(texts.TEXTS)})")
+    return Target(model, text)
+
+
+def claim_target(spec) -> Target:
+    """A claim's `ptq:` evidence: a base size (`ptq: gpu`, its held-out split) or
+    `{model: smollm2-135m, text: wiki}`."""
+    if isinstance(spec, str) and spec in pretrain.SIZES:
+        return target(spec)
+    if isinstance(spec, dict) and set(spec) == {"model", "text"}:
+        return target(str(spec["model"]), str(spec["text"]))
+    raise ValueError(f"needs ptq: tiny|small|gpu (the base size) or {{model: <conf/model name>, text: "
+                     f"{'|'.join(texts.TEXTS)}}}, got {spec!r}")
+
+
+def result_dir(results: Path | str, what: Target | str) -> Path:
+    """<results>/<target.name>/; `what` may be a base size (its held-out split)."""
+    return Path(results) / (what if isinstance(what, Target) else target(what)).name
+
+
+def load(results: Path | str, what: Target | str) -> dict | None:
+    try:
+        return json.loads((result_dir(results, what) / "ptq.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def describe(rec: dict) -> str:
+    """The record's model and text in words, for a verdict: "smollm2-135m (dequantized from a
+    4-bit GGUF) · wiki", "base-gpu · held-out split" (records before texts name only a size)."""
+    model = rec.get("model") or f"base-{rec['size']}"
+    note = " (dequantized from a 4-bit GGUF)" if (rec.get("provenance") or {}).get("kind") == "gguf" else ""
+    text = (rec.get("eval") or {}).get("text", HELDOUT)
+    return f"{model}{note} · {'held-out split' if text == HELDOUT else text}"
+
+
+def model_config(name: str):
+    """conf/model/<name>.yaml composed as `python -m qlab.run model=<name>` composes it."""
+    return config.compose([f"model={name}"]).model
 
 
 def decoder_linears(model) -> list[tuple[str, object]]:
@@ -59,16 +151,61 @@ def int4_in_place(model) -> int:
     return n
 
 
-def _model_cfg(size: str):
-    return ModelConfig(name=f"base-{size}", name_or_path=None, preset=None, base=size)
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts its bos token first when it encodes (Gemma's does; SmolLM2's not)."""
+    return tokenizer.bos_token_id is not None and tokenizer("a").input_ids[:1] == [tokenizer.bos_token_id]
 
 
-def measure_type(label: str, size: str, device: str, texts: list[str], seq_len: int,
-                 max_tokens: int | None) -> dict:
-    """Load the base as `label`, evaluate it; per-window NLLs kept for the paired comparison."""
+def text_windows(tokenizer, name: str, seq_len: int, max_tokens: int) -> tuple[list[list[int]], dict]:
+    """The first `max_tokens` tokens of text `name` (its documents in file order, joined by a
+    blank line, encoded without special tokens) in windows of seq_len positions, each predicting
+    seq_len - 1 of them: where the tokenizer adds a bos, every window is [bos] + the next
+    seq_len - 1 tokens (the model always sees the start it was trained with: Gemma 3 scores a
+    Wikipedia window at perplexity 39 without it, 13.65 with it); else windows of seq_len tokens
+    overlapping by one. Returns (windows, what they are)."""
+    if seq_len < 2 or max_tokens < 1:
+        raise ValueError(f"need seq_len >= 2 and max_tokens >= 1, got {seq_len}, {max_tokens}")
+    bos = adds_bos(tokenizer)
+    docs = [d.text for d in texts.documents(name)]
+    sep = tokenizer("\n\n", add_special_tokens=False).input_ids
+    need = max_tokens + (0 if bos else 1)  # without a bos the stream's first token is context only
+    stream: list[int] = []
+    used = 0
+    while len(stream) < need and used < len(docs):
+        for enc in tokenizer.backend_tokenizer.encode_batch(docs[used: used + 64], add_special_tokens=False):
+            stream.extend([*sep, *enc.ids] if stream else enc.ids)
+            used += 1
+            if len(stream) >= need:
+                break
+    if len(stream) < need:
+        raise ValueError(f"text {name} holds {len(stream):,} tokens, fewer than the {need:,} asked for")
+    stream = stream[:need]
+    step = seq_len - 1
+    windows = ([[tokenizer.bos_token_id, *stream[s: s + step]] for s in range(0, need, step)] if bos else
+               [stream[s: s + seq_len] for s in range(0, need - 1, step)])
+    info = {"text": name, "source": texts.TEXTS[name]["source"], "file": texts.TEXTS[name]["file"],
+            "sha256": texts.TEXTS[name]["sha256"], "licence": texts.TEXTS[name]["licence"],
+            "package": f"{texts.PACKAGE}=={texts.VERSION}", "documents": used, "of_documents": len(docs),
+            "separator": "\\n\\n", "bos": tokenizer.bos_token if bos else None}
+    return windows, info
+
+
+def windows_sha256(windows: list[list[int]]) -> str:
+    return hashlib.sha256(json.dumps(windows, separators=(",", ":")).encode()).hexdigest()
+
+
+def batch_size(model, seq_len: int) -> int:
+    """Windows per forward pass: up to 8, as many as keep the float32 logits under LOGITS_BYTES."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    return max(1, min(8, LOGITS_BYTES // (seq_len * vocab * 4)))
+
+
+def measure_type(label: str, tgt: Target, model_cfg, device: str, seq_len: int, max_tokens: int | None) -> dict:
+    """Load the model as `label`, build its windows with its own tokenizer, score them; per-window
+    NLLs kept for the paired comparison, the windows' SHA-256 for the same-windows check."""
     qtype, dq = TYPES[label]
     quant = QuantConfig(type=qtype, double_quant=dq)
-    loaded = models.load(_model_cfg(size), quant, device)
+    loaded = models.load(model_cfg, quant, device)
     wb = dict(loaded.weight_bytes)
     if label == "int4":
         t0 = time.perf_counter()
@@ -80,19 +217,36 @@ def measure_type(label: str, size: str, device: str, texts: list[str], seq_len: 
               "int4_round_trip_s": time.perf_counter() - t0}
     else:
         wb["weight_bytes_basis"] = "held (models.weight_bytes of the loaded model)"
+    if tgt.text == HELDOUT:
+        windows = pretrain.heldout_windows(loaded.tokenizer, pretrain.heldout_texts(), seq_len, max_tokens)
+        text_info = {"text": HELDOUT}
+    else:
+        windows, text_info = text_windows(loaded.tokenizer, tgt.text, seq_len, max_tokens)
     t0 = time.perf_counter()
-    ev = pretrain.heldout_eval(loaded.model, loaded.tokenizer, texts, seq_len, max_tokens, per_window=True)
+    ev = pretrain.score_windows(loaded.model, windows, batch_size(loaded.model, seq_len), per_window=True)
     eval_s = time.perf_counter() - t0
     out = {"quant": qtype, "double_quant": dq,
            "compute_dtype": str(models.compute_dtype(quant, device)).removeprefix("torch."),
            "loss": ev["loss"], "perplexity": ev["perplexity"], "tokens": ev["tokens"],
            "load_time_s": loaded.load_time_s, "eval_s": eval_s, **wb,
-           "window_nll": ev["window_nll"], "window_tokens": ev["window_tokens"]}
+           "window_nll": ev["window_nll"], "window_tokens": ev["window_tokens"],
+           "windows_sha256": windows_sha256(windows), "text_info": text_info, "path": loaded.path}
     del loaded  # the next type loads afresh
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return out
+
+
+def check_same_windows(per: dict[str, dict]) -> None:
+    """Every type must have scored bf16's windows, token for token: raises RuntimeError naming the
+    first that did not (another tokenizer, text or cut would make the paired comparison meaningless)."""
+    ref = per["bf16"]
+    for label, r in per.items():
+        if r["windows_sha256"] != ref["windows_sha256"] or r["window_tokens"] != ref["window_tokens"]:
+            raise RuntimeError(f"{label} was scored on other windows than bf16 (sha256 {r['windows_sha256'][:12]} vs "
+                               f"{ref['windows_sha256'][:12]}, {r['tokens']:,} vs {ref['tokens']:,} tokens): "
+                               "the types cannot be compared window by window")
 
 
 def weight_errors(path: Path | str, device: str = "cpu") -> dict:
@@ -106,124 +260,212 @@ def weight_errors(path: Path | str, device: str = "cpu") -> dict:
                     "tensors": len(weights)} for label, (kind, dq) in ERROR_KINDS.items()}
 
 
-def measure(size: str, device: str = "auto", results: Path | str = "results", max_tokens: int | None = None,
-            types: list[str] | None = None, progress: bool = True) -> Path:
-    """Run the PTQ measurement of base-<size> and write ptq.json / ptq.md; returns ptq.json's path."""
+def provenance(model_cfg, path: Path) -> dict:
+    """Where the weights come from: a base built here (base.json), a GGUF model dequantized from
+    its 4- to 8-bit values (the conversion's record, and the GGUF types of the decoder linear
+    weights that the error section re-quantizes), a random-init preset or a checkpoint."""
+    if getattr(model_cfg, "base", None):
+        info = json.loads((path / "base.json").read_text())
+        env = info.get("environment") or {}
+        return {"kind": "base", "path_name": path.name, "key": info.get("key"), "precision": info.get("precision"),
+                "build_version": info.get("build_version"), "params": info.get("params"),
+                "corpus_sha256": (info.get("corpus") or {}).get("sha256"),
+                "heldout_perplexity_as_built": info.get("heldout_perplexity"),
+                "built_on": env.get("gpu") or env.get("cpu"),
+                "git_commit": info.get("git_commit"), "created": info.get("created")}
+    if getattr(model_cfg, "gguf", None):
+        marker = json.loads((path / gguf.MARKER).read_text())
+        return {"kind": "gguf", **gguf.source(path), "path_name": path.name,
+                "linear_types": SHAPES["gguf"][model_cfg.gguf]["linear_types"],
+                **{k: marker[k] for k in ("gguf_file", "gguf_types", "upstream", "licence", "params", "add_bos",
+                                          "transformers", "gguf", "torch")}}
+    kind = "preset (random init)" if getattr(model_cfg, "preset", None) and not model_cfg.name_or_path else "checkpoint"
+    return {"kind": kind, "path_name": path.name, "name_or_path": model_cfg.name_or_path, "preset": model_cfg.preset}
+
+
+def measure(what: Target | str, device: str = "auto", results: Path | str = "results", max_tokens: int | None = None,
+            types: list[str] | None = None, progress: bool = True, seq_len: int | None = None,
+            weight_error: bool = True) -> Path:
+    """Run the PTQ measurement of `what` (a Target, or a base size: its held-out split) and write
+    ptq.json / ptq.md; returns ptq.json's path. `weight_error=False` leaves out the weights'
+    quantization error, which does not depend on the text (86 s for SmolLM2's on 2 cores)."""
+    tgt = what if isinstance(what, Target) else target(what)
     device = resolve_device(device)
-    spec = pretrain.spec_for(size)
     types = list(types or TYPES)
     unknown = [t for t in types if t not in TYPES]
     if unknown or "bf16" not in types:
         raise ValueError(f"types must include bf16 and come from {', '.join(TYPES)}; got {types}")
     t_start = time.perf_counter()
-    path = Path(models.model_path(_model_cfg(size), device))  # builds the base if missing (pretrain.ensure_base)
-    info = json.loads((path / "base.json").read_text())
-    texts = pretrain.heldout_texts()
-    seq_len = spec["seq_len"]
-    max_tokens = spec["eval_tokens"] if max_tokens is None else max_tokens
+    model_cfg = model_config(tgt.model)
+    models.check_available(model_cfg)
+    path = Path(models.model_path(model_cfg, device))  # builds a base, converts a GGUF model on first use
+    if tgt.text == HELDOUT:
+        spec = pretrain.spec_for(tgt.size)
+        seq_len, max_tokens = spec["seq_len"], spec["eval_tokens"] if max_tokens is None else max_tokens
+    else:
+        seq_len = seq_len or SEQ_LEN
+        max_tokens = max_tokens or TEXT_TOKENS.get(tgt.model, DEFAULT_TEXT_TOKENS)
 
     per: dict[str, dict] = {}
     for label in types:
-        r = per[label] = measure_type(label, size, device, texts, seq_len, max_tokens)
+        r = per[label] = measure_type(label, tgt, model_cfg, device, seq_len, max_tokens)
         if progress:
-            print(f"[ptq base-{size}] {label:7s} perplexity {r['perplexity']:.4f} ({r['tokens']:,} tokens, "
+            print(f"[{tgt.name}] {label:7s} perplexity {r['perplexity']:.4f} ({r['tokens']:,} tokens, "
                   f"{r['weight_bytes'] / 2**20:.2f} MiB weights, load {r['load_time_s']:.1f}s, "
                   f"eval {r['eval_s']:.1f}s)", file=sys.stderr, flush=True)
+    check_same_windows(per)
     ref = per["bf16"]
-    window_tokens = ref["window_tokens"]
-    for label, r in per.items():  # the same tokens for every type, window by window
-        if r["tokens"] != ref["tokens"] or r.pop("window_tokens") != window_tokens:
-            raise RuntimeError(f"{label} was evaluated on other tokens than bf16: {r['tokens']} vs {ref['tokens']}")
+    window_tokens, text_info, sha = ref["window_tokens"], ref["text_info"], ref["windows_sha256"]
+    for label, r in per.items():
+        for key in ("window_tokens", "windows_sha256", "text_info", "path"):
+            r.pop(key)
         cmp = stats.paired_log_ratio(r["window_nll"], ref["window_nll"], window_tokens)
         r.update(delta_vs_bf16=r["perplexity"] - ref["perplexity"], rel_vs_bf16=cmp["rel"],
                  rel_vs_bf16_ci95=cmp["rel_ci95"])
+    pairs = [{"a": a, "b": b, **stats.paired_log_ratio(per[a]["window_nll"], per[b]["window_nll"], window_tokens)}
+             for a, b in PAIRS if a in per and b in per]
 
     t0 = time.perf_counter()
-    errors = weight_errors(path, device)
-    errors_s = time.perf_counter() - t0
+    errors = weight_errors(path, device) if weight_error else None
+    errors_s = time.perf_counter() - t0 if weight_error else None
+    prov = provenance(model_cfg, path)
 
     record = {
-        "schema": "qlab.ptq/1", "kind": "ptq", "model": f"base-{size}", "size": size, "device": device,
-        "base": {"path_name": path.name, "key": info.get("key"), "precision": info.get("precision"),
-                 "build_version": info.get("build_version"), "params": info.get("params"),
-                 "corpus_sha256": (info.get("corpus") or {}).get("sha256"),
-                 "heldout_perplexity_as_built": info.get("heldout_perplexity"),
-                 "built_on": (info.get("environment") or {}).get("gpu") or (info.get("environment") or {}).get("cpu"),
-                 "git_commit": info.get("git_commit"), "created": info.get("created")},
-        "eval": {"split": "held-out", "files": len(texts), "seq_len": seq_len, "max_tokens": max_tokens,
-                 "tokens": ref["tokens"], "windows": len(window_tokens), "window_tokens": window_tokens},
-        "blocksize": BLOCKSIZE, "types": per, "weight_error": errors, "weight_error_s": errors_s,
+        "schema": "qlab.ptq/2", "kind": "ptq", "model": tgt.model, "size": tgt.size, "device": device,
+        "provenance": prov,
+        "eval": {**text_info,
+                 **({"split": "held-out", "files": len(pretrain.heldout_texts())} if tgt.text == HELDOUT else {}),
+                 "seq_len": seq_len, "max_tokens": max_tokens, "tokens": ref["tokens"], "windows": len(window_tokens),
+                 "windows_sha256": sha, "window_tokens": window_tokens},
+        "blocksize": BLOCKSIZE, "types": per, "pairs": pairs, "weight_error": errors, "weight_error_s": errors_s,
         "wall_time_s": time.perf_counter() - t_start,
         "env": store.environment(), "git_commit": store.git_commit(), "created": store.now(),
     }
-    out = result_dir(results, size)
+    if prov["kind"] == "base":
+        record["base"] = {k: v for k, v in prov.items() if k != "kind"}  # the key records before texts had
+    out = result_dir(results, tgt)
     out.mkdir(parents=True, exist_ok=True)
     store.atomic_write_json(out / "ptq.json", record)
     (out / "ptq.md").write_text(render(record))
     return out / "ptq.json"
 
 
-def load(results: Path | str, size: str) -> dict | None:
-    try:
-        return json.loads((result_dir(results, size) / "ptq.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+def _pct(rel: float, ci) -> str:
+    return f"{100 * rel:+.2f}% [{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}]"
 
 
 def render(rec: dict) -> str:
-    env, b, ev = rec["env"], rec["base"], rec["eval"]
+    env, ev, prov = rec["env"], rec["eval"], rec.get("provenance") or {"kind": "base", **rec["base"]}
     hw = env.get("gpu") or f"CPU: {env.get('cpu')}"
-    lines = [f"# Post-training quantization of {rec['model']}", "",
-             f"Generated by `python -m qlab.claims.ptq --size {rec['size']}` ({rec['created']}, commit "
-             f"`{rec['git_commit']}`) on {hw}; torch {env.get('torch')}, transformers {env.get('transformers')}, "
-             f"bitsandbytes {env.get('bitsandbytes')}, Python {env.get('python')}.", "",
-             f"Base: `{b['path_name']}` ({b['params']:,} params, {b['precision']} build, held-out perplexity "
-             f"{b['heldout_perplexity_as_built']:.4g} as built). Held-out split: {ev['files']} files, "
-             f"{ev['tokens']:,} predicted tokens in {ev['windows']} windows of up to {ev['seq_len']} tokens, "
-             "the same for every type.", "",
-             "| type | perplexity | vs bf16 | vs bf16 [95% CI] | weights (MiB) | bits / quantized weight |",
-             "|---|---:|---:|---|---:|---:|"]
+    text = ev.get("text", HELDOUT)
+    cmd = (f"python -m qlab.claims.ptq --size {rec['size']}" if text == HELDOUT else
+           f"python -m qlab.claims.ptq --model {rec['model']} --text {text} --max-tokens {ev['max_tokens']}")
+    where = "the held-out split" if text == HELDOUT else text
+    lines = [f"# Post-training quantization of {rec['model']} on {where}", "",
+             f"Generated by `{cmd}` ({rec['created']}, commit `{rec['git_commit']}`) on {hw}; torch {env.get('torch')}, "
+             f"transformers {env.get('transformers')}, bitsandbytes {env.get('bitsandbytes')}, Python "
+             f"{env.get('python')}; {rec['wall_time_s'] / 60:.1f} min in all.", ""]
+    if prov["kind"] == "base":
+        lines += [f"Base: `{prov['path_name']}` ({prov['params']:,} params, {prov['precision']} build, held-out "
+                  f"perplexity {prov['heldout_perplexity_as_built']:.4g} as built). Held-out split: {ev['files']} files, "
+                  f"{ev['tokens']:,} predicted tokens in {ev['windows']} windows of up to {ev['seq_len']} tokens, "
+                  "the same for every type.", ""]
+    else:
+        if prov["kind"] == "gguf":
+            lines += [f"Model: {rec['model']}, {prov['params']:,} params, {prov['upstream']} ({prov['licence']}), "
+                      f"**dequantized from a 4-bit GGUF**: `{prov['gguf_file']}` (sha256 {prov['gguf_sha256'][:12]}..., "
+                      f"by weight {', '.join(f'{t} {s:.1%}' for t, s in prov['gguf_types'].items())}), converted to "
+                      f"float32 by qlab.reference.gguf (transformers {prov['transformers']}, gguf {prov['gguf']}). "
+                      "Its \"16-bit\" weights are those GGUF values expanded, not the upstream bf16 release.", ""]
+        else:
+            lines += [f"Model: {rec['model']} ({prov['kind']}, `{prov['path_name']}`).", ""]
+        bos = f"each window starts with the model's {ev['bos']} token" if ev.get("bos") else \
+            "the tokenizer adds no bos token, so windows overlap by one token"
+        lines += [f"Text: {text}, {ev['source']}; `{ev['file']}` of {ev['package']} (sha256 {ev['sha256'][:12]}..., "
+                  f"{ev['licence']}): a calibration sample, not an official split, and possibly inside the model's "
+                  f"pretraining data. Its first {ev['documents']:,} of {ev['of_documents']:,} documents, joined by a "
+                  f"blank line: {ev['tokens']:,} predicted tokens in {ev['windows']} windows of {ev['seq_len']} positions "
+                  f"({bos}), the same windows for every type (checked: sha256 {ev['windows_sha256'][:12]}...).", ""]
+    lines += ["| type | perplexity | vs bf16 | vs bf16 [95% CI] | weights (MiB) | bits / quantized weight | eval (s) |",
+              "|---|---:|---:|---|---:|---:|---:|"]
     for label, r in rec["types"].items():
         bits = r.get("bits_per_quantized_param")
-        lo, hi = r["rel_vs_bf16_ci95"]
-        ci = "" if label == "bf16" else f"{100 * r['rel_vs_bf16']:+.2f}% [{100 * lo:+.2f}, {100 * hi:+.2f}]"
+        ci = "" if label == "bf16" else _pct(r["rel_vs_bf16"], r["rel_vs_bf16_ci95"])
         computed = " (computed)" if label == "int4" else ""
         lines.append(f"| {label} | {r['perplexity']:.4f} | {r['delta_vs_bf16']:+.4f} | {ci} | "
-                     f"{r['weight_bytes'] / 2**20:.3f}{computed} | {f'{bits:.3f}' if bits else '-'} |")
+                     f"{r['weight_bytes'] / 2**20:.3f}{computed} | {f'{bits:.3f}' if bits else '-'} | {r['eval_s']:.0f} |")
     bf16_dtype = rec["types"]["bf16"]["compute_dtype"]
     lines += ["", f"`bf16` holds {bf16_dtype} weights here (models.compute_dtype). int4 is qlab's reference "
               "blockwise-absmax quantizer (qlab.claims.kernels, blocksize 64, codes -7..7), applied in place to every "
-              "decoder linear weight: bitsandbytes has no int4 type. The interval is paired over the held-out "
-              "windows (qlab.results.stats.paired_log_ratio).", "",
-              f"## Quantization error of the base's weights (blocksize {rec['blocksize']})", "",
-              f"Every decoder linear weight of the stored float32 checkpoint "
-              f"({next(iter(rec['weight_error'].values()))['n']:,} weights in "
-              f"{next(iter(rec['weight_error'].values()))['tensors']} tensors), pooled.", "",
-              "| type | MSE | max abs error | mean abs error | SQNR (dB) |", "|---|---:|---:|---:|---:|"]
+              "decoder linear weight: bitsandbytes has no int4 type. The interval is paired over the windows "
+              "(qlab.results.stats.paired_log_ratio)."]
+    if rec.get("pairs"):
+        lines += ["", "Table 2's order, pair by pair (perplexity of a / b - 1, paired over the windows):", "",
+                  "| a | b | a vs b [95% CI] |", "|---|---|---|"]
+        lines += [f"| {p['a']} | {p['b']} | {_pct(p['rel'], p['rel_ci95'])} |" for p in rec["pairs"]]
+    lines += ["", f"## Quantization error of the {'base' if prov['kind'] == 'base' else 'model'}'s weights "
+                  f"(blocksize {rec['blocksize']})", ""]
+    if not rec["weight_error"]:
+        return "\n".join([*lines, "Not computed here (--no-weight-error): it does not depend on the text; another "
+                           f"text's measurement of {rec['model']} has it."]) + "\n"
+    first = next(iter(rec["weight_error"].values()))
+    lines += [f"Every decoder linear weight of the stored float32 checkpoint ({first['n']:,} weights in "
+              f"{first['tensors']} tensors), pooled."]
+    if prov["kind"] == "gguf":
+        lines += ["", "These weights were themselves GGUF values: "
+                  f"{', '.join(f'{t} {s:.1%}' for t, s in prov['linear_types'].items())} of the decoder linear weights "
+                  f"({GGUF_GRIDS_TEXT}). The errors below are therefore re-quantization errors of data that already "
+                  "sits on a coarse grid, not the error on a 16-bit model's weights: a grid that matches the GGUF's "
+                  "(uniform levels for Q4_1) can land closer to its values than NF4's normal-quantile levels, "
+                  "which bears on the NF4-vs-FP4 (and Int4) comparison."]
+    lines += ["", "| type | MSE | max abs error | mean abs error | SQNR (dB) |", "|---|---:|---:|---:|---:|"]
     for label, e in sorted(rec["weight_error"].items(), key=lambda kv: kv[1]["mse"]):
         lines.append(f"| {label} | {e['mse']:.4g} | {e['max_abs_error']:.4g} | {e['mean_abs_error']:.4g} | "
                      f"{e['sqnr_db']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
+# What each GGUF type of the decoder weights is (llama.cpp's ggml-quants): block, levels, constants.
+GGUF_GRIDS_TEXT = ("Q4_1: blocks of 32, 16 uniform levels from an fp16 scale and minimum; Q5_0: blocks of 32, "
+                   "32 levels from an fp16 scale; Q4_K / Q6_K: super-blocks of 256 in sub-blocks of 32 / 16 with "
+                   "quantized scales (and minimums for Q4_K); Q8_0: blocks of 32, int8 with an fp16 scale")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m qlab.claims.ptq", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size", default="auto", choices=[*pretrain.SIZES, "auto"],
-                    help="auto: gpu where CUDA is available, else small")
+    ap.add_argument("--model", default=None, help="a base size (tiny|small|gpu), or a conf/model name: smollm2-135m, "
+                                                  "gemma3-270m, base-gpu, ...")
+    ap.add_argument("--text", default=None, help=f"{HELDOUT} (a base's held-out split, the default for a base) | "
+                                                 f"{' | '.join(texts.TEXTS)} (default for other models: wiki)")
+    ap.add_argument("--size", default=None, choices=[*pretrain.SIZES, "auto"],
+                    help="= --model base-<size> --text heldout; auto: gpu where CUDA is available, else small "
+                         "(the default without --model)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    ap.add_argument("--results", type=Path, default=Path("results"), help="writes <results>/ptq-base-<size>/")
-    ap.add_argument("--max-tokens", type=int, default=None, help="cut the held-out split (default: the size's)")
+    ap.add_argument("--results", type=Path, default=Path("results"), help="writes <results>/ptq-<model>-<text>/")
+    ap.add_argument("--max-tokens", type=int, default=None,
+                    help="predicted tokens (a real text; default: the model's in TEXT_TOKENS, else "
+                         f"{DEFAULT_TEXT_TOKENS:,}) or the held-out split's cut (default: the size's)")
+    ap.add_argument("--seq-len", type=int, default=None, help=f"window length on a real text (default {SEQ_LEN})")
     ap.add_argument("--types", default=",".join(TYPES), help=f"comma-separated subset of {','.join(TYPES)}")
+    ap.add_argument("--no-weight-error", dest="weight_error", action="store_false",
+                    help="leave out the weights' quantization error (it does not depend on the text)")
     args = ap.parse_args(argv)
     try:
         device = resolve_device(args.device)
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    size = args.size if args.size != "auto" else ("gpu" if device.startswith("cuda") else "small")
     try:
-        out = measure(size, device, args.results, args.max_tokens, args.types.split(","))
-    except (ValueError, pretrain.BaseError) as e:
+        if args.model and args.size:
+            raise ValueError("give --model (and --text) or --size, not both")
+        if args.model:
+            tgt = target(args.model, args.text)
+        else:
+            size = args.size if args.size not in (None, "auto") else ("gpu" if device.startswith("cuda") else "small")
+            tgt = target(size, args.text)
+        out = measure(tgt, device, args.results, args.max_tokens, args.types.split(","), seq_len=args.seq_len,
+                      weight_error=args.weight_error)
+    except (ValueError, ConfigError, pretrain.BaseError, texts.TextError, gguf.GGUFError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print((out.parent / "ptq.md").read_text())

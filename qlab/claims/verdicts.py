@@ -23,12 +23,14 @@ Comparison kinds (a small lookup table, `KINDS`):
                or two settings, vs `paper_value` +- tolerance or `at_most`; `show: [metric, ...]`
                states the judged metric and these of the same setting in GB (1e9) and GiB (2^30)
   kernel_order quantization error (MSE) of `kinds` on standard-normal data: the first is lowest
-  ptq_error    quantization error `metric` (mse) of `kinds` on the real weights of base-`ptq`
-               (every decoder linear weight; results/ptq-base-<ptq>/ptq.json): the first is
-               lowest -> reproduced, else not reproduced (no noise: all weights are measured)
-  ptq_lower    post-training-quantization perplexity of base-`ptq`: type `a` is lower than
-               each type in `others`. Each pair is compared window by window on the same
-               held-out tokens (stats.paired_log_ratio, 95% t-interval of log(ppl_a/ppl_b)):
+  ptq_error    quantization error `metric` (mse) of `kinds` on the real weights of the `ptq`
+               evidence (every decoder linear weight): the first is lowest -> reproduced, else
+               not reproduced (no noise: all weights are measured). `ptq`: a base size (`ptq: gpu`,
+               results/ptq-base-gpu/ptq.json) or a model and text (`ptq: {model: smollm2-135m,
+               text: wiki}`, results/ptq-smollm2-135m-wiki/ptq.json; qlab.claims.ptq.claim_target)
+  ptq_lower    post-training-quantization perplexity of the `ptq` evidence: type `a` is lower
+               than each type in `others`. Each pair is compared window by window on the same
+               tokens (stats.paired_log_ratio, 95% t-interval of log(ppl_a/ppl_b)):
                every interval entirely below 0 -> reproduced; any entirely above 0 (an other type
                significantly lower) -> not reproduced; otherwise the difference is within noise ->
                inconclusive. `measured`: the relative perplexity change vs the closest other type
@@ -85,8 +87,8 @@ A claims file with no `sweep` in a claim is judged for any one sweep (`--sweep`,
 that ends with `SweepVerdicts` as its callback) into <results>/<sweep>/<claims file's stem>.md.
 Runs come from `results/<sweep>/`: `make claims` first runs the sweeps that have no results
 (`experiment` plus `overrides`, a Hydra multirun), and the PTQ measurements that have no
-ptq.json (`python -m qlab.claims.ptq --size <ptq>`), unless --no-run; GPU-sized ones (`train=gpu`
-among the overrides, `ptq: gpu`) only where CUDA is available.
+ptq.json (`python -m qlab.claims.ptq --size <ptq>`, or `--model M --text T`), unless --no-run;
+GPU-sized ones (`train=gpu` among the overrides, `ptq: gpu`) only where CUDA is available.
 
 Besides claims.md (every column, the reasons, every arm of each sweep a paired claim reads), `write`
 produces summary.md: one compact table (claim, measured on, paper, measured with its interval,
@@ -303,8 +305,15 @@ def k_kernel_order(claim: dict, runs: pd.DataFrame) -> Verdict:
 
 
 def _ptq_missing(claim: dict) -> Verdict:
-    return Verdict(INCONCLUSIVE, reason=f"not run yet: results/ptq-base-{claim['ptq']}/ has no ptq.json "
-                                        f"(python -m qlab.ptq --size {claim['ptq']})")
+    t = ptq.claim_target(claim["ptq"])
+    return Verdict(INCONCLUSIVE, reason=f"not run yet: results/{t.name}/ has no ptq.json ({t.command()})")
+
+
+def _ptq_on(record: dict) -> str:
+    """Which model, text and windows a PTQ verdict stands on, for its reason."""
+    ev = record["eval"]
+    size = f" of {ev['seq_len']} positions" if ev.get("seq_len") else ""
+    return f"on {ptq.describe(record)}, {len(ev['window_tokens'])} windows{size}"
 
 
 def k_ptq_error(claim: dict, record: dict | None) -> Verdict:
@@ -319,9 +328,12 @@ def k_ptq_error(claim: dict, record: dict | None) -> Verdict:
     order = sorted(kinds, key=value.get)
     ok = order[0] == kinds[0] and value[order[0]] < value[order[1]]  # strictly lowest
     first = errors[kinds[0]]
-    reason = (f"{metric} on base-{record['size']}'s {first['n']:,} decoder weights: "
+    gguf = (record.get("provenance") or {}).get("linear_types")
+    reason = (f"{metric} on {record.get('model') or 'base-' + record['size']}'s {first['n']:,} decoder weights: "
               + " < ".join(f"{k} {value[k]:.4g}" for k in order)
-              + "; max abs error " + ", ".join(f"{k} {float(errors[k]['max_abs_error']):.3g}" for k in kinds))
+              + "; max abs error " + ", ".join(f"{k} {float(errors[k]['max_abs_error']):.3g}" for k in kinds)
+              + (f"; these weights were GGUF values ({', '.join(f'{t} {v:.0%}' for t, v in gguf.items())}): "
+                 "a re-quantization error" if gguf else ""))
     return Verdict(REPRODUCED if ok else NOT_REPRODUCED, value[kinds[0]], reason=reason,
                    n=f"{first['n']:,} weights")
 
@@ -344,16 +356,17 @@ def k_ptq_lower(claim: dict, record: dict | None) -> Verdict:
     diffs = "; ".join(f"vs {b} {100 * r['rel']:+.2f}% [{100 * r['rel_ci95'][0]:+.2f}, {100 * r['rel_ci95'][1]:+.2f}]"
                       for b, r in pairs.items())
     ci = tuple(100 * x for x in c["rel_ci95"])
+    on = _ptq_on(record)
     higher = [b for b, r in pairs.items() if r["ci95"][0] > 0]
     if higher:
         return Verdict(NOT_REPRODUCED, 100 * c["rel"], ci,
-                       f"{', '.join(higher)} significantly lower than {a}: perplexity {ppl} ({diffs})", n)
+                       f"{', '.join(higher)} significantly lower than {a}: perplexity {ppl} ({diffs}) {on}", n)
     if all(r["ci95"][1] < 0 for r in pairs.values()):
-        return Verdict(REPRODUCED, 100 * c["rel"], ci, f"perplexity {ppl} ({diffs}; 95% paired intervals)", n)
+        return Verdict(REPRODUCED, 100 * c["rel"], ci, f"perplexity {ppl} ({diffs}; 95% paired intervals) {on}", n)
     within = [b for b, r in pairs.items() if r["ci95"][1] >= 0]
     return Verdict(INCONCLUSIVE, 100 * c["rel"], ci,
                    f"{a} vs {', '.join(within)} within noise (the 95% paired interval includes 0): "
-                   f"perplexity {ppl} ({diffs})", n)
+                   f"perplexity {ppl} ({diffs}) {on}", n)
 
 
 def k_interleaved_equivalent(claim: dict, record: dict | None) -> Verdict:
@@ -781,7 +794,7 @@ SHOWS_INFORMATION = ("curve_within", "eval_within")  # their own `information` r
 NEEDS_RUNS = ("value", "difference", "lower", "equivalent", "survives", "speed_ratio", "ratio", "curve_within",
               "eval_within", *PAIRED)
 EXPECT = {"equivalent_paired": ("equivalent", "different"), "noninferior_paired": ("noninferior", "inferior")}
-NEEDS_PTQ = ("ptq_error", "ptq_lower")  # evidence: results/ptq-base-<claim['ptq']>/ptq.json
+NEEDS_PTQ = ("ptq_error", "ptq_lower")  # evidence: results/<ptq.claim_target(claim['ptq']).name>/ptq.json
 
 
 # ------------------------------------------------------------------ the verb
@@ -797,8 +810,11 @@ def load_claims(path: Path, sweep: str | None = None) -> list[dict]:
                 raise ValueError(f"{path}: claim {i} ({c.get('id', '?')}) lacks '{key}'")
         if c["kind"] not in KINDS:
             raise ValueError(f"{path}: claim {c['id']}: unknown kind {c['kind']!r} (choose from {', '.join(KINDS)})")
-        if c["kind"] in NEEDS_PTQ and c.get("ptq") not in ("tiny", "small", "gpu"):
-            raise ValueError(f"{path}: claim {c['id']}: kind {c['kind']} needs ptq: tiny|small|gpu (the base size)")
+        if c["kind"] in NEEDS_PTQ:
+            try:
+                ptq.claim_target(c.get("ptq"))
+            except ValueError as e:
+                raise ValueError(f"{path}: claim {c['id']}: kind {c['kind']} {e}") from None
         if c["kind"] == "untested" and not c.get("reason"):
             raise ValueError(f"{path}: claim {c['id']}: kind untested needs a reason (why it is not measured)")
         if c["kind"] in PAIRED:
@@ -817,22 +833,24 @@ def load_claims(path: Path, sweep: str | None = None) -> list[dict]:
 
 def run_missing(claims: list[dict], results: Path) -> None:
     """Run each sweep the claims need that has no result yet (a Hydra multirun per sweep), and
-    each PTQ measurement that has no ptq.json (one process per size), through the launcher;
+    each PTQ measurement that has no ptq.json (one process per model and text), through the launcher;
     each one's output goes to a log under results/logs/claims/."""
     done = set()
     logs = results / "logs" / "claims"
     for c in claims:
         if c["kind"] in NEEDS_PTQ:
-            size = c["ptq"]
-            if f"ptq:{size}" in done or (ptq.result_dir(results, size) / "ptq.json").is_file():
+            t = ptq.claim_target(c["ptq"])
+            if t.name in done or (ptq.result_dir(results, t) / "ptq.json").is_file():
                 continue
-            done.add(f"ptq:{size}")
-            if size == "gpu" and not _has_cuda():
-                print(f"not running the PTQ measurement of base-{size}: it needs a GPU (its claims stay "
+            done.add(t.name)
+            if t.size == "gpu" and not _has_cuda():
+                print(f"not running the PTQ measurement of {t.model}: it needs a GPU (its claims stay "
                       "inconclusive)", flush=True)
                 continue
-            print(f"running missing PTQ measurement of base-{size} (log: {logs / f'ptq-{size}.log'})", flush=True)
-            launch.launch(["--size", size, "--results", str(results)], logs / f"ptq-{size}.log", module="qlab.claims.ptq")
+            log = logs / (f"ptq-{t.size}.log" if t.text == ptq.HELDOUT else f"{t.name}.log")
+            print(f"running missing PTQ measurement {t.name} (log: {log})", flush=True)
+            args = ["--size", t.size] if t.text == ptq.HELDOUT else ["--model", t.model, "--text", t.text]
+            launch.launch([*args, "--results", str(results)], log, module="qlab.claims.ptq")
             continue
         sweep = c.get("sweep")
         if c["kind"] not in NEEDS_RUNS or not sweep or not c.get("experiment") or sweep in done:
@@ -865,10 +883,10 @@ def measured_on(c: dict, runs) -> str:
         return f"{c['model']} (analytic)"
     planned = c.get("measured_on") or c.get("model") or "-"  # the claims file's, until runs exist
     if kind in NEEDS_PTQ:
-        if not runs:
-            return f"base-{c['ptq']}"
-        split = (runs.get("eval") or {}).get("split")
-        return f"{runs.get('model', 'base-' + c['ptq'])}" + (f" · its {split} split" if split else "")
+        if runs:
+            return ptq.describe(runs)
+        t = ptq.claim_target(c["ptq"])
+        return f"{t.model} · held-out split" if t.text == ptq.HELDOUT else f"{t.model} · {t.text} (not run yet)"
     if kind == "interleaved_equivalent":
         return str((runs or {}).get("setup", {}).get("model") or planned)
     if kind not in NEEDS_RUNS or runs is None or runs.empty or "model" not in runs:
@@ -908,7 +926,7 @@ def evaluate(claims: list[dict], results: Path) -> list[dict]:
     for c in claims:
         runs = pd.DataFrame(columns=["status"])
         if c["kind"] in NEEDS_PTQ:
-            runs = ptq.load(results, c["ptq"]) if results is not None else None  # a dict, or None
+            runs = ptq.load(results, ptq.claim_target(c["ptq"])) if results is not None else None  # a dict, or None
         elif c["kind"] == "interleaved_equivalent":
             runs = load_overhead(results, c["overhead"]) if results is not None else None
         elif c["kind"] in NEEDS_RUNS:
@@ -929,7 +947,7 @@ def evaluate(claims: list[dict], results: Path) -> list[dict]:
                      "measured_on": measured_on(c, runs), "margin": v.margin or margin_text(c),
                      "measured": v.measured, "ci": list(v.ci) if v.ci else None, "ci_level": v.ci_level,
                      "verdict": v.verdict, "reason": v.reason, "n": v.n,
-                     "evidence": c.get("sweep") or (f"ptq-base-{c['ptq']}" if c["kind"] in NEEDS_PTQ else
+                     "evidence": c.get("sweep") or (ptq.claim_target(c["ptq"]).name if c["kind"] in NEEDS_PTQ else
                                                     f"overhead/{c['overhead']}" if c.get("overhead") else c["kind"])})
     return rows
 

@@ -170,13 +170,9 @@ def lr_factor(step: int, spec: dict) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def heldout_eval(model, tokenizer, texts: list[str], seq_len: int, max_tokens: int | None = None,
-                 batch_size: int = 8, amp_dtype=None, per_window: bool = False) -> dict:
-    """Token-weighted mean negative log-likelihood over `texts`, encoded as in training and cut
-    to `max_tokens`, in windows of seq_len tokens overlapping by one (every token but the first is
-    predicted once). Any causal LM, quantized ones included; `amp_dtype` autocasts on CUDA.
-    `per_window` adds each window's summed NLL (`window_nll`) and predictions (`window_tokens`) in
-    an order the texts fix, so two models compare window by window (ptq's noise estimate)."""
+def heldout_windows(tokenizer, texts: list[str], seq_len: int, max_tokens: int | None = None) -> list[list[int]]:
+    """`texts` encoded as in training, cut to `max_tokens`, in windows of seq_len tokens
+    overlapping by one: every token but the first is predicted once (score_windows)."""
     if seq_len < 2:
         raise ValueError(f"seq_len must be >= 2, got {seq_len}")
     ids = [t for doc in encode_documents(tokenizer, list(texts)) for t in doc]
@@ -184,30 +180,39 @@ def heldout_eval(model, tokenizer, texts: list[str], seq_len: int, max_tokens: i
         ids = ids[:max_tokens]
     if len(ids) < 2:
         raise ValueError("need at least two tokens of held-out text")
-    device = next(model.parameters()).device
     stride = seq_len - 1
     windows = [ids[s: s + seq_len] for s in range(0, len(ids) - 1, stride)]
-    windows = [w for w in windows if len(w) >= 2]
+    return [w for w in windows if len(w) >= 2]
+
+
+def score_windows(model, windows: list[list[int]], batch_size: int = 8, amp_dtype=None,
+                  per_window: bool = False) -> dict:
+    """Token-weighted mean negative log-likelihood of every token of each window but its first,
+    given the ones before it in the window. Any causal LM, quantized ones included; `amp_dtype`
+    autocasts on CUDA. `per_window` adds each window's summed NLL (`window_nll`) and predictions
+    (`window_tokens`) in the windows' order, so two models compare window by window (ptq)."""
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    window_nll: list[float] = []
-    window_tokens: list[int] = []
+    window_nll: list[float] = [math.nan] * len(windows)
+    window_tokens: list[int] = [len(w) - 1 for w in windows]
     amp = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None and device.type == "cuda")
     try:
         with torch.no_grad(), amp:
-            # full windows in batches, the shorter last one on its own
-            groups: dict[int, list[list[int]]] = {}
-            for w in windows:
-                groups.setdefault(len(w), []).append(w)
-            for length, ws in groups.items():
-                for i in range(0, len(ws), batch_size):
-                    x = torch.tensor(ws[i: i + batch_size], dtype=torch.long, device=device)
+            # windows of one length in batches (all but a shorter last one)
+            groups: dict[int, list[int]] = {}
+            for i, w in enumerate(windows):
+                groups.setdefault(len(w), []).append(i)
+            for length, idx in groups.items():
+                for j in range(0, len(idx), batch_size):
+                    rows = idx[j: j + batch_size]
+                    x = torch.tensor([windows[i] for i in rows], dtype=torch.long, device=device)
                     logits = model(input_ids=x).logits[:, :-1].float()
                     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
                                           reduction="none").view(x.shape[0], length - 1).double().sum(1)
-                    window_nll.extend(nll.tolist())
-                    window_tokens.extend([length - 1] * x.shape[0])
+                    for i, v in zip(rows, nll.tolist()):
+                        window_nll[i] = v
                     total += float(nll.sum())
                     count += x.shape[0] * (length - 1)
     finally:
@@ -217,6 +222,13 @@ def heldout_eval(model, tokenizer, texts: list[str], seq_len: int, max_tokens: i
     if per_window:
         out.update(window_nll=window_nll, window_tokens=window_tokens)
     return out
+
+
+def heldout_eval(model, tokenizer, texts: list[str], seq_len: int, max_tokens: int | None = None,
+                 batch_size: int = 8, amp_dtype=None, per_window: bool = False) -> dict:
+    """score_windows on heldout_windows: the held-out loss and perplexity of `texts`."""
+    return score_windows(model, heldout_windows(tokenizer, texts, seq_len, max_tokens), batch_size, amp_dtype,
+                         per_window)
 
 
 def heldout_perplexity(model, tokenizer, texts: list[str], seq_len: int, max_tokens: int | None = None,
