@@ -96,7 +96,7 @@ TASKS = (arithmetic, counting, reverse, translate, planets, greeting)
 
 def conversation(rng: random.Random) -> dict:
     turns = []
-    for _ in range(rng.choice((1, 1, 2, 2, 3))):  # 1-3 topics per chat, 1-6 turns in all
+    for _ in range(rng.choice((1, 1, 2, 2, 3))):  # 1-3 topics per chat (a topic has 1-3 turns)
         turns += rng.choice(TASKS)(rng)
     return {"conversation": turns}
 
