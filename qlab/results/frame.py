@@ -1,15 +1,11 @@
 """result.json files -> one tidy pandas DataFrame (one row per run), and the names the
 report, the statistics and the plots share: axis orders, quantization labels, metrics.
 
-Every run found is a row, oom and failed ones included (their `status` says so). Each row
-carries its comparability group: runs are only compared inside a group (see `GROUP_KEYS`).
-A result's `kind` (its task: train, generate, compare, eval; "train" when the file has none) is
-part of the group: results of two kinds never share one.
-The speed path of a training run (`speed`: recipe | fast | trainer, see `speed_label`) is an
-ablation axis like the quantization: runs that differ only in it share a group, and its
-`quant_label` names it (`nf4+DQ · fast`), so every consumer that tells configurations apart by
-quant label (arms, plots, claims) keeps them apart.
-Reading is all this module does; nothing here computes a statistic or draws.
+Every run found is a row, oom and failed ones included (`status`). Each row carries its
+comparability group (`GROUP_KEYS`, and its `kind`: results of two tasks never share one); runs
+are only compared inside a group. A training run's speed path (`speed_label`) is an axis like
+the quantization, named in its `quant_label` (`nf4+DQ · fast`) so that every consumer keeps
+them apart. Reading is all this module does; nothing here computes a statistic or draws.
 """
 
 from __future__ import annotations
@@ -22,10 +18,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from qlab.reference.lm_eval_tasks import LOCAL_TASKS
 from qlab.results import store
 from qlab.results.store import ADDED_KEYS, NON_IDENTITY_KEYS, RECIPE, RESULT, TASK_SECTIONS, peak_bytes
 
 GiB = 2**30
+MiB = 2**20
 ADAPTER_BYTES_PER_PARAM = 4  # LoRA A/B matrices are trained in float32: 4 bytes/param
 
 # Natural order of each axis' values in tables and plots; unknown values sort after, by name.
@@ -100,7 +98,6 @@ def quality_metrics(runs: pd.DataFrame) -> tuple[Metric, ...]:
     """The metrics a report shows for these runs: all of METRICS, less the loss-based ones (final
     train loss, eval loss, eval perplexity) where the runs trained random weights."""
     return tuple(m for m in METRICS if not (m.quality and random_weights(runs)))
-MiB = 2**20
 
 
 def byte_unit(largest: float) -> tuple[str, int]:
@@ -139,6 +136,8 @@ def generation_metrics(runs: pd.DataFrame) -> tuple[Metric, ...]:
         p = f"e2e_tokens_per_s_b{b}"
         out.append(Metric(f"e2e_tok_s_b{b}", f"{p}_median_tok", 1, f"end-to-end tok/s b{b}", 0, delta=True))
     return tuple(out)
+
+
 # An eval table's column per task: the first of these the task reports, else its first metric
 # (acc_mutual_info: qlab's chitchat choice, where generic replies are likely without any context)
 EVAL_MAIN_METRICS = ("word_perplexity", "acc_mutual_info", "acc", "exact_match")
@@ -148,8 +147,6 @@ def eval_metrics(runs: pd.DataFrame) -> tuple[Metric, ...]:
     """The columns of an eval table (task=eval results): per task the runs asked for (qlab's local
     tasks first), its main metric (EVAL_MAIN_METRICS) as the harness reports it
     (`lm_eval.<task>.<metric>`), each followed by its standard error where the harness gives one."""
-    from qlab.reference.lm_eval_tasks import LOCAL_TASKS
-
     asked = {t for v in runs.get("eval_tasks", pd.Series(dtype=object)).dropna() for t in str(v).split("+")}
     if not asked:  # a result without the list: every task it has numbers for
         asked = {c.split(".")[1] for c in runs.columns if c.startswith("lm_eval.")}
@@ -266,8 +263,7 @@ def generation_config(cfg: dict, metrics: dict) -> tuple[dict, str]:
                "tracker": cfg.get("tracker"), "adapter": {"run_id": metrics.get("adapter_run_id"),
                                                           "weights_sha256": metrics.get("adapter_weights_sha256")}}
     adapter = cfg.get("adapter") or {}
-    sha = adapter.get("weights_sha256")
-    return cfg, (adapter.get("run_id") or "") + (f" {sha[:8]}" if sha else "")
+    return cfg, _adapter_label(adapter.get("run_id"), adapter.get("weights_sha256"))
 
 
 def eval_config(cfg: dict, metrics: dict) -> tuple[dict, str]:
@@ -280,7 +276,12 @@ def eval_config(cfg: dict, metrics: dict) -> tuple[dict, str]:
     cfg = {"model": {k: v for k, v in (cfg.get("model") or {}).items() if v is not None}, "quant": cfg.get("quant"),
            "eval": e, "seed": cfg.get("seed"), "tracker": cfg.get("tracker"),
            "adapter": {"run_id": metrics.get("adapter_run_id"), "weights_sha256": sha}}
-    return cfg, (metrics.get("adapter_run_id") or "") + (f" {sha[:8]}" if sha else "")
+    return cfg, _adapter_label(metrics.get("adapter_run_id"), sha)
+
+
+def _adapter_label(run_id: str | None, sha: str | None) -> str:
+    """The training run a result ran beside the base and its weights' hash: `<run id> 1a2b3c4d`."""
+    return (run_id or "") + (f" {sha[:8]}" if sha else "")
 
 
 def _num(v) -> float:
@@ -374,19 +375,32 @@ def load_runs(root: Path) -> pd.DataFrame:
             warnings.warn(f"skipping unreadable {path}: {e}")
             unreadable.append(str(path.relative_to(root)))
     df = pd.DataFrame(rows)
+    if not df.empty:
+        for col in READ_METRICS:
+            if col not in df:
+                df[col] = math.nan
+        df = sort_rows(assign_groups(df), lambda r: (
+            r["group"], rank("quant", r["quant"]), r["double_quant"], rank("speed", r["speed"]),
+            rank("optim", r["optim"]), rank("adapter", r["adapter"]), str(r["seed"]), r["run_id"]))
     df.attrs.update(unreadable=unreadable, root=str(root))  # root: where each row's `path` is
-    if df.empty:
-        return df
-    for col in READ_METRICS:
-        if col not in df:
-            df[col] = math.nan
-    df = assign_groups(df)
-    keys = df.apply(lambda r: (r["group"], rank("quant", r["quant"]), r["double_quant"], rank("speed", r["speed"]),
-                               rank("optim", r["optim"]), rank("adapter", r["adapter"]), str(r["seed"]), r["run_id"]),
-                    axis=1)
-    df = df.iloc[sorted(range(len(df)), key=lambda i: keys.iloc[i])].reset_index(drop=True)
-    df.attrs.update(unreadable=unreadable, root=str(root))
     return df
+
+
+def sort_rows(df: pd.DataFrame, key) -> pd.DataFrame:
+    """The rows of `df` in the order of key(row) (stable), indexed 0..n-1."""
+    keys = [key(row) for _, row in df.iterrows()]
+    return df.iloc[sorted(range(len(df)), key=keys.__getitem__)].reset_index(drop=True)
+
+
+def status_summary(statuses: pd.Series) -> str:
+    """"5 ok, 1 oom": how many runs ended in each status, ok first."""
+    counts = statuses.value_counts()
+    return ", ".join(f"{counts[s]} {s}" for s in sorted(counts.index, key=lambda s: (s != "ok", s)))
+
+
+def peak_sources(runs: pd.DataFrame) -> str:
+    """Which measurement the ok runs' peak memory comes from (`store.PEAK_SOURCES`), or n/a."""
+    return ", ".join(sorted(set(runs.loc[runs.status == "ok", "peak_source"].dropna()))) or "n/a"
 
 
 def _kind_rank(kind: str) -> int:

@@ -98,11 +98,10 @@ READING = ("Cells: mean over the arm's ok runs (n = seeds) [95% CI: bootstrap ac
 
 def table_notes(baseline: str | None, fixed: dict, g: pd.DataFrame) -> list[str]:
     """The notes under one table: how to read it (`READING`), then what is specific to it."""
-    ok = g[g.status == "ok"]
     notes = [READING]
     if baseline is not None:
         notes.append(f"Baseline: {baseline}.")
-    notes.append(f"peak mem: {', '.join(sorted(set(ok.peak_source.dropna()))) or 'n/a'} "
+    notes.append(f"peak mem: {frame.peak_sources(g)} "
                  "(NVML device-used includes the CUDA context and paged optimizers' managed memory); "
                  "torch peak alloc: torch.cuda peak allocated bytes (sees neither).")
     if fixed:
@@ -138,7 +137,7 @@ def group_report(g: pd.DataFrame, curves: pd.DataFrame, out: Path, baselines: di
 def generation_notes(baseline: str, g: pd.DataFrame, sizes: list[int]) -> list[str]:
     ok = g[g.status == "ok"]
     notes = [GENERATION_READING, f"Baseline: {baseline} with the same adapter setting."]
-    notes.append(f"peak mem: {', '.join(sorted(set(ok.peak_source.dropna()))) or 'n/a'} while generating, the "
+    notes.append(f"peak mem: {frame.peak_sources(g)} while generating, the "
                  "largest over the batch sizes (NVML device-used includes the CUDA context; a CPU run's process RSS "
                  "includes the Python runtime and libraries); torch peak alloc: torch.cuda peak allocated bytes; "
                  "weights: bytes the loaded base weights hold (`weight_bytes`), adapter not included.")
@@ -165,17 +164,21 @@ GENERATION_READING = (
     "end-to-end tok/s bB = B N / T_N, prefill included. Wall-clock times, device synchronized.")
 
 
+def _one_table(kind: str, axis: tables.Axis, numeric: pd.DataFrame, disp: pd.DataFrame, notes: list[str],
+               out: Path, plotted: dict) -> dict:
+    """The section of a group shown as one table (generation, evaluation)."""
+    paths = tables.write(numeric, disp, out / "tables" / axis.key, axis.title, notes)
+    return {"kind": kind, "tables": [(axis, paths, tables.to_markdown(disp), " ".join(notes))], "grid": None,
+            "arms": numeric, "plots": plotted}
+
+
 def generation_report(g: pd.DataFrame, out: Path, baselines: dict) -> dict:
     """The generation table and plot of one generation group into `out`."""
     numeric, disp, baseline, _ = tables.generation_display(g, baselines.get("quant"))
     sizes = frame.generation_batch_sizes(g)
     notes = generation_notes(baseline, g, sizes)
-    axis = tables.GENERATION
-    paths = tables.write(numeric, disp, out / "tables" / axis.key, axis.title, notes)
-    made = {"kind": "generate", "tables": [(axis, paths, tables.to_markdown(disp), " ".join(notes))],
-            "grid": None, "arms": numeric}
-    made["plots"] = {"generation": plots.generation(numeric, sizes, out / "plots" / "generation")}
-    return made
+    plotted = {"generation": plots.generation(numeric, sizes, out / "plots" / "generation")}
+    return _one_table("generate", tables.GENERATION, numeric, disp, notes, out, plotted)
 
 
 def eval_report(g: pd.DataFrame, out: Path, baselines: dict) -> dict:
@@ -187,10 +190,7 @@ def eval_report(g: pd.DataFrame, out: Path, baselines: dict) -> dict:
     notes = [EVAL_READING, f"Baseline: {baseline} with the same adapter setting.",
              "Items per task (documents or questions): " + ", ".join(
                  f"{t} {'/'.join(map(str, sorted(n)))}" for t, n in items.items()) + "."]
-    axis = tables.EVAL
-    paths = tables.write(numeric, disp, out / "tables" / axis.key, axis.title, notes)
-    return {"kind": "eval", "tables": [(axis, paths, tables.to_markdown(disp), " ".join(notes))], "grid": None,
-            "arms": numeric, "plots": {}}
+    return _one_table("eval", tables.EVAL, numeric, disp, notes, out, {})
 
 
 EVAL_READING = (
@@ -215,12 +215,7 @@ def eval_setup_lines(g: pd.DataFrame) -> list[str]:
               if c.startswith("eval.") and c.endswith(".task_sha256") and g[c].notna().any()]
     if hashes:
         lines.append("- **Local tasks** (qlab/reference/lm_eval_tasks.py, content SHA-256): " + ", ".join(hashes))
-    adapters = sorted({a for a in g.adapter_run.dropna() if a})
-    if adapters:
-        lines.append("- **Adapters** (LoRA unmerged; `full`: a fully fine-tuned model) from run(s): "
-                     + ", ".join(f"`{a}`" for a in adapters))
-    lines.append("- **Git commits of the runs**: " + _distinct(g.git_commit.fillna("unknown (not recorded)")))
-    return lines
+    return lines + _adapters_line(g, "Adapters** (LoRA unmerged; `full`: a fully fine-tuned model)") + [_commits(g)]
 
 
 def compare_report(g: pd.DataFrame, out: Path) -> dict:
@@ -258,12 +253,17 @@ def generation_setup_lines(g: pd.DataFrame) -> list[str]:
         f"{', '.join(map(str, sizes)) if isinstance(sizes, list) else sizes}, "
         f"{rest.get('bench.warmup_calls')} untimed warm-up call(s) per batch size; one process per row",
     ]
+    return lines + _adapters_line(g, "Adapter** (LoRA, unmerged, `PeftModel.from_pretrained`)") + [_commits(g)]
+
+
+def _adapters_line(g: pd.DataFrame, what: str) -> list[str]:
+    """The page's line naming the training runs whose adapters (or models) a group ran with."""
     adapters = sorted({a for a in g.adapter_run.dropna() if a})
-    if adapters:
-        lines.append("- **Adapter** (LoRA, unmerged, `PeftModel.from_pretrained`) from run(s): "
-                     + ", ".join(f"`{a}`" for a in adapters))
-    lines.append("- **Git commits of the runs**: " + _distinct(g.git_commit.fillna("unknown (not recorded)")))
-    return lines
+    return [f"- **{what} from run(s): " + ", ".join(f"`{a}`" for a in adapters)] if adapters else []
+
+
+def _commits(g: pd.DataFrame) -> str:
+    return "- **Git commits of the runs**: " + _distinct(g.git_commit.fillna("unknown (not recorded)"))
 
 
 def _machine_lines(g: pd.DataFrame, cpu_extra: str = "") -> list[str]:
@@ -295,7 +295,7 @@ def setup_lines(g: pd.DataFrame, root: Path) -> list[str]:
         f"**batch** {r.batch_size}" + (f" ({r.batch_size} seq x {r.max_seq_len} tok = {tokens:,} tok/step)"
                                          if tokens else "") + f"; **steps** {r.steps}",
         "- **Settings**: " + ", ".join(f"{k}={rest[k]}" for k in SETTINGS if k in rest),
-        "- **Git commits of the runs**: " + _distinct(g.git_commit.fillna("unknown (not recorded)")),
+        _commits(g),
     ]
     for sweep in sorted(g.sweep.dropna().unique()):
         manifest = next((p for p in (root / "sweep.json", root / sweep / "sweep.json") if p.exists()), None)
@@ -335,12 +335,10 @@ def random_weights_note(runs: pd.DataFrame) -> list[str]:
 
 def write_page(runs: pd.DataFrame, root: Path, out: Path, page: Path, sections: dict, comp: pd.DataFrame,
                argv_dir: str) -> None:
-    counts = runs.status.value_counts()
     sweeps = ", ".join(f"`{s}`" for s in sorted(runs.sweep.dropna().unique()))
     lines = [f"# Report: {sweeps}", "",
              f"Generated by `qlab report {argv_dir}` from {len(runs)} result.json files ("
-             + ", ".join(f"{counts[s]} {s}" for s in sorted(counts.index, key=lambda s: (s != "ok", s)))
-             + "). Every number below is computed from those files; regenerate rather than edit.", "",
+             + frame.status_summary(runs.status) + "). Every number below is computed from those files; regenerate rather than edit.", "",
              f"- Every run: [runs.csv]({rel(out / 'runs.csv', page)}); statistics: "
              f"[statistics.md]({rel(out / 'statistics.md', page)}) ([csv]({rel(out / 'statistics.csv', page)}))"]
     bad = runs[runs.status != "ok"]
@@ -378,8 +376,7 @@ def write_page(runs: pd.DataFrame, root: Path, out: Path, page: Path, sections: 
         elif made.get("kind") == "eval":
             lines += eval_setup_lines(g)
         elif made.get("kind") == "compare":
-            lines += [*_machine_lines(g), "- **Git commits of the runs**: "
-                      + _distinct(g.git_commit.fillna("unknown (not recorded)"))]
+            lines += [*_machine_lines(g), _commits(g)]
         else:
             lines += setup_lines(g, root)
         for axis, paths, md, notes in made["tables"]:
