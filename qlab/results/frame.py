@@ -37,20 +37,13 @@ ORDER = {
 }
 SPEED_SEP = " · "  # quant label · speed label
 # Keys that define a comparability group (besides hardware): column -> dotted config key.
-GROUP_KEYS = {
-    "model": "model.name",
-    "data": "data.name",
-    "max_seq_len": "data.max_seq_len",
-    "pad_to": "data.pad_to",
-    "batch_size": "train.batch_size",
-    "steps": "train.steps",
-}
+GROUP_KEYS = {"model": "model.name", "data": "data.name", "max_seq_len": "data.max_seq_len", "pad_to": "data.pad_to",
+              "batch_size": "train.batch_size", "steps": "train.steps"}
 # Config keys that are the ablation axes (they vary *inside* a group) or don't change what a
 # run measures; every other config key must match for runs to share a group.
 AXIS_CONFIG_KEYS = ("quant.type", "quant.double_quant", "optim.name", "adapter.targets", "seed", "speed",
                     "train.runner")  # the runner is part of the speed path (trainer)
-# Generation results: with or without an adapter is an axis (`adapter`: none | lora), so the
-# adapter's config (source run, rank) does not split the group; arms keep one adapter per row.
+# Generation and eval results: the adapter is an axis (`adapter`: none | lora), its config does not split a group.
 KIND_AXIS_CONFIG_KEYS = {"generate": ("adapter",), "eval": ("adapter",)}
 KINDS = ("train", "generate", "compare", "eval")  # sections in this order
 GENERATE_LABEL_KEYS = ("bench.new_tokens", "bench.batch_sizes", "bench.prompts", "bench.repeats")
@@ -69,8 +62,7 @@ class Metric:
     decimals: int
     delta: bool = False  # show % change vs the baseline arm
     tested: bool = False  # compared across ablation pairs in the statistics
-    # columns of one run's own 95% interval (over its timed calls), used when an arm has one run
-    run_ci: tuple[str, str] | None = None
+    run_ci: tuple[str, str] | None = None  # one run's own 95% interval (columns), used for an arm of one run
     quality: bool = False  # loss-based: says nothing on random weights (`quality_metrics`)
 
 
@@ -89,20 +81,17 @@ METRIC = {m.name: m for m in METRICS}
 
 
 def random_weights(runs: pd.DataFrame) -> bool:
-    """Every run of `runs` trained a random-init preset (`model_weights`): their losses measure
-    nothing a reader could call quality."""
+    """Every run of `runs` trained a random-init preset (`model_weights`): their losses are not quality."""
     return len(runs) > 0 and "model_weights" in runs and bool((runs.model_weights == "random").all())
 
 
 def quality_metrics(runs: pd.DataFrame) -> tuple[Metric, ...]:
-    """The metrics a report shows for these runs: all of METRICS, less the loss-based ones (final
-    train loss, eval loss, eval perplexity) where the runs trained random weights."""
+    """METRICS, less the loss-based ones where the runs trained random weights."""
     return tuple(m for m in METRICS if not (m.quality and random_weights(runs)))
 
 
 def byte_unit(largest: float) -> tuple[str, int]:
-    """(unit, bytes per unit) for a table's byte columns: GiB, or MiB when every value is below
-    1 GiB (tiny models) or there is none."""
+    """(unit, bytes per unit) of a table's byte columns: MiB when every value is below 1 GiB (tiny models)."""
     return ("GiB", GiB) if not math.isfinite(largest) or largest >= GiB else ("MiB", MiB)
 
 
@@ -114,10 +103,8 @@ def generation_batch_sizes(runs: pd.DataFrame) -> list[int]:
 
 
 def generation_metrics(runs: pd.DataFrame) -> tuple[Metric, ...]:
-    """The columns of a generation table (task=generate results), for the batch sizes
-    the runs hold. Times and throughputs are each run's median over its timed generate calls,
-    its interval the 95% t-interval of the mean over those calls (`stats.summarize`).
-    Bytes are in GiB, or in MiB when every value of the group is below 1 GiB (tiny models)."""
+    """The columns of a generation table, for the batch sizes the runs hold: each run's median over its
+    timed generate calls with the 95% t-interval of their mean (`stats.summarize`)."""
     unit, scale = byte_unit(pd.concat([runs[c] for c in ("weight_bytes", "peak_bytes") if c in runs]).max())
     out = [
         Metric("load_s", "load_time_s", 1, "load (s)", 2),
@@ -144,9 +131,8 @@ EVAL_MAIN_METRICS = ("word_perplexity", "acc_mutual_info", "acc", "exact_match")
 
 
 def eval_metrics(runs: pd.DataFrame) -> tuple[Metric, ...]:
-    """The columns of an eval table (task=eval results): per task the runs asked for (qlab's local
-    tasks first), its main metric (EVAL_MAIN_METRICS) as the harness reports it
-    (`lm_eval.<task>.<metric>`), each followed by its standard error where the harness gives one."""
+    """The columns of an eval table: per task the runs asked for (qlab's local tasks first), its main
+    metric (EVAL_MAIN_METRICS, `lm_eval.<task>.<metric>`) and the harness's standard error of it."""
     asked = {t for v in runs.get("eval_tasks", pd.Series(dtype=object)).dropna() for t in str(v).split("+")}
     if not asked:  # a result without the list: every task it has numbers for
         asked = {c.split(".")[1] for c in runs.columns if c.startswith("lm_eval.")}
@@ -165,8 +151,7 @@ def eval_metrics(runs: pd.DataFrame) -> tuple[Metric, ...]:
     return tuple(out)
 
 
-# Metric keys the report reads; a run without one (CPU: no torch.cuda or NVML peaks; an oom or
-# failed run: no throughput or loss) gets NaN, so every frame has every column.
+# Metric keys the report reads: a run without one (a CPU run's GPU peaks, a failed run's loss) gets NaN.
 READ_METRICS = ("weight_bytes", "quantized_weight_bytes", "quant_state_bytes", "unquantized_weight_bytes",
                 "weight_bytes_after_prepare", "trainable_params", "total_params", "peak_allocated_bytes",
                 "peak_reserved_bytes", "nvml_peak_device_used_bytes", "rss_peak_bytes", "optimizer_state_bytes",
@@ -188,9 +173,8 @@ def quant_label(quant: str, double_quant: bool, speed: str | None = None) -> str
     return label if speed in (None, RECIPE) else f"{label}{SPEED_SEP}{speed}"
 
 
-# conf/speed/ as it was for every result written before results recorded their speed label
-# (axes.speed, store.speed_label): those results are labelled with these switches, never with
-# conf/ as it is now
+# conf/speed/ as it was before results recorded their speed label (axes.speed): such results are
+# labelled with these switches, never with conf/ as it is now
 PRESETS_OF_UNLABELLED = {
     "recipe": {"upcast_non_quantized": True, "adapter_autocast": False, "compile": "none",
                "compile_backend": "inductor", "loss": "full", "loss_chunk_tokens": 1024},
@@ -200,8 +184,7 @@ PRESETS_OF_UNLABELLED = {
 
 
 def speed_label(result: dict) -> str | None:
-    """A training result's speed path as it recorded it (axes.speed), or for a result from before
-    that, store.speed_label of its stored config with PRESETS_OF_UNLABELLED."""
+    """A training result's recorded speed path (axes.speed), else its config's by PRESETS_OF_UNLABELLED."""
     if (result.get("kind") or "train") != "train":
         return None
     axes, cfg = result.get("axes") or {}, result.get("config") or {}
@@ -210,10 +193,9 @@ def speed_label(result: dict) -> str | None:
 
 
 def model_weights(model: dict) -> str:
-    """What a run's base weights were, read from its stored model config (never from conf/):
-    "random" for a preset shape built with random weights (model.preset set and none of base, gguf,
-    name_or_path), whose losses say nothing of quality; "base" for qlab's offline pretrained base,
-    "gguf" for a model dequantized from a GGUF file, "checkpoint" for a hub id or directory."""
+    """What a run's base weights were, from its stored model config: "gguf" (dequantized from a GGUF
+    file), "base" (qlab's offline pretrained base), "checkpoint" (a hub id or directory), or "random"
+    (a preset shape with random weights, whose losses say nothing of quality)."""
     model = model or {}
     for key, kind in (("gguf", "gguf"), ("base", "base"), ("name_or_path", "checkpoint")):
         if model.get(key):
@@ -239,9 +221,8 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _residual_config(config: dict, kind: str = "train") -> dict:
-    """The config keys that must match inside a group and are not named in GROUP_KEYS (`task` is
-    the kind, a group key already)."""
+def _residual_config(config: dict, kind: str) -> dict:
+    """The config keys that must match inside a group besides GROUP_KEYS and the kind (`task`)."""
     skip = ("task", *NON_IDENTITY_KEYS, *AXIS_CONFIG_KEYS, *KIND_AXIS_CONFIG_KEYS.get(kind, ()), *GROUP_KEYS.values(),
             *(t for t in TASK_SECTIONS if t != kind))  # another task's section is not this run's config
     return {k: v for k, v in flatten(config).items()
@@ -250,10 +231,9 @@ def _residual_config(config: dict, kind: str = "train") -> dict:
 
 
 def generation_config(cfg: dict, metrics: dict) -> tuple[dict, str]:
-    """A generation result's config as the report groups and labels it (`bench.*`), and which
-    adapter it ran with: its training run and its weights' hash, so that two trainings under one
-    run id are two arms, never averaged. Results of task=generate (`generate`, `train.device`,
-    the adapter in the metrics) take the layout of the first bench's results, which stay as they are."""
+    """A generation result's config as the report groups and labels it (`bench.*`, the layout of the
+    first bench's results) and its adapter label (`_adapter_label`: two trainings under one run id
+    are two arms, never averaged)."""
     if "generate" in cfg:
         bench = {k: v for k, v in cfg["generate"].items() if k != "adapter_run"}
         bench.update(device=(cfg.get("train") or {}).get("device"),
@@ -267,9 +247,8 @@ def generation_config(cfg: dict, metrics: dict) -> tuple[dict, str]:
 
 
 def eval_config(cfg: dict, metrics: dict) -> tuple[dict, str]:
-    """An eval result's config as the report groups and labels it, and what it ran beside the base
-    (the training run and its weights' hash, as for generation). The tasks asked for do not split
-    groups: a task a run did not evaluate is an empty cell."""
+    """An eval result's config as the report groups and labels it, and its adapter label. The tasks
+    asked for do not split groups: a task a run did not evaluate is an empty cell."""
     e = {k: v for k, v in (cfg.get("eval") or {}).items() if k not in ("adapter_run", "tasks")}
     e.update(device=(cfg.get("train") or {}).get("device"), max_length_used=metrics.get("lm_eval_max_length"))
     sha = metrics.get("adapter_weights_sha256") or metrics.get("model_weights_sha256")
@@ -408,10 +387,9 @@ def _kind_rank(kind: str) -> int:
 
 
 def assign_groups(df: pd.DataFrame) -> pd.DataFrame:
-    """Group = same kind, GROUP_KEYS, hardware and residual config. Groups are numbered 1.. in
-    the order of their keys (training groups first); a label names the GROUP_KEYS values (for
-    generation results: model, bench settings, hardware) and, where groups of one kind share
-    them, the residual keys that tell them apart."""
+    """Group = same kind, GROUP_KEYS, hardware and residual config, numbered 1.. in the order of
+    their keys (training first); a label names the group's settings and the residual keys that tell
+    it apart from groups of its kind."""
     cols = ["kind", *GROUP_KEYS, "hardware", "config_rest"]
     keyed = df[cols].map(str).agg("\x1f".join, axis=1)  # map(str): None and NaN become text too
     kinds = dict(zip(keyed, df.kind))
@@ -451,9 +429,8 @@ def _differing(rests: list[dict]) -> list[str]:
 
 
 def differing_keys(df: pd.DataFrame) -> list[str]:
-    """Which group-defining keys take more than one value across the groups of `df`: `kind`
-    first when training and generation results are mixed, then the keys that differ between
-    groups of the same kind."""
+    """Which group-defining keys take more than one value across the groups of `df`: `kind` first
+    when kinds are mixed, then the keys that differ between groups of one kind."""
     out = ["kind"] if df.kind.nunique() > 1 else []
     for kind in sorted(df.kind.unique(), key=_kind_rank):
         d = df[df.kind == kind]

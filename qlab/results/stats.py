@@ -157,12 +157,9 @@ def holm(pvalues) -> np.ndarray:
 
 
 # ------------------------------------------------------------------ paired arms (same seed, same settings)
-#
-# Runs of two arms that share a seed and every other setting but the compared one see the same data
-# in the same order from the same LoRA initialization, so their difference d_i = a_i - b_i carries
-# less noise than the difference of the arms' means: every test below is on the d_i (a one-sample
-# t on the pairs), never Welch's across arms. `margin` is absolute, in the metric's unit: a relative
-# margin (a fraction of arm b's mean) is converted by the caller (qlab.claims.verdicts) and stated.
+# Paired runs see the same data in the same order from the same LoRA initialization, so d_i = a_i - b_i
+# carries less noise than the difference of the arms' means: every test below is a one-sample t on the
+# d_i. `margin` is absolute, in the metric's unit (qlab.claims.verdicts converts a relative one).
 EQUIVALENCE_ALPHA = 0.05  # each one-sided test; the interval that decides is the 1 - 2 alpha = 90% one
 
 
@@ -242,11 +239,11 @@ def noninferiority_paired(a, b, margin: float, alpha: float = EQUIVALENCE_ALPHA,
     worse a is); `mean` and `ci` are then those of b - a, `mean_a` and `mean_b` stay each arm's."""
     if margin <= 0:
         raise ValueError(f"a non-inferiority margin must be > 0, got {margin}")
-    worse = (lambda x, y: (x, y)) if lower_is_better else (lambda x, y: (y, x))
-    x, y = worse(np.asarray(a, dtype=float), np.asarray(b, dtype=float))
+    x, y = (a, b) if lower_is_better else (b, a)
     out = paired_difference(x, y, 1 - 2 * alpha)
-    out.update(margin=float(margin), alpha=alpha, p=_one_sided_p(_paired(x, y), margin, "less"),
-               p_inferior=_one_sided_p(_paired(x, y), margin, "greater"),  # H0 mean(d) <= +margin
+    d = _paired(x, y)
+    out.update(margin=float(margin), alpha=alpha, p=_one_sided_p(d, margin, "less"),
+               p_inferior=_one_sided_p(d, margin, "greater"),  # H0 mean(d) <= +margin
                lower_is_better=lower_is_better, mean_a=float(np.mean(a)), mean_b=float(np.mean(b)))
     ci = out["ci"]
     out["outcome"] = ("inconclusive" if ci is None else "non-inferior" if ci[1] < margin else

@@ -15,8 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -24,6 +24,7 @@ import tempfile
 import warnings
 from dataclasses import asdict, dataclass  # noqa: F401  (asdict: callers write Results)
 from datetime import datetime, timezone
+from importlib.metadata import version
 from pathlib import Path
 from typing import Optional
 
@@ -112,6 +113,13 @@ def _get(config: dict, key: str):
     return config
 
 
+def _set(config: dict, key: str, value) -> None:
+    *parents, leaf = key.split(".")
+    for part in parents:
+        config = config.setdefault(part, {})
+    config[leaf] = value
+
+
 def identity(config: dict, neutral: bool = False) -> dict:
     """What defines a run: the config its task reads (TASK_KEYS, TASK_SECTIONS) without the
     tracker settings (NON_IDENTITY_KEYS), a run directory named in it by the hash of its
@@ -122,12 +130,7 @@ def identity(config: dict, neutral: bool = False) -> dict:
     if task in TASK_KEYS:
         ident: dict = {}
         for key in TASK_KEYS[task]:
-            value = _get(config, key)
-            *parents, leaf = key.split(".")
-            node = ident
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[leaf] = value
+            _set(ident, key, _get(config, key))
     else:
         ident = {k: v for k, v in config.items() if k not in TASK_SECTIONS or k == task}
     for key in NON_IDENTITY_KEYS:
@@ -135,12 +138,8 @@ def identity(config: dict, neutral: bool = False) -> dict:
     for key, pattern in IDENTITY_FILES.items():
         path = _get(ident, key)
         if path:
-            *parents, leaf = key.split(".")
-            node = ident
-            for part in parents:
-                node = node[part]
             patterns = (pattern,) if isinstance(pattern, str) else pattern
-            node[leaf] = files_sha256(sorted(f for p in patterns for f in Path(path).glob(p)))[:16]
+            _set(ident, key, files_sha256(sorted(f for p in patterns for f in Path(path).glob(p)))[:16])
     for key, value in (ADDED_KEYS.items() if neutral else ()):
         _drop(ident, key, value)
     return ident
@@ -205,11 +204,9 @@ def speed_presets(directory: Path = SPEED_PRESETS) -> dict[str, dict]:
 
 
 def speed_label(speed: dict | None, runner: str | None, presets: dict[str, dict]) -> str:
-    """A training run's speed path: `trainer` for the HF Trainer's loop (train.runner=hf_trainer;
-    results of the retired speed bench say speed.runner: trainer), else the preset whose
-    switches the run's equal (`recipe`, `fast`), else the nearest one and what differs:
-    `fast (compile=none)`. A run without a speed block ran the recipe (the defaults). Each
-    result records its label (axes.speed) with the presets of conf/speed/ as they were then."""
+    """A training run's speed path: `trainer` for the HF Trainer's loop (train.runner=hf_trainer, or
+    speed.runner in older results), else the preset whose switches the run's equal (`recipe`,
+    `fast`), else the nearest one and what differs: `fast (compile=none)`. No speed block: the recipe."""
     if runner == "hf_trainer" or (speed or {}).get("runner"):
         return "trainer"
     if not speed:
@@ -310,8 +307,6 @@ def git_commit() -> str | None:
 
 def _version(module: str) -> str | None:
     try:
-        from importlib.metadata import version
-
         return version(module)
     except Exception:
         return None
@@ -319,25 +314,16 @@ def _version(module: str) -> str | None:
 
 def environment() -> dict:
     """Versions and hardware, recorded beside every result."""
-    import torch
+    import torch  # lazy, as measure (which imports torch): reading results needs neither
 
     from qlab.run.measure import sampler_interval_s
 
     env = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": _version("transformers"),
-        "peft": _version("peft"),
-        "bitsandbytes": _version("bitsandbytes"),
-        "cuda": torch.version.cuda,
-        "cpu": _cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "gpu": None,
-        "gpu_count": 0,
-        "driver": None,
-        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "python": platform.python_version(), "torch": torch.__version__,
+        **{name: _version(name) for name in ("transformers", "peft", "bitsandbytes")},
+        "cuda": torch.version.cuda, "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
+        "gpu": None, "gpu_count": 0, "driver": None,
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "sampler_interval_ms": sampler_interval_s() * 1000,  # the memory sampler's period (0: off)
         # how many runs shared this run's GPU, set by the sweep that launched it (qlab.sweep);
         # a run started on its own was alone: throughput of shared runs is not a solo figure
@@ -463,9 +449,6 @@ class RunRecorder:
         self.metrics_file = open(self.dir / "metrics.jsonl", "a", buffering=1)
         self.wandb = WandbMirror(self.cfg, self.dir, self.id)
 
-    def _publish(self, status: str) -> Path:
-        return publish(self.dir, self.final_dir, status)
-
     def adopt(self) -> None:
         """Take over the staging directory of a run process that died, keeping its
         metrics.jsonl, so its failure can be recorded beside what it had logged."""
@@ -497,7 +480,7 @@ class RunRecorder:
         atomic_write_json(self.dir / RESULT, asdict(result))
         if hasattr(self, "wandb"):
             self.wandb.finish(result)
-        self.published_dir = self._publish(status)
+        self.published_dir = publish(self.dir, self.final_dir, status)
         return result
 
 
