@@ -214,12 +214,11 @@ def eval_setup_lines(g: pd.DataFrame) -> list[str]:
               if c.startswith("eval.") and c.endswith(".task_sha256") and g[c].notna().any()]
     if hashes:
         lines.append("- **Local tasks** (qlab/reference/lm_eval_tasks.py, content SHA-256): " + ", ".join(hashes))
-    return lines + _adapters_line(g, "Adapters** (LoRA unmerged; `full`: a fully fine-tuned model)") + [_commits(g)]
+    return lines + _adapters_line(g, "**Adapters** (LoRA unmerged; `full`: a fully fine-tuned model)") + [_commits(g)]
 
 
 def compare_report(g: pd.DataFrame, out: Path) -> dict:
-    """The arms and pairs tables of one group of comparisons (task=compare), every run's rows
-    under its run id."""
+    """The arms and pairs tables of one group of comparisons (task=compare), each row under its run id."""
     made = {"tables": [], "plots": {}}
     arms, pairs = [], []
     for _, r in g[g.status == "ok"].iterrows():
@@ -244,21 +243,20 @@ def generation_setup_lines(g: pd.DataFrame) -> list[str]:
     threads = (f"; torch threads {_distinct(g.torch_num_threads.dropna().astype(int))} (OMP_NUM_THREADS; on a "
                "shared CPU, more threads than free cores slow generation many times over)"
                if "torch_num_threads" in g and g.torch_num_threads.notna().any() else "")
-    lines = [
+    return [
         *_machine_lines(g, cpu_extra=threads),
         f"- **Model** {r.model}; **bench**: {rest.get('bench.prompts')} prompts ({rest.get('bench.prompt_source')}) "
         f"x {rest.get('bench.repeats')} repeats, {rest.get('bench.decoding')} decoding of exactly "
         f"{rest.get('bench.new_tokens')} new tokens per sequence, batch sizes "
         f"{', '.join(map(str, sizes)) if isinstance(sizes, list) else sizes}, "
         f"{rest.get('bench.warmup_calls')} untimed warm-up call(s) per batch size; one process per row",
-    ]
-    return lines + _adapters_line(g, "Adapter** (LoRA, unmerged, `PeftModel.from_pretrained`)") + [_commits(g)]
+        *_adapters_line(g, "**Adapter** (LoRA, unmerged, `PeftModel.from_pretrained`)"), _commits(g)]
 
 
 def _adapters_line(g: pd.DataFrame, what: str) -> list[str]:
     """The page's line naming the training runs whose adapters (or models) a group ran with."""
     adapters = sorted({a for a in g.adapter_run.dropna() if a})
-    return [f"- **{what} from run(s): " + ", ".join(f"`{a}`" for a in adapters)] if adapters else []
+    return [f"- {what} from run(s): " + ", ".join(f"`{a}`" for a in adapters)] if adapters else []
 
 
 def _commits(g: pd.DataFrame) -> str:

@@ -121,10 +121,9 @@ def _set(config: dict, key: str, value) -> None:
 
 
 def identity(config: dict, neutral: bool = False) -> dict:
-    """What defines a run: the config its task reads (TASK_KEYS, TASK_SECTIONS) without the
-    tracker settings (NON_IDENTITY_KEYS), a run directory named in it by the hash of its
-    adapter weights (IDENTITY_FILES) and, with `neutral`, without the ADDED_KEYS that hold their
-    neutral value."""
+    """What defines a run: the config its task reads (TASK_KEYS, TASK_SECTIONS) less NON_IDENTITY_KEYS,
+    run directories named in it replaced by their weights' hash (IDENTITY_FILES) and, with
+    `neutral`, less the ADDED_KEYS at their neutral value."""
     config = json.loads(json.dumps(config))  # a deep copy
     task = config.get("task", "train")
     if task in TASK_KEYS:
@@ -177,9 +176,8 @@ def staging_dir(cfg: DictConfig) -> Path:
 
 
 def fresh_dir(final: Path, since: float) -> Path | None:
-    """Where the run whose result belongs in `final` wrote it after `since` (epoch seconds):
-    `final` itself, or its staging directory when it failed beside an earlier complete result
-    (track.publish). None if it wrote none."""
+    """Where the run whose result belongs in `final` wrote it after `since` (epoch seconds): `final`,
+    or its staging directory when it failed beside an earlier complete result (`publish`); else None."""
     for directory in (final, final.parent / ".staging" / final.name):
         path = directory / RESULT
         if path.exists() and path.stat().st_mtime >= since:
@@ -257,9 +255,8 @@ def is_complete(directory: Path) -> bool:
 
 
 def complete_result(cfg: DictConfig) -> Path | None:
-    """The directory of a complete result for this configuration: its own run directory, else
-    an earlier one in the same sweep whose config is the same once keys the schema gained later
-    are left out at their neutral value (ADDED_KEYS), e.g. a run made before `data.pack` existed."""
+    """The directory of a complete result for this configuration: its own run directory, else one in
+    the same sweep whose config is the same once the ADDED_KEYS at their neutral value are left out."""
     final = run_dir(cfg)
     if is_complete(final):
         return final
@@ -410,9 +407,8 @@ class WandbMirror:
 
 
 def publish(staging: Path, final: Path, status: str) -> Path:
-    """Move a finished attempt's directory from `staging` to `final` by renames, so a reader
-    sees the old result or the new one, never a mix. A failed attempt never replaces a complete
-    result: it stays in `staging` (returned) with a warning."""
+    """Move a finished attempt's directory from `staging` to `final` by renames (a reader sees the old
+    result or the new one); a failed attempt never replaces a complete result: it stays in `staging`."""
     if status not in COMPLETE_STATUSES and is_complete(final):
         warnings.warn(f"attempt failed; keeping the earlier complete result in {final}, "
                       f"the failed attempt is in {staging}")
@@ -429,10 +425,8 @@ def publish(staging: Path, final: Path, status: str) -> Path:
 
 
 class RunRecorder:
-    """Owns one run for its length. The run writes into results/<sweep>/.staging/<run id>/ and
-    is published to results/<sweep>/<run id>/ by a directory rename when it ends, so a killed
-    run never leaves anything that looks complete, and a forced re-run that fails never
-    replaces an earlier complete result (the failed attempt stays in .staging)."""
+    """Owns one run for its length: it writes into results/<sweep>/.staging/<run id>/, published to
+    results/<sweep>/<run id>/ when it ends (`publish`), so a killed run never looks complete."""
 
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
@@ -450,8 +444,7 @@ class RunRecorder:
         self.wandb = WandbMirror(self.cfg, self.dir, self.id)
 
     def adopt(self) -> None:
-        """Take over the staging directory of a run process that died, keeping its
-        metrics.jsonl, so its failure can be recorded beside what it had logged."""
+        """Take over the staging directory of a run process that died, its metrics.jsonl kept."""
         self.dir.mkdir(parents=True, exist_ok=True)
 
     def log_step(self, rec: dict) -> None:

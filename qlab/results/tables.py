@@ -82,9 +82,8 @@ PAIRS = (
 
 
 def _arm_metrics(g: pd.DataFrame, metrics) -> dict:
-    """n ok runs, status summary, and per metric the mean over the ok runs with a 95% CI:
-    bootstrap across runs where n >= 2; with one run, that run's own interval (`run_ci`: over
-    its measured steps or timed calls) where the metric has one."""
+    """n ok runs, status summary, and per metric the mean over the ok runs with a 95% CI: bootstrap
+    across runs where n >= 2; with one run, its own interval (`run_ci`) where the metric has one."""
     ok = g[g.status == "ok"]
     row = {"n": len(ok), "runs": status_summary(g.status)}
     for m in metrics:
@@ -109,8 +108,7 @@ def _columns(m: Metric, delta: bool) -> tuple[str, ...]:
 
 
 def arms(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per configuration of one group: n ok runs, status summary, and for each metric
-    its mean and 95% CI (columns <metric>, <metric>_ci95_low, <metric>_ci95_high)."""
+    """One row per configuration of one group (`_arm_metrics`: <metric>, <metric>_ci95_low, _ci95_high)."""
     return sort_rows(_arm_rows(runs, CONFIG, METRICS),
                      lambda r: [rank(c, r[c]) for c in ("quant_label", "optim", "adapter")])
 
@@ -127,10 +125,9 @@ def choose_baseline(values, axis: Axis, requested: str | None) -> str:
 
 
 def axis_table(arm_df: pd.DataFrame, axis: Axis, requested: str | None = None, metrics=METRICS):
-    """(numeric table, baseline, fixed context) or None when the axis never takes two values
-    in one context. Contexts that do not vary in the group are dropped from the columns and
-    returned in `fixed` (e.g. {"optim": "paged_adamw_32bit"}). `metrics`: the columns shown
-    (frame.quality_metrics: no loss-based ones for random weights)."""
+    """(numeric table, baseline, fixed context) or None when the axis never takes two values in one
+    context. Context columns that do not vary in the group are left out and returned in `fixed`
+    (e.g. {"optim": "paged_adamw_32bit"})."""
     ctx = [c for c in axis.context if arm_df[c].nunique() > 1]
     fixed = {c: arm_df[c].iloc[0] for c in axis.context if c not in ctx}
     blocks = [arm_df] if not ctx else [g for _, g in arm_df.groupby(ctx, sort=False)]
@@ -145,9 +142,8 @@ def axis_table(arm_df: pd.DataFrame, axis: Axis, requested: str | None = None, m
 
 
 def _vs_baseline(block: pd.DataFrame, column: str, baseline: str, metrics) -> pd.DataFrame:
-    """The block's arms with each metric's % change vs the block's baseline arm,
-    100 (arm - base) / base (NaN for a metric without one, m.delta false, or a block without a
-    baseline arm), and is_baseline."""
+    """The block's arms with is_baseline and each metric's % change vs the block's baseline arm,
+    100 (arm - base) / base (NaN where m.delta is false or the block has no baseline arm)."""
     base = block[block[column] == baseline]
     block = block.copy()
     for m in metrics:
@@ -167,9 +163,7 @@ GEN_CONFIG = ["quant_label", "quant", "dq", "adapter", "adapter_run"]
 
 
 def generation_arms(runs: pd.DataFrame, metrics: tuple[Metric, ...]) -> pd.DataFrame:
-    """One row per quantization setting x adapter of one generation group: n ok runs, status
-    summary, and per metric the mean over its ok runs with a 95% CI (bootstrap across runs
-    where n >= 2; with one run, that run's own interval over its timed calls)."""
+    """One row per quantization setting x adapter (and adapter run) of one generation or eval group."""
     df = _arm_rows(runs.assign(adapter_run=runs.adapter_run.fillna("").astype(str)), GEN_CONFIG, metrics)
     if len({r for r in df.adapter_run if r}) > 1:  # several adapters in one group: name each one's run
         df["adapter"] = [a if not r else f"{a} ({r})" for a, r in zip(df.adapter, df.adapter_run)]
@@ -179,9 +173,8 @@ def generation_arms(runs: pd.DataFrame, metrics: tuple[Metric, ...]) -> pd.DataF
 
 def generation_table(arm_df: pd.DataFrame, metrics: tuple[Metric, ...], requested: str | None = None,
                      axis: Axis = GENERATION):
-    """(numeric table, baseline): the arms with their % change vs the baseline quantization
-    of the same adapter setting (100 (arm - base) / base; no change where the setting has no
-    baseline arm). Metrics no run holds (torch's peak on a CPU) are left out."""
+    """(numeric table, baseline, metrics kept): the arms with their % change vs the baseline quantization
+    of the same adapter setting. Metrics no run holds (torch's peak on a CPU) are left out."""
     baseline = choose_baseline(arm_df.quant_label.unique(), axis, requested)
     table = pd.concat([_vs_baseline(block, "quant_label", baseline, metrics)
                        for _, block in arm_df.groupby(["adapter"], sort=False)]).reset_index(drop=True)
@@ -198,9 +191,8 @@ def generation_display(runs: pd.DataFrame, requested: str | None = None):
 
 
 def eval_display(runs: pd.DataFrame, requested: str | None = None):
-    """(numeric, formatted, baseline, metrics) of one eval group: per task its main metric, with
-    the runs' mean [bootstrap 95% CI where a row has several runs] ± the harness's standard error
-    (the mean of the runs' where several) and the % change vs the baseline."""
+    """(numeric, formatted, baseline, metrics) of one eval group: per task its main metric, mean [95% CI]
+    ± the harness's standard error (% change vs the baseline)."""
     metrics = eval_metrics(runs)
     numeric, baseline, kept = generation_table(generation_arms(runs, metrics), metrics, requested, EVAL)
     mains = tuple(m for m in kept if not m.name.endswith("_stderr"))
@@ -217,9 +209,8 @@ def _num(v, fmt: str) -> str:
 
 
 def compare_tables(m: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """A comparison's metrics (tasks/compare.summarize) as two formatted tables: the arms
-    (tokens/s, step time, GPU busy fraction, launches per step, MFU) and the pairs (ratio [95%
-    CI], half-width, rounds, verdict; the A/A control last)."""
+    """A comparison's metrics (tasks/compare.summarize) as two formatted tables: the arms and the
+    pairs (ratio [95% CI], half-width, rounds, verdict; the A/A control last)."""
     arms = pd.DataFrame([{
         "arm": name, "runner": a["runner"], "quant": quant_label(a["quant"], a["double_quant"]), "speed": a["speed"],
         "optimizer": a["optim"], "tok/s": _num(a["tokens_per_s"], ",.0f"),
@@ -227,7 +218,7 @@ def compare_tables(m: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
         "GPU busy": _num(a.get("gpu_busy_fraction"), ".0%"),
         "launches/step": _num(a.get("profile_kernel_launches_per_step"), ",.0f"), "MFU": _num(a.get("mfu"), ".1%"),
     } for name, a in m["arms"].items()])
-    rows = [(name, p) for name, p in m.get("pairs", {}).items()]
+    rows = list(m.get("pairs", {}).items())
     if m.get("aa_control"):
         rows.append((f"{m['aa_control']['pair']} (A/A floor)", {**m["aa_control"], "verdict": (
             "covers 1" if m["aa_control"]["covers_1"] else "excludes 1: comparison not valid")}))
@@ -328,26 +319,21 @@ def write(numeric: pd.DataFrame, disp: pd.DataFrame, stem: Path, title: str, not
 
 
 def comparisons(runs: pd.DataFrame) -> pd.DataFrame:
-    """Every ablation pair, in every group and matched context where both arms have runs, for
-    every tested metric (`stats.compare`; loss-based ones only where the group's weights are not
-    random, frame.quality_metrics); Holm-adjusted over the whole frame (Welch and MWU separately).
-    A test needs two ok runs (seeds) per arm; with fewer, the note says so."""
-    ok = runs[runs.status == "ok"]
+    """Every ablation pair, in every group and matched context where both arms have runs, for every
+    tested metric of the group (frame.quality_metrics), by `stats.compare` over the ok runs (seeds);
+    Holm-adjusted over the whole frame (Welch and MWU separately)."""
     rows = []
     for group in sorted(runs.group.unique()):
         g = runs[runs.group == group]
         tested = [m for m in quality_metrics(g) if m.tested]
         for pair in PAIRS:
             arms = g[g[pair.column].isin([pair.a, pair.b])]
-            contexts = arms[list(pair.match)].drop_duplicates()
-            contexts = sorted(contexts.itertuples(index=False, name=None),
-                              key=lambda c: [rank(col, v) for col, v in zip(pair.match, c)])
-            for ctx in contexts:
-                mask = np.logical_and.reduce([arms[c] == v for c, v in zip(pair.match, ctx)])
-                here = arms[mask]
+            contexts = sorted(arms.groupby(list(pair.match), sort=False),
+                              key=lambda kv: [rank(col, v) for col, v in zip(pair.match, kv[0])])
+            for ctx, here in contexts:
                 if set(here[pair.column]) != {pair.a, pair.b}:
                     continue  # one arm missing in this context: nothing to compare
-                here_ok = ok.loc[ok.index.intersection(here.index)]
+                here_ok = here[here.status == "ok"]
                 for metric in tested:
                     vals = {arm: (here_ok.loc[here_ok[pair.column] == arm, metric.source] / metric.scale).tolist()
                             for arm in (pair.a, pair.b)}
