@@ -46,8 +46,9 @@ AXIS_CONFIG_KEYS = ("quant.type", "quant.double_quant", "optim.name", "adapter.t
 # Generation and eval results: the adapter is an axis (`adapter`: none | lora), its config does not split a group.
 KIND_AXIS_CONFIG_KEYS = {"generate": ("adapter",), "eval": ("adapter",)}
 KINDS = ("train", "generate", "compare", "eval")  # sections in this order
-GENERATE_LABEL_KEYS = ("bench.new_tokens", "bench.batch_sizes", "bench.prompts", "bench.repeats")
-EVAL_LABEL_KEYS = ("eval.limit", "eval.max_length_used", "eval.batch_size")
+# Residual config keys a group's label names already, per kind
+LABEL_KEYS = {"generate": ("bench.new_tokens", "bench.batch_sizes", "bench.prompts", "bench.repeats"),
+              "eval": ("eval.limit", "eval.max_length_used", "eval.batch_size")}
 VERSIONS = ("python", "torch", "transformers", "peft", "bitsandbytes", "cuda")
 
 
@@ -278,17 +279,11 @@ def _row(r: dict, rel: str) -> dict:
     flat = flatten(cfg)
     error = r.get("error") or {}
     row = {
-        "run_id": r.get("run_id") or Path(rel).name,
-        "kind": kind,
-        "sweep": r.get("sweep"),
-        "status": r.get("status") or "failed",
-        "error_type": error.get("type"),
+        "run_id": r.get("run_id") or Path(rel).name, "kind": kind, "sweep": r.get("sweep"),
+        "status": r.get("status") or "failed", "error_type": error.get("type"),
         "error_message": ((error.get("message") or "").strip().splitlines() or [None])[0],
-        "model": axes.get("model", flat.get("model.name")),
-        "quant": axes.get("quant"),
-        "double_quant": bool(axes.get("double_quant")),
-        "optim": axes.get("optim"),
-        "adapter": axes.get("adapter"),
+        "model": axes.get("model", flat.get("model.name")), "quant": axes.get("quant"),
+        "double_quant": bool(axes.get("double_quant")), "optim": axes.get("optim"), "adapter": axes.get("adapter"),
         "seed": axes.get("seed", r.get("seed")),
         "speed": speed_label(r),  # generation results and comparisons: none
         "model_weights": model_weights(cfg.get("model")),  # random: a random-init preset (no quality)
@@ -396,30 +391,27 @@ def assign_groups(df: pd.DataFrame) -> pd.DataFrame:
     distinct = sorted(set(keyed), key=lambda k: (_kind_rank(kinds[k]), k))
     df = df.copy()
     df["group"] = keyed.map({k: i + 1 for i, k in enumerate(distinct)})
-    rests = {g: json.loads(df.loc[df.group == g, "config_rest"].iloc[0]) for g in df.group.unique()}
-    group_kind = {g: df.loc[df.group == g, "kind"].iloc[0] for g in rests}
+    firsts = df.drop_duplicates("group")
+    rests = dict(zip(firsts.group, map(json.loads, firsts.config_rest)))
     labels = {}
-    for g, rest in rests.items():
-        r = df[df.group == g].iloc[0]
-        same_kind = [rests[h] for h in rests if group_kind[h] == group_kind[g]]
-        differing = _differing(same_kind)
+    for _, r in firsts.iterrows():
+        rest = rests[r.group]
         if r.kind == "generate":
             sizes = rest.get("bench.batch_sizes")
             sizes = ", ".join(map(str, sizes)) if isinstance(sizes, list) else sizes
             label = (f"generation · {r.model} · {rest.get('bench.new_tokens')} new tokens · batch {sizes} · "
                      f"{rest.get('bench.prompts')} prompts x {rest.get('bench.repeats')} repeats · {r.hardware}")
-            differing = [k for k in differing if k not in GENERATE_LABEL_KEYS]
         elif r.kind == "eval":
             label = (f"evaluation · {r.model} · limit {rest.get('eval.limit') or 'none'} · max_length "
                      f"{rest.get('eval.max_length_used')} · batch {rest.get('eval.batch_size')} · {r.hardware}")
-            differing = [k for k in differing if k not in EVAL_LABEL_KEYS]
         elif r.kind == "compare":
             label = f"comparison · {r.model} · {r.hardware}"
         else:
             label = (f"{r.model} · {r.data} · seq {r.max_seq_len} (pad {r.pad_to}) · batch {r.batch_size} · "
                      f"{r.steps} steps · {r.hardware}")
-        extra = [f"{k}={rest.get(k)}" for k in differing]
-        labels[g] = label + (" · " + ", ".join(extra) if extra else "")
+        differing = _differing([rests[h] for h, kind in zip(firsts.group, firsts.kind) if kind == r.kind])
+        extra = [f"{k}={rest.get(k)}" for k in differing if k not in LABEL_KEYS.get(r.kind, ())]
+        labels[r.group] = label + (" · " + ", ".join(extra) if extra else "")
     df["group_label"] = df.group.map(labels)
     return df
 
@@ -434,10 +426,8 @@ def differing_keys(df: pd.DataFrame) -> list[str]:
     out = ["kind"] if df.kind.nunique() > 1 else []
     for kind in sorted(df.kind.unique(), key=_kind_rank):
         d = df[df.kind == kind]
-        if kind == "train":
-            keys = [k for k in [*GROUP_KEYS, "hardware"] if d[k].astype(str).nunique() > 1]
-        else:
-            keys = [k for k in ("model", "hardware") if d[k].astype(str).nunique() > 1]
+        candidates = [*GROUP_KEYS, "hardware"] if kind == "train" else ["model", "hardware"]
+        keys = [k for k in candidates if d[k].astype(str).nunique() > 1]
         keys += _differing([json.loads(s) for s in d.config_rest.unique()])
         out += [k for k in keys if k not in out]
     return out

@@ -78,9 +78,10 @@ def _mean_err(arms: pd.DataFrame, metric: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _barh_frame(n: int, width: float = 7.5):
+    """A figure for n horizontal bars, the first at the top, and their y positions."""
     fig, ax = plt.subplots(figsize=(width, 0.8 + 0.3 * n))
     ax.invert_yaxis()
-    return fig, ax
+    return fig, ax, np.arange(n)
 
 
 def memory_breakdown(runs: pd.DataFrame, arms: pd.DataFrame, varying: list[str], stem: Path) -> str:
@@ -88,8 +89,7 @@ def memory_breakdown(runs: pd.DataFrame, arms: pd.DataFrame, varying: list[str],
     cols = [c for _, c, _ in SEGMENTS if c] + ["peak_bytes", "peak_allocated_bytes"]
     keys = ["quant_label", "optim", "adapter"]  # per-arm means of the ok runs, in the arms' order
     means = ok.groupby(keys)[cols].mean().reindex(pd.MultiIndex.from_frame(arms[keys])).reset_index(drop=True) / GiB
-    fig, ax = _barh_frame(len(arms), 8.5)
-    y = np.arange(len(arms))
+    fig, ax, y = _barh_frame(len(arms), 8.5)
     left = np.zeros(len(arms))
     for name, col, c in SEGMENTS:
         if col is None:  # what the peak holds beyond the listed parts
@@ -121,8 +121,7 @@ def memory_breakdown(runs: pd.DataFrame, arms: pd.DataFrame, varying: list[str],
 
 
 def throughput(arms: pd.DataFrame, varying: list[str], stem: Path) -> str:
-    fig, ax = _barh_frame(len(arms))
-    y = np.arange(len(arms))
+    fig, ax, y = _barh_frame(len(arms))
     mean, err = _mean_err(arms, "tok_s")
     ax.barh(y, np.nan_to_num(mean), color=[color(q) for q in arms.quant],
             hatch=[DQ_HATCH if d == "on" else None for d in arms.dq], edgecolor="white", linewidth=0.4)
@@ -138,8 +137,7 @@ def throughput(arms: pd.DataFrame, varying: list[str], stem: Path) -> str:
 
 
 def eval_loss(arms: pd.DataFrame, varying: list[str], stem: Path) -> str:
-    fig, ax = _barh_frame(len(arms))
-    y = np.arange(len(arms))
+    fig, ax, y = _barh_frame(len(arms))
     mean, err = _mean_err(arms, "eval_loss")
     for i, r in arms.iterrows():
         ax.errorbar(mean[i], y[i], xerr=err[:, i:i + 1], fmt="o", color=color(r.quant),

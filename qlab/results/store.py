@@ -385,11 +385,11 @@ class WandbMirror:
         except Exception as e:  # never lose a run to W&B
             warnings.warn(f"W&B init failed, continuing without it: {e}")
 
-    def _guard(self, fn, *args, **kw):
+    def _guard(self, fn) -> None:
         if self.run is None:
             return
         try:
-            fn(*args, **kw)
+            fn()
         except Exception as e:
             warnings.warn(f"W&B call failed, continuing without it: {e}")
             self.run = None
