@@ -43,7 +43,7 @@ GROUP_KEYS = {"model": "model.name", "data": "data.name", "max_seq_len": "data.m
 # run measures; every other config key must match for runs to share a group.
 AXIS_CONFIG_KEYS = ("quant.type", "quant.double_quant", "optim.name", "adapter.targets", "seed", "speed",
                     "train.runner")  # the runner is part of the speed path (trainer)
-# Generation and eval results: the adapter is an axis (`adapter`: none | lora), its config does not split a group.
+# Generation and eval results: the adapter is an axis (`adapter`), its config does not split a group.
 KIND_AXIS_CONFIG_KEYS = {"generate": ("adapter",), "eval": ("adapter",)}
 KINDS = ("train", "generate", "compare", "eval")  # sections in this order
 # Residual config keys a group's label names already, per kind

@@ -244,9 +244,10 @@ def all_plots(runs: pd.DataFrame, arms: pd.DataFrame, curves: pd.DataFrame, vary
         made["loss_curves"] = "Random weights: these curves show that training ran, not quality. " + loss_curves(
             runs, curves, varying, out / "loss_curves", "Train loss per step: random weights, not quality")
         return made
-    return {**made, "loss_curves": loss_curves(runs, curves, varying, out / "loss_curves"),
-            "eval_loss": eval_loss(arms, varying, out / "eval_loss"),
-            "memory_vs_quality": memory_vs_quality(arms, varying, out / "memory_vs_quality")}
+    made["loss_curves"] = loss_curves(runs, curves, varying, out / "loss_curves")
+    made["eval_loss"] = eval_loss(arms, varying, out / "eval_loss")
+    made["memory_vs_quality"] = memory_vs_quality(arms, varying, out / "memory_vs_quality")
+    return made
 
 
 def generation(table: pd.DataFrame, batch_sizes: list[int], stem: Path) -> str:
