@@ -1,15 +1,11 @@
 """result.json files -> one tidy pandas DataFrame (one row per run), and the names the
 report, the statistics and the plots share: axis orders, quantization labels, metrics.
 
-Every run found is a row, oom and failed ones included (their `status` says so). Each row
-carries its comparability group: runs are only compared inside a group (see `GROUP_KEYS`).
-A result's `kind` (its task: train, generate, compare, eval; "train" when the file has none) is
-part of the group: results of two kinds never share one.
-The speed path of a training run (`speed`: recipe | fast | trainer, see `speed_label`) is an
-ablation axis like the quantization: runs that differ only in it share a group, and its
-`quant_label` names it (`nf4+DQ · fast`), so every consumer that tells configurations apart by
-quant label (arms, plots, claims) keeps them apart.
-Reading is all this module does; nothing here computes a statistic or draws.
+Every run found is a row, oom and failed ones included (`status`). Each row carries its
+comparability group (`GROUP_KEYS`, and its `kind`: results of two tasks never share one); runs
+are only compared inside a group. A training run's speed path (`speed_label`) is an axis like
+the quantization, named in its `quant_label` (`nf4+DQ · fast`) so that every consumer keeps
+them apart. Reading is all this module does; nothing here computes a statistic or draws.
 """
 
 from __future__ import annotations
@@ -22,10 +18,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from qlab.reference.lm_eval_tasks import LOCAL_TASKS
 from qlab.results import store
 from qlab.results.store import ADDED_KEYS, NON_IDENTITY_KEYS, RECIPE, RESULT, TASK_SECTIONS, peak_bytes
 
 GiB = 2**30
+MiB = 2**20
 ADAPTER_BYTES_PER_PARAM = 4  # LoRA A/B matrices are trained in float32: 4 bytes/param
 
 # Natural order of each axis' values in tables and plots; unknown values sort after, by name.
@@ -39,24 +37,18 @@ ORDER = {
 }
 SPEED_SEP = " · "  # quant label · speed label
 # Keys that define a comparability group (besides hardware): column -> dotted config key.
-GROUP_KEYS = {
-    "model": "model.name",
-    "data": "data.name",
-    "max_seq_len": "data.max_seq_len",
-    "pad_to": "data.pad_to",
-    "batch_size": "train.batch_size",
-    "steps": "train.steps",
-}
+GROUP_KEYS = {"model": "model.name", "data": "data.name", "max_seq_len": "data.max_seq_len", "pad_to": "data.pad_to",
+              "batch_size": "train.batch_size", "steps": "train.steps"}
 # Config keys that are the ablation axes (they vary *inside* a group) or don't change what a
 # run measures; every other config key must match for runs to share a group.
 AXIS_CONFIG_KEYS = ("quant.type", "quant.double_quant", "optim.name", "adapter.targets", "seed", "speed",
                     "train.runner")  # the runner is part of the speed path (trainer)
-# Generation results: with or without an adapter is an axis (`adapter`: none | lora), so the
-# adapter's config (source run, rank) does not split the group; arms keep one adapter per row.
+# Generation and eval results: the adapter is an axis (`adapter`), its config does not split a group.
 KIND_AXIS_CONFIG_KEYS = {"generate": ("adapter",), "eval": ("adapter",)}
 KINDS = ("train", "generate", "compare", "eval")  # sections in this order
-GENERATE_LABEL_KEYS = ("bench.new_tokens", "bench.batch_sizes", "bench.prompts", "bench.repeats")
-EVAL_LABEL_KEYS = ("eval.limit", "eval.max_length_used", "eval.batch_size")
+# Residual config keys a group's label names already, per kind
+LABEL_KEYS = {"generate": ("bench.new_tokens", "bench.batch_sizes", "bench.prompts", "bench.repeats"),
+              "eval": ("eval.limit", "eval.max_length_used", "eval.batch_size")}
 VERSIONS = ("python", "torch", "transformers", "peft", "bitsandbytes", "cuda")
 
 
@@ -71,8 +63,7 @@ class Metric:
     decimals: int
     delta: bool = False  # show % change vs the baseline arm
     tested: bool = False  # compared across ablation pairs in the statistics
-    # columns of one run's own 95% interval (over its timed calls), used when an arm has one run
-    run_ci: tuple[str, str] | None = None
+    run_ci: tuple[str, str] | None = None  # one run's own 95% interval (columns), used for an arm of one run
     quality: bool = False  # loss-based: says nothing on random weights (`quality_metrics`)
 
 
@@ -91,21 +82,17 @@ METRIC = {m.name: m for m in METRICS}
 
 
 def random_weights(runs: pd.DataFrame) -> bool:
-    """Every run of `runs` trained a random-init preset (`model_weights`): their losses measure
-    nothing a reader could call quality."""
+    """Every run of `runs` trained a random-init preset (`model_weights`): their losses are not quality."""
     return len(runs) > 0 and "model_weights" in runs and bool((runs.model_weights == "random").all())
 
 
 def quality_metrics(runs: pd.DataFrame) -> tuple[Metric, ...]:
-    """The metrics a report shows for these runs: all of METRICS, less the loss-based ones (final
-    train loss, eval loss, eval perplexity) where the runs trained random weights."""
+    """METRICS, less the loss-based ones where the runs trained random weights."""
     return tuple(m for m in METRICS if not (m.quality and random_weights(runs)))
-MiB = 2**20
 
 
 def byte_unit(largest: float) -> tuple[str, int]:
-    """(unit, bytes per unit) for a table's byte columns: GiB, or MiB when every value is below
-    1 GiB (tiny models) or there is none."""
+    """(unit, bytes per unit) of a table's byte columns: MiB when every value is below 1 GiB (tiny models)."""
     return ("GiB", GiB) if not math.isfinite(largest) or largest >= GiB else ("MiB", MiB)
 
 
@@ -117,10 +104,8 @@ def generation_batch_sizes(runs: pd.DataFrame) -> list[int]:
 
 
 def generation_metrics(runs: pd.DataFrame) -> tuple[Metric, ...]:
-    """The columns of a generation table (task=generate results), for the batch sizes
-    the runs hold. Times and throughputs are each run's median over its timed generate calls,
-    its interval the 95% t-interval of the mean over those calls (`stats.summarize`).
-    Bytes are in GiB, or in MiB when every value of the group is below 1 GiB (tiny models)."""
+    """The columns of a generation table, for the batch sizes the runs hold: each run's median over its
+    timed generate calls with the 95% t-interval of their mean (`stats.summarize`)."""
     unit, scale = byte_unit(pd.concat([runs[c] for c in ("weight_bytes", "peak_bytes") if c in runs]).max())
     out = [
         Metric("load_s", "load_time_s", 1, "load (s)", 2),
@@ -139,17 +124,16 @@ def generation_metrics(runs: pd.DataFrame) -> tuple[Metric, ...]:
         p = f"e2e_tokens_per_s_b{b}"
         out.append(Metric(f"e2e_tok_s_b{b}", f"{p}_median_tok", 1, f"end-to-end tok/s b{b}", 0, delta=True))
     return tuple(out)
+
+
 # An eval table's column per task: the first of these the task reports, else its first metric
 # (acc_mutual_info: qlab's chitchat choice, where generic replies are likely without any context)
 EVAL_MAIN_METRICS = ("word_perplexity", "acc_mutual_info", "acc", "exact_match")
 
 
 def eval_metrics(runs: pd.DataFrame) -> tuple[Metric, ...]:
-    """The columns of an eval table (task=eval results): per task the runs asked for (qlab's local
-    tasks first), its main metric (EVAL_MAIN_METRICS) as the harness reports it
-    (`lm_eval.<task>.<metric>`), each followed by its standard error where the harness gives one."""
-    from qlab.reference.lm_eval_tasks import LOCAL_TASKS
-
+    """The columns of an eval table: per task the runs asked for (qlab's local tasks first), its main
+    metric (EVAL_MAIN_METRICS, `lm_eval.<task>.<metric>`) and the harness's standard error of it."""
     asked = {t for v in runs.get("eval_tasks", pd.Series(dtype=object)).dropna() for t in str(v).split("+")}
     if not asked:  # a result without the list: every task it has numbers for
         asked = {c.split(".")[1] for c in runs.columns if c.startswith("lm_eval.")}
@@ -168,8 +152,7 @@ def eval_metrics(runs: pd.DataFrame) -> tuple[Metric, ...]:
     return tuple(out)
 
 
-# Metric keys the report reads; a run without one (CPU: no torch.cuda or NVML peaks; an oom or
-# failed run: no throughput or loss) gets NaN, so every frame has every column.
+# Metric keys the report reads: a run without one (a CPU run's GPU peaks, a failed run's loss) gets NaN.
 READ_METRICS = ("weight_bytes", "quantized_weight_bytes", "quant_state_bytes", "unquantized_weight_bytes",
                 "weight_bytes_after_prepare", "trainable_params", "total_params", "peak_allocated_bytes",
                 "peak_reserved_bytes", "nvml_peak_device_used_bytes", "rss_peak_bytes", "optimizer_state_bytes",
@@ -191,9 +174,8 @@ def quant_label(quant: str, double_quant: bool, speed: str | None = None) -> str
     return label if speed in (None, RECIPE) else f"{label}{SPEED_SEP}{speed}"
 
 
-# conf/speed/ as it was for every result written before results recorded their speed label
-# (axes.speed, store.speed_label): those results are labelled with these switches, never with
-# conf/ as it is now
+# conf/speed/ as it was before results recorded their speed label (axes.speed): such results are
+# labelled with these switches, never with conf/ as it is now
 PRESETS_OF_UNLABELLED = {
     "recipe": {"upcast_non_quantized": True, "adapter_autocast": False, "compile": "none",
                "compile_backend": "inductor", "loss": "full", "loss_chunk_tokens": 1024},
@@ -203,8 +185,7 @@ PRESETS_OF_UNLABELLED = {
 
 
 def speed_label(result: dict) -> str | None:
-    """A training result's speed path as it recorded it (axes.speed), or for a result from before
-    that, store.speed_label of its stored config with PRESETS_OF_UNLABELLED."""
+    """A training result's recorded speed path (axes.speed), else its config's by PRESETS_OF_UNLABELLED."""
     if (result.get("kind") or "train") != "train":
         return None
     axes, cfg = result.get("axes") or {}, result.get("config") or {}
@@ -213,10 +194,9 @@ def speed_label(result: dict) -> str | None:
 
 
 def model_weights(model: dict) -> str:
-    """What a run's base weights were, read from its stored model config (never from conf/):
-    "random" for a preset shape built with random weights (model.preset set and none of base, gguf,
-    name_or_path), whose losses say nothing of quality; "base" for qlab's offline pretrained base,
-    "gguf" for a model dequantized from a GGUF file, "checkpoint" for a hub id or directory."""
+    """What a run's base weights were, from its stored model config: "gguf" (dequantized from a GGUF
+    file), "base" (qlab's offline pretrained base), "checkpoint" (a hub id or directory), or "random"
+    (a preset shape with random weights, whose losses say nothing of quality)."""
     model = model or {}
     for key, kind in (("gguf", "gguf"), ("base", "base"), ("name_or_path", "checkpoint")):
         if model.get(key):
@@ -242,9 +222,8 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _residual_config(config: dict, kind: str = "train") -> dict:
-    """The config keys that must match inside a group and are not named in GROUP_KEYS (`task` is
-    the kind, a group key already)."""
+def _residual_config(config: dict, kind: str) -> dict:
+    """The config keys that must match inside a group besides GROUP_KEYS and the kind (`task`)."""
     skip = ("task", *NON_IDENTITY_KEYS, *AXIS_CONFIG_KEYS, *KIND_AXIS_CONFIG_KEYS.get(kind, ()), *GROUP_KEYS.values(),
             *(t for t in TASK_SECTIONS if t != kind))  # another task's section is not this run's config
     return {k: v for k, v in flatten(config).items()
@@ -253,10 +232,9 @@ def _residual_config(config: dict, kind: str = "train") -> dict:
 
 
 def generation_config(cfg: dict, metrics: dict) -> tuple[dict, str]:
-    """A generation result's config as the report groups and labels it (`bench.*`), and which
-    adapter it ran with: its training run and its weights' hash, so that two trainings under one
-    run id are two arms, never averaged. Results of task=generate (`generate`, `train.device`,
-    the adapter in the metrics) take the layout of the first bench's results, which stay as they are."""
+    """A generation result's config as the report groups and labels it (`bench.*`, the layout of the
+    first bench's results) and its adapter label (`_adapter_label`: two trainings under one run id
+    are two arms, never averaged)."""
     if "generate" in cfg:
         bench = {k: v for k, v in cfg["generate"].items() if k != "adapter_run"}
         bench.update(device=(cfg.get("train") or {}).get("device"),
@@ -266,21 +244,24 @@ def generation_config(cfg: dict, metrics: dict) -> tuple[dict, str]:
                "tracker": cfg.get("tracker"), "adapter": {"run_id": metrics.get("adapter_run_id"),
                                                           "weights_sha256": metrics.get("adapter_weights_sha256")}}
     adapter = cfg.get("adapter") or {}
-    sha = adapter.get("weights_sha256")
-    return cfg, (adapter.get("run_id") or "") + (f" {sha[:8]}" if sha else "")
+    return cfg, _adapter_label(adapter.get("run_id"), adapter.get("weights_sha256"))
 
 
 def eval_config(cfg: dict, metrics: dict) -> tuple[dict, str]:
-    """An eval result's config as the report groups and labels it, and what it ran beside the base
-    (the training run and its weights' hash, as for generation). The tasks asked for do not split
-    groups: a task a run did not evaluate is an empty cell."""
+    """An eval result's config as the report groups and labels it, and its adapter label. The tasks
+    asked for do not split groups: a task a run did not evaluate is an empty cell."""
     e = {k: v for k, v in (cfg.get("eval") or {}).items() if k not in ("adapter_run", "tasks")}
     e.update(device=(cfg.get("train") or {}).get("device"), max_length_used=metrics.get("lm_eval_max_length"))
     sha = metrics.get("adapter_weights_sha256") or metrics.get("model_weights_sha256")
     cfg = {"model": {k: v for k, v in (cfg.get("model") or {}).items() if v is not None}, "quant": cfg.get("quant"),
            "eval": e, "seed": cfg.get("seed"), "tracker": cfg.get("tracker"),
            "adapter": {"run_id": metrics.get("adapter_run_id"), "weights_sha256": sha}}
-    return cfg, (metrics.get("adapter_run_id") or "") + (f" {sha[:8]}" if sha else "")
+    return cfg, _adapter_label(metrics.get("adapter_run_id"), sha)
+
+
+def _adapter_label(run_id: str | None, sha: str | None) -> str:
+    """The training run a result ran beside the base and its weights' hash: `<run id> 1a2b3c4d`."""
+    return (run_id or "") + (f" {sha[:8]}" if sha else "")
 
 
 def _num(v) -> float:
@@ -298,17 +279,11 @@ def _row(r: dict, rel: str) -> dict:
     flat = flatten(cfg)
     error = r.get("error") or {}
     row = {
-        "run_id": r.get("run_id") or Path(rel).name,
-        "kind": kind,
-        "sweep": r.get("sweep"),
-        "status": r.get("status") or "failed",
-        "error_type": error.get("type"),
+        "run_id": r.get("run_id") or Path(rel).name, "kind": kind, "sweep": r.get("sweep"),
+        "status": r.get("status") or "failed", "error_type": error.get("type"),
         "error_message": ((error.get("message") or "").strip().splitlines() or [None])[0],
-        "model": axes.get("model", flat.get("model.name")),
-        "quant": axes.get("quant"),
-        "double_quant": bool(axes.get("double_quant")),
-        "optim": axes.get("optim"),
-        "adapter": axes.get("adapter"),
+        "model": axes.get("model", flat.get("model.name")), "quant": axes.get("quant"),
+        "double_quant": bool(axes.get("double_quant")), "optim": axes.get("optim"), "adapter": axes.get("adapter"),
         "seed": axes.get("seed", r.get("seed")),
         "speed": speed_label(r),  # generation results and comparisons: none
         "model_weights": model_weights(cfg.get("model")),  # random: a random-init preset (no quality)
@@ -374,19 +349,32 @@ def load_runs(root: Path) -> pd.DataFrame:
             warnings.warn(f"skipping unreadable {path}: {e}")
             unreadable.append(str(path.relative_to(root)))
     df = pd.DataFrame(rows)
+    if not df.empty:
+        for col in READ_METRICS:
+            if col not in df:
+                df[col] = math.nan
+        df = sort_rows(assign_groups(df), lambda r: (
+            r["group"], rank("quant", r["quant"]), r["double_quant"], rank("speed", r["speed"]),
+            rank("optim", r["optim"]), rank("adapter", r["adapter"]), str(r["seed"]), r["run_id"]))
     df.attrs.update(unreadable=unreadable, root=str(root))  # root: where each row's `path` is
-    if df.empty:
-        return df
-    for col in READ_METRICS:
-        if col not in df:
-            df[col] = math.nan
-    df = assign_groups(df)
-    keys = df.apply(lambda r: (r["group"], rank("quant", r["quant"]), r["double_quant"], rank("speed", r["speed"]),
-                               rank("optim", r["optim"]), rank("adapter", r["adapter"]), str(r["seed"]), r["run_id"]),
-                    axis=1)
-    df = df.iloc[sorted(range(len(df)), key=lambda i: keys.iloc[i])].reset_index(drop=True)
-    df.attrs.update(unreadable=unreadable, root=str(root))
     return df
+
+
+def sort_rows(df: pd.DataFrame, key) -> pd.DataFrame:
+    """The rows of `df` in the order of key(row) (stable), indexed 0..n-1."""
+    keys = [key(row) for _, row in df.iterrows()]
+    return df.iloc[sorted(range(len(df)), key=keys.__getitem__)].reset_index(drop=True)
+
+
+def status_summary(statuses: pd.Series) -> str:
+    """"5 ok, 1 oom": how many runs ended in each status, ok first."""
+    counts = statuses.value_counts()
+    return ", ".join(f"{counts[s]} {s}" for s in sorted(counts.index, key=lambda s: (s != "ok", s)))
+
+
+def peak_sources(runs: pd.DataFrame) -> str:
+    """Which measurement the ok runs' peak memory comes from (`store.PEAK_SOURCES`), or n/a."""
+    return ", ".join(sorted(set(runs.loc[runs.status == "ok", "peak_source"].dropna()))) or "n/a"
 
 
 def _kind_rank(kind: str) -> int:
@@ -394,40 +382,36 @@ def _kind_rank(kind: str) -> int:
 
 
 def assign_groups(df: pd.DataFrame) -> pd.DataFrame:
-    """Group = same kind, GROUP_KEYS, hardware and residual config. Groups are numbered 1.. in
-    the order of their keys (training groups first); a label names the GROUP_KEYS values (for
-    generation results: model, bench settings, hardware) and, where groups of one kind share
-    them, the residual keys that tell them apart."""
+    """Group = same kind, GROUP_KEYS, hardware and residual config, numbered 1.. in the order of
+    their keys (training first); a label names the group's settings and the residual keys that tell
+    it apart from groups of its kind."""
     cols = ["kind", *GROUP_KEYS, "hardware", "config_rest"]
     keyed = df[cols].map(str).agg("\x1f".join, axis=1)  # map(str): None and NaN become text too
     kinds = dict(zip(keyed, df.kind))
     distinct = sorted(set(keyed), key=lambda k: (_kind_rank(kinds[k]), k))
     df = df.copy()
     df["group"] = keyed.map({k: i + 1 for i, k in enumerate(distinct)})
-    rests = {g: json.loads(df.loc[df.group == g, "config_rest"].iloc[0]) for g in df.group.unique()}
-    group_kind = {g: df.loc[df.group == g, "kind"].iloc[0] for g in rests}
+    firsts = df.drop_duplicates("group")
+    rests = dict(zip(firsts.group, map(json.loads, firsts.config_rest)))
     labels = {}
-    for g, rest in rests.items():
-        r = df[df.group == g].iloc[0]
-        same_kind = [rests[h] for h in rests if group_kind[h] == group_kind[g]]
-        differing = _differing(same_kind)
+    for _, r in firsts.iterrows():
+        rest = rests[r.group]
         if r.kind == "generate":
             sizes = rest.get("bench.batch_sizes")
             sizes = ", ".join(map(str, sizes)) if isinstance(sizes, list) else sizes
             label = (f"generation · {r.model} · {rest.get('bench.new_tokens')} new tokens · batch {sizes} · "
                      f"{rest.get('bench.prompts')} prompts x {rest.get('bench.repeats')} repeats · {r.hardware}")
-            differing = [k for k in differing if k not in GENERATE_LABEL_KEYS]
         elif r.kind == "eval":
             label = (f"evaluation · {r.model} · limit {rest.get('eval.limit') or 'none'} · max_length "
                      f"{rest.get('eval.max_length_used')} · batch {rest.get('eval.batch_size')} · {r.hardware}")
-            differing = [k for k in differing if k not in EVAL_LABEL_KEYS]
         elif r.kind == "compare":
             label = f"comparison · {r.model} · {r.hardware}"
         else:
             label = (f"{r.model} · {r.data} · seq {r.max_seq_len} (pad {r.pad_to}) · batch {r.batch_size} · "
                      f"{r.steps} steps · {r.hardware}")
-        extra = [f"{k}={rest.get(k)}" for k in differing]
-        labels[g] = label + (" · " + ", ".join(extra) if extra else "")
+        differing = _differing([rests[h] for h, kind in zip(firsts.group, firsts.kind) if kind == r.kind])
+        extra = [f"{k}={rest.get(k)}" for k in differing if k not in LABEL_KEYS.get(r.kind, ())]
+        labels[r.group] = label + (" · " + ", ".join(extra) if extra else "")
     df["group_label"] = df.group.map(labels)
     return df
 
@@ -437,16 +421,13 @@ def _differing(rests: list[dict]) -> list[str]:
 
 
 def differing_keys(df: pd.DataFrame) -> list[str]:
-    """Which group-defining keys take more than one value across the groups of `df`: `kind`
-    first when training and generation results are mixed, then the keys that differ between
-    groups of the same kind."""
+    """Which group-defining keys take more than one value across the groups of `df`: `kind` first
+    when kinds are mixed, then the keys that differ between groups of one kind."""
     out = ["kind"] if df.kind.nunique() > 1 else []
     for kind in sorted(df.kind.unique(), key=_kind_rank):
         d = df[df.kind == kind]
-        if kind == "train":
-            keys = [k for k in [*GROUP_KEYS, "hardware"] if d[k].astype(str).nunique() > 1]
-        else:
-            keys = [k for k in ("model", "hardware") if d[k].astype(str).nunique() > 1]
+        candidates = [*GROUP_KEYS, "hardware"] if kind == "train" else ["model", "hardware"]
+        keys = [k for k in candidates if d[k].astype(str).nunique() > 1]
         keys += _differing([json.loads(s) for s in d.config_rest.unique()])
         out += [k for k in keys if k not in out]
     return out

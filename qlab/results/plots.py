@@ -22,7 +22,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from qlab.results.frame import GiB, rank  # noqa: E402
+from qlab.results.frame import GiB, peak_sources, rank  # noqa: E402
 
 # Okabe-Ito colours (colour-blind safe); bf16, the unquantized baseline, in neutral grey.
 QUANT_COLORS = {"bf16": "#555555", "int8": "#E69F00", "nf4": "#0072B2", "fp4": "#D55E00"}
@@ -68,21 +68,20 @@ def _quant_legend(arms: pd.DataFrame) -> list:
     return handles
 
 
-def _ci_err(mean: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """errorbar's xerr from a 95% interval: distances below and above the mean (0 where unknown)."""
-    return np.nan_to_num(np.abs(np.vstack([mean - lo, hi - mean])))
-
-
 def _mean_err(arms: pd.DataFrame, metric: str) -> tuple[np.ndarray, np.ndarray]:
-    """An arms column `metric` and its xerr from `<metric>_ci95_low` / `_high`."""
+    """An arms column `metric` and errorbar's xerr from `<metric>_ci95_low` / `_high`: the distances
+    below and above the mean (0 where unknown)."""
     mean = arms[metric].to_numpy(float)
-    return mean, _ci_err(mean, arms[f"{metric}_ci95_low"].to_numpy(float), arms[f"{metric}_ci95_high"].to_numpy(float))
+    lo, hi = (arms.get(f"{metric}_ci95_{end}", pd.Series(np.nan, index=arms.index)).to_numpy(float)
+              for end in ("low", "high"))
+    return mean, np.nan_to_num(np.abs(np.vstack([mean - lo, hi - mean])))
 
 
 def _barh_frame(n: int, width: float = 7.5):
+    """A figure for n horizontal bars, the first at the top, and their y positions."""
     fig, ax = plt.subplots(figsize=(width, 0.8 + 0.3 * n))
     ax.invert_yaxis()
-    return fig, ax
+    return fig, ax, np.arange(n)
 
 
 def memory_breakdown(runs: pd.DataFrame, arms: pd.DataFrame, varying: list[str], stem: Path) -> str:
@@ -90,8 +89,7 @@ def memory_breakdown(runs: pd.DataFrame, arms: pd.DataFrame, varying: list[str],
     cols = [c for _, c, _ in SEGMENTS if c] + ["peak_bytes", "peak_allocated_bytes"]
     keys = ["quant_label", "optim", "adapter"]  # per-arm means of the ok runs, in the arms' order
     means = ok.groupby(keys)[cols].mean().reindex(pd.MultiIndex.from_frame(arms[keys])).reset_index(drop=True) / GiB
-    fig, ax = _barh_frame(len(arms), 8.5)
-    y = np.arange(len(arms))
+    fig, ax, y = _barh_frame(len(arms), 8.5)
     left = np.zeros(len(arms))
     for name, col, c in SEGMENTS:
         if col is None:  # what the peak holds beyond the listed parts
@@ -108,7 +106,7 @@ def memory_breakdown(runs: pd.DataFrame, arms: pd.DataFrame, varying: list[str],
     for tick, q in zip(ax.get_yticklabels(), arms.quant):
         tick.set_color(color(q))
     ax.set_xlabel("memory (GiB)")
-    source = ", ".join(sorted(set(ok.peak_source.dropna()))) or "n/a"
+    source = peak_sources(runs)
     ax.set_title(f"Peak memory breakdown per configuration (peak: {source})")
     ax.legend(**OUTSIDE)
     save(fig, stem)
@@ -123,8 +121,7 @@ def memory_breakdown(runs: pd.DataFrame, arms: pd.DataFrame, varying: list[str],
 
 
 def throughput(arms: pd.DataFrame, varying: list[str], stem: Path) -> str:
-    fig, ax = _barh_frame(len(arms))
-    y = np.arange(len(arms))
+    fig, ax, y = _barh_frame(len(arms))
     mean, err = _mean_err(arms, "tok_s")
     ax.barh(y, np.nan_to_num(mean), color=[color(q) for q in arms.quant],
             hatch=[DQ_HATCH if d == "on" else None for d in arms.dq], edgecolor="white", linewidth=0.4)
@@ -140,8 +137,7 @@ def throughput(arms: pd.DataFrame, varying: list[str], stem: Path) -> str:
 
 
 def eval_loss(arms: pd.DataFrame, varying: list[str], stem: Path) -> str:
-    fig, ax = _barh_frame(len(arms))
-    y = np.arange(len(arms))
+    fig, ax, y = _barh_frame(len(arms))
     mean, err = _mean_err(arms, "eval_loss")
     for i, r in arms.iterrows():
         ax.errorbar(mean[i], y[i], xerr=err[:, i:i + 1], fmt="o", color=color(r.quant),
@@ -242,20 +238,16 @@ def all_plots(runs: pd.DataFrame, arms: pd.DataFrame, curves: pd.DataFrame, vary
               quality: bool = True) -> dict:
     """Every plot of one group into `out`; returns {name: caption}. quality=False (random weights):
     no eval-loss or memory-vs-quality plot, and the loss curves labelled as training only."""
+    made = {"memory_breakdown": memory_breakdown(runs, arms, varying, out / "memory_breakdown"),
+            "throughput": throughput(arms, varying, out / "throughput")}
     if not quality:
-        return {
-            "memory_breakdown": memory_breakdown(runs, arms, varying, out / "memory_breakdown"),
-            "throughput": throughput(arms, varying, out / "throughput"),
-            "loss_curves": "Random weights: these curves show that training ran, not quality. " + loss_curves(
-                runs, curves, varying, out / "loss_curves", "Train loss per step: random weights, not quality"),
-        }
-    return {
-        "memory_breakdown": memory_breakdown(runs, arms, varying, out / "memory_breakdown"),
-        "throughput": throughput(arms, varying, out / "throughput"),
-        "loss_curves": loss_curves(runs, curves, varying, out / "loss_curves"),
-        "eval_loss": eval_loss(arms, varying, out / "eval_loss"),
-        "memory_vs_quality": memory_vs_quality(arms, varying, out / "memory_vs_quality"),
-    }
+        made["loss_curves"] = "Random weights: these curves show that training ran, not quality. " + loss_curves(
+            runs, curves, varying, out / "loss_curves", "Train loss per step: random weights, not quality")
+        return made
+    made["loss_curves"] = loss_curves(runs, curves, varying, out / "loss_curves")
+    made["eval_loss"] = eval_loss(arms, varying, out / "eval_loss")
+    made["memory_vs_quality"] = memory_vs_quality(arms, varying, out / "memory_vs_quality")
+    return made
 
 
 def generation(table: pd.DataFrame, batch_sizes: list[int], stem: Path) -> str:
@@ -271,12 +263,10 @@ def generation(table: pd.DataFrame, batch_sizes: list[int], stem: Path) -> str:
     fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(3.4 * max(1, len(panels)) + 1.5, 0.9 + 0.32 * len(rows)),
                              sharey=True, squeeze=False)
     for ax, (col, title) in zip(axes.flat, panels):
-        mean = rows[col].to_numpy(float)
-        lo = rows.get(f"{col}_ci95_low", pd.Series(np.nan, index=rows.index)).to_numpy(float)
-        hi = rows.get(f"{col}_ci95_high", pd.Series(np.nan, index=rows.index)).to_numpy(float)
+        mean, err = _mean_err(rows, col)
         ax.barh(y, np.nan_to_num(mean), color=[color(q) for q in rows.quant],
                 hatch=[DQ_HATCH if d == "on" else None for d in rows.dq], edgecolor="white", linewidth=0.4)
-        ax.errorbar(np.nan_to_num(mean), y, xerr=_ci_err(mean, lo, hi), fmt="none", ecolor="black", capsize=2, lw=0.8)
+        ax.errorbar(np.nan_to_num(mean), y, xerr=err, fmt="none", ecolor="black", capsize=2, lw=0.8)
         ax.set_title(title)
     axes.flat[0].set_yticks(y, names)
     axes.flat[0].invert_yaxis()

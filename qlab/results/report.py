@@ -98,11 +98,10 @@ READING = ("Cells: mean over the arm's ok runs (n = seeds) [95% CI: bootstrap ac
 
 def table_notes(baseline: str | None, fixed: dict, g: pd.DataFrame) -> list[str]:
     """The notes under one table: how to read it (`READING`), then what is specific to it."""
-    ok = g[g.status == "ok"]
     notes = [READING]
     if baseline is not None:
         notes.append(f"Baseline: {baseline}.")
-    notes.append(f"peak mem: {', '.join(sorted(set(ok.peak_source.dropna()))) or 'n/a'} "
+    notes.append(f"peak mem: {frame.peak_sources(g)} "
                  "(NVML device-used includes the CUDA context and paged optimizers' managed memory); "
                  "torch peak alloc: torch.cuda peak allocated bytes (sees neither).")
     if fixed:
@@ -115,14 +114,14 @@ def group_report(g: pd.DataFrame, curves: pd.DataFrame, out: Path, baselines: di
     arm_df = tables.arms(g)
     varying = [c for c in ("quant_label", "optim", "adapter") if g[c].nunique() > 1]
     metrics = frame.quality_metrics(g)  # random weights: no loss columns, no eval-loss or Pareto plot
-    made = {"tables": [], "plots": {}, "arms": arm_df}
+    made = {"tables": [], "plots": {}}
     for axis in tables.AXES:
         res = tables.axis_table(arm_df, axis, baselines.get(axis.key), metrics)
         if res is None:
             made["tables"].append((axis, None, None, "no two of its values share the same other axes in these runs"))
             continue
         numeric, baseline, fixed = res
-        disp = tables.display(numeric, [c for c in numeric.columns[: list(numeric.columns).index("n")]], metrics)
+        disp = tables.display(numeric, list(numeric.columns[: numeric.columns.get_loc("n")]), metrics)
         notes = table_notes(baseline, fixed, g)
         paths = tables.write(numeric, disp, out / "tables" / axis.key, axis.title, notes)
         made["tables"].append((axis, paths, tables.to_markdown(disp), " ".join(notes[1:])))
@@ -138,7 +137,7 @@ def group_report(g: pd.DataFrame, curves: pd.DataFrame, out: Path, baselines: di
 def generation_notes(baseline: str, g: pd.DataFrame, sizes: list[int]) -> list[str]:
     ok = g[g.status == "ok"]
     notes = [GENERATION_READING, f"Baseline: {baseline} with the same adapter setting."]
-    notes.append(f"peak mem: {', '.join(sorted(set(ok.peak_source.dropna()))) or 'n/a'} while generating, the "
+    notes.append(f"peak mem: {frame.peak_sources(g)} while generating, the "
                  "largest over the batch sizes (NVML device-used includes the CUDA context; a CPU run's process RSS "
                  "includes the Python runtime and libraries); torch peak alloc: torch.cuda peak allocated bytes; "
                  "weights: bytes the loaded base weights hold (`weight_bytes`), adapter not included.")
@@ -165,17 +164,20 @@ GENERATION_READING = (
     "end-to-end tok/s bB = B N / T_N, prefill included. Wall-clock times, device synchronized.")
 
 
+def _one_table(axis: tables.Axis, numeric: pd.DataFrame, disp: pd.DataFrame, notes: list[str],
+               out: Path, plotted: dict) -> dict:
+    """The section of a group shown as one table (generation, evaluation)."""
+    paths = tables.write(numeric, disp, out / "tables" / axis.key, axis.title, notes)
+    return {"tables": [(axis, paths, tables.to_markdown(disp), " ".join(notes))], "plots": plotted}
+
+
 def generation_report(g: pd.DataFrame, out: Path, baselines: dict) -> dict:
     """The generation table and plot of one generation group into `out`."""
     numeric, disp, baseline, _ = tables.generation_display(g, baselines.get("quant"))
     sizes = frame.generation_batch_sizes(g)
     notes = generation_notes(baseline, g, sizes)
-    axis = tables.GENERATION
-    paths = tables.write(numeric, disp, out / "tables" / axis.key, axis.title, notes)
-    made = {"kind": "generate", "tables": [(axis, paths, tables.to_markdown(disp), " ".join(notes))],
-            "grid": None, "arms": numeric}
-    made["plots"] = {"generation": plots.generation(numeric, sizes, out / "plots" / "generation")}
-    return made
+    plotted = {"generation": plots.generation(numeric, sizes, out / "plots" / "generation")}
+    return _one_table(tables.GENERATION, numeric, disp, notes, out, plotted)
 
 
 def eval_report(g: pd.DataFrame, out: Path, baselines: dict) -> dict:
@@ -187,10 +189,7 @@ def eval_report(g: pd.DataFrame, out: Path, baselines: dict) -> dict:
     notes = [EVAL_READING, f"Baseline: {baseline} with the same adapter setting.",
              "Items per task (documents or questions): " + ", ".join(
                  f"{t} {'/'.join(map(str, sorted(n)))}" for t, n in items.items()) + "."]
-    axis = tables.EVAL
-    paths = tables.write(numeric, disp, out / "tables" / axis.key, axis.title, notes)
-    return {"kind": "eval", "tables": [(axis, paths, tables.to_markdown(disp), " ".join(notes))], "grid": None,
-            "arms": numeric, "plots": {}}
+    return _one_table(tables.EVAL, numeric, disp, notes, out, {})
 
 
 EVAL_READING = (
@@ -215,18 +214,12 @@ def eval_setup_lines(g: pd.DataFrame) -> list[str]:
               if c.startswith("eval.") and c.endswith(".task_sha256") and g[c].notna().any()]
     if hashes:
         lines.append("- **Local tasks** (qlab/reference/lm_eval_tasks.py, content SHA-256): " + ", ".join(hashes))
-    adapters = sorted({a for a in g.adapter_run.dropna() if a})
-    if adapters:
-        lines.append("- **Adapters** (LoRA unmerged; `full`: a fully fine-tuned model) from run(s): "
-                     + ", ".join(f"`{a}`" for a in adapters))
-    lines.append("- **Git commits of the runs**: " + _distinct(g.git_commit.fillna("unknown (not recorded)")))
-    return lines
+    return lines + _adapters_line(g, "**Adapters** (LoRA unmerged; `full`: a fully fine-tuned model)") + [_commits(g)]
 
 
 def compare_report(g: pd.DataFrame, out: Path) -> dict:
-    """The arms and pairs tables of one group of comparisons (task=compare), every run's rows
-    under its run id."""
-    made = {"kind": "compare", "tables": [], "grid": None, "plots": {}}
+    """The arms and pairs tables of one group of comparisons (task=compare), each row under its run id."""
+    made = {"tables": [], "plots": {}}
     arms, pairs = [], []
     for _, r in g[g.status == "ok"].iterrows():
         a, p = tables.compare_tables({k: r[k] for k in ("arms", "pairs", "aa_control") if isinstance(r.get(k), dict)})
@@ -250,20 +243,24 @@ def generation_setup_lines(g: pd.DataFrame) -> list[str]:
     threads = (f"; torch threads {_distinct(g.torch_num_threads.dropna().astype(int))} (OMP_NUM_THREADS; on a "
                "shared CPU, more threads than free cores slow generation many times over)"
                if "torch_num_threads" in g and g.torch_num_threads.notna().any() else "")
-    lines = [
+    return [
         *_machine_lines(g, cpu_extra=threads),
         f"- **Model** {r.model}; **bench**: {rest.get('bench.prompts')} prompts ({rest.get('bench.prompt_source')}) "
         f"x {rest.get('bench.repeats')} repeats, {rest.get('bench.decoding')} decoding of exactly "
         f"{rest.get('bench.new_tokens')} new tokens per sequence, batch sizes "
         f"{', '.join(map(str, sizes)) if isinstance(sizes, list) else sizes}, "
         f"{rest.get('bench.warmup_calls')} untimed warm-up call(s) per batch size; one process per row",
-    ]
+        *_adapters_line(g, "**Adapter** (LoRA, unmerged, `PeftModel.from_pretrained`)"), _commits(g)]
+
+
+def _adapters_line(g: pd.DataFrame, what: str) -> list[str]:
+    """The page's line naming the training runs whose adapters (or models) a group ran with."""
     adapters = sorted({a for a in g.adapter_run.dropna() if a})
-    if adapters:
-        lines.append("- **Adapter** (LoRA, unmerged, `PeftModel.from_pretrained`) from run(s): "
-                     + ", ".join(f"`{a}`" for a in adapters))
-    lines.append("- **Git commits of the runs**: " + _distinct(g.git_commit.fillna("unknown (not recorded)")))
-    return lines
+    return [f"- {what} from run(s): " + ", ".join(f"`{a}`" for a in adapters)] if adapters else []
+
+
+def _commits(g: pd.DataFrame) -> str:
+    return "- **Git commits of the runs**: " + _distinct(g.git_commit.fillna("unknown (not recorded)"))
 
 
 def _machine_lines(g: pd.DataFrame, cpu_extra: str = "") -> list[str]:
@@ -295,7 +292,7 @@ def setup_lines(g: pd.DataFrame, root: Path) -> list[str]:
         f"**batch** {r.batch_size}" + (f" ({r.batch_size} seq x {r.max_seq_len} tok = {tokens:,} tok/step)"
                                          if tokens else "") + f"; **steps** {r.steps}",
         "- **Settings**: " + ", ".join(f"{k}={rest[k]}" for k in SETTINGS if k in rest),
-        "- **Git commits of the runs**: " + _distinct(g.git_commit.fillna("unknown (not recorded)")),
+        _commits(g),
     ]
     for sweep in sorted(g.sweep.dropna().unique()):
         manifest = next((p for p in (root / "sweep.json", root / sweep / "sweep.json") if p.exists()), None)
@@ -313,9 +310,8 @@ def setup_lines(g: pd.DataFrame, root: Path) -> list[str]:
 
 
 def random_weights_note(runs: pd.DataFrame) -> list[str]:
-    """The page's warning where runs trained random-init presets (frame.model_weights, from each
-    result's stored config): their losses are not quality, so no loss column, loss statistic or
-    quality plot is shown for them."""
+    """The page's warning where runs trained random-init presets (frame.model_weights): their losses
+    are not quality, so no loss column, loss statistic or quality plot is shown for them."""
     random = sorted(runs.loc[runs.model_weights == "random", "model"].dropna().unique()) \
         if "model_weights" in runs else []
     if not random:
@@ -333,13 +329,27 @@ def random_weights_note(runs: pd.DataFrame) -> list[str]:
             f"runs measure; {shown}. Quality results come from pretrained models (results/claims/)."]
 
 
-def write_page(runs: pd.DataFrame, root: Path, out: Path, page: Path, sections: dict, comp: pd.DataFrame,
-               argv_dir: str) -> None:
-    counts = runs.status.value_counts()
+def statistics_summary(runs: pd.DataFrame, comp: pd.DataFrame, link: str) -> str:
+    """The page's one-line account of the statistics (`link`: statistics.md from the page)."""
+    if set(runs.kind) == {"compare"}:
+        return "a comparison's own: each pair's 95% interval over its paired rounds (the tables)."
+    if not (runs.kind == "train").any():
+        return ("none: these are generation or evaluation results (qlab generate-bench, qlab eval); the statistics "
+                "compare training ablation pairs across seeds. Each generation cell carries its run's own 95% "
+                "interval over its timed calls, each evaluation cell the harness's standard error.")
+    tested = comp.p_welch.notna().sum()
+    if not tested:
+        return (f"one seed per configuration ({stats.NO_TEST_N1}): no test is possible for any comparison, and "
+                "the differences in the tables are single runs.")
+    return (f"{tested} Welch t-tests over {len(comp)} comparisons; significant after Holm (p < 0.05): "
+            f"{int((comp.p_welch_holm < 0.05).sum())}. See [statistics.md]({link}).")
+
+
+def write_page(runs: pd.DataFrame, out: Path, page: Path, sections: dict, comp: pd.DataFrame, argv_dir: str) -> None:
     sweeps = ", ".join(f"`{s}`" for s in sorted(runs.sweep.dropna().unique()))
     lines = [f"# Report: {sweeps}", "",
              f"Generated by `qlab report {argv_dir}` from {len(runs)} result.json files ("
-             + ", ".join(f"{counts[s]} {s}" for s in sorted(counts.index, key=lambda s: (s != "ok", s)))
+             + frame.status_summary(runs.status)
              + "). Every number below is computed from those files; regenerate rather than edit.", "",
              f"- Every run: [runs.csv]({rel(out / 'runs.csv', page)}); statistics: "
              f"[statistics.md]({rel(out / 'statistics.md', page)}) ([csv]({rel(out / 'statistics.csv', page)}))"]
@@ -355,33 +365,12 @@ def write_page(runs: pd.DataFrame, root: Path, out: Path, page: Path, sections: 
         lines += ["", f"These results form **{len(labels)} comparability groups**, which differ in: "
                   + ", ".join(f"`{k}`" for k in frame.differing_keys(runs))
                   + ". Each group has its own section; runs of different groups are never compared."]
-    tested = comp.p_welch.notna().sum()
     trained = (runs.kind == "train").any()
-    lines += ["", "**Statistics**: " + (
-        "a comparison's own: each pair's 95% interval over its paired rounds (the tables)."
-        if not trained and set(runs.kind) == {"compare"} else
-        "none: these are generation or evaluation results (qlab generate-bench, qlab eval); the statistics compare "
-        "training ablation pairs across seeds. Each generation cell carries its run's own 95% interval over its "
-        "timed calls, each evaluation cell the harness's standard error."
-        if not trained else
-        f"{tested} Welch t-tests over {len(comp)} comparisons; significant after Holm (p < 0.05): "
-        f"{int((comp.p_welch_holm < 0.05).sum())}. See [statistics.md]({rel(out / 'statistics.md', page)})."
-        if tested else f"one seed per configuration ({stats.NO_TEST_N1}): no test is possible for any "
-                       "comparison, and the differences in the tables are single runs."),
-              ] + (["", f"**Reading the tables**: {READING}"] if trained else [])
+    lines += ["", "**Statistics**: " + statistics_summary(runs, comp, rel(out / "statistics.md", page))]
+    lines += ["", f"**Reading the tables**: {READING}"] if trained else []
     for group, made in sections.items():
-        g = runs[runs.group == group]
         h = "##" if len(labels) == 1 else "###"
-        lines += ["", f"## Group {group}: {labels[group]}" if len(labels) > 1 else "## Setup", ""]
-        if made.get("kind") == "generate":
-            lines += generation_setup_lines(g)
-        elif made.get("kind") == "eval":
-            lines += eval_setup_lines(g)
-        elif made.get("kind") == "compare":
-            lines += [*_machine_lines(g), "- **Git commits of the runs**: "
-                      + _distinct(g.git_commit.fillna("unknown (not recorded)"))]
-        else:
-            lines += setup_lines(g, root)
+        lines += ["", f"## Group {group}: {labels[group]}" if len(labels) > 1 else "## Setup", "", *made["setup"]]
         for axis, paths, md, notes in made["tables"]:
             lines += ["", f"{h} {axis.title}", ""]
             if paths is None:
@@ -457,25 +446,27 @@ def build(root: Path, out: Path | None = None, baselines: dict | None = None, wa
     runs.to_csv(out / "runs.csv", index=False, float_format="%.10g")
     curves = frame.load_curves(root, runs)
     multi = runs.group.nunique() > 1
+    baselines = baselines or {}
     sections = {}
     for group in sorted(runs.group.unique()):
         gout = out / f"group-{group}" if multi else out
         g = runs[runs.group == group]
-        if g.kind.iloc[0] == "generate":
-            sections[group] = generation_report(g, gout, baselines or {})
-        elif g.kind.iloc[0] == "eval":
-            sections[group] = eval_report(g, gout, baselines or {})
-        elif g.kind.iloc[0] == "compare":
-            sections[group] = compare_report(g, gout)
+        kind = g.kind.iloc[0]
+        if kind == "generate":
+            made = {**generation_report(g, gout, baselines), "setup": generation_setup_lines(g)}
+        elif kind == "eval":
+            made = {**eval_report(g, gout, baselines), "setup": eval_setup_lines(g)}
+        elif kind == "compare":
+            made = {**compare_report(g, gout), "setup": [*_machine_lines(g), _commits(g)]}
         else:
-            sections[group] = group_report(g, curves, gout, baselines or {})
-        sections[group]["plot_dir"] = gout / "plots"
+            made = {**group_report(g, curves, gout, baselines), "setup": setup_lines(g, root)}
+        sections[group] = {**made, "plot_dir": gout / "plots"}
     comp = tables.comparisons(runs[runs.kind == "train"])  # generation and eval results: no ablation pairs
     comp.to_csv(out / "statistics.csv", index=False, float_format="%.10g")
     (out / "statistics.md").write_text(statistics_markdown(comp, dict(zip(runs.group, runs.group_label))))
     # the page names the directory as given (relative for `make report`), never a machine's absolute path
     shown = argv_dir if argv_dir and not Path(argv_dir).is_absolute() else root.name
-    write_page(runs, root, out, page, sections, comp, shown)
+    write_page(runs, out, page, sections, comp, shown)
     if wandb:
         log_wandb(runs, sections, root, comp, page.parent)
     return page

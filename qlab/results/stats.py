@@ -157,12 +157,9 @@ def holm(pvalues) -> np.ndarray:
 
 
 # ------------------------------------------------------------------ paired arms (same seed, same settings)
-#
-# Runs of two arms that share a seed and every other setting but the compared one see the same data
-# in the same order from the same LoRA initialization, so their difference d_i = a_i - b_i carries
-# less noise than the difference of the arms' means: every test below is on the d_i (a one-sample
-# t on the pairs), never Welch's across arms. `margin` is absolute, in the metric's unit: a relative
-# margin (a fraction of arm b's mean) is converted by the caller (qlab.claims.verdicts) and stated.
+# Paired runs see the same data in the same order from the same LoRA initialization, so d_i = a_i - b_i
+# carries less noise than the difference of the arms' means: every test below is a one-sample t on the
+# d_i. `margin` is absolute, in the metric's unit (qlab.claims.verdicts converts a relative one).
 EQUIVALENCE_ALPHA = 0.05  # each one-sided test; the interval that decides is the 1 - 2 alpha = 90% one
 
 
@@ -185,9 +182,8 @@ def _one_sided_p(d: np.ndarray, popmean: float, alternative: str) -> float:
 
 
 def paired_difference(a, b, confidence: float = CONFIDENCE) -> dict:
-    """The mean of the paired differences a_i - b_i with its t-interval over pairs (`mean_interval`:
-    None for one pair, zero width without spread) and the two-sided paired t-test's p
-    (`scipy.stats.ttest_rel`, the same test). Also each arm's mean over the paired runs."""
+    """The mean of the paired differences a_i - b_i with its t-interval (`mean_interval`), the two-sided
+    paired t-test's p (`scipy.stats.ttest_rel`) and each arm's mean."""
     d = _paired(a, b)
     n = len(d)
     p = math.nan
@@ -199,9 +195,8 @@ def paired_difference(a, b, confidence: float = CONFIDENCE) -> dict:
 
 
 def paired_lower(a, b, confidence: float = CONFIDENCE) -> dict:
-    """Is a lower than b? The `confidence` (95%) interval of the mean paired difference a - b:
-    entirely below 0 -> "lower", entirely above 0 -> "higher", else (or fewer than 2 pairs, no
-    interval) "no difference shown"; with the two-sided paired t-test's p."""
+    """Is a lower than b? The `confidence` interval of the mean paired difference a - b entirely below 0:
+    "lower", above 0: "higher", else (or < 2 pairs) "no difference shown"; with the paired t-test's p."""
     out = paired_difference(a, b, confidence)
     ci = out["ci"]
     out["outcome"] = ("lower" if ci and ci[1] < 0 else "higher" if ci and ci[0] > 0 else "no difference shown")
@@ -209,13 +204,10 @@ def paired_lower(a, b, confidence: float = CONFIDENCE) -> dict:
 
 
 def tost_paired(a, b, margin: float, alpha: float = EQUIVALENCE_ALPHA) -> dict:
-    """Equivalence of paired arms within +-margin, by two one-sided tests (TOST): H0 mean(d) <= -margin
-    against > -margin, and H0 mean(d) >= +margin against < +margin, each a one-sided t-test at `alpha`;
-    the TOST p is the larger of the two. Decided on the 1 - 2 alpha (90%) interval of the mean
-    difference, which lies inside (-margin, +margin) exactly when both tests reject:
-      inside +-margin           -> "equivalent"
-      entirely outside +-margin -> "not equivalent" (the whole interval beyond one bound)
-      otherwise (or < 2 pairs)  -> "inconclusive"."""
+    """Equivalence of paired arms within +-margin by two one-sided t-tests at `alpha` (TOST: H0 mean(d)
+    <= -margin, H0 mean(d) >= +margin; p_tost the larger p), decided on the 1 - 2 alpha (90%) interval
+    of the mean difference, inside (-margin, +margin) exactly when both reject: "equivalent"; entirely
+    beyond one bound: "not equivalent"; otherwise (or < 2 pairs): "inconclusive"."""
     if margin <= 0:
         raise ValueError(f"an equivalence margin must be > 0, got {margin}")
     out = paired_difference(a, b, 1 - 2 * alpha)
@@ -231,22 +223,17 @@ def tost_paired(a, b, margin: float, alpha: float = EQUIVALENCE_ALPHA) -> dict:
 
 
 def noninferiority_paired(a, b, margin: float, alpha: float = EQUIVALENCE_ALPHA, lower_is_better: bool = True) -> dict:
-    """Is a no worse than b by more than `margin`? For a metric where lower is better (a loss) worse
-    means a - b > 0: H0 mean(d) >= +margin against < +margin, a one-sided t-test at `alpha` (p), decided
-    on the upper end of the same 1 - 2 alpha (90%) interval as `tost_paired` (the one-sided 95% bound);
-    `p_inferior` is the opposite one-sided test's (H0 mean(d) <= +margin), which the lower end decides:
-      upper end below +margin -> "non-inferior"
-      lower end at or above +margin -> "inferior" (worse by more than the margin)
-      otherwise (or < 2 pairs) -> "inconclusive".
-    Where higher is better (an accuracy) the differences are taken the other way (d = b - a: how much
-    worse a is); `mean` and `ci` are then those of b - a, `mean_a` and `mean_b` stay each arm's."""
+    """Is a no worse than b by more than `margin`? With d = a - b (b - a where higher is better: how much
+    worse a is), a one-sided t-test at `alpha` of H0 mean(d) >= +margin (p; `p_inferior` the opposite
+    test's), decided on the 1 - 2 alpha (90%) interval of mean(d): upper end below +margin ->
+    "non-inferior"; lower end at or above it -> "inferior"; otherwise (or < 2 pairs) -> "inconclusive"."""
     if margin <= 0:
         raise ValueError(f"a non-inferiority margin must be > 0, got {margin}")
-    worse = (lambda x, y: (x, y)) if lower_is_better else (lambda x, y: (y, x))
-    x, y = worse(np.asarray(a, dtype=float), np.asarray(b, dtype=float))
+    x, y = (a, b) if lower_is_better else (b, a)
     out = paired_difference(x, y, 1 - 2 * alpha)
-    out.update(margin=float(margin), alpha=alpha, p=_one_sided_p(_paired(x, y), margin, "less"),
-               p_inferior=_one_sided_p(_paired(x, y), margin, "greater"),  # H0 mean(d) <= +margin
+    d = _paired(x, y)
+    out.update(margin=float(margin), alpha=alpha, p=_one_sided_p(d, margin, "less"),
+               p_inferior=_one_sided_p(d, margin, "greater"),  # H0 mean(d) <= +margin
                lower_is_better=lower_is_better, mean_a=float(np.mean(a)), mean_b=float(np.mean(b)))
     ci = out["ci"]
     out["outcome"] = ("inconclusive" if ci is None else "non-inferior" if ci[1] < margin else

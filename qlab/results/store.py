@@ -15,8 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -24,6 +24,7 @@ import tempfile
 import warnings
 from dataclasses import asdict, dataclass  # noqa: F401  (asdict: callers write Results)
 from datetime import datetime, timezone
+from importlib.metadata import version
 from pathlib import Path
 from typing import Optional
 
@@ -112,22 +113,23 @@ def _get(config: dict, key: str):
     return config
 
 
+def _set(config: dict, key: str, value) -> None:
+    *parents, leaf = key.split(".")
+    for part in parents:
+        config = config.setdefault(part, {})
+    config[leaf] = value
+
+
 def identity(config: dict, neutral: bool = False) -> dict:
-    """What defines a run: the config its task reads (TASK_KEYS, TASK_SECTIONS) without the
-    tracker settings (NON_IDENTITY_KEYS), a run directory named in it by the hash of its
-    adapter weights (IDENTITY_FILES) and, with `neutral`, without the ADDED_KEYS that hold their
-    neutral value."""
+    """What defines a run: the config its task reads (TASK_KEYS, TASK_SECTIONS) less NON_IDENTITY_KEYS,
+    run directories named in it replaced by their weights' hash (IDENTITY_FILES) and, with
+    `neutral`, less the ADDED_KEYS at their neutral value."""
     config = json.loads(json.dumps(config))  # a deep copy
     task = config.get("task", "train")
     if task in TASK_KEYS:
         ident: dict = {}
         for key in TASK_KEYS[task]:
-            value = _get(config, key)
-            *parents, leaf = key.split(".")
-            node = ident
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[leaf] = value
+            _set(ident, key, _get(config, key))
     else:
         ident = {k: v for k, v in config.items() if k not in TASK_SECTIONS or k == task}
     for key in NON_IDENTITY_KEYS:
@@ -135,12 +137,8 @@ def identity(config: dict, neutral: bool = False) -> dict:
     for key, pattern in IDENTITY_FILES.items():
         path = _get(ident, key)
         if path:
-            *parents, leaf = key.split(".")
-            node = ident
-            for part in parents:
-                node = node[part]
             patterns = (pattern,) if isinstance(pattern, str) else pattern
-            node[leaf] = files_sha256(sorted(f for p in patterns for f in Path(path).glob(p)))[:16]
+            _set(ident, key, files_sha256(sorted(f for p in patterns for f in Path(path).glob(p)))[:16])
     for key, value in (ADDED_KEYS.items() if neutral else ()):
         _drop(ident, key, value)
     return ident
@@ -178,9 +176,8 @@ def staging_dir(cfg: DictConfig) -> Path:
 
 
 def fresh_dir(final: Path, since: float) -> Path | None:
-    """Where the run whose result belongs in `final` wrote it after `since` (epoch seconds):
-    `final` itself, or its staging directory when it failed beside an earlier complete result
-    (track.publish). None if it wrote none."""
+    """Where the run whose result belongs in `final` wrote it after `since` (epoch seconds): `final`,
+    or its staging directory when it failed beside an earlier complete result (`publish`); else None."""
     for directory in (final, final.parent / ".staging" / final.name):
         path = directory / RESULT
         if path.exists() and path.stat().st_mtime >= since:
@@ -205,11 +202,9 @@ def speed_presets(directory: Path = SPEED_PRESETS) -> dict[str, dict]:
 
 
 def speed_label(speed: dict | None, runner: str | None, presets: dict[str, dict]) -> str:
-    """A training run's speed path: `trainer` for the HF Trainer's loop (train.runner=hf_trainer;
-    results of the retired speed bench say speed.runner: trainer), else the preset whose
-    switches the run's equal (`recipe`, `fast`), else the nearest one and what differs:
-    `fast (compile=none)`. A run without a speed block ran the recipe (the defaults). Each
-    result records its label (axes.speed) with the presets of conf/speed/ as they were then."""
+    """A training run's speed path: `trainer` for the HF Trainer's loop (train.runner=hf_trainer, or
+    speed.runner in older results), else the preset whose switches the run's equal (`recipe`,
+    `fast`), else the nearest one and what differs: `fast (compile=none)`. No speed block: the recipe."""
     if runner == "hf_trainer" or (speed or {}).get("runner"):
         return "trainer"
     if not speed:
@@ -260,9 +255,8 @@ def is_complete(directory: Path) -> bool:
 
 
 def complete_result(cfg: DictConfig) -> Path | None:
-    """The directory of a complete result for this configuration: its own run directory, else
-    an earlier one in the same sweep whose config is the same once keys the schema gained later
-    are left out at their neutral value (ADDED_KEYS), e.g. a run made before `data.pack` existed."""
+    """The directory of a complete result for this configuration: its own run directory, else one in
+    the same sweep whose config is the same once the ADDED_KEYS at their neutral value are left out."""
     final = run_dir(cfg)
     if is_complete(final):
         return final
@@ -310,8 +304,6 @@ def git_commit() -> str | None:
 
 def _version(module: str) -> str | None:
     try:
-        from importlib.metadata import version
-
         return version(module)
     except Exception:
         return None
@@ -319,25 +311,16 @@ def _version(module: str) -> str | None:
 
 def environment() -> dict:
     """Versions and hardware, recorded beside every result."""
-    import torch
+    import torch  # lazy, as measure (which imports torch): reading results needs neither
 
     from qlab.run.measure import sampler_interval_s
 
     env = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": _version("transformers"),
-        "peft": _version("peft"),
-        "bitsandbytes": _version("bitsandbytes"),
-        "cuda": torch.version.cuda,
-        "cpu": _cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "gpu": None,
-        "gpu_count": 0,
-        "driver": None,
-        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "python": platform.python_version(), "torch": torch.__version__,
+        **{name: _version(name) for name in ("transformers", "peft", "bitsandbytes")},
+        "cuda": torch.version.cuda, "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
+        "gpu": None, "gpu_count": 0, "driver": None,
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "sampler_interval_ms": sampler_interval_s() * 1000,  # the memory sampler's period (0: off)
         # how many runs shared this run's GPU, set by the sweep that launched it (qlab.sweep);
         # a run started on its own was alone: throughput of shared runs is not a solo figure
@@ -402,11 +385,11 @@ class WandbMirror:
         except Exception as e:  # never lose a run to W&B
             warnings.warn(f"W&B init failed, continuing without it: {e}")
 
-    def _guard(self, fn, *args, **kw):
+    def _guard(self, fn) -> None:
         if self.run is None:
             return
         try:
-            fn(*args, **kw)
+            fn()
         except Exception as e:
             warnings.warn(f"W&B call failed, continuing without it: {e}")
             self.run = None
@@ -424,9 +407,8 @@ class WandbMirror:
 
 
 def publish(staging: Path, final: Path, status: str) -> Path:
-    """Move a finished attempt's directory from `staging` to `final` by renames, so a reader
-    sees the old result or the new one, never a mix. A failed attempt never replaces a complete
-    result: it stays in `staging` (returned) with a warning."""
+    """Move a finished attempt's directory from `staging` to `final` by renames (a reader sees the old
+    result or the new one); a failed attempt never replaces a complete result: it stays in `staging`."""
     if status not in COMPLETE_STATUSES and is_complete(final):
         warnings.warn(f"attempt failed; keeping the earlier complete result in {final}, "
                       f"the failed attempt is in {staging}")
@@ -443,10 +425,8 @@ def publish(staging: Path, final: Path, status: str) -> Path:
 
 
 class RunRecorder:
-    """Owns one run for its length. The run writes into results/<sweep>/.staging/<run id>/ and
-    is published to results/<sweep>/<run id>/ by a directory rename when it ends, so a killed
-    run never leaves anything that looks complete, and a forced re-run that fails never
-    replaces an earlier complete result (the failed attempt stays in .staging)."""
+    """Owns one run for its length: it writes into results/<sweep>/.staging/<run id>/, published to
+    results/<sweep>/<run id>/ when it ends (`publish`), so a killed run never looks complete."""
 
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
@@ -463,12 +443,8 @@ class RunRecorder:
         self.metrics_file = open(self.dir / "metrics.jsonl", "a", buffering=1)
         self.wandb = WandbMirror(self.cfg, self.dir, self.id)
 
-    def _publish(self, status: str) -> Path:
-        return publish(self.dir, self.final_dir, status)
-
     def adopt(self) -> None:
-        """Take over the staging directory of a run process that died, keeping its
-        metrics.jsonl, so its failure can be recorded beside what it had logged."""
+        """Take over the staging directory of a run process that died, its metrics.jsonl kept."""
         self.dir.mkdir(parents=True, exist_ok=True)
 
     def log_step(self, rec: dict) -> None:
@@ -497,7 +473,7 @@ class RunRecorder:
         atomic_write_json(self.dir / RESULT, asdict(result))
         if hasattr(self, "wandb"):
             self.wandb.finish(result)
-        self.published_dir = self._publish(status)
+        self.published_dir = publish(self.dir, self.final_dir, status)
         return result
 
 

@@ -1,29 +1,16 @@
 """Ablation tables of one comparability group: one per axis plus the full grid, each written
-as Markdown, LaTeX (booktabs) and CSV.
+as Markdown, LaTeX (booktabs) and CSV (the numbers; Markdown and LaTeX show them formatted).
 
-An *arm* is one configuration (quant + DQ, optimizer, adapter) aggregated over its seeds: the
-mean of its ok runs and a 95% CI (bootstrap across seeds where n >= 2; for throughput with a
-single run, the run's own interval over its measured steps). An axis table lists, for every
-*context* (the values of the other axes) in which that axis takes at least two values, each
-arm with its % change vs the baseline arm of the same context. The CSV holds the numbers, the
-Markdown and LaTeX the same numbers formatted.
+An *arm* is one configuration (quant + DQ, optimizer, adapter, speed path) aggregated over its
+seeds: the mean of its ok runs and a 95% CI. An axis table lists, for every *context* (the
+values of the other axes) in which that axis takes at least two values, each arm with its %
+change vs the baseline arm of the same context. The speed path is an axis too; quant labels
+name it (`nf4+DQ · fast`).
 
-The speed path (`speed`: recipe, fast, or trainer for the HF Trainer loop) is an axis too; its
-quant labels name it (`nf4+DQ · fast`), so the quantization table lists every speed path beside
-the 16-bit baseline.
-
-Generation results (kind "generate", task=generate) get one table instead: one row per
-quantization setting x adapter (none | lora), with load time, weights, peak memory, time to
-first token and decode / end-to-end throughput per batch size (`frame.generation_metrics`),
-and the % change vs the baseline quantization (bf16) with the same adapter setting.
-Comparisons (kind "compare", task=compare) get their arms and pairs (`compare_tables`).
-
-Evaluation results (kind "eval", task=eval) get one table too, built the same way: one row per
-quantization setting x adapter (none | lora | full, each training run named when there are
-several), per task its main metric as lm-evaluation-harness reports it ± the harness's standard
-error (`frame.eval_metrics`), and the % change vs bf16 with the same adapter setting.
-
-`comparisons` tests each ablation pair (`PAIRS`) across seeds for statistics.csv.
+Generation and evaluation results get one table per group instead: one row per quantization
+setting x adapter, with the % change vs bf16 with the same adapter setting. Comparisons
+(task=compare) get their arms and pairs (`compare_tables`). `comparisons` tests each ablation
+pair (`PAIRS`) across seeds for statistics.csv.
 """
 
 from __future__ import annotations
@@ -37,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from qlab.results.frame import (METRICS, Metric, eval_metrics, generation_metrics, quality_metrics, quant_label,
-                                rank)
+                                rank, sort_rows, status_summary)
 from qlab.results.stats import bootstrap_ci, compare, holm
 
 CONFIG = ["quant_label", "quant", "dq", "optim", "adapter", "speed"]
@@ -64,12 +51,12 @@ AXES = (
 HEADERS = {"quant_label": "quant", "quant": "quant", "dq": "DQ", "optim": "optimizer", "adapter": "adapter",
            "speed": "speed", "model": "model", "arm": "arm", "runner": "runner", "pair": "pair",
            "verdict": "verdict", "run": "run", "stopped": "stopped"}
+TEXT_COLUMNS = (*HEADERS.values(), "runs")  # aligned left; numbers right
 # The generation table compares quantization settings with the same adapter setting.
 GENERATION = Axis("generation", "quant_label", "Generation speed and memory per quantization type",
                   ("adapter",), "bf16")
 EVAL = Axis("eval", "quant_label", "Evaluation (lm-evaluation-harness) per quantization type and adapter",
             ("adapter",), "bf16")
-
 
 
 @dataclass(frozen=True)
@@ -93,17 +80,12 @@ PAIRS = (
     Pair("all_linear vs qv", "adapter", "all_linear", "qv", ("quant_label", "optim")),
 )
 
-def _status_summary(statuses: pd.Series) -> str:
-    counts = statuses.value_counts()
-    return ", ".join(f"{counts[s]} {s}" for s in sorted(counts.index, key=lambda s: (s != "ok", s)))
-
 
 def _arm_metrics(g: pd.DataFrame, metrics) -> dict:
-    """n ok runs, status summary, and per metric the mean over the ok runs with a 95% CI:
-    bootstrap across runs where n >= 2; with one run, that run's own interval (`run_ci`: over
-    its measured steps or timed calls) where the metric has one."""
+    """n ok runs, status summary, and per metric the mean over the ok runs with a 95% CI: bootstrap
+    across runs where n >= 2; with one run, its own interval (`run_ci`) where the metric has one."""
     ok = g[g.status == "ok"]
-    row = {"n": len(ok), "runs": _status_summary(g.status)}
+    row = {"n": len(ok), "runs": status_summary(g.status)}
     for m in metrics:
         vals = (ok[m.source].astype(float) / m.scale).dropna().to_numpy() if m.source in ok else np.array([])
         row[m.name] = vals.mean() if len(vals) else math.nan
@@ -115,13 +97,20 @@ def _arm_metrics(g: pd.DataFrame, metrics) -> dict:
     return row
 
 
+def _arm_rows(runs: pd.DataFrame, config: list[str], metrics) -> pd.DataFrame:
+    return pd.DataFrame([{**dict(zip(config, cfg)), **_arm_metrics(g, metrics)}
+                         for cfg, g in runs.groupby(config, sort=False)])
+
+
+def _columns(m: Metric, delta: bool) -> tuple[str, ...]:
+    """A metric's numeric columns: mean, 95% CI and, with `delta`, the % change."""
+    return (m.name, f"{m.name}_ci95_low", f"{m.name}_ci95_high") + ((f"{m.name}_delta_pct",) if delta else ())
+
+
 def arms(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per configuration of one group: n ok runs, status summary, and for each metric
-    its mean and 95% CI (columns <metric>, <metric>_ci95_low, <metric>_ci95_high)."""
-    df = pd.DataFrame([{**dict(zip(CONFIG, cfg)), **_arm_metrics(g, METRICS)}
-                       for cfg, g in runs.groupby(CONFIG, sort=False)])
-    order = df.apply(lambda r: [rank(c, r[c]) for c in ("quant_label", "optim", "adapter")], axis=1)
-    return df.iloc[sorted(range(len(df)), key=lambda i: order.iloc[i])].reset_index(drop=True)
+    """One row per configuration of one group (`_arm_metrics`: <metric>, <metric>_ci95_low, _ci95_high)."""
+    return sort_rows(_arm_rows(runs, CONFIG, METRICS),
+                     lambda r: [rank(c, r[c]) for c in ("quant_label", "optim", "adapter")])
 
 
 def choose_baseline(values, axis: Axis, requested: str | None) -> str:
@@ -136,10 +125,9 @@ def choose_baseline(values, axis: Axis, requested: str | None) -> str:
 
 
 def axis_table(arm_df: pd.DataFrame, axis: Axis, requested: str | None = None, metrics=METRICS):
-    """(numeric table, baseline, fixed context) or None when the axis never takes two values
-    in one context. Contexts that do not vary in the group are dropped from the columns and
-    returned in `fixed` (e.g. {"optim": "paged_adamw_32bit"}). `metrics`: the columns shown
-    (frame.quality_metrics: no loss-based ones for random weights)."""
+    """(numeric table, baseline, fixed context) or None when the axis never takes two values in one
+    context. Context columns that do not vary in the group are left out and returned in `fixed`
+    (e.g. {"optim": "paged_adamw_32bit"})."""
     ctx = [c for c in axis.context if arm_df[c].nunique() > 1]
     fixed = {c: arm_df[c].iloc[0] for c in axis.context if c not in ctx}
     blocks = [arm_df] if not ctx else [g for _, g in arm_df.groupby(ctx, sort=False)]
@@ -147,20 +135,15 @@ def axis_table(arm_df: pd.DataFrame, axis: Axis, requested: str | None = None, m
     if not blocks:
         return None
     baseline = choose_baseline(pd.concat(blocks)[axis.column].unique(), axis, requested)
-    out = []
-    for block in blocks:
-        block = block.iloc[sorted(range(len(block)), key=lambda i: rank(axis.column, block[axis.column].iloc[i]))]
-        out.append(_vs_baseline(block, axis.column, baseline, metrics))
-    table = pd.concat(out).reset_index(drop=True)
-    metric_cols = [c for m in metrics for c in (m.name, f"{m.name}_ci95_low", f"{m.name}_ci95_high")
-                   + ((f"{m.name}_delta_pct",) if m.delta else ()) if c in table]
+    table = pd.concat([_vs_baseline(sort_rows(block, lambda r: rank(axis.column, r[axis.column])), axis.column,
+                                    baseline, metrics) for block in blocks]).reset_index(drop=True)
+    metric_cols = [c for m in metrics for c in _columns(m, m.delta) if c in table]
     return table[[*ctx, axis.column, "n", "runs", "is_baseline", *metric_cols]], baseline, fixed
 
 
 def _vs_baseline(block: pd.DataFrame, column: str, baseline: str, metrics) -> pd.DataFrame:
-    """The block's arms with each metric's % change vs the block's baseline arm,
-    100 (arm - base) / base (NaN for a metric without one, m.delta false, or a block without a
-    baseline arm), and is_baseline."""
+    """The block's arms with is_baseline and each metric's % change vs the block's baseline arm,
+    100 (arm - base) / base (NaN where m.delta is false or the block has no baseline arm)."""
     base = block[block[column] == baseline]
     block = block.copy()
     for m in metrics:
@@ -171,8 +154,7 @@ def _vs_baseline(block: pd.DataFrame, column: str, baseline: str, metrics) -> pd
 
 
 def grid_table(arm_df: pd.DataFrame, metrics=METRICS) -> pd.DataFrame:
-    metric_cols = [c for m in metrics for c in (m.name, f"{m.name}_ci95_low", f"{m.name}_ci95_high")]
-    return arm_df[["quant_label", "optim", "adapter", "n", "runs", *metric_cols]]
+    return arm_df[["quant_label", "optim", "adapter", "n", "runs", *[c for m in metrics for c in _columns(m, False)]]]
 
 
 # ---------------------------------------------------------------- generation results
@@ -181,32 +163,24 @@ GEN_CONFIG = ["quant_label", "quant", "dq", "adapter", "adapter_run"]
 
 
 def generation_arms(runs: pd.DataFrame, metrics: tuple[Metric, ...]) -> pd.DataFrame:
-    """One row per quantization setting x adapter of one generation group: n ok runs, status
-    summary, and per metric the mean over its ok runs with a 95% CI (bootstrap across runs
-    where n >= 2; with one run, that run's own interval over its timed calls)."""
-    runs = runs.assign(adapter_run=runs.adapter_run.fillna("").astype(str))
-    df = pd.DataFrame([{**dict(zip(GEN_CONFIG, cfg)), **_arm_metrics(g, metrics)}
-                       for cfg, g in runs.groupby(GEN_CONFIG, sort=False)])
+    """One row per quantization setting x adapter (and adapter run) of one generation or eval group."""
+    df = _arm_rows(runs.assign(adapter_run=runs.adapter_run.fillna("").astype(str)), GEN_CONFIG, metrics)
     if len({r for r in df.adapter_run if r}) > 1:  # several adapters in one group: name each one's run
         df["adapter"] = [a if not r else f"{a} ({r})" for a, r in zip(df.adapter, df.adapter_run)]
-    order = df.apply(lambda r: (rank("adapter", r.adapter.split(" ")[0]), r.adapter_run,
-                                rank("quant_label", r.quant_label)), axis=1)
-    return df.iloc[sorted(range(len(df)), key=lambda i: order.iloc[i])].reset_index(drop=True)
+    return sort_rows(df, lambda r: (rank("adapter", r.adapter.split(" ")[0]), r.adapter_run,
+                                    rank("quant_label", r.quant_label)))
 
 
 def generation_table(arm_df: pd.DataFrame, metrics: tuple[Metric, ...], requested: str | None = None,
                      axis: Axis = GENERATION):
-    """(numeric table, baseline): the arms with their % change vs the baseline quantization
-    of the same adapter setting (100 (arm - base) / base; no change where the setting has no
-    baseline arm). Metrics no run holds (torch's peak on a CPU) are left out."""
+    """(numeric table, baseline, metrics kept): the arms with their % change vs the baseline quantization
+    of the same adapter setting. Metrics no run holds (torch's peak on a CPU) are left out."""
     baseline = choose_baseline(arm_df.quant_label.unique(), axis, requested)
     table = pd.concat([_vs_baseline(block, "quant_label", baseline, metrics)
                        for _, block in arm_df.groupby(["adapter"], sort=False)]).reset_index(drop=True)
     kept = tuple(m for m in metrics if table[m.name].notna().any())
-    metric_cols = [c for m in kept for c in (m.name, f"{m.name}_ci95_low", f"{m.name}_ci95_high",
-                                              f"{m.name}_delta_pct")]
-    return (table[["quant_label", "quant", "dq", "adapter", "adapter_run", "n", "runs", "is_baseline", *metric_cols]],
-            baseline, kept)
+    metric_cols = [c for m in kept for c in _columns(m, True)]
+    return table[[*GEN_CONFIG, "n", "runs", "is_baseline", *metric_cols]], baseline, kept
 
 
 def generation_display(runs: pd.DataFrame, requested: str | None = None):
@@ -217,25 +191,12 @@ def generation_display(runs: pd.DataFrame, requested: str | None = None):
 
 
 def eval_display(runs: pd.DataFrame, requested: str | None = None):
-    """(numeric, formatted, baseline, metrics) of one eval group: per task its main metric, with
-    the runs' mean [bootstrap 95% CI where a row has several runs] ± the harness's standard error
-    (the mean of the runs' where several) and the % change vs the baseline."""
+    """(numeric, formatted, baseline, metrics) of one eval group: per task its main metric, mean [95% CI]
+    ± the harness's standard error (% change vs the baseline)."""
     metrics = eval_metrics(runs)
     numeric, baseline, kept = generation_table(generation_arms(runs, metrics), metrics, requested, EVAL)
     mains = tuple(m for m in kept if not m.name.endswith("_stderr"))
-    disp = display(numeric, ["quant_label", "adapter"], ())
-    for m in mains:
-        cells = []
-        for _, r in numeric.iterrows():
-            cell, se = _cell(r, m, with_delta=False), r.get(f"{m.name}_stderr", math.nan)
-            if cell != "-" and np.isfinite(se):
-                cell += f" ± {se:,.{m.decimals}f}"
-            delta = r.get(f"{m.name}_delta_pct", math.nan)
-            if cell != "-" and np.isfinite(delta) and not r.is_baseline:
-                cell += f" ({pct(delta)})"
-            cells.append(cell)
-        disp[m.header] = cells
-    return numeric, disp, baseline, mains
+    return numeric, display(numeric, ["quant_label", "adapter"], mains, stderr=True), baseline, mains
 
 
 # ---------------------------------------------------------------- comparisons (task=compare)
@@ -248,9 +209,8 @@ def _num(v, fmt: str) -> str:
 
 
 def compare_tables(m: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """A comparison's metrics (tasks/compare.summarize) as two formatted tables: the arms
-    (tokens/s, step time, GPU busy fraction, launches per step, MFU) and the pairs (ratio [95%
-    CI], half-width, rounds, verdict; the A/A control last)."""
+    """A comparison's metrics (tasks/compare.summarize) as two formatted tables: the arms and the
+    pairs (ratio [95% CI], half-width, rounds, verdict; the A/A control last)."""
     arms = pd.DataFrame([{
         "arm": name, "runner": a["runner"], "quant": quant_label(a["quant"], a["double_quant"]), "speed": a["speed"],
         "optimizer": a["optim"], "tok/s": _num(a["tokens_per_s"], ",.0f"),
@@ -258,7 +218,7 @@ def compare_tables(m: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
         "GPU busy": _num(a.get("gpu_busy_fraction"), ".0%"),
         "launches/step": _num(a.get("profile_kernel_launches_per_step"), ",.0f"), "MFU": _num(a.get("mfu"), ".1%"),
     } for name, a in m["arms"].items()])
-    rows = [(name, p) for name, p in m.get("pairs", {}).items()]
+    rows = list(m.get("pairs", {}).items())
     if m.get("aa_control"):
         rows.append((f"{m['aa_control']['pair']} (A/A floor)", {**m["aa_control"], "verdict": (
             "covers 1" if m["aa_control"]["covers_1"] else "excludes 1: comparison not valid")}))
@@ -292,7 +252,8 @@ def compare_markdown(m: dict, machine: str) -> str:
 
 # ---------------------------------------------------------------- formatting
 
-def _cell(row, m, with_delta: bool) -> str:
+def _cell(row, m, with_delta: bool, stderr: bool = False) -> str:
+    """mean [95% CI] (± the `<metric>_stderr` column, with `stderr`) (% change vs the baseline)."""
     mean = row[m.name]
     if not np.isfinite(mean):
         return "-"
@@ -301,6 +262,9 @@ def _cell(row, m, with_delta: bool) -> str:
     lo, hi = row.get(f"{m.name}_ci95_low", math.nan), row.get(f"{m.name}_ci95_high", math.nan)
     if np.isfinite(lo) and np.isfinite(hi) and format(lo, fmt) != format(hi, fmt):
         s += f" [{lo:{fmt}}, {hi:{fmt}}]"
+    se = row.get(f"{m.name}_stderr", math.nan) if stderr else math.nan
+    if np.isfinite(se):
+        s += f" ± {se:{fmt}}"
     delta = row.get(f"{m.name}_delta_pct", math.nan) if with_delta and not row.get("is_baseline") else math.nan
     if np.isfinite(delta):
         s += f" ({pct(delta)})"
@@ -312,17 +276,17 @@ def pct(delta: float) -> str:
     return f"{delta:+.1f}%" if abs(delta) >= 1 else f"{delta:+.2f}%"
 
 
-def display(table: pd.DataFrame, leading: list[str], metrics=METRICS) -> pd.DataFrame:
+def display(table: pd.DataFrame, leading: list[str], metrics=METRICS, stderr: bool = False) -> pd.DataFrame:
     """The formatted table: leading (config) columns, runs, one text column per metric."""
     out = pd.DataFrame({HEADERS.get(c, c): table[c].astype(str) for c in leading})
     out["runs"] = table["runs"].values
     for m in metrics:
-        out[m.header] = [_cell(r, m, m.delta) for _, r in table.iterrows()]
+        out[m.header] = [_cell(r, m, m.delta, stderr) for _, r in table.iterrows()]
     return out
 
 
 def to_markdown(disp: pd.DataFrame) -> str:
-    align = ["left" if c in (*HEADERS.values(), "runs") else "right" for c in disp.columns]
+    align = ["left" if c in TEXT_COLUMNS else "right" for c in disp.columns]
     return disp.to_markdown(index=False, disable_numparse=True, colalign=align)
 
 
@@ -338,7 +302,7 @@ def tex_escape(s: str) -> str:
 def to_latex(disp: pd.DataFrame, caption: str, label: str) -> str:
     tex = disp.map(tex_escape)
     tex.columns = [tex_escape(c) for c in disp.columns]
-    align = "".join("l" if c in (*HEADERS.values(), "runs") else "r" for c in disp.columns)
+    align = "".join("l" if c in TEXT_COLUMNS else "r" for c in disp.columns)
     return tex.to_latex(index=False, escape=False, column_format=align, caption=tex_escape(caption),
                         label=label, position="htbp")
 
@@ -355,26 +319,21 @@ def write(numeric: pd.DataFrame, disp: pd.DataFrame, stem: Path, title: str, not
 
 
 def comparisons(runs: pd.DataFrame) -> pd.DataFrame:
-    """Every ablation pair, in every group and matched context where both arms have runs, for
-    every tested metric (`stats.compare`; loss-based ones only where the group's weights are not
-    random, frame.quality_metrics); Holm-adjusted over the whole frame (Welch and MWU separately).
-    A test needs two ok runs (seeds) per arm; with fewer, the note says so."""
-    ok = runs[runs.status == "ok"]
+    """Every ablation pair, in every group and matched context where both arms have runs, for every
+    tested metric of the group (frame.quality_metrics), by `stats.compare` over the ok runs (seeds);
+    Holm-adjusted over the whole frame (Welch and MWU separately)."""
     rows = []
     for group in sorted(runs.group.unique()):
         g = runs[runs.group == group]
         tested = [m for m in quality_metrics(g) if m.tested]
         for pair in PAIRS:
             arms = g[g[pair.column].isin([pair.a, pair.b])]
-            contexts = arms[list(pair.match)].drop_duplicates()
-            contexts = sorted(contexts.itertuples(index=False, name=None),
-                              key=lambda c: [rank(col, v) for col, v in zip(pair.match, c)])
-            for ctx in contexts:
-                mask = np.logical_and.reduce([arms[c] == v for c, v in zip(pair.match, ctx)])
-                here = arms[mask]
+            contexts = sorted(arms.groupby(list(pair.match), sort=False),
+                              key=lambda kv: [rank(col, v) for col, v in zip(pair.match, kv[0])])
+            for ctx, here in contexts:
                 if set(here[pair.column]) != {pair.a, pair.b}:
                     continue  # one arm missing in this context: nothing to compare
-                here_ok = ok.loc[ok.index.intersection(here.index)]
+                here_ok = here[here.status == "ok"]
                 for metric in tested:
                     vals = {arm: (here_ok.loc[here_ok[pair.column] == arm, metric.source] / metric.scale).tolist()
                             for arm in (pair.a, pair.b)}
