@@ -254,7 +254,7 @@ def parse_batch_sizes(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"integers separated by commas, got {text!r}") from None
 
 
-def _value(v) -> str:
+def override_value(v) -> str:
     """A config value as a Hydra override's right-hand side."""
     if isinstance(v, str):
         return f"'{v}'"
@@ -269,13 +269,13 @@ def model_overrides(args) -> list[str]:
         trained = store.read_result(args.run)
         if trained is None:
             raise config.ConfigError("--run", f"{args.run}: no result.json; pass the directory of a qlab run")
-        return [f"model.{k}={_value(v)}" for k, v in trained["config"]["model"].items()]
+        return [f"model.{k}={override_value(v)}" for k, v in trained["config"]["model"].items()]
     if spec is None or (Path(config.PROJECT_ROOT) / "conf" / "model" / f"{spec}.yaml").is_file():
         return [f"model={spec or 'tiny-llama'}"]
     if spec in config.SHAPES["presets"]:
-        return [f"model.name={_value(spec)}", f"model.preset={_value(spec)}", "model.name_or_path=null"]
+        return [f"model.name={override_value(spec)}", f"model.preset={override_value(spec)}", "model.name_or_path=null"]
     name = Path(spec.rstrip("/")).name or spec
-    return ["model=hub", f"model.name={_value(name)}", f"model.name_or_path={_value(spec)}"]
+    return ["model=hub", f"model.name={override_value(name)}", f"model.name_or_path={override_value(spec)}"]
 
 
 def plan(args) -> list[tuple[list[str], DictConfig]]:
@@ -283,16 +283,16 @@ def plan(args) -> list[tuple[list[str], DictConfig]]:
     before any runs: a bad argument costs no run."""
     # absolute paths: a run process starts in the project root (launch.launch)
     common = ["task=generate", *model_overrides(args), f"train.device={args.device}",
-              f"tracker.results_dir={_value(str(args.results_dir.resolve()))}", f"tracker.sweep={_value(args.sweep)}",
+              f"tracker.results_dir={override_value(str(args.results_dir.resolve()))}", f"tracker.sweep={override_value(args.sweep)}",
               f"generate.prompts={args.prompts}", f"generate.repeats={args.repeats}",
               f"generate.new_tokens={args.new_tokens}",
               f"generate.batch_sizes=[{','.join(map(str, args.batch_sizes))}]"]
-    adapters = ["null"] + ([_value(str(args.run.resolve()))] if args.run else [])
+    adapters = ["null"] + ([override_value(str(args.run.resolve()))] if args.run else [])
     out = []
     for label in args.quants:
         qtype, dq = QUANTS[label]
         for adapter in adapters:
-            overrides = [*common, f"quant={qtype}", f"quant.double_quant={_value(dq)}",
+            overrides = [*common, f"quant={qtype}", f"quant.double_quant={override_value(dq)}",
                          f"generate.adapter_run={adapter}"]
             if not out:
                 config.check_overrides(overrides)  # Hydra's own errors as one line naming the key
