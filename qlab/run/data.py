@@ -1,12 +1,10 @@
 """Multi-turn chat data with the loss on the assistant's tokens only.
 
-A conversation becomes `<s> human1 </s> assistant1 </s> human2 </s> assistant2 </s> ...`; its
-labels copy each assistant reply *and the </s> that closes it* (the model must learn to stop) and
-are -100 elsewhere. Each utterance is tokenized on its own and the special ids placed between, so
-no merge crosses a turn boundary. Files are JSONL, MOSS/Firefly conversations or alpaca records.
-Training batches are padded, or (data.pack) rows of whole conversations end to end whose
-position_ids restart at each and that have no attention_mask, so transformers masks attention
-block-diagonally (docs/running.md#data). Evaluation always stays padded.
+A conversation becomes `<s> human1 </s> assistant1 </s> human2 </s> ...`; labels copy each reply
+and the </s> that closes it (the model must learn to stop), -100 elsewhere. Each utterance is
+tokenized on its own, so no merge crosses a turn boundary. Files are JSONL (MOSS/Firefly
+conversations or alpaca records). Training batches are padded, or (data.pack) padding-free rows
+whose position_ids restart per conversation (docs/running.md#data); evaluation stays padded.
 """
 
 from __future__ import annotations

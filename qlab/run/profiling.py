@@ -1,19 +1,9 @@
 """A look inside the training step: torch.profiler over the last warm-up steps (train.profile_steps).
 
-It answers where a step's wall time goes. On a GPU:
-- the kernels' device time per step, grouped into classes (KERNEL_CLASSES: GEMMs, bitsandbytes
-  dequantization, attention, compiled Triton kernels, ...);
-- the kernel launches per step (what torch.compile and CUDA graphs cut);
-- the rest of the wall time, in which no kernel of the step runs: launch gaps, Python and host
-  work. The kernels run on one stream, so wall - kernel time is the GPU's idle time. The wall time
-  here is under the profiler, whose overhead inflates it; the measured steps' time, which the
-  profiler never sees, less the kernel time is the better estimate (task=compare's busy fraction).
-
-The profiled steps are the last `profile_steps` of the warm-up, which runs unmeasured anyway. The
-run trains the same steps on the same batches, and its step times and peaks come from later
-steps: profiling leaves what the run measures as it was, and is not part of a run's identity
-(track.NON_IDENTITY_KEYS). The first warm-up step is never profiled (config.validate): it
-compiles, autotunes and initializes lazily.
+On a GPU: the kernels' device time per step by class (KERNEL_CLASSES), the launches per step, and
+the rest of the wall time, in which no kernel runs (launch gaps, Python, host work). The profiled
+steps are warm-up steps, measured by nothing else, so profiling never changes what a run measures
+and is no part of its identity. Reading the numbers (profiler overhead included): docs/speed.md.
 """
 
 from __future__ import annotations

@@ -1,10 +1,7 @@
-"""Speed switches of the training step, each an ablation axis (conf/speed/), never silent:
-`upcast_non_quantized` (the recipe's float32 up-cast of every non-quantized weight, or not),
-`adapter_autocast` (the forward under torch.autocast: LoRA's GEMMs in the compute dtype, its
-float32 weights the optimizer's master copies), `compile` (torch.compile per decoder layer) and
-`loss` (the model's own over full float32 logits, or `chunked` over the target positions only:
-for BLOOM 4 x 512 positions x 250,880 tokens x 4 B = 2.05 GB of logits per step). See
-docs/speed-switches.md.
+"""Speed switches of the training step, each an ablation axis (conf/speed/), never silent: the
+recipe's float32 up-cast of non-quantized weights, the forward under torch.autocast, torch.compile
+per decoder layer, and a chunked loss over the target positions only (no full float32 logits:
+for BLOOM 4 x 512 positions x 250,880 tokens x 4 B = 2.05 GB per step). docs/speed-switches.md.
 """
 
 from __future__ import annotations

@@ -1,11 +1,8 @@
 """Sweeps: a Hydra multirun where every grid point is one isolated, resumable run.
 
-Hydra expands the grid and its launcher calls `run_point` once per point, which prunes
-meaningless points (double quantization of int8/16-bit), skips those whose result is complete
-(unless force=true) and runs the rest through the one launcher, each in a fresh process, so no
-memory peak, CUDA context or allocator state carries into the next run (one that dies is recorded
-as failed; the sweep goes on). `ManifestCallback` keeps results/<sweep>/sweep.json: the grid, the
-hardware, each invocation and every point's status.
+`run_point` prunes meaningless points, skips complete ones (unless force=true) and runs the rest
+through the one launcher, each in a fresh process (one that dies is recorded as failed; the sweep
+goes on). `ManifestCallback` keeps results/<sweep>/sweep.json: grid, hardware, invocations, statuses.
 """
 
 from __future__ import annotations
