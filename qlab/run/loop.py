@@ -137,12 +137,10 @@ def loss_summary(losses: list[float]) -> dict:
 
 
 class Stepper:
-    """qlab's step (runner=qlab): fetch, forward (speed.loss_fn under speed.autocast), backward,
-    clip, optimizer and scheduler step, zero_grad, then the loss and token counts read and
-    `on_step(record)`. runner=bare does the same step and nothing else: no checkpoint probe, no
-    per-step host sync (the loss is read once per window, tokens are shape metadata): the
-    reference for what qlab's loop costs. `times`, `counts` (batch_tokens) and `losses`
-    accumulate over windows; `done` counts completed steps."""
+    """qlab's step: forward (speed.loss_fn under speed.autocast), backward, clip, optimizer and
+    scheduler step, then the loss and token counts read and `on_step(record)`. runner=bare does the
+    same step without the checkpoint probe or a per-step host sync: what qlab's loop costs is
+    measured against it. `times`, `counts` and `losses` accumulate; `done` counts steps."""
 
     def __init__(self, model, data: Data, optimizer, scheduler, cfg, device: str,
                  on_step: Callable[[dict], None] | None = None, run_id: str = ""):

@@ -11,6 +11,9 @@ from __future__ import annotations
 import functools
 import time
 
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
 from qlab.run.measure import sync
 
 # first match wins, on the lower-cased kernel name; names as CUDA 12-13 / torch 2.x / bitsandbytes
@@ -44,8 +47,6 @@ class StepProfile:
 
     def __enter__(self):
         if self.steps:
-            from torch.profiler import ProfilerActivity, profile
-
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
             self.prof = profile(activities=activities)
             sync(self.device)
@@ -65,13 +66,6 @@ class StepProfile:
         """The profiler's events grouped by name, grouped once for the metrics and the table."""
         return self.prof.key_averages()
 
-    def _kernels(self):
-        """(name, total device µs, launches) of every GPU kernel over the profiled steps."""
-        from torch.autograd import DeviceType
-
-        return [(e.key, e.self_device_time_total, e.count) for e in self._averages
-                if e.device_type == DeviceType.CUDA]
-
     def metrics(self) -> dict:
         return {} if self.wall_s is None else dict(self._summary)
 
@@ -81,18 +75,18 @@ class StepProfile:
         out = {"profile_steps": n, "profile_wall_ms_per_step": 1e3 * self.wall_s / n}
         if not self.cuda:
             return out
-        kernels = self._kernels()
+        # (name, total device µs, launches) of every GPU kernel over the profiled steps
+        kernels = [(e.key, e.self_device_time_total, e.count) for e in self._averages
+                   if e.device_type == DeviceType.CUDA]
         busy_ms = sum(us for _, us, _ in kernels) / 1e3 / n
         by_class: dict[str, float] = {}
         for name, us, _ in kernels:
             label = kernel_class(name)
             by_class[label] = by_class.get(label, 0.0) + us / 1e3 / n
-        out.update({
-            "profile_kernel_ms_per_step": busy_ms,
-            "profile_idle_ms_per_step": out["profile_wall_ms_per_step"] - busy_ms,
-            "profile_kernel_launches_per_step": sum(c for *_, c in kernels) / n,
-            "profile_kernel_ms_by_class": dict(sorted(by_class.items(), key=lambda kv: -kv[1])),
-        })
+        out.update(profile_kernel_ms_per_step=busy_ms,
+                   profile_idle_ms_per_step=out["profile_wall_ms_per_step"] - busy_ms,
+                   profile_kernel_launches_per_step=sum(c for *_, c in kernels) / n,
+                   profile_kernel_ms_by_class=dict(sorted(by_class.items(), key=lambda kv: -kv[1])))
         return out
 
     def report(self, rows: int = 30) -> str | None:

@@ -124,12 +124,9 @@ if not OmegaConf.has_resolver("qlab_gpu_slots"):
 
 @contextmanager
 def gpu_slot(lock_dir: str = "/tmp"):
-    """With QLAB_NUM_GPUS=N and a parallel launcher, each concurrent run takes a slot: there are
-    N x QLAB_RUNS_PER_GPU (= R) slots, a lock file each, and the run holding slot i gets
-    CUDA_VISIBLE_DEVICES = i // R (slots 0..R-1 on GPU 0, R..2R-1 on GPU 1, ...). Free slots
-    are tried round-robin over GPUs (slot 0, R, 2R, ..., then 1, R+1, ...), so N runs or fewer
-    still get a GPU each. Yields the GPU index, or None without QLAB_NUM_GPUS. `lock_dir` is
-    shared by every sweep on the machine (tests pass their own)."""
+    """With QLAB_NUM_GPUS=N, each concurrent run holds one of N x QLAB_RUNS_PER_GPU (= R) slots, a
+    lock file each; slot i is GPU i // R. Free slots are tried round-robin over GPUs, so N runs or
+    fewer get a GPU each. Yields the GPU index, or None without QLAB_NUM_GPUS."""
     n = int(os.environ.get("QLAB_NUM_GPUS", "0"))
     if n <= 0:
         yield None
@@ -193,9 +190,8 @@ def run_point(cfg: DictConfig) -> str:
     t0 = time.perf_counter()
     with gpu_slot() as slot:
         env = dict(os.environ)
-        # how many runs shared this run's GPU: QLAB_RUNS_PER_GPU under the parallel local launcher
-        # (joblib, one worker per slot), else 1 (the basic launcher runs one at a time, SLURM one
-        # per job); the run process records it in its result's env
+        # how many runs shared this run's GPU: QLAB_RUNS_PER_GPU under the parallel local launcher,
+        # else 1 (the basic launcher and SLURM run one at a time per GPU)
         shared = slot is not None and _parallel_launcher()
         concurrency = {"runs_per_gpu": runs_per_gpu() if shared else 1, "gpu_slots": gpu_slots() if shared else None}
         if slot is not None:
