@@ -245,10 +245,8 @@ def register() -> None:
 
 
 def compose(overrides: list[str]) -> DictConfig:
-    """The config `python -m qlab.run <overrides>` composes (same tree, same schema), for tests,
-    scripts and a comparison's arms. Not thread-safe (Hydra's compose API). Inside a running Hydra
-    app (`python -m qlab.run task=compare`) the app's own Hydra instance is set aside for the
-    composition and put back after it."""
+    """The config `python -m qlab.run <overrides>` composes, for tests, scripts and a comparison's
+    arms. Not thread-safe; inside a running Hydra app, the app's Hydra instance is put back after."""
     from hydra import compose as hcompose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -464,10 +462,8 @@ def _validate_model(m: DictConfig) -> None:
 
 
 def check_overrides(overrides: list[str]) -> DictConfig:
-    """Compose what the command-line overrides ask for (a sweep's every value once) and turn
-    Hydra's and OmegaConf's own errors (an unknown group value, an unknown key, a string for an
-    int, a malformed override) into one ConfigError naming the key. Returns the config of the
-    plain (non-sweep) overrides."""
+    """Compose what the overrides ask for (a sweep's every value once), turning Hydra's and
+    OmegaConf's own errors into one ConfigError naming the key; the config of the plain overrides."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException

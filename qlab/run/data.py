@@ -203,9 +203,8 @@ class Data:
 
 def pack_budget(train: Split, data_cfg, batch_size: int) -> int:
     """A packed row's positions. `positions`: a padded batch's, 4 x 512 = 2,048. `conversations`:
-    a padded batch's conversations on average. A greedy row stops when the next conversation does
-    not fit, on average half a conversation short of its budget, so (batch_size + 1/2) x the mean
-    length L holds batch_size of them: 4 conversations of L = 72 positions -> 4.5 x 72 = 324."""
+    a padded batch's conversations on average; a greedy row ends ~half a conversation short of its
+    budget, so 4 conversations of mean length 72 need (4 + 1/2) x 72 = 324."""
     if data_cfg.pack_budget == "positions":
         return batch_size * data_cfg.max_seq_len
     mean = sum(len(ids) for ids, _ in train.samples) / len(train.samples)

@@ -175,6 +175,7 @@ def memory_breakdown(weights: dict, adapter_bytes: int, optimizer_state: dict, l
              **{f"optimizer_state_{where}_bytes": optimizer_state[where] for where in ("device", "managed", "cpu")},
              "logits_bytes": logits_bytes}
     if peak_allocated is not None:
-        on_device = sum(v for k, v in parts.items() if k not in ("optimizer_state_managed_bytes", "optimizer_state_cpu_bytes"))
+        off_device = ("optimizer_state_managed_bytes", "optimizer_state_cpu_bytes")
+        on_device = sum(v for k, v in parts.items() if k not in off_device)
         parts["activations_bytes"] = max(0, peak_allocated - on_device)
     return parts

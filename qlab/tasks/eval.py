@@ -334,8 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-adapter", action="store_true", help="a run's base model and quantization, without its adapter")
     p.add_argument("--limit", type=int, help="the first N documents / items of each task (default: all)")
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--max-length", type=int, default=2048, help="tokens per window / sequence (default 2048; at most "
-                                                                "the model's context)")
+    p.add_argument("--max-length", type=int, default=2048,
+                   help="tokens per window / sequence (default 2048; at most the model's context)")
     p.add_argument("--num-fewshot", type=int, help="few-shot examples of registry tasks (default: the task's)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--seed", type=int, default=0)
