@@ -5,14 +5,10 @@ batch, one training step.
     python experiments/compile_probe.py --model llama-7b --quants nf4 --pads max_seq_len --backends inductor \
         speed.upcast_non_quantized=false speed.adapter_autocast=true     # the fast mode's settings
 
-With LoRA's B = 0 the first step's loss is the base model's, so a difference there is the
-forward's. Per quantization and padding, on one model and one batch, each arm runs one forward +
-backward: eager (transformers' own checkpointing, the reference), `<backend>+ckpt`
-(speed.compile_layers), `inductor+ckpt, partitioner` (no recompute policy) and `inductor (no
-ckpt)`. It prints the loss and its difference from eager, the largest per-layer output difference,
-the LoRA gradient's relative difference, the bytes the forward saved for backward (a compiled graph
-saves its parameters too, by reference) and torch's peak allocated bytes over the step (the
-compiled arms' first: compilation included). What it showed on an H200: docs/speed-switches.md.
+Each arm (eager, `<backend>+ckpt`, inductor without a recompute policy, inductor without
+checkpointing) runs one forward + backward; with LoRA's B = 0 the loss is the base model's. Prints
+loss, output and gradient differences from eager, the bytes saved for backward and the peak.
+Findings: docs/speed-switches.md.
 """
 
 from __future__ import annotations

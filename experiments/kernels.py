@@ -4,10 +4,9 @@
     python experiments/kernels.py --quick --out /tmp/k # fewer repeats (CPU: well under a minute)
     python experiments/kernels.py --model-path DIR     # errors on a real checkpoint's weights
 
-Times quantize / dequantize (nf4, fp4 x DQ x blocksize 64, 128; LLM.int8's row-wise absmax) and
-the matmul of a 4 x 512-token batch (plain, bnb 4-bit, Linear8bitLt), one call at a time, and
-measures each kind's round-trip error on N(0,1) data and on a model's linear weights. Writes
-<out>/<gpu-or-cpu-name>.json and a .md table; shapes, timing and caveats: docs/kernels.md.
+Times quantize / dequantize and the matmul of a 4 x 512-token batch per storage kind, and measures
+each kind's round-trip error on N(0,1) data and on a model's linear weights. Writes
+<out>/<gpu-or-cpu-name>.json and .md; shapes, timing and caveats: docs/kernels.md.
 """
 
 from __future__ import annotations

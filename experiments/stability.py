@@ -3,11 +3,9 @@
     python experiments/stability.py                     # on the GPU machine, before benchmarks
     python experiments/stability.py --quick --out /tmp/s   # CPU check
 
-Three probes with no model, each as the CV over `windows` repeated windows: `gemm` (bf16 matmuls,
-CUDA-event timed: the device alone), `launch` (tiny in-place adds, wall time: the host's launch
-path) and `python` (a pure-Python loop: the host core); plus what NVML says about the card before
-and after. If gemm or launch varies by more than 2% here, no harness can promise a 2% CV on this
-machine (docs/kernels.md). Writes <out>/<device slug>-stability.json and .md.
+Three probes with no model, each a CV over repeated windows: `gemm` (the device), `launch` (the
+host's launch path), `python` (the host core), plus NVML's view of the card before and after.
+Writes <out>/<device slug>-stability.json and .md (docs/kernels.md).
 """
 
 from __future__ import annotations

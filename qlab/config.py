@@ -1,11 +1,8 @@
 """Typed run configuration and its validation.
 
-The conf/ tree mirrors these dataclasses: one group per field of `RunConfig`. Hydra composes
-the YAML files onto this schema (registered in the ConfigStore as `qlab_schema`); `check_overrides`
-turns Hydra's own composition errors into a `ConfigError`, and `validate` checks the
-combinations and the files, in milliseconds and before anything heavy is imported, naming the
-offending key. This module imports nothing from qlab: the shapes it checks names against are
-data (conf/shapes.yaml).
+The conf/ tree mirrors these dataclasses (Hydra's ConfigStore: `qlab_schema`). `check_overrides`
+turns Hydra's own composition errors into a `ConfigError`; `validate` checks combinations and files
+in milliseconds, before anything heavy loads, naming the offending key. Imports nothing from qlab.
 """
 
 from __future__ import annotations
@@ -48,9 +45,8 @@ PAD_MODES = ("longest", "max_seq_len")
 PACK_BUDGETS = ("positions", "conversations")  # a packed row holds a padded batch's positions | conversations
 COMPILE_MODES = ("none", "layers")
 LOSS_MODES = ("full", "chunked")
-# model_type -> why a packed row cannot keep its conversations apart. ALiBi adds a per-head
-# bias from key *indices* and the model takes no position_ids, so transformers never sees
-# where a conversation starts (its packed-sequence detection reads position_ids).
+# model_type -> why a packed row cannot keep its conversations apart: transformers finds where a
+# packed conversation starts from position_ids, which ALiBi models do not take
 NO_PACKING = {"bloom": "ALiBi attention, no position_ids", "mpt": "ALiBi attention, no position_ids"}
 
 
@@ -116,10 +112,8 @@ class DataConfig:
     pad_to: str = "longest"  # longest | max_seq_len (fixed shapes for throughput/memory work)
     on_bad_line: str = "error"  # error | skip
     max_eval_samples: int = 256
-    # padding-free training (qlab/run/data.py): each step is ONE row of whole conversations (each
-    # truncated to max_seq_len as when padded) packed greedily in data order up to a budget of
-    # positions, position_ids restarting per conversation; evaluation stays padded. Not for
-    # ALiBi models (BLOOM): no position_ids.
+    # padding-free training (qlab/run/data.py): each step is one row of whole conversations packed
+    # up to a budget of positions, position_ids restarting per conversation; evaluation stays padded
     pack: bool = False
     pack_tokens: Optional[int] = None  # the budget; None: from pack_budget
     # positions: a padded batch's, batch_size * max_seq_len (4 x 512 = 2,048); conversations: a
@@ -251,10 +245,8 @@ def register() -> None:
 
 
 def compose(overrides: list[str]) -> DictConfig:
-    """The config `python -m qlab.run <overrides>` composes (same tree, same schema), for tests,
-    scripts and a comparison's arms. Not thread-safe (Hydra's compose API). Inside a running Hydra
-    app (`python -m qlab.run task=compare`) the app's own Hydra instance is set aside for the
-    composition and put back after it."""
+    """The config `python -m qlab.run <overrides>` composes, for tests, scripts and a comparison's
+    arms. Not thread-safe; inside a running Hydra app, the app's Hydra instance is put back after."""
     from hydra import compose as hcompose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -274,6 +266,14 @@ def _choice(key: str, value: Any, allowed: tuple) -> None:
         raise ConfigError(key, f"unknown value {value!r} (choose from {', '.join(allowed)})")
 
 
+def _at_least(key: str, value, low, nullable: bool = False) -> None:
+    """ConfigError unless value >= low (or, where nullable, None)."""
+    if value is None and nullable:
+        return
+    if value < low:
+        raise ConfigError(key, f"must be >= {low}{' or null' if nullable else ''}, got {value}")
+
+
 def validate(cfg: DictConfig | RunConfig, arm: bool = False) -> None:
     """Raise ConfigError naming the first bad key. Touches only the file system. `arm`: the
     config of a comparison's arm, which may use the bare loop."""
@@ -281,11 +281,8 @@ def validate(cfg: DictConfig | RunConfig, arm: bool = False) -> None:
     _choice("quant.type", c.quant.type, QUANT_TYPES)
     _choice("quant.compute_dtype", c.quant.compute_dtype, COMPUTE_DTYPES)
     if c.quant.double_quant and c.quant.type not in FOUR_BIT:
-        raise PrunedCombination(
-            "quant.double_quant",
-            f"double quantization applies to the 4-bit types ({', '.join(FOUR_BIT)}), "
-            f"not to quant.type={c.quant.type}",
-        )
+        raise PrunedCombination("quant.double_quant", f"double quantization applies to the 4-bit types "
+                                                      f"({', '.join(FOUR_BIT)}), not to quant.type={c.quant.type}")
     _choice("adapter.targets", c.adapter.targets, ADAPTER_TARGETS)
     if c.adapter.targets == "full" and c.quant.type != "bf16":
         raise PrunedCombination("adapter.targets", f"full fine-tuning trains the weights themselves: it needs a "
@@ -303,26 +300,19 @@ def validate(cfg: DictConfig | RunConfig, arm: bool = False) -> None:
         raise ConfigError("optim.betas", f"need two values in [0, 1), got {list(c.optim.betas)}")
     if c.optim.max_grad_norm < 0:
         raise ConfigError("optim.max_grad_norm", f"must be >= 0 (0 = no clipping), got {c.optim.max_grad_norm}")
-    if c.optim.lr_warmup_steps < 0:
-        raise ConfigError("optim.lr_warmup_steps", f"must be >= 0, got {c.optim.lr_warmup_steps}")
-    if c.train.steps < 1:
-        raise ConfigError("train.steps", f"must be >= 1, got {c.train.steps}")
+    _at_least("optim.lr_warmup_steps", c.optim.lr_warmup_steps, 0)
+    _at_least("train.steps", c.train.steps, 1)
     if not 0 <= c.train.warmup_steps < c.train.steps:
-        raise ConfigError(
-            "train.warmup_steps",
-            f"must be >= 0 and leave at least one measured step (train.steps={c.train.steps}), "
-            f"got {c.train.warmup_steps}",
-        )
+        raise ConfigError("train.warmup_steps", f"must be >= 0 and leave at least one measured step "
+                                                f"(train.steps={c.train.steps}), got {c.train.warmup_steps}")
     if not 0 <= c.train.profile_steps < max(1, c.train.warmup_steps):
         raise ConfigError("train.profile_steps", "profiles the last warm-up steps, never the first (it compiles "
                                                  f"and initializes): must be >= 0 and < train.warmup_steps="
                                                  f"{c.train.warmup_steps}, got {c.train.profile_steps}")
-    if c.train.batch_size < 1:
-        raise ConfigError("train.batch_size", f"must be >= 1, got {c.train.batch_size}")
+    _at_least("train.batch_size", c.train.batch_size, 1)
     if c.train.max_device_memory_gib is not None and c.train.max_device_memory_gib <= 0:
         raise ConfigError("train.max_device_memory_gib", f"must be > 0 or null, got {c.train.max_device_memory_gib}")
-    if c.data.max_seq_len < 8:
-        raise ConfigError("data.max_seq_len", f"must be >= 8, got {c.data.max_seq_len}")
+    _at_least("data.max_seq_len", c.data.max_seq_len, 8)
     _choice("data.format", c.data.format, DATA_FORMATS)
     _choice("data.pad_to", c.data.pad_to, PAD_MODES)
     _choice("data.on_bad_line", c.data.on_bad_line, ("error", "skip"))
@@ -331,8 +321,7 @@ def validate(cfg: DictConfig | RunConfig, arm: bool = False) -> None:
                                        "data.pad_to=max_seq_len asks for fixed padded shapes: choose one")
     if c.data.pack_tokens is not None and not c.data.pack:
         raise ConfigError("data.pack_tokens", "sets the packed row's budget: only with data.pack=true")
-    if c.data.pack_tokens is not None and c.data.pack_tokens < 8:
-        raise ConfigError("data.pack_tokens", f"must be >= 8 or null, got {c.data.pack_tokens}")
+    _at_least("data.pack_tokens", c.data.pack_tokens, 8, nullable=True)
     _choice("data.pack_budget", c.data.pack_budget, PACK_BUDGETS)
     if c.data.pack_budget != "positions" and (not c.data.pack or c.data.pack_tokens is not None):
         raise ConfigError("data.pack_budget", "derives the packed row's budget: only with data.pack=true "
@@ -357,8 +346,7 @@ def validate(cfg: DictConfig | RunConfig, arm: bool = False) -> None:
                                                  "fails its assert_size_stride check in eval, after ~20 s of "
                                                  "compiling per shape); on a CPU use speed.compile=none or "
                                                  "speed.compile_backend=aot_eager")
-    if c.speed.loss_chunk_tokens < 1:
-        raise ConfigError("speed.loss_chunk_tokens", f"must be >= 1, got {c.speed.loss_chunk_tokens}")
+    _at_least("speed.loss_chunk_tokens", c.speed.loss_chunk_tokens, 1)
     _choice("tracker.wandb_mode", c.tracker.wandb_mode, ("offline", "online", "disabled"))
     _choice("task", c.task, TASKS)
     _choice("train.runner", c.train.runner, RUNNERS)
@@ -371,8 +359,7 @@ def validate(cfg: DictConfig | RunConfig, arm: bool = False) -> None:
                                           "its switches belong to qlab's loop")
     g = c.generate
     for key in ("prompts", "repeats", "new_tokens"):
-        if g[key] < 1:
-            raise ConfigError(f"generate.{key}", f"must be >= 1, got {g[key]}")
+        _at_least(f"generate.{key}", g[key], 1)
     if not g.batch_sizes or min(g.batch_sizes) < 1:
         raise ConfigError("generate.batch_sizes", f"every batch size must be >= 1, got {list(g.batch_sizes)}")
     if g.adapter_run is not None and not os.path.isdir(os.path.join(resolve_path(g.adapter_run), "adapter")):
@@ -400,8 +387,7 @@ def _validate_compare(k: DictConfig) -> None:
         if a not in names or b not in names or a == b:
             raise ConfigError("compare.pairs", f"{pair!r} is not a/b of two arms ({', '.join(names)})")
     for key, low in (("warmup_steps", 1), ("profile_steps", 0), ("steps_per_round", 1), ("min_rounds", 2)):
-        if k[key] < low:
-            raise ConfigError(f"compare.{key}", f"must be >= {low}, got {k[key]}")
+        _at_least(f"compare.{key}", k[key], low)
     if k.max_rounds < k.min_rounds:
         raise ConfigError("compare.max_rounds", f"must be >= compare.min_rounds={k.min_rounds}, got {k.max_rounds}")
     if not 0 < k.target_half_width < 1:
@@ -415,10 +401,8 @@ def _validate_eval(e: DictConfig) -> None:
     if not e.tasks or not all(isinstance(t, str) and t.strip() for t in e.tasks):
         raise ConfigError("eval.tasks", f"name at least one task, got {list(e.tasks)}")
     for key, low in (("limit", 1), ("max_length", 8), ("num_fewshot", 0)):
-        if e[key] is not None and e[key] < low:
-            raise ConfigError(f"eval.{key}", f"must be >= {low} or null, got {e[key]}")
-    if e.batch_size < 1:
-        raise ConfigError("eval.batch_size", f"must be >= 1, got {e.batch_size}")
+        _at_least(f"eval.{key}", e[key], low, nullable=True)
+    _at_least("eval.batch_size", e.batch_size, 1)
     if e.adapter_run is not None:
         run = resolve_path(e.adapter_run)
         if not any(os.path.isdir(os.path.join(run, d)) for d in ("adapter", "model")):
@@ -473,17 +457,13 @@ def _validate_model(m: DictConfig) -> None:
         if not os.path.isfile(os.path.join(full, "config.json")):
             raise ConfigError("model.name_or_path", f"no config.json in {path}: not a saved model")
     elif path.count("/") != 1:
-        raise ConfigError(
-            "model.name_or_path",
-            f"{path!r} is neither an existing directory nor a hub id of the form owner/name",
-        )
+        raise ConfigError("model.name_or_path", f"{path!r} is neither an existing directory nor a hub id of the "
+                                                "form owner/name")
 
 
 def check_overrides(overrides: list[str]) -> DictConfig:
-    """Compose what the command-line overrides ask for (a sweep's every value once) and turn
-    Hydra's and OmegaConf's own errors (an unknown group value, an unknown key, a string for an
-    int, a malformed override) into one ConfigError naming the key. Returns the config of the
-    plain (non-sweep) overrides."""
+    """Compose what the overrides ask for (a sweep's every value once), turning Hydra's and
+    OmegaConf's own errors into one ConfigError naming the key; the config of the plain overrides."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException

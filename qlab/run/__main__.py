@@ -13,7 +13,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from qlab import config
-from qlab.tasks import EXIT
+from qlab.run import sweep
+from qlab.tasks import EXIT, single
 
 config.register()
 
@@ -22,11 +23,7 @@ config.register()
 @hydra.main(version_base="1.3", config_path=os.path.join(config.PROJECT_ROOT, "conf"), config_name="config")
 def hydra_main(cfg: DictConfig):
     if HydraConfig.get().mode == RunMode.MULTIRUN:
-        from qlab.run import sweep
-
         return sweep.run_point(cfg)  # one isolated process per grid point
-    from qlab.tasks import single
-
     code = single(cfg)
     if code:
         sys.exit(code)

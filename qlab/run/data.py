@@ -1,12 +1,10 @@
 """Multi-turn chat data with the loss on the assistant's tokens only.
 
-A conversation becomes `<s> human1 </s> assistant1 </s> human2 </s> assistant2 </s> ...`; its
-labels copy each assistant reply *and the </s> that closes it* (the model must learn to stop) and
-are -100 elsewhere. Each utterance is tokenized on its own and the special ids placed between, so
-no merge crosses a turn boundary. Files are JSONL, MOSS/Firefly conversations or alpaca records.
-Training batches are padded, or (data.pack) rows of whole conversations end to end whose
-position_ids restart at each and that have no attention_mask, so transformers masks attention
-block-diagonally (docs/running.md#data). Evaluation always stays padded.
+A conversation becomes `<s> human1 </s> assistant1 </s> human2 </s> ...`; labels copy each reply
+and the </s> that closes it (the model must learn to stop), -100 elsewhere. Each utterance is
+tokenized on its own, so no merge crosses a turn boundary. Files are JSONL (MOSS/Firefly
+conversations or alpaca records). Training batches are padded, or (data.pack) padding-free rows
+whose position_ids restart per conversation (docs/running.md#data); evaluation stays padded.
 """
 
 from __future__ import annotations
@@ -205,9 +203,8 @@ class Data:
 
 def pack_budget(train: Split, data_cfg, batch_size: int) -> int:
     """A packed row's positions. `positions`: a padded batch's, 4 x 512 = 2,048. `conversations`:
-    a padded batch's conversations on average. A greedy row stops when the next conversation does
-    not fit, on average half a conversation short of its budget, so (batch_size + 1/2) x the mean
-    length L holds batch_size of them: 4 conversations of L = 72 positions -> 4.5 x 72 = 324."""
+    a padded batch's conversations on average; a greedy row ends ~half a conversation short of its
+    budget, so 4 conversations of mean length 72 need (4 + 1/2) x 72 = 324."""
     if data_cfg.pack_budget == "positions":
         return batch_size * data_cfg.max_seq_len
     mean = sum(len(ids) for ids, _ in train.samples) / len(train.samples)

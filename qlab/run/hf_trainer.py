@@ -1,17 +1,11 @@
 """runner=hf_trainer: transformers.Trainer as the training loop, measured as qlab's is (loop.drive).
 
 Everything but the loop is the train task's: model, adapters and batches (tasks/train.setup), and
-the optimizer and schedule (optim.build), handed over as `optimizers=(opt, sched)`: the class and
-hyper-parameters the Trainer would build from `optim=` (paged_adamw_32bit: bitsandbytes'
-PagedAdamW32bit; lr, betas, weight decay, a constant schedule), so only the loop differs. The
-Trainer reads qlab's batches in qlab's order, unshuffled: step k trains on batch k. Its bf16=True
-(autocast) follows speed.adapter_autocast where the compute dtype is bfloat16 (conf/arm/trainer.yaml
-turns it on, as the QLoRA code runs the Trainer).
-
-The Trainer's own loop runs in a thread of this process and waits at each step's start until the
-driver asks for steps (warmup(n), window(n)), so one model and optimizer serve a whole comparison.
-A step is timed from its start to the next step's start: the loop's own per-step work (logging the
-loss, fetching the next batch) counts, which is what a Trainer arm is there to measure.
+the optimizer and schedule (optim.build), handed over as `optimizers=(opt, sched)`, so only the
+loop differs. The Trainer reads qlab's batches in order, unshuffled, and its bf16 (autocast)
+follows speed.adapter_autocast. Its loop runs in a thread and waits at each step's start until the
+driver asks for steps (warmup(n), window(n)); a step is timed from its start to the next one's, so
+the Trainer's own per-step work counts.
 """
 
 from __future__ import annotations

@@ -1,11 +1,9 @@
 """The one way qlab runs something in an isolated process: `python -m <module> <args>` in a fresh
-interpreter, so memory peaks, the CUDA context and allocator state never carry from one run into
-the next. Sweeps, the generation bench, claims and experiments all launch through here.
+interpreter, so memory peaks, the CUDA context and allocator state never carry into the next run.
 
-A launched process dies with its launcher (a killed sweep leaves no orphan racing its own
-re-run), is killed with its process group at `timeout_s`, and writes its output to `log`.
-`run_isolated` then recovers the result the run published, or records a run that died without
-one (killed, segfault, timed out) as failed: a lost run is a result, never a silent gap.
+A launched process dies with its launcher (no orphan races its own re-run) and is killed with its
+process group at `timeout_s`. `run_isolated` recovers the result the run published, or records a
+run that died without one as failed: a lost run is a result, never a silent gap.
 """
 
 from __future__ import annotations

@@ -1,12 +1,10 @@
 """qlab's training loop (runner=qlab), the bare loop a comparison measures it against
 (runner=bare), and the driver every runner's train() shares.
 
-A stepper owns one runner's steps on a persistent model and optimizer: `warmup(n)` runs n steps
-unmeasured, `window(n)` n device-timed steps (measure.StepClock), so a run drives one through its
-steps and task=compare drives several in interleaved rounds. `drive` is a run: steps
-[0, warmup_steps) unmeasured (allocator growth, kernel autotuning, lazy init; the last
-train.profile_steps of them profiled), peaks reset and step times recorded from warmup_steps on.
-An out-of-memory error ends the run as status "oom" with everything measured until then.
+A stepper runs steps on a persistent model and optimizer: `warmup(n)` unmeasured, `window(n)`
+device-timed (measure.StepClock). `drive` is one run: warm-up steps unmeasured (the last
+train.profile_steps profiled), then peaks reset and step times recorded. An out-of-memory error
+ends the run as status "oom" with everything measured until then.
 """
 
 from __future__ import annotations
@@ -139,12 +137,10 @@ def loss_summary(losses: list[float]) -> dict:
 
 
 class Stepper:
-    """qlab's step (runner=qlab): fetch, forward (speed.loss_fn under speed.autocast), backward,
-    clip, optimizer and scheduler step, zero_grad, then the loss and token counts read and
-    `on_step(record)`. runner=bare does the same step and nothing else: no checkpoint probe, no
-    per-step host sync (the loss is read once per window, tokens are shape metadata): the
-    reference for what qlab's loop costs. `times`, `counts` (batch_tokens) and `losses`
-    accumulate over windows; `done` counts completed steps."""
+    """qlab's step: forward (speed.loss_fn under speed.autocast), backward, clip, optimizer and
+    scheduler step, then the loss and token counts read and `on_step(record)`. runner=bare does the
+    same step without the checkpoint probe or a per-step host sync: what qlab's loop costs is
+    measured against it. `times`, `counts` and `losses` accumulate; `done` counts steps."""
 
     def __init__(self, model, data: Data, optimizer, scheduler, cfg, device: str,
                  on_step: Callable[[dict], None] | None = None, run_id: str = ""):

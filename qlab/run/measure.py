@@ -122,11 +122,9 @@ class MemoryWindow:
 
 
 class StepClock:
-    """Time of each step: `with clock: step()` appends one entry to `times` (seconds).
-
-    On CUDA, a pair of timing events is recorded on the stream around the step and read once
-    the step's work has finished: the GPU timeline from the first queued kernel of the step to
-    the last, launch gaps included. On CPU, host time with the device synchronized."""
+    """Time of each step: `with clock: step()` appends one entry to `times` (seconds). On CUDA,
+    timing events around the step, read once its work has finished (device time, launch gaps
+    included); on CPU, host time."""
 
     def __init__(self, device: str):
         self.cuda = device.startswith("cuda")
@@ -165,12 +163,10 @@ NOISY_CV = 0.02  # a run whose per-step throughput varies more than 2% is flagge
 
 def memory_breakdown(weights: dict, adapter_bytes: int, optimizer_state: dict, logits_bytes: int,
                      peak_allocated: int | None, gradient_bytes: int | None = None) -> dict:
-    """Where the bytes at the peak went, in `<part>_bytes` keys: exactly, the weights as held after
-    the QLoRA preparation, the adapters, their float32 gradients (all alive at the end of backward;
-    `gradient_bytes` where they are not the adapter's: full fine-tuning's are the weights' own) and
-    the optimizer state by location; estimated, the float32 logits of the largest batch; and
-    `activations_bytes`, torch's peak allocated less every device-resident part (managed state is
-    never seen by torch's allocator; a CPU has no allocator peak, so no remainder)."""
+    """Where the bytes at the peak went, in `<part>_bytes` keys: weights after the QLoRA preparation,
+    adapters, gradients (`gradient_bytes` where they are not the adapters': full fine-tuning's), the
+    optimizer state by location, the float32 logits of the largest batch (estimated), and
+    `activations_bytes`: torch's peak allocated less every device-resident part (none on a CPU)."""
     parts = {"quantized_weights_bytes": weights["quantized_weight_bytes"],
              "quant_constants_bytes": weights["quant_state_bytes"],
              "unquantized_weights_bytes": weights["unquantized_weight_bytes"],
@@ -179,6 +175,7 @@ def memory_breakdown(weights: dict, adapter_bytes: int, optimizer_state: dict, l
              **{f"optimizer_state_{where}_bytes": optimizer_state[where] for where in ("device", "managed", "cpu")},
              "logits_bytes": logits_bytes}
     if peak_allocated is not None:
-        on_device = sum(v for k, v in parts.items() if k not in ("optimizer_state_managed_bytes", "optimizer_state_cpu_bytes"))
+        off_device = ("optimizer_state_managed_bytes", "optimizer_state_cpu_bytes")
+        on_device = sum(v for k, v in parts.items() if k not in off_device)
         parts["activations_bytes"] = max(0, peak_allocated - on_device)
     return parts

@@ -55,13 +55,9 @@ def bnb_config(quant_cfg, dtype: torch.dtype):
         return None
     if quant_cfg.type == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=quant_cfg.type,  # "nf4" | "fp4"
-        bnb_4bit_use_double_quant=quant_cfg.double_quant,
-        bnb_4bit_compute_dtype=dtype,
-        bnb_4bit_quant_storage=torch.uint8,
-    )
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_cfg.type,  # "nf4" | "fp4"
+                              bnb_4bit_use_double_quant=quant_cfg.double_quant, bnb_4bit_compute_dtype=dtype,
+                              bnb_4bit_quant_storage=torch.uint8)
 
 
 def model_path(model_cfg, device: str) -> str:
@@ -145,13 +141,8 @@ def load(model_cfg, quant_cfg, device: str) -> LoadedModel:
     quiet_bnb_casts()
     t0 = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(
-        path,
-        quantization_config=bnb_config(quant_cfg, dtype),
-        dtype=dtype,
-        device_map={"": device},
-        trust_remote_code=model_cfg.trust_remote_code,
-    )
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_config(quant_cfg, dtype), dtype=dtype,
+                                                 device_map={"": device}, trust_remote_code=model_cfg.trust_remote_code)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     model.config.use_cache = False  # the KV cache is for generation; training never reads it
@@ -197,31 +188,24 @@ def prepare_for_training(model: torch.nn.Module, quantized: bool, gradient_check
                          upcast: bool = True, full: bool = False) -> None:
     """The QLoRA recipe: for a quantized base, peft's prepare_model_for_kbit_training (freezes
     the base, up-casts its non-quantized parameters to float32, enables checkpointing); for the
-    16-bit baseline — and for a quantized base with `upcast=False` (speed.upcast_non_quantized)
-    — freeze and checkpoint the same way, leaving the weights in the compute dtype.
+    16-bit baseline, and a quantized base with `upcast=False`, the same without the up-cast.
 
-    `full` (adapter.targets=full, a 16-bit base): every parameter trains, as float32 master
-    weights (the loaded 16-bit values, exactly), the forward under autocast to the dtype they were
-    loaded in: mixed precision, as 16-bit full fine-tuning is run. Updated in bfloat16 itself, most
-    AdamW steps would round away: a step of ~lr = 2e-5 on a weight of ~0.05 is 4e-4 of it, below
-    bfloat16's half spacing of 2^-9 = 2e-3. On a CPU (float32 compute) this changes nothing."""
+    `full` (adapter.targets=full, a 16-bit base): every parameter trains as a float32 master
+    weight, the forward under autocast to the loaded dtype (mixed precision): in bfloat16 itself a
+    step of ~lr = 2e-5 on a weight of ~0.05 is below half its spacing (2^-9 = 2e-3) and rounds away."""
     ckpt_kwargs = {"use_reentrant": False}  # non-reentrant: no need for inputs that require grad
     if full:
         dtype = next(model.parameters()).dtype
         model.float().requires_grad_(True)
         if dtype != torch.float32:
             model.forward = torch.autocast(model.device.type, dtype=dtype)(model.forward)
-        if gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
-        return
-    if quantized and upcast:
+    elif quantized and upcast:
         from peft import prepare_model_for_kbit_training
 
-        prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=ckpt_kwargs
-        )
+        prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                        gradient_checkpointing_kwargs=ckpt_kwargs)
+        return
     else:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        if gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+        model.requires_grad_(False)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)

@@ -1,25 +1,18 @@
 """A look inside the training step: torch.profiler over the last warm-up steps (train.profile_steps).
 
-It answers where a step's wall time goes. On a GPU:
-- the kernels' device time per step, grouped into classes (KERNEL_CLASSES: GEMMs, bitsandbytes
-  dequantization, attention, compiled Triton kernels, ...);
-- the kernel launches per step (what torch.compile and CUDA graphs cut);
-- the rest of the wall time, in which no kernel of the step runs: launch gaps, Python and host
-  work. The kernels run on one stream, so wall - kernel time is the GPU's idle time. The wall time
-  here is under the profiler, whose overhead inflates it; the measured steps' time, which the
-  profiler never sees, less the kernel time is the better estimate (task=compare's busy fraction).
-
-The profiled steps are the last `profile_steps` of the warm-up, which runs unmeasured anyway. The
-run trains the same steps on the same batches, and its step times and peaks come from later
-steps: profiling leaves what the run measures as it was, and is not part of a run's identity
-(track.NON_IDENTITY_KEYS). The first warm-up step is never profiled (config.validate): it
-compiles, autotunes and initializes lazily.
+On a GPU: the kernels' device time per step by class (KERNEL_CLASSES), the launches per step, and
+the rest of the wall time, in which no kernel runs (launch gaps, Python, host work). The profiled
+steps are warm-up steps, measured by nothing else, so profiling never changes what a run measures
+and is no part of its identity. Reading the numbers (profiler overhead included): docs/speed.md.
 """
 
 from __future__ import annotations
 
 import functools
 import time
+
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
 
 from qlab.run.measure import sync
 
@@ -54,8 +47,6 @@ class StepProfile:
 
     def __enter__(self):
         if self.steps:
-            from torch.profiler import ProfilerActivity, profile
-
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
             self.prof = profile(activities=activities)
             sync(self.device)
@@ -75,13 +66,6 @@ class StepProfile:
         """The profiler's events grouped by name, grouped once for the metrics and the table."""
         return self.prof.key_averages()
 
-    def _kernels(self):
-        """(name, total device µs, launches) of every GPU kernel over the profiled steps."""
-        from torch.autograd import DeviceType
-
-        return [(e.key, e.self_device_time_total, e.count) for e in self._averages
-                if e.device_type == DeviceType.CUDA]
-
     def metrics(self) -> dict:
         return {} if self.wall_s is None else dict(self._summary)
 
@@ -91,18 +75,18 @@ class StepProfile:
         out = {"profile_steps": n, "profile_wall_ms_per_step": 1e3 * self.wall_s / n}
         if not self.cuda:
             return out
-        kernels = self._kernels()
+        # (name, total device µs, launches) of every GPU kernel over the profiled steps
+        kernels = [(e.key, e.self_device_time_total, e.count) for e in self._averages
+                   if e.device_type == DeviceType.CUDA]
         busy_ms = sum(us for _, us, _ in kernels) / 1e3 / n
         by_class: dict[str, float] = {}
         for name, us, _ in kernels:
             label = kernel_class(name)
             by_class[label] = by_class.get(label, 0.0) + us / 1e3 / n
-        out.update({
-            "profile_kernel_ms_per_step": busy_ms,
-            "profile_idle_ms_per_step": out["profile_wall_ms_per_step"] - busy_ms,
-            "profile_kernel_launches_per_step": sum(c for *_, c in kernels) / n,
-            "profile_kernel_ms_by_class": dict(sorted(by_class.items(), key=lambda kv: -kv[1])),
-        })
+        out.update(profile_kernel_ms_per_step=busy_ms,
+                   profile_idle_ms_per_step=out["profile_wall_ms_per_step"] - busy_ms,
+                   profile_kernel_launches_per_step=sum(c for *_, c in kernels) / n,
+                   profile_kernel_ms_by_class=dict(sorted(by_class.items(), key=lambda kv: -kv[1])))
         return out
 
     def report(self, rows: int = 30) -> str | None:

@@ -1,10 +1,7 @@
-"""Speed switches of the training step, each an ablation axis (conf/speed/), never silent:
-`upcast_non_quantized` (the recipe's float32 up-cast of every non-quantized weight, or not),
-`adapter_autocast` (the forward under torch.autocast: LoRA's GEMMs in the compute dtype, its
-float32 weights the optimizer's master copies), `compile` (torch.compile per decoder layer) and
-`loss` (the model's own over full float32 logits, or `chunked` over the target positions only:
-for BLOOM 4 x 512 positions x 250,880 tokens x 4 B = 2.05 GB of logits per step). See
-docs/speed-switches.md.
+"""Speed switches of the training step, each an ablation axis (conf/speed/), never silent: the
+recipe's float32 up-cast of non-quantized weights, the forward under torch.autocast, torch.compile
+per decoder layer, and a chunked loss over the target positions only (no full float32 logits:
+for BLOOM 4 x 512 positions x 250,880 tokens x 4 B = 2.05 GB per step). docs/speed-switches.md.
 """
 
 from __future__ import annotations
@@ -22,11 +19,9 @@ def autocast(speed_cfg, device: str, dtype: torch.dtype):
 
 
 def compile_layers(model: torch.nn.Module, speed_cfg) -> int:
-    """Compile every decoder layer in place, its activation checkpoint inside the compiled code;
-    returns how many were compiled. Each layer's `forward` becomes torch.compile(checkpoint(forward)),
-    every op recomputed in backward (recompute_everything), and qlab, not transformers, checkpoints
-    these layers (`gradient_checkpointing` off, `qlab_checkpoint` on): a compiled layer that
-    transformers checkpoints from outside breaks backward's replay (docs/speed-switches.md)."""
+    """Compile every decoder layer in place as torch.compile(checkpoint(forward)); returns how many.
+    qlab, not transformers, checkpoints these layers (`qlab_checkpoint` on, `gradient_checkpointing`
+    off): a compiled layer checkpointed from outside breaks backward's replay."""
     if speed_cfg.compile == "none":
         return 0
     from transformers.modeling_layers import GradientCheckpointingLayer
@@ -51,10 +46,8 @@ def _checkpointed(layer: torch.nn.Module, forward):
 
 
 def recompute_everything():
-    """A selective-checkpoint policy of MUST_RECOMPUTE for every op: the layer keeps only its
-    inputs for backward, as eager checkpointing does. Without it inductor's partitioner treats the
-    checkpoint as a preference and saves activations it finds cheaper to keep than to recompute
-    (on the llama-7b shape 9.6 GiB against 4.9: docs/speed-switches.md)."""
+    """A selective-checkpoint policy of MUST_RECOMPUTE for every op: the layer keeps only its inputs
+    for backward, as eager checkpointing does, where inductor's partitioner would save activations."""
     from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
     return create_selective_checkpoint_contexts(lambda ctx, op, *args, **kwargs: CheckpointPolicy.MUST_RECOMPUTE)

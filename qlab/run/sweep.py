@@ -1,11 +1,8 @@
 """Sweeps: a Hydra multirun where every grid point is one isolated, resumable run.
 
-Hydra expands the grid and its launcher calls `run_point` once per point, which prunes
-meaningless points (double quantization of int8/16-bit), skips those whose result is complete
-(unless force=true) and runs the rest through the one launcher, each in a fresh process, so no
-memory peak, CUDA context or allocator state carries into the next run (one that dies is recorded
-as failed; the sweep goes on). `ManifestCallback` keeps results/<sweep>/sweep.json: the grid, the
-hardware, each invocation and every point's status.
+`run_point` prunes meaningless points, skips complete ones (unless force=true) and runs the rest
+through the one launcher, each in a fresh process (one that dies is recorded as failed; the sweep
+goes on). `ManifestCallback` keeps results/<sweep>/sweep.json: grid, hardware, invocations, statuses.
 """
 
 from __future__ import annotations
@@ -127,12 +124,9 @@ if not OmegaConf.has_resolver("qlab_gpu_slots"):
 
 @contextmanager
 def gpu_slot(lock_dir: str = "/tmp"):
-    """With QLAB_NUM_GPUS=N and a parallel launcher, each concurrent run takes a slot: there are
-    N x QLAB_RUNS_PER_GPU (= R) slots, a lock file each, and the run holding slot i gets
-    CUDA_VISIBLE_DEVICES = i // R (slots 0..R-1 on GPU 0, R..2R-1 on GPU 1, ...). Free slots
-    are tried round-robin over GPUs (slot 0, R, 2R, ..., then 1, R+1, ...), so N runs or fewer
-    still get a GPU each. Yields the GPU index, or None without QLAB_NUM_GPUS. `lock_dir` is
-    shared by every sweep on the machine (tests pass their own)."""
+    """With QLAB_NUM_GPUS=N, each concurrent run holds one of N x QLAB_RUNS_PER_GPU (= R) slots, a
+    lock file each; slot i is GPU i // R. Free slots are tried round-robin over GPUs, so N runs or
+    fewer get a GPU each. Yields the GPU index, or None without QLAB_NUM_GPUS."""
     n = int(os.environ.get("QLAB_NUM_GPUS", "0"))
     if n <= 0:
         yield None
@@ -196,9 +190,8 @@ def run_point(cfg: DictConfig) -> str:
     t0 = time.perf_counter()
     with gpu_slot() as slot:
         env = dict(os.environ)
-        # how many runs shared this run's GPU: QLAB_RUNS_PER_GPU under the parallel local launcher
-        # (joblib, one worker per slot), else 1 (the basic launcher runs one at a time, SLURM one
-        # per job); the run process records it in its result's env
+        # how many runs shared this run's GPU: QLAB_RUNS_PER_GPU under the parallel local launcher,
+        # else 1 (the basic launcher and SLURM run one at a time per GPU)
         shared = slot is not None and _parallel_launcher()
         concurrency = {"runs_per_gpu": runs_per_gpu() if shared else 1, "gpu_slots": gpu_slots() if shared else None}
         if slot is not None:

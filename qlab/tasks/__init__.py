@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 
 from qlab import config
 from qlab.results import store
+from qlab.run.data import DataError
 
 log = logging.getLogger("qlab")
 EXIT = {"ok": 0, "failed": 1, "invalid": 2, "oom": 3}
@@ -46,7 +47,7 @@ def error_record(e: BaseException, with_traceback: bool = True) -> dict:
 def failure(e: BaseException, metrics: dict | None = None) -> Outcome:
     """An exception as a result: out of memory (torch's or the host's) is `oom`, with what was
     measured until then; anything else `failed`, with its traceback."""
-    import torch
+    import torch  # lazy: `python -m qlab.run` rejects a bad config before torch loads
 
     oom = isinstance(e, (torch.OutOfMemoryError, MemoryError))
     return Outcome("oom" if oom else "failed", dict(metrics or {}), error_record(e, with_traceback=not oom))
@@ -76,8 +77,6 @@ def execute(cfg: DictConfig) -> store.Result:
 
 def single(cfg: DictConfig) -> int:
     """`execute`, its one-line summary, and its exit code (EXIT)."""
-    from qlab.run.data import DataError
-
     try:
         result = execute(cfg)
     except (config.ConfigError, DataError) as e:

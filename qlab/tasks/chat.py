@@ -102,6 +102,7 @@ def load_chat(run_dir: Path, model_override: str | None = None, quant: QuantConf
               device: str = "auto", sampling: Sampling | None = None) -> Chat:
     from peft import PeftModel
 
+    # these import torch: lazy, so `qlab chat --help` starts fast
     from qlab.run import models
     from qlab.run.device import resolve_device
 

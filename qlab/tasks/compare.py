@@ -1,21 +1,12 @@
 """task=compare: speed compared, not read off: arms in interleaved rounds, paired ratios.
 
-Every arm (compare.arms: a named override list on top of compare.common, composed like any run)
-is set up in this one process (tasks/train.setup, optim.build, its runner's Stepper), warmed up
-(compile included) and profiled for a few steps. Then rounds: each round runs every arm for a
-block of compare.steps_per_round device-timed steps, in an order from a balanced (Williams)
-Latin square, so drift of the card hits every arm alike. For each pair a/b the ratio of tokens/s
-within each round is one paired observation; the pair's ratio is the geometric mean over rounds
-with a 95% t-interval on the log-ratios. Rounds go on until every pair's interval is within
-+-target_half_width (after min_rounds), or max_rounds or the time budget is reached; the result
-says which. compare.aa_control runs one arm twice: that pair's interval is the comparison's
-noise floor (it must cover 1), and a pair inside it is reported as no difference. Method and
-choices: docs/speed.md.
-
-The result (kind "compare") holds per arm its tokens/s (one machine's), step times, GPU busy
-fraction, launches per step and MFU, per pair its interval, and every round's per-step times;
-compare.md beside it tables them. Memory peaks of co-resident arms are not isolated: they come
-from isolated runs (conf/experiment/speed-peaks.yaml).
+Every arm (compare.common + its overrides, composed like any run) is set up in this one process,
+warmed up and profiled. Each round then runs every arm for compare.steps_per_round device-timed
+steps, in an order from a balanced (Williams) Latin square, so drift hits every arm alike. A pair
+a/b's ratio is the geometric mean over rounds of its per-round tokens/s ratios, with a 95%
+t-interval; rounds go on until every interval is within +-target_half_width (or max_rounds, or the
+time budget). compare.aa_control runs one arm twice: the noise floor. Method: docs/speed.md.
+Memory peaks of co-resident arms are not isolated: they come from isolated runs.
 """
 
 from __future__ import annotations

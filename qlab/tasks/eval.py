@@ -3,36 +3,15 @@ without a training run's LoRA adapter (unmerged), or of the model a full fine-tu
 and `qlab eval`, which composes that config from a run directory or a model name.
 
     python -m qlab.run task=eval model=tiny-llama quant=nf4 eval.tasks=[qlab_wiki_ppl] eval.limit=20
-    python -m qlab.run task=eval quant=nf4 quant.double_quant=true eval.adapter_run=results/adhoc/<id>
     qlab eval results/adhoc/<id> [--tasks qlab_wiki_ppl,qlab_chitchat_mc] [--quant bf16] [--limit 20]
     qlab eval smollm2-135m --quant nf4+dq --tasks hellaswag,arc_easy     # registry tasks need the hub
 
-The model runs through `lm_eval.simple_evaluate` with `HFLM(pretrained=<the loaded model>)`,
-one harness call per task (each task's time is its own). Tasks are qlab's local ones
-(qlab/reference/lm_eval_tasks.py: perplexity on Wikipedia / C4 / TinyStories, a chitchat
-multiple choice; offline) or any name in lm-eval's task registry, which is checked from the
-installed package's files before anything loads (no network); a registry task downloads its
-dataset from the hub when it runs. The run directory gets, beside result.json:
-
-    lm_eval_results.json     the harness's own results (results, configs, versions, n-samples, ...)
-    samples/<task>.jsonl     one line per document or item, in the harness's order, for paired
-                             statistics across arms: perplexity tasks loglikelihood (nats), tokens,
-                             words, bytes; multiple choice every choice's loglikelihood (also
-                             without the context, for acc_mutual_info) and token count, gold, pred,
-                             acc, acc_norm, acc_mutual_info; other tasks the harness's per-item
-                             metrics and filtered responses
-
-and result.json's metrics hold the harness's numbers as `lm_eval.<task>.<metric>` (and
-`<metric>_stderr` where the harness has one; `.<filter>` appended for a filter other than
-"none"), plus `eval.<task>.*`: items, seconds, seconds_per_item, task_sha256 (local tasks) and,
-for perplexity tasks, tokens / words / bytes, loglikelihood_sum (nats) and token_perplexity
-= exp(-loglikelihood_sum / tokens). Units and caveats: docs/evaluation.md.
-
-`qlab eval` runs its one configuration in its own process, in process (like `python -m qlab.run`,
-which is one run per process too): the harness's registry index (~10 s) and the imports are paid
-once, output streams to the terminal, and a complete result is reused unless --force. For
-several quantizations use a Hydra multirun (`python -m qlab.run -m task=eval quant=bf16,nf4
-...`), which launches each in its own process.
+One harness call per task (each task's time is its own). Tasks are qlab's local ones
+(qlab/reference/lm_eval_tasks.py, offline) or names in lm-eval's registry, checked from the
+installed package before anything loads. Beside result.json the run writes the harness's own
+results (lm_eval_results.json) and one line per item in samples/<task>.jsonl, for paired
+statistics across arms; result.json's metrics hold `lm_eval.<task>.<metric>` and `eval.<task>.*`.
+Metrics, units and caveats: docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -47,14 +26,18 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from qlab import config
+from qlab import config, tasks
 from qlab.reference import lm_eval_tasks
 from qlab.results import store
-from qlab.tasks import Outcome, failure
+from qlab.run.data import DataError
+from qlab.tasks import Outcome, failure, generate
+from qlab.tasks.chat import ChatError, check_same_base, read_run
+from qlab.tasks.generate import QUANTS, model_overrides, override_value
 
 LM_EVAL = "lm-eval==0.4.13"
 INSTALL = f"pip install 'qlab[eval]' (or {LM_EVAL}; `make install` installs it)"
@@ -109,8 +92,7 @@ def task_manager(names: list[str]):
 def read_training_run(run: Path, cfg: DictConfig) -> tuple[Path | None, Path | None, dict]:
     """(adapter, model_dir, metrics) of eval.adapter_run: a full fine-tuning run's model/, else its
     adapter/, checked against the base (ConfigError naming eval.adapter_run)."""
-    from qlab.claims import estimate
-    from qlab.tasks.chat import ChatError, check_same_base, read_run
+    from qlab.claims import estimate  # imports torch: lazy, so `qlab eval --help` starts fast
 
     key = "eval.adapter_run"
     result = store.read_result(run)
@@ -139,7 +121,7 @@ def read_training_run(run: Path, cfg: DictConfig) -> tuple[Path | None, Path | N
 def prepare(cfg: DictConfig) -> Inputs:
     """lm-eval installed, every task known (local ones built), the model available, the run's
     adapter or model present and fitting: otherwise a ConfigError (exit 2) before any weights load."""
-    from qlab.run import models
+    from qlab.run import models  # imports torch: lazy, so `qlab eval --help` starts fast
 
     require_lm_eval()
     models.check_available(cfg.model)
@@ -259,14 +241,13 @@ def evaluate(lm, inputs: Inputs, cfg: DictConfig, directory: Path) -> tuple[dict
 def run(cfg: DictConfig, inputs: Inputs, recorder) -> Outcome:
     from transformers import set_seed
 
-    from qlab.run import measure
+    from qlab.run import measure  # imports torch: lazy, so `qlab eval --help` starts fast
     from qlab.run.device import resolve_device
-    from qlab.tasks import generate
 
     metrics = {**inputs.adapter_metrics, "eval_tasks": list(inputs.tasks), "pid": os.getpid()}
     window = None
     try:
-        from importlib.metadata import version
+        from lm_eval.utils import handle_non_serializable
 
         set_seed(cfg.seed)
         device = metrics["device"] = resolve_device(cfg.train.device)
@@ -283,8 +264,6 @@ def run(cfg: DictConfig, inputs: Inputs, recorder) -> Outcome:
             harness_out, numbers = evaluate(lm, inputs, cfg, recorder.dir)
         metrics.update({k: v for k, v in window.peaks.items() if v is not None})
         metrics.update(numbers)
-        from lm_eval.utils import handle_non_serializable
-
         with open(recorder.dir / HARNESS_RESULTS, "w", encoding="utf-8") as f:
             json.dump(harness_out, f, indent=2, default=handle_non_serializable)
     except Exception as e:
@@ -296,18 +275,9 @@ def run(cfg: DictConfig, inputs: Inputs, recorder) -> Outcome:
 
 # ---------------------------------------------------------------- qlab eval
 
-def override_value(v) -> str:
-    """A value as a Hydra override's right-hand side."""
-    if isinstance(v, str):
-        return f"'{v}'"
-    return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
-
-
 def overrides(args) -> list[str]:
     """The config of `qlab eval`: a training run's model and quantization (as trained, or --quant
     with a warning) with its adapter or model/, or a model by name (--quant, default bf16)."""
-    from qlab.tasks.generate import QUANTS, model_overrides
-
     target = Path(args.target)
     run = target if (target / store.RESULT).is_file() else None
     out = ["task=eval", *model_overrides(argparse.Namespace(model=None if run else args.target, run=run))]
@@ -351,10 +321,6 @@ def parse_tasks(text: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from qlab import tasks
-    from qlab.run.data import DataError
-    from qlab.tasks.generate import QUANTS
-
     p = argparse.ArgumentParser(prog="qlab eval", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("target", metavar="RUN_OR_MODEL",
@@ -368,8 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-adapter", action="store_true", help="a run's base model and quantization, without its adapter")
     p.add_argument("--limit", type=int, help="the first N documents / items of each task (default: all)")
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--max-length", type=int, default=2048, help="tokens per window / sequence (default 2048; at most "
-                                                                "the model's context)")
+    p.add_argument("--max-length", type=int, default=2048,
+                   help="tokens per window / sequence (default 2048; at most the model's context)")
     p.add_argument("--num-fewshot", type=int, help="few-shot examples of registry tasks (default: the task's)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--seed", type=int, default=0)

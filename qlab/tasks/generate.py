@@ -47,9 +47,9 @@ class Inputs:
 
 
 def prepare(cfg: DictConfig) -> Inputs:
-    """The prompts and the adapter. An adapter missing, or shaped for another base (its LoRA
-    shapes against the base built on the meta device: no weights load) is a ConfigError naming
-    generate.adapter_run."""
+    """The prompts and the adapter. An adapter missing, or shaped for another base (checked on
+    the meta device: no weights load), is a ConfigError naming generate.adapter_run."""
+    # these import torch: lazy, so `qlab generate-bench --help` starts fast
     from qlab.claims import estimate
     from qlab.run import models
 
@@ -100,7 +100,7 @@ class Generator:
         """(seconds, generated ids [B, n]) of one generate call."""
         import torch
 
-        from qlab.run.measure import sync
+        from qlab.run.measure import sync  # imports torch: lazy, as in prepare
 
         ids, mask = left_pad(rows, self.pad, self.device)
         sync(self.device)
@@ -154,9 +154,8 @@ def time_calls(gen: Generator, calls: list, n: int | None, repeats: int, before=
 
 
 def batch_metrics(b: int, n: int, c: Calls, peaks: dict) -> dict:
-    """One batch size's summaries: at batch 1 the TTFT (T_1 of every call); for a batch size of
-    the bench T_N, T_1 (b > 1), end-to-end B N / T_N and decode B (N - 1) / (T_N - T_1) tokens/s
-    (a call with T_N <= T_1 dropped as noise), token counts and peaks."""
+    """One batch size's summaries: TTFT at batch 1; for a benched batch size T_N, T_1, end-to-end
+    B N / T_N and decode B (N - 1) / (T_N - T_1) tokens/s (T_N <= T_1 dropped), counts and peaks."""
     out = summarize(c.first, "ttft", "s") if b == 1 else {}
     if not c.total:  # batch 1 run for its TTFT alone
         return out
@@ -176,7 +175,7 @@ def load(cfg: DictConfig, inputs: Inputs, device: str):
     """(model, tokenizer, metrics): the base, quantized, with the adapter beside it (unmerged)."""
     import torch
 
-    from qlab.run import measure, models
+    from qlab.run import measure, models  # import torch: lazy, as in prepare
 
     loaded = models.load(cfg.model, cfg.quant, device)
     metrics = {"load_time_s": loaded.load_time_s, **loaded.weight_bytes,
@@ -200,6 +199,7 @@ def load(cfg: DictConfig, inputs: Inputs, device: str):
 def run(cfg: DictConfig, inputs: Inputs, recorder) -> Outcome:
     from transformers import set_seed
 
+    # these import torch: lazy, as in prepare
     from qlab.run import loop, measure
     from qlab.run.device import resolve_device
 
@@ -254,7 +254,7 @@ def parse_batch_sizes(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"integers separated by commas, got {text!r}") from None
 
 
-def _value(v) -> str:
+def override_value(v) -> str:
     """A config value as a Hydra override's right-hand side."""
     if isinstance(v, str):
         return f"'{v}'"
@@ -269,13 +269,13 @@ def model_overrides(args) -> list[str]:
         trained = store.read_result(args.run)
         if trained is None:
             raise config.ConfigError("--run", f"{args.run}: no result.json; pass the directory of a qlab run")
-        return [f"model.{k}={_value(v)}" for k, v in trained["config"]["model"].items()]
+        return [f"model.{k}={override_value(v)}" for k, v in trained["config"]["model"].items()]
     if spec is None or (Path(config.PROJECT_ROOT) / "conf" / "model" / f"{spec}.yaml").is_file():
         return [f"model={spec or 'tiny-llama'}"]
     if spec in config.SHAPES["presets"]:
-        return [f"model.name={_value(spec)}", f"model.preset={_value(spec)}", "model.name_or_path=null"]
+        return [f"model.name={override_value(spec)}", f"model.preset={override_value(spec)}", "model.name_or_path=null"]
     name = Path(spec.rstrip("/")).name or spec
-    return ["model=hub", f"model.name={_value(name)}", f"model.name_or_path={_value(spec)}"]
+    return ["model=hub", f"model.name={override_value(name)}", f"model.name_or_path={override_value(spec)}"]
 
 
 def plan(args) -> list[tuple[list[str], DictConfig]]:
@@ -283,16 +283,16 @@ def plan(args) -> list[tuple[list[str], DictConfig]]:
     before any runs: a bad argument costs no run."""
     # absolute paths: a run process starts in the project root (launch.launch)
     common = ["task=generate", *model_overrides(args), f"train.device={args.device}",
-              f"tracker.results_dir={_value(str(args.results_dir.resolve()))}", f"tracker.sweep={_value(args.sweep)}",
-              f"generate.prompts={args.prompts}", f"generate.repeats={args.repeats}",
-              f"generate.new_tokens={args.new_tokens}",
+              f"tracker.results_dir={override_value(str(args.results_dir.resolve()))}",
+              f"tracker.sweep={override_value(args.sweep)}", f"generate.prompts={args.prompts}",
+              f"generate.repeats={args.repeats}", f"generate.new_tokens={args.new_tokens}",
               f"generate.batch_sizes=[{','.join(map(str, args.batch_sizes))}]"]
-    adapters = ["null"] + ([_value(str(args.run.resolve()))] if args.run else [])
+    adapters = ["null"] + ([override_value(str(args.run.resolve()))] if args.run else [])
     out = []
     for label in args.quants:
         qtype, dq = QUANTS[label]
         for adapter in adapters:
-            overrides = [*common, f"quant={qtype}", f"quant.double_quant={_value(dq)}",
+            overrides = [*common, f"quant={qtype}", f"quant.double_quant={override_value(dq)}",
                          f"generate.adapter_run={adapter}"]
             if not out:
                 config.check_overrides(overrides)  # Hydra's own errors as one line naming the key
@@ -328,8 +328,7 @@ def main(argv: list[str] | None = None) -> int:
                                    "base model, else tiny-llama)")
     p.add_argument("--run", type=Path, help="a qlab run directory with adapter/: bench with that adapter too "
                                             "(default: without adapter only)")
-    p.add_argument("--quants", type=parse_quants, default=list(QUANTS),
-                   help=f"comma-separated, of {', '.join(QUANTS)}")
+    p.add_argument("--quants", type=parse_quants, default=list(QUANTS), help=f"comma-separated, of {', '.join(QUANTS)}")
     p.add_argument("--batch-sizes", type=parse_batch_sizes, default=[1, 8],
                    help="comma-separated batch sizes (default 1,8)")
     p.add_argument("--prompts", type=int, default=8, help="prompts from the eval data (default 8)")

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 from omegaconf import DictConfig
 
-from qlab.run import adapters, data, measure, models, optim, speed
+from qlab.claims import estimate
+from qlab.run import adapters, data, loop, measure, models, optim, speed
 from qlab.run.device import resolve_device
 from qlab.tasks import Outcome, failure
 
@@ -71,8 +72,6 @@ def setup(cfg: DictConfig, raw) -> Setup:
 
 
 def run(cfg: DictConfig, raw, recorder) -> Outcome:
-    from qlab.run import loop
-
     t_setup = time.perf_counter()
     metrics: dict = {}
     try:
@@ -131,8 +130,6 @@ COMPARED = {"weight_bytes": "weight_bytes", "quant_state_bytes": "quant_state_by
 def predicted_vs_measured(cfg: DictConfig, device: str, metrics: dict) -> dict:
     """The analytic model's prediction beside what the run measured. A prediction that cannot be
     made (an architecture the model does not know) is noted, never fatal."""
-    from qlab.claims import estimate
-
     try:
         predicted = estimate.estimate_for_config(cfg, device).as_metrics()
     except Exception as e:
