@@ -429,11 +429,9 @@ def _text(v) -> str:
 
 def pair_runs(claim: dict, runs: pd.DataFrame) -> Paired:
     """Pair the runs of arm a with those of arm b by seed and every other config key that is not the
-    compared axis. The compared axis is found, not named: the keys in which no run of a shares a
-    value with a run of b (seed excepted: it always pairs). Within an arm, of several runs with one
-    key the newest ok run with a finite metric counts (the others are listed as superseded); a key
-    present in one arm only, or whose runs in the other arm all ended oom/failed or lack the metric,
-    is listed as unpaired with the reason."""
+    compared axis: the keys in which no run of a shares a value with a run of b (seed always pairs).
+    Of several runs with one key in an arm the newest ok one with a finite metric counts (the others
+    are superseded); a key without a usable partner is listed as unpaired with the reason."""
     root, metric, scale = Path(runs.attrs.get("root", ".")), claim["metric"], claim.get("scale", 1.0)
     arms = {side: select(runs, claim[side], None) for side in ("a", "b")}
     configs = {side: [_identity(root, rel) for rel in arms[side].path] for side in arms}
