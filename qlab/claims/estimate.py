@@ -40,8 +40,8 @@ SETTINGS = tuple((label, quant, dq) for label, (quant, dq) in QUANT_SETTINGS.ite
 
 
 def model_config(model: str):
-    """A transformers config from a preset name (qlab.run.presets.PRESETS), a GGUF model's name
-    (converted first if needed) or a local directory holding config.json. Nothing is downloaded."""
+    """A transformers config from a preset, a GGUF model's name (converted first if needed) or a
+    local directory holding config.json. Nothing is downloaded."""
     from transformers import AutoConfig
 
     if model in presets.PRESETS:
@@ -69,15 +69,14 @@ def preset_config(name: str):
 
 
 def gguf_config(name: str):
-    """The config of a GGUF model (conf/shapes.yaml, gguf) from its converted checkpoint,
-    converting it first if needed (qlab.reference.gguf.ensure)."""
+    """A GGUF model's config (conf/shapes.yaml, gguf), converting the model first if needed."""
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(gguf.ensure(name))
 
 
 def meta_model(config) -> torch.nn.Module:
-    """The architecture with no storage: 65B builds in ~1.5 s and 0 bytes."""
+    """The architecture on the meta device: shapes, no storage."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
@@ -97,9 +96,8 @@ def _in_out(module) -> tuple[int, int]:
 
 
 def quantized_linears(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """Modules transformers' bitsandbytes integration replaces: every plain nn.Linear/Conv1D
-    except the output head, tied weights and `_keep_in_fp32_modules` (llm_int8_skip_modules
-    left at its default, as qlab.run.models.bnb_config does)."""
+    """Modules transformers' bitsandbytes integration replaces (llm_int8_skip_modules at its default, as
+    models.bnb_config): every plain nn.Linear/Conv1D but the head, tied weights and `_keep_in_fp32_modules`."""
     from transformers.quantizers.base import HfQuantizer
     from transformers.quantizers.quantizers_utils import should_convert_module
 
@@ -133,9 +131,8 @@ def int8_bytes(in_features: int, out_features: int) -> tuple[int, int]:
 
 def weight_bytes(model: torch.nn.Module, quant: str, double_quant: bool, dtype: torch.dtype,
                  upcast: bool = True) -> dict:
-    """`qlab.run.models.weight_bytes()` of `model` loaded with this quantization, without loading
-    it, plus `weight_bytes_after_prepare` (peft's prepare_model_for_kbit_training up-casts every
-    non-quantized 16-bit parameter to float32; the bf16 arm is only frozen)."""
+    """`models.weight_bytes()` of `model` loaded with this quantization, without loading it, plus
+    `weight_bytes_after_prepare` (k-bit preparation up-casts non-quantized 16-bit weights to float32)."""
     quantized = {id(m.weight): _in_out(m) for m in quantized_linears(model).values()} if quant != "bf16" else {}
     packed = state = other = other_after = n_quantized = 0
     for name, p in model.named_parameters():  # tied weights appear once
@@ -203,10 +200,9 @@ def dims(model: torch.nn.Module) -> Dims:
 def activation_bytes(d: Dims, batch: int, seq: int, *, compute_bytes: int, residual_bytes: int,
                      layers: list[tuple[str, int, int]], r: int, lora_dropout: float,
                      checkpointing: bool, dequant_bytes: int = 0) -> dict:
-    """First-order activation memory of one training step, an ESTIMATE unlike the other terms: the
-    tensors autograd saves per decoder layer (in every layer, or with checkpointing each layer's
-    input plus one layer recomputed at a time), the loss's float32 logits and one dequantized
-    weight. What it counts and leaves out: docs/memory.md."""
+    """Activation memory of one training step, a first-order ESTIMATE: what autograd saves per decoder
+    layer (with checkpointing: each layer's input plus one layer at a time), the float32 logits and one
+    dequantized weight (docs/memory.md)."""
     t, h = batch * seq, d.hidden  # T tokens
     norms = 2 * t * h * FP32  # 2 x T*h: RMSNorm saves a float32 copy of its input
     attention = t * (2 * h + 2 * d.kv_dim) * compute_bytes  # q, k, v and the attention output
@@ -245,8 +241,9 @@ class Setting:
     upcast: bool = True  # speed.upcast_non_quantized: the recipe's float32 up-cast
 
     def validate(self) -> None:
-        for key, value, allowed in (("quant", self.quant, QUANT_TYPES), ("adapter", self.adapter, ADAPTER_TARGETS),
-                                    ("optim", self.optim, OPTIMIZERS), ("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)):
+        for key, allowed in (("quant", QUANT_TYPES), ("adapter", ADAPTER_TARGETS), ("optim", OPTIMIZERS),
+                             ("compute_dtype", COMPUTE_DTYPES)):
+            value = getattr(self, key)
             if value not in allowed:
                 raise ConfigError(key, f"unknown value {value!r} (choose from {', '.join(allowed)})")
         if self.double_quant and self.quant not in FOUR_BIT:
@@ -339,14 +336,13 @@ def estimate(model: str | torch.nn.Module, setting: Setting, name: str | None = 
 
 
 def estimate_for_config(cfg, device: str) -> Estimate:
-    """The estimate for a composed run config on `device` (which resolves compute_dtype=auto), so
-    a run records predicted beside measured; nothing is loaded, so it can come first."""
+    """The estimate for a composed run config on `device` (which resolves compute_dtype=auto)."""
     return estimate(meta_model(run_model_config(cfg.model)), setting_for_config(cfg, device), name=cfg.model.name)
 
 
 def run_model_config(model_cfg):
-    """The transformers config of a run's `model` group: the preset's, or config.json of a local
-    directory or hub id (config.json only, through the Hugging Face cache)."""
+    """The transformers config of a run's `model` group: a base's, a GGUF model's, a preset's, or
+    config.json of a local directory or hub id."""
     if getattr(model_cfg, "base", None):  # the shape comes from the size's spec: nothing is trained
         return pretrain.model_config(pretrain.spec_for(model_cfg.base))
     if getattr(model_cfg, "gguf", None):
@@ -386,15 +382,18 @@ def _run_line(e: Estimate) -> str:
     s = e.setting
     what = (f"full fine-tuning ({_count(e.adapter_params)} params)" if s.adapter == "full" else
             f"adapter {s.adapter} r={s.r} ({e.adapted_layers} layers, {_count(e.adapter_params)} params)")
-    return (f"{what}, "
-            f"{s.optim}, batch {s.batch} x {s.seq} tokens, gradient checkpointing {'on' if s.checkpointing else 'off'}, "
-            f"compute {str(s.dtype()).replace('torch.', '')} on {s.device}")
+    return (f"{what}, {s.optim}, batch {s.batch} x {s.seq} tokens, "
+            f"gradient checkpointing {'on' if s.checkpointing else 'off'}, compute {_dtype_name(s)} on {s.device}")
+
+
+def _dtype_name(s: Setting) -> str:
+    return str(s.dtype()).replace("torch.", "")
 
 
 def format_one(e: Estimate) -> str:
     w, a, p = e.weights, e.activations, e.parts
     bits = w["bits_per_quantized_param"]
-    dtype = str(e.setting.dtype()).replace("torch.", "")
+    dtype = _dtype_name(e.setting)
     rows = [
         ("quantized weights", w["quantized_weight_bytes"], f"{_count(w['quantized_params'])} params", "exact"),
         ("quantization constants", w["quant_state_bytes"],
@@ -440,7 +439,8 @@ def format_all(estimates: list[Estimate]) -> str:
         rows.append([e.setting.label, f"{bits:.3f}", _gib(w["weight_bytes"]), _gib(w["quant_state_bytes"]),
                      _gib(w["weight_bytes_after_prepare"]), _gib(e.total_bytes), _gib(e.device_bytes)])
     widths = [max(len(head[i]), *(len(r[i]) for r in rows)) for i in range(len(head))]
-    fmt = lambda r: "  ".join(c.ljust(widths[0]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(r))  # noqa: E731
+    def fmt(row: list[str]) -> str:  # the first column left-aligned, the numbers right-aligned
+        return "  ".join(c.ljust(widths[0]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(row))
     lines = [f"qlab estimate: {e0.model} ({e0.arch}, {_count(e0.total_params)} params)",
              _run_line(e0), "bits/param: weights and their constants per quantized parameter "
              "(16-bit arm: the compute dtype); weights exact, total includes estimated activations", "",
@@ -485,9 +485,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(sys.argv[1:] if argv is None else argv)
-    setting = Setting(quant=args.quant, double_quant=args.double_quant, compute_dtype=args.compute_dtype,
-                      adapter=args.adapter, r=args.r, lora_dropout=args.lora_dropout, optim=args.optim,
-                      batch=args.batch, seq=args.seq, checkpointing=not args.no_checkpointing, device=args.device)
+    options = {k: v for k, v in vars(args).items() if k in Setting.__dataclass_fields__}
+    setting = Setting(**options, checkpointing=not args.no_checkpointing)
     try:
         if args.all:
             setting.double_quant = False  # --all sets quant and DQ itself

@@ -20,9 +20,7 @@ import torch
 
 KINDS = ("nf4", "fp4", "int4", "int8")
 FOUR_BIT_BNB = ("nf4", "fp4")
-# bitsandbytes 0.50 `functional.quantize_4bit` accepts these (32 needs bnb >= 0.48 on CUDA;
-# ROCm builds start at 64). The QLoRA default, and transformers' Linear4bit's, is 64.
-BNB_4BIT_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+BNB_4BIT_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what quantize_4bit accepts; QLoRA's is 64
 DQ_BLOCKSIZE = 256  # double quant: the absmax constants in blocks of 256, 8-bit dynamic map
 INT4_LEVELS = 7  # reference int4: codes -7..7
 
@@ -80,10 +78,8 @@ def quantize(x: torch.Tensor, kind: str, blocksize: int = 64, double_quant: bool
     if kind == "int4":
         q, scale = int4_quantize(x, blocksize)
         return Quantized(kind, q, scale, x.shape, x.dtype, blocksize)
-    # int8: LLM.int8 row-wise absmax, 127 levels each side: q = round(127 * x / absmax_row).
-    # Rows are the last dimension (a weight's input features, as Linear8bitLt). bitsandbytes'
-    # CUDA kernel takes float16 only, and Int8Params casts weights to float16 before it, so
-    # we cast too, on every device: the same numbers on CPU and GPU.
+    # int8: LLM.int8 row-wise absmax over the last dimension, q = round(127 * x / absmax_row); in
+    # float16 on every device, as Int8Params casts weights before the CUDA kernel
     rows = x.reshape(-1, x.shape[-1]).to(torch.float16)
     codes, row_absmax, _ = F.int8_vectorwise_quant(rows)  # threshold 0: no outlier split
     return Quantized(kind, codes, row_absmax, x.shape, x.dtype, None)
@@ -130,7 +126,7 @@ def _from_sums(n: int, sq: float, signal: float, max_abs: float, abs_sum: float)
 
 
 def error_stats(x: torch.Tensor, xhat: torch.Tensor) -> dict:
-    """Error of `xhat` against `x`, in float32 (sums in float64 so 45M-element weights add up)."""
+    """Error of `xhat` against `x`, in float32 (sums in float64, exact for large tensors)."""
     x = x.float()
     err = xhat.float() - x
     e = err.double()
@@ -145,8 +141,7 @@ def quantization_error(x: torch.Tensor, kind: str, blocksize: int = 64, double_q
 
 
 def combine_errors(parts: list[dict]) -> dict:
-    """The error_stats of several tensors taken as one (e.g. all weights of a model), from the
-    pooled sums."""
+    """The error_stats of several tensors taken as one (all weights of a model), from pooled sums."""
     pooled = lambda key: sum(p[key] * p["n"] for p in parts)  # noqa: E731
     return _from_sums(sum(p["n"] for p in parts), pooled("mse"), pooled("signal_power"),
                       max(p["max_abs_error"] for p in parts), pooled("mean_abs_error"))

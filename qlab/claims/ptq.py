@@ -48,12 +48,9 @@ ERROR_KINDS: dict[str, tuple[str, bool]] = {  # label -> (kernels kind, double_q
 PAIRS = (("nf4+DQ", "fp4"), ("fp4", "int4"), ("nf4+DQ", "int4"), ("nf4", "nf4+DQ"), ("nf4", "fp4"))
 
 HELDOUT = "heldout"  # a base's own held-out split (qlab.reference.corpus), as it was built with
-SEQ_LEN = 512  # positions per window on a real text, as issue 14's numbers
-# Predicted tokens per real text by default, chosen so that one model's three texts x 7 types
-# take at most ~25 min on the shared 2-core CPU the committed results come from (measured on 2
-# windows, docs/ptq.md "Sizing"): SmolLM2 ~53 s per window for the 7 types + ~61 s of loading per
-# text + 86 s of weight error once, 7 windows (~24 min); Gemma 3 ~77 s per window (its
-# 262,144-token head) + ~83 s, 4 windows (~22 min).
+SEQ_LEN = 512  # positions per window on a real text
+# Predicted tokens per real text by default: one model's three texts x 7 types in ~25 min on a
+# 2-core CPU (docs/ptq.md "Sizing")
 TEXT_TOKENS = {"smollm2-135m": 7 * (SEQ_LEN - 1), "gemma3-270m": 4 * (SEQ_LEN - 1)}
 DEFAULT_TEXT_TOKENS = 64 * (SEQ_LEN - 1)  # any other model (a GPU has the time for 64 windows)
 LOGITS_BYTES = 2**30  # a batch's float32 logits at most (Gemma 3: 512 x 262,144 x 4 B = 512 MiB a window)
@@ -120,8 +117,8 @@ def load(results: Path | str, what: Target | str) -> dict | None:
 
 
 def describe(rec: dict) -> str:
-    """The record's model and text in words, for a verdict: "smollm2-135m (dequantized from a
-    4-bit GGUF) · wiki", "base-gpu · held-out split" (records before texts name only a size)."""
+    """The record's model and text in words: "smollm2-135m (dequantized from a 4-bit GGUF) · wiki",
+    "base-gpu · held-out split" (older records name only a size)."""
     model = rec.get("model") or f"base-{rec['size']}"
     note = " (dequantized from a 4-bit GGUF)" if (rec.get("provenance") or {}).get("kind") == "gguf" else ""
     text = (rec.get("eval") or {}).get("text", HELDOUT)
@@ -134,15 +131,14 @@ def model_config(name: str):
 
 
 def decoder_linears(model) -> list[tuple[str, object]]:
-    """(name, module) of every layer transformers' bitsandbytes integration quantizes (for a
-    LLaMA: every decoder linear layer, not the head): estimate.quantized_linears, shared."""
+    """(name, module) of every layer bitsandbytes quantizes (estimate.quantized_linears): for a
+    LLaMA every decoder linear layer, not the head."""
     return list(estimate.quantized_linears(model).items())
 
 
 def int4_in_place(model) -> int:
-    """Replace every decoder linear weight by its int4 round trip (kernels.round_trip: absmax
-    per BLOCKSIZE weights of the flattened tensor, as bitsandbytes blocks them). Returns the
-    number of weights quantized."""
+    """Replace every decoder linear weight by its int4 round trip (kernels.round_trip, blocks of
+    BLOCKSIZE); returns the number of weights quantized."""
     n = 0
     with torch.no_grad():
         for _, m in decoder_linears(model):
@@ -157,11 +153,9 @@ def adds_bos(tokenizer) -> bool:
 
 
 def text_windows(tokenizer, name: str, seq_len: int, max_tokens: int) -> tuple[list[list[int]], dict]:
-    """The first `max_tokens` tokens of text `name` (its documents in file order, joined by a
-    blank line, encoded without special tokens) in windows of seq_len positions, each predicting
-    seq_len - 1 of them: where the tokenizer adds a bos, every window is [bos] + the next
-    seq_len - 1 tokens (the model always sees the start it was trained with: Gemma 3 scores a
-    Wikipedia window at perplexity 39 without it, 13.65 with it); else windows of seq_len tokens
+    """The first `max_tokens` tokens of text `name` (its documents in file order, joined by a blank
+    line) in windows of seq_len positions, each predicting seq_len - 1: [bos] + the next seq_len - 1
+    tokens where the tokenizer adds a bos (the start the model was trained with), else seq_len tokens
     overlapping by one. Returns (windows, what they are)."""
     if seq_len < 2 or max_tokens < 1:
         raise ValueError(f"need seq_len >= 2 and max_tokens >= 1, got {seq_len}, {max_tokens}")
@@ -239,8 +233,8 @@ def measure_type(label: str, tgt: Target, model_cfg, device: str, seq_len: int, 
 
 
 def check_same_windows(per: dict[str, dict]) -> None:
-    """Every type must have scored bf16's windows, token for token: raises RuntimeError naming the
-    first that did not (another tokenizer, text or cut would make the paired comparison meaningless)."""
+    """Raise RuntimeError naming the first type not scored on bf16's windows, token for token: the
+    paired comparison needs the same windows."""
     ref = per["bf16"]
     for label, r in per.items():
         if r["windows_sha256"] != ref["windows_sha256"] or r["window_tokens"] != ref["window_tokens"]:
@@ -288,7 +282,7 @@ def measure(what: Target | str, device: str = "auto", results: Path | str = "res
             weight_error: bool = True) -> Path:
     """Run the PTQ measurement of `what` (a Target, or a base size: its held-out split) and write
     ptq.json / ptq.md; returns ptq.json's path. `weight_error=False` leaves out the weights'
-    quantization error, which does not depend on the text (86 s for SmolLM2's on 2 cores)."""
+    quantization error, which does not depend on the text."""
     tgt = what if isinstance(what, Target) else target(what)
     device = resolve_device(device)
     types = list(types or TYPES)
@@ -358,8 +352,7 @@ def render(rec: dict) -> str:
     env, ev, prov = rec["env"], rec["eval"], rec.get("provenance") or {"kind": "base", **rec["base"]}
     hw = env.get("gpu") or f"CPU: {env.get('cpu')}"
     text = ev.get("text", HELDOUT)
-    cmd = (f"python -m qlab.claims.ptq --size {rec['size']}" if text == HELDOUT else
-           f"python -m qlab.claims.ptq --model {rec['model']} --text {text} --max-tokens {ev['max_tokens']}")
+    cmd = Target(rec["model"], text).command() + ("" if text == HELDOUT else f" --max-tokens {ev['max_tokens']}")
     where = "the held-out split" if text == HELDOUT else text
     lines = [f"# Post-training quantization of {rec['model']} on {where}", "",
              f"Generated by `{cmd}` ({rec['created']}, commit `{rec['git_commit']}`) on {hw}; torch {env.get('torch')}, "

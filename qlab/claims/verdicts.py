@@ -2,102 +2,58 @@
 
     qlab claims [--claims experiments/claims.yaml] [--results results] [--out results/claims] [--no-run]
 
-A claims file lists claims; each names the paper's statement and number, its source, where
-the measurement comes from, the metric, the comparison and the tolerance. Verdicts are
-computed here, never typed: `reproduced`, `not reproduced`, or `inconclusive` with the reason
-(no runs yet, one seed per arm, an interval that straddles the margin), and `fact`, `untested`
-and `information` for rows that are not experiments on the paper's claim (below). A claim that
-fails is reported as failing.
+A claims file lists claims: the paper's statement and number, its source, where the measurement
+comes from, the metric, the comparison and the tolerance. Verdicts are computed, never typed:
+`reproduced`, `not reproduced` or `inconclusive` with the reason; a claim that fails is reported
+as failing. An interval inside the criterion reproduces a claim, one entirely outside it does not,
+one that straddles it is inconclusive.
 
-Comparison kinds (a small lookup table, `KINDS`):
-  value        mean of `metric` over the runs matching `where`, vs `paper_value` +- tolerance
-  difference   mean over arm `a` minus mean over arm `b`, vs `paper_value` +- tolerance
-  lower        arm `a` has a lower `metric` than arm `b`: Welch's t-test across seeds, alpha 0.05
-               (significantly higher -> not reproduced; no significant difference or n < 2 ->
-               inconclusive)
-  equivalent   |mean_a - mean_b| within `margin` (relative to mean_b): the 95% Welch interval
-               of the difference inside +-margin -> reproduced, entirely outside -> not reproduced
-  survives     under the claim's experiment, every run of arm `a` is ok and every run of arm `b`
-               ran out of memory
-  estimate     a number from the analytic memory model (qlab.estimate) of `model` under one
-               or two settings, vs `paper_value` +- tolerance or `at_most`; `show: [metric, ...]`
-               states the judged metric and these of the same setting in GB (1e9) and GiB (2^30)
-  kernel_order quantization error (MSE) of `kinds` on standard-normal data: the first is lowest
-  ptq_error    quantization error `metric` (mse) of `kinds` on the real weights of the `ptq`
-               evidence (every decoder linear weight): the first is lowest -> reproduced, else
-               not reproduced (no noise: all weights are measured). `ptq`: a base size (`ptq: gpu`,
-               results/ptq-base-gpu/ptq.json) or a model and text (`ptq: {model: smollm2-135m,
-               text: wiki}`, results/ptq-smollm2-135m-wiki/ptq.json; qlab.claims.ptq.claim_target)
-  ptq_lower    post-training-quantization perplexity of the `ptq` evidence: type `a` is lower
-               than each type in `others`. Each pair is compared window by window on the same
-               tokens (stats.paired_log_ratio, 95% t-interval of log(ppl_a/ppl_b)):
-               every interval entirely below 0 -> reproduced; any entirely above 0 (an other type
-               significantly lower) -> not reproduced; otherwise the difference is within noise ->
-               inconclusive. `measured`: the relative perplexity change vs the closest other type
-  interleaved_equivalent  tokens/s of method `a` vs method `b` in the retired overhead bench's
-               record (results/overhead/<overhead>.json), interleaved rounds in one process: the
-               95% t-interval of the mean per-round ratio a/b - 1 inside +-margin -> reproduced,
-               entirely outside -> not reproduced, else inconclusive
-  speed_ratio  tokens/s of arm a over arm b in the comparisons (task=compare) of `sweep`, the
-               pair `pair`'s 95% interval over its paired rounds against `at_least` / `at_most`
-               (the whole interval beyond the threshold -> reproduced, the whole interval on the
-               wrong side -> not reproduced, else inconclusive) or `margin` (inside 1 +- margin ->
-               reproduced, entirely outside -> not reproduced); a comparison whose A/A control's
-               interval excludes 1 is not valid: inconclusive
-  ratio        mean `metric` of arm `a` over arm `b` (runs of `sweep`) against `at_most` /
-               `at_least`, no interval: for what a run measures without noise (torch's peak bytes)
-  curve_within the run of arm `a` follows the reference run `b` step by step: the moving average of
-               its per-step loss over `window` steps stays within max(bound.abs, bound.rel x the
-               reference's) at every step; both arms select by stored config (`b`: dotted keys and
-               values, `a`: the keys that differ from b; a list: any of its values), the newest run
-               of each, compared only when trained on the same base weights (docs/numerics.md)
-  eval_within  the same pair, judged on eval_loss: |a - b| <= max(bound.abs, bound.rel x b)
-               (`information: true`: shown for scale, no verdict)
-Paired kinds: runs of arm `a` and arm `b` are paired by seed and by every other setting of the
-stored config that is not the compared axis (the keys in which no run of a shares a value with a
-run of b: quant.type, adapter.targets, optim.lr, ...; `seed` always pairs): the same seed means the
-same data order and LoRA initialization in both arms. A run without a partner (a missing or failed
-run, an extra seed) is left out and named in the reason; of two runs with one key in one arm the
-newest ok one counts. Each reason gives n pairs, both arms' means over the paired runs, the mean
-paired difference a - b with its interval and, where there is one, the margin. `margin` is
-{abs: x} (in the metric's unit, nats for eval_loss) or {rel: x} (x times arm b's mean over the
-paired runs), stated in the claims file before the runs.
-  equivalent_paired   two one-sided tests (stats.tost_paired) at +-margin: the 90% interval of the
-               mean paired difference inside +-margin -> equivalent, entirely outside -> not
-               equivalent, else inconclusive (the TOST p beside it). `expect: equivalent` (default):
-               equivalent -> reproduced; `expect: different`: not equivalent -> reproduced
-  noninferior_paired  a no worse than b by more than the margin (stats.noninferiority_paired; lower
-               is better unless `higher_is_better: true`): the 90% interval's upper end below
-               +margin -> non-inferior, its lower end at or above +margin -> inferior, else
-               inconclusive. `expect: noninferior` (default) or `expect: inferior`
-  lower_paired a lower than b (stats.paired_lower): the 95% interval of the mean paired difference
-               entirely below 0 -> reproduced, entirely above 0 -> not reproduced, else inconclusive
-  `show: [metric, ...]`: each arm's mean of those metrics beside (trainable_params);
-  `equal_tokens: true`: every pair saw the same positions (steps_completed x max_tokens_per_step),
-  else inconclusive
-  untested     no measurement: the claim's `reason` says why (verdict `untested`)
-Flags of any claim: `fact: true` marks arithmetic of the storage format, not an experiment: its
-verdict reads `fact` where it holds (and stays `not reproduced` where it does not);
-`information: true` shows the row for what it measures, verdict `information`, never a verdict
-(curve_within / eval_within apply it themselves: a failed run still fails there).
-Each row names what it was measured on (`measured_on`: model · data of its runs, random-init
-presets marked "random weights" from their stored config; the analytic model's model; the PTQ
-record's base; until runs exist, the claim's own `measured_on`) and its margin or tolerance.
-A claims file with no `sweep` in a claim is judged for any one sweep (`--sweep`, or the sweep
-that ends with `SweepVerdicts` as its callback) into <results>/<sweep>/<claims file's stem>.md.
-Runs come from `results/<sweep>/`: `make claims` first runs the sweeps that have no results
-(`experiment` plus `overrides`, a Hydra multirun), and the PTQ measurements that have no
-ptq.json (`python -m qlab.claims.ptq --size <ptq>`, or `--model M --text T`), unless --no-run;
-GPU-sized ones (`train=gpu` among the overrides, `ptq: gpu`) only where CUDA is available.
+Comparison kinds (`KINDS`):
+  value         mean `metric` of the runs matching `where` vs `paper_value` +- `tolerance`
+  difference    mean of arm `a` minus mean of arm `b` vs `paper_value` +- `tolerance`
+  lower         a lower than b: Welch's t-test across seeds, alpha 0.05 (fewer than 2 seeds: inconclusive)
+  equivalent    the 95% Welch interval of a - b within +-`margin` x b's mean
+  survives      every run of a ok and every run of b out of memory, under the claim's experiment
+  estimate      the analytic memory model (qlab.claims.estimate) of `model` under `setting` (less `minus`)
+                vs `paper_value` +- `tolerance` or `at_most`; `show`: more metrics of it in GB and GiB
+  kernel_order  quantization MSE of `kinds` on N(0,1) data: the first is lowest
+  ptq_error     quantization error `metric` (mse) of `kinds` on every decoder linear weight of the `ptq`
+                evidence (a base size or {model, text}: ptq.claim_target): the first is strictly lowest
+  ptq_lower     PTQ perplexity of type `a` below each type in `others`, window by window on the same
+                tokens (stats.paired_log_ratio); `measured`: the change vs the closest other type
+  interleaved_equivalent  tokens/s of method `a` vs `b` in results/overhead/<overhead>.json (the retired
+                overhead bench): the 95% interval of the per-round ratio a/b - 1 within +-`margin`
+  speed_ratio   tokens/s a/b of `pair` in the comparisons (task=compare) of `sweep`: its 95% interval vs
+                `at_least`, `at_most` or 1 +- `margin`; an A/A control whose interval excludes 1: inconclusive
+  ratio         mean `metric` of a over b vs `at_most` / `at_least`, no interval (noise-free metrics)
+  curve_within  run `a` follows reference run `b`: its loss averaged over `window` steps stays within
+                max(bound.abs, bound.rel x the reference's) at every step; `b` selects by dotted config
+                keys, `a` by the keys that differ (a list: any of its values); same base weights only
+  eval_within   the same pair judged on eval_loss: |a - b| <= max(bound.abs, bound.rel x b)
+  equivalent_paired   TOST (stats.tost_paired): the 90% interval of the mean paired a - b within
+                +-margin; `expect: equivalent` (default) or `expect: different`
+  noninferior_paired  a worse than b by less than the margin (stats.noninferiority_paired, 90%
+                interval; lower is better unless `higher_is_better`); `expect: noninferior` or `inferior`
+  lower_paired  the 95% interval of the mean paired a - b entirely below 0 (stats.paired_lower)
+  untested      no measurement: the claim's `reason` says why (verdict `untested`)
+The paired kinds pair runs of a and b by seed and every other stored config key that is not the
+compared axis (the newest ok run of a key counts; runs without a partner are named in the reason).
+`margin`: {abs: x} or {rel: x} (of b's mean over the pairs); `show: [metric, ...]`: each arm's means
+beside; `equal_tokens: true`: every pair saw the same positions, else inconclusive.
+Flags of any claim: `fact: true` (storage-format arithmetic: verdict `fact` where it holds) and
+`information: true` (shown for scale: verdict `information`; curve_within / eval_within still fail a
+failed run). Each row names what it was measured on and its margin or tolerance.
 
-Besides claims.md (every column, the reasons, every arm of each sweep a paired claim reads), `write`
-produces summary.md: one compact table (claim, measured on, paper, measured with its interval,
-margin, n, verdict) for the README to include verbatim.
+Claims that name no `sweep` are judged for one (`--sweep`, or `SweepVerdicts` when a sweep ends).
+Unless --no-run, the missing sweeps and PTQ measurements run first (GPU-sized ones only where CUDA
+is available). `write` produces claims.md (the reasons, every arm of each paired claim's sweep) and
+summary.md (one compact table for the README to include verbatim).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import re
@@ -107,11 +63,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 import yaml
 from omegaconf import OmegaConf
 
 from qlab import config
-from qlab.claims import ptq
+from qlab.claims import estimate, kernels, ptq
 from qlab.config import PROJECT_ROOT
 from qlab.results import stats, store
 from qlab.results.frame import flatten, load_curves, load_runs
@@ -160,11 +117,35 @@ def _values(runs: pd.DataFrame, where: dict, metric: str, scale: float) -> np.nd
     return v[np.isfinite(v)]
 
 
+def _number(x) -> float:
+    """x as a float, NaN where it is missing or not a number."""
+    return pd.to_numeric(pd.Series([x]), errors="coerce").iloc[0]
+
+
 def _within(measured: float, claim: dict) -> bool:
     tol = claim.get("tolerance", {})
     paper = claim["paper_value"]
     limit = tol.get("abs", 0.0) + abs(paper) * tol.get("rel", 0.0)
     return abs(measured - paper) <= limit
+
+
+def _held(ok: bool) -> str:
+    return REPRODUCED if ok else NOT_REPRODUCED
+
+
+def _decide(ok: bool, wrong: bool) -> str:
+    """An interval's verdict: inside the criterion (`ok`), entirely outside it (`wrong`), or neither."""
+    return REPRODUCED if ok else NOT_REPRODUCED if wrong else INCONCLUSIVE
+
+
+def _band(lo: float, hi: float, low: float, high: float) -> tuple[bool, bool]:
+    """(the interval [lo, hi] lies inside [low, high], it lies entirely outside)."""
+    return low <= lo and hi <= high, lo > high or hi < low
+
+
+def _against_paper(measured: float, claim: dict, ci, n: str) -> Verdict:
+    ok = _within(measured, claim)
+    return Verdict(_held(ok), measured, ci, f"{'within' if ok else 'outside'} the tolerance of the paper's value", n)
 
 
 # ------------------------------------------------------------------ the comparison kinds
@@ -173,37 +154,30 @@ def k_value(claim: dict, runs: pd.DataFrame) -> Verdict:
     v = _values(runs, claim.get("where", {}), claim["metric"], claim.get("scale", 1.0))
     if len(v) == 0:
         return Verdict(INCONCLUSIVE, reason="no ok run matches yet")
-    m = float(v.mean())
-    ci = stats.mean_interval(v) if v.std() > 0 else None
-    ok = _within(m, claim)
-    return Verdict(REPRODUCED if ok else NOT_REPRODUCED, m, ci,
-                   f"{'within' if ok else 'outside'} the tolerance of the paper's value", f"n={len(v)}")
+    return _against_paper(float(v.mean()), claim, stats.mean_interval(v) if v.std() > 0 else None, f"n={len(v)}")
 
 
-def _arms(claim: dict, runs: pd.DataFrame):
-    """(values of arm a, values of arm b, "n=.. vs ..", an inconclusive verdict if an arm is empty)."""
-    scale = claim.get("scale", 1.0)
-    a, b = (_values(runs, claim[arm], claim["metric"], scale) for arm in ("a", "b"))
-    n = f"n={len(a)} vs {len(b)}"
-    empty = Verdict(INCONCLUSIVE, reason="an arm has no ok run yet", n=n) if len(a) == 0 or len(b) == 0 else None
-    return a, b, n, empty
+def _on_arms(judge):
+    """A kind from `judge(claim, values of arm a, values of arm b, "n=.. vs ..")`, run where both arms
+    have an ok run."""
+    @functools.wraps(judge)
+    def kind(claim: dict, runs: pd.DataFrame) -> Verdict:
+        a, b = (_values(runs, claim[arm], claim["metric"], claim.get("scale", 1.0)) for arm in ("a", "b"))
+        n = f"n={len(a)} vs {len(b)}"
+        if len(a) == 0 or len(b) == 0:
+            return Verdict(INCONCLUSIVE, reason="an arm has no ok run yet", n=n)
+        return judge(claim, a, b, n)
+
+    return kind
 
 
-def k_difference(claim: dict, runs: pd.DataFrame) -> Verdict:
-    a, b, n, empty = _arms(claim, runs)
-    if empty:
-        return empty
-    d = float(a.mean() - b.mean())
-    ci = stats.welch_interval(a, b)
-    ok = _within(d, claim)
-    return Verdict(REPRODUCED if ok else NOT_REPRODUCED, d, ci,
-                   f"{'within' if ok else 'outside'} the tolerance of the paper's value", n)
+@_on_arms
+def k_difference(claim: dict, a: np.ndarray, b: np.ndarray, n: str) -> Verdict:
+    return _against_paper(float(a.mean() - b.mean()), claim, stats.welch_interval(a, b), n)
 
 
-def k_lower(claim: dict, runs: pd.DataFrame) -> Verdict:
-    a, b, n, empty = _arms(claim, runs)
-    if empty:
-        return empty
+@_on_arms
+def k_lower(claim: dict, a: np.ndarray, b: np.ndarray, n: str) -> Verdict:
     d = float(a.mean() - b.mean())
     if min(len(a), len(b)) < 2:
         return Verdict(INCONCLUSIVE, d, reason="fewer than 2 seeds per arm: no test", n=n)
@@ -211,35 +185,30 @@ def k_lower(claim: dict, runs: pd.DataFrame) -> Verdict:
     p = stats.compare(a, b)["p_welch"]  # NaN where neither arm varies: then any difference is certain
     p = (0.0 if d else 1.0) if math.isnan(p) else p
     if p < ALPHA:
-        return Verdict(REPRODUCED if d < 0 else NOT_REPRODUCED, d, ci,
-                       f"a {'lower' if d < 0 else 'higher'} than b, Welch p={p:.3g}", n)
+        return Verdict(_held(d < 0), d, ci, f"a {'lower' if d < 0 else 'higher'} than b, Welch p={p:.3g}", n)
     return Verdict(INCONCLUSIVE, d, ci, f"no significant difference (Welch p={p:.3g})", n)
 
 
-def k_equivalent(claim: dict, runs: pd.DataFrame) -> Verdict:
-    a, b, n, empty = _arms(claim, runs)
-    if empty:
-        return empty
+@_on_arms
+def k_equivalent(claim: dict, a: np.ndarray, b: np.ndarray, n: str) -> Verdict:
     d = float(a.mean() - b.mean())
     margin = claim["margin"] * abs(b.mean())
     if min(len(a), len(b)) < 2:
         return Verdict(INCONCLUSIVE, d, reason=f"fewer than 2 seeds per arm: no interval (margin +-{margin:.4g})", n=n)
     lo, hi = stats.welch_interval(a, b)
-    if -margin <= lo and hi <= margin:
-        return Verdict(REPRODUCED, d, (lo, hi), f"95% interval inside +-{margin:.4g}", n)
-    if lo > margin or hi < -margin:
-        return Verdict(NOT_REPRODUCED, d, (lo, hi), f"95% interval entirely outside +-{margin:.4g}", n)
-    return Verdict(INCONCLUSIVE, d, (lo, hi), f"95% interval straddles the margin +-{margin:.4g}", n)
+    verdict = _decide(*_band(lo, hi, -margin, margin))
+    said = {REPRODUCED: "inside", NOT_REPRODUCED: "entirely outside", INCONCLUSIVE: "straddles the margin"}[verdict]
+    return Verdict(verdict, d, (lo, hi), f"95% interval {said} +-{margin:.4g}", n)
 
 
 def _gib(r: pd.Series, col: str) -> str:
-    v = pd.to_numeric(pd.Series([r.get(col)]), errors="coerce").iloc[0]
+    v = _number(r.get(col))
     return "n/a" if pd.isna(v) else f"{v / 2**30:.2f} GiB"
 
 
 def _memory_of(arm: pd.DataFrame) -> str:
-    """An arm's runs as the memory cap saw them: status, where the optimizer state lived and how
-    large, torch's and NVML's peaks; the cap from the stored config (train.max_device_memory_gib)."""
+    """An arm's runs as the memory cap saw them: status, optimizer state (where, how large), torch's
+    and NVML's peaks, under the cap of the stored config (train.max_device_memory_gib)."""
     out = []
     for _, r in arm.iterrows():
         rest = json.loads(r.config_rest) if isinstance(r.get("config_rest"), str) else {}
@@ -266,8 +235,6 @@ def k_survives(claim: dict, runs: pd.DataFrame) -> Verdict:
 
 
 def k_estimate(claim: dict, runs: pd.DataFrame) -> Verdict:
-    from qlab.claims import estimate
-
     def metrics(setting: dict) -> dict:
         return estimate.estimate(claim["model"], estimate.Setting(**setting)).as_metrics()
 
@@ -282,26 +249,21 @@ def k_estimate(claim: dict, runs: pd.DataFrame) -> Verdict:
     if "at_most" in claim:
         ok = measured <= claim["at_most"]
         unit = f" {claim['unit']}" if claim.get("unit") else ""
-        return Verdict(REPRODUCED if ok else NOT_REPRODUCED, measured, n="estimate",
-                       reason=f"analytic model: {claim['metric']} {'at most' if ok else 'above'} "
-                              f"{claim['at_most']}{unit}{shown}")
-    ok = _within(measured, claim)
-    return Verdict(REPRODUCED if ok else NOT_REPRODUCED, measured,
-                   reason=f"analytic model: {'within' if ok else 'outside'} the tolerance{shown}", n="estimate")
+        said = f"{claim['metric']} {'at most' if ok else 'above'} {claim['at_most']}{unit}"
+    else:
+        ok = _within(measured, claim)
+        said = f"{'within' if ok else 'outside'} the tolerance"
+    return Verdict(_held(ok), measured, reason=f"analytic model: {said}{shown}", n="estimate")
 
 
 def k_kernel_order(claim: dict, runs: pd.DataFrame) -> Verdict:
-    import torch
-
-    from qlab.claims import kernels
-
     size = claim.get("size", 1024)
     x = torch.randn(size, size, generator=torch.Generator().manual_seed(0))
     mse = {k: kernels.quantization_error(x, k, blocksize=claim.get("blocksize", 64))["mse"] for k in claim["kinds"]}
     order = sorted(mse, key=mse.get)
     ok = order[0] == claim["kinds"][0]  # the claimed type has the lowest error
-    return Verdict(REPRODUCED if ok else NOT_REPRODUCED, mse[claim["kinds"][0]],
-                   reason="MSE on N(0,1): " + " < ".join(f"{k} {mse[k]:.3g}" for k in order), n=f"{size * size:,} values")
+    return Verdict(_held(ok), mse[claim["kinds"][0]], n=f"{size * size:,} values",
+                   reason="MSE on N(0,1): " + " < ".join(f"{k} {mse[k]:.3g}" for k in order))
 
 
 def _ptq_missing(claim: dict) -> Verdict:
@@ -334,8 +296,7 @@ def k_ptq_error(claim: dict, record: dict | None) -> Verdict:
               + "; max abs error " + ", ".join(f"{k} {float(errors[k]['max_abs_error']):.3g}" for k in kinds)
               + (f"; these weights were GGUF values ({', '.join(f'{t} {v:.0%}' for t, v in gguf.items())}): "
                  "a re-quantization error" if gguf else ""))
-    return Verdict(REPRODUCED if ok else NOT_REPRODUCED, value[kinds[0]], reason=reason,
-                   n=f"{first['n']:,} weights")
+    return Verdict(_held(ok), value[kinds[0]], reason=reason, n=f"{first['n']:,} weights")
 
 
 def k_ptq_lower(claim: dict, record: dict | None) -> Verdict:
@@ -355,18 +316,16 @@ def k_ptq_lower(claim: dict, record: dict | None) -> Verdict:
                                                                          key=lambda t: types[t]["perplexity"]))
     diffs = "; ".join(f"vs {b} {100 * r['rel']:+.2f}% [{100 * r['rel_ci95'][0]:+.2f}, {100 * r['rel_ci95'][1]:+.2f}]"
                       for b, r in pairs.items())
-    ci = tuple(100 * x for x in c["rel_ci95"])
-    on = _ptq_on(record)
     higher = [b for b, r in pairs.items() if r["ci95"][0] > 0]
     if higher:
-        return Verdict(NOT_REPRODUCED, 100 * c["rel"], ci,
-                       f"{', '.join(higher)} significantly lower than {a}: perplexity {ppl} ({diffs}) {on}", n)
-    if all(r["ci95"][1] < 0 for r in pairs.values()):
-        return Verdict(REPRODUCED, 100 * c["rel"], ci, f"perplexity {ppl} ({diffs}; 95% paired intervals) {on}", n)
-    within = [b for b, r in pairs.items() if r["ci95"][1] >= 0]
-    return Verdict(INCONCLUSIVE, 100 * c["rel"], ci,
-                   f"{a} vs {', '.join(within)} within noise (the 95% paired interval includes 0): "
-                   f"perplexity {ppl} ({diffs}) {on}", n)
+        verdict, said = NOT_REPRODUCED, f"{', '.join(higher)} significantly lower than {a}: perplexity {ppl} ({diffs})"
+    elif all(r["ci95"][1] < 0 for r in pairs.values()):
+        verdict, said = REPRODUCED, f"perplexity {ppl} ({diffs}; 95% paired intervals)"
+    else:
+        within = ", ".join(b for b, r in pairs.items() if r["ci95"][1] >= 0)
+        verdict, said = INCONCLUSIVE, (f"{a} vs {within} within noise (the 95% paired interval includes 0): "
+                                       f"perplexity {ppl} ({diffs})")
+    return Verdict(verdict, 100 * c["rel"], tuple(100 * x for x in c["rel_ci95"]), f"{said} {_ptq_on(record)}", n)
 
 
 def k_interleaved_equivalent(claim: dict, record: dict | None) -> Verdict:
@@ -387,11 +346,9 @@ def k_interleaved_equivalent(claim: dict, record: dict | None) -> Verdict:
     setup = record.get("setup", {})
     what = (f"{claim['a']} vs {claim['b']} tok/s on {setup.get('model')} ({record.get('env', {}).get('gpu')}), "
             f"per-round ratio - 1 {100 * m:+.1f}% [{ci[0]:+.1f}, {ci[1]:+.1f}]")
-    if -margin <= lo and hi <= margin:
-        return Verdict(REPRODUCED, 100 * m, ci, f"{what}: inside +-{100 * margin:g}%", n)
-    if lo > margin or hi < -margin:
-        return Verdict(NOT_REPRODUCED, 100 * m, ci, f"{what}: entirely outside +-{100 * margin:g}%", n)
-    return Verdict(INCONCLUSIVE, 100 * m, ci, f"{what}: straddles +-{100 * margin:g}%", n)
+    verdict = _decide(*_band(lo, hi, -margin, margin))
+    said = {REPRODUCED: "inside", NOT_REPRODUCED: "entirely outside", INCONCLUSIVE: "straddles"}[verdict]
+    return Verdict(verdict, 100 * m, ci, f"{what}: {said} +-{100 * margin:g}%", n)
 
 
 def _speed_ratio_one(claim: dict, r: pd.Series) -> Verdict:
@@ -405,20 +362,18 @@ def _speed_ratio_one(claim: dict, r: pd.Series) -> Verdict:
                            f"[{aa['ci95'][0]:.3f}, {aa['ci95'][1]:.3f}] excludes 1, the comparison is not valid", n)
         what += f", A/A floor [{aa['ci95'][0]:.3f}, {aa['ci95'][1]:.3f}]"
     if "margin" in claim:
-        low, high = 1 - claim["margin"], 1 + claim["margin"]
         bound = f"1 +- {claim['margin']:g}"
-        ok, wrong = low <= lo and hi <= high, lo > high or hi < low
+        ok, wrong = _band(lo, hi, 1 - claim["margin"], 1 + claim["margin"])
     elif "at_least" in claim:
         bound = f">= {claim['at_least']:g}"
         ok, wrong = lo >= claim["at_least"], hi < claim["at_least"]
     else:
         bound = f"<= {claim['at_most']:g}"
         ok, wrong = hi <= claim["at_most"], lo > claim["at_most"]
-    if ok:
-        return Verdict(REPRODUCED, p["ratio"], (lo, hi), f"{what}: the whole 95% interval {bound}", n)
-    if wrong:
-        return Verdict(NOT_REPRODUCED, p["ratio"], (lo, hi), f"{what}: the whole 95% interval fails {bound}", n)
-    return Verdict(INCONCLUSIVE, p["ratio"], (lo, hi), f"{what}: the 95% interval straddles {bound}", n)
+    verdict = _decide(ok, wrong)
+    said = {REPRODUCED: "the whole 95% interval", NOT_REPRODUCED: "the whole 95% interval fails",
+            INCONCLUSIVE: "the 95% interval straddles"}[verdict]
+    return Verdict(verdict, p["ratio"], (lo, hi), f"{what}: {said} {bound}", n)
 
 
 def k_speed_ratio(claim: dict, runs: pd.DataFrame) -> Verdict:
@@ -438,15 +393,12 @@ def k_speed_ratio(claim: dict, runs: pd.DataFrame) -> Verdict:
     return v
 
 
-def k_ratio(claim: dict, runs: pd.DataFrame) -> Verdict:
-    a, b, n, empty = _arms(claim, runs)
-    if empty:
-        return empty
+@_on_arms
+def k_ratio(claim: dict, a: np.ndarray, b: np.ndarray, n: str) -> Verdict:
     r = float(a.mean() / b.mean())
     bound, ok = ((f"at most {claim['at_most']:g}", r <= claim["at_most"]) if "at_most" in claim
                  else (f"at least {claim['at_least']:g}", r >= claim["at_least"]))
-    return Verdict(REPRODUCED if ok else NOT_REPRODUCED, r,
-                   reason=f"{claim['metric']} of a / b = {r:.3f}: {'' if ok else 'not '}{bound}", n=n)
+    return Verdict(_held(ok), r, reason=f"{claim['metric']} of a / b = {r:.3f}: {'' if ok else 'not '}{bound}", n=n)
 
 
 # ------------------------------------------------------------------ paired arms
@@ -477,11 +429,9 @@ def _text(v) -> str:
 
 def pair_runs(claim: dict, runs: pd.DataFrame) -> Paired:
     """Pair the runs of arm a with those of arm b by seed and every other config key that is not the
-    compared axis. The compared axis is found, not named: the keys in which no run of a shares a
-    value with a run of b (seed excepted: it always pairs). Within an arm, of several runs with one
-    key the newest ok run with a finite metric counts (the others are listed as superseded); a key
-    present in one arm only, or whose runs in the other arm all ended oom/failed or lack the metric,
-    is listed as unpaired with the reason."""
+    compared axis: the keys in which no run of a shares a value with a run of b (seed always pairs).
+    Of several runs with one key in an arm the newest ok one with a finite metric counts (the others
+    are superseded); a key without a usable partner is listed as unpaired with the reason."""
     root, metric, scale = Path(runs.attrs.get("root", ".")), claim["metric"], claim.get("scale", 1.0)
     arms = {side: select(runs, claim[side], None) for side in ("a", "b")}
     configs = {side: [_identity(root, rel) for rel in arms[side].path] for side in arms}
@@ -504,8 +454,7 @@ def pair_runs(claim: dict, runs: pd.DataFrame) -> Paired:
         for (_, row), cfg in zip(arms[side].iterrows(), configs[side]):
             by_key.setdefault(tuple((k, _text(cfg.get(k))) for k in pairing), []).append(row)
         for key, rows in by_key.items():
-            value = lambda r: pd.to_numeric(pd.Series([r.get(metric)]), errors="coerce").iloc[0]  # noqa: E731
-            usable = [r for r in rows if r.status == "ok" and math.isfinite(value(r))]
+            usable = [r for r in rows if r.status == "ok" and math.isfinite(_number(r.get(metric)))]
             if usable:
                 newest = max(usable, key=lambda r: str(r.started_at))
                 chosen[side][key] = newest
@@ -576,73 +525,69 @@ def _paired_extra(claim: dict, p: Paired) -> tuple[str, str | None]:
     return "; ".join(parts), problem
 
 
-def _paired(claim: dict, runs: pd.DataFrame):
-    """(Paired, reason tail) or a Verdict saying why there is nothing to test."""
-    p = pair_runs(claim, runs)
-    tail, problem = _paired_extra(claim, p)
-    n = f"{len(p.a)} pairs"
-    if len(p.a) < 2:
-        return Verdict(INCONCLUSIVE, reason=f"{len(p.a)} pair(s) of ok runs: no interval; {tail}", n=n)
-    if problem:
-        return Verdict(INCONCLUSIVE, reason=f"{problem}; {tail}", n=n)
-    return p, tail
+def _on_pairs(judge):
+    """A paired kind from `judge(claim, pairs, reason tail)`, run where >= 2 comparable pairs exist."""
+    @functools.wraps(judge)
+    def kind(claim: dict, runs: pd.DataFrame) -> Verdict:
+        p = pair_runs(claim, runs)
+        tail, problem = _paired_extra(claim, p)
+        n = f"{len(p.a)} pairs"
+        if len(p.a) < 2:
+            return Verdict(INCONCLUSIVE, reason=f"{len(p.a)} pair(s) of ok runs: no interval; {tail}", n=n)
+        if problem:
+            return Verdict(INCONCLUSIVE, reason=f"{problem}; {tail}", n=n)
+        return judge(claim, p, tail)
+
+    return kind
 
 
-def _means(claim: dict, r: dict, unit: str) -> str:
+def _means(claim: dict, r: dict) -> str:
+    unit = f" {claim['unit']}" if claim.get("unit") else ""
     return (f"{_arm_name(claim['a'])} {r['mean_a']:.4f}, {_arm_name(claim['b'])} {r['mean_b']:.4f} "
             f"({claim['metric']}{unit}, means over the pairs)")
 
 
-def k_equivalent_paired(claim: dict, runs: pd.DataFrame) -> Verdict:
-    p = _paired(claim, runs)
-    if isinstance(p, Verdict):
-        return p
-    p, tail = p
+def _expected(claim: dict, outcome: str) -> str:
+    """The verdict on a test's outcome: reproduced where it is the one the claim's `expect` wants."""
+    if outcome == "inconclusive":
+        return INCONCLUSIVE
+    wanted = EXPECT[claim["kind"]]
+    return _held(outcome == wanted[claim.get("expect", next(iter(wanted)))])
+
+
+@_on_pairs
+def k_equivalent_paired(claim: dict, p: Paired, tail: str) -> Verdict:
     margin, stated = _margin(claim, float(p.b.mean()))
     r = stats.tost_paired(p.a, p.b, margin)
     lo, hi = r["ci"]
-    unit = f" {claim['unit']}" if claim.get("unit") else ""
-    expect = claim.get("expect", "equivalent")
-    verdict = {"inconclusive": INCONCLUSIVE, "equivalent": REPRODUCED if expect == "equivalent" else NOT_REPRODUCED,
-               "not equivalent": REPRODUCED if expect == "different" else NOT_REPRODUCED}[r["outcome"]]
-    reason = (f"{_means(claim, r, unit)}; a - b {r['mean']:+.4f} [90% CI {lo:+.4f}, {hi:+.4f}], "
+    reason = (f"{_means(claim, r)}; a - b {r['mean']:+.4f} [90% CI {lo:+.4f}, {hi:+.4f}], "
               f"TOST p={r['p_tost']:.3g}; margin {stated}: {r['outcome']}; {tail}")
-    return Verdict(verdict, r["mean"], (lo, hi), reason, f"{len(p.a)} pairs", 1 - 2 * r["alpha"], stated)
+    return Verdict(_expected(claim, r["outcome"]), r["mean"], (lo, hi), reason, f"{len(p.a)} pairs",
+                   1 - 2 * r["alpha"], stated)
 
 
-def k_noninferior_paired(claim: dict, runs: pd.DataFrame) -> Verdict:
-    p = _paired(claim, runs)
-    if isinstance(p, Verdict):
-        return p
-    p, tail = p
+@_on_pairs
+def k_noninferior_paired(claim: dict, p: Paired, tail: str) -> Verdict:
     margin, stated = _margin(claim, float(p.b.mean()))
     lower = not claim.get("higher_is_better", False)
     r = stats.noninferiority_paired(p.a, p.b, margin, lower_is_better=lower)
     lo, hi = r["ci"]
-    unit = f" {claim['unit']}" if claim.get("unit") else ""
-    expect = claim.get("expect", "noninferior")
-    verdict = {"inconclusive": INCONCLUSIVE,
-               "non-inferior": REPRODUCED if expect == "noninferior" else NOT_REPRODUCED,
-               "inferior": REPRODUCED if expect == "inferior" else NOT_REPRODUCED}[r["outcome"]]
     diff = "a - b" if lower else "b - a (how much worse a is)"
-    test = (f"one-sided p={r['p_inferior']:.3g} (H0: a worse by at most the margin)" if expect == "inferior" else
-            f"one-sided p={r['p']:.3g} (H0: a worse by the margin or more)")
-    reason = (f"{_means(claim, r, unit)}; {diff} {r['mean']:+.4f} [90% CI {lo:+.4f}, {hi:+.4f}], {test}; "
+    test = (f"one-sided p={r['p_inferior']:.3g} (H0: a worse by at most the margin)"
+            if claim.get("expect") == "inferior" else f"one-sided p={r['p']:.3g} (H0: a worse by the margin or more)")
+    reason = (f"{_means(claim, r)}; {diff} {r['mean']:+.4f} [90% CI {lo:+.4f}, {hi:+.4f}], {test}; "
               f"margin {stated}: {r['outcome']}; {tail}")
-    return Verdict(verdict, r["mean"], (lo, hi), reason, f"{len(p.a)} pairs", 1 - 2 * r["alpha"], stated)
+    return Verdict(_expected(claim, r["outcome"]), r["mean"], (lo, hi), reason, f"{len(p.a)} pairs",
+                   1 - 2 * r["alpha"], stated)
 
 
-def k_lower_paired(claim: dict, runs: pd.DataFrame) -> Verdict:
-    p = _paired(claim, runs)
-    if isinstance(p, Verdict):
-        return p
-    p, tail = p
+@_on_pairs
+def k_lower_paired(claim: dict, p: Paired, tail: str) -> Verdict:
     r = stats.paired_lower(p.a, p.b)
     lo, hi = r["ci"]
-    unit = f" {claim['unit']}" if claim.get("unit") else ""
     verdict = {"lower": REPRODUCED, "higher": NOT_REPRODUCED}.get(r["outcome"], INCONCLUSIVE)
     said = {"lower": "a lower", "higher": "a higher"}.get(r["outcome"], "no difference shown")
-    reason = (f"{_means(claim, r, unit)}; a - b {r['mean']:+.4f} [95% CI {lo:+.4f}, {hi:+.4f}], "
+    reason = (f"{_means(claim, r)}; a - b {r['mean']:+.4f} [95% CI {lo:+.4f}, {hi:+.4f}], "
               f"paired t p={r['p']:.3g}: {said}; {tail}")
     return Verdict(verdict, r["mean"], (lo, hi), reason, f"{len(p.a)} pairs", r["confidence"], "none (a < b)")
 
@@ -713,7 +658,7 @@ def _pruned(reference: dict, spec: dict) -> str | None:
 
 
 def _pair(claim: dict, runs: pd.DataFrame):
-    """(run a, run b, the stored result of b) or a Verdict saying why they cannot be compared.
+    """(run a, run b, their base weights' sha256) or a Verdict saying why they cannot be compared.
     `b` selects the reference by stored config, `a` is b's selection with a's keys changed; of
     several matches the newest is judged (a re-run supersedes)."""
     root = Path(runs.attrs["root"])
@@ -765,7 +710,7 @@ def _against_reference(claim: dict, runs: pd.DataFrame, on: str) -> Verdict:
              if "eval_diff" in ev else ev["reason"]]
     judged, texts = (curve, texts) if on == "curve" else (ev, texts[::-1])
     texts.append(f"runs {a.run_id} vs {b.run_id}" + (f", base weights {weights[:12]}" if weights else ""))
-    verdict = INFORMATION if claim.get("information") else REPRODUCED if judged["ok"] else NOT_REPRODUCED
+    verdict = INFORMATION if claim.get("information") else _held(judged["ok"])
     return Verdict(verdict, judged.get("max_abs_diff" if on == "curve" else "eval_diff"), reason="; ".join(texts),
                    n=f"{len(loss[a.run_id])} steps")
 
@@ -793,7 +738,9 @@ PAIRED = ("equivalent_paired", "noninferior_paired", "lower_paired")
 SHOWS_INFORMATION = ("curve_within", "eval_within")  # their own `information` rule: a failed run still fails
 NEEDS_RUNS = ("value", "difference", "lower", "equivalent", "survives", "speed_ratio", "ratio", "curve_within",
               "eval_within", *PAIRED)
-EXPECT = {"equivalent_paired": ("equivalent", "different"), "noninferior_paired": ("noninferior", "inferior")}
+# `expect` -> the test outcome that reproduces the claim; the first is the default
+EXPECT = {"equivalent_paired": {"equivalent": "equivalent", "different": "not equivalent"},
+          "noninferior_paired": {"noninferior": "non-inferior", "inferior": "inferior"}}
 NEEDS_PTQ = ("ptq_error", "ptq_lower")  # evidence: results/<ptq.claim_target(claim['ptq']).name>/ptq.json
 
 
@@ -808,26 +755,28 @@ def load_claims(path: Path, sweep: str | None = None) -> list[dict]:
         for key in ("id", "statement", "source", "kind"):
             if key not in c:
                 raise ValueError(f"{path}: claim {i} ({c.get('id', '?')}) lacks '{key}'")
-        if c["kind"] not in KINDS:
-            raise ValueError(f"{path}: claim {c['id']}: unknown kind {c['kind']!r} (choose from {', '.join(KINDS)})")
-        if c["kind"] in NEEDS_PTQ:
+        kind, at = c["kind"], f"{path}: claim {c['id']}"
+        if kind not in KINDS:
+            raise ValueError(f"{at}: unknown kind {kind!r} (choose from {', '.join(KINDS)})")
+        if kind in NEEDS_PTQ:
             try:
                 ptq.claim_target(c.get("ptq"))
             except ValueError as e:
-                raise ValueError(f"{path}: claim {c['id']}: kind {c['kind']} {e}") from None
-        if c["kind"] == "untested" and not c.get("reason"):
-            raise ValueError(f"{path}: claim {c['id']}: kind untested needs a reason (why it is not measured)")
-        if c["kind"] in PAIRED:
-            for key in ("a", "b", "metric"):
-                if key not in c:
-                    raise ValueError(f"{path}: claim {c['id']}: kind {c['kind']} needs '{key}'")
-            m = c.get("margin")
-            if c["kind"] != "lower_paired" and not (isinstance(m, dict) and len(m) == 1 and ("abs" in m or "rel" in m)
-                                                    and float(next(iter(m.values()))) > 0):
-                raise ValueError(f"{path}: claim {c['id']}: kind {c['kind']} needs margin: {{abs: x}} (the metric's "
-                                 "unit) or {rel: x} (a fraction of arm b's mean), x > 0, stated before the runs")
-            if c.get("expect", EXPECT.get(c["kind"], ("",))[0]) not in EXPECT.get(c["kind"], ("",)):
-                raise ValueError(f"{path}: claim {c['id']}: expect must be one of {', '.join(EXPECT[c['kind']])}")
+                raise ValueError(f"{at}: kind {kind} {e}") from None
+        if kind == "untested" and not c.get("reason"):
+            raise ValueError(f"{at}: kind untested needs a reason (why it is not measured)")
+        if kind not in PAIRED:
+            continue
+        for key in ("a", "b", "metric"):
+            if key not in c:
+                raise ValueError(f"{at}: kind {kind} needs '{key}'")
+        m = c.get("margin")
+        if kind != "lower_paired" and not (isinstance(m, dict) and len(m) == 1 and ("abs" in m or "rel" in m)
+                                           and float(next(iter(m.values()))) > 0):
+            raise ValueError(f"{at}: kind {kind} needs margin: {{abs: x}} (the metric's unit) or {{rel: x}} "
+                             "(a fraction of arm b's mean), x > 0, stated before the runs")
+        if "expect" in c and c["expect"] not in EXPECT.get(kind, {}):
+            raise ValueError(f"{at}: expect must be one of {', '.join(EXPECT.get(kind, {})) or 'nothing (no expect)'}")
     return claims
 
 
@@ -867,15 +816,12 @@ def run_missing(claims: list[dict], results: Path) -> None:
 
 
 def _has_cuda() -> bool:
-    import torch
-
     return torch.cuda.is_available()
 
 
 def measured_on(c: dict, runs) -> str:
-    """What a claim's numbers come from, for its row: model · data of the runs its arms select (a
-    random-init preset marked: its losses say nothing of quality), the analytic model's model, the PTQ
-    record's base and text, the overhead record's model; a claim's own `model` where it names one."""
+    """What a claim's numbers come from, for its row: model · data of the runs its arms select (random
+    or GGUF weights marked), the analytic model's model, the PTQ or overhead record's; else the claim's."""
     kind = c["kind"]
     if kind == "kernel_order":
         return "N(0,1) data"
@@ -931,11 +877,13 @@ def evaluate(claims: list[dict], results: Path) -> list[dict]:
             runs = load_overhead(results, c["overhead"]) if results is not None else None
         elif c["kind"] in NEEDS_RUNS:
             sweep = c["sweep"]
-            if sweep not in cache:
-                cache[sweep] = load_runs(results / sweep) if (results / sweep).is_dir() else pd.DataFrame(columns=["status"])
-            runs = cache[sweep]
-        v = KINDS[c["kind"]](c, runs) if (c["kind"] not in NEEDS_RUNS or not runs.empty) else \
-            Verdict(INCONCLUSIVE, reason=f"not run yet: results/{c['sweep']}/ has no result")
+            if sweep not in cache and (results / sweep).is_dir():
+                cache[sweep] = load_runs(results / sweep)
+            runs = cache.get(sweep, runs)
+        if c["kind"] in NEEDS_RUNS and runs.empty:
+            v = Verdict(INCONCLUSIVE, reason=f"not run yet: results/{c['sweep']}/ has no result")
+        else:
+            v = KINDS[c["kind"]](c, runs)
         if c.get("fact"):
             v.reason = f"a fact of the storage format (arithmetic, not an experiment): {v.reason}"
             v.verdict = FACT if v.verdict == REPRODUCED else v.verdict
@@ -957,9 +905,8 @@ def _machine(env: dict | None) -> str:
 
 
 def evidence_machine(results: Path, evidence: str) -> str:
-    """Where a claim's numbers were measured: the hardware and versions its evidence recorded
-    (a sweep's first result, ptq.json, the overhead record); claims computed by this command
-    (kernel_order on N(0,1) data, the analytic estimate) name the machine evaluating them."""
+    """Where a claim's numbers were measured: the machine its evidence recorded (a sweep's first
+    result, ptq.json, the overhead record), or the one evaluating claims computed here."""
     if evidence == "untested":
         return "not measured"
     if evidence in ("kernel_order", "estimate"):
@@ -998,8 +945,8 @@ def _interval(r: dict) -> str:
 
 
 def arms_section(claims: list[dict], results: Path) -> list[str]:
-    """Every arm of each sweep a paired claim reads, with its mean of the claim's metric over its ok
-    runs [95% t-interval] and its trainable parameters: the arms no claim names are shown too."""
+    """Every arm of each sweep a paired claim reads (those no claim names too): the mean of the claim's
+    metric over its ok runs [95% t-interval] and its trainable parameters."""
     lines = []
     for sweep, metric in dict.fromkeys((c["sweep"], c["metric"]) for c in claims if c["kind"] in PAIRED):
         if results is None or not (results / sweep).is_dir():
@@ -1034,9 +981,9 @@ def write(rows: list[dict], out: Path, results: Path, claims_file: Path = DEFAUL
     shown = Path(claims_file).resolve()
     shown = shown.relative_to(PROJECT_ROOT) if shown.is_relative_to(PROJECT_ROOT) else claims_file
     out.mkdir(parents=True, exist_ok=True)
-    store.atomic_write_json(out / f"{stem}.json", {"claims": rows, "generated_at": store.now(),
-                                                   "git_commit": store.git_commit(), "env": store.environment()})
     env = store.environment()
+    store.atomic_write_json(out / f"{stem}.json", {"claims": rows, "generated_at": store.now(),
+                                                   "git_commit": store.git_commit(), "env": env})
     lines = [f"# {doc.get('title', 'QLoRA paper claims (arXiv 2305.14314): verdicts')}", "",
              f"Computed by `qlab claims` from `{results}` ({counts_line(rows)}). "
              "Verdicts are computed from result files and the analytic model, never typed; see "
