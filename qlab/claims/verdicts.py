@@ -21,8 +21,6 @@ Comparison kinds (`KINDS`):
                 evidence (a base size or {model, text}: ptq.claim_target): the first is strictly lowest
   ptq_lower     PTQ perplexity of type `a` below each type in `others`, window by window on the same
                 tokens (stats.paired_log_ratio); `measured`: the change vs the closest other type
-  interleaved_equivalent  tokens/s of method `a` vs `b` in results/overhead/<overhead>.json (the retired
-                overhead bench): the 95% interval of the per-round ratio a/b - 1 within +-`margin`
   speed_ratio   tokens/s a/b of `pair` in the comparisons (task=compare) of `sweep`: its 95% interval vs
                 `at_least`, `at_most` or 1 +- `margin`; an A/A control whose interval excludes 1: inconclusive
   ratio         mean `metric` of a over b vs `at_most` / `at_least`, no interval (noise-free metrics)
@@ -326,29 +324,6 @@ def k_ptq_lower(claim: dict, record: dict | None) -> Verdict:
         verdict, said = INCONCLUSIVE, (f"{a} vs {within} within noise (the 95% paired interval includes 0): "
                                        f"perplexity {ppl} ({diffs})")
     return Verdict(verdict, 100 * c["rel"], tuple(100 * x for x in c["rel_ci95"]), f"{said} {_ptq_on(record)}", n)
-
-
-def k_interleaved_equivalent(claim: dict, record: dict | None) -> Verdict:
-    if record is None:
-        return Verdict(INCONCLUSIVE, reason=f"not run yet: results/overhead/{claim['overhead']}.json does not "
-                                            "exist (the retired overhead bench's record; kind speed_ratio reads "
-                                            "comparisons)")
-    methods = record["methods"]
-    if claim["a"] not in methods or claim["b"] not in methods:
-        return Verdict(INCONCLUSIVE, reason=f"{claim['overhead']}.json has no {claim['a']} / {claim['b']} method")
-    a, b = (np.asarray(methods[m]["tokens_per_s_rounds"], dtype=float) for m in (claim["a"], claim["b"]))
-    rel = a / b - 1  # round i of each method ran back to back: a paired comparison
-    n, margin, m = f"{len(rel)} paired rounds", claim["margin"], float(rel.mean())
-    if len(rel) < 2:
-        return Verdict(INCONCLUSIVE, m, reason="fewer than 2 rounds: no interval", n=n)
-    lo, hi = stats.mean_interval(rel)
-    ci = (100 * float(lo), 100 * float(hi))
-    setup = record.get("setup", {})
-    what = (f"{claim['a']} vs {claim['b']} tok/s on {setup.get('model')} ({record.get('env', {}).get('gpu')}), "
-            f"per-round ratio - 1 {100 * m:+.1f}% [{ci[0]:+.1f}, {ci[1]:+.1f}]")
-    verdict = _decide(*_band(lo, hi, -margin, margin))
-    said = {REPRODUCED: "inside", NOT_REPRODUCED: "entirely outside", INCONCLUSIVE: "straddles"}[verdict]
-    return Verdict(verdict, 100 * m, ci, f"{what}: {said} +-{100 * margin:g}%", n)
 
 
 def _speed_ratio_one(claim: dict, r: pd.Series) -> Verdict:
@@ -723,14 +698,9 @@ def k_eval_within(claim: dict, runs: pd.DataFrame) -> Verdict:
     return _against_reference(claim, runs, "eval")
 
 
-def load_overhead(results: Path, stem: str) -> dict | None:
-    path = results / "overhead" / f"{stem}.json"
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 KINDS = {"value": k_value, "difference": k_difference, "lower": k_lower, "equivalent": k_equivalent,
          "survives": k_survives, "estimate": k_estimate, "kernel_order": k_kernel_order,
-         "ptq_error": k_ptq_error, "ptq_lower": k_ptq_lower, "interleaved_equivalent": k_interleaved_equivalent,
+         "ptq_error": k_ptq_error, "ptq_lower": k_ptq_lower,
          "speed_ratio": k_speed_ratio, "ratio": k_ratio, "curve_within": k_curve_within, "eval_within": k_eval_within,
          "equivalent_paired": k_equivalent_paired, "noninferior_paired": k_noninferior_paired,
          "lower_paired": k_lower_paired, "untested": k_untested}
@@ -821,7 +791,7 @@ def _has_cuda() -> bool:
 
 def measured_on(c: dict, runs) -> str:
     """What a claim's numbers come from, for its row: model · data of the runs its arms select (random
-    or GGUF weights marked), the analytic model's model, the PTQ or overhead record's; else the claim's."""
+    or GGUF weights marked), the analytic model's model, the PTQ record's; else the claim's."""
     kind = c["kind"]
     if kind == "kernel_order":
         return "N(0,1) data"
@@ -833,8 +803,6 @@ def measured_on(c: dict, runs) -> str:
             return ptq.describe(runs)
         t = ptq.claim_target(c["ptq"])
         return f"{t.model} · held-out split" if t.text == ptq.HELDOUT else f"{t.model} · {t.text} (not run yet)"
-    if kind == "interleaved_equivalent":
-        return str((runs or {}).get("setup", {}).get("model") or planned)
     if kind not in NEEDS_RUNS or runs is None or runs.empty or "model" not in runs:
         return str(planned) + (" (not run yet)" if kind in NEEDS_RUNS and planned != "-" else "")
     specs = [c[k] for k in ("a", "b", "where") if isinstance(c.get(k), dict)]
@@ -873,8 +841,6 @@ def evaluate(claims: list[dict], results: Path) -> list[dict]:
         runs = pd.DataFrame(columns=["status"])
         if c["kind"] in NEEDS_PTQ:
             runs = ptq.load(results, ptq.claim_target(c["ptq"])) if results is not None else None  # a dict, or None
-        elif c["kind"] == "interleaved_equivalent":
-            runs = load_overhead(results, c["overhead"]) if results is not None else None
         elif c["kind"] in NEEDS_RUNS:
             sweep = c["sweep"]
             if sweep not in cache and (results / sweep).is_dir():
@@ -895,8 +861,8 @@ def evaluate(claims: list[dict], results: Path) -> list[dict]:
                      "measured_on": measured_on(c, runs), "margin": v.margin or margin_text(c),
                      "measured": v.measured, "ci": list(v.ci) if v.ci else None, "ci_level": v.ci_level,
                      "verdict": v.verdict, "reason": v.reason, "n": v.n,
-                     "evidence": c.get("sweep") or (ptq.claim_target(c["ptq"]).name if c["kind"] in NEEDS_PTQ else
-                                                    f"overhead/{c['overhead']}" if c.get("overhead") else c["kind"])})
+                     "evidence": c.get("sweep") or (ptq.claim_target(c["ptq"]).name if c["kind"] in NEEDS_PTQ
+                                                    else c["kind"])})
     return rows
 
 
@@ -906,15 +872,14 @@ def _machine(env: dict | None) -> str:
 
 def evidence_machine(results: Path, evidence: str) -> str:
     """Where a claim's numbers were measured: the machine its evidence recorded (a sweep's first
-    result, ptq.json, the overhead record), or the one evaluating claims computed here."""
+    result, ptq.json), or the one evaluating claims computed here."""
     if evidence == "untested":
         return "not measured"
     if evidence in ("kernel_order", "estimate"):
         return ("analytic (no hardware)" if evidence == "estimate" else
                 f"computed by this command: {_machine(store.environment())}")
     path = results / evidence
-    files = [path.with_suffix(".json")] if evidence.startswith("overhead/") else \
-        [path / "ptq.json"] if (path / "ptq.json").is_file() else sorted(path.glob("*/result.json"))
+    files = [path / "ptq.json"] if (path / "ptq.json").is_file() else sorted(path.glob("*/result.json"))
     for f in files:
         if f.is_file():
             env = json.loads(f.read_text()).get("env")

@@ -148,27 +148,6 @@ def test_the_shipped_claims_file_and_the_cli(tmp_path, results, capsys):
     assert "unknown kind 'vibes'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("paged, verdict", [
-    ([100, 90, 110, 95, 105], "reproduced"),        # ratios 1.00 +- 0.003: inside +-5%
-    ([80, 72, 88, 76, 84], "not reproduced"),       # 20% slower in every round: entirely outside
-    ([100, 60, 140, 70, 130], "inconclusive"),      # right on average, rounds too noisy to tell
-])
-def test_interleaved_equivalence_pairs_the_rounds(tmp_path, paged, verdict):
-    """Round i of each method ran back to back, so the card's drift (standard: 100, 90, 110, ...)
-    cancels in the per-round ratio; an unpaired test of the same numbers could not tell."""
-    (tmp_path / "overhead").mkdir()
-    standard = [100, 90, 110, 95, 105]
-    paged = [p * 1.003 for p in paged] if verdict == "reproduced" else paged
-    (tmp_path / "overhead" / "gpu.json").write_text(json.dumps({
-        "setup": {"model": "llama-7b"}, "env": {"gpu": "test"},
-        "methods": {"harness": {"tokens_per_s_rounds": paged}, "harness_std": {"tokens_per_s_rounds": standard}}}))
-    k = claim(kind="interleaved_equivalent", overhead="gpu", a="harness", b="harness_std", margin=0.05)
-    [r] = verdicts.evaluate([k], tmp_path)
-    assert r["verdict"] == verdict and r["n"] == "5 paired rounds" and r["evidence"] == "overhead/gpu"
-    [missing] = verdicts.evaluate([{**k, "overhead": "nowhere"}], tmp_path)
-    assert missing["verdict"] == "inconclusive" and "not run yet" in missing["reason"]
-
-
 def test_qlab_claims_runs_a_missing_sweep_end_to_end(tmp_path, capsys):
     """`make claims` on a CPU: the claim's sweep has no results, so qlab runs it (a real Hydra
     multirun of the claim's experiment, cut by command-line overrides to 2 adapters x 2 seeds
