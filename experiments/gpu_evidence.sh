@@ -102,8 +102,8 @@ speed-peaks)  # the isolated runs memory peaks come from (results/speed-<model>/
   step peaks-llama 560 $PY -m qlab.run experiment=speed-peaks model=llama-7b
   step peaks-bloom 560 $PY -m qlab.run experiment=speed-peaks model=bloom-7b1
   ;;
-real)  # ~8 min: experiment=real (7 arms x 5 seeds, 300 steps of 8 x 512 on SmolLM2), RUNS_PER_GPU at
-  # once on one H200 (a run alone ~100 s); resumable: a second call runs what a time limit cut
+real)  # ~18 min: experiment=real (7 arms x 5 seeds, 150 steps of 8 x 512 on SmolLM2), RUNS_PER_GPU at
+  # once on one H200; resumable: a second call runs what a time limit cut (it took two)
   QLAB_NUM_GPUS=1 QLAB_RUNS_PER_GPU=${RUNS_PER_GPU:-12} step real-sweep ${LIMIT:-540} \
     $PY -m qlab.run experiment=real hydra/launcher=local_gpus tracker.results_dir=$R
   ;;
