@@ -39,15 +39,26 @@ FP32 = 4
 SETTINGS = tuple((label, quant, dq) for label, (quant, dq) in QUANT_SETTINGS.items())
 
 
-def model_config(model: str):
-    """A transformers config from a preset, a GGUF model's name (converted first if needed) or a
-    local directory holding config.json. Nothing is downloaded."""
+def model_config(model):
+    """A transformers config, of a name: a preset, a GGUF model (converted first if needed) or a local
+    directory holding config.json, nothing downloaded; or of a run's `model` group: its base's, GGUF
+    model's or preset's, or config.json of its local directory or hub id."""
     from transformers import AutoConfig
 
+    if not isinstance(model, str):
+        if getattr(model, "base", None):  # the shape comes from the size's spec: nothing is trained
+            return pretrain.model_config(pretrain.spec_for(model.base))
+        if getattr(model, "gguf", None):
+            return AutoConfig.from_pretrained(gguf.ensure(model.gguf))  # converted first if needed
+        if not model.name_or_path:
+            return preset_config(model.preset)
+        local = resolve_path(os.path.expanduser(model.name_or_path))
+        return AutoConfig.from_pretrained(local if os.path.isdir(local) else model.name_or_path,
+                                          trust_remote_code=model.trust_remote_code)
     if model in presets.PRESETS:
         return preset_config(model)
     if model in SHAPES["gguf"]:
-        return gguf_config(model)
+        return AutoConfig.from_pretrained(gguf.ensure(model))
     path = os.path.expanduser(model)
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
@@ -66,13 +77,6 @@ def _tokenizer_size() -> int:
 def preset_config(name: str):
     """The config `presets.build_model` builds the preset from (token ids aside: no shape)."""
     return presets.model_config(name, None if presets.PRESETS[name]["vocab_size"] else _tokenizer_size())
-
-
-def gguf_config(name: str):
-    """A GGUF model's config (conf/shapes.yaml, gguf), converting the model first if needed."""
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(gguf.ensure(name))
 
 
 def meta_model(config) -> torch.nn.Module:
@@ -337,24 +341,7 @@ def estimate(model: str | torch.nn.Module, setting: Setting, name: str | None = 
 
 def estimate_for_config(cfg, device: str) -> Estimate:
     """The estimate for a composed run config on `device` (which resolves compute_dtype=auto)."""
-    return estimate(meta_model(run_model_config(cfg.model)), setting_for_config(cfg, device), name=cfg.model.name)
-
-
-def run_model_config(model_cfg):
-    """The transformers config of a run's `model` group: a base's, a GGUF model's, a preset's, or
-    config.json of a local directory or hub id."""
-    if getattr(model_cfg, "base", None):  # the shape comes from the size's spec: nothing is trained
-        return pretrain.model_config(pretrain.spec_for(model_cfg.base))
-    if getattr(model_cfg, "gguf", None):
-        return gguf_config(model_cfg.gguf)
-    if not model_cfg.name_or_path:
-        return preset_config(model_cfg.preset)
-    from transformers import AutoConfig
-
-    path = model_cfg.name_or_path
-    local = resolve_path(os.path.expanduser(path))
-    return AutoConfig.from_pretrained(local if os.path.isdir(local) else path,
-                                      trust_remote_code=model_cfg.trust_remote_code)
+    return estimate(meta_model(model_config(cfg.model)), setting_for_config(cfg, device), name=cfg.model.name)
 
 
 def setting_for_config(cfg, device: str) -> Setting:

@@ -177,8 +177,7 @@ def text_windows(tokenizer, name: str, seq_len: int, max_tokens: int) -> tuple[l
     step = seq_len - 1
     windows = ([[tokenizer.bos_token_id, *stream[s: s + step]] for s in range(0, need, step)] if bos else
                [stream[s: s + seq_len] for s in range(0, need - 1, step)])
-    info = {"text": name, "source": texts.TEXTS[name]["source"], "file": texts.TEXTS[name]["file"],
-            "sha256": texts.TEXTS[name]["sha256"], "licence": texts.TEXTS[name]["licence"],
+    info = {"text": name, **{k: texts.TEXTS[name][k] for k in ("source", "file", "sha256", "licence")},
             "package": f"{texts.PACKAGE}=={texts.VERSION}", "documents": used, "of_documents": len(docs),
             "separator": "\\n\\n", "bos": tokenizer.bos_token if bos else None}
     return windows, info
@@ -286,8 +285,7 @@ def measure(what: Target | str, device: str = "auto", results: Path | str = "res
     tgt = what if isinstance(what, Target) else target(what)
     device = resolve_device(device)
     types = list(types or TYPES)
-    unknown = [t for t in types if t not in TYPES]
-    if unknown or "bf16" not in types:
+    if not set(types) <= set(TYPES) or "bf16" not in types:
         raise ValueError(f"types must include bf16 and come from {', '.join(TYPES)}; got {types}")
     t_start = time.perf_counter()
     model_cfg = model_config(tgt.model)
@@ -451,11 +449,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.model and args.size:
             raise ValueError("give --model (and --text) or --size, not both")
-        if args.model:
-            tgt = target(args.model, args.text)
-        else:
-            size = args.size if args.size not in (None, "auto") else ("gpu" if device.startswith("cuda") else "small")
-            tgt = target(size, args.text)
+        size = args.size if args.size not in (None, "auto") else ("gpu" if device.startswith("cuda") else "small")
+        tgt = target(args.model or size, args.text)
         out = measure(tgt, device, args.results, args.max_tokens, args.types.split(","), seq_len=args.seq_len,
                       weight_error=args.weight_error)
     except (ValueError, ConfigError, pretrain.BaseError, texts.TextError, gguf.GGUFError) as e:

@@ -264,11 +264,6 @@ def k_kernel_order(claim: dict, runs: pd.DataFrame) -> Verdict:
                    reason="MSE on N(0,1): " + " < ".join(f"{k} {mse[k]:.3g}" for k in order))
 
 
-def _ptq_missing(claim: dict) -> Verdict:
-    t = ptq.claim_target(claim["ptq"])
-    return Verdict(INCONCLUSIVE, reason=f"not run yet: results/{t.name}/ has no ptq.json ({t.command()})")
-
-
 def _ptq_on(record: dict) -> str:
     """Which model, text and windows a PTQ verdict stands on, for its reason."""
     ev = record["eval"]
@@ -276,9 +271,7 @@ def _ptq_on(record: dict) -> str:
     return f"on {ptq.describe(record)}, {len(ev['window_tokens'])} windows{size}"
 
 
-def k_ptq_error(claim: dict, record: dict | None) -> Verdict:
-    if record is None:
-        return _ptq_missing(claim)
+def k_ptq_error(claim: dict, record: dict) -> Verdict:
     metric, kinds = claim.get("metric", "mse"), claim["kinds"]
     errors = record.get("weight_error") or {}
     missing = [k for k in kinds if k not in errors]
@@ -297,9 +290,7 @@ def k_ptq_error(claim: dict, record: dict | None) -> Verdict:
     return Verdict(_held(ok), value[kinds[0]], reason=reason, n=f"{first['n']:,} weights")
 
 
-def k_ptq_lower(claim: dict, record: dict | None) -> Verdict:
-    if record is None:
-        return _ptq_missing(claim)
+def k_ptq_lower(claim: dict, record: dict) -> Verdict:
     types, a = record.get("types") or {}, claim["a"]
     missing = [t for t in (a, *claim["others"]) if t not in types]
     if missing:
@@ -337,15 +328,12 @@ def _speed_ratio_one(claim: dict, r: pd.Series) -> Verdict:
                            f"[{aa['ci95'][0]:.3f}, {aa['ci95'][1]:.3f}] excludes 1, the comparison is not valid", n)
         what += f", A/A floor [{aa['ci95'][0]:.3f}, {aa['ci95'][1]:.3f}]"
     if "margin" in claim:
-        bound = f"1 +- {claim['margin']:g}"
-        ok, wrong = _band(lo, hi, 1 - claim["margin"], 1 + claim["margin"])
+        bound, (low, high) = f"1 +- {claim['margin']:g}", (1 - claim["margin"], 1 + claim["margin"])
     elif "at_least" in claim:
-        bound = f">= {claim['at_least']:g}"
-        ok, wrong = lo >= claim["at_least"], hi < claim["at_least"]
+        bound, (low, high) = f">= {claim['at_least']:g}", (claim["at_least"], math.inf)
     else:
-        bound = f"<= {claim['at_most']:g}"
-        ok, wrong = hi <= claim["at_most"], lo > claim["at_most"]
-    verdict = _decide(ok, wrong)
+        bound, (low, high) = f"<= {claim['at_most']:g}", (-math.inf, claim["at_most"])
+    verdict = _decide(*_band(lo, hi, low, high))
     said = {REPRODUCED: "the whole 95% interval", NOT_REPRODUCED: "the whole 95% interval fails",
             INCONCLUSIVE: "the 95% interval straddles"}[verdict]
     return Verdict(verdict, p["ratio"], (lo, hi), f"{what}: {said} {bound}", n)
@@ -441,24 +429,14 @@ def pair_runs(claim: dict, runs: pd.DataFrame) -> Paired:
     unpaired = []
     for side, other in (("a", "b"), ("b", "a")):
         for key in sorted(set(chosen[side]) | set(why[side]), key=label):
-            if key in both:
-                continue
             if key in why[side]:
                 unpaired.append(f"{side} {label(key)} ({why[side][key]})")
-            elif key in why[other]:
-                continue  # named once, from the side whose run failed
-            else:
+            elif key not in both and key not in why[other]:  # a failed run is named once, from its side
                 unpaired.append(f"{side} {label(key)} (no run of {other} with these settings)")
-    a_rows = pd.DataFrame([chosen["a"][k] for k in both])
-    b_rows = pd.DataFrame([chosen["b"][k] for k in both])
+    pair_rows = tuple(pd.DataFrame([chosen[side][k] for k in both]) for side in ("a", "b"))
     num = lambda rows: (pd.to_numeric(rows[metric], errors="coerce").to_numpy(float) / scale  # noqa: E731
                         if len(rows) else np.array([]))
-    return Paired(num(a_rows), num(b_rows), [label(k) for k in both], compared, unpaired, superseded,
-                  (a_rows, b_rows))
-
-
-def _arm_name(spec: dict) -> str:
-    return " ".join(str(v) for v in spec.values())
+    return Paired(*map(num, pair_rows), [label(k) for k in both], compared, unpaired, superseded, pair_rows)
 
 
 def _margin(claim: dict, mean_b: float) -> tuple[float, str]:
@@ -518,7 +496,8 @@ def _on_pairs(judge):
 
 def _means(claim: dict, r: dict) -> str:
     unit = f" {claim['unit']}" if claim.get("unit") else ""
-    return (f"{_arm_name(claim['a'])} {r['mean_a']:.4f}, {_arm_name(claim['b'])} {r['mean_b']:.4f} "
+    a, b = (" ".join(str(v) for v in claim[side].values()) for side in ("a", "b"))  # the arms' names
+    return (f"{a} {r['mean_a']:.4f}, {b} {r['mean_b']:.4f} "
             f"({claim['metric']}{unit}, means over the pairs)")
 
 
@@ -531,25 +510,20 @@ def _expected(claim: dict, outcome: str) -> str:
 
 
 @_on_pairs
-def k_equivalent_paired(claim: dict, p: Paired, tail: str) -> Verdict:
+def k_margin_paired(claim: dict, p: Paired, tail: str) -> Verdict:
+    """equivalent_paired (TOST) and noninferior_paired: the mean paired difference against the margin."""
     margin, stated = _margin(claim, float(p.b.mean()))
-    r = stats.tost_paired(p.a, p.b, margin)
+    if claim["kind"] == "equivalent_paired":
+        r = stats.tost_paired(p.a, p.b, margin)
+        diff, test = "a - b", f"TOST p={r['p_tost']:.3g}"
+    else:
+        lower = not claim.get("higher_is_better", False)
+        r = stats.noninferiority_paired(p.a, p.b, margin, lower_is_better=lower)
+        diff = "a - b" if lower else "b - a (how much worse a is)"
+        inferior = claim.get("expect") == "inferior"
+        test = (f"one-sided p={r['p_inferior']:.3g} (H0: a worse by at most the margin)" if inferior
+                else f"one-sided p={r['p']:.3g} (H0: a worse by the margin or more)")
     lo, hi = r["ci"]
-    reason = (f"{_means(claim, r)}; a - b {r['mean']:+.4f} [90% CI {lo:+.4f}, {hi:+.4f}], "
-              f"TOST p={r['p_tost']:.3g}; margin {stated}: {r['outcome']}; {tail}")
-    return Verdict(_expected(claim, r["outcome"]), r["mean"], (lo, hi), reason, f"{len(p.a)} pairs",
-                   1 - 2 * r["alpha"], stated)
-
-
-@_on_pairs
-def k_noninferior_paired(claim: dict, p: Paired, tail: str) -> Verdict:
-    margin, stated = _margin(claim, float(p.b.mean()))
-    lower = not claim.get("higher_is_better", False)
-    r = stats.noninferiority_paired(p.a, p.b, margin, lower_is_better=lower)
-    lo, hi = r["ci"]
-    diff = "a - b" if lower else "b - a (how much worse a is)"
-    test = (f"one-sided p={r['p_inferior']:.3g} (H0: a worse by at most the margin)"
-            if claim.get("expect") == "inferior" else f"one-sided p={r['p']:.3g} (H0: a worse by the margin or more)")
     reason = (f"{_means(claim, r)}; {diff} {r['mean']:+.4f} [90% CI {lo:+.4f}, {hi:+.4f}], {test}; "
               f"margin {stated}: {r['outcome']}; {tail}")
     return Verdict(_expected(claim, r["outcome"]), r["mean"], (lo, hi), reason, f"{len(p.a)} pairs",
@@ -565,10 +539,6 @@ def k_lower_paired(claim: dict, p: Paired, tail: str) -> Verdict:
     reason = (f"{_means(claim, r)}; a - b {r['mean']:+.4f} [95% CI {lo:+.4f}, {hi:+.4f}], "
               f"paired t p={r['p']:.3g}: {said}; {tail}")
     return Verdict(verdict, r["mean"], (lo, hi), reason, f"{len(p.a)} pairs", r["confidence"], "none (a < b)")
-
-
-def k_untested(claim: dict, runs) -> Verdict:
-    return Verdict(UNTESTED, reason=claim["reason"], n="-")
 
 
 # ------------------------------------------------------------------ an arm against a reference run
@@ -690,20 +660,13 @@ def _against_reference(claim: dict, runs: pd.DataFrame, on: str) -> Verdict:
                    n=f"{len(loss[a.run_id])} steps")
 
 
-def k_curve_within(claim: dict, runs: pd.DataFrame) -> Verdict:
-    return _against_reference(claim, runs, "curve")
-
-
-def k_eval_within(claim: dict, runs: pd.DataFrame) -> Verdict:
-    return _against_reference(claim, runs, "eval")
-
-
 KINDS = {"value": k_value, "difference": k_difference, "lower": k_lower, "equivalent": k_equivalent,
          "survives": k_survives, "estimate": k_estimate, "kernel_order": k_kernel_order,
-         "ptq_error": k_ptq_error, "ptq_lower": k_ptq_lower,
-         "speed_ratio": k_speed_ratio, "ratio": k_ratio, "curve_within": k_curve_within, "eval_within": k_eval_within,
-         "equivalent_paired": k_equivalent_paired, "noninferior_paired": k_noninferior_paired,
-         "lower_paired": k_lower_paired, "untested": k_untested}
+         "ptq_error": k_ptq_error, "ptq_lower": k_ptq_lower, "speed_ratio": k_speed_ratio, "ratio": k_ratio,
+         "curve_within": functools.partial(_against_reference, on="curve"),
+         "eval_within": functools.partial(_against_reference, on="eval"),
+         "equivalent_paired": k_margin_paired, "noninferior_paired": k_margin_paired, "lower_paired": k_lower_paired,
+         "untested": lambda claim, runs: Verdict(UNTESTED, reason=claim["reason"], n="-")}
 PAIRED = ("equivalent_paired", "noninferior_paired", "lower_paired")
 SHOWS_INFORMATION = ("curve_within", "eval_within")  # their own `information` rule: a failed run still fails
 NEEDS_RUNS = ("value", "difference", "lower", "equivalent", "survives", "speed_ratio", "ratio", "curve_within",
@@ -754,35 +717,34 @@ def run_missing(claims: list[dict], results: Path) -> None:
     """Run each sweep the claims need that has no result yet (a Hydra multirun per sweep), and
     each PTQ measurement that has no ptq.json (one process per model and text), through the launcher;
     each one's output goes to a log under results/logs/claims/."""
-    done = set()
-    logs = results / "logs" / "claims"
+    done, logs = set(), results / "logs" / "claims"
     for c in claims:
         if c["kind"] in NEEDS_PTQ:
             t = ptq.claim_target(c["ptq"])
-            if t.name in done or (ptq.result_dir(results, t) / "ptq.json").is_file():
-                continue
-            done.add(t.name)
-            if t.size == "gpu" and not _has_cuda():
-                print(f"not running the PTQ measurement of {t.model}: it needs a GPU (its claims stay "
-                      "inconclusive)", flush=True)
-                continue
-            log = logs / (f"ptq-{t.size}.log" if t.text == ptq.HELDOUT else f"{t.name}.log")
-            print(f"running missing PTQ measurement {t.name} (log: {log})", flush=True)
-            args = ["--size", t.size] if t.text == ptq.HELDOUT else ["--model", t.model, "--text", t.text]
-            launch.launch([*args, "--results", str(results)], log, module="qlab.claims.ptq")
+            heldout = t.text == ptq.HELDOUT
+            name, module, needs_gpu = t.name, "qlab.claims.ptq", t.size == "gpu"
+            has_result = (ptq.result_dir(results, t) / "ptq.json").is_file()
+            skipped, running = f"the PTQ measurement of {t.model}", f"PTQ measurement {t.name}"
+            log = logs / (f"ptq-{t.size}.log" if heldout else f"{t.name}.log")
+            args = [*(["--size", t.size] if heldout else ["--model", t.model, "--text", t.text]),
+                    "--results", str(results)]
+        elif c["kind"] in NEEDS_RUNS and c.get("sweep") and c.get("experiment"):
+            name, module, needs_gpu = c["sweep"], "qlab.run", "train=gpu" in c.get("overrides", [])
+            has_result = any((results / name).glob("*/result.json"))
+            skipped = running = f"sweep {name}"
+            log = logs / f"{name}.log"
+            args = [f"experiment={c['experiment']}", f"tracker.sweep={name}", f"tracker.results_dir={results}",
+                    *c.get("overrides", [])]
+        else:
             continue
-        sweep = c.get("sweep")
-        if c["kind"] not in NEEDS_RUNS or not sweep or not c.get("experiment") or sweep in done:
+        if name in done or has_result:
             continue
-        done.add(sweep)
-        if any((results / sweep).glob("*/result.json")):
+        done.add(name)
+        if needs_gpu and not _has_cuda():
+            print(f"not running {skipped}: it needs a GPU (its claims stay inconclusive)", flush=True)
             continue
-        if "train=gpu" in c.get("overrides", []) and not _has_cuda():
-            print(f"not running sweep {sweep}: it needs a GPU (its claims stay inconclusive)", flush=True)
-            continue
-        print(f"running missing sweep {sweep} (log: {logs / f'{sweep}.log'})", flush=True)
-        launch.launch([f"experiment={c['experiment']}", f"tracker.sweep={sweep}", f"tracker.results_dir={results}",
-                       *c.get("overrides", [])], logs / f"{sweep}.log")
+        print(f"running missing {running} (log: {log})", flush=True)
+        launch.launch(args, log, module=module)
 
 
 def _has_cuda() -> bool:
@@ -848,6 +810,9 @@ def evaluate(claims: list[dict], results: Path) -> list[dict]:
             runs = cache.get(sweep, runs)
         if c["kind"] in NEEDS_RUNS and runs.empty:
             v = Verdict(INCONCLUSIVE, reason=f"not run yet: results/{c['sweep']}/ has no result")
+        elif c["kind"] in NEEDS_PTQ and runs is None:
+            t = ptq.claim_target(c["ptq"])
+            v = Verdict(INCONCLUSIVE, reason=f"not run yet: results/{t.name}/ has no ptq.json ({t.command()})")
         else:
             v = KINDS[c["kind"]](c, runs)
         if c.get("fact"):
@@ -866,10 +831,6 @@ def evaluate(claims: list[dict], results: Path) -> list[dict]:
     return rows
 
 
-def _machine(env: dict | None) -> str:
-    return store.machine_line(env) if env else "n/a"
-
-
 def evidence_machine(results: Path, evidence: str) -> str:
     """Where a claim's numbers were measured: the machine its evidence recorded (a sweep's first
     result, ptq.json), or the one evaluating claims computed here."""
@@ -877,14 +838,14 @@ def evidence_machine(results: Path, evidence: str) -> str:
         return "not measured"
     if evidence in ("kernel_order", "estimate"):
         return ("analytic (no hardware)" if evidence == "estimate" else
-                f"computed by this command: {_machine(store.environment())}")
+                f"computed by this command: {store.machine_line(store.environment())}")
     path = results / evidence
     files = [path / "ptq.json"] if (path / "ptq.json").is_file() else sorted(path.glob("*/result.json"))
     for f in files:
         if f.is_file():
             env = json.loads(f.read_text()).get("env")
             if env:
-                return _machine(env)
+                return store.machine_line(env)
     return "n/a (no result yet)"
 
 
@@ -960,10 +921,8 @@ def write(rows: list[dict], out: Path, results: Path, claims_file: Path = DEFAUL
              f"| claim | source | measured on | {doc.get('expected', 'paper')} | measured [95% CI unless stated] | "
              "margin | n | verdict | why |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {_cell(r['statement'])} | {_cell(r['source'])} | {_cell(r['measured_on'])} | "
-                     f"{_cell(paper_text(r))} | {_fmt(r['measured'])}{_interval(r)} | "
-                     f"{_cell(r['margin'] or '-')} | {r['n'] or '-'} | **{r['verdict']}** | {_cell(r['reason'])} |")
+    lines += [_row(r, ("statement", "source", "measured_on", "paper", "measured", "margin", "n", "verdict", "reason"))
+              for r in rows]
     claims = [c for c in (doc.get("claims") or []) if c.get("kind") in PAIRED and c.get("sweep")]
     lines += arms_section(claims, results)
     lines += ["", "## Evidence", "", "| evidence (under results/) | claims | measured on |", "|---|---|---|"]
@@ -988,17 +947,21 @@ def _cell(text) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+def _row(r: dict, columns: tuple[str, ...], unit: bool = False) -> str:
+    """A claim's table row of `columns`, escaped for markdown (the verdict bold; `unit`: the measured unit too)."""
+    measured = _fmt(r["measured"]) + _interval(r)
+    if unit and r["unit"] and r["measured"] is not None and measured != "n/a":
+        measured += f" {r['unit']}"
+    cells = {**r, "paper": paper_text(r), "measured": measured, "margin": r["margin"] or "-", "n": r["n"] or "-"}
+    return "| " + " | ".join(f"**{r[k]}**" if k == "verdict" else _cell(cells[k]) for k in columns) + " |"
+
+
 def summary(rows: list[dict], page: Path = Path("results/claims/claims.md"), expected: str = "paper") -> str:
     """One compact table (claim, what it was measured on, paper, measured with its interval, margin,
     n, verdict) for the README, verbatim: the reasons and sources stay in claims.md."""
     lines = [f"| claim | measured on | {expected} | measured | margin | n | verdict |", "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        unit = f" {r['unit']}" if r["unit"] else ""
-        measured = _fmt(r["measured"]) + _interval(r)
-        if r["measured"] is not None and unit and measured != "n/a":
-            measured += unit
-        lines.append(f"| {_cell(r['statement'])} | {_cell(r['measured_on'])} | {_cell(paper_text(r))} | "
-                     f"{_cell(measured)} | {_cell(r['margin'] or '-')} | {_cell(r['n'] or '-')} | **{r['verdict']}** |")
+    lines += [_row(r, ("statement", "measured_on", "paper", "measured", "margin", "n", "verdict"), unit=True)
+              for r in rows]
     lines += ["", f"{counts_line(rows)}; generated by `qlab claims` "
                   f"(`{page}` has the sources and the reason for each verdict)."]
     return "\n".join(lines) + "\n"

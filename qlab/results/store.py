@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import traceback
 import warnings
 from dataclasses import asdict, dataclass  # noqa: F401  (asdict: callers write Results)
 from datetime import datetime, timezone
@@ -475,6 +476,13 @@ class RunRecorder:
             self.wandb.finish(result)
         self.published_dir = publish(self.dir, self.final_dir, status)
         return result
+
+
+def error_record(e: BaseException, with_traceback: bool = True) -> dict:
+    """An exception as a result's `error`: its type, its message's first line and (unless not wanted) traceback."""
+    msg = str(e).splitlines()[0] if str(e) else ""
+    return {"type": type(e).__name__, "message": msg,
+            "traceback": traceback.format_exc() if with_traceback else None}
 
 
 def record_lost_run(cfg: DictConfig, message: str) -> Result:

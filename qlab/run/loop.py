@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import os
 import time
-import traceback
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -25,6 +24,7 @@ from qlab.run.data import IGNORE_INDEX, Data
 from qlab.run.models import compute_dtype
 from qlab.run.measure import NOISY_CV, MemoryWindow, StepClock
 from qlab.results.stats import summarize
+from qlab.results.store import error_record
 
 
 class InjectedCrash(RuntimeError):
@@ -61,12 +61,6 @@ class TrainOutcome:
     error: dict | None = None
     losses: list = field(default_factory=list)
     profile: str | None = None  # profile.txt's text (train.profile_steps > 0)
-
-
-def error_record(e: BaseException, with_traceback: bool = True) -> dict:
-    msg = str(e).splitlines()[0] if str(e) else ""
-    return {"type": type(e).__name__, "message": msg,
-            "traceback": traceback.format_exc() if with_traceback else None}
 
 
 def checkpointed_layers(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import importlib
 import logging
 import time
-import traceback
 from dataclasses import dataclass, field
 
 import psutil
@@ -38,19 +37,13 @@ class Outcome:
     error: dict | None = None
 
 
-def error_record(e: BaseException, with_traceback: bool = True) -> dict:
-    msg = str(e).splitlines()[0] if str(e) else ""
-    return {"type": type(e).__name__, "message": msg,
-            "traceback": traceback.format_exc() if with_traceback else None}
-
-
 def failure(e: BaseException, metrics: dict | None = None) -> Outcome:
     """An exception as a result: out of memory (torch's or the host's) is `oom`, with what was
     measured until then; anything else `failed`, with its traceback."""
     import torch  # lazy: `python -m qlab.run` rejects a bad config before torch loads
 
     oom = isinstance(e, (torch.OutOfMemoryError, MemoryError))
-    return Outcome("oom" if oom else "failed", dict(metrics or {}), error_record(e, with_traceback=not oom))
+    return Outcome("oom" if oom else "failed", dict(metrics or {}), store.error_record(e, with_traceback=not oom))
 
 
 def execute(cfg: DictConfig) -> store.Result:

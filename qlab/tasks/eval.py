@@ -36,7 +36,6 @@ from qlab.reference import lm_eval_tasks
 from qlab.results import store
 from qlab.run.data import DataError
 from qlab.tasks import Outcome, failure, generate
-from qlab.tasks.chat import ChatError, check_same_base, read_run
 from qlab.tasks.generate import QUANTS, model_overrides, override_value
 
 LM_EVAL = "lm-eval==0.4.13"
@@ -92,29 +91,18 @@ def task_manager(names: list[str]):
 def read_training_run(run: Path, cfg: DictConfig) -> tuple[Path | None, Path | None, dict]:
     """(adapter, model_dir, metrics) of eval.adapter_run: a full fine-tuning run's model/, else its
     adapter/, checked against the base (ConfigError naming eval.adapter_run)."""
-    from qlab.claims import estimate  # imports torch: lazy, so `qlab eval --help` starts fast
-
     key = "eval.adapter_run"
     result = store.read_result(run)
     if result is None:
         raise config.ConfigError(key, f"{run}: no result.json; pass the directory of a qlab training run")
-    quant = result.get("config", {}).get("quant", {})
-    metrics = {"adapter_run_id": result.get("run_id"),
-               "adapter_trained_quant": quant.get("type", "?") + ("+DQ" if quant.get("double_quant") else "")}
     model_dir = run / "model"
     if model_dir.is_dir():
         for f in ("config.json", "tokenizer_config.json"):
             if not (model_dir / f).is_file():
                 raise config.ConfigError(key, f"{model_dir}: no {f}; not a model saved with its tokenizer")
-        metrics["model_weights_sha256"] = store.files_sha256(sorted(model_dir.glob("*.safetensors")))[:16]
-        return None, model_dir, metrics
-    try:
-        _, adapter = read_run(run)
-        check_same_base(adapter, estimate.meta_model(estimate.run_model_config(cfg.model)))
-    except ChatError as e:
-        raise config.ConfigError(key, str(e)) from None
-    # the identity store.IDENTITY_FILES gives the adapter: a re-trained one is another arm
-    metrics["adapter_weights_sha256"] = store.files_sha256(sorted(adapter.glob("adapter_model.*")))[:16]
+        sha = store.files_sha256(sorted(model_dir.glob("*.safetensors")))[:16]
+        return None, model_dir, {**generate.trained_by(result), "model_weights_sha256": sha}
+    adapter, metrics = generate.checked_adapter(run, cfg.model, key)
     return adapter, None, metrics
 
 

@@ -49,25 +49,36 @@ class Inputs:
 def prepare(cfg: DictConfig) -> Inputs:
     """The prompts and the adapter. An adapter missing, or shaped for another base (checked on
     the meta device: no weights load), is a ConfigError naming generate.adapter_run."""
-    # these import torch: lazy, so `qlab generate-bench --help` starts fast
-    from qlab.claims import estimate
-    from qlab.run import models
+    from qlab.run import models  # imports torch: lazy, so `qlab generate-bench --help` starts fast
 
     models.check_available(cfg.model)
     prompts = read_prompts(cfg.generate.prompts)
     if not cfg.generate.adapter_run:
         return Inputs(prompts)
+    run = Path(config.resolve_path(cfg.generate.adapter_run))
+    return Inputs(prompts, *checked_adapter(run, cfg.model, "generate.adapter_run"))
+
+
+def trained_by(result: dict) -> dict:
+    """The metrics naming the training run an adapter (or model) comes from and its quantization."""
+    quant = result.get("config", {}).get("quant", {})
+    return {"adapter_run_id": result.get("run_id"),
+            "adapter_trained_quant": quant.get("type", "?") + ("+DQ" if quant.get("double_quant") else "")}
+
+
+def checked_adapter(run: Path, model_cfg, key: str) -> tuple[Path, dict]:
+    """(the training run's adapter/, the metrics of where it came from): present and shaped for the
+    base `model_cfg` (checked on the meta device: no weights load), else a ConfigError naming `key`."""
+    from qlab.claims import estimate  # imports torch: lazy
+
     try:
-        result, adapter = read_run(Path(config.resolve_path(cfg.generate.adapter_run)))
-        check_same_base(adapter, estimate.meta_model(estimate.run_model_config(cfg.model)))
+        result, adapter = read_run(run)
+        check_same_base(adapter, estimate.meta_model(estimate.model_config(model_cfg)))
     except ChatError as e:
-        raise config.ConfigError("generate.adapter_run", str(e)) from None
-    quant = result["config"]["quant"]
-    return Inputs(prompts, adapter, {
-        "adapter_run_id": result.get("run_id"),
-        # the identity store.IDENTITY_FILES gives the adapter: a re-trained one is another arm
-        "adapter_weights_sha256": store.files_sha256(sorted(adapter.glob("adapter_model.*")))[:16],
-        "adapter_trained_quant": quant["type"] + ("+DQ" if quant.get("double_quant") else "")})
+        raise config.ConfigError(key, str(e)) from None
+    # the identity store.IDENTITY_FILES gives the adapter: a re-trained one is another arm
+    return adapter, {**trained_by(result),
+                     "adapter_weights_sha256": store.files_sha256(sorted(adapter.glob("adapter_model.*")))[:16]}
 
 
 def read_prompts(n: int) -> list[str]:
