@@ -113,7 +113,7 @@ def test_the_shipped_claims_file_and_the_cli(tmp_path, results, capsys):
     shipped = verdicts.load_claims(verdicts.DEFAULT_CLAIMS)
     assert {c["id"] for c in shipped} >= {
         "dq_bits_7b", "dq_gb_65b", "nf4_lowest_error", "qlora_matches_16bit_qv", "qlora_matches_16bit_all_linear",
-        "fp4_lags_qv", "fp4_lags_all_linear", "all_linear_matches_full_ft", "qv_short_of_full_ft", "paged_same_speed",
+        "fp4_lags_qv", "fp4_lags_all_linear", "all_linear_matches_full_ft", "qv_short_of_full_ft", "paged_same_speed_compare",
         "paged_rides_spikes", "spike_allocator_cap", "footprint_7b_4bit", "finetune_65b_48gb",
         "nf4_lowest_error_base", "ptq_nf4_lowest_ppl", "ptq_fp4_beats_int4"}
     # the real-model claims read the sweep experiment=real writes (tracker.sweep: real-${model.name})
@@ -123,6 +123,8 @@ def test_the_shipped_claims_file_and_the_cli(tmp_path, results, capsys):
     by_id = {c["id"]: c for c in shipped}
     assert by_id["paged_rides_spikes"]["kind"] == "untested" and by_id["spike_allocator_cap"]["information"]
     assert by_id["dq_bits_7b"]["fact"] and by_id["dq_gb_65b"]["fact"]
+    assert by_id["paged_same_speed_compare"]["kind"] == "speed_ratio"  # speed: the interleaved comparison only
+    assert not [c for c in shipped if c["kind"] in ("equivalent", "lower") and c.get("metric") == "tokens_per_s"]
     mine = tmp_path / "claims.yaml"
     mine.write_text(yaml.safe_dump({"claims": [
         claim(id="eq", kind="equivalent", sweep="quality", metric="eval_loss", margin=0.01,
