@@ -8,39 +8,7 @@ comes from, the metric, the comparison and the tolerance. Verdicts are computed,
 as failing. An interval inside the criterion reproduces a claim, one entirely outside it does not,
 one that straddles it is inconclusive.
 
-Comparison kinds (`KINDS`):
-  value         mean `metric` of the runs matching `where` vs `paper_value` +- `tolerance`
-  difference    mean of arm `a` minus mean of arm `b` vs `paper_value` +- `tolerance`
-  lower         a lower than b: Welch's t-test across seeds, alpha 0.05 (fewer than 2 seeds: inconclusive)
-  equivalent    the 95% Welch interval of a - b within +-`margin` x b's mean
-  survives      every run of a ok and every run of b out of memory, under the claim's experiment
-  estimate      the analytic memory model (qlab.claims.estimate) of `model` under `setting` (less `minus`)
-                vs `paper_value` +- `tolerance` or `at_most`; `show`: more metrics of it in GB and GiB
-  kernel_order  quantization MSE of `kinds` on N(0,1) data: the first is lowest
-  ptq_error     quantization error `metric` (mse) of `kinds` on every decoder linear weight of the `ptq`
-                evidence (a base size or {model, text}: ptq.claim_target): the first is strictly lowest
-  ptq_lower     PTQ perplexity of type `a` below each type in `others`, window by window on the same
-                tokens (stats.paired_log_ratio); `measured`: the change vs the closest other type
-  speed_ratio   tokens/s a/b of `pair` in the comparisons (task=compare) of `sweep`: its 95% interval vs
-                `at_least`, `at_most` or 1 +- `margin`; an A/A control whose interval excludes 1: inconclusive
-  ratio         mean `metric` of a over b vs `at_most` / `at_least`, no interval (noise-free metrics)
-  curve_within  run `a` follows reference run `b`: its loss averaged over `window` steps stays within
-                max(bound.abs, bound.rel x the reference's) at every step; `b` selects by dotted config
-                keys, `a` by the keys that differ (a list: any of its values); same base weights only
-  eval_within   the same pair judged on eval_loss: |a - b| <= max(bound.abs, bound.rel x b)
-  equivalent_paired   TOST (stats.tost_paired): the 90% interval of the mean paired a - b within
-                +-margin; `expect: equivalent` (default) or `expect: different`
-  noninferior_paired  a worse than b by less than the margin (stats.noninferiority_paired, 90%
-                interval; lower is better unless `higher_is_better`); `expect: noninferior` or `inferior`
-  lower_paired  the 95% interval of the mean paired a - b entirely below 0 (stats.paired_lower)
-  untested      no measurement: the claim's `reason` says why (verdict `untested`)
-The paired kinds pair runs of a and b by seed and every other stored config key that is not the
-compared axis (the newest ok run of a key counts; runs without a partner are named in the reason).
-`margin`: {abs: x} or {rel: x} (of b's mean over the pairs); `show: [metric, ...]`: each arm's means
-beside; `equal_tokens: true`: every pair saw the same positions, else inconclusive.
-Flags of any claim: `fact: true` (storage-format arithmetic: verdict `fact` where it holds) and
-`information: true` (shown for scale: verdict `information`; curve_within / eval_within still fail a
-failed run). Each row names what it was measured on and its margin or tolerance.
+The comparison kinds (`KINDS`), their keys and the flags `fact` / `information`: docs/claims.md.
 
 Claims that name no `sweep` are judged for one (`--sweep`, or `SweepVerdicts` when a sweep ends).
 Unless --no-run, the missing sweeps and PTQ measurements run first (GPU-sized ones only where CUDA
