@@ -113,8 +113,11 @@ def test_memory_breakdown_names_the_peak_source(sweep, tmp_path):
 
 
 def test_ci_errors_are_distances_and_unknown_is_zero():
-    err = plots._ci_err(np.array([10.0, 5.0]), np.array([8.0, math.nan]), np.array([13.0, math.nan]))
-    assert err.tolist() == [[2.0, 0.0], [3.0, 0.0]]
+    arms = pd.DataFrame({"tok_s": [10.0, 5.0], "tok_s_ci95_low": [8.0, math.nan], "tok_s_ci95_high": [13.0, math.nan]})
+    mean, err = plots._mean_err(arms, "tok_s")
+    assert mean.tolist() == [10.0, 5.0] and err.tolist() == [[2.0, 0.0], [3.0, 0.0]]
+    mean, err = plots._mean_err(arms[["tok_s"]], "tok_s")  # no interval columns at all: no error bars
+    assert err.tolist() == [[0.0, 0.0], [0.0, 0.0]]
 
 
 def test_generation_plot_draws_the_panels_that_have_numbers(tmp_path):

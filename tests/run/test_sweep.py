@@ -297,7 +297,7 @@ def test_real_experiment_is_35_runs_on_equal_tokens():
                         for t in ("qv", "all_linear")} | {("bf16", False, "full", 2e-5)}
     shape = {(c.train.steps, c.train.batch_size, c.data.max_seq_len, c.data.pad_to, c.optim.name, c.adapter.r,
               c.model.gguf, c.data.source, c.train.device, c.tracker.sweep) for c in runs.values()}
-    assert shape == {(300, 8, 512, "max_seq_len", "paged_adamw_32bit", 64, "smollm2-135m", "chitchat", "cuda",
+    assert shape == {(150, 8, 512, "max_seq_len", "paged_adamw_32bit", 64, "smollm2-135m", "chitchat", "cuda",
                       "real-smollm2-135m")}
 
 
