@@ -190,7 +190,7 @@ def summarize(cfg: DictConfig, arms: dict[str, Arm], rounds: list[dict], stopped
         steps = [t for r in rounds for t in r["step_time_s"][name]]
         tps = sum(r["tokens"][name] for r in rounds) / sum(steps) if steps else None
         a = {**arm.info, "tokens_per_s": tps, "tokens_per_s_rounds": rates(rounds, name),
-             "step_time_median_s": sorted(steps)[len(steps) // 2] if steps else None,
+             "step_time_median_s": stats.percentile(steps, 50) if steps else None,
              "step_time_mean_s": sum(steps) / len(steps) if steps else None}
         kernel = arm.info.get("profile_kernel_ms_per_step")
         a["gpu_busy_fraction"] = kernel / (1e3 * a["step_time_mean_s"]) if kernel and steps else None
