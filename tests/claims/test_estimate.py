@@ -66,6 +66,16 @@ def test_adapter_count_matches_peft(compose, model, targets):
     assert predicted.parts["gradients_bytes"] == predicted.parts["adapters_bytes"] == 4 * predicted.adapter_params
 
 
+def state_bytes_after_one_step(optim_cfg, params) -> int:
+    """The bytes of optimizer state the built optimizer holds after one step on `params`."""
+    opt, _ = optim.build(optim_cfg, params, "cpu")
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    return sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
+               if torch.is_tensor(v) and v.dim() > 0)
+
+
 @pytest.mark.parametrize("name", ["adamw", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit"])
 def test_optimizer_state_matches_a_real_step(compose, name):
     # r=64 on tiny-llama: lora_A of q (64x64 = 4096 values) reaches bitsandbytes' 8-bit
@@ -76,12 +86,7 @@ def test_optimizer_state_matches_a_real_step(compose, name):
     models.prepare_for_training(loaded.model, True, True)
     peft_model, _ = adapters.attach(loaded.model, cfg.adapter)
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    opt, _ = optim.build(cfg.optim, params, "cpu")
-    for p in params:
-        p.grad = torch.ones_like(p)
-    opt.step()
-    held = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
-               if torch.is_tensor(v) and v.dim() > 0)
+    held = state_bytes_after_one_step(cfg.optim, params)
     assert predicted.optimizer_state_bytes == held
     assert predicted.optimizer_state_location == "cpu"
     n = predicted.adapter_params
@@ -257,12 +262,7 @@ def test_full_fine_tuning_is_predicted_exactly(compose, name):
     assert predicted.adapter_params == adapters.count_params(model)["trainable_params"] == predicted.total_params
     assert predicted.target_modules == names == []
     params = [p for p in model.parameters() if p.requires_grad]
-    opt, _ = optim.build(cfg.optim, params, "cpu")
-    for p in params:
-        p.grad = torch.ones_like(p)
-    opt.step()
-    held = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
-               if torch.is_tensor(v) and v.dim() > 0)
+    held = state_bytes_after_one_step(cfg.optim, params)
     assert predicted.optimizer_state_bytes == held
     assert predicted.parts["adapters_bytes"] == 0 and predicted.parts["gradients_bytes"] == 4 * predicted.total_params
     with pytest.raises(ConfigError, match="full fine-tuning"):
