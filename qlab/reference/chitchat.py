@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import json
 import random
 import shutil
 import sys
 from pathlib import Path
 
+from qlab.reference import installed_dir
 from qlab.run.presets import build_once, cache_root
 
 PACKAGE, VERSION, MODULE = "chitchat-dataset", "0.9.0", "chitchat_dataset"
@@ -56,10 +56,10 @@ class ChitchatError(RuntimeError):
 
 
 def source_path() -> Path:
-    found = importlib.util.find_spec(MODULE)
-    if found is None or not found.submodule_search_locations:
+    root = installed_dir(MODULE)
+    if root is None:
         raise ChitchatError(f"the {PACKAGE} wheel is not installed: {INSTALL}")
-    p = Path(list(found.submodule_search_locations)[0]) / SOURCE_FILE
+    p = root / SOURCE_FILE
     if not p.is_file():
         raise ChitchatError(f"{p} is missing: reinstall with {INSTALL}")
     return p

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from qlab.config import SHAPES
+from qlab.reference import installed_dir
 from qlab.reference.transfer import ChecksumError, join, sha256_file
 from qlab.run.presets import build_once, cache_root
 
@@ -61,21 +62,11 @@ def files_dir() -> Path:
     return cache_root() / "gguf" / "files"
 
 
-def _module_dir(module: str) -> Path | None:
-    """The installed directory of a top-level package, found without importing it."""
-    found = importlib.util.find_spec(module)
-    if found is None:
-        return None
-    if found.submodule_search_locations:
-        return Path(list(found.submodule_search_locations)[0])
-    return Path(found.origin).parent if found.origin else None
-
-
 def _wheel_paths(name: str) -> list[Path] | None:
     """The file (or its parts) inside the installed wheels, or None if any is missing."""
     paths = []
     for module, rel in spec(name)["files"]:
-        d = _module_dir(module)
+        d = installed_dir(module)
         if d is None or not (d / rel).is_file():
             return None
         paths.append(d / rel)

@@ -20,10 +20,11 @@ use), TinyStories CDLA-Sharing-1.0.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from qlab.reference import installed_dir
 
 PACKAGE, VERSION, MODULE = "exllamav3", "1.6.5", "exllamav3"
 INSTALL = f"pip install --no-deps {PACKAGE}=={VERSION}"  # wheel 3,819,601 B
@@ -67,10 +68,10 @@ def path(name: str) -> Path:
     """The file of text `name` inside the installed exllamav3 wheel (not imported)."""
     if name not in TEXTS:
         raise TextError(f"unknown text {name!r}; known: {', '.join(TEXTS)}")
-    found = importlib.util.find_spec(MODULE)
-    if found is None or not found.submodule_search_locations:
+    root = installed_dir(MODULE)
+    if root is None:
         raise TextError(f"text {name!r} comes from the {PACKAGE} wheel, which is not installed: {INSTALL}")
-    p = Path(list(found.submodule_search_locations)[0]) / DATA_DIR / TEXTS[name]["file"]
+    p = root / DATA_DIR / TEXTS[name]["file"]
     if not p.is_file():
         raise TextError(f"{p} is missing: the installed {PACKAGE} is not {VERSION}; {INSTALL}")
     return p
