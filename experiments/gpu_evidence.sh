@@ -103,13 +103,21 @@ speed-peaks)  # the isolated runs memory peaks come from (results/speed-<model>/
   step peaks-bloom 560 $PY -m qlab.run experiment=speed-peaks model=bloom-7b1
   ;;
 real)  # ~18 min: experiment=real (7 arms x 5 seeds, 150 steps of 8 x 512 on SmolLM2), RUNS_PER_GPU at
-  # once on one H200; resumable: a second call runs what a time limit cut (it took two)
-  QLAB_NUM_GPUS=1 QLAB_RUNS_PER_GPU=${RUNS_PER_GPU:-12} step real-sweep ${LIMIT:-540} \
-    $PY -m qlab.run experiment=real hydra/launcher=local_gpus tracker.results_dir=$R
+  # once on each of NUM_GPUS H200s; resumable: a second call runs what a time limit cut (it took two).
+  # Further arguments are overrides, e.g. '+arm=fp4-all-linear,full-ft' (the long arms first, so that
+  # a call's time limit cuts none midway); the run ids are the full sweep's
+  QLAB_NUM_GPUS=${NUM_GPUS:-1} QLAB_RUNS_PER_GPU=${RUNS_PER_GPU:-12} step real-sweep ${LIMIT:-540} \
+    $PY -m qlab.run experiment=real hydra/launcher=local_gpus tracker.results_dir=$R "${@:2}"
   ;;
 real-eval)  # ~5 min: qlab eval of every run of the real sweep and of the three bases, EVALS at once
-  printf "%s\n" smollm2-135m:bf16 smollm2-135m:nf4+dq smollm2-135m:fp4 "$R"/real-smollm2-135m/*/ |
-    LIMIT=${LIMIT:-540} timeout ${LIMIT:-540} xargs -P "${EVALS:-8}" -n 1 bash "$SELF" eval-one || status=1
+  # on each of NUM_GPUS GPUs (every NUM_GPUS-th target on one); complete evaluations are skipped
+  n=${NUM_GPUS:-1} pids=()
+  for ((g = 0; g < n; g++)); do
+    printf "%s\n" smollm2-135m:bf16 smollm2-135m:nf4+dq smollm2-135m:fp4 "$R"/real-smollm2-135m/*/ | awk "NR % $n == $g" |
+      CUDA_VISIBLE_DEVICES=$g LIMIT=${LIMIT:-540} timeout ${LIMIT:-540} xargs -P "${EVALS:-8}" -n 1 bash "$SELF" eval-one &
+    pids+=($!)
+  done
+  for p in "${pids[@]}"; do wait "$p" || status=1; done
   ;;
 eval-one)  # eval-one RUN_DIR | MODEL:QUANT: lm-eval on qlab's local tasks, 512-token windows, the
   # first 200 documents or items of each task
