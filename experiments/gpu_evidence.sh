@@ -102,8 +102,9 @@ speed-peaks)  # the isolated runs memory peaks come from (results/speed-<model>/
   step peaks-llama 560 $PY -m qlab.run experiment=speed-peaks model=llama-7b
   step peaks-bloom 560 $PY -m qlab.run experiment=speed-peaks model=bloom-7b1
   ;;
-real)  # ~18 min: experiment=real (7 arms x 5 seeds, 150 steps of 8 x 512 on SmolLM2), RUNS_PER_GPU at
-  # once on each of NUM_GPUS H200s; resumable: a second call runs what a time limit cut (it took two).
+real)  # experiment=real (7 arms x 5 seeds, 150 steps of 8 x 512 on SmolLM2), RUNS_PER_GPU at once on
+  # each of NUM_GPUS H200s: ~18 min on one (two calls), 8.5 min on two; resumable: a call runs
+  # what an earlier call's time limit cut.
   # Further arguments are overrides, e.g. '+arm=fp4-all-linear,full-ft' (the long arms first, so that
   # a call's time limit cuts none midway); the run ids are the full sweep's
   QLAB_NUM_GPUS=${NUM_GPUS:-1} QLAB_RUNS_PER_GPU=${RUNS_PER_GPU:-12} step real-sweep ${LIMIT:-540} \

@@ -308,19 +308,26 @@ def _speed_ratio_one(claim: dict, r: pd.Series) -> Verdict:
 
 
 def k_speed_ratio(claim: dict, runs: pd.DataFrame) -> Verdict:
-    """Every ok comparison of the sweep that has the pair must agree; the last one's numbers."""
-    rows = [r for _, r in runs.iterrows() if r.get("kind") == "compare" and r.status == "ok"
-            and isinstance(r.get("pairs"), dict) and claim["pair"] in r["pairs"]]
+    """Every ok comparison of the sweep that has the pair (each on its own machine) must agree in
+    verdict and their 95% intervals must overlap; the newest one's numbers."""
+    rows = sorted((r for _, r in runs.iterrows() if r.get("kind") == "compare" and r.status == "ok"
+                   and isinstance(r.get("pairs"), dict) and claim["pair"] in r["pairs"]), key=lambda r: str(r.started_at))
     if not rows:
         return Verdict(INCONCLUSIVE, reason=f"not run yet: no comparison in results/{claim['sweep']}/ has the "
                                             f"pair {claim['pair']}")
     each = [_speed_ratio_one(claim, r) for r in rows]
     v = each[-1]
+    if len(rows) == 1:
+        return v
+    lo, hi = max(e.ci[0] for e in each), min(e.ci[1] for e in each)
+    listed = "; ".join(f"{e.verdict} ({e.reason})" for e in each)
     if len({e.verdict for e in each}) > 1:
-        v = Verdict(INCONCLUSIVE, v.measured, v.ci, "the comparisons disagree: " + "; ".join(
-            f"{e.verdict} ({e.reason})" for e in each), v.n)
-    if len(rows) > 1:
-        v.n = f"{len(rows)} comparisons, the last: {v.n}"
+        v = Verdict(INCONCLUSIVE, v.measured, v.ci, f"the comparisons disagree: {listed}", v.n)
+    elif lo > hi:
+        v = Verdict(INCONCLUSIVE, v.measured, v.ci, f"the comparisons' 95% intervals do not overlap: {listed}", v.n)
+    else:
+        v.reason = f"{len(rows)} comparisons, their 95% intervals overlap on [{lo:.3f}, {hi:.3f}]: {listed}"
+    v.n = f"{len(rows)} comparisons ({' + '.join(str(r['pairs'][claim['pair']]['rounds']) for r in rows)} rounds)"
     return v
 
 
@@ -348,10 +355,21 @@ class Paired:
 
 
 def _identity(root: Path, rel: str) -> dict:
-    """A run's stored config, flattened, without the keys that never change what it measures."""
-    flat = flatten((store.read_result(root / rel) or {}).get("config") or {})
-    return {k: v for k, v in flat.items()
-            if not any(k == s or k.startswith(s + ".") for s in store.NON_IDENTITY_KEYS)}
+    """A run's stored config, flattened, without the keys that never change what it measures. An
+    eval's or generation's adapter run is named by that training run's identity (`trained.<key>`),
+    not its path, so that evaluations pair as the training runs do (by seed and every other
+    setting); where the training run's result is not found, by its path as stored."""
+    result = store.read_result(root / rel) or {}
+    flat = _without_non_identity(flatten(result.get("config") or {}))
+    trained = store.training_result(result, root / rel)
+    if trained is not None:
+        flat.pop(f"{result['kind']}.adapter_run")
+        flat.update({f"trained.{k}": v for k, v in _without_non_identity(flatten(trained.get("config") or {})).items()})
+    return flat
+
+
+def _without_non_identity(flat: dict) -> dict:
+    return {k: v for k, v in flat.items() if not any(k == s or k.startswith(s + ".") for s in store.NON_IDENTITY_KEYS)}
 
 
 def _text(v) -> str:
@@ -744,7 +762,13 @@ def measured_on(c: dict, runs) -> str:
         note = {"random": " (random weights)", "gguf": " (dequantized from a 4-bit GGUF)"}.get(
             next(iter(weights)) if len(weights) == 1 else "", "")
         data = sorted({str(d) for d in g.get("data", pd.Series(dtype=object)).dropna()})
-        parts.append(f"{model}{note}" + (f" · {', '.join(data)}" if data else ""))
+        if (g.kind == "eval").all():  # an lm-eval task (the metric's), of adapters trained on some data
+            metric = str(c.get("metric", ""))
+            data = [metric.split(".")[1] if metric.startswith("lm_eval.") else "lm-eval"]
+            trained = sorted({str(d) for d in g.get("trained_data", pd.Series(dtype=object)).dropna()})
+            if trained:
+                data.append(f"adapters trained on {', '.join(trained)}")
+        parts.append(f"{model}{note}" + (f" · {' · '.join(data)}" if data else ""))
     return "; ".join(parts)
 
 

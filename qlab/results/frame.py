@@ -10,6 +10,7 @@ them apart. Reading is all this module does; nothing here computes a statistic o
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import warnings
@@ -259,6 +260,15 @@ def eval_config(cfg: dict, metrics: dict) -> tuple[dict, str]:
     return cfg, _adapter_label(metrics.get("adapter_run_id"), sha)
 
 
+def trained_arm(trained: dict) -> str:
+    """A training run's arm: its sweep and the hash of its identity less seed and quantization,
+    which its seeds share and its quantization arms too (a row's quant tells those apart)."""
+    ident = store.identity(trained.get("config") or {})
+    for key in ("seed", "quant"):
+        ident.pop(key, None)
+    return f"{trained.get('sweep')} {hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:8]}"
+
+
 def _adapter_label(run_id: str | None, sha: str | None) -> str:
     """The training run a result ran beside the base and its weights' hash: `<run id> 1a2b3c4d`."""
     return (run_id or "") + (f" {sha[:8]}" if sha else "")
@@ -268,7 +278,10 @@ def _num(v) -> float:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
 
 
-def _row(r: dict, rel: str) -> dict:
+def _row(r: dict, rel: str, trained: dict | None = None) -> dict:
+    """One result's row; `trained`: the result of the training run an eval or generation ran with
+    (store.training_result), whose adapter targets and seed become the row's `adapter` and `seed`
+    (the task's own seed stays as `task_seed`), so that its arms pair like the training runs'."""
     axes, m, env = r.get("axes") or {}, r.get("metrics") or {}, r.get("env") or {}
     kind = r.get("kind") or "train"
     cfg, adapter_run = r.get("config") or {}, ""
@@ -289,6 +302,14 @@ def _row(r: dict, rel: str) -> dict:
         "model_weights": model_weights(cfg.get("model")),  # random: a random-init preset (no quality)
     }
     row["quant_label"] = quant_label(row["quant"], row["double_quant"], row["speed"])
+    row["trained_arm"] = row["trained_quant"] = row["trained_data"] = None
+    if trained is not None:
+        t_axes, t_cfg = trained.get("axes") or {}, trained.get("config") or {}
+        t_quant = t_cfg.get("quant") or {}
+        row.update(task_seed=row["seed"], adapter=t_axes.get("adapter", row["adapter"]),
+                   seed=t_axes.get("seed", trained.get("seed")), trained_arm=trained_arm(trained),
+                   trained_quant=quant_label(t_quant.get("type"), bool(t_quant.get("double_quant"))),
+                   trained_data=(t_cfg.get("data") or {}).get("name"))
     row["adapter_run"] = adapter_run  # which adapter a generation or eval result ran with: two never merge
     row["dq"] = "on" if row["double_quant"] else "off"
     for col, key in GROUP_KEYS.items():
@@ -344,7 +365,8 @@ def load_runs(root: Path) -> pd.DataFrame:
     for path in find_results(root):
         rel = str(path.parent.relative_to(root))
         try:
-            rows.append(_row(json.loads(path.read_text()), rel))
+            result = json.loads(path.read_text())
+            rows.append(_row(result, rel, store.training_result(result, path.parent)))
         except (OSError, ValueError, AttributeError, TypeError) as e:
             warnings.warn(f"skipping unreadable {path}: {e}")
             unreadable.append(str(path.relative_to(root)))

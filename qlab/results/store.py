@@ -250,6 +250,24 @@ def read_result(directory: Path) -> dict | None:
         return None
 
 
+def training_result(result: dict, where: Path) -> dict | None:
+    """The result of the training run whose adapter (or saved model) an eval or generation result
+    ran with: at the directory its config names (`<task>.adapter_run`) or, where results have moved
+    (another machine's results root), at <results root>/<that sweep>/<run id>, the results root being
+    the one above `where`'s sweep. None when neither holds a result of that run id."""
+    kind = result.get("kind")
+    run = ((result.get("config") or {}).get(kind) or {}).get("adapter_run") if kind in TASK_SECTIONS else None
+    run_id = (result.get("metrics") or {}).get("adapter_run_id")
+    if not run or not run_id:
+        return None
+    recorded = Path(run)
+    for directory in (recorded, Path(where).parent.parent / recorded.parent.name / recorded.name):
+        found = read_result(directory)
+        if found is not None and found.get("run_id") == run_id:
+            return found
+    return None
+
+
 def is_complete(directory: Path) -> bool:
     r = read_result(directory)
     return r is not None and r.get("status") in COMPLETE_STATUSES

@@ -163,10 +163,22 @@ GEN_CONFIG = ["quant_label", "quant", "dq", "adapter", "adapter_run"]
 
 
 def generation_arms(runs: pd.DataFrame, metrics: tuple[Metric, ...]) -> pd.DataFrame:
-    """One row per quantization setting x adapter (and adapter run) of one generation or eval group."""
-    df = _arm_rows(runs.assign(adapter_run=runs.adapter_run.fillna("").astype(str)), GEN_CONFIG, metrics)
+    """One row per quantization setting x adapter (and adapter run) of one generation or eval group;
+    adapters whose training runs are known (`trained_arm`) by training arm, its seeds one row (their
+    mean and 95% CI) named `<training sweep> <arm hash>, seeds 0, 1, ...`, and `trained on <quant>`
+    where that was not the row's quantization. `block`: the rows whose quantizations are compared
+    (one adapter, or one training arm's quantization arms)."""
+    runs = runs.assign(adapter_run=runs.adapter_run.fillna("").astype(str), trained_on="")
+    if "trained_arm" in runs and runs.trained_arm.notna().any():
+        arm = runs.trained_arm.notna()
+        seeds = runs[arm].groupby("trained_arm").seed.agg(lambda s: ", ".join(map(str, sorted(set(s)))))
+        runs.loc[arm, "adapter_run"] = [f"{a}, seeds {seeds[a]}" for a in runs.trained_arm[arm]]
+        runs.loc[arm, "trained_on"] = [t if t != q else "" for t, q in zip(runs.trained_quant[arm], runs.quant_label[arm])]
+    df = _arm_rows(runs, [*GEN_CONFIG, "trained_on"], metrics)
     if len({r for r in df.adapter_run if r}) > 1:  # several adapters in one group: name each one's run
         df["adapter"] = [a if not r else f"{a} ({r})" for a, r in zip(df.adapter, df.adapter_run)]
+    df["block"] = df.adapter
+    df["adapter"] = [a if not t else f"{a}, trained on {t}" for a, t in zip(df.adapter, df.trained_on)]
     return sort_rows(df, lambda r: (rank("adapter", r.adapter.split(" ")[0]), r.adapter_run,
                                     rank("quant_label", r.quant_label)))
 
@@ -177,7 +189,7 @@ def generation_table(arm_df: pd.DataFrame, metrics: tuple[Metric, ...], requeste
     of the same adapter setting. Metrics no run holds (torch's peak on a CPU) are left out."""
     baseline = choose_baseline(arm_df.quant_label.unique(), axis, requested)
     table = pd.concat([_vs_baseline(block, "quant_label", baseline, metrics)
-                       for _, block in arm_df.groupby(["adapter"], sort=False)]).reset_index(drop=True)
+                       for _, block in arm_df.groupby(["block"], sort=False)]).reset_index(drop=True)
     kept = tuple(m for m in metrics if table[m.name].notna().any())
     metric_cols = [c for m in kept for c in _columns(m, True)]
     return table[[*GEN_CONFIG, "n", "runs", "is_baseline", *metric_cols]], baseline, kept

@@ -1,6 +1,7 @@
 """Claim verdicts computed from synthetic results (known numbers) and from the analytic model."""
 
 import json
+import shutil
 
 import pytest
 import yaml
@@ -117,8 +118,11 @@ def test_the_shipped_claims_file_and_the_cli(tmp_path, results, capsys):
         "paged_rides_spikes", "spike_allocator_cap", "footprint_7b_4bit", "finetune_65b_48gb",
         "nf4_lowest_error_base", "ptq_nf4_lowest_ppl", "ptq_fp4_beats_int4"}
     # the real-model claims read the sweep experiment=real writes (tracker.sweep: real-${model.name})
+    # and the qlab eval of its adapters (experiments/gpu_evidence.sh real-eval: no experiment to run)
     real = [c for c in shipped if c["kind"] in verdicts.PAIRED]
-    assert {c["sweep"] for c in real} == {"real-smollm2-135m"} and {c["experiment"] for c in real} == {"real"}
+    assert {c["sweep"] for c in real} == {"real-smollm2-135m", "eval-smollm2-135m"}
+    assert {c.get("experiment") for c in real if c["sweep"] == "real-smollm2-135m"} == {"real"}
+    assert {c["metric"] for c in real if c["sweep"] == "eval-smollm2-135m"} == {"lm_eval.qlab_wiki_ppl.bits_per_byte"}
     assert all(c["kind"] == "lower_paired" or c["margin"] == {"rel": 0.01} for c in real)
     by_id = {c["id"]: c for c in shipped}
     assert by_id["paged_rides_spikes"]["kind"] == "untested" and by_id["spike_allocator_cap"]["information"]
@@ -222,10 +226,17 @@ def test_speed_ratio_needs_a_comparison_and_every_one_must_agree(tmp_path):
     assert r["verdict"] == "inconclusive" and "has the pair fast/trainer" in r["reason"]
     fake_comparison(tmp_path, "compare-m", "c2", {"fast/trainer": (1.6, 1.7)})
     assert verdict_of(c, tmp_path)["verdict"] == "reproduced"
-    fake_comparison(tmp_path, "compare-m", "c3", {"fast/trainer": (1.1, 1.2)})  # a second machine disagrees
+    fake_comparison(tmp_path, "compare-m", "c3", {"fast/trainer": (1.65, 1.8)})  # a second machine agrees
+    r = verdict_of(c, tmp_path)
+    assert r["verdict"] == "reproduced" and r["n"] == "2 comparisons (12 + 12 rounds)"
+    assert r["reason"].startswith("2 comparisons, their 95% intervals overlap on [1.650, 1.700]")
+    fake_comparison(tmp_path, "compare-m", "c4", {"fast/trainer": (1.75, 1.9)})  # same verdict, apart from c2
+    r = verdict_of(c, tmp_path)
+    assert r["verdict"] == "inconclusive" and r["reason"].startswith("the comparisons' 95% intervals do not overlap")
+    fake_comparison(tmp_path, "compare-m", "c5", {"fast/trainer": (1.1, 1.2)})  # a machine that disagrees
     r = verdict_of(c, tmp_path)
     assert r["verdict"] == "inconclusive" and r["reason"].startswith("the comparisons disagree")
-    assert r["n"].startswith("2 comparisons")
+    assert r["n"].startswith("4 comparisons")
 
 
 def test_ratio_of_isolated_peaks(tmp_path):
@@ -439,3 +450,36 @@ def test_the_papers_value_carries_its_unit_only_where_it_is_a_number():
     assert verdicts.paper_text({"paper": "< 48", "unit": "GB"}) == "< 48 GB"
     assert verdicts.paper_text({"paper": 0.373, "unit": "bits/param"}) == "0.373 bits/param"
     assert verdicts.paper_text({"paper": "equal", "unit": "nats"}) == "equal"
+
+
+def eval_run(root, sweep, trained_id, quant, dq, value, moved_from="/elsewhere"):
+    """A qlab eval result of training run `trained_id` (results/real/<id>), its recorded adapter path
+    on another machine (`moved_from`), the harness's seed 0 whatever the training seed."""
+    d = root / sweep / f"eval_{trained_id}"
+    d.mkdir(parents=True)
+    config = {"task": "eval", "model": {"name": "smollm2-135m", "gguf": "smollm2-135m"},
+              "quant": {"type": quant, "double_quant": dq}, "seed": 0, "train": {"device": "auto"},
+              "eval": {"adapter_run": f"{moved_from}/real/{trained_id}", "tasks": ["t"], "limit": 200},
+              "tracker": {"sweep": sweep}}
+    (d / "result.json").write_text(json.dumps({
+        "run_id": d.name, "kind": "eval", "sweep": sweep, "status": "ok", "config": config, "env": {"gpu": "test GPU"},
+        "axes": {"model": "smollm2-135m", "quant": quant, "double_quant": dq, "adapter": "lora", "seed": 0},
+        "metrics": {"adapter_run_id": trained_id, "lm_eval.t.bits_per_byte": value}, "started_at": "1"}))
+
+
+def test_evaluations_pair_by_their_training_runs_seed(real):
+    """Evaluations of adapters pair as their training runs do (by training seed and every other
+    setting), found where results moved; without the training runs they cannot pair."""
+    ids = {}
+    for p in sorted((real / "real").iterdir()):
+        r = json.loads((p / "result.json").read_text())
+        ids[(r["config"]["quant"]["type"], r["config"]["adapter"]["targets"], r["config"]["seed"])] = r["run_id"]
+    for seed, level in enumerate(SEEDS):
+        eval_run(real, "eval", ids[("nf4", "all_linear", seed)], "nf4", True, level / 3 + 0.01)
+        eval_run(real, "eval", ids[("bf16", "all_linear", seed)], "bf16", False, level / 3)
+    c = claim(kind="lower_paired", sweep="eval", metric="lm_eval.t.bits_per_byte", a=BF16_AL, b=NF4_AL)
+    r = verdict(c, real)
+    assert r["verdict"] == "reproduced" and r["n"] == "5 pairs" and r["measured"] == pytest.approx(-0.01)
+    assert "compared: quant.double_quant, quant.type, trained.quant.double_quant, trained.quant.type" in r["reason"]
+    shutil.rmtree(real / "real")  # the training runs gone: nothing says which evaluations belong together
+    assert verdict(c, real)["n"] != "5 pairs"

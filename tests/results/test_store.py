@@ -138,3 +138,18 @@ def test_machine_line_and_slug():
     assert store.machine_line(env, with_cuda=True).endswith("CUDA 13.0, driver 580.1")
     assert store.device_slug(env) == "nvidia-h200"
     assert store.device_slug({"gpu": None, "cpu": "AMD EPYC 9B14"}) == "amd-epyc-9b14"
+
+
+def test_an_evaluation_finds_its_training_run_where_recorded_or_moved(tmp_path):
+    def write(d, **r):
+        d.mkdir(parents=True)
+        (d / "result.json").write_text(json.dumps(r))
+
+    write(tmp_path / "real" / "t1", run_id="t1", kind="train")
+    ev = {"kind": "eval", "config": {"eval": {"adapter_run": "/another/machine/real/t1"}}, "metrics": {"adapter_run_id": "t1"}}
+    assert store.training_result(ev, tmp_path / "eval" / "e1")["run_id"] == "t1"  # results moved: <root>/real/t1
+    recorded = {**ev, "config": {"eval": {"adapter_run": str(tmp_path / "real" / "t1")}}}
+    assert store.training_result(recorded, tmp_path / "x" / "y" / "z")["run_id"] == "t1"  # where recorded
+    assert store.training_result({**ev, "metrics": {"adapter_run_id": "t2"}}, tmp_path / "eval" / "e1") is None
+    assert store.training_result({**ev, "config": {"eval": {}}}, tmp_path / "eval" / "e1") is None  # a base: none
+    assert store.training_result({"kind": "train"}, tmp_path / "eval" / "e1") is None

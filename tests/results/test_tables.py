@@ -3,6 +3,7 @@
 contexts in the axis tables, the formatted cells, the Markdown / LaTeX / CSV files, and the
 ablation pairs of statistics.csv."""
 
+import json
 import math
 import warnings
 
@@ -211,3 +212,39 @@ def test_comparisons_pair_arms_in_matched_contexts(runs):
     # Holm over every test in the frame: adjusted p never below the raw one
     tested = comp.dropna(subset=["p_welch"])
     assert (tested.p_welch_holm >= tested.p_welch - 1e-15).all()
+
+
+def _result(d, **r):
+    d.mkdir(parents=True)
+    (d / "result.json").write_text(json.dumps({"status": "ok", "env": {"gpu": "g"}, "started_at": "1", **r}))
+
+
+def test_evaluations_of_one_training_arm_make_one_row_over_its_seeds(tmp_path):
+    """qlab eval of each seed's adapter: one row per training arm and quantization (mean and 95% CI
+    over the seeds), its quantization arms in one block (change vs bf16); a base without adapter apart."""
+    ppl = {("bf16", 0): 90.0, ("bf16", 1): 92.0, ("nf4", 0): 110.0, ("nf4", 1): 116.0}
+    for (quant, seed), value in ppl.items():
+        trained = f"{quant}_qv_s{seed}"
+        config = {"model": {"name": "m"}, "quant": {"type": quant, "double_quant": quant == "nf4"},
+                  "adapter": {"targets": "qv"}, "seed": seed}
+        _result(tmp_path / "train" / trained, run_id=trained, kind="train", sweep="train", config=config,
+                axes={"quant": quant, "double_quant": quant == "nf4", "adapter": "qv", "seed": seed})
+        _result(tmp_path / "ev" / f"e_{trained}", run_id=f"e_{trained}", kind="eval", sweep="ev",
+                config={"task": "eval", "model": {"name": "m"}, "quant": config["quant"], "seed": 0,
+                        "eval": {"adapter_run": f"/gone/train/{trained}", "tasks": ["t"]}},
+                axes={"model": "m", "quant": quant, "double_quant": quant == "nf4", "adapter": "lora", "seed": 0},
+                metrics={"adapter_run_id": trained, "lm_eval.t.word_perplexity": value, "eval_tasks": ["t"]})
+    _result(tmp_path / "ev" / "base", run_id="base", kind="eval", sweep="ev",
+            config={"task": "eval", "model": {"name": "m"}, "quant": {"type": "bf16"}, "seed": 0, "eval": {"tasks": ["t"]}},
+            axes={"model": "m", "quant": "bf16", "double_quant": False, "adapter": "none", "seed": 0},
+            metrics={"lm_eval.t.word_perplexity": 95.0, "eval_tasks": ["t"]})
+    runs = frame.load_runs(tmp_path / "ev")
+    assert sorted(runs.seed) == [0, 0, 0, 1, 1]  # the training runs' seeds; the base's own
+    assert set(runs[runs.adapter == "qv"].task_seed) == {0} and runs[runs.adapter == "qv"].trained_arm.nunique() == 1
+    numeric, _, baseline, _ = tables.eval_display(runs)
+    rows = {(r.quant_label, r.adapter.split(" ")[0]): r for _, r in numeric.iterrows()}
+    assert set(rows) == {("bf16", "qv"), ("nf4+DQ", "qv"), ("bf16", "none")} and baseline == "bf16"
+    nf4 = rows[("nf4+DQ", "qv")]
+    assert nf4.n == 2 and nf4.adapter_run.startswith("train ") and nf4.adapter_run.endswith(", seeds 0, 1")
+    assert nf4["t.word_perplexity"] == pytest.approx(113.0)
+    assert nf4["t.word_perplexity_delta_pct"] == pytest.approx((113.0 - 91.0) / 91.0 * 100)

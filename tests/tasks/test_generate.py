@@ -129,8 +129,10 @@ def test_report_writes_the_generation_table(bench):
     root, _, _ = bench
     page = report.build(root, wandb=False)
     t = pd.read_csv(root / "report" / "tables" / "generation.csv")
-    assert sorted(zip(t.quant_label, t.adapter)) == [("bf16", "lora"), ("bf16", "none"), ("nf4", "lora"),
-                                                     ("nf4", "none")]
+    # one nf4 adapter at both quantizations (named by its training run's targets), compared in one block
+    assert sorted(zip(t.quant_label, t.adapter)) == [("bf16", "all_linear, trained on nf4"), ("bf16", "none"),
+                                                     ("nf4", "all_linear"), ("nf4", "none")]
+    assert t[(t.quant_label == "nf4") & (t.adapter == "all_linear")].iloc[0].weights_delta_pct < 0  # vs its bf16 row
     nf4 = t[(t.quant_label == "nf4") & (t.adapter == "none")].iloc[0]
     assert nf4.weights_delta_pct < 0 and nf4.n == 1 and nf4.ttft_ms > 0 and nf4.decode_tok_s_b2 > 0
     assert nf4.decode_tok_s_b1_ci95_low <= nf4.decode_tok_s_b1_ci95_high
