@@ -240,6 +240,33 @@ def compare_tables(m: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
     return arms, pairs
 
 
+AGREEMENT_NOTE = (
+    "Each pair's ratio [95% CI] in every comparison of the report (each its own machine or call, oldest first) "
+    "and where their intervals overlap (the highest lower end to the lowest upper end): comparisons of one "
+    "pair measure the same ratio only where the intervals overlap.")
+
+
+def compare_agreement(runs: pd.DataFrame) -> pd.DataFrame:
+    """Every pair (the A/A control too) of the ok comparisons in `runs`: each comparison's ratio and
+    95% interval and where the intervals overlap (`overlap`; `overlap_low` > `overlap_high`: nowhere)."""
+    ok = runs[(runs.kind == "compare") & (runs.status == "ok")].sort_values("started_at", kind="stable")
+    by_pair: dict[str, dict] = {}
+    for _, r in ok.iterrows():
+        pairs = dict(r.pairs) if isinstance(r.get("pairs"), dict) else {}
+        if isinstance(r.get("aa_control"), dict):
+            pairs[f"{r.aa_control['pair']} (A/A floor)"] = r.aa_control
+        for name, p in pairs.items():
+            by_pair.setdefault(name, {})[r.run_id] = p
+    rows = []
+    for name, each in by_pair.items():
+        lo, hi = max(p["ci95"][0] for p in each.values()), min(p["ci95"][1] for p in each.values())
+        rows.append({"pair": name, **{run: f"{p['ratio']:.3f} [{p['ci95'][0]:.3f}, {p['ci95'][1]:.3f}]"
+                                      for run, p in each.items()},
+                     "comparisons": len(each), "overlap": f"[{lo:.3f}, {hi:.3f}]" if lo <= hi else "none",
+                     "overlap_low": lo, "overlap_high": hi})
+    return pd.DataFrame(rows)
+
+
 COMPARE_NOTES = (
     "tok/s: positions processed (padding included) per second of device time, this machine's, pooled over the "
     "rounds; ratio: tokens/s of a over b within each round, geometric mean over rounds with a 95% t-interval "

@@ -248,3 +248,18 @@ def test_evaluations_of_one_training_arm_make_one_row_over_its_seeds(tmp_path):
     assert nf4.n == 2 and nf4.adapter_run.startswith("train ") and nf4.adapter_run.endswith(", seeds 0, 1")
     assert nf4["t.word_perplexity"] == pytest.approx(113.0)
     assert nf4["t.word_perplexity_delta_pct"] == pytest.approx((113.0 - 91.0) / 91.0 * 100)
+
+
+def test_comparisons_of_two_machines_agree_where_their_intervals_overlap():
+    def comparison(run_id, started, fast_trainer, aa):
+        pair = lambda lo, hi: {"ratio": (lo * hi) ** 0.5, "ci95": [lo, hi]}  # noqa: E731
+        return {"run_id": run_id, "kind": "compare", "status": "ok", "started_at": started,
+                "pairs": {"fast/trainer": pair(*fast_trainer)}, "aa_control": {"pair": "fast-aa/fast", **pair(*aa)}}
+
+    runs = pd.DataFrame([comparison("c2", "2", (1.9, 2.3), (0.9, 1.1)), comparison("c1", "1", (2.0, 2.4), (1.12, 1.2)),
+                         {"run_id": "f", "kind": "compare", "status": "failed", "started_at": "3"}])
+    t = tables.compare_agreement(runs).set_index("pair")
+    assert list(t.columns[:2]) == ["c1", "c2"]  # oldest first; the failed comparison left out
+    assert t.loc["fast/trainer", "c1"] == f"{(2.0 * 2.4) ** 0.5:.3f} [2.000, 2.400]"
+    assert t.loc["fast/trainer", "overlap"] == "[2.000, 2.300]" and t.loc["fast/trainer", "comparisons"] == 2
+    assert t.loc["fast-aa/fast (A/A floor)", "overlap"] == "none"  # 1.10 < 1.12: the two machines disagree
