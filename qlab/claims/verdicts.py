@@ -311,7 +311,8 @@ def k_speed_ratio(claim: dict, runs: pd.DataFrame) -> Verdict:
     """Every ok comparison of the sweep that has the pair (each on its own machine) must agree in
     verdict and their 95% intervals must overlap; the newest one's numbers."""
     rows = sorted((r for _, r in runs.iterrows() if r.get("kind") == "compare" and r.status == "ok"
-                   and isinstance(r.get("pairs"), dict) and claim["pair"] in r["pairs"]), key=lambda r: str(r.started_at))
+                   and isinstance(r.get("pairs"), dict) and claim["pair"] in r["pairs"]),
+                  key=lambda r: str(r.started_at))
     if not rows:
         return Verdict(INCONCLUSIVE, reason=f"not run yet: no comparison in results/{claim['sweep']}/ has the "
                                             f"pair {claim['pair']}")
@@ -319,7 +320,7 @@ def k_speed_ratio(claim: dict, runs: pd.DataFrame) -> Verdict:
     v = each[-1]
     if len(rows) == 1:
         return v
-    lo, hi = max(e.ci[0] for e in each), min(e.ci[1] for e in each)
+    lo, hi = stats.overlap(e.ci for e in each)
     listed = "; ".join(f"{e.verdict} ({e.reason})" for e in each)
     if len({e.verdict for e in each}) > 1:
         v = Verdict(INCONCLUSIVE, v.measured, v.ci, f"the comparisons disagree: {listed}", v.n)

@@ -370,8 +370,9 @@ def write_page(runs: pd.DataFrame, out: Path, page: Path, sections: dict, comp: 
     lines += ["", "**Statistics**: " + statistics_summary(runs, comp, rel(out / "statistics.md", page))]
     if len(agreement):
         overlap = (agreement.overlap_low <= agreement.overlap_high).sum()
+        shown = agreement.drop(columns=["overlap_low", "overlap_high"])
         lines += ["", f"## Across comparisons: {overlap} of {len(agreement)} pairs' intervals overlap", "",
-                  tables.to_markdown(agreement.drop(columns=["overlap_low", "overlap_high"])), "", tables.AGREEMENT_NOTE]
+                  tables.to_markdown(shown), "", tables.AGREEMENT_NOTE]
     lines += ["", f"**Reading the tables**: {READING}"] if trained else []
     for group, made in sections.items():
         h = "##" if len(labels) == 1 else "###"

@@ -104,6 +104,12 @@ def bootstrap_ci(values, confidence: float = CONFIDENCE) -> tuple[float, float]:
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
+def overlap(intervals) -> tuple[float, float]:
+    """Where every (low, high) interval overlaps: (highest low, lowest high); low > high: nowhere."""
+    intervals = list(intervals)
+    return max(lo for lo, _ in intervals), min(hi for _, hi in intervals)
+
+
 def hedges_g(a, b) -> float:
     """Cohen's d with the pooled SD, times Hedges' small-sample correction
     J = 1 - 3 / (4 (n_a + n_b) - 9)   (= 1 - 3/(4 df - 1), df = n_a + n_b - 2)."""

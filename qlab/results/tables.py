@@ -25,7 +25,7 @@ import pandas as pd
 
 from qlab.results.frame import (METRICS, Metric, eval_metrics, generation_metrics, quality_metrics, quant_label,
                                 rank, sort_rows, status_summary)
-from qlab.results.stats import bootstrap_ci, compare, holm
+from qlab.results.stats import bootstrap_ci, compare, holm, overlap
 
 CONFIG = ["quant_label", "quant", "dq", "optim", "adapter", "speed"]
 
@@ -173,7 +173,8 @@ def generation_arms(runs: pd.DataFrame, metrics: tuple[Metric, ...]) -> pd.DataF
         arm = runs.trained_arm.notna()
         seeds = runs[arm].groupby("trained_arm").seed.agg(lambda s: ", ".join(map(str, sorted(set(s)))))
         runs.loc[arm, "adapter_run"] = [f"{a}, seeds {seeds[a]}" for a in runs.trained_arm[arm]]
-        runs.loc[arm, "trained_on"] = [t if t != q else "" for t, q in zip(runs.trained_quant[arm], runs.quant_label[arm])]
+        runs.loc[arm, "trained_on"] = [t if t != q else ""
+                                       for t, q in zip(runs.trained_quant[arm], runs.quant_label[arm])]
     df = _arm_rows(runs, [*GEN_CONFIG, "trained_on"], metrics)
     if len({r for r in df.adapter_run if r}) > 1:  # several adapters in one group: name each one's run
         df["adapter"] = [a if not r else f"{a} ({r})" for a, r in zip(df.adapter, df.adapter_run)]
@@ -259,7 +260,7 @@ def compare_agreement(runs: pd.DataFrame) -> pd.DataFrame:
             by_pair.setdefault(name, {})[r.run_id] = p
     rows = []
     for name, each in by_pair.items():
-        lo, hi = max(p["ci95"][0] for p in each.values()), min(p["ci95"][1] for p in each.values())
+        lo, hi = overlap(p["ci95"] for p in each.values())
         rows.append({"pair": name, **{run: f"{p['ratio']:.3f} [{p['ci95'][0]:.3f}, {p['ci95'][1]:.3f}]"
                                       for run, p in each.items()},
                      "comparisons": len(each), "overlap": f"[{lo:.3f}, {hi:.3f}]" if lo <= hi else "none",

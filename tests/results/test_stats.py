@@ -253,3 +253,9 @@ def test_noninferiority_reports_both_one_sided_tests():
     assert r["p"] == pytest.approx(st.ttest_1samp(d, 0.05, alternative="less").pvalue) and r["p"] > 0.9
     assert r["p_inferior"] == pytest.approx(st.ttest_1samp(d, 0.05, alternative="greater").pvalue)
     assert r["p_inferior"] < 0.05 and r["outcome"] == "inferior"
+
+
+def test_overlap_of_intervals():
+    assert stats.overlap([(1.9, 2.3), (2.0, 2.4), (1.95, 2.5)]) == (2.0, 2.3)
+    lo, hi = stats.overlap([(0.9, 1.1), (1.12, 1.2)])
+    assert lo > hi  # apart: nowhere in common

@@ -146,7 +146,8 @@ def test_an_evaluation_finds_its_training_run_where_recorded_or_moved(tmp_path):
         (d / "result.json").write_text(json.dumps(r))
 
     write(tmp_path / "real" / "t1", run_id="t1", kind="train")
-    ev = {"kind": "eval", "config": {"eval": {"adapter_run": "/another/machine/real/t1"}}, "metrics": {"adapter_run_id": "t1"}}
+    ev = {"kind": "eval", "config": {"eval": {"adapter_run": "/another/machine/real/t1"}},
+          "metrics": {"adapter_run_id": "t1"}}
     assert store.training_result(ev, tmp_path / "eval" / "e1")["run_id"] == "t1"  # results moved: <root>/real/t1
     recorded = {**ev, "config": {"eval": {"adapter_run": str(tmp_path / "real" / "t1")}}}
     assert store.training_result(recorded, tmp_path / "x" / "y" / "z")["run_id"] == "t1"  # where recorded

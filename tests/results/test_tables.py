@@ -235,7 +235,8 @@ def test_evaluations_of_one_training_arm_make_one_row_over_its_seeds(tmp_path):
                 axes={"model": "m", "quant": quant, "double_quant": quant == "nf4", "adapter": "lora", "seed": 0},
                 metrics={"adapter_run_id": trained, "lm_eval.t.word_perplexity": value, "eval_tasks": ["t"]})
     _result(tmp_path / "ev" / "base", run_id="base", kind="eval", sweep="ev",
-            config={"task": "eval", "model": {"name": "m"}, "quant": {"type": "bf16"}, "seed": 0, "eval": {"tasks": ["t"]}},
+            config={"task": "eval", "model": {"name": "m"}, "quant": {"type": "bf16"}, "seed": 0,
+                    "eval": {"tasks": ["t"]}},
             axes={"model": "m", "quant": "bf16", "double_quant": False, "adapter": "none", "seed": 0},
             metrics={"lm_eval.t.word_perplexity": 95.0, "eval_tasks": ["t"]})
     runs = frame.load_runs(tmp_path / "ev")

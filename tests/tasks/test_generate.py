@@ -69,7 +69,13 @@ def test_one_result_per_configuration(bench, trained_run):
                     "e2e_tokens_per_s_b1_median_tok", "e2e_tokens_per_s_b2_median_tok", "first_token_b2_median_s",
                     "rss_peak_bytes_b1", "rss_peak_bytes_b2"):
             assert m[key] > 0, key
-        assert m["ttft_ci95_low_s"] <= m["ttft_mean_s"] <= m["ttft_ci95_high_s"]
+        # the t-interval of 4 timed calls; none where its lower end would be <= 0 (stats.summarize's rule
+        # for a positive quantity), as on a loaded machine
+        assert ("ttft_ci95_low_s" in m) == ("ttft_ci95_high_s" in m)
+        if "ttft_ci95_low_s" in m:
+            assert 0 < m["ttft_ci95_low_s"] <= m["ttft_mean_s"] <= m["ttft_ci95_high_s"]
+        else:  # mean - t(0.975, 3) sd / sqrt(4) <= 0: a coefficient of variation of at least 2 / 3.182
+            assert m["ttft_cv"] >= 2 / 3.1824 - 1e-6
         # batch 1: 2 prompts x 2 repeats = 4 calls of 1 x 4 tokens; batch 2: 1 call per repeat of 2 x 4
         assert (m["generate_calls_b1"], m["generated_tokens_b1"], m["decode_tokens_b1"]) == (4, 16, 12)
         assert (m["generate_calls_b2"], m["generated_tokens_b2"], m["decode_tokens_b2"]) == (2, 16, 12)
