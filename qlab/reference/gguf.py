@@ -34,7 +34,7 @@ from qlab.reference import installed_dir
 from qlab.reference.transfer import ChecksumError, join, sha256_file
 from qlab.run.presets import build_once, cache_root
 
-BUILD_VERSION = 1  # bump when the conversion changes, so cached checkpoints rebuild
+BUILD_VERSION = 2  # bump when the conversion changes, so cached checkpoints rebuild (2: special tokens from the file)
 MARKER = "qlab-gguf.json"  # written last into a checkpoint: its presence means complete
 
 # The models by name (conf/shapes.yaml, gguf: one table, also read by config.validate): where the
@@ -180,12 +180,17 @@ def convert(src: Path, out: Path, name: str) -> None:
     if (file_says := gguf_add_bos(src)) != s["add_bos"]:
         raise GGUFError(f"{src.name}: tokenizer.ggml.add_bos_token is {file_says}, the table says {s['add_bos']}")
     tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    special = gguf_special_ids(src)
+    match_special_tokens(tokenizer, special)
     if s["add_bos"] and not _adds_bos(tokenizer):
         tokenizer.add_bos_token = True  # rewrites the post-processor: "<bos> $A"
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    if s["add_bos"] and not _adds_bos(AutoTokenizer.from_pretrained(out)):
+    saved = AutoTokenizer.from_pretrained(out)
+    if s["add_bos"] and not _adds_bos(saved):
         raise GGUFError(f"{name}: the saved tokenizer does not prepend {tokenizer.bos_token}")
+    if wrong := {r: getattr(saved, f"{r}_token_id") for r, i in special.items() if getattr(saved, f"{r}_token_id") != i}:
+        raise GGUFError(f"{name}: the saved tokenizer's special token ids {wrong}, the file says {special}")
 
     licences = []
     for dist, rel in s["licence_files"]:
@@ -198,18 +203,43 @@ def convert(src: Path, out: Path, name: str) -> None:
         "name": name, "gguf_file": s["file"], "gguf_sha256": s["sha256"], "gguf_types": s["gguf_types"],
         "install": s["install"], "upstream": s["upstream"], "licence": s["licence"], "licence_files": licences,
         "dtype": "float32", "params": params, "add_bos": s["add_bos"], "build_version": BUILD_VERSION,
+        "special_tokens": {r: tokenizer.convert_ids_to_tokens(i) for r, i in special.items()},
         "transformers": transformers.__version__, "gguf": importlib.metadata.version("gguf"),
         "torch": torch.__version__,
         "convert_s": round(time.perf_counter() - t0, 1),
     }, indent=2) + "\n")
 
 
-def gguf_add_bos(path: Path) -> bool:
-    """The GGUF file's own `tokenizer.ggml.add_bos_token` (False when absent)."""
+def _gguf_fields(path: Path, keys: tuple[str, ...]) -> dict:
+    """The first value of each of `keys` the GGUF file's metadata holds (absent keys left out)."""
     from gguf import GGUFReader
 
-    field = GGUFReader(path).fields.get("tokenizer.ggml.add_bos_token")
-    return bool(field.parts[field.data[0]][0]) if field is not None else False
+    fields = GGUFReader(path).fields
+    return {k: fields[k].parts[fields[k].data[0]][0] for k in keys if k in fields}
+
+
+def gguf_add_bos(path: Path) -> bool:
+    """The GGUF file's own `tokenizer.ggml.add_bos_token` (False when absent)."""
+    return bool(_gguf_fields(path, ("tokenizer.ggml.add_bos_token",)).get("tokenizer.ggml.add_bos_token", False))
+
+
+SPECIAL = {"bos": "tokenizer.ggml.bos_token_id", "eos": "tokenizer.ggml.eos_token_id",
+           "pad": "tokenizer.ggml.padding_token_id"}
+
+
+def gguf_special_ids(path: Path) -> dict[str, int]:
+    """The file's own bos / eos / pad token ids (those it names)."""
+    found = _gguf_fields(path, tuple(SPECIAL.values()))
+    return {role: int(found[key]) for role, key in SPECIAL.items() if key in found}
+
+
+def match_special_tokens(tokenizer, ids: dict[str, int]) -> None:
+    """Set the tokenizer's bos / eos / pad to the file's ids where it read others: transformers
+    5.17.0 (the GPU image's) reads SmolLM2's eos as <|im_start|> (id 1, its bos) where the file
+    says <|im_end|> (id 2), and qlab's chat format ends every utterance with the eos."""
+    for role, token_id in ids.items():
+        if getattr(tokenizer, f"{role}_token_id") != token_id:
+            setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(token_id))
 
 
 def _adds_bos(tokenizer) -> bool:

@@ -90,6 +90,22 @@ def test_smollm2_converts_to_a_loadable_checkpoint(smollm2):
     assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
     assert model.config.vocab_size == 49_152 and model.config.tie_word_embeddings
     assert mean_nll(model, tokenizer, SENTENCE) < MAX_NLL
+    # the file's own special tokens, whatever transformers read: the chat format ends turns with eos
+    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == ("<|im_start|>", "<|im_end|>", "<|im_end|>")
+    assert marker["special_tokens"] == {"bos": "<|im_start|>", "eos": "<|im_end|>", "pad": "<|im_end|>"}
+
+
+@needs("smollm2-135m")
+def test_a_misread_eos_is_set_to_the_files(smollm2):
+    """transformers 5.17.0 reads SmolLM2's eos as <|im_start|> (id 1): the file's id 2 wins."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    tokenizer.eos_token = "<|im_start|>"  # as 5.17.0 reads it
+    ids = gguf.gguf_special_ids(gguf.locate("smollm2-135m"))
+    assert ids == {"bos": 1, "eos": 2, "pad": 2}
+    gguf.match_special_tokens(tokenizer, ids)
+    assert (tokenizer.eos_token, tokenizer.eos_token_id, tokenizer.bos_token_id) == ("<|im_end|>", 2, 1)
 
 
 @needs("smollm2-135m")
