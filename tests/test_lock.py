@@ -1,8 +1,8 @@
-"""The lock (constraints/lock.txt) agrees with pyproject.toml: every dependency of qlab and of its
+"""The lock (requirements.lock) agrees with pyproject.toml: every dependency of qlab and of its
 [dev,eval] extras pinned exactly, at a version inside its range; no torch (the machine's) and
-nothing only a CUDA torch brings; pins.txt's deliberate pins are the lock's; resolved against the
-CPU torch the Makefile installs. And a venv that `make install` built from the lock holds exactly
-the locked versions. Reads files and installed metadata only: no network."""
+nothing only a CUDA torch brings; the deliberate pins (pyproject.toml's [tool.qlab.lock]) are the
+lock's; resolved against the CPU torch the Makefile installs. And a venv that `make install` built
+from the lock holds exactly the locked versions. Reads files and installed metadata only: no network."""
 
 import importlib.metadata
 import re
@@ -16,29 +16,30 @@ from packaging.version import InvalidVersion, Version
 tomllib = pytest.importorskip("tomllib", reason="tomllib is Python 3.11+")
 
 ROOT = Path(__file__).resolve().parents[1]
-LOCK_FILE = ROOT / "constraints" / "lock.txt"
-MACHINE = re.compile(r"^(torch|triton|nvidia-.*|cuda-.*)$")  # as constraints/lock.py
+LOCK_FILE = ROOT / "requirements.lock"
+MACHINE = re.compile(r"^(torch|triton|nvidia-.*|cuda-.*)$")  # as qlab/lock.py
 
 
 def canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def read_pins(path: Path) -> dict[str, str]:
+def read_pins(lines: list[str], where: str) -> dict[str, str]:
     pins = {}
-    for line in path.read_text().splitlines():
+    for line in lines:
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
         m = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)", line)
-        assert m, f"{path.name}: not an exact `name==version` pin: {line!r}"
-        assert canonical(m[1]) not in pins, f"{path.name}: {m[1]} pinned twice"
+        assert m, f"{where}: not an exact `name==version` pin: {line!r}"
+        assert canonical(m[1]) not in pins, f"{where}: {m[1]} pinned twice"
         pins[canonical(m[1])] = m[2]
     return pins
 
 
-LOCK = read_pins(LOCK_FILE)
-PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+LOCK = read_pins(LOCK_FILE.read_text().splitlines(), LOCK_FILE.name)
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+PROJECT = PYPROJECT["project"]
 REQUIREMENTS = [Requirement(r) for r in
                 PROJECT["dependencies"] + PROJECT["optional-dependencies"]["dev"] + PROJECT["optional-dependencies"]["eval"]]
 DIRECT = {canonical(r.name) for r in REQUIREMENTS}
@@ -47,9 +48,9 @@ DIRECT = {canonical(r.name) for r in REQUIREMENTS}
 @pytest.mark.parametrize("req", [r for r in REQUIREMENTS if r.name != "torch"], ids=str)
 def test_every_dependency_is_pinned_inside_its_range(req):
     version = LOCK.get(canonical(req.name))
-    assert version, f"pyproject.toml requires {req} but constraints/lock.txt does not pin it: make lock"
+    assert version, f"pyproject.toml requires {req} but requirements.lock does not pin it: make lock"
     assert req.specifier.contains(version, prereleases=True), \
-        f"constraints/lock.txt pins {req.name}=={version}, outside pyproject.toml's {req}: make lock"
+        f"requirements.lock pins {req.name}=={version}, outside pyproject.toml's {req}: make lock"
 
 
 def test_the_lock_names_no_torch():
@@ -72,7 +73,7 @@ def test_the_lock_is_sorted_exact_and_canonical():
 
 
 def test_deliberate_pins_are_the_locks():
-    pins = read_pins(ROOT / "constraints" / "pins.txt")
+    pins = read_pins(PYPROJECT["tool"]["qlab"]["lock"]["pins"], "pyproject.toml [tool.qlab.lock] pins")
     assert pins and {n: LOCK.get(n) for n in pins} == pins
 
 
@@ -81,7 +82,7 @@ def test_the_lock_was_resolved_against_the_makefiles_cpu_torch():
     cpu_torch = re.search(r"^CPU_TORCH := torch==(\S+)$", makefile, re.M)[1]
     resolved = re.search(r"against torch (\S+)", LOCK_FILE.read_text())[1]
     assert Version(resolved).public == Version(cpu_torch).public
-    assert re.search(r"^LOCK \?= constraints/lock\.txt$", makefile, re.M), "make install uses the lock by default"
+    assert re.search(r"^LOCK \?= requirements\.lock$", makefile, re.M), "make install uses the lock by default"
 
 
 def test_a_venv_installed_from_the_lock_holds_its_versions():
@@ -89,8 +90,8 @@ def test_a_venv_installed_from_the_lock_holds_its_versions():
     lock, every locked package this interpreter sees is at its pinned version (the venv's copy
     shadows another in system site-packages)."""
     choice = Path(sys.prefix) / ".qlab-lock"
-    if not choice.is_file() or choice.read_text().strip() != "constraints/lock.txt":
-        pytest.skip("this venv was not installed from constraints/lock.txt (LOCK= or not by make install)")
+    if not choice.is_file() or choice.read_text().strip() != "requirements.lock":
+        pytest.skip("this venv was not installed from requirements.lock (LOCK= or not by make install)")
     off = {}
     for name, version in LOCK.items():
         try:
