@@ -6,8 +6,8 @@
 # There:  bash experiments/device_bundle.sh unpack .device/callN   # once per call, in order
 #         source /tmp/qlab-device/env.sh                # PYTHONPATH, QLAB_CACHE for every command
 #
-# A transfer carries at most 64 MiB: the working tree (~17 MB, results/ included) plus one
-# payload of at most PAYLOAD_MB. Payloads hold the wheels the image lacks (bitsandbytes, Hydra,
+# A transfer carries at most 64 MiB: the working tree (28 MB at the end of 2026-11, results/
+# included) plus one payload of at most PAYLOAD_MB (default: what the tree leaves, less 1 MiB). Payloads hold the wheels the image lacks (bitsandbytes, Hydra,
 # gguf, lm-evaluation-harness and what it needs beyond the image), the data wheels (chitchat,
 # exllamav3's texts) and the SmolLM2 GGUF in checksummed parts (qlab/reference/transfer.py).
 # unpack copies each payload out of the tree into /tmp/qlab-device (files there outlive the call
@@ -20,10 +20,18 @@ PY=${PYTHON:-python3}
 DEV=${DEVICE_DIR:-/tmp/qlab-device}  # where payloads land; SITE the wheels, CACHE qlab's cache
 SITE=${SITE:-/tmp/site}
 CACHE=${CACHE:-/tmp/qlab-cache}
-PAYLOAD_MB=${PAYLOAD_MB:-46}
+PAYLOAD_MB=${PAYLOAD_MB:-}
+
+tree_bytes() {  # what travels with every call: tracked and untracked, not ignored, files
+  { git ls-files -z; git ls-files -z -o --exclude-standard; } | xargs -0 du -cb 2>/dev/null | tail -n 1 | cut -f1 || true
+}
 
 pack() {
   local work=.device/pack out=.device
+  if [ -z "$PAYLOAD_MB" ]; then
+    PAYLOAD_MB=$(( (64 * 1048576 - $(tree_bytes)) / 1048576 - 1 ))
+    echo "payloads of at most $PAYLOAD_MB MiB beside the $(( $(tree_bytes) / 1048576 )) MiB working tree"
+  fi
   rm -rf "$work" "$out"/call*; mkdir -p "$work/wheels" "$work/data" "$work/parts"
   local plat="--only-binary=:all: --python-version 3.12 --implementation cp"
   for n in 28 27 24 17 5; do plat="$plat --platform manylinux_2_${n}_x86_64"; done
@@ -59,7 +67,7 @@ EOF
   done
   local gguf
   gguf=$($PY -c "from qlab.reference import gguf; print(gguf.locate('smollm2-135m'))")
-  # small parts (93.8 MiB / 24 = 3.9 MiB each) fill every payload to its brim: 3 calls in all
+  # small parts (93.8 MiB / 24 = 3.9 MiB each) fill every payload to its brim: 4 calls beside a 28 MB tree
   $PY -m qlab.reference.transfer split "$gguf" --parts 24 --out "$work/parts"
   # greedily fill payloads of at most PAYLOAD_MB, the wheels first (the first call installs them)
   $PY - "$work" "$out" "$PAYLOAD_MB" <<'EOF'
