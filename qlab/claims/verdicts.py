@@ -36,7 +36,7 @@ from omegaconf import OmegaConf
 from qlab import config
 from qlab.claims import estimate, kernels, ptq
 from qlab.config import PROJECT_ROOT
-from qlab.results import stats, store
+from qlab.results import frame, stats, store
 from qlab.results.frame import flatten, load_curves, load_runs
 from qlab.run import launch
 from qlab.run.sweep import ManifestCallback
@@ -458,6 +458,10 @@ def _paired_extra(claim: dict, p: Paired) -> tuple[str, str | None]:
             parts.append("equal tokens: " + ", ".join(f"{t:,}" for t in sorted(set(tokens[0].astype(int))))
                          + " positions per run (steps x tokens/step)")
     parts.append("paired by seed and every other setting; compared: " + (", ".join(p.compared) or "nothing differs"))
+    both = pd.concat([a_rows, b_rows])
+    if differ := frame.differing_versions(both):
+        parts.append("library versions differ across these runs: " + "; ".join(
+            f"{k} {', '.join(sorted(both[f'env_{k}'].dropna().astype(str).unique()))}" for k in differ))
     if p.unpaired:
         parts.append("unpaired, left out: " + "; ".join(p.unpaired))
     if p.superseded:

@@ -53,6 +53,11 @@ LABEL_KEYS = {"generate": ("bench.new_tokens", "bench.batch_sizes", "bench.promp
 VERSIONS = ("python", "torch", "transformers", "peft", "bitsandbytes", "cuda")
 
 
+def differing_versions(runs: pd.DataFrame) -> list[str]:
+    """The VERSIONS that take more than one value across `runs` (env_<name> columns)."""
+    return [k for k in VERSIONS if f"env_{k}" in runs and runs[f"env_{k}"].dropna().astype(str).nunique() > 1]
+
+
 @dataclass(frozen=True)
 class Metric:
     """One reported metric: `source` column of the runs frame, divided by `scale`."""

@@ -269,6 +269,9 @@ def _machine_lines(g: pd.DataFrame, cpu_extra: str = "") -> list[str]:
     hardware = (f"- **Hardware**: GPU {env('gpu')} (x{env('gpu_count')}), driver {env('driver')}; CPU {env('cpu')}"
                 if g.env_gpu.notna().any() else f"- **Hardware**: CPU runs (no GPU); CPU {env('cpu')}{cpu_extra}")
     lines = [hardware, "- **Versions**: " + "; ".join(f"{k} {env(k)}" for k in frame.VERSIONS)]
+    if differ := frame.differing_versions(g):
+        lines.append(f"- **Versions differ within this group** ({', '.join(differ)}): a difference between its "
+                     "arms may be the versions' as much as the settings'; compare runs of one version set.")
     shared = g.env_runs_per_gpu.dropna() if "env_runs_per_gpu" in g else pd.Series(dtype=float)
     if (shared > 1).any():  # QLAB_RUNS_PER_GPU: several runs at once on each GPU
         lines.append(f"- **Shared GPUs**: up to {int(shared.max())} runs at once on each GPU (QLAB_RUNS_PER_GPU). NVML "

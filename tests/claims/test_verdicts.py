@@ -483,3 +483,14 @@ def test_evaluations_pair_by_their_training_runs_seed(real):
     assert "compared: quant.double_quant, quant.type, trained.quant.double_quant, trained.quant.type" in r["reason"]
     shutil.rmtree(real / "real")  # the training runs gone: nothing says which evaluations belong together
     assert verdict(c, real)["n"] != "5 pairs"
+
+
+def test_a_paired_claim_says_where_library_versions_differ(real):
+    c = paired("equivalent_paired", NF4_AL, BF16_AL, margin={"rel": 0.01})
+    assert "library versions differ" not in verdict(c, real)["reason"]
+    for arm, version in (("_bf16_all_linear_s0_", "5.18.0"), ("_nf4-dq_all_linear_s0_", "5.17.0")):
+        run = next(p for p in (real / "real").iterdir() if arm in p.name)
+        r = json.loads((run / "result.json").read_text())
+        r["env"]["transformers"] = version
+        (run / "result.json").write_text(json.dumps(r))
+    assert "library versions differ across these runs: transformers 5.17.0, 5.18.0" in verdict(c, real)["reason"]

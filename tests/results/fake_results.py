@@ -8,11 +8,12 @@ GiB = 2**30
 
 def fake_run(root, quant="nf4", dq=False, optim="paged_adamw_32bit", adapter="all_linear", seed=0, status="ok",
              peak=10.0, tps=1000.0, eval_loss=1.0, train_loss=2.0, steps=10, gpu="Fake GPU 80GB", wandb=False,
-             sweep="syn", runs_per_gpu=1, model=None):
+             sweep="syn", runs_per_gpu=1, model=None, env=None):
     """Write <root>/<run id>/result.json + metrics.jsonl as a real run would, with these numbers:
     peak = NVML device peak in GiB (torch's peak allocated is 1 GiB less), tps = tokens/s with
     2,048 tokens/step and a step-time CI of +-10% of the mean step time. `model`: the stored model
-    config; by default a pretrained checkpoint (a random-init preset: {"name": "tiny", "preset": "tiny"})."""
+    config; by default a pretrained checkpoint (a random-init preset: {"name": "tiny", "preset": "tiny"}).
+    `env`: versions and hardware to change in the recorded environment."""
     model = model or {"name": "tiny", "preset": None, "name_or_path": "/models/tiny"}
     q = quant + ("-dq" if dq else "")
     run_id = f"{model['name']}_{q}_{optim}_{adapter}_s{seed}_{steps}{gpu[:1]}"
@@ -47,7 +48,7 @@ def fake_run(root, quant="nf4", dq=False, optim="paged_adamw_32bit", adapter="al
                    "seed": seed, "force": False, "experiment": None},
         "env": {"python": "3.11", "torch": "2.x", "transformers": "5", "peft": "0.1", "bitsandbytes": "0.5",
                 "cuda": "13.0", "cpu": "Fake CPU", "gpu": gpu, "gpu_count": 1, "driver": "1.0",
-                "runs_per_gpu": runs_per_gpu},
+                "runs_per_gpu": runs_per_gpu, **(env or {})},
         "git_commit": "abc123", "seed": seed, "started_at": "2026-01-01T00:00:00+00:00",
         "finished_at": "2026-01-01T00:01:00+00:00",
     }

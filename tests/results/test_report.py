@@ -159,6 +159,18 @@ def test_groups_are_separate_sections(built):
     assert "Shared GPUs" not in text  # one run per GPU: nothing to warn about
 
 
+def test_runs_of_differing_library_versions_are_flagged(tmp_path):
+    from qlab.results import report
+
+    root = tmp_path / "results" / "versions"
+    fake_run(root, "nf4", seed=0)
+    text = report.build(root, wandb=False).read_text()
+    assert "Versions differ" not in text
+    fake_run(root, "nf4", seed=1, env={"transformers": "5.18.0"})
+    text = report.build(root, wandb=False).read_text()
+    assert "- **Versions differ within this group** (transformers): a difference between its arms" in text
+
+
 def test_runs_sharing_a_gpu_are_flagged(tmp_path):
     from qlab.results import report
 
