@@ -22,6 +22,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from qlab.config import ConfigError, QuantConfig
+from qlab.results import store
 from qlab.run.presets import PRESETS
 
 
@@ -40,13 +41,13 @@ class Sampling:
 
 def read_run(run_dir: Path) -> tuple[dict, Path]:
     """The run's result and its adapter directory, or a ChatError saying what is missing."""
-    result_path, adapter = run_dir / "result.json", run_dir / "adapter"
-    if not result_path.is_file():
-        raise ChatError(f"{run_dir}: no result.json; pass the directory of a qlab run")
+    result, adapter = store.read_result(run_dir), run_dir / "adapter"
+    if result is None:
+        raise ChatError(f"{run_dir}: no result.json (or not readable JSON); pass the directory of a qlab run")
     if not (adapter / "adapter_config.json").is_file():
         raise ChatError(f"{run_dir}: no saved adapter (adapter/adapter_config.json); the run needs "
                         "train.save_adapter=true and status ok")
-    return json.loads(result_path.read_text()), adapter
+    return result, adapter
 
 
 def build_prompt_ids(history: list[tuple[str, str]], message: str, tokenizer, max_prompt_tokens: int) -> list[int]:

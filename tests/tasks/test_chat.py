@@ -65,6 +65,9 @@ def test_cli_non_interactive_with_prompts_file(trained_run, tmp_path, capsys):
 def test_missing_adapter_is_a_clear_error(tmp_path, trained_run, capsys):
     assert chat.main([str(tmp_path), "--device", "cpu"]) == 2
     assert "no result.json" in capsys.readouterr().err
+    (tmp_path / "result.json").write_text('{"run_id": "cut off')  # a half-written file: the same clear error
+    with pytest.raises(chat.ChatError, match="not readable JSON"):
+        chat.read_run(tmp_path)
     (tmp_path / "result.json").write_text((trained_run / "result.json").read_text())
     with pytest.raises(chat.ChatError, match="no saved adapter"):
         chat.read_run(tmp_path)
