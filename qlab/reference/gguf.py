@@ -189,8 +189,8 @@ def convert(src: Path, out: Path, name: str) -> None:
     saved = AutoTokenizer.from_pretrained(out)
     if s["add_bos"] and not _adds_bos(saved):
         raise GGUFError(f"{name}: the saved tokenizer does not prepend {tokenizer.bos_token}")
-    if wrong := {r: getattr(saved, f"{r}_token_id") for r, i in special.items() if getattr(saved, f"{r}_token_id") != i}:
-        raise GGUFError(f"{name}: the saved tokenizer's special token ids {wrong}, the file says {special}")
+    if (saved_ids := {role: getattr(saved, f"{role}_token_id") for role in special}) != special:
+        raise GGUFError(f"{name}: the saved tokenizer's special token ids are {saved_ids}, the file says {special}")
 
     licences = []
     for dist, rel in s["licence_files"]:
