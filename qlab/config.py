@@ -26,8 +26,16 @@ TASKS = ("train", "generate", "compare", "eval")
 # the training loop: qlab's (qlab/run/loop.py), transformers.Trainer, or (a comparison's arms only)
 # the bare loop qlab's is measured against
 RUNNERS = ("qlab", "hf_trainer", "bare")
-QUANT_TYPES = ("bf16", "int8", "nf4", "fp4")
-FOUR_BIT = ("nf4", "fp4")
+QUANT_TYPES = ("bf16", "int8", "nf4", "fp4", "int4")
+FOUR_BIT = ("nf4", "fp4")  # bitsandbytes' 4-bit types, the ones double quantization applies to
+# quant.backend -> the types it quantizes to (bf16 is no quantization: the default backend's, unused);
+# qlab/run/quantize.py says how each is built
+QUANT_BACKENDS = {"bitsandbytes": ("int8", "nf4", "fp4"), "hqq": ("int4",), "torchao": ("nf4",)}
+DEFAULT_BACKEND = "bitsandbytes"
+BLOCKWISE = ("nf4", "fp4", "int4")  # one scale per quant.blocksize weights
+DEFAULT_BLOCKSIZE = 64  # the paper's (bitsandbytes' Linear4bit default, HQQ's and torchao's too)
+BLOCKSIZES = (32, 64, 128, 256)
+ADAPTER_INITS = ("gaussian", "loftq", "pissa")
 # every weight setting by its label (frame.quant_label's spelling): label -> (quant.type,
 # quant.double_quant); double quantization exists for the 4-bit types only
 QUANT_SETTINGS: dict[str, tuple[str, bool]] = {
@@ -78,9 +86,11 @@ class ModelConfig:
 
 @dataclass
 class QuantConfig:
-    type: str = "nf4"  # bf16 | int8 | nf4 | fp4
-    double_quant: bool = False  # 4-bit types only
+    type: str = "nf4"  # bf16 | int8 | nf4 | fp4 (bitsandbytes) | int4 (hqq)
+    double_quant: bool = False  # bitsandbytes' 4-bit types; torchao's NF4 always (its scales are int8)
     compute_dtype: str = "auto"  # auto = bfloat16 on CUDA, float32 on CPU (no fast bf16 there)
+    backend: str = "bitsandbytes"  # bitsandbytes | hqq | torchao (QUANT_BACKENDS)
+    blocksize: int = 64  # weights per scale of a 4-bit type: bnb's absmax block, HQQ's group, torchao's block
 
 
 @dataclass
@@ -89,6 +99,10 @@ class AdapterConfig:
     r: int = 64
     alpha: float = 16.0
     dropout: float = 0.05
+    # gaussian: peft's default (A random, B = 0); loftq: A, B from the SVD of the quantization error
+    # W - Q (qlab/run/adapters.py); pissa: from the SVD of W itself, the base keeping the residual
+    init: str = "gaussian"
+    dora: bool = False  # peft's DoRA: a trained magnitude per output row beside the LoRA direction
 
 
 @dataclass
@@ -274,19 +288,80 @@ def _at_least(key: str, value, low, nullable: bool = False) -> None:
         raise ConfigError(key, f"must be >= {low}{' or null' if nullable else ''}, got {value}")
 
 
+def quant_label(quant) -> str:
+    """A quant config's label in run ids, tables and logs: nf4+DQ (bitsandbytes at block size 64,
+    as the paper), nf4+DQ/b128, hqq int4, torchao nf4+DQ. Keys a result predates count as their
+    default (store.ADDED_KEYS)."""
+    q = quant if isinstance(quant, dict) else dict(quant)
+    label = q["type"] + ("+DQ" if q.get("double_quant") else "")
+    backend = q.get("backend") or DEFAULT_BACKEND
+    blocksize = q.get("blocksize") or DEFAULT_BLOCKSIZE
+    if backend != DEFAULT_BACKEND and q["type"] != "bf16":
+        label = f"{backend} {label}"
+    return f"{label}/b{blocksize}" if blocksize != DEFAULT_BLOCKSIZE and q["type"] in BLOCKWISE else label
+
+
+def validate_quant(q: DictConfig) -> None:
+    """The quant group alone (also what models.load checks, for the tasks that load a base by label)."""
+    _choice("quant.type", q.type, QUANT_TYPES)
+    _choice("quant.compute_dtype", q.compute_dtype, COMPUTE_DTYPES)
+    _choice("quant.backend", q.backend, tuple(QUANT_BACKENDS))
+    if q.type == "bf16" and q.backend != DEFAULT_BACKEND:
+        raise PrunedCombination("quant.backend", f"a 16-bit base (quant.type=bf16) is not quantized: "
+                                                 f"quant.backend={q.backend} has nothing to do")
+    if q.type != "bf16" and q.type not in QUANT_BACKENDS[q.backend]:
+        raise ConfigError("quant.type", f"quant.backend={q.backend} quantizes to {', '.join(QUANT_BACKENDS[q.backend])}, "
+                                        f"not quant.type={q.type}")
+    if q.backend == "torchao" and not q.double_quant:
+        raise ConfigError("quant.double_quant", "torchao's NF4 always quantizes its scales (int8 per block, "
+                                                "a scale per 256 of them): set quant.double_quant=true with "
+                                                "quant.backend=torchao")
+    if q.double_quant and q.type not in FOUR_BIT:
+        raise PrunedCombination("quant.double_quant", f"double quantization applies to the 4-bit types "
+                                                      f"({', '.join(FOUR_BIT)}), not to quant.type={q.type}")
+    if q.type in BLOCKWISE:
+        _choice("quant.blocksize", q.blocksize, BLOCKSIZES)
+    elif q.blocksize != DEFAULT_BLOCKSIZE:
+        raise PrunedCombination("quant.blocksize", f"block size applies to the 4-bit types ({', '.join(BLOCKWISE)}), "
+                                                   f"not to quant.type={q.type}")
+
+
+def _validate_adapter(a: DictConfig, q: DictConfig) -> None:
+    _choice("adapter.targets", a.targets, ADAPTER_TARGETS)
+    if a.targets == "full" and q.type != "bf16":
+        raise PrunedCombination("adapter.targets", f"full fine-tuning trains the weights themselves: it needs a "
+                                                   f"16-bit base (quant.type=bf16), not quant.type={q.type}")
+    _choice("adapter.init", a.init, ADAPTER_INITS)
+    if a.targets == "full" and (a.init != "gaussian" or a.dora):
+        raise PrunedCombination("adapter.init" if a.init != "gaussian" else "adapter.dora",
+                                "full fine-tuning has no adapter to initialize or decompose")
+    if a.init == "loftq":
+        if q.backend != DEFAULT_BACKEND or q.type not in FOUR_BIT:
+            raise ConfigError("adapter.init", f"loftq cancels bitsandbytes' 4-bit quantization error (quant.type "
+                                              f"{' or '.join(FOUR_BIT)}, quant.backend=bitsandbytes), not "
+                                              f"quant.type={q.type} with quant.backend={q.backend}")
+        if a.dora:
+            raise ConfigError("adapter.dora", "DoRA's magnitude is taken from the base weight while LoftQ's adapter "
+                                              "starts non-zero: choose adapter.init=loftq or adapter.dora=true")
+    if a.init == "pissa":
+        if q.type != "bf16":
+            raise ConfigError("adapter.init", f"pissa moves the weight's principal part into the adapter and leaves the "
+                                              f"base its residual, which a quantized base (quant.type={q.type}) would "
+                                              f"have to re-quantize (QPiSSA, not built): use quant=bf16")
+        if a.dora:
+            raise ConfigError("adapter.dora", "DoRA's magnitude would be taken from PiSSA's residual base: choose "
+                                              "adapter.init=pissa or adapter.dora=true")
+    if a.dora and q.backend == "torchao":
+        raise ConfigError("adapter.dora", "peft's DoRA dequantizes the base weight to take its norm, which torchao's "
+                                          "NF4 tensor does not support: quant.backend=torchao with adapter.dora=false")
+
+
 def validate(cfg: DictConfig | RunConfig, arm: bool = False) -> None:
     """Raise ConfigError naming the first bad key. Touches only the file system. `arm`: the
     config of a comparison's arm, which may use the bare loop."""
     c = cfg if isinstance(cfg, DictConfig) else OmegaConf.structured(cfg)
-    _choice("quant.type", c.quant.type, QUANT_TYPES)
-    _choice("quant.compute_dtype", c.quant.compute_dtype, COMPUTE_DTYPES)
-    if c.quant.double_quant and c.quant.type not in FOUR_BIT:
-        raise PrunedCombination("quant.double_quant", f"double quantization applies to the 4-bit types "
-                                                      f"({', '.join(FOUR_BIT)}), not to quant.type={c.quant.type}")
-    _choice("adapter.targets", c.adapter.targets, ADAPTER_TARGETS)
-    if c.adapter.targets == "full" and c.quant.type != "bf16":
-        raise PrunedCombination("adapter.targets", f"full fine-tuning trains the weights themselves: it needs a "
-                                                   f"16-bit base (quant.type=bf16), not quant.type={c.quant.type}")
+    validate_quant(c.quant)
+    _validate_adapter(c.adapter, c.quant)
     if c.adapter.r <= 0:
         raise ConfigError("adapter.r", f"LoRA rank must be > 0, got {c.adapter.r}")
     if c.adapter.alpha <= 0:

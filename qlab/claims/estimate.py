@@ -26,7 +26,7 @@ import torch
 from qlab.config import (ADAPTER_TARGETS, COMPUTE_DTYPES, FOUR_BIT, OPTIMIZERS, QUANT_SETTINGS, QUANT_TYPES,
                          SHAPES, ConfigError, resolve_path)
 from qlab.reference import gguf, pretrain
-from qlab.run import adapters, measure, models, optim, presets
+from qlab.run import adapters, measure, models, optim, presets, quantize
 
 GiB = 2**30
 BLOCK_4BIT = 64  # bnb Linear4bit: one absmax per 64 weights
@@ -87,26 +87,10 @@ def meta_model(config) -> torch.nn.Module:
         return AutoModelForCausalLM.from_config(config, trust_remote_code=False)
 
 
-def _is_linear(module) -> bool:
-    from transformers.pytorch_utils import Conv1D
-
-    return type(module) is torch.nn.Linear or isinstance(module, Conv1D)  # what replace_with_bnb_linear converts
-
-
 def _in_out(module) -> tuple[int, int]:
     if isinstance(module, torch.nn.Linear):
         return module.in_features, module.out_features
     return tuple(module.weight.shape)  # Conv1D stores (in, out)
-
-
-def quantized_linears(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """Modules transformers' bitsandbytes integration replaces (llm_int8_skip_modules at its default, as
-    models.bnb_config): every plain nn.Linear/Conv1D but the head, tied weights and `_keep_in_fp32_modules`."""
-    from transformers.quantizers.base import HfQuantizer
-    from transformers.quantizers.quantizers_utils import should_convert_module
-
-    skip = HfQuantizer.get_modules_to_not_convert(model, None, model._keep_in_fp32_modules)
-    return {name: m for name, m in model.named_modules() if _is_linear(m) and should_convert_module(name, skip)}
 
 
 def _keeps_fp32(name: str, model, dtype: torch.dtype) -> bool:
@@ -137,7 +121,7 @@ def weight_bytes(model: torch.nn.Module, quant: str, double_quant: bool, dtype: 
                  upcast: bool = True) -> dict:
     """`models.weight_bytes()` of `model` loaded with this quantization, without loading it, plus
     `weight_bytes_after_prepare` (k-bit preparation up-casts non-quantized 16-bit weights to float32)."""
-    quantized = {id(m.weight): _in_out(m) for m in quantized_linears(model).values()} if quant != "bf16" else {}
+    quantized = {id(m.weight): _in_out(m) for m in quantize.targets(model).values()} if quant != "bf16" else {}
     packed = state = other = other_after = n_quantized = 0
     for name, p in model.named_parameters():  # tied weights appear once
         if id(p) in quantized:
@@ -160,7 +144,7 @@ def adapted_layers(model: torch.nn.Module, targets: str) -> list[tuple[str, int,
     """(name, in, out) of every layer LoRA wraps: peft matches target names against the last
     component of module names, so every linear with that leaf name is adapted."""
     names = set(adapters.resolve_targets(model, targets))
-    return [(n, *_in_out(m)) for n, m in model.named_modules() if _is_linear(m) and n.rsplit(".", 1)[-1] in names]
+    return [(n, *_in_out(m)) for n, m in model.named_modules() if quantize.is_linear(m) and n.rsplit(".", 1)[-1] in names]
 
 
 def lora_shapes(layers, r: int) -> list[tuple[int, int]]:
@@ -196,7 +180,7 @@ def dims(model: torch.nn.Module) -> Dims:
         heads=heads,
         kv_dim=(getattr(c, "num_key_value_heads", None) or heads) * head_dim,
         vocab=model.get_output_embeddings().out_features,
-        gated_mlp=any("gate" in n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_linear(m)),
+        gated_mlp=any("gate" in n.rsplit(".", 1)[-1] for n, m in model.named_modules() if quantize.is_linear(m)),
         eager_attention=getattr(c, "_attn_implementation", "eager") == "eager",
     )
 
@@ -324,7 +308,7 @@ def estimate(model: str | torch.nn.Module, setting: Setting, name: str | None = 
     if full:  # models.prepare_for_training: float32 master weights
         weights["weight_bytes_after_prepare"] = FP32 * sum(p.numel() for p in model.parameters())
     quantized = setting.quant != "bf16"
-    sizes = [i * o for i, o in map(_in_out, quantized_linears(model).values())] if quantized else []
+    sizes = [i * o for i, o in map(_in_out, quantize.targets(model).values())] if quantized else []
     dequant = max(sizes, default=0) * dtype.itemsize  # the largest layer's weight, dequantized
     acts = activation_bytes(
         dims(model), setting.batch, setting.seq, compute_bytes=dtype.itemsize,

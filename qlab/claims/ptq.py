@@ -34,7 +34,7 @@ from qlab.claims import estimate, kernels
 from qlab.config import QUANT_SETTINGS, SHAPES, ConfigError, QuantConfig
 from qlab.reference import gguf, pretrain, texts
 from qlab.results import stats, store
-from qlab.run import models
+from qlab.run import models, quantize
 from qlab.run.device import resolve_device
 
 # label -> (quant.type for models.load, double_quant); "int4" is loaded as bf16, then rounded
@@ -131,9 +131,9 @@ def model_config(name: str):
 
 
 def decoder_linears(model) -> list[tuple[str, object]]:
-    """(name, module) of every layer bitsandbytes quantizes (estimate.quantized_linears): for a
+    """(name, module) of every layer bitsandbytes quantizes (quantize.targets): for a
     LLaMA every decoder linear layer, not the head."""
-    return list(estimate.quantized_linears(model).items())
+    return list(quantize.targets(model).items())
 
 
 def int4_in_place(model) -> int:

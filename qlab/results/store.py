@@ -32,7 +32,7 @@ from typing import Optional
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from qlab.config import PROJECT_ROOT, resolve_path
+from qlab.config import PROJECT_ROOT, quant_label, resolve_path
 
 RESULT = "result.json"
 COMPLETE_STATUSES = ("ok", "oom")
@@ -91,6 +91,7 @@ ADDED_KEYS = {
     "data.pack": False, "data.pack_tokens": None,
     "task": "train", "train.runner": "qlab", "data.pack_budget": "positions",
     "model.gguf": None, "data.source": None,
+    "quant.backend": "bitsandbytes", "quant.blocksize": 64, "adapter.init": "gaussian", "adapter.dora": False,
 }
 
 
@@ -150,14 +151,21 @@ def run_id(cfg: DictConfig) -> str:
     so the same configuration always lands in the same directory and a sweep can resume."""
     ident = identity(OmegaConf.to_container(cfg, resolve=True))
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:8]
-    q = cfg.quant.type + ("-dq" if cfg.quant.double_quant else "")
+    q = quant_tag(cfg.quant)
     if cfg.task == "compare":  # the arms' model, by conf/experiment/speed.yaml's convention
         return f"compare_{cfg.model.name}_{len(cfg.compare.arms)}arms_s{cfg.seed}_{digest}"
     if cfg.task == "generate":
         return f"{cfg.model.name}_{q}_{'lora' if cfg.generate.adapter_run else 'none'}_{digest}"
     if cfg.task == "eval":
         return f"{cfg.model.name}_{q}_{eval_adapter(cfg.eval.adapter_run)}_{digest}"
-    return f"{cfg.model.name}_{q}_{cfg.optim.name}_{cfg.adapter.targets}_s{cfg.seed}_{digest}"
+    adapter = "-".join([cfg.adapter.targets] + ([cfg.adapter.init] if cfg.adapter.init != "gaussian" else [])
+                       + (["dora"] if cfg.adapter.dora else []))
+    return f"{cfg.model.name}_{q}_{cfg.optim.name}_{adapter}_s{cfg.seed}_{digest}"
+
+
+def quant_tag(quant) -> str:
+    """config.quant_label spelled for a path: nf4-dq, nf4-dq-b128, hqq-int4, torchao-nf4-dq."""
+    return quant_label(quant).lower().replace("+", "-").replace(" ", "-").replace("/", "-")
 
 
 def eval_adapter(run: str | None) -> str:

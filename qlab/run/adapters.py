@@ -4,13 +4,24 @@ Targets are resolved from the model's own modules: `all_linear` is every linear 
 output head (the paper's choice); `qv` the query and value projections, or where an architecture
 fuses q, k and v into one linear (BLOOM, GPT-NeoX, Falcon) that fused layer (docs/running.md);
 `full` no LoRA: every weight of the model trains (the baseline LoRA is compared to).
+
+`adapter.init`: gaussian is peft's default (A random, B = 0: the adapted model starts as the base);
+pissa is peft's (A, B the weight's top-r singular directions, the base left the residual; its
+adapter is saved converted to a plain LoRA of rank 2r on the original base, so `qlab eval` loads
+it as any other); loftq is `loftq` below. `adapter.dora`: peft's DoRA.
 """
 
 from __future__ import annotations
 
+import glob
+import os
+import shutil
+import tempfile
+
 import torch
 
 from qlab.config import ConfigError
+from qlab.run import quantize
 
 # Separate projections first, then fused ones; first pair found in the model wins.
 QV_CANDIDATES = (("q_proj", "v_proj"), ("query", "value"), ("query_key_value",), ("qkv_proj",), ("Wqkv",))
@@ -20,7 +31,8 @@ def linear_leaf_names(model: torch.nn.Module) -> set[str]:
     """Last name component of every linear layer, output head excluded."""
     import bitsandbytes as bnb
 
-    linear, head = (torch.nn.Linear, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt), model.get_output_embeddings()
+    linear = (torch.nn.Linear, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt, *{type(m) for m in quantize.hqq_layers(model)})
+    head = model.get_output_embeddings()
     return {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, linear) and m is not head}
 
 
@@ -43,9 +55,10 @@ def resolve_targets(model: torch.nn.Module, targets: str) -> list[str]:
     )
 
 
-def attach(model: torch.nn.Module, adapter_cfg):
+def attach(model: torch.nn.Module, adapter_cfg, checkpoint: str | None = None):
     """(the model that trains, the adapted layers' names): a peft model, or for targets=full the
-    model itself and no names."""
+    model itself and no names. `checkpoint`: what the base loaded from, whose 16-bit weights
+    adapter.init=loftq reads."""
     from peft import LoraConfig, get_peft_model
 
     if adapter_cfg.targets == "full":
@@ -58,8 +71,82 @@ def attach(model: torch.nn.Module, adapter_cfg):
         target_modules=target_modules,
         bias="none",
         task_type="CAUSAL_LM",
+        init_lora_weights="pissa" if adapter_cfg.init == "pissa" else True,
+        use_dora=bool(adapter_cfg.dora),
     )
-    return get_peft_model(model, lora), target_modules
+    peft_model = get_peft_model(model, lora)
+    if adapter_cfg.init == "loftq":
+        loftq(peft_model, checkpoint)
+    return peft_model, target_modules
+
+
+def save(model, directory, initial: str | None = None) -> None:
+    """The adapter into `directory`; `initial` (a PiSSA adapter as initialized, `save_initial`):
+    saved as the difference from it, a rank-2r LoRA on the original base, and then removed."""
+    model.save_pretrained(directory, path_initial_model_for_weight_conversion=initial)
+    if initial:
+        shutil.rmtree(initial, ignore_errors=True)
+
+
+def save_initial(model, adapter_cfg) -> str | None:
+    """Before training: the adapter a saved PiSSA adapter is converted against, in a temporary
+    directory; None for the other initializations (their adapter saves as it is)."""
+    if adapter_cfg.targets == "full" or adapter_cfg.init != "pissa":
+        return None
+    directory = tempfile.mkdtemp(prefix="qlab-pissa-init-")
+    model.save_pretrained(directory)
+    return directory
+
+
+def checkpoint_tensors(checkpoint: str) -> dict[str, str]:
+    """tensor name -> safetensors file of a local checkpoint or a cached hub id (nothing downloaded)."""
+    from safetensors import safe_open
+
+    folder = checkpoint
+    if not os.path.isdir(folder):
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(checkpoint, local_files_only=True, allow_patterns=["*.safetensors"])
+    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    if not files:
+        raise ConfigError("adapter.init", f"loftq reads the 16-bit weights from safetensors files; none in {folder}")
+    out = {}
+    for f in files:
+        with safe_open(f, framework="pt") as st:
+            out.update(dict.fromkeys(st.keys(), f))
+    return out
+
+
+@torch.no_grad()
+def loftq(model, checkpoint: str) -> None:
+    """LoftQ's initialization with one alternation, as peft's replace_lora_weights_loftq: each
+    adapted 4-bit layer's A and B from the rank-r SVD of its quantization error W - Q (W the
+    checkpoint's 16-bit weight, Q the dequantized 4-bit one), so that it starts at
+    Q + (alpha/r) B A = Q + U_r S_r V_r^T, the closest the rank allows to W. Written here, not
+    called: peft's computes on CUDA only and leaves out the LoRA scaling alpha/r (16/64 = 1/4 by
+    default: its adapter would cancel a quarter of the error), which qlab divides out of A and B
+    (each by sqrt(alpha/r))."""
+    import bitsandbytes as bnb
+    from peft.tuners.lora import Linear4bit
+    from safetensors import safe_open
+
+    where, prefix, found = checkpoint_tensors(checkpoint), "base_model.model.", False
+    for name, module in model.named_modules():
+        if not isinstance(module, Linear4bit):
+            continue
+        found = True
+        weight = module.get_base_layer().weight
+        with safe_open(where[name.removeprefix(prefix) + ".weight"], framework="pt") as st:
+            w = st.get_tensor(name.removeprefix(prefix) + ".weight").to(weight.device, torch.float32)
+        error = w - bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
+        u, s, vh = torch.linalg.svd(error, full_matrices=False)
+        r, scaling = module.r["default"], module.scaling["default"]
+        root = (s[:r] / scaling).sqrt()  # B A = U_r S_r V_r^T / scaling
+        a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+        a.copy_(root[:, None] * vh[:r])
+        b.copy_(u[:, :r] * root)
+    if not found:
+        raise ConfigError("adapter.init", "loftq found no 4-bit bitsandbytes layer among the adapted ones")
 
 
 def count_params(model: torch.nn.Module) -> dict:

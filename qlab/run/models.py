@@ -1,13 +1,16 @@
 """Load a base model (hub id, local directory, preset or pretrained base) quantized the way
-`quant=` says, always through transformers' real `BitsAndBytesConfig`, so a qlab run holds
-exactly the bitsandbytes modules a QLoRA user's run holds: none for bf16 (the compute dtype),
-Linear8bitLt for int8 (int8 weights, a float32 scale per output row), Linear4bit for nf4 and fp4
-(an absmax per 64 weights; `double_quant` quantizes those to 8 bits in blocks of 256).
+`quant=` says. Where transformers' real `BitsAndBytesConfig` can say it, through it, so a qlab
+run holds exactly the bitsandbytes modules a QLoRA user's run holds: none for bf16 (the compute
+dtype), Linear8bitLt for int8 (int8 weights, a float32 scale per output row), Linear4bit for nf4
+and fp4 (an absmax per 64 weights; `double_quant` quantizes those to 8 bits in blocks of 256).
+Another 4-bit block size, HQQ and torchao: loaded in the compute dtype, then quantized by
+qlab/run/quantize.py (the same layers).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import time
@@ -18,7 +21,7 @@ import torch
 
 from qlab.config import ConfigError, resolve_path
 from qlab.reference import gguf, pretrain
-from qlab.run import presets
+from qlab.run import presets, quantize
 
 
 @dataclass
@@ -49,9 +52,11 @@ def compute_dtype(quant_cfg, device: str) -> torch.dtype:
 
 
 def bnb_config(quant_cfg, dtype: torch.dtype):
+    """transformers' quantization config for `quant_cfg`; None where the model loads in 16 bits
+    (bf16, and what qlab/run/quantize.py quantizes after loading)."""
     from transformers import BitsAndBytesConfig
 
-    if quant_cfg.type == "bf16":
+    if quant_cfg.type == "bf16" or quantize.by_qlab(quant_cfg):
         return None
     if quant_cfg.type == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
@@ -143,10 +148,19 @@ def load(model_cfg, quant_cfg, device: str) -> LoadedModel:
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_config(quant_cfg, dtype), dtype=dtype,
                                                  device_map={"": device}, trust_remote_code=model_cfg.trust_remote_code)
+    if quantize.by_qlab(quant_cfg):
+        quantize.apply(model, quant_cfg, dtype, device)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     model.config.use_cache = False  # the KV cache is for generation; training never reads it
     return LoadedModel(model, tokenizer, path, time.perf_counter() - t0, weight_bytes(model))
+
+
+def param_count(model: torch.nn.Module) -> int:
+    """Weights the model holds, a packed 4-bit tensor counted by what it unpacks to."""
+    packed = {id(layer.W_q): math.prod(layer.meta["shape"]) for layer in quantize.hqq_layers(model)}
+    return sum(packed.get(id(p)) or (p.quant_state.shape.numel() if getattr(p, "quant_state", None) is not None
+                                     else p.numel()) for p in model.parameters())
 
 
 def _nbytes(*tensors) -> int:
@@ -156,13 +170,27 @@ def _nbytes(*tensors) -> int:
 def weight_bytes(model: torch.nn.Module) -> dict:
     """Bytes the model's parameters actually hold, split into the packed 4-bit / int8 tensors
     (`quantized_weight_bytes`), their constants (`quant_state_bytes`: the 4-bit absmax and code,
-    with DQ the second level's absmax, code and offset; int8's row scales) and the rest
+    with DQ the second level's absmax, code and offset; int8's row scales; HQQ's scales and zero
+    points; torchao's int8 scales, their scales, mean and code) and the rest
     (`unquantized_weight_bytes`: embeddings, norms, head, biases). Buffers are not weights."""
     import bitsandbytes as bnb
 
     quantized = state = other = quantized_params = 0
+    hqq_packed = set()
+    for layer in quantize.hqq_layers(model):  # W_q is its one parameter; scale, zero, bias are tensors
+        hqq_packed.add(id(layer.W_q))
+        quantized += _nbytes(layer.W_q)
+        state += _nbytes(layer.meta["scale"], layer.meta["zero"])
+        quantized_params += math.prod(layer.meta["shape"])
+        other += _nbytes(layer.bias)
     for _, p in model.named_parameters():  # de-duplicates tied weights (BLOOM's head)
-        if isinstance(p, bnb.nn.Params4bit):
+        if id(p) in hqq_packed:
+            continue
+        if type(p).__name__ == "NF4Tensor":  # torchao: packed codes, then its constants
+            quantized += _nbytes(p.quantized_data)
+            quantized_params += p.numel()
+            state += _nbytes(p.quantized_scalers, p.quantization_factor, p.scaler_mean, p.nf4)
+        elif isinstance(p, bnb.nn.Params4bit):
             qs = p.quant_state
             quantized += _nbytes(p)
             quantized_params += qs.shape.numel()  # packed: 2 weights per byte
@@ -188,7 +216,9 @@ def prepare_for_training(model: torch.nn.Module, quantized: bool, gradient_check
                          upcast: bool = True, full: bool = False) -> None:
     """The QLoRA recipe: for a quantized base, peft's prepare_model_for_kbit_training (freezes
     the base, up-casts its non-quantized parameters to float32, enables checkpointing); for the
-    16-bit baseline, and a quantized base with `upcast=False`, the same without the up-cast.
+    16-bit baseline, and a quantized base with `upcast=False`, the same without the up-cast. A
+    base qlab/run/quantize.py quantized gets the same by hand: peft enables checkpointing only on
+    transformers' quantized-model flag, and its up-cast would dequantize torchao's NF4 tensor.
 
     `full` (adapter.targets=full, a 16-bit base): every parameter trains as a float32 master
     weight, the forward under autocast to the loaded dtype (mixed precision): in bfloat16 itself a
@@ -199,6 +229,11 @@ def prepare_for_training(model: torch.nn.Module, quantized: bool, gradient_check
         model.float().requires_grad_(True)
         if dtype != torch.float32:
             model.forward = torch.autocast(model.device.type, dtype=dtype)(model.forward)
+    elif quantized and upcast and getattr(model, "hf_quantizer", None) is None:
+        model.requires_grad_(False)
+        for p in model.parameters():
+            if p.dtype in (torch.float16, torch.bfloat16) and not quantize.is_quantized(p):
+                p.data = p.data.float()
     elif quantized and upcast:
         from peft import prepare_model_for_kbit_training
 

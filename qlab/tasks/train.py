@@ -43,6 +43,7 @@ class Setup:
     batches: data.Data
     metrics: dict
     tokenizer: object = None  # saved beside a full fine-tuning run's weights
+    initial_adapter: str | None = None  # a PiSSA adapter as initialized (adapters.save_initial)
 
 
 def setup(cfg: DictConfig, raw) -> Setup:
@@ -55,20 +56,20 @@ def setup(cfg: DictConfig, raw) -> Setup:
     models.cap_device_memory(device, cfg.train.max_device_memory_gib)
     loaded = models.load(cfg.model, cfg.quant, device)
     metrics = {**loaded.weight_bytes, "load_time_s": loaded.load_time_s, **models.identity(cfg.model, loaded),
-               "total_params": sum(p.quant_state.shape.numel() if getattr(p, "quant_state", None) is not None
-                                   else p.numel() for p in loaded.model.parameters())}
+               "total_params": models.param_count(loaded.model)}
     models.prepare_for_training(loaded.model, cfg.quant.type != "bf16", cfg.train.gradient_checkpointing,
                                 upcast=cfg.speed.upcast_non_quantized, full=cfg.adapter.targets == "full")
     prepared = models.weight_bytes(loaded.model)  # the recipe up-casts non-quantized weights
     # seed right before the adapters draw their initial weights: loading may have consumed
     # random numbers (building a preset the first time does), which must not change the run
     set_seed(cfg.seed)
-    model, targets = adapters.attach(loaded.model, cfg.adapter)
+    model, targets = adapters.attach(loaded.model, cfg.adapter, loaded.path)
+    initial = adapters.save_initial(model, cfg.adapter)
     batches = data.build(raw, cfg.data, loaded.tokenizer, cfg.train.batch_size, cfg.seed)
     metrics.update(weight_bytes_after_prepare=prepared["weight_bytes"],
                    compiled_layers=speed.compile_layers(model, cfg.speed), **adapters.count_params(model),
                    lora_target_modules=targets, **{f"data_{k}": v for k, v in batches.stats.items()})
-    return Setup(device, model, prepared, batches, metrics, loaded.tokenizer)
+    return Setup(device, model, prepared, batches, metrics, loaded.tokenizer, initial)
 
 
 def run(cfg: DictConfig, raw, recorder) -> Outcome:
@@ -99,7 +100,7 @@ def run(cfg: DictConfig, raw, recorder) -> Outcome:
             s.model.save_pretrained(recorder.dir / "model")
             s.tokenizer.save_pretrained(recorder.dir / "model")
         elif cfg.train.save_adapter:
-            s.model.save_pretrained(recorder.dir / "adapter")
+            adapters.save(s.model, recorder.dir / "adapter", s.initial_adapter)
     except Exception as e:  # outside the loop: loading, adapters, data, optimizer, eval
         return failure(e, metrics)
     return Outcome("ok", metrics)
