@@ -277,7 +277,7 @@ def compose(overrides: list[str]) -> DictConfig:
 
 def _choice(key: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
-        raise ConfigError(key, f"unknown value {value!r} (choose from {', '.join(allowed)})")
+        raise ConfigError(key, f"unknown value {value!r} (choose from {', '.join(map(str, allowed))})")
 
 
 def _at_least(key: str, value, low, nullable: bool = False) -> None:

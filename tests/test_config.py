@@ -71,7 +71,7 @@ def test_quant_settings_are_spelled_as_the_report_labels_them():
     from qlab.config import QUANT_SETTINGS, QUANT_TYPES
 
     assert all(frame.quant_label(t, dq) == label for label, (t, dq) in QUANT_SETTINGS.items())
-    assert {t for t, _ in QUANT_SETTINGS.values()} == set(QUANT_TYPES)
+    assert {t for t, _ in QUANT_SETTINGS.values()} == set(QUANT_TYPES) - {"int4"}  # int4: HQQ's, no bnb label
 
 
 @pytest.mark.parametrize("quant", [["quant=nf4"], ["quant=fp4", "quant.double_quant=true"], ["quant=int8"]])
@@ -95,3 +95,53 @@ def test_real_models_and_data_are_named_not_pathed(compose):
         validate(cfg)
         assert cfg.model.gguf == name and config.architecture(cfg.model) == arch
         assert cfg.data.source == "chitchat" and cfg.data.train_file is None and cfg.data.eval_file is None
+
+
+# (overrides, the key the error names, other keys it must name, pruned: a sweep skips it)
+BACKEND_COMBINATIONS = [
+    (["quant=hqq", "quant.type=nf4"], "quant.type", ["quant.backend=hqq"], False),
+    (["quant=nf4", "quant.type=int4"], "quant.type", ["quant.backend=bitsandbytes"], False),
+    (["quant=torchao-nf4", "quant.double_quant=false"], "quant.double_quant", ["quant.backend=torchao"], False),
+    (["quant=hqq", "quant.double_quant=true"], "quant.double_quant", ["quant.type=int4"], True),
+    (["quant=bf16", "quant.backend=hqq"], "quant.backend", ["quant.type=bf16"], True),
+    (["quant=int8", "quant.blocksize=128"], "quant.blocksize", ["quant.type=int8"], True),
+    (["quant=nf4", "quant.blocksize=48"], "quant.blocksize", [], False),
+    (["quant.backend=gptq"], "quant.backend", [], False),
+    (["adapter.init=olora"], "adapter.init", [], False),
+    (["quant=hqq", "adapter.init=loftq"], "adapter.init", ["quant.type=int4", "quant.backend=hqq"], False),
+    (["quant=bf16", "adapter.init=loftq"], "adapter.init", ["quant.type=bf16"], False),
+    (["quant=nf4", "adapter.init=loftq", "adapter.dora=true"], "adapter.dora", ["adapter.init=loftq"], False),
+    (["quant=nf4", "adapter.init=pissa"], "adapter.init", ["quant.type=nf4", "quant=bf16"], False),
+    (["quant=bf16", "adapter.init=pissa", "adapter.dora=true"], "adapter.dora", ["adapter.init=pissa"], False),
+    (["quant=torchao-nf4", "adapter.dora=true"], "adapter.dora", ["quant.backend=torchao"], False),
+    (["quant=bf16", "adapter=full", "adapter.dora=true"], "adapter.dora", [], True),
+]
+
+
+@pytest.mark.parametrize("overrides, key, named, pruned", BACKEND_COMBINATIONS)
+def test_unsupported_backend_and_adapter_combinations_name_both_keys(compose, overrides, key, named, pruned):
+    with pytest.raises(ConfigError) as e:
+        validate(compose(*overrides))
+    assert e.value.key == key and str(e.value).startswith(f"{key}: ")
+    assert all(n in str(e.value) for n in named), str(e.value)
+    assert isinstance(e.value, PrunedCombination) == pruned
+
+
+@pytest.mark.parametrize("overrides", [["quant=hqq"], ["quant=hqq", "quant.blocksize=128"], ["quant=torchao-nf4"],
+                                       ["quant=nf4", "quant.double_quant=true", "quant.blocksize=32"],
+                                       ["quant=nf4", "adapter.init=loftq"], ["quant=fp4", "adapter.init=loftq"],
+                                       ["quant=bf16", "adapter.init=pissa"], ["quant=hqq", "adapter.dora=true"],
+                                       ["quant=int8", "adapter.dora=true"]])
+def test_supported_backend_and_adapter_settings_validate(compose, overrides):
+    validate(compose(*overrides))
+
+
+def test_quant_label_spells_backend_and_block_size():
+    from qlab.config import quant_label
+
+    assert quant_label({"type": "nf4", "double_quant": True}) == "nf4+DQ"  # a result from before the keys
+    assert quant_label({"type": "nf4", "double_quant": True, "backend": "bitsandbytes", "blocksize": 64}) == "nf4+DQ"
+    assert quant_label({"type": "nf4", "double_quant": True, "backend": "bitsandbytes", "blocksize": 128}) == "nf4+DQ/b128"
+    assert quant_label({"type": "int4", "backend": "hqq", "blocksize": 64}) == "hqq int4"
+    assert quant_label({"type": "nf4", "double_quant": True, "backend": "torchao", "blocksize": 32}) == "torchao nf4+DQ/b32"
+    assert quant_label({"type": "bf16", "blocksize": 64}) == "bf16"

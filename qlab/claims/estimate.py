@@ -22,9 +22,11 @@ import sys
 from dataclasses import dataclass, field, replace
 
 import torch
+from omegaconf import OmegaConf
 
-from qlab.config import (ADAPTER_TARGETS, COMPUTE_DTYPES, FOUR_BIT, OPTIMIZERS, QUANT_SETTINGS, QUANT_TYPES,
-                         SHAPES, ConfigError, resolve_path)
+from qlab.config import (ADAPTER_TARGETS, BLOCKSIZES, COMPUTE_DTYPES, DEFAULT_BACKEND, FOUR_BIT, OPTIMIZERS,
+                         QUANT_BACKENDS, QUANT_SETTINGS, QUANT_TYPES, SHAPES, ConfigError, quant_label, resolve_path,
+                         validate_quant)
 from qlab.reference import gguf, pretrain
 from qlab.run import adapters, measure, models, optim, presets, quantize
 
@@ -102,14 +104,40 @@ def _keeps_fp32(name: str, model, dtype: torch.dtype) -> bool:
     return any(m in name.split(".") for m in mods)
 
 
-def four_bit_bytes(n: int, double_quant: bool) -> tuple[int, int]:
+def four_bit_bytes(n: int, double_quant: bool, blocksize: int = BLOCK_4BIT) -> tuple[int, int]:
     """(packed weight bytes, quant state bytes) of one bnb 4-bit tensor of n weights."""
     packed = (n + 1) // 2  # two 4-bit weights per uint8
-    blocks = math.ceil(n / BLOCK_4BIT)
+    blocks = math.ceil(n / blocksize)
     if not double_quant:
         return packed, blocks * FP32 + CODE_4BIT * FP32  # 32/64 = 0.5 bits/param
     # uint8 absmax (8/64 bits/param) + float32 per 256 of them (32/16384) + 256 code + offset
     return packed, blocks + math.ceil(blocks / BLOCK_DQ) * FP32 + CODE_DQ * FP32 + FP32 + CODE_4BIT * FP32
+
+
+def hqq_bytes(n: int, blocksize: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(packed, state) of one HQQ 4-bit layer: two codes per uint8, a scale and a zero point per
+    group of `blocksize` in the compute dtype (2 x 16/64 = 0.5 bits/param in bf16)."""
+    return n // 2, 2 * (n // blocksize) * dtype.itemsize
+
+
+def torchao_bytes(n: int, blocksize: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(packed, state) of one torchao NF4 tensor: two codes per uint8, an int8 scale per block,
+    one scale in the weight's dtype per quantize.torchao_scaler_block of those, their mean and the
+    16-value NF4 code (8/64 + 16/(64*256) bits/param in bf16 at the default blocks)."""
+    blocks = n // blocksize
+    factors = blocks // quantize.torchao_scaler_block(n, blocksize)
+    return n // 2, blocks + (factors + 1 + CODE_4BIT) * dtype.itemsize
+
+
+def quantized_bytes(in_f: int, out_f: int, quant: str, double_quant: bool, dtype: torch.dtype,
+                    backend: str = DEFAULT_BACKEND, blocksize: int = BLOCK_4BIT) -> tuple[int, int]:
+    """(quantized, state) bytes of one quantized layer of in_f x out_f weights."""
+    n = in_f * out_f
+    if backend == "hqq":
+        return hqq_bytes(n, blocksize, dtype)
+    if backend == "torchao":
+        return torchao_bytes(n, blocksize, dtype)
+    return four_bit_bytes(n, double_quant, blocksize) if quant in FOUR_BIT else int8_bytes(in_f, out_f)
 
 
 def int8_bytes(in_features: int, out_features: int) -> tuple[int, int]:
@@ -118,24 +146,24 @@ def int8_bytes(in_features: int, out_features: int) -> tuple[int, int]:
 
 
 def weight_bytes(model: torch.nn.Module, quant: str, double_quant: bool, dtype: torch.dtype,
-                 upcast: bool = True) -> dict:
+                 upcast: bool = True, backend: str = DEFAULT_BACKEND, blocksize: int = BLOCK_4BIT) -> dict:
     """`models.weight_bytes()` of `model` loaded with this quantization, without loading it, plus
-    `weight_bytes_after_prepare` (k-bit preparation up-casts non-quantized 16-bit weights to float32)."""
-    quantized = {id(m.weight): _in_out(m) for m in quantize.targets(model).values()} if quant != "bf16" else {}
+    `weight_bytes_after_prepare` (k-bit preparation up-casts non-quantized 16-bit weights to float32;
+    an HQQ layer's bias is a plain tensor in the compute dtype, which it leaves)."""
+    targets = quantize.targets(model).values() if quant != "bf16" else ()
+    quantized = {id(m.weight): _in_out(m) for m in targets}
+    plain_bias = {id(m.bias) for m in targets if m.bias is not None} if backend == "hqq" else set()
     packed = state = other = other_after = n_quantized = 0
     for name, p in model.named_parameters():  # tied weights appear once
         if id(p) in quantized:
             in_f, out_f = quantized[id(p)]
             n_quantized += in_f * out_f
-            if quant in FOUR_BIT:
-                q, s = four_bit_bytes(in_f * out_f, double_quant)
-            else:
-                q, s = int8_bytes(in_f, out_f)
+            q, s = quantized_bytes(in_f, out_f, quant, double_quant, dtype, backend, blocksize)
             packed, state = packed + q, state + s
             continue
         held = FP32 if _keeps_fp32(name, model, dtype) else dtype.itemsize
         other += p.numel() * held
-        other_after += p.numel() * (FP32 if quant != "bf16" and upcast else held)
+        other_after += p.numel() * (FP32 if quant != "bf16" and upcast and id(p) not in plain_bias else held)
     return {**models.weight_record(packed, state, other, n_quantized),
             "weight_bytes_after_prepare": packed + state + other_after}
 
@@ -147,9 +175,10 @@ def adapted_layers(model: torch.nn.Module, targets: str) -> list[tuple[str, int,
     return [(n, *_in_out(m)) for n, m in model.named_modules() if quantize.is_linear(m) and n.rsplit(".", 1)[-1] in names]
 
 
-def lora_shapes(layers, r: int) -> list[tuple[int, int]]:
-    """lora_A (r, in) and lora_B (out, r) per layer: r*(in+out) parameters each."""
-    return [s for _, i, o in layers for s in ((r, i), (o, r))]
+def lora_shapes(layers, r: int, dora: bool = False) -> list[tuple[int, ...]]:
+    """lora_A (r, in) and lora_B (out, r) per layer: r*(in+out) parameters each; DoRA adds a
+    magnitude per output row (out,)."""
+    return [s for _, i, o in layers for s in ((r, i), (o, r), *([(o,)] if dora else []))]
 
 
 def optimizer_state_bytes(name: str, shapes) -> int:
@@ -217,10 +246,13 @@ def activation_bytes(d: Dims, batch: int, seq: int, *, compute_bytes: int, resid
 class Setting:
     quant: str = "nf4"
     double_quant: bool = False
+    backend: str = DEFAULT_BACKEND
+    blocksize: int = BLOCK_4BIT
     compute_dtype: str = "bfloat16"  # or "auto": bfloat16 on cuda, float32 on cpu (models.compute_dtype)
     adapter: str = "all_linear"
     r: int = 64
     lora_dropout: float = 0.05
+    dora: bool = False
     optim: str = "paged_adamw_32bit"
     batch: int = 4
     seq: int = 512
@@ -234,8 +266,9 @@ class Setting:
             value = getattr(self, key)
             if value not in allowed:
                 raise ConfigError(key, f"unknown value {value!r} (choose from {', '.join(allowed)})")
-        if self.double_quant and self.quant not in FOUR_BIT:
-            raise ConfigError("double_quant", f"applies to the 4-bit types ({', '.join(FOUR_BIT)}), not {self.quant}")
+        validate_quant(OmegaConf.create({"type": self.quant, "double_quant": self.double_quant,
+                                         "compute_dtype": self.compute_dtype, "backend": self.backend,
+                                         "blocksize": self.blocksize}))
         if self.adapter == "full" and self.quant != "bf16":
             raise ConfigError("adapter", f"full fine-tuning trains a 16-bit base (quant bf16), not {self.quant}")
         for key in ("r", "batch", "seq"):
@@ -244,7 +277,8 @@ class Setting:
 
     @property
     def label(self) -> str:
-        return self.quant + ("+DQ" if self.double_quant else "")
+        return quant_label({"type": self.quant, "double_quant": self.double_quant, "backend": self.backend,
+                            "blocksize": self.blocksize})
 
     def dtype(self) -> torch.dtype:
         return models.compute_dtype(self, self.device)  # reads .compute_dtype, as of a quant config
@@ -301,10 +335,11 @@ def estimate(model: str | torch.nn.Module, setting: Setting, name: str | None = 
     if isinstance(model, str):
         name, model = name or model, meta_model(model_config(model))
     dtype = setting.dtype()
-    weights = weight_bytes(model, setting.quant, setting.double_quant, dtype, setting.upcast)
+    weights = weight_bytes(model, setting.quant, setting.double_quant, dtype, setting.upcast, setting.backend,
+                           setting.blocksize)
     full = setting.adapter == "full"
     layers = [] if full else adapted_layers(model, setting.adapter)
-    shapes = [tuple(p.shape) for p in model.parameters()] if full else lora_shapes(layers, setting.r)
+    shapes = [tuple(p.shape) for p in model.parameters()] if full else lora_shapes(layers, setting.r, setting.dora)
     if full:  # models.prepare_for_training: float32 master weights
         weights["weight_bytes_after_prepare"] = FP32 * sum(p.numel() for p in model.parameters())
     quantized = setting.quant != "bf16"
@@ -331,7 +366,9 @@ def estimate_for_config(cfg, device: str) -> Estimate:
 def setting_for_config(cfg, device: str) -> Setting:
     return Setting(
         quant=cfg.quant.type, double_quant=bool(cfg.quant.double_quant), compute_dtype=cfg.quant.compute_dtype,
+        backend=cfg.quant.get("backend", DEFAULT_BACKEND), blocksize=int(cfg.quant.get("blocksize", BLOCK_4BIT)),
         adapter=cfg.adapter.targets, r=int(cfg.adapter.r), lora_dropout=float(cfg.adapter.dropout),
+        dora=bool(cfg.adapter.get("dora", False)),
         optim=cfg.optim.name, batch=int(cfg.train.batch_size), seq=int(cfg.data.max_seq_len),
         checkpointing=bool(cfg.train.gradient_checkpointing), device=device,
         upcast=bool(cfg.speed.upcast_non_quantized) if "speed" in cfg else True,
@@ -439,11 +476,15 @@ def parser() -> argparse.ArgumentParser:
                    f"({', '.join(SHAPES['gguf'])}) or a local directory with config.json (default: %(default)s)")
     p.add_argument("--quant", default=d.quant, choices=QUANT_TYPES)
     p.add_argument("--double-quant", action="store_true", help="quantize the 4-bit absmax constants too")
+    p.add_argument("--backend", default=d.backend, choices=tuple(QUANT_BACKENDS))
+    p.add_argument("--blocksize", type=int, default=d.blocksize, choices=BLOCKSIZES,
+                   help="weights per scale of a 4-bit type (default: %(default)s)")
     p.add_argument("--compute-dtype", default=d.compute_dtype, choices=COMPUTE_DTYPES,
                    help="dtype of non-quantized weights and activations (auto: bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--adapter", default=d.adapter, choices=ADAPTER_TARGETS)
     p.add_argument("--r", type=int, default=d.r, help="LoRA rank")
     p.add_argument("--lora-dropout", type=float, default=d.lora_dropout)
+    p.add_argument("--dora", action="store_true", help="DoRA: a trained magnitude per output row too")
     p.add_argument("--optim", default=d.optim, choices=OPTIMIZERS)
     p.add_argument("--batch", type=int, default=d.batch)
     p.add_argument("--seq", type=int, default=d.seq, help="tokens per sequence")

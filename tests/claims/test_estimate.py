@@ -18,7 +18,12 @@ WEIGHT_KEYS = ("weight_bytes", "quantized_weight_bytes", "quant_state_bytes", "u
                "quantized_params", "bits_per_quantized_param")
 QUANTS = {"bf16": ["quant=bf16"], "int8": ["quant=int8"], "nf4": ["quant=nf4"],
           "nf4+DQ": ["quant=nf4", "quant.double_quant=true"], "fp4": ["quant=fp4"],
-          "fp4+DQ": ["quant=fp4", "quant.double_quant=true"]}
+          "fp4+DQ": ["quant=fp4", "quant.double_quant=true"],
+          # the backends and block sizes qlab/run/quantize.py builds after loading
+          "hqq int4": ["quant=hqq"], "hqq int4/b32": ["quant=hqq", "quant.blocksize=32"],
+          "torchao nf4+DQ": ["quant=torchao-nf4"], "torchao nf4+DQ/b32": ["quant=torchao-nf4", "quant.blocksize=32"],
+          "nf4+DQ/b32": ["quant=nf4", "quant.double_quant=true", "quant.blocksize=32"],
+          "fp4/b32": ["quant=fp4", "quant.blocksize=32"]}
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +47,7 @@ def test_predicted_weights_equal_what_bitsandbytes_holds(compose, model, quant):
     assert predicted.target_modules == names
 
 
-@pytest.mark.parametrize("quant", ["bf16", "nf4+DQ", "int8"])
+@pytest.mark.parametrize("quant", ["bf16", "nf4+DQ", "int8", "hqq int4", "torchao nf4+DQ"])
 def test_bfloat16_compute_dtype_as_on_a_gpu(compose, quant):
     # the paper's setting: non-quantized weights in bfloat16 (2 bytes), not CPU's float32
     cfg = compose(*QUANTS[quant], "quant.compute_dtype=bfloat16")
@@ -64,6 +69,19 @@ def test_adapter_count_matches_peft(compose, model, targets):
     assert predicted.target_modules == sorted(names)
     assert all(p.dtype == torch.float32 for p in peft_model.parameters() if p.requires_grad)  # 4 bytes each
     assert predicted.parts["gradients_bytes"] == predicted.parts["adapters_bytes"] == 4 * predicted.adapter_params
+
+
+@pytest.mark.parametrize("quant", ["nf4", "hqq int4"])
+def test_dora_adds_a_trained_magnitude_per_output_row(compose, quant):
+    cfg = compose(*QUANTS[quant], "adapter.dora=true", "adapter.r=8")
+    predicted = estimate.estimate_for_config(cfg, "cpu")
+    plain = estimate.estimate_for_config(compose(*QUANTS[quant], "adapter.r=8"), "cpu")
+    loaded = models.load(cfg.model, cfg.quant, "cpu")
+    models.prepare_for_training(loaded.model, True, True)
+    peft_model, _ = adapters.attach(loaded.model, cfg.adapter)
+    assert predicted.adapter_params == adapters.count_params(peft_model)["trainable_params"]
+    magnitudes = sum(p.numel() for n, p in peft_model.named_parameters() if "lora_magnitude_vector" in n)
+    assert magnitudes > 0 and predicted.adapter_params - plain.adapter_params == magnitudes
 
 
 def state_bytes_after_one_step(optim_cfg, params) -> int:
