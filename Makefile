@@ -27,6 +27,8 @@ LOCK ?= requirements.lock
 LOCK_C := $(if $(LOCK),-c $(LOCK))
 LOCK_CHOICE := $(VENV)/.qlab-lock
 CPU_TORCH := torch==2.13.0
+# hqq ships as source, whose build also tries its CUDA kernels (optional; qlab uses its PyTorch path)
+export DISABLE_CUDA := 1
 
 .DEFAULT_GOAL := help
 .PHONY: FORCE help install lock run sweep report generate-bench eval base claims test clean-venv bench-kernels compare numerics gemma

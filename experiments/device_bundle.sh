@@ -42,10 +42,11 @@ pack() {
               lm-eval==0.4.13 datasets==5.2.0 evaluate==0.4.6 dill==0.4.1 multiprocess==0.70.19
               pytablewriter==1.2.1 dataproperty==1.1.1 mbstrdecoder==1.1.5 pathvalidate==3.3.1 tabledata==1.3.5
               tcolorpy==0.1.7 typepy==2.0.0 chardet==5.2.0 rouge-score==0.0.4 nltk==3.10.4 absl-py==2.5.1
-              more-itertools==11.2.1 zstandard==0.25.0 defusedxml==0.7.1)
+              more-itertools==11.2.1 zstandard==0.25.0 defusedxml==0.7.1
+              torchao==0.18.0 einops==0.8.2 termcolor==3.3.0)
   for p in "${pkgs[@]}"; do $PY -m pip download -q --no-deps $plat -d "$work/wheels" "$p" 2>&1 | grep -v WARNING || true; done
-  for p in antlr4-python3-runtime==4.9.3 sqlitedict==2.1.0 word2number==1.1; do  # published as source only
-    $PY -m pip wheel -q --no-deps -w "$work/wheels" "$p" 2>&1 | grep -v WARNING || true
+  for p in antlr4-python3-runtime==4.9.3 sqlitedict==2.1.0 word2number==1.1 hqq==0.2.8.post1; do  # source only
+    DISABLE_CUDA=1 $PY -m pip wheel -q --no-deps -w "$work/wheels" "$p" 2>&1 | grep -v WARNING || true
   done
   # bitsandbytes: its CPU and CUDA 13 libraries only (the image's CUDA)
   $PY - "$work/wheels" <<'EOF'

@@ -8,6 +8,7 @@
 #   bash experiments/gpu_evidence.sh quality   # issue 6: the 36-run quality sweep on the base
 #   bash experiments/gpu_evidence.sh speed-llama / speed-bloom   # issues 8/15, one 7B shape each
 #   bash experiments/gpu_evidence.sh speed-peaks   # the isolated runs of the speed arms' peaks
+#   bash experiments/gpu_evidence.sh backends   # issue 18: SmolLM2 across quantization backends x adapter init/form
 #   bash experiments/gpu_evidence.sh real / real-eval   # issue 14: SmolLM2 fine-tuned on chitchat
 #       # (35 runs), then qlab eval of every run and of the three bases; RESULTS=/tmp/... where the
 #       # tree is laid anew each call (the device: experiments/device_bundle.sh unpacks what they need)
@@ -23,7 +24,7 @@ set -uo pipefail
 SELF=$(realpath "$0")
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-STAGE=${1:?usage: gpu_evidence.sh measure|finish|base|foundation|quality|speed-llama|speed-bloom|speed-peaks|real|real-eval|parallel STAGE...}
+STAGE=${1:?usage: gpu_evidence.sh measure|finish|base|foundation|quality|speed-llama|speed-bloom|speed-peaks|real|backends|real-eval|parallel STAGE...}
 R=${RESULTS:-results}  # the real stages' results (the older stages write results/)
 mkdir -p results/logs "$R/logs"
 status=0
@@ -102,13 +103,14 @@ speed-peaks)  # the isolated runs memory peaks come from (results/speed-<model>/
   step peaks-llama 560 $PY -m qlab.run experiment=speed-peaks model=llama-7b
   step peaks-bloom 560 $PY -m qlab.run experiment=speed-peaks model=bloom-7b1
   ;;
-real)  # experiment=real (7 arms x 5 seeds, 150 steps of 8 x 512 on SmolLM2), RUNS_PER_GPU at once on
-  # each of NUM_GPUS H200s: ~18 min on one (two calls), 8.5 min on two; resumable: a call runs
-  # what an earlier call's time limit cut.
+real|backends)  # experiment=real (7 arms x 5 seeds, 150 steps of 8 x 512 on SmolLM2), RUNS_PER_GPU at
+  # once on each of NUM_GPUS H200s: ~18 min on one (two calls), 8.5 min on two; experiment=backends
+  # (issue 18: 10 arms x 5 seeds, the same steps) likewise. Resumable: a call runs what an earlier
+  # call's time limit cut.
   # Further arguments are overrides, e.g. '+arm=fp4-all-linear,full-ft' (the long arms first, so that
   # a call's time limit cuts none midway); the run ids are the full sweep's
-  QLAB_NUM_GPUS=${NUM_GPUS:-1} QLAB_RUNS_PER_GPU=${RUNS_PER_GPU:-12} step real-sweep ${LIMIT:-540} \
-    $PY -m qlab.run experiment=real hydra/launcher=local_gpus tracker.results_dir=$R "${@:2}"
+  QLAB_NUM_GPUS=${NUM_GPUS:-1} QLAB_RUNS_PER_GPU=${RUNS_PER_GPU:-12} step $STAGE-sweep ${LIMIT:-540} \
+    $PY -m qlab.run experiment=$STAGE hydra/launcher=local_gpus tracker.results_dir=$R "${@:2}"
   ;;
 real-eval)  # ~5 min: qlab eval of every run of the real sweep and of the three bases, EVALS at once
   # on each of NUM_GPUS GPUs (every NUM_GPUS-th target on one); complete evaluations are skipped

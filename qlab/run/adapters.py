@@ -77,7 +77,21 @@ def attach(model: torch.nn.Module, adapter_cfg, checkpoint: str | None = None):
     peft_model = get_peft_model(model, lora)
     if adapter_cfg.init == "loftq":
         loftq(peft_model, checkpoint)
+    if adapter_cfg.dora:
+        keep_cpu_layout(peft_model)
     return peft_model, target_modules
+
+
+def keep_cpu_layout(model) -> None:
+    """bitsandbytes repacks a 4-bit layer's weight for its CPU kernel on the first forward without
+    gradients (evaluation), after which dequantize_4bit, which DoRA reads for its weight norm at every
+    step, returns other values (0.12 off on tiny-llama's q_proj): on a CPU the weights keep the
+    layout they were quantized in. A GPU never repacks."""
+    import bitsandbytes as bnb
+
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
 
 
 def save(model, directory, initial: str | None = None) -> None:

@@ -129,3 +129,31 @@ def test_dora_trains_a_magnitude_on_a_4_bit_base(compose, quant):
     out.loss.backward()
     magnitudes = [p for n, p in model.named_parameters() if "lora_magnitude_vector" in n]
     assert magnitudes and all(p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0 for p in magnitudes)
+    # DoRA starts as the base: so it must stay through evaluation passes (where bitsandbytes' CPU
+    # kernel would repack the 4-bit weights DoRA takes its norm from: adapters.keep_cpu_layout)
+    first, second = logits(model), logits(model)
+    with model.disable_adapter():
+        base = logits(model)
+    assert torch.allclose(first, base, atol=1e-4) and torch.allclose(second, base, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="peft's LoftQ computes on CUDA only")
+def test_loftq_is_peft_s_with_the_lora_scaling_divided_out(compose):
+    """On a GPU, against peft's own replace_lora_weights_loftq (one alternation, CUDA only): the
+    same B A up to qlab's division by the LoRA scaling alpha/r."""
+    from peft import replace_lora_weights_loftq
+
+    cfg = compose("quant=nf4", "adapter.init=loftq", "adapter.r=8", "adapter.alpha=16", "train.device=cuda")
+    ours, theirs = [], []
+    for out, init in ((ours, "loftq"), (theirs, "gaussian")):
+        q = models.load(cfg.model, cfg.quant, "cuda")
+        models.prepare_for_training(q.model, True, True)
+        model, _ = adapters.attach(q.model, compose(*[f"adapter.init={init}", "adapter.r=8", "adapter.alpha=16"]).adapter,
+                                   q.path)
+        if init == "gaussian":
+            replace_lora_weights_loftq(model, model_path=q.path)
+        layer = dict(model.named_modules())["base_model.model.model.layers.0.self_attn.q_proj"]
+        out.append(layer.lora_B["default"].weight @ layer.lora_A["default"].weight)
+        scaling = layer.scaling["default"]
+    assert torch.allclose(ours[0] * scaling, theirs[0], atol=1e-4, rtol=1e-3)
