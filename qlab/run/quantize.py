@@ -62,7 +62,24 @@ def apply(model: torch.nn.Module, quant_cfg, dtype: torch.dtype, device: str) ->
             raise ConfigError("quant.blocksize", f"{name}'s {'rows of ' if row else ''}"
                                                  f"{linear.weight.shape[-1] if row else linear.weight.numel():,} "
                                                  f"weights do not split into blocks of {quant_cfg.blocksize}")
-        model.set_submodule(name, build(linear, quant_cfg, dtype, device))
+        model.set_submodule(name, compute_in(build(linear, quant_cfg, dtype, device), dtype))
+
+
+def compute_in(layer: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Multiply in the compute dtype and return the input's, as bitsandbytes' Linear4bit does:
+    the recipe up-casts the norms to float32, so a layer's input is float32 while HQQ's dequantized
+    weight is bf16 (a dtype error) and torchao's NF4 would dequantize to float32 (a float32 matmul,
+    unlike bitsandbytes'). bitsandbytes' own layers cast for themselves."""
+    if type(layer).__name__ == "Linear4bit":
+        return layer
+
+    def cast_in(module, args):
+        module.qlab_input_dtype = args[0].dtype
+        return (args[0].to(dtype), *args[1:])
+
+    layer.register_forward_pre_hook(cast_in)
+    layer.register_forward_hook(lambda module, args, out: out.to(module.qlab_input_dtype))
+    return layer
 
 
 def _bitsandbytes(linear, q, dtype: torch.dtype, device: str):

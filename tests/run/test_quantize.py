@@ -68,6 +68,18 @@ def test_each_backend_quantizes_every_target_layer_close_to_16_bit(compose, over
     assert (got - ref).norm() / ref.norm() < 0.2  # 4-bit weights: a few percent off, not noise
 
 
+@pytest.mark.parametrize("quant", [["quant=hqq"], ["quant=torchao-nf4"], ["quant=nf4", "quant.blocksize=32"]])
+def test_every_backend_multiplies_in_the_compute_dtype_after_the_recipe_s_up_cast(compose, quant):
+    # as on a GPU: bf16 compute, norms up-cast to float32 by the recipe, so float32 reaches the layers
+    cfg, q = loaded(compose, *quant, "quant.compute_dtype=bfloat16")
+    models.prepare_for_training(q.model, True, True)
+    model, _ = adapters.attach(q.model, cfg.adapter, q.path)
+    out = model(input_ids=IDS, labels=IDS)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+
+
 def test_a_block_that_does_not_fit_a_row_is_refused_naming_the_key(compose):
     from qlab.config import ConfigError
 
