@@ -3,13 +3,16 @@ quantization error of real weights: qlab's pretrained base on its held-out split
 pretrained model (smollm2-135m, gemma3-270m: conf/model/) on a real text (qlab.reference.texts).
 
     python -m qlab.claims.ptq --model smollm2-135m|gemma3-270m|<conf/model name>|tiny|small|gpu
-                              --text wiki|c4|tinystories|heldout [--types bf16,...] [--max-tokens N]
-                              [--seq-len 512] [--device auto] [--results results]
+                              --text wiki|c4|tinystories|heldout [--types bf16,...|default|all]
+                              [--max-tokens N] [--seq-len 512] [--device auto] [--results results]
     python -m qlab.claims.ptq --size tiny|small|gpu|auto     (= --model base-<size> --text heldout)
 
-The model is loaded as a run loads it (models.load; a GGUF model is converted on first use),
-once per type, afresh; int4, which bitsandbytes lacks, is the bf16 model with every quantized
-layer's weight replaced by its kernels.round_trip. Every type is scored on the same token windows
+A type is a label of TYPES, spelled as config.quant_label spells its quant config: Table 2's
+(DEFAULT_TYPES), and beside them bitsandbytes' NF4+DQ at other block sizes, HQQ's int4 and
+torchao's NF4 (`--types all`, or by name: --types 'bf16,nf4+DQ,hqq int4'). The model is loaded
+as a run loads it (models.load; a GGUF model is converted on first use), once per type, afresh;
+"int4", qlab's reference round-to-nearest int4, is the bf16 model with every quantized layer's
+weight replaced by its kernels.round_trip. Every type is scored on the same token windows
 (checked by their SHA-256), two types compared window by window (stats.paired_log_ratio). Writes
 <results>/ptq-<model>-<text>/ (ptq-base-<size>/ for a base on its held-out split): ptq.json,
 ptq.md. The method: docs/ptq.md.
@@ -22,30 +25,59 @@ import gc
 import hashlib
 import json
 import math
+import shlex
 import sys
 import time
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
 
 from qlab import config
 from qlab.claims import estimate, kernels
-from qlab.config import QUANT_SETTINGS, SHAPES, ConfigError, QuantConfig
+from qlab.config import BLOCKWISE, DEFAULT_BACKEND, FOUR_BIT, QUANT_SETTINGS, SHAPES, ConfigError, QuantConfig
 from qlab.reference import gguf, pretrain, texts
 from qlab.results import stats, store
 from qlab.run import models, quantize
 from qlab.run.device import resolve_device
 
-# label -> (quant.type for models.load, double_quant); "int4" is loaded as bf16, then rounded
-TYPES: dict[str, tuple[str, bool]] = {**QUANT_SETTINGS, "int4": ("bf16", False)}
+REFERENCE_INT4 = "int4"  # qlab's round-to-nearest int4 (kernels), which bitsandbytes lacks: not "hqq int4"
+# label (config.quant_label's spelling) -> the quant config models.load gets; REFERENCE_INT4 is
+# loaded in 16 bits, then rounded in place (int4_in_place)
+TYPES: dict[str, QuantConfig] = {
+    **{label: QuantConfig(type=t, double_quant=dq) for label, (t, dq) in QUANT_SETTINGS.items()},
+    REFERENCE_INT4: QuantConfig(type="bf16"),
+    # the same NF4+DQ with an absmax per 32 / 128 weights: 4 + 8/32 + 32/(256*32) = 4.254 bits,
+    # 4 + 8/128 + 32/(256*128) = 4.063 bits (64: 4.127)
+    "nf4+DQ/b32": QuantConfig(type="nf4", double_quant=True, blocksize=32),
+    "nf4+DQ/b128": QuantConfig(type="nf4", double_quant=True, blocksize=128),
+    "hqq int4": QuantConfig(type="int4", backend="hqq"),
+    "torchao nf4+DQ": QuantConfig(type="nf4", double_quant=True, backend="torchao"),
+}
+# Table 2's types, what `--types` measures unless told (and what results/ptq-*/ hold)
+DEFAULT_TYPES = ("bf16", "int8", "nf4", "nf4+DQ", "fp4", "fp4+DQ", REFERENCE_INT4)
+TYPE_GROUPS = {"default": DEFAULT_TYPES, "all": tuple(TYPES)}  # names --types also takes
 BLOCKSIZE = 64  # bitsandbytes' Linear4bit default and the paper's
-ERROR_KINDS: dict[str, tuple[str, bool]] = {  # label -> (kernels kind, double_quant)
+ERROR_KINDS: dict[str, tuple[str, bool]] = {  # label -> (kernels kind, double_quant), at BLOCKSIZE
     "nf4": ("nf4", False), "fp4": ("fp4", False), "int4": ("int4", False),
     "nf4+DQ": ("nf4", True), "fp4+DQ": ("fp4", True),
 }
-# Table 2's order and the neighbours worth a paired interval: (a, b) -> ppl_a / ppl_b - 1 in ptq.md
-PAIRS = (("nf4+DQ", "fp4"), ("fp4", "int4"), ("nf4+DQ", "int4"), ("nf4", "nf4+DQ"), ("nf4", "fp4"))
+# qlab.claims.kernels round-trips bitsandbytes' types and its own int4 only: these backends' weight
+# error would need their own quantizer, which it does not reimplement
+NO_WEIGHT_ERROR = {
+    "hqq": "HQQ fits each group's scale and zero point with its own solver; qlab.claims.kernels has no "
+           "HQQ round trip, so its weight error is not computed",
+    "torchao": "torchao's NF4 quantizes its scales its own way (int8 per block, a scale per up to 256 of "
+               "them), not bitsandbytes' double quantization that qlab.claims.kernels applies, so its "
+               "weight error is not computed",
+}
+# the neighbours worth a paired interval, where both were measured: (a, b) -> ppl_a / ppl_b - 1 in
+# ptq.md. Table 2's order; then HQQ's fitted int4 against qlab's round-to-nearest one, and each other
+# backend or block size against bitsandbytes' NF4+DQ at 64
+TABLE_2_PAIRS = (("nf4+DQ", "fp4"), ("fp4", "int4"), ("nf4+DQ", "int4"), ("nf4", "nf4+DQ"), ("nf4", "fp4"))
+PAIRS = (*TABLE_2_PAIRS, ("hqq int4", "int4"), ("hqq int4", "nf4+DQ"), ("torchao nf4+DQ", "nf4+DQ"),
+         ("nf4+DQ/b32", "nf4+DQ"), ("nf4+DQ/b128", "nf4+DQ"))
 
 HELDOUT = "heldout"  # a base's own held-out split (qlab.reference.corpus), as it was built with
 SEQ_LEN = 512  # positions per window on a real text
@@ -125,6 +157,63 @@ def describe(rec: dict) -> str:
     return f"{model}{note} · {'held-out split' if text == HELDOUT else text}"
 
 
+def select_types(names: list[str] | None) -> list[str]:
+    """The labels `names` asks for, in its order, a group (TYPE_GROUPS) expanded, each once; None:
+    DEFAULT_TYPES. Raises ValueError naming an unknown label and the choices, or a list without bf16
+    (every other type is compared with it)."""
+    labels: list[str] = []
+    for name in names or ["default"]:
+        for label in TYPE_GROUPS.get(name, (name,)):
+            if label not in TYPES:
+                raise ValueError(f"unknown type {label!r}: choose from {', '.join(TYPES)}, or "
+                                 f"{' / '.join(TYPE_GROUPS)} ({', '.join(DEFAULT_TYPES)} / every one)")
+            if label not in labels:
+                labels.append(label)
+    if "bf16" not in labels:
+        raise ValueError(f"types must include bf16 (every type is compared with it); got {', '.join(labels)}")
+    return labels
+
+
+def check_types(labels: list[str], path: Path | str, model_cfg, device: str) -> None:
+    """Before any type loads, raise ValueError naming a type this machine cannot measure: its
+    backend's package missing, or, where qlab/run/quantize.py quantizes, a layer the block size does
+    not split (bitsandbytes on a CPU needs whole blocks per row: rows of 576 do not take 128)."""
+    skeleton = None
+    for label in labels:
+        q = TYPES[label]
+        if q.type == "bf16":
+            continue
+        if why := quantize.missing(q.backend):
+            raise ValueError(f"type {label!r} cannot be measured here: {why}")
+        if quantize.by_qlab(q):
+            skeleton = skeleton or meta_model(path, model_cfg)
+            try:
+                quantize.check_blocks(skeleton, q, device)
+            except ConfigError as e:
+                raise ValueError(f"type {label!r} cannot be measured on {device}: {e}") from e
+
+
+def meta_model(path: Path | str, model_cfg):
+    """The model's layers on the meta device (shapes, no weights), for check_types."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    remote = model_cfg.trust_remote_code
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path, trust_remote_code=remote),
+                                                trust_remote_code=remote)
+
+
+def backend_versions(labels: list[str]) -> dict:
+    """Versions of the backends besides bitsandbytes (store.environment records that one)."""
+    out = {}
+    for backend in sorted({TYPES[label].backend for label in labels} - {DEFAULT_BACKEND}):
+        try:
+            out[backend] = version(backend)
+        except PackageNotFoundError:
+            out[backend] = None
+    return out
+
+
 def model_config(name: str):
     """conf/model/<name>.yaml composed as `python -m qlab.run model=<name>` composes it."""
     return config.compose([f"model={name}"]).model
@@ -196,11 +285,10 @@ def batch_size(model, seq_len: int) -> int:
 def measure_type(label: str, tgt: Target, model_cfg, device: str, seq_len: int, max_tokens: int | None) -> dict:
     """Load the model as `label`, build its windows with its own tokenizer, score them; per-window
     NLLs kept for the paired comparison, the windows' SHA-256 for the same-windows check."""
-    qtype, dq = TYPES[label]
-    quant = QuantConfig(type=qtype, double_quant=dq)
+    quant = TYPES[label]
     loaded = models.load(model_cfg, quant, device)
     wb = dict(loaded.weight_bytes)
-    if label == "int4":
+    if label == REFERENCE_INT4:
         t0 = time.perf_counter()
         n = int4_in_place(loaded.model)
         held = sum(m.weight.numel() * m.weight.element_size() for _, m in decoder_linears(loaded.model))
@@ -218,7 +306,10 @@ def measure_type(label: str, tgt: Target, model_cfg, device: str, seq_len: int, 
     t0 = time.perf_counter()
     ev = pretrain.score_windows(loaded.model, windows, batch_size(loaded.model, seq_len), per_window=True)
     eval_s = time.perf_counter() - t0
-    out = {"quant": qtype, "double_quant": dq,
+    reference = label == REFERENCE_INT4
+    out = {"quant": quant.type, "double_quant": quant.double_quant,
+           "backend": "qlab.claims.kernels" if reference else quant.backend,
+           "blocksize": BLOCKSIZE if reference else quant.blocksize if quant.type in BLOCKWISE else None,
            "compute_dtype": str(models.compute_dtype(quant, device)).removeprefix("torch."),
            "loss": ev["loss"], "perplexity": ev["perplexity"], "tokens": ev["tokens"],
            "load_time_s": loaded.load_time_s, "eval_s": eval_s, **wb,
@@ -242,15 +333,32 @@ def check_same_windows(per: dict[str, dict]) -> None:
                                "the types cannot be compared window by window")
 
 
-def weight_errors(path: Path | str, device: str = "cpu") -> dict:
+def error_kinds(labels: list[str]) -> dict[str, tuple[str, bool, int]]:
+    """label -> (kernels kind, double_quant, blocksize) of the weight errors to compute: ERROR_KINDS
+    whichever types were measured (the error does not depend on it), and each measured bitsandbytes
+    4-bit type at another block size."""
+    kinds = {label: (kind, dq, BLOCKSIZE) for label, (kind, dq) in ERROR_KINDS.items()}
+    for label in labels:
+        q = TYPES[label]
+        if q.backend == DEFAULT_BACKEND and q.type in FOUR_BIT and q.blocksize != BLOCKSIZE:
+            kinds[label] = (q.type, q.double_quant, q.blocksize)
+    return kinds
+
+
+def no_weight_error(labels: list[str]) -> dict[str, str]:
+    """label -> why its weight error is not computed, for each measured type of another backend."""
+    return {label: NO_WEIGHT_ERROR[TYPES[label].backend] for label in labels if TYPES[label].backend in NO_WEIGHT_ERROR}
+
+
+def weight_errors(path: Path | str, device: str = "cpu", kinds: dict | None = None) -> dict:
     """Pooled quantization error of every decoder linear weight of the stored checkpoint (its own
-    float32 values, not a bf16 cast), per kind in ERROR_KINDS."""
+    float32 values, not a bf16 cast), per label of `kinds` (default: ERROR_KINDS at BLOCKSIZE)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     weights = [m.weight.detach().to(device) for _, m in decoder_linears(model)]
-    return {label: {**kernels.combine_errors([kernels.quantization_error(w, kind, BLOCKSIZE, dq) for w in weights]),
-                    "tensors": len(weights)} for label, (kind, dq) in ERROR_KINDS.items()}
+    return {label: {**kernels.combine_errors([kernels.quantization_error(w, kind, b, dq) for w in weights]),
+                    "tensors": len(weights)} for label, (kind, dq, b) in (kinds or error_kinds([])).items()}
 
 
 def provenance(model_cfg, path: Path) -> dict:
@@ -284,13 +392,12 @@ def measure(what: Target | str, device: str = "auto", results: Path | str = "res
     quantization error, which does not depend on the text."""
     tgt = what if isinstance(what, Target) else target(what)
     device = resolve_device(device)
-    types = list(types or TYPES)
-    if not set(types) <= set(TYPES) or "bf16" not in types:
-        raise ValueError(f"types must include bf16 and come from {', '.join(TYPES)}; got {types}")
+    types = select_types(types)
     t_start = time.perf_counter()
     model_cfg = model_config(tgt.model)
     models.check_available(model_cfg)
     path = Path(models.model_path(model_cfg, device))  # builds a base, converts a GGUF model on first use
+    check_types(types, path, model_cfg, device)
     if tgt.text == HELDOUT:
         spec = pretrain.spec_for(tgt.size)
         seq_len, max_tokens = spec["seq_len"], spec["eval_tokens"] if max_tokens is None else max_tokens
@@ -302,7 +409,7 @@ def measure(what: Target | str, device: str = "auto", results: Path | str = "res
     for label in types:
         r = per[label] = measure_type(label, tgt, model_cfg, device, seq_len, max_tokens)
         if progress:
-            print(f"[{tgt.name}] {label:7s} perplexity {r['perplexity']:.4f} ({r['tokens']:,} tokens, "
+            print(f"[{tgt.name}] {label:14s} perplexity {r['perplexity']:.4f} ({r['tokens']:,} tokens, "
                   f"{r['weight_bytes'] / 2**20:.2f} MiB weights, load {r['load_time_s']:.1f}s, "
                   f"eval {r['eval_s']:.1f}s)", file=sys.stderr, flush=True)
     check_same_windows(per)
@@ -318,7 +425,7 @@ def measure(what: Target | str, device: str = "auto", results: Path | str = "res
              for a, b in PAIRS if a in per and b in per]
 
     t0 = time.perf_counter()
-    errors = weight_errors(path, device) if weight_error else None
+    errors = weight_errors(path, device, error_kinds(types)) if weight_error else None
     errors_s = time.perf_counter() - t0 if weight_error else None
     prov = provenance(model_cfg, path)
 
@@ -330,8 +437,10 @@ def measure(what: Target | str, device: str = "auto", results: Path | str = "res
                  "seq_len": seq_len, "max_tokens": max_tokens, "tokens": ref["tokens"], "windows": len(window_tokens),
                  "windows_sha256": sha, "window_tokens": window_tokens},
         "blocksize": BLOCKSIZE, "types": per, "pairs": pairs, "weight_error": errors, "weight_error_s": errors_s,
+        "weight_error_not_computed": no_weight_error(types) if weight_error else {},
         "wall_time_s": time.perf_counter() - t_start,
-        "env": store.environment(), "git_commit": store.git_commit(), "created": store.now(),
+        "env": {**store.environment(), **backend_versions(types)}, "git_commit": store.git_commit(),
+        "created": store.now(),
     }
     if prov["kind"] == "base":
         record["base"] = {k: v for k, v in prov.items() if k != "kind"}  # the key records before texts had
@@ -346,15 +455,37 @@ def _pct(rel: float, ci) -> str:
     return f"{100 * rel:+.2f}% [{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}]"
 
 
+def type_note(label: str, r: dict, env: dict) -> str | None:
+    """What a type beside Table 2's stores, for the note under ptq.md's table (the bits per weight:
+    qlab/run/quantize.py)."""
+    backend, b, dtype = r.get("backend", DEFAULT_BACKEND), r.get("blocksize"), r["compute_dtype"]
+    if backend == "hqq":
+        width = 32 if dtype == "float32" else 16
+        return (f"{label}: HQQ's asymmetric int4 (hqq {env.get('hqq')}), a scale and a zero point per {b} weights, "
+                f"fitted by HQQ's solver and held in the compute dtype ({dtype}): 4 + 2*{width}/{b} = "
+                f"{4 + 2 * width / b:g} bits.")
+    if backend == "torchao":
+        return (f"{label}: torchao's NF4 tensor (torchao {env.get('torchao')}; torchtune's QLoRA base), an int8 "
+                f"scale per {b} weights and a {dtype} scale per up to 256 of those.")
+    if backend == DEFAULT_BACKEND and b not in (None, BLOCKSIZE):
+        return (f"{label}: bitsandbytes' {r['quant'].upper()}{'+DQ' if r['double_quant'] else ''} with an absmax "
+                f"per {b} weights, quantized after loading by qlab/run/quantize.py (BitsAndBytesConfig has no "
+                "4-bit block size).")
+    return None
+
+
 def render(rec: dict) -> str:
     env, ev, prov = rec["env"], rec["eval"], rec.get("provenance") or {"kind": "base", **rec["base"]}
     hw = env.get("gpu") or f"CPU: {env.get('cpu')}"
     text = ev.get("text", HELDOUT)
     cmd = Target(rec["model"], text).command() + ("" if text == HELDOUT else f" --max-tokens {ev['max_tokens']}")
+    if tuple(rec["types"]) != DEFAULT_TYPES:
+        cmd += f" --types {shlex.quote(','.join(rec['types']))}"
     where = "the held-out split" if text == HELDOUT else text
+    others = "".join(f", {b} {env[b]}" for b in ("hqq", "torchao") if b in env)
     lines = [f"# Post-training quantization of {rec['model']} on {where}", "",
              f"Generated by `{cmd}` ({rec['created']}, commit `{rec['git_commit']}`) on {hw}; torch {env.get('torch')}, "
-             f"transformers {env.get('transformers')}, bitsandbytes {env.get('bitsandbytes')}, Python "
+             f"transformers {env.get('transformers')}, bitsandbytes {env.get('bitsandbytes')}{others}, Python "
              f"{env.get('python')}; {rec['wall_time_s'] / 60:.1f} min in all.", ""]
     if prov["kind"] == "base":
         lines += [f"Base: `{prov['path_name']}` ({prov['params']:,} params, {prov['precision']} build, held-out "
@@ -382,7 +513,7 @@ def render(rec: dict) -> str:
     for label, r in rec["types"].items():
         bits = r.get("bits_per_quantized_param")
         ci = "" if label == "bf16" else _pct(r["rel_vs_bf16"], r["rel_vs_bf16_ci95"])
-        computed = " (computed)" if label == "int4" else ""
+        computed = " (computed)" if label == REFERENCE_INT4 else ""
         lines.append(f"| {label} | {r['perplexity']:.4f} | {r['delta_vs_bf16']:+.4f} | {ci} | "
                      f"{r['weight_bytes'] / 2**20:.3f}{computed} | {f'{bits:.3f}' if bits else '-'} | {r['eval_s']:.0f} |")
     bf16_dtype = rec["types"]["bf16"]["compute_dtype"]
@@ -390,12 +521,17 @@ def render(rec: dict) -> str:
               "blockwise-absmax quantizer (qlab.claims.kernels, blocksize 64, codes -7..7), applied in place to every "
               "decoder linear weight: bitsandbytes has no int4 type. The interval is paired over the windows "
               "(qlab.results.stats.paired_log_ratio)."]
+    notes = [n for label, r in rec["types"].items() if (n := type_note(label, r, env))]
+    lines += ["", *(f"- {n}" for n in notes)] if notes else []
     if rec.get("pairs"):
-        lines += ["", "Table 2's order, pair by pair (perplexity of a / b - 1, paired over the windows):", "",
+        others = any((p["a"], p["b"]) not in TABLE_2_PAIRS for p in rec["pairs"])
+        lines += ["", f"Table 2's order{', then each other backend or block size against its neighbour' if others else ''}"
+                      ", pair by pair (perplexity of a / b - 1, paired over the windows):", "",
                   "| a | b | a vs b [95% CI] |", "|---|---|---|"]
         lines += [f"| {p['a']} | {p['b']} | {_pct(p['rel'], p['rel_ci95'])} |" for p in rec["pairs"]]
+    other_blocks = any("/b" in label for label in rec["weight_error"] or {})
     lines += ["", f"## Quantization error of the {'base' if prov['kind'] == 'base' else 'model'}'s weights "
-                  f"(blocksize {rec['blocksize']})", ""]
+                  f"(blocksize {rec['blocksize']}{', or the /b<n> a type names' if other_blocks else ''})", ""]
     if not rec["weight_error"]:
         return "\n".join([*lines, "Not computed here (--no-weight-error): it does not depend on the text; another "
                            f"text's measurement of {rec['model']} has it."]) + "\n"
@@ -413,6 +549,8 @@ def render(rec: dict) -> str:
     for label, e in sorted(rec["weight_error"].items(), key=lambda kv: kv[1]["mse"]):
         lines.append(f"| {label} | {e['mse']:.4g} | {e['max_abs_error']:.4g} | {e['mean_abs_error']:.4g} | "
                      f"{e['sqnr_db']:.2f} |")
+    skipped = rec.get("weight_error_not_computed") or {}
+    lines += ["", *(f"Not computed for {label}: {why}." for label, why in skipped.items())] if skipped else []
     return "\n".join(lines) + "\n"
 
 
@@ -437,7 +575,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="predicted tokens (a real text; default: the model's in TEXT_TOKENS, else "
                          f"{DEFAULT_TEXT_TOKENS:,}) or the held-out split's cut (default: the size's)")
     ap.add_argument("--seq-len", type=int, default=None, help=f"window length on a real text (default {SEQ_LEN})")
-    ap.add_argument("--types", default=",".join(TYPES), help=f"comma-separated subset of {','.join(TYPES)}")
+    ap.add_argument("--types", default="default",
+                    help=f"comma-separated labels from {','.join(TYPES)}, or default ({','.join(DEFAULT_TYPES)}) / "
+                         "all (every one); quote a label with a space: --types 'bf16,nf4+DQ,hqq int4'")
     ap.add_argument("--no-weight-error", dest="weight_error", action="store_false",
                     help="leave out the weights' quantization error (it does not depend on the text)")
     args = ap.parse_args(argv)
@@ -451,7 +591,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("give --model (and --text) or --size, not both")
         size = args.size if args.size not in (None, "auto") else ("gpu" if device.startswith("cuda") else "small")
         tgt = target(args.model or size, args.text)
-        out = measure(tgt, device, args.results, args.max_tokens, args.types.split(","), seq_len=args.seq_len,
+        types = [t.strip() for t in args.types.split(",") if t.strip()]
+        out = measure(tgt, device, args.results, args.max_tokens, types, seq_len=args.seq_len,
                       weight_error=args.weight_error)
     except (ValueError, ConfigError, pretrain.BaseError, texts.TextError, gguf.GGUFError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -15,6 +15,7 @@ for n weights in blocks of b (qlab/claims/estimate.py counts them exactly):
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import torch
@@ -52,16 +53,23 @@ def torchao_scaler_block(numel: int, blocksize: int) -> int:
     return math.gcd(TORCHAO_SCALER_BLOCK, numel // blocksize)
 
 
+def check_blocks(model: torch.nn.Module, quant_cfg, device: str) -> None:
+    """Raise ConfigError naming the first target layer whose weights do not split into blocks of
+    quant.blocksize on `device`. Reads shapes only: a model built on the meta device will do."""
+    # bitsandbytes' CPU kernel reads the absmax per row: a row must hold whole blocks
+    row = quant_cfg.backend == "bitsandbytes" and not device.startswith("cuda")
+    for name, linear in targets(model).items():
+        n = linear.weight.shape[-1] if row else linear.weight.numel()
+        if n % quant_cfg.blocksize:
+            raise ConfigError("quant.blocksize", f"{name}'s {'rows of ' if row else ''}{n:,} weights do not split "
+                                                 f"into blocks of {quant_cfg.blocksize}")
+
+
 def apply(model: torch.nn.Module, quant_cfg, dtype: torch.dtype, device: str) -> None:
     """Replace every target layer of `model` (loaded in `dtype` on `device`) by its quantized form."""
+    check_blocks(model, quant_cfg, device)
     build = {"bitsandbytes": _bitsandbytes, "hqq": _hqq, "torchao": _torchao}[quant_cfg.backend]
     for name, linear in targets(model).items():
-        # bitsandbytes' CPU kernel reads the absmax per row: a row must hold whole blocks
-        row = quant_cfg.backend == "bitsandbytes" and not device.startswith("cuda")
-        if (linear.weight.shape[-1] if row else linear.weight.numel()) % quant_cfg.blocksize:
-            raise ConfigError("quant.blocksize", f"{name}'s {'rows of ' if row else ''}"
-                                                 f"{linear.weight.shape[-1] if row else linear.weight.numel():,} "
-                                                 f"weights do not split into blocks of {quant_cfg.blocksize}")
         model.set_submodule(name, compute_in(build(linear, quant_cfg, dtype, device), dtype))
 
 
@@ -80,6 +88,22 @@ def compute_in(layer: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     layer.register_forward_pre_hook(cast_in)
     layer.register_forward_hook(lambda module, args, out: out.to(module.qlab_input_dtype))
     return layer
+
+
+# the module each backend's builder imports
+BACKEND_MODULES = {"bitsandbytes": "bitsandbytes", "hqq": "hqq.core.quantize",
+                   "torchao": "torchao.quantization.quantize_.workflows.nf4.nf4_tensor"}
+
+
+def missing(backend: str) -> str | None:
+    """Why quant.backend=`backend` cannot quantize here (its package is absent or does not import),
+    or None."""
+    try:
+        importlib.import_module(BACKEND_MODULES[backend])
+    except Exception as e:  # ImportError, or a build made for another torch failing as it loads
+        return (f"quant.backend={backend} needs the {backend} package, which does not import here "
+                f"({type(e).__name__}: {e}); install it (pip install {backend})")
+    return None
 
 
 def _bitsandbytes(linear, q, dtype: torch.dtype, device: str):

@@ -1,5 +1,6 @@
 """Post-training quantization of the pretrained base (qlab.ptq) on the tiny base, CPU, real
-bitsandbytes; the paired noise estimate; the PTQ claim kinds on synthetic ptq.json files, and
+bitsandbytes, and the other backends and block sizes (HQQ, torchao, NF4+DQ at 32 and 128);
+the paired noise estimate; the PTQ claim kinds on synthetic ptq.json files, and
 `qlab claims` running a missing PTQ measurement."""
 
 import copy
@@ -112,6 +113,149 @@ def test_int4_rounds_exactly_the_layers_bitsandbytes_quantizes(tiny_base):
             assert not torch.equal(p, before[name])
         else:  # embeddings, norms, the head: untouched
             assert torch.equal(p, before[name])
+
+
+# ------------------------------------------------------------------------------ other backends, other block sizes
+
+BACKENDS = ["bf16", "nf4+DQ", "int4", "nf4+DQ/b32", "nf4+DQ/b128", "hqq int4", "torchao nf4+DQ"]
+TINY_LAYERS = [128 * 128] * 4 + [128 * 384] * 3  # a tiny base's decoder layer: q, k, v, o; gate, up, down
+N_TINY = 3 * sum(TINY_LAYERS)  # 638,976 quantized weights in 21 tensors
+
+
+@pytest.fixture(scope="module")
+def tiny_backends(tiny_base, tmp_path_factory):
+    """The CLI measuring bitsandbytes' NF4+DQ at block sizes 32 and 128, HQQ's int4 and torchao's
+    NF4 beside NF4+DQ, bf16 and the reference int4 on the tiny base, 1,024 tokens of its held-out split."""
+    results = tmp_path_factory.mktemp("ptq-backends")
+    assert ptq.main(["--size", "tiny", "--device", "cpu", "--max-tokens", "1024", "--types", ",".join(BACKENDS),
+                     "--results", str(results)]) == 0
+    return results, json.loads((results / "ptq-base-tiny" / "ptq.json").read_text())
+
+
+def test_the_type_table():
+    from dataclasses import asdict
+
+    from omegaconf import OmegaConf
+
+    from qlab import config
+
+    assert ptq.DEFAULT_TYPES == ("bf16", "int8", "nf4", "nf4+DQ", "fp4", "fp4+DQ", "int4")  # results/ptq-*/ hold these
+    for label, q in ptq.TYPES.items():
+        config.validate_quant(OmegaConf.structured(q))  # every type is a config a run accepts
+        # labelled as a run's quant is; the reference int4 loads in 16 bits and is rounded after
+        assert config.quant_label(asdict(q)) == ("bf16" if label == ptq.REFERENCE_INT4 else label)
+    assert (ptq.TYPES["hqq int4"].backend, ptq.TYPES["hqq int4"].type) == ("hqq", "int4")
+    assert ptq.select_types(None) == list(ptq.DEFAULT_TYPES)
+    assert ptq.select_types(["all"]) == list(ptq.TYPES)
+    assert ptq.select_types(["default", "hqq int4", "nf4"]) == [*ptq.DEFAULT_TYPES, "hqq int4"]  # each once
+    with pytest.raises(ValueError, match=r"unknown type 'hqq': choose from bf16, .*, hqq int4, torchao nf4\+DQ, "
+                                         r"or default / all"):
+        ptq.select_types(["bf16", "hqq"])
+    with pytest.raises(ValueError, match="must include bf16"):
+        ptq.select_types(["hqq int4"])
+
+
+def test_committed_records_render_as_committed():
+    """A record of Table 2's types renders as before the other backends: each committed real-model
+    ptq.md is its ptq.json rendered (ptq-base-gpu's page predates the current renderer)."""
+    from pathlib import Path
+
+    from qlab import config
+
+    paths = [p for p in sorted(Path(config.PROJECT_ROOT, "results").glob("ptq-*/ptq.json"))
+             if json.loads(p.read_text())["eval"].get("text", ptq.HELDOUT) != ptq.HELDOUT]
+    assert len(paths) == 6  # smollm2-135m, gemma3-270m x wiki, c4, tinystories
+    for path in paths:
+        assert ptq.render(json.loads(path.read_text())) == (path.parent / "ptq.md").read_text(), path
+
+
+def test_other_backends_are_measured_on_the_same_windows(tiny_backends):
+    results, rec = tiny_backends
+    t = rec["types"]
+    assert list(t) == BACKENDS and rec["eval"]["tokens"] == 1023
+    assert [(t[k]["quant"], t[k]["double_quant"], t[k]["backend"], t[k]["blocksize"]) for k in BACKENDS[3:]] == [
+        ("nf4", True, "bitsandbytes", 32), ("nf4", True, "bitsandbytes", 128), ("int4", False, "hqq", 64),
+        ("nf4", True, "torchao", 64)]
+    assert t["int4"]["backend"] == "qlab.claims.kernels" and t["bf16"]["blocksize"] is None
+    for label, r in t.items():
+        assert r["tokens"] == 1023 and math.log(r["perplexity"]) == pytest.approx(sum(r["window_nll"]) / 1023)
+        if label != "bf16":
+            # each changed the weights, and this base still knows its text: 4-bit costs well under 5%
+            assert r["perplexity"] != t["bf16"]["perplexity"] and abs(r["rel_vs_bf16"]) < 0.05
+    pairs = {(p["a"], p["b"]): p for p in rec["pairs"]}
+    assert list(pairs) == [("nf4+DQ", "int4"), ("hqq int4", "int4"), ("hqq int4", "nf4+DQ"),
+                           ("torchao nf4+DQ", "nf4+DQ"), ("nf4+DQ/b32", "nf4+DQ"), ("nf4+DQ/b128", "nf4+DQ")]
+    for p in pairs.values():
+        assert p["rel_ci95"][0] <= p["rel"] <= p["rel_ci95"][1]
+    # torchao's NF4 holds the same NF4 levels per block of 64; only its scales are stored otherwise
+    assert abs(pairs[("torchao nf4+DQ", "nf4+DQ")]["rel"]) < 0.01
+    assert rec["env"]["hqq"] and rec["env"]["torchao"]
+    page = (results / "ptq-base-tiny" / "ptq.md").read_text()
+    assert f"--size tiny --types '{','.join(BACKENDS)}'" in page
+    assert "| hqq int4 | int4 |" in page and "| torchao nf4+DQ | nf4+DQ |" in page and "| nf4+DQ/b128 | nf4+DQ |" in page
+    assert "- hqq int4: HQQ's asymmetric int4" in page and "(float32): 4 + 2*32/64 = 5 bits" in page
+    assert "an absmax per 32 weights" in page and "Table 2's order, then each other backend or block size" in page
+
+
+def test_weight_bytes_of_each_backend(tiny_backends):
+    _, rec = tiny_backends
+    t = rec["types"]
+    assert all(t[k]["quantized_params"] == N_TINY and t[k]["quantized_weight_bytes"] == N_TINY // 2 for k in BACKENDS[1:])
+
+    def bnb_dq_state(b):  # per tensor of m: a uint8 absmax per b, a float32 one per 256 of those, 273 float32 constants
+        return 3 * sum(m // b + 4 * math.ceil(m / b / 256) + 4 * (16 + 256 + 1) for m in TINY_LAYERS)
+
+    assert [t[k]["quant_state_bytes"] for k in ("nf4+DQ/b32", "nf4+DQ", "nf4+DQ/b128")] == [
+        bnb_dq_state(32), bnb_dq_state(64), bnb_dq_state(128)] == [43_212, 33_072, 28_044]
+    # HQQ: a float32 scale and zero point (the CPU's compute dtype) per 64: 4 + 2*32/64 = 5 bits
+    assert t["hqq int4"]["quant_state_bytes"] == N_TINY // 64 * 2 * 4 and t["hqq int4"]["bits_per_quantized_param"] == 5
+    # torchao: an int8 scale per 64, a float32 one per 256 of those, a float32 mean and 16 levels per tensor
+    assert t["torchao nf4+DQ"]["quant_state_bytes"] == N_TINY // 64 + 4 * N_TINY // (64 * 256) + 21 * 4 * 17
+
+
+def test_weight_error_per_block_size_and_not_for_other_backends(tiny_backends, tiny_base):
+    _, rec = tiny_backends
+    err = rec["weight_error"]
+    assert set(err) == {*ptq.ERROR_KINDS, "nf4+DQ/b32", "nf4+DQ/b128"}
+    assert err["nf4+DQ/b32"]["mse"] < err["nf4+DQ"]["mse"] < err["nf4+DQ/b128"]["mse"]  # a scale per fewer weights
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
+    ws = [m.weight.detach() for _, m in ptq.decoder_linears(model)]
+    assert err["nf4+DQ/b128"]["mse"] == pytest.approx(
+        kernels.combine_errors([kernels.quantization_error(w, "nf4", 128, True) for w in ws])["mse"])
+    skipped = rec["weight_error_not_computed"]
+    assert set(skipped) == {"hqq int4", "torchao nf4+DQ"} and "own solver" in skipped["hqq int4"]
+    page = (tiny_backends[0] / "ptq-base-tiny" / "ptq.md").read_text()
+    assert "Not computed for torchao nf4+DQ: torchao's NF4 quantizes its scales its own way" in page
+    assert "(blocksize 64, or the /b<n> a type names)" in page and "| nf4+DQ/b32 |" in page
+
+
+def test_unknown_and_unavailable_types_are_refused(tiny_base, tmp_path, monkeypatch, capsys):
+    from qlab.run import quantize
+
+    argv = ["--size", "tiny", "--device", "cpu", "--results", str(tmp_path), "--types"]
+    assert ptq.main([*argv, "bf16,hqq"]) == 2
+    assert "unknown type 'hqq': choose from" in capsys.readouterr().err
+    monkeypatch.setitem(quantize.BACKEND_MODULES, "hqq", "qlab_has_no_such_module")  # hqq not installed
+    assert ptq.main([*argv, "bf16,nf4+DQ,hqq int4"]) == 2
+    assert "type 'hqq int4' cannot be measured here: quant.backend=hqq needs the hqq package" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_block_size_a_cpu_row_cannot_hold_is_refused_before_loading(qlab_cache, tmp_path, monkeypatch):
+    """tiny-llama's rows hold 64 weights: bitsandbytes' CPU kernel takes blocks of 32 there, not 128
+    (a GPU, which splits the whole tensor, takes both)."""
+    from qlab.run import models
+
+    cfg = ptq.model_config("tiny-llama")
+    path = models.model_path(cfg, "cpu")
+    ptq.check_types(["bf16", "nf4+DQ/b32", "hqq int4", "torchao nf4+DQ"], path, cfg, "cpu")
+    ptq.check_types(["bf16", "nf4+DQ/b128"], path, cfg, "cuda")  # shapes only: no GPU needed
+    monkeypatch.setattr(models, "load", lambda *a: pytest.fail("loaded a model before checking the types"))
+    with pytest.raises(ValueError, match=r"'nf4\+DQ/b128' cannot be measured on cpu: quant.blocksize: "
+                                         r"model.layers.0.self_attn.q_proj's rows of 64 weights do not split"):
+        ptq.measure(ptq.target("tiny-llama", "tinystories"), "cpu", tmp_path, 30, ["bf16", "nf4+DQ/b128"], False, 16)
 
 
 # ------------------------------------------------------------------------------ the claims
