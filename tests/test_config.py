@@ -70,7 +70,7 @@ def test_quant_settings_are_spelled_as_the_report_labels_them():
     from qlab.results import frame
     from qlab.config import QUANT_SETTINGS, QUANT_TYPES
 
-    assert all(frame.quant_label(t, dq) == label for label, (t, dq) in QUANT_SETTINGS.items())
+    assert all(frame.quant_label({"type": t, "double_quant": dq}) == label for label, (t, dq) in QUANT_SETTINGS.items())
     assert {t for t, _ in QUANT_SETTINGS.values()} == set(QUANT_TYPES) - {"int4"}  # int4: HQQ's, no bnb label
 
 

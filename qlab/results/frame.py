@@ -5,7 +5,11 @@ Every run found is a row, oom and failed ones included (`status`). Each row carr
 comparability group (`GROUP_KEYS`, and its `kind`: results of two tasks never share one); runs
 are only compared inside a group. A training run's speed path (`speed_label`) is an axis like
 the quantization, named in its `quant_label` (`nf4+DQ · fast`) so that every consumer keeps
-them apart. Reading is all this module does; nothing here computes a statistic or draws.
+them apart. The quantization's backend and block size are in its labels (config.quant_label:
+`hqq int4`, `nf4+DQ/b128`), the adapter's initialization and DoRA in its `adapter` label
+(`all_linear+loftq`, `qv+DoRA`); keys a result predates count as their defaults, so those
+results keep the labels they always had. Reading is all this module does; nothing here computes
+a statistic or draws.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from qlab import config
 from qlab.reference.lm_eval_tasks import LOCAL_TASKS
 from qlab.results import store
 from qlab.results.store import ADDED_KEYS, NON_IDENTITY_KEYS, RECIPE, RESULT, TASK_SECTIONS, peak_bytes
@@ -27,22 +32,28 @@ GiB = 2**30
 MiB = 2**20
 ADAPTER_BYTES_PER_PARAM = 4  # LoRA A/B matrices are trained in float32: 4 bytes/param
 
-# Natural order of each axis' values in tables and plots; unknown values sort after, by name.
+# Natural order of each axis' values in tables and plots; unknown values sort after, by name. A
+# quantization's block size (`/b128`) sorts after its label at the default one, an adapter's form
+# (`+loftq`) after its targets with peft's default.
 ORDER = {
-    "quant": ["bf16", "int8", "nf4", "fp4"],
-    "quant_label": ["bf16", "int8", "nf4", "nf4+DQ", "fp4", "fp4+DQ"],
+    "quant": ["bf16", "int8", "nf4", "fp4", "torchao nf4", "hqq int4"],
+    "quant_label": ["bf16", "int8", "nf4", "nf4+DQ", "fp4", "fp4+DQ", "torchao nf4+DQ", "hqq int4"],
     "dq": ["off", "on"],
     "optim": ["adamw", "paged_adamw_32bit", "adamw_8bit", "paged_adamw_8bit"],
     "adapter": ["qv", "all_linear", "full", "none", "lora"],  # full: full fine-tuning; none/lora: generation and eval
+    "adapter_form": ["", "DoRA", "loftq", "pissa"],  # after the targets: LoRA as peft initializes it first
     "speed": ["trainer", "recipe", "fast"],  # trainer: the HF Trainer's loop (train.runner=hf_trainer)
 }
 SPEED_SEP = " · "  # quant label · speed label
+BLOCK_SEP = "/b"  # config.quant_label's block size: nf4+DQ/b128
+FORM_SEP = "+"  # adapter label: targets+init+DoRA
 # Keys that define a comparability group (besides hardware): column -> dotted config key.
 GROUP_KEYS = {"model": "model.name", "data": "data.name", "max_seq_len": "data.max_seq_len", "pad_to": "data.pad_to",
               "batch_size": "train.batch_size", "steps": "train.steps"}
 # Config keys that are the ablation axes (they vary *inside* a group) or don't change what a
 # run measures; every other config key must match for runs to share a group.
-AXIS_CONFIG_KEYS = ("quant.type", "quant.double_quant", "optim.name", "adapter.targets", "seed", "speed",
+AXIS_CONFIG_KEYS = ("quant.type", "quant.double_quant", "quant.backend", "quant.blocksize", "optim.name",
+                    "adapter.targets", "adapter.init", "adapter.dora", "seed", "speed",
                     "train.runner")  # the runner is part of the speed path (trainer)
 # Generation and eval results: the adapter is an axis (`adapter`), its config does not split a group.
 KIND_AXIS_CONFIG_KEYS = {"generate": ("adapter",), "eval": ("adapter",)}
@@ -166,18 +177,44 @@ READ_METRICS = ("weight_bytes", "quantized_weight_bytes", "quant_state_bytes", "
                 "eval_perplexity")
 
 
-def rank(column: str, value) -> tuple:
-    if column == "quant_label" and isinstance(value, str) and SPEED_SEP in value:
-        base, speed = value.split(SPEED_SEP, 1)  # after its quant label without a speed: nf4+DQ, nf4+DQ · fast
-        return (*rank(column, base), rank("speed", speed))
+def _position(column: str, value) -> tuple:
     order = ORDER.get(column, [])
     return (order.index(value), "") if value in order else (len(order), str(value))
 
 
-def quant_label(quant: str, double_quant: bool, speed: str | None = None) -> str:
-    """nf4+DQ; with a speed path other than the recipe, named after it: nf4+DQ · fast."""
-    label = f"{quant}+DQ" if double_quant else quant
+def rank(column: str, value) -> tuple:
+    """A value's place in its axis' order (ORDER). A quant label sorts by its label at the default
+    block size, then its block size, then its speed path (none first): nf4+DQ, nf4+DQ · fast,
+    nf4+DQ/b128; an adapter label by its targets, then its form: all_linear, all_linear+loftq."""
+    if column in ("quant", "quant_label") and isinstance(value, str):
+        base, _, speed = value.partition(SPEED_SEP)
+        base, _, size = base.partition(BLOCK_SEP)
+        key = (*_position(column, base), int(size) if size.isdigit() else config.DEFAULT_BLOCKSIZE)
+        return (*key, rank("speed", speed)) if speed else key
+    if column == "adapter" and isinstance(value, str) and FORM_SEP in value:
+        targets, _, form = value.partition(FORM_SEP)
+        return (*_position(column, targets), _position("adapter_form", form))
+    return _position(column, value)
+
+
+def quant_label(quant: dict | None, speed: str | None = None) -> str | None:
+    """A stored quant config's label, config.quant_label's (its backend and block size where not
+    the defaults, keys the result predates counting as those); with a speed path other than the
+    recipe, named after it: nf4+DQ · fast. None without a quantization (a comparison's row)."""
+    if not quant or quant.get("type") is None:
+        return None
+    label = config.quant_label(quant)
     return label if speed in (None, RECIPE) else f"{label}{SPEED_SEP}{speed}"
+
+
+def adapter_label(targets: str | None, adapter: dict | None = None) -> str | None:
+    """An adapter's label: its targets, then its initialization where not peft's Gaussian and DoRA
+    where on: all_linear, all_linear+loftq, qv+pissa, all_linear+DoRA. A result from before
+    adapter.init and adapter.dora was trained with neither (store.ADDED_KEYS)."""
+    a = adapter or {}
+    init = a.get("init") or store.ADDED_KEYS["adapter.init"]
+    forms = ([init] if init != store.ADDED_KEYS["adapter.init"] else []) + (["DoRA"] if a.get("dora") else [])
+    return FORM_SEP.join([targets, *forms]) if targets is not None and forms else targets
 
 
 # conf/speed/ as it was before results recorded their speed label (axes.speed): such results are
@@ -265,12 +302,24 @@ def eval_config(cfg: dict, metrics: dict) -> tuple[dict, str]:
     return cfg, _adapter_label(metrics.get("adapter_run_id"), sha)
 
 
+# Keys newer than the committed results, left out of a training arm's hash at their neutral value
+# (store.ADDED_KEYS): a run written before them and its seed written after are one arm. (The keys
+# added before stay hashed as they are: the committed reports name their arms by those hashes.)
+ARM_NEUTRAL_KEYS = ("adapter.init", "adapter.dora")
+
+
 def trained_arm(trained: dict) -> str:
     """A training run's arm: its sweep and the hash of its identity less seed and quantization,
-    which its seeds share and its quantization arms too (a row's quant tells those apart)."""
+    which its seeds share and its quantization arms too (a row's quant tells those apart; its
+    adapter's initialization and DoRA are in the hash, so they are arms of their own)."""
     ident = store.identity(trained.get("config") or {})
     for key in ("seed", "quant"):
         ident.pop(key, None)
+    for key in ARM_NEUTRAL_KEYS:
+        section, leaf = key.split(".")
+        part = ident.get(section)
+        if isinstance(part, dict) and leaf in part and part[leaf] == ADDED_KEYS[key]:
+            part.pop(leaf)
     return f"{trained.get('sweep')} {hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:8]}"
 
 
@@ -296,25 +345,31 @@ def _row(r: dict, rel: str, trained: dict | None = None) -> dict:
         cfg, adapter_run = eval_config(cfg, m)
     flat = flatten(cfg)
     error = r.get("error") or {}
+    # the axes name the type and DQ (none for a comparison: its arms carry their own); the stored
+    # config the backend and block size (absent from results older than them: the defaults)
+    stored_quant = cfg.get("quant") or {}
+    quant = {"type": axes.get("quant"), "double_quant": bool(axes.get("double_quant")),
+             **{k: stored_quant.get(k) for k in ("backend", "blocksize")}}
     row = {
         "run_id": r.get("run_id") or Path(rel).name, "kind": kind, "sweep": r.get("sweep"),
         "status": r.get("status") or "failed", "error_type": error.get("type"),
         "error_message": ((error.get("message") or "").strip().splitlines() or [None])[0],
-        "model": axes.get("model", flat.get("model.name")), "quant": axes.get("quant"),
-        "double_quant": bool(axes.get("double_quant")), "optim": axes.get("optim"), "adapter": axes.get("adapter"),
+        "model": axes.get("model", flat.get("model.name")),
+        "quant": quant_label({**quant, "double_quant": False}),  # the weight format: nf4, hqq int4, nf4/b128
+        "double_quant": quant["double_quant"], "optim": axes.get("optim"),
+        "adapter": adapter_label(axes.get("adapter"), cfg.get("adapter") if kind == "train" else None),
         "seed": axes.get("seed", r.get("seed")),
         "speed": speed_label(r),  # generation results and comparisons: none
         "model_weights": model_weights(cfg.get("model")),  # random: a random-init preset (no quality)
     }
-    row["quant_label"] = quant_label(row["quant"], row["double_quant"], row["speed"])
+    row["quant_label"] = quant_label(quant, row["speed"])
     row["trained_arm"] = row["trained_quant"] = row["trained_data"] = None
     if trained is not None:
         t_axes, t_cfg = trained.get("axes") or {}, trained.get("config") or {}
-        t_quant = t_cfg.get("quant") or {}
-        row.update(task_seed=row["seed"], adapter=t_axes.get("adapter", row["adapter"]),
+        row.update(task_seed=row["seed"], adapter=adapter_label(t_axes.get("adapter", row["adapter"]),
+                                                                t_cfg.get("adapter")),
                    seed=t_axes.get("seed", trained.get("seed")), trained_arm=trained_arm(trained),
-                   trained_quant=quant_label(t_quant.get("type"), bool(t_quant.get("double_quant"))),
-                   trained_data=(t_cfg.get("data") or {}).get("name"))
+                   trained_quant=quant_label(t_cfg.get("quant")), trained_data=(t_cfg.get("data") or {}).get("name"))
     row["adapter_run"] = adapter_run  # which adapter a generation or eval result ran with: two never merge
     row["dq"] = "on" if row["double_quant"] else "off"
     for col, key in GROUP_KEYS.items():

@@ -22,10 +22,11 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from qlab.results.frame import GiB, peak_sources, rank  # noqa: E402
+from qlab.results.frame import BLOCK_SEP, FORM_SEP, GiB, peak_sources, rank  # noqa: E402
 
 # Okabe-Ito colours (colour-blind safe); bf16, the unquantized baseline, in neutral grey.
-QUANT_COLORS = {"bf16": "#555555", "int8": "#E69F00", "nf4": "#0072B2", "fp4": "#D55E00"}
+QUANT_COLORS = {"bf16": "#555555", "int8": "#E69F00", "nf4": "#0072B2", "fp4": "#D55E00",
+                "torchao nf4": "#56B4E9", "hqq int4": "#009E73"}  # other backends (frame's `quant`)
 OTHER_COLOR = "#999999"
 DQ_HATCH = "///"
 # Memory segments, in stacking order (Paul Tol's muted palette: distinct from QUANT_COLORS).
@@ -45,7 +46,8 @@ plt.rcParams.update({"svg.hashsalt": "qlab", "svg.fonttype": "none", "font.size"
 
 
 def color(quant: str) -> str:
-    return QUANT_COLORS.get(quant, OTHER_COLOR)
+    """A weight format's colour; another block size (nf4/b128) keeps its format's."""
+    return QUANT_COLORS.get(quant, QUANT_COLORS.get(str(quant).partition(BLOCK_SEP)[0], OTHER_COLOR))
 
 
 def label(row, varying: list[str]) -> str:
@@ -208,7 +210,8 @@ def memory_vs_quality(arms: pd.DataFrame, varying: list[str], stem: Path) -> str
         ax.scatter(f.peak_gib, f.eval_loss, s=190, facecolors="none", edgecolors="black", lw=1.3, zorder=2)
     for _, r in pts.iterrows():
         c = color(r.quant)
-        ax.scatter(r.peak_gib, r.eval_loss, marker=ADAPTER_MARKERS.get(r.adapter, "^"), s=55, zorder=3,
+        marker = ADAPTER_MARKERS.get(str(r.adapter).partition(FORM_SEP)[0], "^")  # by targets: all_linear+loftq o
+        ax.scatter(r.peak_gib, r.eval_loss, marker=marker, s=55, zorder=3,
                    facecolors="white" if r.dq == "on" else c, edgecolors=c, linewidths=1.5)
     listing = []
     for k, (_, r) in enumerate(f.iterrows(), start=1):  # numbers on the plot, names below it
@@ -220,7 +223,7 @@ def memory_vs_quality(arms: pd.DataFrame, varying: list[str], stem: Path) -> str
     ax.set_title("Memory vs quality (lower-left is better)")
     handles = [Line2D([], [], marker="o", ls="", color=color(q), label=q) for q in QUANT_COLORS if q in set(pts.quant)]
     handles += [Line2D([], [], marker=m, ls="", color="black", mfc="none", label=f"adapter {a}")
-                for a, m in ADAPTER_MARKERS.items() if a in set(pts.adapter)]
+                for a, m in ADAPTER_MARKERS.items() if a in {str(x).partition(FORM_SEP)[0] for x in pts.adapter}]
     if (pts.dq == "on").any():
         handles.append(Line2D([], [], marker="o", ls="", color="grey", mfc="white", label="+DQ (hollow)"))
     handles.append(Line2D([], [], marker="o", ls="-", color="black", mfc="none", ms=10, lw=1, alpha=0.7,

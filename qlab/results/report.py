@@ -491,9 +491,10 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results_dir", help="a sweep directory (results/<sweep>) or a directory above several")
     parser.add_argument("--baseline", action="append", default=[], metavar="[AXIS=]VALUE",
-                        help="baseline arm of the %% deltas: a quant label (bf16, int8, nf4, nf4+DQ, fp4, fp4+DQ; "
-                             "default bf16) for the quantization table, or AXIS=VALUE for another table "
-                             "(double_quant=off, optim=adamw, adapter=qv are the defaults); repeatable")
+                        help="baseline arm of the %% deltas: a quant label (bf16, int8, nf4, nf4+DQ, fp4, fp4+DQ, "
+                             "nf4+DQ/b128, hqq int4, torchao nf4+DQ, ...; default bf16) for the quantization table, "
+                             "or AXIS=VALUE for another table (double_quant=off, optim=adamw, adapter=qv are the "
+                             "defaults; adapter=all_linear+loftq names a form); repeatable")
     parser.add_argument("--out", help="directory for tables, plots and statistics, and report.md "
                                       "(default: RESULTS_DIR/report/ and RESULTS_DIR/report.md)")
     parser.add_argument("--no-wandb", action="store_true", help="do not log the report to W&B")

@@ -1,11 +1,13 @@
 """Ablation tables of one comparability group: one per axis plus the full grid, each written
 as Markdown, LaTeX (booktabs) and CSV (the numbers; Markdown and LaTeX show them formatted).
 
-An *arm* is one configuration (quant + DQ, optimizer, adapter, speed path) aggregated over its
-seeds: the mean of its ok runs and a 95% CI. An axis table lists, for every *context* (the
-values of the other axes) in which that axis takes at least two values, each arm with its %
-change vs the baseline arm of the same context. The speed path is an axis too; quant labels
-name it (`nf4+DQ · fast`).
+An *arm* is one configuration (quant + DQ, backend and block size; optimizer; adapter targets,
+initialization and DoRA; speed path) aggregated over its seeds: the mean of its ok runs and a
+95% CI. An axis table lists, for every *context* (the values of the other axes) in which that
+axis takes at least two values, each arm with its % change vs the baseline arm of the same
+context. The speed path is an axis too; quant labels name it (`nf4+DQ · fast`), as they name a
+backend and block size (`hqq int4`, `nf4+DQ/b128`); adapter labels name an initialization and
+DoRA (`all_linear+loftq`, `all_linear+DoRA`).
 
 Generation and evaluation results get one table per group instead: one row per quantization
 setting x adapter, with the % change vs bf16 with the same adapter setting. Comparisons
@@ -72,12 +74,21 @@ class Pair:
 
 # The paged optimizer and the standard one it pages (same state, same precision).
 PAGED_OF = {"paged_adamw_32bit": "adamw", "paged_adamw_8bit": "adamw_8bit"}
+# `quant` is the weight format less DQ (nf4, nf4/b128, hqq int4, torchao nf4): pairs matched on it
+# never pool two backends or block sizes
 PAIRS = (
     Pair("NF4 vs FP4", "quant", "nf4", "fp4", ("dq", "optim", "adapter", "speed")),
     Pair("DQ on vs off", "dq", "on", "off", ("quant", "optim", "adapter", "speed")),
     *(Pair(f"{paged} vs {std} (paged vs standard)", "optim", paged, std, ("quant_label", "adapter"))
       for paged, std in PAGED_OF.items()),
     Pair("all_linear vs qv", "adapter", "all_linear", "qv", ("quant_label", "optim")),
+    # other backends vs bitsandbytes at the same bits: torchao's NF4 (always DQ) vs nf4+DQ, HQQ's
+    # int4 (a bf16 scale and zero per 64: 4.5 bits) vs nf4 (a float32 absmax per 64: 4.5 bits)
+    Pair("torchao NF4 vs bitsandbytes NF4", "quant", "torchao nf4", "nf4", ("dq", "optim", "adapter", "speed")),
+    Pair("HQQ int4 vs bitsandbytes NF4", "quant", "hqq int4", "nf4", ("dq", "optim", "adapter", "speed")),
+    # an adapter's form vs peft's default LoRA on the same targets
+    *(Pair(f"{targets}+{form} vs {targets}", "adapter", f"{targets}+{form}", targets, ("quant_label", "optim"))
+      for targets in ("qv", "all_linear") for form in ("DoRA", "loftq", "pissa")),
 )
 
 
@@ -225,7 +236,10 @@ def compare_tables(m: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
     """A comparison's metrics (tasks/compare.summarize) as two formatted tables: the arms and the
     pairs (ratio [95% CI], half-width, rounds, verdict; the A/A control last)."""
     arms = pd.DataFrame([{
-        "arm": name, "runner": a["runner"], "quant": quant_label(a["quant"], a["double_quant"]), "speed": a["speed"],
+        "arm": name, "runner": a["runner"],
+        "quant": quant_label({"type": a["quant"], "double_quant": a["double_quant"], "backend": a.get("backend"),
+                              "blocksize": a.get("blocksize")}),  # an arm from before the backend: bitsandbytes
+        "speed": a["speed"],
         "optimizer": a["optim"], "tok/s": _num(a["tokens_per_s"], ",.0f"),
         "step ms (median)": _num(1e3 * (a["step_time_median_s"] or math.nan), ",.0f"),
         "GPU busy": _num(a.get("gpu_busy_fraction"), ".0%"),

@@ -5,9 +5,11 @@
     qlab chat RUN --prompts-file prompts.txt --no-sample     # one prompt per line, greedy
     qlab chat RUN --merge-to merged/                         # adapter merged into a 16-bit base
 
-The base and its quantization default to the run's own, so the adapter meets the weights it was
-trained against; the conversation keeps the training format with its history in every prompt
-(docs/chat.md).
+The base and its quantization default to the run's own (all of it: type, DQ, backend, block size,
+compute dtype), so the adapter meets the weights it was trained against; --quant takes any
+quantization label (qlab/tasks/quant_labels.py: nf4+DQ, nf4/b128, hqq-int4, torchao-nf4-dq) and
+warns where it differs from the run's. The conversation keeps the training format with its
+history in every prompt (docs/chat.md).
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from qlab.config import ConfigError, QuantConfig
+from qlab.config import ConfigError, QuantConfig, quant_label, validate_quant
 from qlab.results import store
 from qlab.run.presets import PRESETS
+from qlab.tasks import quant_labels
 
 
 class ChatError(RuntimeError):
@@ -114,19 +117,16 @@ def load_chat(run_dir: Path, model_override: str | None = None, quant: QuantConf
         preset = model_override if model_override in PRESETS else None
         model_cfg = OmegaConf.create({"name": model_override, "preset": preset, "trust_remote_code": False,
                                       "name_or_path": None if preset else model_override})
-    trained_quant = cfg.quant
-    if quant is not None and (quant.type, quant.double_quant) != (trained_quant.type, trained_quant.double_quant):
-        warnings.warn(f"the adapter was trained on a {_q(trained_quant)} base; chatting with {_q(quant)} "
-                      "(allowed: the adapter is 16/32-bit, but outputs may differ)")
+    trained_quant = OmegaConf.create(quant_labels.stored(result))  # an older run's: bitsandbytes, block 64
+    quant = None if quant is None else OmegaConf.structured(quant)
+    if quant is not None and quant_label(quant) != quant_label(trained_quant):
+        warnings.warn(f"the adapter was trained on a {quant_label(trained_quant)} base; chatting with "
+                      f"{quant_label(quant)} (allowed: the adapter is 16/32-bit, but outputs may differ)")
     loaded = models.load(model_cfg, quant or trained_quant, resolve_device(device))
     check_same_base(adapter, loaded.model)
     model = PeftModel.from_pretrained(loaded.model, str(adapter)).eval()
     context = getattr(loaded.model.config, "max_position_embeddings", None) or cfg.data.max_seq_len
     return Chat(model, loaded.tokenizer, context, sampling or Sampling())
-
-
-def _q(q) -> str:
-    return q.type + ("+DQ" if q.double_quant else "")
 
 
 def check_same_base(adapter: Path, base) -> None:
@@ -159,8 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt", action="append", default=[], help="a user turn (repeatable); no prompt: interactive")
     p.add_argument("--prompts-file", type=Path, help="one user turn per line")
     p.add_argument("--model", help="another base: preset name, local directory or hub id (default: the run's)")
-    p.add_argument("--quant", choices=["bf16", "int8", "nf4", "fp4"], help="quantization (default: the run's)")
-    p.add_argument("--double-quant", action="store_true")
+    p.add_argument("--quant", type=quant_labels.parse,
+                   help=f"quantization (default: the run's): {quant_labels.CHOICES}")
+    p.add_argument("--double-quant", action="store_true", help="with --quant nf4 or fp4: the same as nf4+DQ, fp4+DQ")
     p.add_argument("--device", default="auto")
     d = Sampling()  # the seed document's sampling
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
@@ -175,7 +176,15 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import set_seed
 
     set_seed(args.seed)
-    quant = QuantConfig(type=args.quant, double_quant=args.double_quant) if args.quant else None
+    quant = None
+    if args.quant:
+        q = quant_labels.setting(args.quant)
+        quant = QuantConfig(**{**q, "double_quant": q["double_quant"] or args.double_quant})
+        try:
+            validate_quant(OmegaConf.structured(quant))
+        except ConfigError as e:
+            print(f"qlab chat: {e}", file=sys.stderr)
+            return 2
     sampling = Sampling(args.max_new_tokens, args.top_p, args.temperature, args.repetition_penalty, not args.no_sample)
     try:
         if args.merge_to:

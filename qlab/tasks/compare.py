@@ -153,6 +153,7 @@ def build(name: str, cfg: DictConfig, raw, k, out) -> Arm:
         (out / f"profile-{name}.txt").write_text(prof.report())
     m = s.metrics
     info = {"runner": cfg.train.runner, "quant": cfg.quant.type, "double_quant": bool(cfg.quant.double_quant),
+            "backend": cfg.quant.backend, "blocksize": cfg.quant.blocksize,  # the arms table's quant label
             "speed": store.speed_label(OmegaConf.to_container(cfg.speed), cfg.train.runner, store.speed_presets()),
             "optim": cfg.optim.name, "overrides": arm_overrides(k, name),
             "total_params": m["total_params"], "trainable_params": m.get("trainable_params"),

@@ -5,6 +5,7 @@ and `qlab eval`, which composes that config from a run directory or a model name
     python -m qlab.run task=eval model=tiny-llama quant=nf4 eval.tasks=[qlab_wiki_ppl] eval.limit=20
     qlab eval results/adhoc/<id> [--tasks qlab_wiki_ppl,qlab_chitchat_mc] [--quant bf16] [--limit 20]
     qlab eval smollm2-135m --quant nf4+dq --tasks hellaswag,arc_easy     # registry tasks need the hub
+    qlab eval smollm2-135m --quant hqq-int4                              # any quant label (quant_labels.py)
 
 One harness call per task (each task's time is its own). Tasks are qlab's local ones
 (qlab/reference/lm_eval_tasks.py, offline) or names in lm-eval's registry, checked from the
@@ -35,8 +36,8 @@ from qlab import config, tasks
 from qlab.reference import lm_eval_tasks
 from qlab.results import store
 from qlab.run.data import DataError
-from qlab.tasks import Outcome, failure, generate
-from qlab.tasks.generate import QUANTS, model_overrides, override_value
+from qlab.tasks import Outcome, failure, generate, quant_labels
+from qlab.tasks.generate import model_overrides, override_value, quant_overrides
 
 LM_EVAL = "lm-eval==0.4.13"
 INSTALL = f"pip install 'qlab[eval]' (or {LM_EVAL}; `make install` installs it)"
@@ -264,24 +265,27 @@ def run(cfg: DictConfig, inputs: Inputs, recorder) -> Outcome:
 # ---------------------------------------------------------------- qlab eval
 
 def overrides(args) -> list[str]:
-    """The config of `qlab eval`: a training run's model and quantization (as trained, or --quant
-    with a warning) with its adapter or model/, or a model by name (--quant, default bf16)."""
+    """The config of `qlab eval`: a training run's model and quantization with its adapter or
+    model/, or a model by name (--quant, default bf16). A run's quantization is forwarded whole
+    (type, DQ, backend, block size, compute dtype; keys its result predates at their defaults), so
+    the adapter meets the base it trained on: an HQQ run is evaluated on HQQ, a /b128 run at block
+    size 128. --quant (any quant_labels spelling) replaces it, with a warning where it differs."""
     target = Path(args.target)
     run = target if (target / store.RESULT).is_file() else None
     out = ["task=eval", *model_overrides(argparse.Namespace(model=None if run else args.target, run=run))]
-    quant = args.quant or "bf16"
+    quant = quant_labels.setting(args.quant or "bf16")
     if run is not None:
-        trained = store.read_result(run)["config"]["quant"]
-        label = trained["type"] + ("+dq" if trained.get("double_quant") else "")
-        if args.quant and args.quant != label:
-            warnings.warn(f"{run} was trained on a {label} base; evaluating on {args.quant}", stacklevel=2)
-        quant = args.quant or label
-        out.append(f"quant.compute_dtype={override_value(trained.get('compute_dtype', 'auto'))}")
+        trained = quant_labels.stored(store.read_result(run))
+        label = config.quant_label(trained)
+        if args.quant and config.quant_label(quant) != label:
+            warnings.warn(f"{run} was trained on a {label} base; evaluating on {config.quant_label(quant)}",
+                          stacklevel=2)
+        quant = {**(quant if args.quant else {k: trained[k] for k in quant_labels.KEYS}),
+                 "compute_dtype": trained.get("compute_dtype", "auto")}
         if not args.no_adapter:
             out.append(f"eval.adapter_run={override_value(str(run.resolve()))}")
-    qtype, dq = QUANTS[quant]
     v = override_value
-    return [*out, f"quant={qtype}", f"quant.double_quant={v(dq)}", f"eval.tasks=[{','.join(args.tasks)}]",
+    return [*out, *quant_overrides(quant), f"eval.tasks=[{','.join(args.tasks)}]",
             f"eval.limit={v(args.limit)}", f"eval.batch_size={args.batch_size}", f"eval.max_length={v(args.max_length)}",
             f"eval.num_fewshot={v(args.num_fewshot)}", f"train.device={args.device}", f"seed={args.seed}",
             f"tracker.results_dir={v(str(args.results_dir.resolve()))}", f"tracker.sweep={v(args.sweep)}"]
@@ -317,8 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", type=parse_tasks, default=list(lm_eval_tasks.LOCAL_TASKS),
                    help="comma-separated: qlab's local tasks (default: all of them, "
                         f"{', '.join(lm_eval_tasks.LOCAL_TASKS)}) and/or lm-eval registry tasks (hub access)")
-    p.add_argument("--quant", type=str.lower, choices=list(QUANTS),
-                   help="the base's quantization (default: the run's, else bf16); another than the run's warns")
+    p.add_argument("--quant", type=quant_labels.parse,
+                   help="the base's quantization (default: the run's, all of it, else bf16); another than the "
+                        f"run's warns: {quant_labels.CHOICES}")
     p.add_argument("--no-adapter", action="store_true", help="a run's base model and quantization, without its adapter")
     p.add_argument("--limit", type=int, help="the first N documents / items of each task (default: all)")
     p.add_argument("--batch-size", type=int, default=4)

@@ -4,6 +4,8 @@ LoRA adapter (unmerged), and `qlab generate-bench`, which runs it for several se
     python -m qlab.run task=generate quant=nf4 quant.double_quant=true generate.adapter_run=results/adhoc/<id>
     qlab generate-bench [--run results/adhoc/<id>] [--model llama-7b] [--quants bf16,nf4,nf4+dq] [--batch-sizes 1,8]
 
+--quants takes quantization labels (qlab/tasks/quant_labels.py: nf4+DQ, nf4+DQ/b128, hqq-int4,
+torchao-nf4-dq, ...); by default the six of config.QUANT_SETTINGS, all bitsandbytes at block size 64.
 The bench runs one configuration per quantization setting x {no adapter, the run's adapter}, each
 in a process of its own through the one launcher, skipping complete results unless --force. Exit
 status: 0 all ok (an oom is a result), 1 a configuration failed, 2 bad arguments. What each metric
@@ -28,10 +30,11 @@ from qlab.results import store
 from qlab.results.stats import summarize
 from qlab.run import launch
 from qlab.run.data import load_conversations
-from qlab.tasks import Outcome, failure
+from qlab.tasks import Outcome, failure, quant_labels
 from qlab.tasks.chat import ChatError, build_prompt_ids, check_same_base, read_run
 
-QUANTS = {label.lower(): setting for label, setting in config.QUANT_SETTINGS.items()}  # --quants spells nf4+dq
+# the bench's default settings (bitsandbytes at block size 64), as --quants spells them: nf4+dq
+QUANTS = tuple(label.lower() for label in config.QUANT_SETTINGS)
 EVAL_DATA = config.ASSETS / "chat" / "eval.jsonl"
 WARMUP_CALLS = 1  # per batch size, untimed: first-call costs (allocator growth, kernel setup)
 # how the prompts are made and decoded: recorded in every result (the report prints them)
@@ -61,9 +64,9 @@ def prepare(cfg: DictConfig) -> Inputs:
 
 def trained_by(result: dict) -> dict:
     """The metrics naming the training run an adapter (or model) comes from and its quantization."""
-    quant = result.get("config", {}).get("quant", {})
+    quant = quant_labels.stored(result)
     return {"adapter_run_id": result.get("run_id"),
-            "adapter_trained_quant": quant.get("type", "?") + ("+DQ" if quant.get("double_quant") else "")}
+            "adapter_trained_quant": config.quant_label(quant) if quant.get("type") else "?"}
 
 
 def checked_adapter(run: Path, model_cfg, key: str) -> tuple[Path, dict]:
@@ -250,11 +253,10 @@ def run(cfg: DictConfig, inputs: Inputs, recorder) -> Outcome:
 # ---------------------------------------------------------------- qlab generate-bench
 
 def parse_quants(text: str) -> list[str]:
-    out = list(dict.fromkeys(q.strip().lower() for q in text.split(",") if q.strip()))
-    bad = [q for q in out if q not in QUANTS]
-    if bad or not out:
-        raise argparse.ArgumentTypeError(f"unknown quantization {bad[0]!r}; one of {', '.join(QUANTS)}" if bad
-                                         else "empty")
+    """Comma-separated quantization labels (quant_labels.parse) -> their lowercased labels, once each."""
+    out = list(dict.fromkeys(quant_labels.parse(q) for q in text.split(",") if q.strip()))
+    if not out:
+        raise argparse.ArgumentTypeError("empty")
     return out
 
 
@@ -270,6 +272,12 @@ def override_value(v) -> str:
     if isinstance(v, str):
         return f"'{v}'"
     return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def quant_overrides(q: dict) -> list[str]:
+    """Overrides setting every key of the quant group to `q`'s (quant_labels.KEYS, and compute_dtype
+    where `q` has one): nothing falls back to the group's default (bitsandbytes at block size 64)."""
+    return [f"quant.{k}={override_value(q[k])}" for k in (*quant_labels.KEYS, "compute_dtype") if k in q]
 
 
 def model_overrides(args) -> list[str]:
@@ -301,10 +309,8 @@ def plan(args) -> list[tuple[list[str], DictConfig]]:
     adapters = ["null"] + ([override_value(str(args.run.resolve()))] if args.run else [])
     out = []
     for label in args.quants:
-        qtype, dq = QUANTS[label]
         for adapter in adapters:
-            overrides = [*common, f"quant={qtype}", f"quant.double_quant={override_value(dq)}",
-                         f"generate.adapter_run={adapter}"]
+            overrides = [*common, *quant_overrides(quant_labels.setting(label)), f"generate.adapter_run={adapter}"]
             if not out:
                 config.check_overrides(overrides)  # Hydra's own errors as one line naming the key
             cfg = config.compose(overrides)
@@ -316,8 +322,7 @@ def plan(args) -> list[tuple[list[str], DictConfig]]:
 
 
 def describe(cfg: DictConfig) -> str:
-    q = cfg.quant.type + ("+dq" if cfg.quant.double_quant else "")
-    return f"{cfg.model.name} {q} adapter={'lora' if cfg.generate.adapter_run else 'none'}"
+    return f"{cfg.model.name} {config.quant_label(cfg.quant)} adapter={'lora' if cfg.generate.adapter_run else 'none'}"
 
 
 def one_line(result: dict) -> str:
@@ -339,7 +344,9 @@ def main(argv: list[str] | None = None) -> int:
                                    "base model, else tiny-llama)")
     p.add_argument("--run", type=Path, help="a qlab run directory with adapter/: bench with that adapter too "
                                             "(default: without adapter only)")
-    p.add_argument("--quants", type=parse_quants, default=list(QUANTS), help=f"comma-separated, of {', '.join(QUANTS)}")
+    p.add_argument("--quants", type=parse_quants, default=list(QUANTS),
+                   help=f"comma-separated quantization labels (default {','.join(QUANTS)}): "
+                        f"{quant_labels.CHOICES}")
     p.add_argument("--batch-sizes", type=parse_batch_sizes, default=[1, 8],
                    help="comma-separated batch sizes (default 1,8)")
     p.add_argument("--prompts", type=int, default=8, help="prompts from the eval data (default 8)")

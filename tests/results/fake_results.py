@@ -8,15 +8,18 @@ GiB = 2**30
 
 def fake_run(root, quant="nf4", dq=False, optim="paged_adamw_32bit", adapter="all_linear", seed=0, status="ok",
              peak=10.0, tps=1000.0, eval_loss=1.0, train_loss=2.0, steps=10, gpu="Fake GPU 80GB", wandb=False,
-             sweep="syn", runs_per_gpu=1, model=None, env=None):
+             sweep="syn", runs_per_gpu=1, model=None, env=None, quant_cfg=None, adapter_cfg=None):
     """Write <root>/<run id>/result.json + metrics.jsonl as a real run would, with these numbers:
     peak = NVML device peak in GiB (torch's peak allocated is 1 GiB less), tps = tokens/s with
     2,048 tokens/step and a step-time CI of +-10% of the mean step time. `model`: the stored model
     config; by default a pretrained checkpoint (a random-init preset: {"name": "tiny", "preset": "tiny"}).
-    `env`: versions and hardware to change in the recorded environment."""
+    `env`: versions and hardware to change in the recorded environment. `quant_cfg`, `adapter_cfg`:
+    keys added to the stored quant and adapter configs (backend, blocksize; init, dora), which a
+    result from before them lacks."""
     model = model or {"name": "tiny", "preset": None, "name_or_path": "/models/tiny"}
     q = quant + ("-dq" if dq else "")
-    run_id = f"{model['name']}_{q}_{optim}_{adapter}_s{seed}_{steps}{gpu[:1]}"
+    extra = "".join(f"-{v}" for v in (*(quant_cfg or {}).values(), *(adapter_cfg or {}).values()))
+    run_id = f"{model['name']}_{q}_{optim}_{adapter}{extra}_s{seed}_{steps}{gpu[:1]}"
     step_time = 2048 / tps
     metrics = {} if status == "failed" else {
         "weight_bytes": 4 * GiB, "quantized_weight_bytes": 3 * GiB, "quant_state_bytes": GiB // 4,
@@ -39,8 +42,8 @@ def fake_run(root, quant="nf4", dq=False, optim="paged_adamw_32bit", adapter="al
         "axes": {"model": model["name"], "quant": quant, "double_quant": dq, "optim": optim, "adapter": adapter,
                  "seed": seed},
         "metrics": metrics,
-        "config": {"model": model, "quant": {"type": quant, "double_quant": dq},
-                   "adapter": {"targets": adapter, "r": 8}, "optim": {"name": optim, "lr": 2e-4},
+        "config": {"model": model, "quant": {"type": quant, "double_quant": dq, **(quant_cfg or {})},
+                   "adapter": {"targets": adapter, "r": 8, **(adapter_cfg or {})}, "optim": {"name": optim, "lr": 2e-4},
                    "data": {"name": "chat", "max_seq_len": 512, "pad_to": "max_seq_len", "max_eval_samples": 16},
                    "train": {"steps": steps, "warmup_steps": 1, "batch_size": 4, "device": "cuda", "progress": False},
                    "tracker": {"results_dir": str(root.parent), "sweep": sweep, "wandb": wandb,

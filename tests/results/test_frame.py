@@ -13,13 +13,36 @@ from fake_results import fake_run
 from qlab.results import frame, store, tables
 
 
+NF4_DQ = {"type": "nf4", "double_quant": True}  # as results from before quant.backend stored it
+
+
 def test_quant_labels_and_their_order():
-    assert frame.quant_label("nf4", True) == "nf4+DQ" and frame.quant_label("fp4", False) == "fp4"
-    assert frame.quant_label("nf4", True, "recipe") == "nf4+DQ"  # the recipe adds nothing
-    assert frame.quant_label("nf4", True, "fast") == "nf4+DQ · fast"
-    labels = ["fp4", "nf4+DQ · fast", "bf16", "mystery", "nf4+DQ", "int8"]
+    assert frame.quant_label(NF4_DQ) == "nf4+DQ" and frame.quant_label({"type": "fp4", "double_quant": False}) == "fp4"
+    assert frame.quant_label(NF4_DQ, "recipe") == "nf4+DQ"  # the recipe adds nothing
+    assert frame.quant_label(NF4_DQ, "fast") == "nf4+DQ · fast"
+    assert frame.quant_label(None) is None and frame.quant_label({"type": None}) is None  # a comparison's row
+    # backend and block size: config.quant_label's spelling, the speed path after them
+    assert frame.quant_label({**NF4_DQ, "backend": "bitsandbytes", "blocksize": 64}) == "nf4+DQ"
+    assert frame.quant_label({**NF4_DQ, "blocksize": 128}, "fast") == "nf4+DQ/b128 · fast"
+    assert frame.quant_label({"type": "int4", "double_quant": False, "backend": "hqq", "blocksize": 64}) == "hqq int4"
+    assert frame.quant_label({**NF4_DQ, "backend": "torchao", "blocksize": 64}) == "torchao nf4+DQ"
+    labels = ["fp4", "nf4+DQ · fast", "bf16", "mystery", "nf4+DQ", "int8", "nf4+DQ/b128", "hqq int4", "nf4+DQ/b32",
+              "torchao nf4+DQ"]
     assert sorted(labels, key=lambda v: frame.rank("quant_label", v)) == [
-        "bf16", "int8", "nf4+DQ", "nf4+DQ · fast", "fp4", "mystery"]
+        "bf16", "int8", "nf4+DQ/b32", "nf4+DQ", "nf4+DQ · fast", "nf4+DQ/b128", "fp4", "torchao nf4+DQ", "hqq int4",
+        "mystery"]
+
+
+def test_adapter_labels_and_their_order():
+    assert frame.adapter_label("all_linear", None) == "all_linear"  # a result from before adapter.init/dora
+    assert frame.adapter_label("all_linear", {"init": "gaussian", "dora": False}) == "all_linear"
+    assert frame.adapter_label("all_linear", {"init": "loftq", "dora": False}) == "all_linear+loftq"
+    assert frame.adapter_label("qv", {"init": "pissa"}) == "qv+pissa"
+    assert frame.adapter_label("qv", {"init": "gaussian", "dora": True}) == "qv+DoRA"
+    assert frame.adapter_label(None, {"dora": True}) is None  # a comparison's row: no adapter
+    labels = ["all_linear+loftq", "full", "all_linear", "qv+DoRA", "qv", "all_linear+DoRA", "all_linear+pissa"]
+    assert sorted(labels, key=lambda v: frame.rank("adapter", v)) == [
+        "qv", "qv+DoRA", "all_linear", "all_linear+DoRA", "all_linear+loftq", "all_linear+pissa", "full"]
 
 
 @pytest.mark.parametrize("model, weights", [
@@ -107,9 +130,9 @@ def test_speed_label_names_presets_runner_and_deviations():
     assert label({**RECIPE, "adapter_autocast": True}) == "recipe (adapter_autocast=true)"
     assert label({**RECIPE, "adapter_autocast": True}, "hf_trainer") == "trainer"
     assert label({**RECIPE, "runner": "trainer"}) == "trainer"  # the retired speed bench's Trainer runs
-    assert frame.quant_label("nf4", True, "recipe") == "nf4+DQ"
-    assert frame.quant_label("nf4", True, "fast") == "nf4+DQ · fast"
-    assert frame.quant_label("bf16", False, None) == "bf16"
+    assert frame.quant_label(NF4_DQ, "recipe") == "nf4+DQ"
+    assert frame.quant_label(NF4_DQ, "fast") == "nf4+DQ · fast"
+    assert frame.quant_label({"type": "bf16", "double_quant": False}, None) == "bf16"
     ordered = sorted(["nf4+DQ · fast", "bf16", "nf4+DQ", "nf4+DQ · trainer", "bf16 · fast"],
                      key=lambda v: frame.rank("quant_label", v))
     assert ordered == ["bf16", "bf16 · fast", "nf4+DQ", "nf4+DQ · trainer", "nf4+DQ · fast"]
@@ -192,3 +215,43 @@ def test_comparison_tables(profiled):
          "rounds": "14", "verdict": "covers 1"}]
     md = tables.compare_markdown(comparison(profiled), "NVIDIA H200")
     assert "14 rounds x 3 steps per arm; stopped: time_budget (target half-width 5%, reached 5.4%)." in md
+
+
+def test_backend_block_size_and_adapter_form_are_labelled_from_the_stored_config(tmp_path):
+    """A backends x adapter-forms sweep: one comparability group (the new keys are axes, not residual
+    config), each run labelled by config.quant_label and its adapter's form; a result from before
+    the keys and one written after, at their defaults, carry the labels results always had."""
+    root = tmp_path / "sweep"
+    defaults = dict(quant_cfg={"backend": "bitsandbytes", "blocksize": 64}, adapter_cfg={"init": "gaussian",
+                                                                                          "dora": False})
+    old = fake_run(root, "nf4", dq=True)  # stores none of quant.backend, quant.blocksize, adapter.init, adapter.dora
+    new = fake_run(root, "nf4", dq=True, seed=1, **defaults)
+    hqq = fake_run(root, "int4", quant_cfg={"backend": "hqq", "blocksize": 64})
+    ao = fake_run(root, "nf4", dq=True, quant_cfg={"backend": "torchao", "blocksize": 64})
+    b128 = fake_run(root, "nf4", dq=True, quant_cfg={"backend": "bitsandbytes", "blocksize": 128})
+    loftq = fake_run(root, "nf4", dq=True, adapter_cfg={"init": "loftq", "dora": False})
+    dora = fake_run(root, "nf4", dq=True, adapter="qv", adapter_cfg={"init": "gaussian", "dora": True})
+    df = frame.load_runs(root)
+    assert df.group.nunique() == 1 and df.config_rest.nunique() == 1
+    rows = df.set_index("run_id")[["quant_label", "quant", "dq", "adapter"]].T.to_dict("list")
+    assert rows == {old: ["nf4+DQ", "nf4", "on", "all_linear"], new: ["nf4+DQ", "nf4", "on", "all_linear"],
+                    hqq: ["hqq int4", "hqq int4", "off", "all_linear"],
+                    ao: ["torchao nf4+DQ", "torchao nf4", "on", "all_linear"],
+                    b128: ["nf4+DQ/b128", "nf4/b128", "on", "all_linear"],
+                    loftq: ["nf4+DQ", "nf4", "on", "all_linear+loftq"], dora: ["nf4+DQ", "nf4", "on", "qv+DoRA"]}
+    # the frame's order: weight format (block size after the default), then the adapter's targets and form
+    assert list(df.run_id) == [dora, old, new, loftq, b128, ao, hqq]
+
+
+def test_a_training_arm_tells_adapter_forms_apart_but_not_keys_a_result_predates():
+    config = {"model": {"name": "m"}, "quant": {"type": "nf4", "double_quant": True},
+              "adapter": {"targets": "qv", "r": 8}, "optim": {"name": "adamw"}, "seed": 0}
+
+    def arm(quant=None, **adapter):
+        return frame.trained_arm({"sweep": "s", "config": {**config, "quant": quant or config["quant"],
+                                                           "adapter": {**config["adapter"], **adapter}}})
+
+    assert arm() == arm(init="gaussian", dora=False)  # seeds across the schema change: one arm
+    assert len({arm(), arm(init="loftq"), arm(init="pissa"), arm(dora=True)}) == 4
+    # the quantization is no part of the arm (a row's quant label tells those apart), its backend neither
+    assert arm({"type": "int4", "backend": "hqq", "blocksize": 128}) == arm()

@@ -311,3 +311,27 @@ def test_random_and_pretrained_groups_in_one_report(tmp_path):
     assert "eval_loss" in set(stats_csv[stats_csv.group == 3 - random_group].metric)
     assert not (root / "report" / f"group-{random_group}" / "plots" / "memory_vs_quality.png").exists()
     assert (root / "report" / f"group-{3 - random_group}" / "plots" / "memory_vs_quality.png").exists()
+
+
+def test_backends_and_adapter_forms_get_rows_of_their_own_in_the_report(tmp_path):
+    """A report of bitsandbytes, HQQ and torchao bases and a LoftQ adapter: each its own row in the
+    tables and runs.csv, plotted like any other arm, its seeds one row."""
+    root = tmp_path / "syn"
+    for seed in range(2):
+        fake_run(root, "nf4", dq=True, seed=seed, peak=10.0)
+        fake_run(root, "int4", seed=seed, quant_cfg={"backend": "hqq", "blocksize": 64}, peak=12.0)
+        fake_run(root, "nf4", dq=True, seed=seed, quant_cfg={"backend": "torchao", "blocksize": 32}, peak=11.0)
+        fake_run(root, "nf4", dq=True, seed=seed, adapter_cfg={"init": "loftq", "dora": False}, peak=10.5)
+    page = report.build(root, wandb=False)
+    runs = csv(root, "runs.csv")
+    assert sorted(set(zip(runs.quant_label, runs.adapter))) == [
+        ("hqq int4", "all_linear"), ("nf4+DQ", "all_linear"), ("nf4+DQ", "all_linear+loftq"),
+        ("torchao nf4+DQ/b32", "all_linear")]
+    quant = csv(root, "tables", "quant.csv")
+    assert list(quant.quant_label) == ["nf4+DQ", "torchao nf4+DQ/b32", "hqq int4"] and (quant.n == 2).all()
+    assert list(csv(root, "tables", "adapter.csv").adapter) == ["all_linear", "all_linear+loftq"]
+    grid = (root / "report" / "tables" / "grid.md").read_text()
+    assert "| hqq int4 " in grid and "| all_linear+loftq " in grid
+    assert "HQQ int4 vs bitsandbytes NF4" not in csv(root, "statistics.csv").comparison.values  # nf4 is DQ here
+    assert "all_linear+loftq vs all_linear" in csv(root, "statistics.csv").comparison.values
+    assert (root / "report" / "plots" / "memory_breakdown.png").exists() and "hqq int4" in page.read_text()

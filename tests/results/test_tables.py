@@ -5,6 +5,7 @@ ablation pairs of statistics.csv."""
 
 import json
 import math
+import re
 import warnings
 
 import pandas as pd
@@ -264,3 +265,106 @@ def test_comparisons_of_two_machines_agree_where_their_intervals_overlap():
     assert t.loc["fast/trainer", "c1"] == f"{(2.0 * 2.4) ** 0.5:.3f} [2.000, 2.400]"
     assert t.loc["fast/trainer", "overlap"] == "[2.000, 2.300]" and t.loc["fast/trainer", "comparisons"] == 2
     assert t.loc["fast-aa/fast (A/A floor)", "overlap"] == "none"  # 1.10 < 1.12: the two machines disagree
+
+
+# a backends x block sizes x adapter forms sweep, two seeds each: label -> (fake_run's arguments, peak GiB)
+BACKEND_ARMS = {
+    ("nf4", "all_linear"): (dict(quant="nf4"), 10.2),
+    ("nf4+DQ", "all_linear"): (dict(quant="nf4", dq=True), 10.0),
+    ("nf4+DQ/b128", "all_linear"): (dict(quant="nf4", dq=True, quant_cfg={"blocksize": 128}), 9.0),
+    ("torchao nf4+DQ", "all_linear"): (dict(quant="nf4", dq=True, quant_cfg={"backend": "torchao"}), 11.0),
+    ("hqq int4", "all_linear"): (dict(quant="int4", quant_cfg={"backend": "hqq"}), 12.0),
+    ("nf4+DQ", "all_linear+loftq"): (dict(quant="nf4", dq=True, adapter_cfg={"init": "loftq"}), 10.5),
+    ("nf4+DQ", "all_linear+DoRA"): (dict(quant="nf4", dq=True, adapter_cfg={"dora": True}), 13.0),
+}
+
+
+@pytest.fixture(scope="module")
+def backend_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("backends") / "syn"
+    for (label, adapter), (kw, peak) in BACKEND_ARMS.items():
+        for seed in range(2):  # seed 1 peaks 0.2 GiB higher: each arm's mean is peak + 0.1
+            fake_run(root, seed=seed, peak=peak + 0.2 * seed, **kw)
+    runs = frame.load_runs(root)
+    assert runs.group.nunique() == 1
+    return runs
+
+
+def test_backends_block_sizes_and_adapter_forms_are_arms_of_their_own(backend_runs):
+    """One row per distinct arm, its two seeds aggregated: never two backends, block sizes or adapter
+    forms pooled, in the quant, DQ and adapter tables alike."""
+    arms = tables.arms(backend_runs)
+    assert list(zip(arms.quant_label, arms.adapter)) == [
+        ("nf4", "all_linear"), ("nf4+DQ", "all_linear"), ("nf4+DQ", "all_linear+DoRA"), ("nf4+DQ", "all_linear+loftq"),
+        ("nf4+DQ/b128", "all_linear"), ("torchao nf4+DQ", "all_linear"), ("hqq int4", "all_linear")]
+    assert (arms.n == 2).all()
+    for _, a in arms.iterrows():
+        assert a.peak_gib == pytest.approx(BACKEND_ARMS[(a.quant_label, a.adapter)][1] + 0.1)
+    # quantization table: the adapter varies, so one block per adapter; without bf16 the baseline is nf4
+    quant, baseline, _ = tables.axis_table(arms, tables.AXES[0])
+    plain = quant[quant.adapter == "all_linear"]
+    assert baseline == "nf4" and list(plain.quant_label) == ["nf4", "nf4+DQ", "nf4+DQ/b128", "torchao nf4+DQ",
+                                                             "hqq int4"]
+    hqq = plain.set_index("quant_label").loc["hqq int4"]
+    assert hqq.peak_gib_delta_pct == pytest.approx((12.1 - 10.3) / 10.3 * 100)
+    # DQ on vs off: only bitsandbytes nf4 at block size 64 has both; torchao's nf4+DQ is not its "on"
+    dq, _, _ = tables.axis_table(arms, tables.AXES[1])
+    assert list(zip(dq.quant, dq.dq)) == [("nf4", "off"), ("nf4", "on")]
+    assert dq.peak_gib.tolist() == pytest.approx([10.3, 10.1])
+    # adapter table: the forms against peft's LoRA on the same targets and quantization
+    adapter, baseline, fixed = tables.axis_table(arms, tables.AXES[3])
+    assert baseline == "all_linear" and fixed == {"optim": "paged_adamw_32bit"}
+    assert list(adapter.adapter) == ["all_linear", "all_linear+DoRA", "all_linear+loftq"]
+    assert set(adapter.quant_label) == {"nf4+DQ"}
+
+
+def test_backend_and_adapter_form_pairs_compare_matched_arms(backend_runs):
+    comp = tables.comparisons(backend_runs)
+    peak = comp[comp.metric == "peak_gib"].set_index("comparison")
+    ctx = "optim=paged_adamw_32bit, adapter=all_linear, speed=recipe"
+    assert peak.loc["torchao NF4 vs bitsandbytes NF4", "context"] == f"dq=on, {ctx}"
+    assert peak.loc["torchao NF4 vs bitsandbytes NF4", ["n_a", "n_b", "mean_a", "mean_b"]].tolist() == pytest.approx(
+        [2, 2, 11.1, 10.1])
+    assert peak.loc["HQQ int4 vs bitsandbytes NF4", "context"] == f"dq=off, {ctx}"  # 4.5 bits each
+    assert peak.loc["HQQ int4 vs bitsandbytes NF4", ["mean_a", "mean_b"]].tolist() == pytest.approx([12.1, 10.3])
+    # DQ on vs off pools no other backend or block size into nf4's "on" (two runs, not six)
+    assert peak.loc["DQ on vs off", ["n_a", "n_b", "mean_a"]].tolist() == pytest.approx([2, 2, 10.1])
+    for form, mean in (("loftq", 10.6), ("DoRA", 13.1)):
+        row = peak.loc[f"all_linear+{form} vs all_linear"]
+        assert row.context == "quant_label=nf4+DQ, optim=paged_adamw_32bit"
+        assert [row.n_a, row.n_b, row.mean_a, row.mean_b] == pytest.approx([2, 2, mean, 10.1])
+    assert "all_linear+pissa vs all_linear" not in peak.index and "NF4 vs FP4" not in peak.index
+
+
+def test_evaluations_name_the_training_arm_s_backend_and_adapter_form(tmp_path):
+    """qlab eval of two trained arms' seeds (LoftQ on nf4+DQ/b128, peft's LoRA on HQQ int4), each on its own
+    base and on bf16: each arm one row per base over its seeds, named by its adapter's form and, where
+    evaluated on another base, the quantization it trained on (backend and block size included)."""
+    trained = {"loftq": ({"type": "nf4", "double_quant": True, "backend": "bitsandbytes", "blocksize": 128},
+                         {"targets": "all_linear", "init": "loftq", "dora": False}),
+               "hqq": ({"type": "int4", "double_quant": False, "backend": "hqq", "blocksize": 64},
+                       {"targets": "all_linear", "init": "gaussian", "dora": False})}
+    for name, (quant, adapter) in trained.items():
+        for seed in range(2):
+            run = f"{name}_s{seed}"
+            config = {"model": {"name": "m"}, "quant": quant, "adapter": adapter, "seed": seed}
+            _result(tmp_path / "train" / run, run_id=run, kind="train", sweep="train", config=config,
+                    axes={"quant": quant["type"], "double_quant": quant["double_quant"], "adapter": "all_linear",
+                          "seed": seed})
+            for evaluated in (quant, {"type": "bf16", "double_quant": False}):
+                e = f"e_{run}_{evaluated['type']}"
+                _result(tmp_path / "ev" / e, run_id=e, kind="eval", sweep="ev",
+                        config={"task": "eval", "model": {"name": "m"}, "quant": evaluated, "seed": 0,
+                                "eval": {"adapter_run": f"/gone/train/{run}", "tasks": ["t"]}},
+                        axes={"model": "m", "quant": evaluated["type"], "double_quant": evaluated["double_quant"],
+                              "adapter": "lora", "seed": 0},
+                        metrics={"adapter_run_id": run, "lm_eval.t.word_perplexity": 100.0 + seed, "eval_tasks": ["t"]})
+    runs = frame.load_runs(tmp_path / "ev")
+    assert runs.group.nunique() == 1 and runs.trained_arm.nunique() == 2
+    numeric, _, baseline, _ = tables.eval_display(runs)
+    # "<training sweep> <arm hash>, seeds 0, 1" names each arm (frame.trained_arm)
+    rows = sorted((r.quant_label, re.sub(r" \(train [0-9a-f]{8}, seeds 0, 1\)", "", r.adapter), r.n)
+                  for _, r in numeric.iterrows())
+    assert baseline == "bf16" and rows == [
+        ("bf16", "all_linear+loftq, trained on nf4+DQ/b128", 2), ("bf16", "all_linear, trained on hqq int4", 2),
+        ("hqq int4", "all_linear", 2), ("nf4+DQ/b128", "all_linear+loftq", 2)]

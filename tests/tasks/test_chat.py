@@ -1,6 +1,8 @@
 """Chat with an adapter a real (tiny) run trained: prompts, history, determinism, errors."""
 
 import json
+import shutil
+import warnings
 
 import pytest
 
@@ -92,3 +94,47 @@ def test_merge_into_16bit_base(trained_run, tmp_path):
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert not any("lora" in n for n, _ in merged.named_parameters())
     assert json.loads((tmp_path / "merged" / "config.json").read_text())["model_type"] == "llama"
+
+
+def copy_run(trained_run, directory, **quant):
+    """The run's result.json and adapter/ in `directory`, its stored quant config changed by `quant`
+    (a key set to None is left out, as a result from before it stored it)."""
+    shutil.copytree(trained_run / "adapter", directory / "adapter")
+    result = json.loads((trained_run / "result.json").read_text())
+    q = {**result["config"]["quant"], **quant}
+    result["config"]["quant"] = {k: v for k, v in q.items() if v is not None}
+    (directory / "result.json").write_text(json.dumps(result))
+    return directory
+
+
+def layer_types(c) -> set[str]:
+    return {type(m).__name__ for m in c.model.modules()} & {"Linear4bit", "HQQLinear", "Linear8bitLt"}
+
+
+def test_the_run_s_backend_is_the_default_base(trained_run, tmp_path):
+    """The base as the run trained it, backend and block size included: a run stored as HQQ loads HQQ
+    (the adapter's shapes fit any backend); one from before quant.backend loads bitsandbytes."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*trained on a")  # its own quantization: no warning
+        hqq = chat.load_chat(copy_run(trained_run, tmp_path / "hqq", type="int4", double_quant=False, backend="hqq",
+                                      blocksize=32), device="cpu", sampling=GREEDY)
+        old = chat.load_chat(copy_run(trained_run, tmp_path / "old", backend=None, blocksize=None), device="cpu",
+                             sampling=GREEDY)
+    assert layer_types(hqq) == {"HQQLinear"} and layer_types(old) == {"Linear4bit"}
+    assert isinstance(hqq.say("Hello!"), str)
+    with pytest.warns(UserWarning, match=r"trained on a hqq int4/b32 base; chatting with nf4\+DQ/b32"):
+        other = chat.load_chat(tmp_path / "hqq", quant=QuantConfig(type="nf4", double_quant=True, blocksize=32),
+                               device="cpu", sampling=GREEDY)
+    assert layer_types(other) == {"Linear4bit"}
+
+
+def test_quant_flag_takes_labels_and_refuses_a_bad_combination_before_loading(trained_run, capsys, monkeypatch):
+    def refused(*a, **k):
+        raise AssertionError("loaded a model for a refused --quant")
+
+    monkeypatch.setattr(chat, "load_chat", refused)
+    assert chat.main([str(trained_run), "--quant", "hqq-int4", "--double-quant", "--device", "cpu"]) == 2
+    assert "quant.double_quant" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        chat.main([str(trained_run), "--quant", "nf5"])
+    assert e.value.code == 2 and "unknown quantization 'nf5'" in capsys.readouterr().err

@@ -4,18 +4,21 @@ give those metrics back, an adapter that changes the numbers, a full fine-tuning
 bad input refused before loading (exit 2, the key named), the CLI on a run directory, and the
 report's eval table. One SmolLM2 check where its wheel is installed."""
 
+import argparse
 import importlib.util
 import json
 import math
 import shutil
 
 import pytest
+from omegaconf import OmegaConf
 
 from conftest import FAST
 from qlab import config, tasks
 from qlab.reference import gguf, lm_eval_tasks
 from qlab.results import report, store
 from qlab.tasks import eval as evaltask
+from qlab.tasks import quant_labels
 
 pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason=f"lm-eval not installed: {evaltask.INSTALL}"),
@@ -193,3 +196,61 @@ def test_smollm2_wikipedia_perplexity(tmp_path):
     assert code == 0, r.get("error")
     m = r["metrics"]
     assert 8 < m["eval.qlab_wiki_ppl.token_perplexity"] < 40 and m["lm_eval.qlab_wiki_ppl.bits_per_byte"] < 1.3
+
+
+def eval_args(target, results, **kw):
+    """`qlab eval`'s parsed arguments, its defaults but for `kw`."""
+    args = dict(target=str(target), tasks=["qlab_wiki_ppl"], quant=None, no_adapter=False, limit=None, batch_size=4,
+                max_length=2048, num_fewshot=None, device="cpu", seed=0, results_dir=results, sweep="eval")
+    return argparse.Namespace(**{**args, **kw})
+
+
+def write_run(directory, *overrides, drop=()):
+    """A training run's result.json (its config composed from `overrides`, the quant keys in `drop`
+    left out as a result from before them stored it) and an adapter/ for it."""
+    cfg = OmegaConf.to_container(config.compose(["model=tiny-llama", *overrides]), resolve=True)
+    for key in drop:
+        del cfg["quant"][key]
+    (directory / "adapter").mkdir(parents=True)  # what config.validate checks (no weights: nothing loads)
+    (directory / "result.json").write_text(json.dumps({"run_id": directory.name, "config": cfg}))
+    return cfg["quant"]
+
+
+def test_a_training_run_s_whole_quantization_is_forwarded(tmp_path):
+    """`qlab eval RUN` composes the base the run trained on: an HQQ run at group size 128 is evaluated
+    on HQQ at 128 (not on the group default, bitsandbytes at 64); a run from before quant.backend and
+    quant.blocksize on bitsandbytes at 64; --quant (any label spelling) replaces it with a warning."""
+    hqq = tmp_path / "hqq-run"
+    trained = write_run(hqq, "quant=hqq", "quant.blocksize=128", "quant.compute_dtype=float32")
+    cfg = config.compose(evaltask.overrides(eval_args(hqq, tmp_path)))
+    config.validate(cfg)
+    assert OmegaConf.to_container(cfg.quant) == trained == {
+        "type": "int4", "double_quant": False, "compute_dtype": "float32", "backend": "hqq", "blocksize": 128}
+    assert store.run_id(cfg).startswith("tiny-llama_hqq-int4-b128_lora_")
+    assert cfg.eval.adapter_run == str(hqq.resolve())
+
+    old = tmp_path / "old-run"
+    write_run(old, "quant=nf4", "quant.double_quant=true", drop=("backend", "blocksize"))
+    cfg = config.compose(evaltask.overrides(eval_args(old, tmp_path, no_adapter=True)))
+    assert (cfg.quant.type, cfg.quant.double_quant, cfg.quant.backend, cfg.quant.blocksize) == (
+        "nf4", True, "bitsandbytes", 64)
+    assert cfg.eval.adapter_run is None
+
+    with pytest.warns(UserWarning, match=r"trained on a hqq int4/b128 base; evaluating on torchao nf4\+DQ"):
+        over = evaltask.overrides(eval_args(hqq, tmp_path, quant=quant_labels.parse("torchao-nf4-dq")))
+    cfg = config.compose(over)
+    assert (cfg.quant.type, cfg.quant.double_quant, cfg.quant.backend, cfg.quant.blocksize) == (
+        "nf4", True, "torchao", 64)
+    assert cfg.quant.compute_dtype == "float32"  # the run's, whatever the base
+
+
+def test_quant_flag_takes_every_label_spelling(tmp_path, capsys):
+    """--quant: config.quant_label's spelling in any case, or the run id's; a model by name too."""
+    for spelling in ("HQQ int4/b32", "hqq-int4-b32"):
+        cfg = config.compose(evaltask.overrides(eval_args("tiny-llama", tmp_path, quant=quant_labels.parse(spelling))))
+        assert (cfg.quant.type, cfg.quant.backend, cfg.quant.blocksize) == ("int4", "hqq", 32)
+    cfg = config.compose(evaltask.overrides(eval_args("tiny-llama", tmp_path)))
+    assert OmegaConf.to_container(cfg.quant) == OmegaConf.to_container(config.compose(["quant=bf16"]).quant)
+    with pytest.raises(SystemExit) as e:
+        evaltask.main(["tiny-llama", "--quant", "hqq nf4", "--results-dir", str(tmp_path)])
+    assert e.value.code == 2 and "unknown quantization 'hqq nf4'" in capsys.readouterr().err

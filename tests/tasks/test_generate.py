@@ -330,3 +330,30 @@ def test_both_result_layouts_group_and_label_alike():
     assert runs.group.nunique() == 1
     label = runs.group_label.iloc[0]
     assert label.startswith("generation · llama-7b · 24 new tokens · batch 1, 8 · 3 prompts x 2 repeats")
+
+
+def test_bench_settings_by_label_compose_their_backend_and_block_size(tmp_path):
+    """--quants takes any quantization label; one of the six defaults composes what `quant=nf4
+    quant.double_quant=true` did, so the bench's earlier results keep their run ids (and resume)."""
+    ns = argparse.Namespace(run=None, model=None, quants=generate.parse_quants("nf4+DQ,HQQ-int4,nf4/b128,nf4-dq"),
+                            prompts=1, repeats=1, new_tokens=2, batch_sizes=[1], device="cpu", results_dir=tmp_path,
+                            sweep="generate", force=False)
+    plans = generate.plan(ns)
+    assert [(c.quant.type, c.quant.double_quant, c.quant.backend, c.quant.blocksize) for _, c in plans] == [
+        ("nf4", True, "bitsandbytes", 64), ("int4", False, "hqq", 64), ("nf4", False, "bitsandbytes", 128)]
+    assert [generate.describe(c) for _, c in plans] == [
+        "tiny-llama nf4+DQ adapter=none", "tiny-llama hqq int4 adapter=none", "tiny-llama nf4/b128 adapter=none"]
+    overrides, cfg = plans[0]
+    before = [o for o in overrides if not o.startswith("quant.")] + ["quant=nf4", "quant.double_quant=true"]
+    assert store.run_id(cfg) == store.run_id(config.compose(before))
+    assert store.run_id(plans[1][1]).startswith("tiny-llama_hqq-int4_none_")
+
+
+def test_an_adapter_names_the_whole_quantization_it_trained_on():
+    def trained_on(quant):
+        return generate.trained_by({"run_id": "r", "config": {"quant": quant}})["adapter_trained_quant"]
+
+    assert trained_on({"type": "nf4", "double_quant": True}) == "nf4+DQ"  # a result from before the backend
+    assert trained_on({"type": "int4", "double_quant": False, "backend": "hqq", "blocksize": 32}) == "hqq int4/b32"
+    assert trained_on({"type": "nf4", "double_quant": True, "backend": "torchao", "blocksize": 64}) == "torchao nf4+DQ"
+    assert trained_on(None) == "?"
