@@ -301,8 +301,18 @@ def quant_label(quant) -> str:
     return f"{label}/b{blocksize}" if blocksize != DEFAULT_BLOCKSIZE and q["type"] in BLOCKWISE else label
 
 
+def adapter_label(adapter) -> str:
+    """An adapter config's label: its targets, then its initialization where not peft's Gaussian and
+    DoRA where on: all_linear, all_linear+loftq, qv+pissa, all_linear+DoRA. Keys a result predates
+    count as their default (store.ADDED_KEYS)."""
+    a = adapter if isinstance(adapter, dict) else dict(adapter)
+    init = a.get("init") or ADAPTER_INITS[0]
+    forms = ([init] if init != ADAPTER_INITS[0] else []) + (["DoRA"] if a.get("dora") else [])
+    return "+".join([a["targets"], *forms])
+
+
 def validate_quant(q: DictConfig) -> None:
-    """The quant group alone (also what models.load checks, for the tasks that load a base by label)."""
+    """The quant group alone (also what the tools that load a base by its label check)."""
     _choice("quant.type", q.type, QUANT_TYPES)
     _choice("quant.compute_dtype", q.compute_dtype, COMPUTE_DTYPES)
     _choice("quant.backend", q.backend, tuple(QUANT_BACKENDS))

@@ -208,13 +208,8 @@ def quant_label(quant: dict | None, speed: str | None = None) -> str | None:
 
 
 def adapter_label(targets: str | None, adapter: dict | None = None) -> str | None:
-    """An adapter's label: its targets, then its initialization where not peft's Gaussian and DoRA
-    where on: all_linear, all_linear+loftq, qv+pissa, all_linear+DoRA. A result from before
-    adapter.init and adapter.dora was trained with neither (store.ADDED_KEYS)."""
-    a = adapter or {}
-    init = a.get("init") or store.ADDED_KEYS["adapter.init"]
-    forms = ([init] if init != store.ADDED_KEYS["adapter.init"] else []) + (["DoRA"] if a.get("dora") else [])
-    return FORM_SEP.join([targets, *forms]) if targets is not None and forms else targets
+    """config.adapter_label of a result's adapter config (None without targets)."""
+    return None if targets is None else config.adapter_label({**(adapter or {}), "targets": targets})
 
 
 # conf/speed/ as it was before results recorded their speed label (axes.speed): such results are

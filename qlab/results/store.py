@@ -32,7 +32,7 @@ from typing import Optional
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from qlab.config import PROJECT_ROOT, quant_label, resolve_path
+from qlab.config import PROJECT_ROOT, adapter_label, quant_label, resolve_path
 
 RESULT = "result.json"
 COMPLETE_STATUSES = ("ok", "oom")
@@ -158,8 +158,7 @@ def run_id(cfg: DictConfig) -> str:
         return f"{cfg.model.name}_{q}_{'lora' if cfg.generate.adapter_run else 'none'}_{digest}"
     if cfg.task == "eval":
         return f"{cfg.model.name}_{q}_{eval_adapter(cfg.eval.adapter_run)}_{digest}"
-    adapter = "-".join([cfg.adapter.targets] + ([cfg.adapter.init] if cfg.adapter.init != "gaussian" else [])
-                       + (["dora"] if cfg.adapter.dora else []))
+    adapter = adapter_label(cfg.adapter).lower().replace("+", "-")  # all_linear, all_linear-loftq, qv-dora
     return f"{cfg.model.name}_{q}_{cfg.optim.name}_{adapter}_s{cfg.seed}_{digest}"
 
 

@@ -138,6 +138,26 @@ def quiet_bnb_casts() -> None:
         bnb_log.addFilter(_BNB_ONCE)
 
 
+class Without(logging.Filter):
+    """Drops log messages that start with one of `prefixes` or contain one of `parts`."""
+
+    def __init__(self, prefixes: tuple = (), parts: tuple = ()):
+        super().__init__()
+        self.prefixes, self.parts = prefixes, parts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith(self.prefixes) or any(p in message for p in self.parts))
+
+
+# peft imports torchao (a dependency for quant.backend=torchao) when present, and torchao announces
+# at import each compiled extension built for a torch or GPU this machine lacks (CUDA kernels on a
+# CPU build) and each of its enums torch's pytree registers: four lines before every run, about
+# nothing qlab uses (its NF4 tensor is Python)
+logging.getLogger("torchao").addFilter(Without(prefixes=("Failed to load ",)))
+logging.getLogger("torch.utils._pytree").addFilter(Without(parts=("is an Enum subclass",)))
+
+
 def load(model_cfg, quant_cfg, device: str) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -158,8 +158,8 @@ def _record(cfg: DictConfig, run_id: str, **entry) -> None:
 
 
 def _describe(cfg: DictConfig) -> str:
-    q = cfg.quant.type + ("+dq" if cfg.quant.double_quant else "")
-    return f"{cfg.model.name} {q} {cfg.optim.name} {cfg.adapter.targets} seed={cfg.seed}"
+    return (f"{cfg.model.name} {qconfig.quant_label(cfg.quant)} {cfg.optim.name} {qconfig.adapter_label(cfg.adapter)} "
+            f"seed={cfg.seed}")
 
 
 def run_point(cfg: DictConfig) -> str:

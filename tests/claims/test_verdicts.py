@@ -424,6 +424,8 @@ def test_untested_fact_and_information_rows_and_their_counts(tmp_path, results):
     summary = (results / "claims" / "summary.md").read_text()
     assert "| **fact** |" in summary and summary.rstrip().splitlines()[-1].startswith(
         "0 reproduced, 1 not reproduced, 0 inconclusive, 1 fact, 1 untested, 1 information;")
+    # the README's table holds the rows with a verdict; the information row stays in claims.md, counted
+    assert "| **information** |" not in summary and "| **information** |" in page
 
 
 def test_the_page_shows_every_arm_of_a_paired_sweep(tmp_path, real):
