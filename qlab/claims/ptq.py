@@ -174,7 +174,7 @@ def select_types(names: list[str] | None) -> list[str]:
     return labels
 
 
-def check_types(labels: list[str], path: Path | str, model_cfg, device: str) -> None:
+def check_types(labels: list[str], model_cfg, device: str) -> None:
     """Before any type loads, raise ValueError naming a type this machine cannot measure: its
     backend's package missing, or, where qlab/run/quantize.py quantizes, a layer the block size does
     not split (bitsandbytes on a CPU needs whole blocks per row: rows of 576 do not take 128)."""
@@ -186,21 +186,11 @@ def check_types(labels: list[str], path: Path | str, model_cfg, device: str) -> 
         if why := quantize.missing(q.backend):
             raise ValueError(f"type {label!r} cannot be measured here: {why}")
         if quantize.by_qlab(q):
-            skeleton = skeleton or meta_model(path, model_cfg)
+            skeleton = skeleton or estimate.meta_model(estimate.model_config(model_cfg))
             try:
                 quantize.check_blocks(skeleton, q, device)
             except ConfigError as e:
                 raise ValueError(f"type {label!r} cannot be measured on {device}: {e}") from e
-
-
-def meta_model(path: Path | str, model_cfg):
-    """The model's layers on the meta device (shapes, no weights), for check_types."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    remote = model_cfg.trust_remote_code
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path, trust_remote_code=remote),
-                                                trust_remote_code=remote)
 
 
 def backend_versions(labels: list[str]) -> dict:
@@ -397,7 +387,7 @@ def measure(what: Target | str, device: str = "auto", results: Path | str = "res
     model_cfg = model_config(tgt.model)
     models.check_available(model_cfg)
     path = Path(models.model_path(model_cfg, device))  # builds a base, converts a GGUF model on first use
-    check_types(types, path, model_cfg, device)
+    check_types(types, model_cfg, device)
     if tgt.text == HELDOUT:
         spec = pretrain.spec_for(tgt.size)
         seq_len, max_tokens = spec["seq_len"], spec["eval_tokens"] if max_tokens is None else max_tokens

@@ -249,9 +249,8 @@ def test_a_block_size_a_cpu_row_cannot_hold_is_refused_before_loading(qlab_cache
     from qlab.run import models
 
     cfg = ptq.model_config("tiny-llama")
-    path = models.model_path(cfg, "cpu")
-    ptq.check_types(["bf16", "nf4+DQ/b32", "hqq int4", "torchao nf4+DQ"], path, cfg, "cpu")
-    ptq.check_types(["bf16", "nf4+DQ/b128"], path, cfg, "cuda")  # shapes only: no GPU needed
+    ptq.check_types(["bf16", "nf4+DQ/b32", "hqq int4", "torchao nf4+DQ"], cfg, "cpu")
+    ptq.check_types(["bf16", "nf4+DQ/b128"], cfg, "cuda")  # shapes only: no GPU needed
     monkeypatch.setattr(models, "load", lambda *a: pytest.fail("loaded a model before checking the types"))
     with pytest.raises(ValueError, match=r"'nf4\+DQ/b128' cannot be measured on cpu: quant.blocksize: "
                                          r"model.layers.0.self_attn.q_proj's rows of 64 weights do not split"):
