@@ -105,7 +105,7 @@ speed-peaks)  # the isolated runs memory peaks come from (results/speed-<model>/
   ;;
 real|backends)  # experiment=real (7 arms x 5 seeds, 150 steps of 8 x 512 on SmolLM2), RUNS_PER_GPU at
   # once on each of NUM_GPUS H200s: ~18 min on one (two calls), 8.5 min on two; experiment=backends
-  # (issue 18: 10 arms x 5 seeds, the same steps) likewise. Resumable: a call runs what an earlier
+  # (issue 18: 9 arms x 5 seeds, the same steps) likewise. Resumable: a call runs what an earlier
   # call's time limit cut.
   # Further arguments are overrides, e.g. '+arm=fp4-all-linear,full-ft' (the long arms first, so that
   # a call's time limit cuts none midway); the run ids are the full sweep's

@@ -148,10 +148,12 @@ def loftq(model, checkpoint: str) -> None:
     for name, module in model.named_modules():
         if not isinstance(module, Linear4bit):
             continue
-        found = True
-        weight = module.get_base_layer().weight
-        with safe_open(where[name.removeprefix(prefix) + ".weight"], framework="pt") as st:
-            w = st.get_tensor(name.removeprefix(prefix) + ".weight").to(weight.device, torch.float32)
+        found, weight, key = True, module.get_base_layer().weight, name.removeprefix(prefix) + ".weight"
+        if key not in where:
+            raise ConfigError("adapter.init", f"loftq needs {key}'s 16-bit weight, which {checkpoint}'s "
+                                              "safetensors files do not hold")
+        with safe_open(where[key], framework="pt") as st:
+            w = st.get_tensor(key).to(weight.device, torch.float32)
         error = w - bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
         u, s, vh = torch.linalg.svd(error, full_matrices=False)
         r, scaling = module.r["default"], module.scaling["default"]
