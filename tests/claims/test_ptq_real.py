@@ -194,7 +194,8 @@ def test_every_model_and_text_has_its_table_2_claims():
         assert all(c["id"].startswith("ptq_") for c in mine)
         lower = {(c["ptq"]["text"], c["a"], tuple(c["others"])) for c in mine if c["kind"] == "ptq_lower"}
         assert lower == {(t, a, o) for t in ("wiki", "c4", "tinystories")
-                         for a, o in (("nf4+DQ", ("fp4", "int4")), ("fp4", ("int4",)))}
+                         for a, o in (("nf4+DQ", ("fp4", "int4")), ("fp4", ("int4",)))} | {
+            ("wiki", "hqq int4", ("nf4+DQ",))}  # issue 18: HQQ against NF4+DQ, on Wikipedia
         [err] = [c for c in mine if c["kind"] == "ptq_error"]
         assert err["kinds"] == ["nf4", "fp4", "int4"]
 

@@ -117,11 +117,13 @@ def test_the_shipped_claims_file_and_the_cli(tmp_path, results, capsys):
         "fp4_lags_qv", "fp4_lags_all_linear", "all_linear_matches_full_ft", "qv_short_of_full_ft", "paged_same_speed_compare",
         "paged_rides_spikes", "spike_allocator_cap", "footprint_7b_4bit", "finetune_65b_48gb",
         "nf4_lowest_error_base", "ptq_nf4_lowest_ppl", "ptq_fp4_beats_int4"}
-    # the real-model claims read the sweep experiment=real writes (tracker.sweep: real-${model.name})
-    # and the qlab eval of its adapters (experiments/gpu_evidence.sh real-eval: no experiment to run)
+    # the real-model claims read the sweeps experiment=real and experiment=backends write
+    # (tracker.sweep: real-/backends-${model.name}) and the qlab eval of real's adapters
+    # (experiments/gpu_evidence.sh real-eval: no experiment to run)
     real = [c for c in shipped if c["kind"] in verdicts.PAIRED]
-    assert {c["sweep"] for c in real} == {"real-smollm2-135m", "eval-smollm2-135m"}
+    assert {c["sweep"] for c in real} == {"real-smollm2-135m", "eval-smollm2-135m", "backends-smollm2-135m"}
     assert {c.get("experiment") for c in real if c["sweep"] == "real-smollm2-135m"} == {"real"}
+    assert {c.get("experiment") for c in real if c["sweep"] == "backends-smollm2-135m"} == {"backends"}
     assert {c["metric"] for c in real if c["sweep"] == "eval-smollm2-135m"} == {"lm_eval.qlab_wiki_ppl.bits_per_byte"}
     assert all(c["kind"] == "lower_paired" or c["margin"] == {"rel": 0.01} for c in real)
     by_id = {c["id"]: c for c in shipped}
