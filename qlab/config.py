@@ -345,22 +345,18 @@ def _validate_adapter(a: DictConfig, q: DictConfig) -> None:
     if a.targets == "full" and (a.init != "gaussian" or a.dora):
         raise PrunedCombination("adapter.init" if a.init != "gaussian" else "adapter.dora",
                                 "full fine-tuning has no adapter to initialize or decompose")
-    if a.init == "loftq":
-        if q.backend != DEFAULT_BACKEND or q.type not in FOUR_BIT:
-            raise ConfigError("adapter.init", f"loftq cancels bitsandbytes' 4-bit quantization error (quant.type "
-                                              f"{' or '.join(FOUR_BIT)}, quant.backend=bitsandbytes), not "
-                                              f"quant.type={q.type} with quant.backend={q.backend}")
-        if a.dora:
-            raise ConfigError("adapter.dora", "DoRA's magnitude is taken from the base weight while LoftQ's adapter "
-                                              "starts non-zero: choose adapter.init=loftq or adapter.dora=true")
-    if a.init == "pissa":
-        if q.type != "bf16":
-            raise ConfigError("adapter.init", f"pissa moves the weight's principal part into the adapter and leaves the "
-                                              f"base its residual, which a quantized base (quant.type={q.type}) would "
-                                              f"have to re-quantize (QPiSSA, not built): use quant=bf16")
-        if a.dora:
-            raise ConfigError("adapter.dora", "DoRA's magnitude would be taken from PiSSA's residual base: choose "
-                                              "adapter.init=pissa or adapter.dora=true")
+    if a.init == "loftq" and (q.backend != DEFAULT_BACKEND or q.type not in FOUR_BIT):
+        raise ConfigError("adapter.init", f"loftq cancels bitsandbytes' 4-bit quantization error (quant.type "
+                                          f"{' or '.join(FOUR_BIT)}, quant.backend=bitsandbytes), not "
+                                          f"quant.type={q.type} with quant.backend={q.backend}")
+    if a.init == "pissa" and q.type != "bf16":
+        raise ConfigError("adapter.init", f"pissa moves the weight's principal part into the adapter and leaves the "
+                                          f"base its residual, which a quantized base (quant.type={q.type}) would "
+                                          f"have to re-quantize (QPiSSA, not built): use quant=bf16")
+    if a.dora and a.init != ADAPTER_INITS[0]:
+        raise ConfigError("adapter.dora", f"DoRA takes its magnitudes from the base and adapter as they start, which "
+                                          f"adapter.init={a.init} moves (LoftQ's adapter starts non-zero, PiSSA's base "
+                                          f"is a residual): choose adapter.init={a.init} or adapter.dora=true")
     if a.dora and q.backend == "torchao":
         raise ConfigError("adapter.dora", "peft's DoRA dequantizes the base weight to take its norm, which torchao's "
                                           "NF4 tensor does not support: quant.backend=torchao with adapter.dora=false")
