@@ -82,6 +82,17 @@ def attach(model: torch.nn.Module, adapter_cfg, checkpoint: str | None = None):
     return peft_model, target_modules
 
 
+def load_saved(model: torch.nn.Module, directory):
+    """A saved adapter on a loaded base (qlab eval, generate, chat), a DoRA one keeping the 4-bit
+    layout on a CPU as in training (keep_cpu_layout)."""
+    from peft import PeftModel
+
+    peft_model = PeftModel.from_pretrained(model, str(directory))
+    if getattr(peft_model.peft_config["default"], "use_dora", False):
+        keep_cpu_layout(peft_model)
+    return peft_model
+
+
 def keep_cpu_layout(model) -> None:
     """bitsandbytes repacks a 4-bit layer's weight for its CPU kernel on the first forward without
     gradients (evaluation), after which dequantize_4bit, which DoRA reads for its weight norm at every

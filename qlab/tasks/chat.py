@@ -104,10 +104,8 @@ class Chat:
 
 def load_chat(run_dir: Path, model_override: str | None = None, quant: QuantConfig | None = None,
               device: str = "auto", sampling: Sampling | None = None) -> Chat:
-    from peft import PeftModel
-
     # these import torch: lazy, so `qlab chat --help` starts fast
-    from qlab.run import models
+    from qlab.run import adapters, models
     from qlab.run.device import resolve_device
 
     result, adapter = read_run(run_dir)
@@ -124,7 +122,7 @@ def load_chat(run_dir: Path, model_override: str | None = None, quant: QuantConf
                       f"{quant_label(quant)} (allowed: the adapter is 16/32-bit, but outputs may differ)")
     loaded = models.load(model_cfg, quant or trained_quant, resolve_device(device))
     check_same_base(adapter, loaded.model)
-    model = PeftModel.from_pretrained(loaded.model, str(adapter)).eval()
+    model = adapters.load_saved(loaded.model, adapter).eval()
     context = getattr(loaded.model.config, "max_position_embeddings", None) or cfg.data.max_seq_len
     return Chat(model, loaded.tokenizer, context, sampling or Sampling())
 

@@ -197,10 +197,10 @@ def load(cfg: DictConfig, inputs: Inputs, device: str):
     model = loaded.model
     model.config.use_cache = True  # models.load turns the KV cache off for training
     if inputs.adapter:
-        from peft import PeftModel
+        from qlab.run import adapters
 
         t0 = time.perf_counter()
-        model = PeftModel.from_pretrained(model, str(inputs.adapter))  # LoRA A/B run beside the base
+        model = adapters.load_saved(model, inputs.adapter)  # LoRA A/B run beside the base
         measure.sync(device)
         lora = [p for name, p in model.named_parameters() if "lora_" in name]
         metrics.update(adapter_load_time_s=time.perf_counter() - t0, adapter_params=sum(p.numel() for p in lora),

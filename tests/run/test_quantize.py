@@ -133,7 +133,7 @@ def test_pissa_adapter_is_saved_as_a_lora_of_the_original_base(compose, tmp_path
 
 
 @pytest.mark.parametrize("quant", [["quant=nf4"], ["quant=hqq"]])
-def test_dora_trains_a_magnitude_on_a_4_bit_base(compose, quant):
+def test_dora_trains_a_magnitude_on_a_4_bit_base(compose, quant, tmp_path):
     cfg, q = loaded(compose, *quant, "adapter.dora=true", "adapter.r=4")
     models.prepare_for_training(q.model, True, True)
     model, _ = adapters.attach(q.model, cfg.adapter, q.path)
@@ -147,6 +147,11 @@ def test_dora_trains_a_magnitude_on_a_4_bit_base(compose, quant):
     with model.disable_adapter():
         base = logits(model)
     assert torch.allclose(first, base, atol=1e-4) and torch.allclose(second, base, atol=1e-4)
+    # saved and loaded onto a fresh base, as qlab eval / chat load it: the same, pass after pass
+    model.save_pretrained(tmp_path / "adapter")
+    _, fresh = loaded(compose, *quant)
+    reloaded = adapters.load_saved(fresh.model, tmp_path / "adapter")
+    assert torch.allclose(logits(reloaded), first, atol=1e-4) and torch.allclose(logits(reloaded), first, atol=1e-4)
 
 
 @pytest.mark.gpu
