@@ -26,6 +26,10 @@ tree_bytes() {  # what travels with every call: tracked and untracked, not ignor
   { git ls-files -z; git ls-files -z -o --exclude-standard; } | xargs -0 du -cb 2>/dev/null | tail -n 1 | cut -f1 || true
 }
 
+locked() {  # locked NAME: NAME==version as requirements.lock pins it
+  grep -i "^$1==" requirements.lock || { echo "device_bundle.sh: $1 is not in requirements.lock" >&2; exit 1; }
+}
+
 pack() {
   local work=.device/pack out=.device
   if [ -z "$PAYLOAD_MB" ]; then
@@ -37,15 +41,19 @@ pack() {
   for n in 28 27 24 17 5; do plat="$plat --platform manylinux_2_${n}_x86_64"; done
   plat="$plat --platform manylinux2014_x86_64 --platform manylinux1_x86_64"
   # the image has torch, transformers, peft, accelerate, numpy, pandas, pyarrow, scikit-learn,
-  # sacrebleu, requests, tqdm, jinja2, xxhash, fsspec, huggingface-hub, joblib, click, regex
-  local pkgs=(bitsandbytes==0.50.2 hydra-core==1.3.8 omegaconf==2.3.0 hydra-joblib-launcher==1.2.0 gguf==0.19.0
-              lm-eval==0.4.13 datasets==5.2.0 evaluate==0.4.6 dill==0.4.1 multiprocess==0.70.19
-              pytablewriter==1.2.1 dataproperty==1.1.1 mbstrdecoder==1.1.5 pathvalidate==3.3.1 tabledata==1.3.5
-              tcolorpy==0.1.7 typepy==2.0.0 chardet==5.2.0 rouge-score==0.0.4 nltk==3.10.4 absl-py==2.5.1
-              more-itertools==11.2.1 zstandard==0.25.0 defusedxml==0.7.1
-              torchao==0.18.0 einops==0.8.2 termcolor==3.3.0)
-  for p in "${pkgs[@]}"; do $PY -m pip download -q --no-deps $plat -d "$work/wheels" "$p" 2>&1 | grep -v WARNING || true; done
-  for p in antlr4-python3-runtime==4.9.3 sqlitedict==2.1.0 word2number==1.1 hqq==0.2.8.post1; do  # source only
+  # sacrebleu, requests, tqdm, jinja2, xxhash, fsspec, huggingface-hub, joblib, click, regex; what it
+  # lacks comes at requirements.lock's versions, the ones the CPU suite ran with
+  local wheels=(bitsandbytes hydra-core omegaconf hydra-joblib-launcher gguf lm-eval datasets evaluate dill
+                multiprocess pytablewriter dataproperty mbstrdecoder pathvalidate tabledata tcolorpy typepy chardet
+                rouge-score nltk absl-py more-itertools defusedxml torchao einops termcolor)
+  local sources=(antlr4-python3-runtime sqlitedict word2number hqq)  # published as source only
+  local p spec binaries=() built=()
+  for p in "${wheels[@]}"; do spec=$(locked "$p"); binaries+=("$spec"); done  # a name the lock lacks stops here
+  for p in "${sources[@]}"; do spec=$(locked "$p"); built+=("$spec"); done
+  # lm-eval reads its .zst data files with it on the device; the CPU install does without (not in the lock)
+  binaries+=(zstandard==0.25.0)
+  for p in "${binaries[@]}"; do $PY -m pip download -q --no-deps $plat -d "$work/wheels" "$p" 2>&1 | grep -v WARNING || true; done
+  for p in "${built[@]}"; do
     DISABLE_CUDA=1 $PY -m pip wheel -q --no-deps -w "$work/wheels" "$p" 2>&1 | grep -v WARNING || true
   done
   # bitsandbytes: its CPU and CUDA 13 libraries only (the image's CUDA)
