@@ -21,7 +21,9 @@ QUANTS = {"bf16": ["quant=bf16"], "int8": ["quant=int8"], "nf4": ["quant=nf4"],
           "fp4+DQ": ["quant=fp4", "quant.double_quant=true"],
           # the backends and block sizes qlab/run/quantize.py builds after loading
           "hqq int4": ["quant=hqq"], "hqq int4/b32": ["quant=hqq", "quant.blocksize=32"],
+          "hqq int4/b256": ["quant=hqq", "quant.blocksize=256"],
           "torchao nf4+DQ": ["quant=torchao-nf4"], "torchao nf4+DQ/b32": ["quant=torchao-nf4", "quant.blocksize=32"],
+          "torchao nf4+DQ/b128": ["quant=torchao-nf4", "quant.blocksize=128"],
           "nf4+DQ/b32": ["quant=nf4", "quant.double_quant=true", "quant.blocksize=32"],
           "fp4/b32": ["quant=fp4", "quant.blocksize=32"]}
 
@@ -45,6 +47,23 @@ def test_predicted_weights_equal_what_bitsandbytes_holds(compose, model, quant):
     peft_model, names = adapters.attach(loaded.model, cfg.adapter)
     assert predicted.adapter_params == adapters.count_params(peft_model)["trainable_params"]
     assert predicted.target_modules == names
+
+
+@pytest.mark.parametrize("blocksize", [32, 64, 128, 256])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_bitsandbytes_4_bit_bytes_at_every_block_size(blocksize, double_quant):
+    """Every config.BLOCKSIZES value against what bitsandbytes stores, on one small-llama down_proj
+    (704 x 256): its CPU kernel cannot run blocks wider than a 64-wide tiny row, so the presets
+    measure 32 and 64 above and the GPU runs 128 (results/backends-smollm2-135m); this measures the
+    storage itself at each size."""
+    import bitsandbytes as bnb
+
+    w = torch.randn(256, 704)
+    packed, state = bnb.functional.quantize_4bit(w, blocksize=blocksize, compress_statistics=double_quant,
+                                                 quant_type="nf4")
+    tensors = [state.absmax, state.code] + ([state.state2.absmax, state.state2.code, state.offset] if double_quant else [])
+    assert estimate.four_bit_bytes(w.numel(), double_quant, blocksize) == (
+        packed.numel() * packed.element_size(), sum(t.numel() * t.element_size() for t in tensors))
 
 
 @pytest.mark.parametrize("quant", ["bf16", "nf4+DQ", "int8", "hqq int4", "torchao nf4+DQ"])
