@@ -188,7 +188,7 @@ def check_types(labels: list[str], model_cfg, device: str) -> None:
         if quantize.by_qlab(q):
             skeleton = skeleton or estimate.meta_model(estimate.model_config(model_cfg))
             try:
-                quantize.check_blocks(skeleton, q, device)
+                quantize.check_blocks(quantize.targets(skeleton), q, device)
             except ConfigError as e:
                 raise ValueError(f"type {label!r} cannot be measured on {device}: {e}") from e
 

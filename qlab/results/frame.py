@@ -341,10 +341,8 @@ def _row(r: dict, rel: str, trained: dict | None = None) -> dict:
     flat = flatten(cfg)
     error = r.get("error") or {}
     # the axes name the type and DQ (none for a comparison: its arms carry their own); the stored
-    # config the backend and block size (absent from results older than them: the defaults)
-    stored_quant = cfg.get("quant") or {}
-    quant = {"type": axes.get("quant"), "double_quant": bool(axes.get("double_quant")),
-             **{k: stored_quant.get(k) for k in ("backend", "blocksize")}}
+    # config the backend and block size (store.quant_config: the defaults where a result predates them)
+    quant = {**store.quant_config(cfg), "type": axes.get("quant"), "double_quant": bool(axes.get("double_quant"))}
     row = {
         "run_id": r.get("run_id") or Path(rel).name, "kind": kind, "sweep": r.get("sweep"),
         "status": r.get("status") or "failed", "error_type": error.get("type"),

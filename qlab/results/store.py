@@ -95,6 +95,13 @@ ADDED_KEYS = {
 }
 
 
+def quant_config(config: dict) -> dict:
+    """A stored config's quant group with the keys it predates at their neutral values (ADDED_KEYS:
+    bitsandbytes, block size 64): the base it really ran with."""
+    added = {key.split(".", 1)[1]: v for key, v in ADDED_KEYS.items() if key.startswith("quant.")}
+    return {**added, **(config.get("quant") or {})}
+
+
 def _drop(ident: dict, key: str, only_if=...) -> None:
     """Remove dotted `key` from the nested dict (if its value is `only_if`, when given), then
     any group that removal left empty."""

@@ -13,6 +13,7 @@ it as any other); loftq is `loftq` below. `adapter.dora`: peft's DoRA.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
@@ -156,22 +157,22 @@ def loftq(model, checkpoint: str) -> None:
     from safetensors import safe_open
 
     where, prefix, found = checkpoint_tensors(checkpoint), "base_model.model.", False
-    for name, module in model.named_modules():
-        if not isinstance(module, Linear4bit):
-            continue
-        found, weight, key = True, module.get_base_layer().weight, name.removeprefix(prefix) + ".weight"
-        if key not in where:
-            raise ConfigError("adapter.init", f"loftq needs {key}'s 16-bit weight, which {checkpoint}'s "
-                                              "safetensors files do not hold")
-        with safe_open(where[key], framework="pt") as st:
-            w = st.get_tensor(key).to(weight.device, torch.float32)
-        error = w - bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
-        u, s, vh = torch.linalg.svd(error, full_matrices=False)
-        r, scaling = module.r["default"], module.scaling["default"]
-        root = (s[:r] / scaling).sqrt()  # B A = U_r S_r V_r^T / scaling
-        a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
-        a.copy_(root[:, None] * vh[:r])
-        b.copy_(u[:, :r] * root)
+    with contextlib.ExitStack() as stack:
+        files = {f: stack.enter_context(safe_open(f, framework="pt")) for f in set(where.values())}
+        for name, module in model.named_modules():
+            if not isinstance(module, Linear4bit):
+                continue
+            found, weight, key = True, module.get_base_layer().weight, name.removeprefix(prefix) + ".weight"
+            if key not in where:
+                raise ConfigError("adapter.init", f"loftq needs {key}'s 16-bit weight, which {checkpoint}'s "
+                                                  "safetensors files do not hold")
+            w = files[where[key]].get_tensor(key).to(weight.device, torch.float32)
+            error = w - bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
+            u, s, vh = torch.linalg.svd(error, full_matrices=False)
+            r, scaling = module.r["default"], module.scaling["default"]
+            root = (s[:r] / scaling).sqrt()  # B A = U_r S_r V_r^T / scaling
+            module.lora_A["default"].weight.copy_(root[:, None] * vh[:r])
+            module.lora_B["default"].weight.copy_(u[:, :r] * root)
     if not found:
         raise ConfigError("adapter.init", "loftq found no 4-bit bitsandbytes layer among the adapted ones")
 

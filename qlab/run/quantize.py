@@ -53,12 +53,12 @@ def torchao_scaler_block(numel: int, blocksize: int) -> int:
     return math.gcd(TORCHAO_SCALER_BLOCK, numel // blocksize)
 
 
-def check_blocks(model: torch.nn.Module, quant_cfg, device: str) -> None:
-    """Raise ConfigError naming the first target layer whose weights do not split into blocks of
-    quant.blocksize on `device`. Reads shapes only: a model built on the meta device will do."""
+def check_blocks(layers: dict[str, torch.nn.Module], quant_cfg, device: str) -> None:
+    """Raise ConfigError naming the first of `layers` (targets' name -> module) whose weights do not
+    split into blocks of quant.blocksize on `device`. Reads shapes only: meta modules will do."""
     # bitsandbytes' CPU kernel reads the absmax per row: a row must hold whole blocks
     row = quant_cfg.backend == "bitsandbytes" and not device.startswith("cuda")
-    for name, linear in targets(model).items():
+    for name, linear in layers.items():
         n = linear.weight.shape[-1] if row else linear.weight.numel()
         if n % quant_cfg.blocksize:
             raise ConfigError("quant.blocksize", f"{name}'s {'rows of ' if row else ''}{n:,} weights do not split "
@@ -67,9 +67,10 @@ def check_blocks(model: torch.nn.Module, quant_cfg, device: str) -> None:
 
 def apply(model: torch.nn.Module, quant_cfg, dtype: torch.dtype, device: str) -> None:
     """Replace every target layer of `model` (loaded in `dtype` on `device`) by its quantized form."""
-    check_blocks(model, quant_cfg, device)
+    layers = targets(model)
+    check_blocks(layers, quant_cfg, device)
     build = {"bitsandbytes": _bitsandbytes, "hqq": _hqq, "torchao": _torchao}[quant_cfg.backend]
-    for name, linear in targets(model).items():
+    for name, linear in layers.items():
         model.set_submodule(name, compute_in(build(linear, quant_cfg, dtype, device), dtype))
 
 

@@ -59,10 +59,8 @@ def setting(label: str) -> dict:
 
 
 def stored(result: dict) -> dict:
-    """A run's stored quant config with the keys it predates at their neutral values
-    (store.ADDED_KEYS: bitsandbytes, block size 64): the base it really trained on."""
-    added = {key.split(".", 1)[1]: v for key, v in store.ADDED_KEYS.items() if key.startswith("quant.")}
-    return {**added, **((result.get("config") or {}).get("quant") or {})}
+    """A run's quant config as it really trained (store.quant_config)."""
+    return store.quant_config(result.get("config") or {})
 
 
 CHOICES = ("one of bf16, int8, nf4, nf4+DQ, fp4, fp4+DQ, hqq int4, torchao nf4+DQ; a 4-bit one at another block "
