@@ -24,8 +24,15 @@ with open(os.path.join(PROJECT_ROOT, "conf", "shapes.yaml")) as _f:
 
 TASKS = ("train", "generate", "compare", "eval")
 # the training loop: qlab's (qlab/run/loop.py), transformers.Trainer, or (a comparison's arms only)
-# the bare loop qlab's is measured against
-RUNNERS = ("qlab", "hf_trainer", "bare")
+# the bare loop qlab's is measured against and Unsloth's FastLanguageModel (qlab/run/unsloth_runner.py)
+RUNNERS = ("qlab", "hf_trainer", "bare", "unsloth")
+ARM_RUNNERS = ("bare", "unsloth")  # arms of task=compare only, never a training run
+# train.runner=unsloth: what FastLanguageModel fixes (nf4+DQ at block size 64, LoRA on every linear
+# layer without dropout or bias, bf16 non-quantized weights, its own loss and compile), key -> value
+UNSLOTH_FIXED = {"quant.type": "nf4", "quant.double_quant": True, "quant.backend": "bitsandbytes",
+                 "quant.blocksize": 64, "adapter.targets": "all_linear", "adapter.dropout": 0,
+                 "adapter.init": "gaussian", "adapter.dora": False, "speed.upcast_non_quantized": False,
+                 "speed.compile": "none", "speed.loss": "full"}
 QUANT_TYPES = ("bf16", "int8", "nf4", "fp4", "int4")
 FOUR_BIT = ("nf4", "fp4")  # bitsandbytes' 4-bit types, the ones double quantization applies to
 # quant.backend -> the types it quantizes to (bf16 is no quantization: the default backend's, unused);
@@ -163,6 +170,9 @@ class SpeedConfig:
     compile_backend: str = "inductor"
     loss: str = "full"  # full | chunked
     loss_chunk_tokens: int = 1024
+    # Liger Kernel's Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy) through the HF
+    # Trainer's TrainingArguments(use_liger_kernel=True): train.runner=hf_trainer, a CUDA device
+    liger: bool = False
 
 
 @dataclass
@@ -431,13 +441,26 @@ def validate(cfg: DictConfig | RunConfig, arm: bool = False) -> None:
     _choice("tracker.wandb_mode", c.tracker.wandb_mode, ("offline", "online", "disabled"))
     _choice("task", c.task, TASKS)
     _choice("train.runner", c.train.runner, RUNNERS)
-    if c.train.runner == "bare" and not arm:
-        raise ConfigError("train.runner", "bare is the plain loop a comparison measures qlab's against "
-                                          "(an arm of task=compare); a training run uses qlab or hf_trainer")
-    if c.train.runner == "hf_trainer" and (not c.speed.upcast_non_quantized or c.speed.compile != "none"
-                                           or c.speed.loss != "full"):
-        raise ConfigError("train.runner", "the HF Trainer runs the QLoRA recipe (speed=recipe); "
-                                          "its switches belong to qlab's loop")
+    if c.train.runner in ARM_RUNNERS and not arm:
+        raise ConfigError("train.runner", f"{c.train.runner} runs only as an arm of task=compare (bare: the plain "
+                                          "loop qlab's is measured against; unsloth: imported before transformers "
+                                          "in a process of its own); a training run uses qlab or hf_trainer")
+    if c.train.runner == "hf_trainer" and ((not c.speed.upcast_non_quantized and not c.speed.liger)
+                                           or c.speed.compile != "none" or c.speed.loss != "full"):
+        raise ConfigError("train.runner", "the HF Trainer runs the QLoRA recipe (speed=recipe), with Liger "
+                                          "without the up-cast (speed.liger); the other switches belong to qlab's loop")
+    if c.speed.liger and c.train.runner != "hf_trainer":
+        raise ConfigError("speed.liger", "Liger Kernel comes in through the HF Trainer (TrainingArguments("
+                                         f"use_liger_kernel=True)): train.runner=hf_trainer, not {c.train.runner}")
+    if c.speed.liger and c.speed.upcast_non_quantized:
+        raise ConfigError("speed.liger", "Liger's fused linear cross-entropy takes the hidden states and the output "
+                                         "head in one dtype (a float32 up-cast head is a dtype mismatch): "
+                                         "speed.upcast_non_quantized=false")
+    if c.train.runner == "unsloth":
+        for key, value in UNSLOTH_FIXED.items():
+            if OmegaConf.select(c, key) != value:
+                raise ConfigError(key, f"train.runner=unsloth runs {key}={value} (FastLanguageModel's own choice, "
+                                       f"qlab/run/unsloth_runner.py), got {OmegaConf.select(c, key)}")
     g = c.generate
     for key in ("prompts", "repeats", "new_tokens"):
         _at_least(f"generate.{key}", g[key], 1)

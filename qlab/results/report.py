@@ -222,7 +222,8 @@ def compare_report(g: pd.DataFrame, out: Path) -> dict:
     made = {"tables": [], "plots": {}}
     arms, pairs = [], []
     for _, r in g[g.status == "ok"].iterrows():
-        a, p = tables.compare_tables({k: r[k] for k in ("arms", "pairs", "aa_control") if isinstance(r.get(k), dict)})
+        a, p = tables.compare_tables({k: r[k] for k in ("arms", "pairs", "aa_control", "pairs_not_measured")
+                                      if isinstance(r.get(k), dict)})
         arms.append(a.assign(run=r.run_id))
         pairs.append(p.assign(run=r.run_id, stopped=f"{r.stopped} ({int(r.rounds_completed)} rounds)"))
     for key, title, frames in (("compare_arms", "Arms", arms), ("compare_pairs", "Pairs", pairs)):

@@ -92,6 +92,7 @@ ADDED_KEYS = {
     "task": "train", "train.runner": "qlab", "data.pack_budget": "positions",
     "model.gguf": None, "data.source": None,
     "quant.backend": "bitsandbytes", "quant.blocksize": 64, "adapter.init": "gaussian", "adapter.dora": False,
+    "speed.liger": False,
 }
 
 
@@ -218,10 +219,13 @@ def speed_presets(directory: Path = SPEED_PRESETS) -> dict[str, dict]:
 
 def speed_label(speed: dict | None, runner: str | None, presets: dict[str, dict]) -> str:
     """A training run's speed path: `trainer` for the HF Trainer's loop (train.runner=hf_trainer, or
-    speed.runner in older results), else the preset whose switches the run's equal (`recipe`,
-    `fast`), else the nearest one and what differs: `fast (compile=none)`. No speed block: the recipe."""
+    speed.runner in older results; `trainer+liger` with Liger's kernels), `unsloth` for Unsloth's
+    model, else the preset whose switches the run's equal (`recipe`, `fast`), else the nearest one
+    and what differs: `fast (compile=none)`. No speed block: the recipe."""
+    if runner == "unsloth":
+        return "unsloth"
     if runner == "hf_trainer" or (speed or {}).get("runner"):
-        return "trainer"
+        return "trainer+liger" if (speed or {}).get("liger") else "trainer"
     if not speed:
         return RECIPE
     diffs = {name: {k: speed[k] for k, v in preset.items() if k in speed and speed[k] != v}
@@ -342,6 +346,9 @@ def _version(module: str) -> str | None:
         return None
 
 
+OPTIONAL_STACKS = {"liger_kernel": "liger-kernel", "unsloth": "unsloth", "unsloth_zoo": "unsloth-zoo", "trl": "trl"}
+
+
 def environment() -> dict:
     """Versions and hardware, recorded beside every result."""
     import torch  # lazy, as measure (which imports torch): reading results needs neither
@@ -351,6 +358,8 @@ def environment() -> dict:
     env = {
         "python": platform.python_version(), "torch": torch.__version__,
         **{name: _version(name) for name in ("transformers", "peft", "bitsandbytes")},
+        # the optional stacks a comparison's arms may run (pyproject's liger and unsloth extras), where installed
+        **{key: v for key, dist in OPTIONAL_STACKS.items() if (v := _version(dist))},
         "cuda": torch.version.cuda, "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
         "gpu": None, "gpu_count": 0, "driver": None,
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),

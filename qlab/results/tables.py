@@ -53,7 +53,7 @@ AXES = (
 HEADERS = {"quant_label": "quant", "quant": "quant", "dq": "DQ", "optim": "optimizer", "adapter": "adapter",
            "speed": "speed", "model": "model", "arm": "arm", "runner": "runner", "pair": "pair",
            "verdict": "verdict", "run": "run", "stopped": "stopped"}
-TEXT_COLUMNS = (*HEADERS.values(), "runs")  # aligned left; numbers right
+TEXT_COLUMNS = (*HEADERS.values(), "runs", "status")  # aligned left; numbers right
 # The generation table compares quantization settings with the same adapter setting.
 GENERATION = Axis("generation", "quant_label", "Generation speed and memory per quantization type",
                   ("adapter",), "bf16")
@@ -234,9 +234,10 @@ def _num(v, fmt: str) -> str:
 
 def compare_tables(m: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
     """A comparison's metrics (tasks/compare.summarize) as two formatted tables: the arms and the
-    pairs (ratio [95% CI], half-width, rounds, verdict; the A/A control last)."""
+    pairs (ratio [95% CI], half-width, rounds, verdict; the A/A control, then the pairs a failed arm
+    left unmeasured, with the reason, last)."""
     arms = pd.DataFrame([{
-        "arm": name, "runner": a["runner"],
+        "arm": name, "status": a.get("status", "ok"), "runner": a["runner"],
         "quant": quant_label({"type": a["quant"], "double_quant": a["double_quant"], "backend": a.get("backend"),
                               "blocksize": a.get("blocksize")}),  # an arm from before the backend: bitsandbytes
         "speed": a["speed"],
@@ -252,6 +253,10 @@ def compare_tables(m: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
     pairs = pd.DataFrame([{"pair": name, "ratio [95% CI]": f"{p['ratio']:.3f} [{p['ci95'][0]:.3f}, {p['ci95'][1]:.3f}]",
                            "half-width": f"{p['half_width']:.1%}", "rounds": str(p["rounds"]), "verdict": p["verdict"]}
                           for name, p in rows], columns=["pair", "ratio [95% CI]", "half-width", "rounds", "verdict"])
+    missing = [{"pair": name, "ratio [95% CI]": "not measured", "half-width": "-", "rounds": "-", "verdict": why}
+               for name, why in m.get("pairs_not_measured", {}).items()]
+    if missing:
+        pairs = pd.concat([pairs, pd.DataFrame(missing, columns=pairs.columns)], ignore_index=True)
     return arms, pairs
 
 
@@ -287,8 +292,9 @@ COMPARE_NOTES = (
     "rounds; ratio: tokens/s of a over b within each round, geometric mean over rounds with a 95% t-interval "
     "on the log-ratios; half-width: the interval's relative half-width; no difference: the interval covers 1 or "
     "lies inside the A/A floor. GPU busy: kernel time per step (torch.profiler, after warm-up) over the mean "
-    "step time; MFU: 6 N tokens/s over the card's dense bf16 peak (N: the base model's parameters). Memory "
-    "peaks of co-resident arms are not isolated: see the isolated runs (conf/experiment/speed-peaks.yaml).")
+    "step time; MFU: 6 N tokens/s over the card's dense bf16 peak (N: the base model's parameters). Each arm "
+    "runs in a process of its own on the shared device: its torch peak (result.json) is its own, the device's "
+    "is not; see the isolated runs (conf/experiment/speed-peaks.yaml).")
 
 
 def compare_markdown(m: dict, machine: str) -> str:
@@ -299,9 +305,15 @@ def compare_markdown(m: dict, machine: str) -> str:
              f"{m['rounds_completed']} rounds x {m['steps_per_round']} steps per arm; stopped: {m['stopped']} "
              f"(target half-width {m['target_half_width']:.0%}"
              + (f", reached {reached:.1%})." if reached is not None else ")."), "",
-             to_markdown(arms), "", to_markdown(pairs) if len(pairs) else "No pair: fewer than two rounds.", "",
-             COMPARE_NOTES, ""]
-    return "\n".join(lines)
+             to_markdown(arms), "", to_markdown(pairs) if len(pairs) else "No pair: fewer than two rounds.", ""]
+    dropout = {a.get("lora_dropout") for a in m["arms"].values()} - {None}
+    if len(dropout) == 1:
+        lines += [f"LoRA dropout {dropout.pop():g} in every arm.", ""]
+    lines += [f"- Arm {name} {a['status']} in {a['failed_in']}: {a['error']['type']}: {a['error']['message']}"
+              for name, a in m["arms"].items() if a.get("status", "ok") != "ok"]
+    if lines[-1] != "":
+        lines.append("")
+    return "\n".join(lines + [COMPARE_NOTES, ""])
 
 
 # ---------------------------------------------------------------- formatting

@@ -6,19 +6,63 @@ loop differs. The Trainer reads qlab's batches in order, unshuffled, and its bf1
 follows speed.adapter_autocast. Its loop runs in a thread and waits at each step's start until the
 driver asks for steps (warmup(n), window(n)); a step is timed from its start to the next one's, so
 the Trainer's own per-step work counts.
+
+speed.liger: the Trainer's own Liger Kernel switch, TrainingArguments(use_liger_kernel=True), which
+patches the model's RMSNorm, RoPE, SwiGLU and cross-entropy with Triton kernels when train() starts.
+Its RoPE replaces a module-level function of transformers: a comparison runs it in its own process.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import tempfile
 import threading
 from typing import Callable
 
 import torch
 
+from qlab.config import ConfigError
 from qlab.run import loop, models
 from qlab.run.data import Data
 from qlab.run.measure import StepClock
+
+
+def check(cfg) -> None:
+    """What the run asks of this machine, before anything loads: Liger's kernels are Triton's, for a
+    CUDA device, from the liger-kernel package (pip install qlab[liger], docs/speed.md)."""
+    if not cfg.speed.liger:
+        return
+    import torch
+
+    if cfg.train.device == "cpu" or not torch.cuda.is_available():
+        raise ConfigError("speed.liger", "Liger Kernel's Triton kernels need a CUDA device; this run's is "
+                                         f"train.device={cfg.train.device} with CUDA "
+                                         f"{'available' if torch.cuda.is_available() else 'unavailable'}")
+    missing = [m for m in ("liger_kernel", "triton") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError("speed.liger", f"{' and '.join(missing)} not installed: pip install qlab[liger] "
+                                         "(docs/speed.md)")
+
+
+def check_liger_model(model) -> None:
+    """Liger patches nothing of an architecture it has no kernels for (it logs that and goes on, and
+    the arm would be the plain Trainer under another name): a ConfigError instead."""
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        raise ConfigError("speed.liger", f"Liger Kernel {liger_version().get('liger_kernel_version')} has no "
+                                         f"kernels for model_type={model_type}")
+
+
+def liger_version() -> dict:
+    """liger-kernel's version, where installed (a comparison's arm records what it ran)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return {"liger_kernel_version": version("liger-kernel")}
+    except PackageNotFoundError:
+        return {}
 
 
 class _Stop(Exception):
@@ -46,6 +90,8 @@ class Stepper:
         from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
         tc, oc = cfg.train, cfg.optim
+        if cfg.speed.liger:
+            check_liger_model(model)
         self.on_step, self.run_id = on_step or (lambda rec: None), run_id
         self.layers = loop.probe_layers(model, cfg)
         self.clock = StepClock(device)
@@ -65,7 +111,8 @@ class Stepper:
             optim=oc.name if oc.name != "adamw" else "adamw_torch",  # what optimizers= stands for
             gradient_checkpointing=tc.gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False},
             bf16=bf16, use_cpu=not device.startswith("cuda"), seed=cfg.seed, logging_steps=1, save_strategy="no",
-            report_to="none", dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=not tc.progress)
+            report_to="none", dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=not tc.progress,
+            use_liger_kernel=bool(cfg.speed.liger))
         stepper = self
 
         class Gate(TrainerCallback):
@@ -165,5 +212,6 @@ def train(model, data: Data, optimizer, scheduler, cfg, device: str,
           on_step: Callable[[dict], None] = lambda rec: None, run_id: str = "") -> loop.TrainOutcome:
     stepper = Stepper(model, data, optimizer, scheduler, cfg, device, on_step, run_id)
     outcome = loop.drive(stepper, cfg, device)
-    outcome.metrics.update(runner="transformers.Trainer", trainer_args=stepper.args)
+    outcome.metrics.update(runner="transformers.Trainer", trainer_args=stepper.args,
+                           **(liger_version() if cfg.speed.liger else {}))
     return outcome

@@ -72,8 +72,9 @@ def checkpointed_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 def probe_layers(model: torch.nn.Module, cfg) -> list[torch.nn.Module]:
     """The layers whose recompute the first step checks (CheckpointProbe); raises when
     train.gradient_checkpointing asks for checkpointing and no layer has it. Compiled layers
-    checkpoint inside their compiled code (speed.compile_layers), where no hook can count."""
-    if not cfg.train.gradient_checkpointing:
+    checkpoint inside their compiled code (speed.compile_layers), where no hook can count; Unsloth's
+    layers call their norms' kernels on the weights, not the modules, and checkpoint themselves."""
+    if not cfg.train.gradient_checkpointing or cfg.train.runner == "unsloth":
         return []
     layers = checkpointed_layers(model)
     if not layers and not any(getattr(m, "qlab_checkpoint", False) for m in model.modules()):

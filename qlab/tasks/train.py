@@ -20,18 +20,29 @@ from qlab.tasks import Outcome, failure
 
 # train.runner -> the module whose train(model, data, optimizer, scheduler, cfg, device,
 # on_step, run_id) -> loop.TrainOutcome runs the steps, and whose Stepper(same arguments) drives
-# them in blocks (task=compare); runner=bare (loop.Stepper's plain loop) is a comparison's only
-RUNNERS = {"qlab": "qlab.run.loop", "hf_trainer": "qlab.run.hf_trainer", "bare": "qlab.run.loop"}
+# them in blocks (task=compare); runner=bare (loop.Stepper's plain loop) and runner=unsloth (its own
+# setup(), loop.Stepper's step) are a comparison's only. A runner's check(cfg), where it has one,
+# says before anything loads what it needs of the machine (ConfigError).
+RUNNERS = {"qlab": "qlab.run.loop", "hf_trainer": "qlab.run.hf_trainer", "bare": "qlab.run.loop",
+           "unsloth": "qlab.run.unsloth_runner"}
 
 
 def runner(cfg: DictConfig):
     return importlib.import_module(RUNNERS[cfg.train.runner])
 
 
+def check_runner(cfg: DictConfig) -> None:
+    check = getattr(runner(cfg), "check", None)
+    if check is not None:
+        check(cfg)
+
+
 def prepare(cfg: DictConfig):
     """The conversations (a malformed line fails here, before any model loads); a hub id
-    that can be neither found in the local cache nor reached fails here too."""
+    that can be neither found in the local cache nor reached fails here too, and so does a runner
+    whose stack the machine lacks (Liger without CUDA)."""
     models.check_available(cfg.model)
+    check_runner(cfg)
     return data.read(cfg.data)
 
 

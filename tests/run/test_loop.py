@@ -176,7 +176,7 @@ def test_evaluate_is_the_token_weighted_mean_over_conversations(fresh):
 
 def test_the_probe_sees_recompute_only_when_checkpointing_is_active(tokenizer_model):
     model = tokenizer_model
-    cfg = SimpleNamespace(train=SimpleNamespace(gradient_checkpointing=True))
+    cfg = SimpleNamespace(train=SimpleNamespace(gradient_checkpointing=True, runner="qlab"))
     with pytest.raises(RuntimeError, match="no layer has checkpointing enabled"):
         loop.probe_layers(model, cfg)
     model.gradient_checkpointing_enable()
@@ -194,6 +194,9 @@ def test_the_probe_sees_recompute_only_when_checkpointing_is_active(tokenizer_mo
     with pytest.raises(RuntimeError, match="gradient checkpointing is not active"):
         probe.check()
     assert loop.probe_layers(model, SimpleNamespace(train=SimpleNamespace(gradient_checkpointing=False))) == []
+    # Unsloth's layers run their norms' kernels on the weights and checkpoint themselves: nothing to probe
+    assert loop.probe_layers(model, SimpleNamespace(train=SimpleNamespace(gradient_checkpointing=True,
+                                                                          runner="unsloth"))) == []
 
 
 @pytest.fixture

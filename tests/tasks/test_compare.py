@@ -4,9 +4,12 @@ with synthetic step times, the task's real loop around them), validation, and a 
 comparison on a CPU through `python -m qlab.run experiment=speed-cpu` (composition inside a
 running Hydra app) read back by `qlab report`."""
 
+import importlib.util
 import json
 import math
+import os
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -19,7 +22,7 @@ from omegaconf import OmegaConf
 from conftest import ROOT
 from qlab import config, tasks
 from qlab.results import report, store
-from qlab.tasks import compare
+from qlab.tasks import arm_worker, compare
 
 
 # ---------------------------------------------------------------- the round schedule
@@ -97,20 +100,31 @@ def test_verdict_against_the_aa_floor():
 
 # ---------------------------------------------------------------- the task's loop on synthetic arms
 
-class FakeStepper:
-    """An arm whose step takes `seconds` times the card's speed in this round (it drifts: every
-    third round 30% slower) times the block's own noise."""
+class FakeWorker:
+    """An arm's worker (arm_worker.ArmProcess's interface) whose step takes `seconds` times the card's
+    speed in this round (it drifts: every third round 30% slower) times the block's own noise.
+    `fails`: ("build", status) fails its set-up, ("window", n, status) its n-th block (from 0)."""
 
-    def __init__(self, seconds: float, noise: float, rng: random.Random, card: dict):
-        self.seconds, self.noise, self.rng, self.card = seconds, noise, rng, card
-        self.counts, self.closed = [], False
+    def __init__(self, seconds: float, noise: float, rng: random.Random, card: dict, fails: tuple = ()):
+        self.seconds, self.noise, self.rng, self.card, self.fails = seconds, noise, rng, card, fails
+        self.closed, self.windows = False, 0
+
+    def started(self):
+        return {"pid": 0}
+
+    def build(self, warmup, profile):
+        if self.fails[:1] == ("build",):
+            raise arm_worker.ArmFailure(self.fails[-1], {"type": "Broken", "message": "in set-up", "traceback": None})
+        return {"device": "cpu", "total_params": 1000}
 
     def window(self, n):
+        self.windows += 1
+        if self.fails[:2] == ("window", self.windows - 1):
+            raise arm_worker.ArmFailure(self.fails[-1], {"type": "Broken", "message": "in a step", "traceback": None})
         self.card["windows"] += 1
         rnd = (self.card["windows"] - 1) // self.card["arms"]
         factor = (1.3 if rnd % 3 == 0 else 1.0) * math.exp(self.rng.gauss(0, self.noise))
-        self.counts += [{"tokens": 256}] * n
-        return [self.seconds * factor] * n
+        return {"step_time_s": [self.seconds * factor] * n, "tokens": 256 * n}
 
     def close(self):
         self.closed = True
@@ -118,22 +132,19 @@ class FakeStepper:
 
 @pytest.fixture
 def fake_arms(monkeypatch):
-    """compare.build replaced: arm `name` steps in SECONDS[name] (0.1 s if not listed)."""
+    """compare.spawn replaced: arm `name` steps in SECONDS[name] (0.1 s if not listed)."""
     made = {}
 
-    def use(seconds: dict, noise: float = 0.01):
+    def use(seconds: dict, noise: float = 0.01, fails: dict | None = None):
         rng = random.Random(0)
         card = {"windows": 0, "arms": 0}
 
-        def build(name, cfg, raw, k, out):
+        def spawn(name, cfg, out):
             card["arms"] += 1
-            made[name] = compare.Arm(FakeStepper(seconds.get(name, 0.1), noise, rng, card), "cpu",
-                                     {"runner": cfg.train.runner, "quant": cfg.quant.type,
-                                      "double_quant": bool(cfg.quant.double_quant), "speed": "recipe",
-                                      "optim": cfg.optim.name, "total_params": 1000})
+            made[name] = FakeWorker(seconds.get(name, 0.1), noise, rng, card, (fails or {}).get(name, ()))
             return made[name]
 
-        monkeypatch.setattr(compare, "build", build)
+        monkeypatch.setattr(compare, "spawn", spawn)
         return made
 
     return use
@@ -161,7 +172,7 @@ def test_stops_at_the_target_with_the_aa_control(compose, fake_arms):
     assert all(sorted(r["order"]) == ["a", "a-aa", "b"] for r in m["rounds"])  # every arm once per round
     assert [len(r["step_time_s"]["b"]) for r in m["rounds"]] == [5] * 4  # every block's raw step times
     assert m["arms"]["a"]["tokens_per_s"] == pytest.approx(256 / 0.08, rel=0.3)
-    assert all(arm.stepper.closed for arm in made.values())
+    assert all(worker.closed for worker in made.values())
 
 
 def test_stops_at_the_round_budget_with_the_width_it_reached(compose, fake_arms):
@@ -197,6 +208,54 @@ def test_a_broken_aa_control_voids_the_comparison(compose, fake_arms):
     assert not m["aa_control"]["covers_1"] and m["valid"] is False
 
 
+def three(compose, *overrides):
+    return small(compose, "+compare.arms.c=['quant=bf16','adapter.r=4']", "compare.pairs=[a/b,a/c]",
+                 "compare.aa_control=null", *overrides)
+
+
+def test_an_arm_failing_in_a_step_leaves_the_others_going(compose, fake_arms):
+    """c's third block fails: the rounds go on with a and b (a Williams square of the two from then
+    on), a/b is measured over every round, a/c is not measured and says why, c's failure is its own."""
+    made = fake_arms({"a": 0.08, "b": 0.1, "c": 0.1}, fails={"c": ("window", 2, "oom")})
+    cfg = three(compose, "compare.min_rounds=5", "compare.max_rounds=5")
+    assert tasks.single(cfg) == 0
+    r = result_of(cfg)
+    m = r["metrics"]
+    assert r["status"] == "ok" and m["rounds_completed"] == 5 and m["arms_failed"] == ["c"]
+    c = m["arms"]["c"]
+    assert (c["status"], c["failed_in"], c["error"]["type"]) == ("oom", "round 2", "Broken")
+    assert m["arms"]["a"]["status"] == "ok" and m["pairs"]["a/b"]["rounds"] == 5
+    assert set(m["pairs"]) == {"a/b"} and m["pairs_not_measured"] == {"a/c": "arm c oom in round 2: Broken: in a step"}
+    assert [sorted(x["step_time_s"]) for x in m["rounds"]] == [["a", "b", "c"]] * 2 + [["a", "b"]] * 3
+    assert m["rounds"][2]["failed"] == ["c"] and all(sorted(x["order"]) == ["a", "b"] for x in m["rounds"][3:])
+    assert m["arms"]["c"]["tokens_per_s_rounds"] and m["arms"]["c"]["tokens_per_s"]  # its blocks are kept
+    assert all(w.closed for w in made.values())
+    md = (store.run_dir(cfg) / "compare.md").read_text()
+    assert "- Arm c oom in round 2: Broken: in a step" in md
+    assert re.search(r"\| a/c +\| +not measured +\| +- +\| +- +\| arm c oom in round 2: Broken: in a step +\|", md)
+
+
+def test_a_comparison_that_measured_no_pair_is_a_failure(compose, fake_arms):
+    fake_arms({}, fails={"b": ("build", "failed"), "c": ("build", "failed")})
+    cfg = three(compose, "compare.min_rounds=2", "compare.max_rounds=3")
+    assert tasks.single(cfg) == tasks.EXIT["failed"]
+    r = result_of(cfg)
+    assert r["status"] == "failed" and r["error"]["type"] == "ArmsFailed"
+    assert "a/b: arm b failed in setup: Broken: in set-up" in r["error"]["message"]
+    m = r["metrics"]
+    assert m["stopped"] == "no_pair" and m["rounds_completed"] == 0 and m["pairs"] == {}
+    assert m["arms"]["a"]["status"] == "ok" and m["arms_failed"] == ["b", "c"]
+
+
+def test_an_unmeasured_aa_control_voids_the_comparison(compose, fake_arms):
+    fake_arms({}, fails={"a-aa": ("window", 0, "failed")})
+    cfg = small(compose, "compare.min_rounds=2", "compare.max_rounds=3")
+    assert tasks.single(cfg) == 0
+    m = result_of(cfg)["metrics"]
+    assert "aa_control" not in m and m["valid"] is False and "a-aa/a" in m["pairs_not_measured"]
+    assert m["pairs"]["a/b"]["rounds"] == 3
+
+
 def test_resumes_the_rounds_of_a_killed_attempt(compose, fake_arms):
     fake_arms({"a": 0.08, "b": 0.1}, noise=0.2)
     cfg = small(compose, "compare.aa_control=null", "compare.min_rounds=2", "compare.max_rounds=4")
@@ -230,10 +289,12 @@ def test_bad_comparisons_run_nothing_and_name_the_key(compose, tmp_path, caplog,
     assert not list(tmp_path.rglob(store.RESULT))
 
 
-def test_the_bare_loop_is_an_arm_never_a_training_run(compose):
-    with pytest.raises(config.ConfigError, match="train.runner: bare is the plain loop"):
-        config.validate(compose("train.runner=bare"))
-    config.validate(compose("train.runner=bare"), arm=True)
+@pytest.mark.parametrize("arm", [["train.runner=bare"], ["+arm=[nf4-dq,unsloth]", "adapter.dropout=0"]])
+def test_the_bare_loop_and_unsloth_are_arms_never_training_runs(compose, arm):
+    runner = arm[0].rsplit(",", 1)[-1].strip("]").split("=")[-1]
+    with pytest.raises(config.ConfigError, match=f"train.runner: {runner} runs only as an arm of task=compare"):
+        config.validate(compose(*arm))
+    config.validate(compose(*arm), arm=True)
 
 
 def test_compose_inside_a_running_hydra_app():
@@ -252,7 +313,7 @@ def test_compose_inside_a_running_hydra_app():
 
 def test_tiny_comparison_end_to_end(tmp_path):
     """The CPU variant cut to four arms (the Trainer's loop, qlab's fast step, the bare loop, the
-    A/A twin) for time: each a real model in one process, through the CLI."""
+    A/A twin) for time: each a real model in a worker process of its own, through the CLI."""
     cut = [f"~compare.arms.{a}" for a in ("recipe", "bf16", "bf16-fast", "fast-adamw")]
     proc = subprocess.run([sys.executable, "-m", "qlab.run", "experiment=speed-cpu", f"tracker.results_dir={tmp_path}",
                            *cut, "compare.pairs=[fast/trainer,fast/bare]", "compare.max_rounds=2"],
@@ -269,6 +330,81 @@ def test_tiny_comparison_end_to_end(tmp_path):
     assert all(len(r["step_time_s"][a]) == 2 for r in m["rounds"] for a in m["arms"])
     assert set(m["pairs"]) == {"fast/trainer", "fast/bare"} and m["aa_control"]["pair"] == "fast-aa/fast"
     assert (path.parent / "compare.md").is_file() and (path.parent / "profile-trainer.txt").is_file()
+    assert len({a["pid"] for a in m["arms"].values()}) == 4 and all(a["status"] == "ok" for a in m["arms"].values())
+    assert all((path.parent / f"worker-{a}.log").is_file() for a in m["arms"]) and "arms_failed" not in m
     page = report.build(tmp_path / "compare-tiny-llama", wandb=False)
     text = page.read_text()
     assert "fast-aa/fast (A/A floor)" in text and "| trainer " in text and "hf_trainer" in text
+
+
+# ---------------------------------------------------------------- arms in processes of their own, on a CPU
+
+STACK_COMMON = ("compare.common=['model=tiny-llama','train=cpu','train.device=cpu','adapter.r=8','adapter.dropout=0',"
+                "'data.max_seq_len=64','data.pad_to=max_seq_len','data.eval_file=null','train.batch_size=2',"
+                "'train.progress=false','train.save_adapter=false']")
+STACK_ARMS = ("+compare.arms={a:['+arm=[nf4-dq,recipe]'],e:['+arm=[bf16,recipe]'],"
+              "b:['+arm=[nf4-dq,recipe]','train.runner=bare'],liger:['+arm=[nf4-dq,liger]'],"
+              "unsloth:['+arm=[nf4-dq,unsloth]']}")
+NO_UNSLOTH = pytest.mark.skipif(importlib.util.find_spec("unsloth") is not None, reason="unsloth is installed here")
+
+
+@pytest.mark.slow
+@NO_UNSLOTH
+def test_arms_run_in_processes_of_their_own_and_a_failed_arm_is_recorded(compose, monkeypatch):
+    """The stacks' arms (conf/experiment/speed-stacks.yaml) on the tiny preset: qlab's recipe (a) and
+    16-bit LoRA (e) run; the bare loop (b) crashes in its second block; Liger needs CUDA (a ConfigError
+    in its set-up); Unsloth is not installed (its import, first thing in its process, fails). Every arm
+    ran in its own process; a/e is measured, with MFU for every arm that ran; each failed arm is
+    recorded with its error and its pairs as not measured, with the reason, in an ok comparison."""
+    monkeypatch.setenv("QLAB_INJECT_FAULT", "crash@4:b")  # warm-up 1 + profile 1, 2 steps a round: round 1
+    cfg = compose("task=compare", STACK_COMMON, STACK_ARMS, "compare.pairs=[a/e,a/b,a/liger,a/unsloth]",
+                  "compare.aa_control=null", "compare.warmup_steps=1", "compare.profile_steps=1",
+                  "compare.steps_per_round=2", "compare.min_rounds=3", "compare.max_rounds=3",
+                  "compare.peak_flops=1e12")
+    assert tasks.single(cfg) == 0
+    r = result_of(cfg)
+    m = r["metrics"]
+    arms = m["arms"]
+    assert r["status"] == "ok" and m["rounds_completed"] == 3 and m["stopped"] == "max_rounds"
+    pids = {name: arms[name]["pid"] for name in ("a", "e", "b", "liger")}
+    assert len(set(pids.values())) == 4 and os.getpid() not in pids.values()  # a process per arm
+    assert all((store.run_dir(cfg) / f"worker-{name}.log").is_file() for name in arms)
+    assert arms["a"]["imported_before_first"] == [] and all(arms[x]["lora_dropout"] == 0 for x in arms)
+    liger, unsloth, b = arms["liger"], arms["unsloth"], arms["b"]
+    assert (liger["status"], liger["failed_in"], liger["error"]["type"]) == ("failed", "setup", "ConfigError")
+    assert liger["error"]["message"].startswith("speed.liger: Liger Kernel's Triton kernels need a CUDA device")
+    assert (unsloth["status"], unsloth["failed_in"], unsloth["error"]["type"]) == ("failed", "start",
+                                                                                   "ModuleNotFoundError")
+    assert unsloth["error"]["message"] == "No module named 'unsloth'" and "pid" not in unsloth
+    assert (b["status"], b["failed_in"], b["error"]["type"]) == ("failed", "round 1", "InjectedCrash")
+    assert m["arms_failed"] == ["b", "liger", "unsloth"] and set(m["pairs"]) == {"a/e"}
+    assert m["pairs"]["a/e"]["rounds"] == 3 and len(b["tokens_per_s_rounds"]) == 1  # its one block is kept
+    assert set(m["pairs_not_measured"]) == {"a/b", "a/liger", "a/unsloth"}
+    assert "ModuleNotFoundError: No module named 'unsloth'" in m["pairs_not_measured"]["a/unsloth"]
+    assert [sorted(x["step_time_s"]) for x in m["rounds"]] == [["a", "b", "e"], ["a", "e"], ["a", "e"]]
+    for name in ("a", "e"):  # 6 N tokens/s over the peak, for every arm that ran
+        assert arms[name]["mfu"] == pytest.approx(6 * arms[name]["total_params"] * arms[name]["tokens_per_s"] / 1e12)
+    assert liger["mfu"] is None and unsloth["mfu"] is None and liger["speed"] == "trainer+liger"
+    assert unsloth["speed"] == "unsloth" and unsloth["runner"] == "unsloth"
+    md = (store.run_dir(cfg) / "compare.md").read_text()
+    assert "- Arm unsloth failed in start: ModuleNotFoundError: No module named 'unsloth'" in md
+    assert re.search(r"\| a/liger +\| +not measured +\|.*\| arm liger failed in setup: ConfigError: speed.liger: ", md)
+    assert "LoRA dropout 0 in every arm." in md
+
+
+
+def test_the_stacks_comparison_runs_every_arm_at_dropout_0():
+    """conf/experiment/speed-stacks.yaml: the issue's six arms and the A/A twin, each valid, each at
+    LoRA dropout 0 (Unsloth's fast path needs it), its ratios in a sweep of their own."""
+    cfg = config.compose(["experiment=speed-stacks"])
+    config.validate(cfg)
+    arms = {name: compare.compose_arm(cfg, name) for name in compare.arm_names(cfg.compare)}
+    assert set(arms) == {"trainer", "liger", "unsloth", "recipe", "fast", "bf16-fast", "fast-aa"}
+    assert all(a.adapter.dropout == 0 and a.model.name == "llama-7b" for a in arms.values())
+    assert {n: a.train.runner for n, a in arms.items() if a.train.runner != "qlab"} == {
+        "trainer": "hf_trainer", "liger": "hf_trainer", "unsloth": "unsloth"}
+    assert arms["liger"].speed.liger and not arms["trainer"].speed.liger
+    assert list(cfg.compare.pairs) == ["fast/bf16-fast", "fast/unsloth", "fast/liger", "fast/trainer"]
+    assert cfg.tracker.sweep == "compare-stacks-llama-7b" and cfg.compare.time_budget_s == 450
+    bloom = config.compose(["experiment=speed-stacks", "model=bloom-7b1"])
+    assert compare.compose_arm(bloom, "unsloth").model.name == "bloom-7b1"
