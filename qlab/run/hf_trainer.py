@@ -32,8 +32,6 @@ def check(cfg) -> None:
     CUDA device, from the liger-kernel package (pip install qlab[liger], docs/speed.md)."""
     if not cfg.speed.liger:
         return
-    import torch
-
     if cfg.train.device == "cpu" or not torch.cuda.is_available():
         raise ConfigError("speed.liger", "Liger Kernel's Triton kernels need a CUDA device; this run's is "
                                          f"train.device={cfg.train.device} with CUDA "
@@ -46,9 +44,13 @@ def check(cfg) -> None:
 
 def check_liger_model(model) -> None:
     """Liger patches nothing of an architecture it has no kernels for (it logs that and goes on, and
-    the arm would be the plain Trainer under another name): a ConfigError instead."""
-    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
-
+    the arm would be the plain Trainer under another name): a ConfigError instead. A liger-kernel
+    that keeps its table of architectures elsewhere skips the check (the arm's profile shows Liger's
+    kernels or their absence); one not installed is check()'s and the Trainer's to refuse."""
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except ImportError:
+        return
     model_type = getattr(model.config, "model_type", None)
     if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
         raise ConfigError("speed.liger", f"Liger Kernel {liger_version().get('liger_kernel_version')} has no "

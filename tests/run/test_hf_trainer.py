@@ -77,15 +77,12 @@ def test_liger_comes_only_through_the_trainer_without_the_upcast(compose, overri
 
 
 @pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is not None, reason="liger-kernel is installed here")
-def test_speed_liger_reaches_the_trainers_arguments(compose, monkeypatch):
+def test_speed_liger_reaches_the_trainers_arguments(compose):
     """TrainingArguments(use_liger_kernel=True): the Trainer applies Liger's kernels when its loop
     starts, which without liger-kernel is transformers' own ImportError in the first step."""
     from qlab.run import data, hf_trainer, optim
     from qlab.tasks import train
 
-    with pytest.raises(ImportError, match="liger_kernel"):  # the architecture check needs liger-kernel
-        hf_trainer.check_liger_model(None)
-    monkeypatch.setattr(hf_trainer, "check_liger_model", lambda model: None)
     cfg = compose(*FIXED, "+arm=[nf4-dq,liger]")
     s = train.setup(cfg, data.read(cfg.data))  # train.prepare would refuse it here (no CUDA)
     opt, sched = optim.build(cfg.optim, list(s.model.parameters()), s.device)
