@@ -2,7 +2,7 @@
 # What a GPU machine with no package index and no hub needs, cut into payloads that each fit one
 # transfer beside the working tree, and put back together there.
 #
-# Here:   bash experiments/device_bundle.sh pack       # -> .device/call1, .device/call2, ... (ignored by git)
+# Here:   bash experiments/device_bundle.sh pack [all|speed]   # -> .device/call1, ... (ignored by git)
 # There:  bash experiments/device_bundle.sh unpack .device/callN   # once per call, in order
 #         source /tmp/qlab-device/env.sh                # PYTHONPATH, QLAB_CACHE for every command
 #
@@ -14,6 +14,9 @@
 # while the machine stays warm; the tree does not), installs what it can, and joins the GGUF once
 # every part has arrived (its SHA-256 checked) into $QLAB_CACHE/gguf/files/, where
 # qlab/reference/gguf.py finds a hand-placed copy.
+# `pack speed` holds only what the speed comparison needs (experiment=speed-stacks, numerics): the
+# wheels of qlab's training path and the public stacks' extras (pyproject's liger and unsloth, at
+# their pinned versions, with pillow, which unsloth-zoo imports), no texts and no GGUF.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -30,8 +33,16 @@ locked() {  # locked NAME: NAME==version as requirements.lock pins it
   grep -i "^$1==" requirements.lock || { echo "device_bundle.sh: $1 is not in requirements.lock" >&2; exit 1; }
 }
 
+extras() {  # extras NAME...: the requirements pyproject's optional-dependencies NAME pin
+  $PY - "$@" <<'EOF'
+import sys, tomllib
+deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]
+print(" ".join(r for name in sys.argv[1:] for r in deps[name]))
+EOF
+}
+
 pack() {
-  local work=.device/pack out=.device
+  local profile=${1:-all} work=.device/pack out=.device
   if [ -z "$PAYLOAD_MB" ]; then
     PAYLOAD_MB=$(( (64 * 1048576 - $(tree_bytes)) / 1048576 - 1 ))
     echo "payloads of at most $PAYLOAD_MB MiB beside the $(( $(tree_bytes) / 1048576 )) MiB working tree"
@@ -47,37 +58,50 @@ pack() {
                 multiprocess pytablewriter dataproperty mbstrdecoder pathvalidate tabledata tcolorpy typepy chardet
                 rouge-score nltk absl-py more-itertools defusedxml torchao einops termcolor)
   local sources=(antlr4-python3-runtime sqlitedict word2number hqq)  # published as source only
+  # speed: training only; unsloth, unsloth-zoo and trl import datasets when imported
+  [ "$profile" = speed ] && wheels=(bitsandbytes hydra-core omegaconf hydra-joblib-launcher datasets dill multiprocess) \
+    && sources=(antlr4-python3-runtime)
   local p spec binaries=() built=()
   for p in "${wheels[@]}"; do spec=$(locked "$p"); binaries+=("$spec"); done  # a name the lock lacks stops here
   for p in "${sources[@]}"; do spec=$(locked "$p"); built+=("$spec"); done
-  # lm-eval reads its .zst data files with it on the device; the CPU install does without (not in the lock)
-  binaries+=(zstandard==0.25.0)
+  if [ "$profile" = speed ]; then
+    # shellcheck disable=SC2207
+    binaries+=($(extras liger unsloth) pillow==13.0.0)
+  else  # lm-eval reads its .zst data files with it on the device; the CPU install does without (not in the lock)
+    binaries+=(zstandard==0.25.0)
+  fi
   for p in "${binaries[@]}"; do $PY -m pip download -q --no-deps $plat -d "$work/wheels" "$p" 2>&1 | grep -v WARNING || true; done
   for p in "${built[@]}"; do
     DISABLE_CUDA=1 $PY -m pip wheel -q --no-deps -w "$work/wheels" "$p" 2>&1 | grep -v WARNING || true
   done
-  # bitsandbytes: its CPU and CUDA 13 libraries only (the image's CUDA)
+  # slimmed wheels: bitsandbytes with its CPU and CUDA 13 libraries only (the image's CUDA); unsloth
+  # without studio/, its web UI (26 of its 28.6 MB), which training never imports
   $PY - "$work/wheels" <<'EOF'
 import glob, os, sys, zipfile
-for whl in glob.glob(os.path.join(sys.argv[1], "bitsandbytes-*.whl")):
-    with zipfile.ZipFile(whl) as z, zipfile.ZipFile(whl + ".tmp", "w", zipfile.ZIP_DEFLATED) as o:
-        drop = {n for n in z.namelist() if n.endswith(".so") and "libbitsandbytes_" in n
-                and not any(k in n for k in ("_cpu", "_cuda130", "_cuda132"))}
-        for n in z.namelist():
-            if n not in drop:
-                data = z.read(n)
-                if n.endswith(".dist-info/RECORD"):
-                    data = "".join(l + "\n" for l in data.decode().splitlines() if l.split(",")[0] not in drop).encode()
-                o.writestr(n, data)
-    os.replace(whl + ".tmp", whl)
+DROP = {"bitsandbytes": lambda n: n.endswith(".so") and "libbitsandbytes_" in n
+                                  and not any(k in n for k in ("_cpu", "_cuda130", "_cuda132")),
+        "unsloth": lambda n: n.startswith("studio/")}
+for name, dropped in DROP.items():
+    for whl in glob.glob(os.path.join(sys.argv[1], f"{name}-*.whl")):
+        with zipfile.ZipFile(whl) as z, zipfile.ZipFile(whl + ".tmp", "w", zipfile.ZIP_DEFLATED) as o:
+            drop = {n for n in z.namelist() if dropped(n)}
+            for n in z.namelist():
+                if n not in drop:
+                    data = z.read(n)
+                    if n.endswith(".dist-info/RECORD"):
+                        data = "".join(l + "\n" for l in data.decode().splitlines() if l.split(",")[0] not in drop).encode()
+                    o.writestr(n, data)
+        os.replace(whl + ".tmp", whl)
 EOF
-  for p in chitchat-dataset==0.9.0 exllamav3==1.6.5; do
-    $PY -m pip download -q --no-deps $plat -d "$work/data" "$p" 2>&1 | grep -v WARNING || true
-  done
-  local gguf
-  gguf=$($PY -c "from qlab.reference import gguf; print(gguf.locate('smollm2-135m'))")
-  # small parts (93.8 MiB / 24 = 3.9 MiB each) fill every payload to its brim: 4 calls beside a 28 MB tree
-  $PY -m qlab.reference.transfer split "$gguf" --parts 24 --out "$work/parts"
+  if [ "$profile" = all ]; then  # the texts and the GGUF
+    for p in chitchat-dataset==0.9.0 exllamav3==1.6.5; do
+      $PY -m pip download -q --no-deps $plat -d "$work/data" "$p" 2>&1 | grep -v WARNING || true
+    done
+    local gguf
+    gguf=$($PY -c "from qlab.reference import gguf; print(gguf.locate('smollm2-135m'))")
+    # small parts (93.8 MiB / 24 = 3.9 MiB each) fill every payload to its brim: 4 calls beside a 28 MB tree
+    $PY -m qlab.reference.transfer split "$gguf" --parts 24 --out "$work/parts"
+  fi
   # greedily fill payloads of at most PAYLOAD_MB, the wheels first (the first call installs them)
   $PY - "$work" "$out" "$PAYLOAD_MB" <<'EOF'
 import os, shutil, sys
@@ -129,7 +153,7 @@ EOF
 }
 
 case ${1:-} in
-  pack) pack ;;
+  pack) shift; pack "$@" ;;
   unpack) shift; unpack "$@" ;;
-  *) echo "usage: device_bundle.sh pack | unpack .device/callN" >&2; exit 2 ;;
+  *) echo "usage: device_bundle.sh pack [all|speed] | unpack .device/callN" >&2; exit 2 ;;
 esac
