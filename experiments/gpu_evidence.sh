@@ -8,6 +8,9 @@
 #   bash experiments/gpu_evidence.sh quality   # issue 6: the 36-run quality sweep on the base
 #   bash experiments/gpu_evidence.sh speed-llama / speed-bloom   # issues 8/15, one 7B shape each
 #   bash experiments/gpu_evidence.sh speed-peaks   # the isolated runs of the speed arms' peaks
+#   bash experiments/gpu_evidence.sh stacks-llama / stacks-bloom   # issue 16: + Liger, Unsloth (SEED=1: a second one)
+#   bash experiments/gpu_evidence.sh stacks-tests / numerics-liger   # issue 16: the stacks' GPU tests; Liger's numerics
+#       # (the stacks' stages need the liger and unsloth extras: device_bundle.sh pack speed)
 #   bash experiments/gpu_evidence.sh backends   # issue 18: SmolLM2 across quantization backends x adapter init/form
 #   bash experiments/gpu_evidence.sh real / real-eval   # issue 14: SmolLM2 fine-tuned on chitchat
 #       # (35 runs), then qlab eval of every run and of the three bases; RESULTS=/tmp/... where the
@@ -24,7 +27,7 @@ set -uo pipefail
 SELF=$(realpath "$0")
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-STAGE=${1:?usage: gpu_evidence.sh measure|finish|base|foundation|quality|speed-llama|speed-bloom|speed-peaks|real|backends|real-eval|parallel STAGE...}
+STAGE=${1:?usage: gpu_evidence.sh measure|finish|base|foundation|quality|speed-llama|speed-bloom|speed-peaks|stacks-llama|stacks-bloom|stacks-tests|numerics-liger|real|backends|real-eval|parallel STAGE...}
 R=${RESULTS:-results}  # the real stages' results (the older stages write results/)
 mkdir -p results/logs "$R/logs"
 status=0
@@ -97,6 +100,20 @@ quality)  # ~8 min: 36 runs x 300 steps (0.17 s/step alone) in waves of 9 (QLAB_
 speed-llama | speed-bloom)  # ~8 min: the interleaved comparison (conf/experiment/speed.yaml:
   # preset build, 8 arms in one process, rounds until the target or 450 s of the run)
   step compare 560 $PY -m qlab.run experiment=speed model=$([ "$STAGE" = speed-llama ] && echo llama-7b || echo bloom-7b1)
+  ;;
+stacks-llama | stacks-bloom)  # ~9.5 min: issue 16's comparison (conf/experiment/speed-stacks.yaml:
+  # preset build, 7 arm processes set up one after another, rounds until the target or BUDGET s)
+  step stacks 580 $PY -m qlab.run experiment=speed-stacks model=$([ "$STAGE" = stacks-llama ] && echo llama-7b || echo bloom-7b1) \
+    seed=${SEED:-0} compare.time_budget_s=${BUDGET:-450}
+  ;;
+stacks-tests)  # ~3 min: the Liger and Unsloth arms set up and run blocks of steps on small-llama
+  step gpu-tests 300 $PY -m pytest tests/tasks/test_arm_worker.py -m gpu -q -rs -p no:cacheprovider
+  ;;
+numerics-liger)  # ~5 min: the base (45 s), then the recipe and Liger's arm, 200 steps each, side by side;
+  # verdicts: results/numerics-base-gpu-liger/numerics.md
+  step base 420 $PY -m qlab.reference.pretrain --size gpu --quiet
+  QLAB_NUM_GPUS=1 QLAB_RUNS_PER_GPU=2 step numerics 420 $PY -m qlab.run experiment=numerics hydra/launcher=local_gpus \
+    '+arm=recipe,liger' tracker.sweep=numerics-base-gpu-liger
   ;;
 speed-peaks)  # the isolated runs memory peaks come from (results/speed-<model>/): complete ones are
   # skipped, so only what is missing runs (~1-2 min a run with the preset build)

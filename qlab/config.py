@@ -203,6 +203,9 @@ class CompareConfig:
     max_rounds: int = 20
     target_half_width: float = 0.05  # stop once every pair's 95% interval is within +-5% of its ratio
     time_budget_s: Optional[float] = None  # start no round after this many seconds of the run
+    # an arm whose set-up (load, adapters, warm-up, profile) takes longer fails with that reason, and
+    # the comparison goes on without it: a stack compiling for minutes cannot eat the rounds' time
+    setup_timeout_s: float = 1200
     peak_flops: Optional[float] = None  # dense bf16 FLOP/s for MFU; None: by GPU name (H100/H200)
 
 
@@ -456,6 +459,9 @@ def validate(cfg: DictConfig | RunConfig, arm: bool = False) -> None:
         raise ConfigError("speed.liger", "Liger's fused linear cross-entropy takes the hidden states and the output "
                                          "head in one dtype (a float32 up-cast head is a dtype mismatch): "
                                          "speed.upcast_non_quantized=false")
+    if c.speed.liger and c.train.device == "cpu" and not arm:  # an arm records it as its failure instead
+        raise PrunedCombination("speed.liger", "Liger Kernel's Triton kernels need a CUDA device; this run's is "
+                                               "train.device=cpu")
     if c.train.runner == "unsloth":
         for key, value in UNSLOTH_FIXED.items():
             if OmegaConf.select(c, key) != value:
@@ -496,7 +502,7 @@ def _validate_compare(k: DictConfig) -> None:
         raise ConfigError("compare.max_rounds", f"must be >= compare.min_rounds={k.min_rounds}, got {k.max_rounds}")
     if not 0 < k.target_half_width < 1:
         raise ConfigError("compare.target_half_width", f"must be in (0, 1), got {k.target_half_width}")
-    for key in ("time_budget_s", "peak_flops"):
+    for key in ("time_budget_s", "setup_timeout_s", "peak_flops"):
         if k[key] is not None and k[key] <= 0:
             raise ConfigError(f"compare.{key}", f"must be > 0 or null, got {k[key]}")
 

@@ -37,7 +37,6 @@ from pathlib import Path
 
 # How long the parent waits for a reply before it kills the worker (a lost arm, not a lost comparison)
 START_TIMEOUT_S = 600  # an interpreter and its imports: ~8 s for torch + transformers on 2 CPU cores, ~30 s for Unsloth
-BUILD_TIMEOUT_S = 1200  # a 7B load (~10-20 s), adapters, warm-up with compiling (~35 s for Unsloth on an H200)
 WINDOW_TIMEOUT_S = 300  # a block of steps: 3 x 0.2-0.7 s on an H200
 CLOSE_TIMEOUT_S = 60
 MUST_FOLLOW = ("transformers", "peft", "trl")  # what Unsloth wants imported after itself
@@ -87,8 +86,10 @@ class ArmProcess:
         """Waits for the worker's imports: {"pid", "imports_s", "imported_before_first": [...]}."""
         return self._reply("start", START_TIMEOUT_S)
 
-    def build(self, warmup: int, profile: int) -> dict:
-        return self._reply("build", BUILD_TIMEOUT_S, {"warmup": warmup, "profile": profile})["info"]
+    def build(self, warmup: int, profile: int, timeout_s: float) -> dict:
+        """Set up, warm up, profile; `timeout_s`: compare.setup_timeout_s (a 7B load ~10-20 s,
+        adapters, a warm-up with compiling ~15-35 s on an H200)."""
+        return self._reply("build", timeout_s, {"warmup": warmup, "profile": profile})["info"]
 
     def window(self, steps: int) -> dict:
         return self._reply("window", WINDOW_TIMEOUT_S, {"steps": steps})

@@ -165,7 +165,8 @@ spawn = arm_worker.ArmProcess  # (name, cfg, out) -> the arm's worker, started
 
 def attempt(name: str, arm: Arm, stage: str, call):
     """call()'s value, or None where the arm failed in it: its worker's error (an OOM stays an oom),
-    its death or silence, recorded as this arm's status and error; the comparison goes on."""
+    its death or silence, recorded as this arm's status and error; its worker is closed at once (the
+    device memory it holds goes back to the arms still running) and the comparison goes on."""
     try:
         return call()
     except Exception as e:
@@ -175,6 +176,8 @@ def attempt(name: str, arm: Arm, stage: str, call):
             outcome = failure(e)
             status, error = outcome.status, outcome.error
         arm.info.update(status=status, error=error, failed_in=stage)
+        if arm.worker is not None:
+            arm.worker.close()
         log.warning("compare: arm %s %s in %s: %s: %s", name, status, stage, error["type"], error["message"])
         return None
 
@@ -188,7 +191,8 @@ def start(arms: dict[str, Arm], plan: Plan, k, out: Path) -> None:
             arm.info.update(attempt(name, arm, "start", arm.worker.started) or {})
     for name, arm in arms.items():  # one at a time: loads, warm-ups and profiles never share the device
         if arm.ok:
-            arm.info.update(attempt(name, arm, "setup", lambda: arm.worker.build(k.warmup_steps, k.profile_steps))
+            arm.info.update(attempt(name, arm, "setup", lambda: arm.worker.build(k.warmup_steps, k.profile_steps,
+                                                                                 k.setup_timeout_s))
                             or {})
 
 

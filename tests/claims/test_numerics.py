@@ -161,11 +161,14 @@ def test_runs_of_other_base_weights_or_an_ended_run_are_not_compared(tmp_path):
                                            ("numerics-tiny-llama-bf16", True)])
 def test_the_committed_sweeps_keep_their_verdicts(tmp_path, sweep, pruned):
     """The runs experiments/numerics.py made, judged by the claims: every switch and packing pass
-    (compiled layers pruned on the CPU), the re-seed shown for scale; the page lands in --out."""
+    (compiled layers pruned on the CPU), the re-seed shown for scale; the page lands in --out. These
+    sweeps predate Liger's arm: its claim has no run there (a CPU prunes it: Triton, CUDA only)."""
     assert verdicts.main(["--claims", str(CLAIMS), "--results", str(ROOT / "results"), "--sweep", sweep,
                           "--out", str(tmp_path), "--no-run"]) == 0
     rows = {r["id"]: r for r in json.loads((tmp_path / "numerics.json").read_text())["claims"]}
-    expected = {i: "reproduced" for i in SHIPPED} | {"seed1": "information"}
+    expected = {i: "reproduced" for i in SHIPPED} | {"seed1": "information", "liger": "inconclusive"}
+    assert rows["liger"]["reason"] == ("not run: pruned (speed.liger: Liger Kernel's Triton kernels need a CUDA device; "
+                                       "this run's is train.device=cpu)" if pruned else "no run of arm a in the sweep")
     if pruned:
         expected["compile_layers"] = "inconclusive"
         assert "not run: pruned (speed.compile: inductor" in rows["compile_layers"]["reason"]

@@ -27,7 +27,7 @@ def test_a_worker_that_dies_hangs_or_runs_out_of_memory_is_an_arm_failure(compos
     worker = arm_worker.ArmProcess("x", compose(*TINY), tmp_path)
     try:
         assert worker.started()["pid"] == worker.proc.pid
-        assert worker.build(1, 0)["total_params"] > 0
+        assert worker.build(1, 0, timeout_s=600)["total_params"] > 0
         with pytest.raises(arm_worker.ArmFailure) as failed:
             worker.window(2)
         assert (failed.value.status, failed.value.error["type"]) == (status, kind)
@@ -36,6 +36,21 @@ def test_a_worker_that_dies_hangs_or_runs_out_of_memory_is_an_arm_failure(compos
     finally:
         worker.close()
     assert worker.proc.returncode is not None and not worker.scratch.exists()
+
+
+@pytest.mark.slow
+def test_a_set_up_past_its_time_limit_is_an_arm_failure(compose, tmp_path, monkeypatch):
+    """compare.setup_timeout_s: a set-up that does not finish in time (its second warm-up step holds
+    30 s) is killed and failed with that reason."""
+    monkeypatch.setenv("QLAB_INJECT_FAULT", "stall@1:x")
+    worker = arm_worker.ArmProcess("x", compose(*TINY), tmp_path)
+    try:
+        worker.started()
+        with pytest.raises(arm_worker.ArmFailure, match="WorkerTimeout: no reply to build in 5 s"):
+            worker.build(2, 0, timeout_s=5)
+    finally:
+        worker.close()
+    assert worker.proc.returncode is not None
 
 
 FAKE_UNSLOTH = '''
@@ -85,7 +100,7 @@ def test_the_public_stacks_run_blocks_of_steps_on_a_gpu(compose, tmp_path, arm, 
     worker = arm_worker.ArmProcess("stack", cfg, tmp_path)
     try:
         assert worker.started()["imported_before_first"] == []
-        info = worker.build(3, 1)
+        info = worker.build(3, 1, timeout_s=600)
         assert info["device"].startswith("cuda") and info[version] and info["total_params"] > 0
         for _ in range(2):
             block = worker.window(3)

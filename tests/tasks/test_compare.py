@@ -112,7 +112,7 @@ class FakeWorker:
     def started(self):
         return {"pid": 0}
 
-    def build(self, warmup, profile):
+    def build(self, warmup, profile, timeout_s):
         if self.fails[:1] == ("build",):
             raise arm_worker.ArmFailure(self.fails[-1], {"type": "Broken", "message": "in set-up", "traceback": None})
         return {"device": "cpu", "total_params": 1000}
@@ -128,6 +128,7 @@ class FakeWorker:
 
     def close(self):
         self.closed = True
+        self.card.setdefault("closed", []).append(self)  # the order workers were closed in
 
 
 @pytest.fixture
@@ -229,7 +230,7 @@ def test_an_arm_failing_in_a_step_leaves_the_others_going(compose, fake_arms):
     assert [sorted(x["step_time_s"]) for x in m["rounds"]] == [["a", "b", "c"]] * 2 + [["a", "b"]] * 3
     assert m["rounds"][2]["failed"] == ["c"] and all(sorted(x["order"]) == ["a", "b"] for x in m["rounds"][3:])
     assert m["arms"]["c"]["tokens_per_s_rounds"] and m["arms"]["c"]["tokens_per_s"]  # its blocks are kept
-    assert all(w.closed for w in made.values())
+    assert all(w.closed for w in made.values()) and made["c"].card["closed"][0] is made["c"]  # c's at its failure
     md = (store.run_dir(cfg) / "compare.md").read_text()
     assert "- Arm c oom in round 2: Broken: in a step" in md
     assert re.search(r"\| a/c +\| +not measured +\| +- +\| +- +\| arm c oom in round 2: Broken: in a step +\|", md)
