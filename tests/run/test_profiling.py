@@ -41,6 +41,28 @@ def test_profile_steps_must_leave_the_first_warmup_step_unprofiled(compose, step
         config.validate(compose("train.steps=6", "train.warmup_steps=3", f"train.profile_steps={steps}"))
 
 
+def test_kernel_time_counts_kernels_not_the_annotations_around_them():
+    """torch.optim marks each step with a range on the GPU's timeline (a user annotation): its span
+    holds the optimizer's kernels, so it is not itself kernel time (torch's own table leaves it out)."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    prof = profiling.StepProfile("cuda:0", 2)
+    prof.wall_s = 0.4  # 200 ms a step
+    event = lambda key, us, n, kind=DeviceType.CUDA, note=False: SimpleNamespace(  # noqa: E731
+        key=key, self_device_time_total=us, count=n, device_type=kind, is_user_annotation=note)
+    prof.__dict__["_averages"] = [
+        event("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_TNT", 200_000, 100),
+        event("void kOptimizer32bit2State<float, 0>(float*, ...)", 6_000, 896),
+        event("Optimizer.step#PagedAdamW32bit.step", 78_000, 2, note=True),
+        event("aten::mm", 200_000, 100, kind=DeviceType.CPU)]  # a CPU op: its kernels' time, again
+    m = prof.metrics()
+    assert m["profile_kernel_ms_per_step"] == pytest.approx(103.0) and m["profile_idle_ms_per_step"] == pytest.approx(97.0)
+    assert m["profile_kernel_ms_by_class"] == pytest.approx({"gemm": 100.0, "optimizer": 3.0})
+    assert m["profile_kernel_launches_per_step"] == 498
+
+
 @pytest.mark.parametrize("name, label", [
     ("void kDequantizeBlockwise<__nv_bfloat16, 512, 64, 8, 2>(float*, unsigned char*, float*, __nv_bfloat16*, int, int)",
      "dequantize (bitsandbytes)"),
