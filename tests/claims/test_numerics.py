@@ -179,6 +179,17 @@ def test_the_committed_sweeps_keep_their_verdicts(tmp_path, sweep, pruned):
     assert "| claim | source | measured on | tolerance |" in page and f"| `{sweep}` |" in page
 
 
+def test_liger_follows_the_recipe_on_the_gpu(tmp_path):
+    """results/numerics-base-gpu-liger/: the recipe and Liger's arm on the H200 (their own sweep, a
+    new base build): Liger's claim reproduced over 200 steps; the arms it did not run have no run."""
+    assert verdicts.main(["--claims", str(CLAIMS), "--results", str(ROOT / "results"), "--sweep",
+                          "numerics-base-gpu-liger", "--out", str(tmp_path), "--no-run"]) == 0
+    rows = {r["id"]: r for r in json.loads((tmp_path / "numerics.json").read_text())["claims"]}
+    assert rows["liger"]["verdict"] == "reproduced" and rows["liger"]["n"] == "200 steps"
+    assert rows["liger"]["measured"] < 0.05  # max abs dMA10 within the tolerance
+    assert all(r["reason"] == "no run of arm a in the sweep" for i, r in rows.items() if i != "liger")
+
+
 @pytest.mark.slow
 def test_quick_experiment_on_cpu_and_resume(tmp_path):
     """The real path: a Hydra multirun of the quick experiment, cut to three arms and 12 steps, each
