@@ -310,9 +310,8 @@ def _speed_ratio_one(claim: dict, r: pd.Series) -> Verdict:
 def k_speed_ratio(claim: dict, runs: pd.DataFrame) -> Verdict:
     """Every ok comparison of the sweep that has the pair (each on its own machine) must agree in
     verdict and their 95% intervals must overlap; the newest one's numbers."""
-    rows = sorted((r for _, r in runs.iterrows() if r.get("kind") == "compare" and r.status == "ok"
-                   and isinstance(r.get("pairs"), dict) and claim["pair"] in r["pairs"]),
-                  key=lambda r: str(r.started_at))
+    rows = [r for _, r in frame.ok_comparisons(runs).iterrows() if isinstance(r.get("pairs"), dict)
+            and claim["pair"] in r["pairs"]]
     if not rows:
         return Verdict(INCONCLUSIVE, reason=f"not run yet: no comparison in results/{claim['sweep']}/ has the "
                                             f"pair {claim['pair']}")

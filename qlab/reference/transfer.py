@@ -29,12 +29,19 @@ class ChecksumError(ValueError):
     """A file or part whose SHA-256 is not the recorded one."""
 
 
-def sha256_file(path: Path) -> str:
+def sha256_files(paths) -> str:
+    """SHA-256 over the bytes of `paths` in the order given: one file's is `sha256sum`'s; several
+    files' is the identity of a model's or an adapter's weights (store.files_sha256)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK):
-            h.update(block)
+    for path in paths:
+        with open(path, "rb") as f:
+            while block := f.read(CHUNK):
+                h.update(block)
     return h.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    return sha256_files([path])
 
 
 def manifest_path(part: Path) -> Path:

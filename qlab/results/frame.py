@@ -435,6 +435,14 @@ def load_runs(root: Path) -> pd.DataFrame:
     return df
 
 
+def ok_comparisons(runs: pd.DataFrame) -> pd.DataFrame:
+    """The ok comparisons (task=compare) among `runs`, oldest first: what a speed claim and the
+    report's agreement table both read."""
+    if runs.empty:
+        return runs
+    return runs[(runs.kind == "compare") & (runs.status == "ok")].sort_values("started_at", kind="stable")
+
+
 def sort_rows(df: pd.DataFrame, key) -> pd.DataFrame:
     """The rows of `df` in the order of key(row) (stable), indexed 0..n-1."""
     keys = [key(row) for _, row in df.iterrows()]

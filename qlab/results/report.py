@@ -221,6 +221,7 @@ def compare_report(g: pd.DataFrame, out: Path) -> dict:
     """The arms and pairs tables of one group of comparisons (task=compare), each row under its run id."""
     made = {"tables": [], "plots": {}}
     arms, pairs = [], []
+    notes = tables.compare_notes(a for _, r in g[g.status == "ok"].iterrows() for a in r["arms"].values())
     for _, r in g[g.status == "ok"].iterrows():
         a, p = tables.compare_tables({k: r[k] for k in ("arms", "pairs", "aa_control", "pairs_not_measured")
                                       if isinstance(r.get(k), dict)})
@@ -232,8 +233,8 @@ def compare_report(g: pd.DataFrame, out: Path) -> dict:
         disp = pd.concat(frames, ignore_index=True)
         disp = disp[["run", *[c for c in disp.columns if c != "run"]]]
         axis = tables.Axis(key, "arm", f"{tables.COMPARISON.title}: {title.lower()}", (), "")
-        paths = tables.write(disp, disp, out / "tables" / key, axis.title, [tables.COMPARE_NOTES])
-        made["tables"].append((axis, paths, tables.to_markdown(disp), tables.COMPARE_NOTES))
+        paths = tables.write(disp, disp, out / "tables" / key, axis.title, [notes])
+        made["tables"].append((axis, paths, tables.to_markdown(disp), notes))
     return made
 
 

@@ -33,6 +33,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from qlab.config import PROJECT_ROOT, adapter_label, quant_label, resolve_path
+from qlab.reference.transfer import sha256_files as files_sha256  # the identity of weights (and of the corpus)
 
 RESULT = "result.json"
 COMPLETE_STATUSES = ("ok", "oom")
@@ -248,17 +249,6 @@ def peak_bytes(metrics: dict) -> tuple[float | None, str | None]:
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value and value:
             return float(value), source
     return None, None
-
-
-def files_sha256(files) -> str:
-    """sha256 over the bytes of `files`, in the order given, read 16 MiB at a time: the identity
-    of a model's or an adapter's weights."""
-    h = hashlib.sha256()
-    for f in files:
-        with open(f, "rb") as fh:
-            while chunk := fh.read(1 << 24):
-                h.update(chunk)
-    return h.hexdigest()
 
 
 def read_result(directory: Path) -> dict | None:

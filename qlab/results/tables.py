@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from qlab.results.frame import (METRICS, Metric, eval_metrics, generation_metrics, quality_metrics, quant_label,
-                                rank, sort_rows, status_summary)
+from qlab.results.frame import (METRICS, Metric, eval_metrics, generation_metrics, quality_metrics,
+                                ok_comparisons, quant_label, rank, sort_rows, status_summary)
 from qlab.results.stats import bootstrap_ci, compare, holm, overlap
 
 CONFIG = ["quant_label", "quant", "dq", "optim", "adapter", "speed"]
@@ -269,9 +269,8 @@ AGREEMENT_NOTE = (
 def compare_agreement(runs: pd.DataFrame) -> pd.DataFrame:
     """Every pair (the A/A control too) of the ok comparisons in `runs`: each comparison's ratio and
     95% interval and where the intervals overlap (`overlap`; `overlap_low` > `overlap_high`: nowhere)."""
-    ok = runs[(runs.kind == "compare") & (runs.status == "ok")].sort_values("started_at", kind="stable")
     by_pair: dict[str, dict] = {}
-    for _, r in ok.iterrows():
+    for _, r in ok_comparisons(runs).iterrows():
         pairs = dict(r.pairs) if isinstance(r.get("pairs"), dict) else {}
         if isinstance(r.get("aa_control"), dict):
             pairs[f"{r.aa_control['pair']} (A/A floor)"] = r.aa_control
@@ -292,9 +291,17 @@ COMPARE_NOTES = (
     "rounds; ratio: tokens/s of a over b within each round, geometric mean over rounds with a 95% t-interval "
     "on the log-ratios; half-width: the interval's relative half-width; no difference: the interval covers 1 or "
     "lies inside the A/A floor. GPU busy: kernel time per step (torch.profiler, after warm-up) over the mean "
-    "step time; MFU: 6 N tokens/s over the card's dense bf16 peak (N: the base model's parameters). Each arm "
-    "runs in a process of its own on the shared device: its torch peak (result.json) is its own, the device's "
-    "is not; see the isolated runs (conf/experiment/speed-peaks.yaml).")
+    "step time; MFU: 6 N tokens/s over the card's dense bf16 peak (N: the base model's parameters). ")
+# how the peaks were measured: arms in processes of their own (a worker's pid), or all in one (before them)
+PEAK_NOTES = {True: "Each arm runs in a process of its own on the shared device: its torch peak (result.json) is "
+                    "its own, the device's is not; see the isolated runs (conf/experiment/speed-peaks.yaml).",
+              False: "Memory peaks of co-resident arms are not isolated: see the isolated runs "
+                     "(conf/experiment/speed-peaks.yaml)."}
+
+
+def compare_notes(arms) -> str:
+    """COMPARE_NOTES with the peak note for `arms` (the arms' records of one or more comparisons)."""
+    return COMPARE_NOTES + PEAK_NOTES[any("pid" in a for a in arms)]
 
 
 def compare_markdown(m: dict, machine: str) -> str:
@@ -313,7 +320,7 @@ def compare_markdown(m: dict, machine: str) -> str:
               for name, a in m["arms"].items() if a.get("status", "ok") != "ok"]
     if lines[-1] != "":
         lines.append("")
-    return "\n".join(lines + [COMPARE_NOTES, ""])
+    return "\n".join(lines + [compare_notes(m["arms"].values()), ""])
 
 
 # ---------------------------------------------------------------- formatting

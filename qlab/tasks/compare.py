@@ -89,7 +89,6 @@ def paired_rates(rounds: list[dict], a: str, b: str) -> tuple[list[float], list[
 @dataclass
 class Plan:
     arms: dict[str, DictConfig]  # name -> composed, validated config (the A/A twin included)
-    raw: dict[str, data.RawData]  # read here, so a malformed file fails before any worker starts
     earlier: list[dict] = field(default_factory=list)  # rounds of a killed attempt, resumed
 
 
@@ -122,9 +121,9 @@ def prepare(cfg: DictConfig) -> Plan:
     """Every arm composed and validated, its data read and its model found, before anything loads;
     the rounds a killed attempt of this run left in its staging directory, to go on from."""
     arms = {name: compose_arm(cfg, name) for name in arm_names(cfg.compare)}
-    for arm in arms.values():
+    for arm in arms.values():  # each worker reads its data again; a malformed file fails here, before any starts
         models.check_available(arm.model)
-    raw = {name: data.read(arm.data) for name, arm in arms.items()}
+        data.read(arm.data)
     earlier = []
     staged = store.staging_dir(cfg)
     if (staged / "metrics.jsonl").is_file() and not (staged / store.RESULT).exists():
@@ -136,7 +135,7 @@ def prepare(cfg: DictConfig) -> Plan:
             if rec.get("round") != len(earlier) or not set(rec.get("tokens") or {"?"}) <= set(arms):
                 break
             earlier.append(rec)
-    return Plan(arms, raw, earlier)
+    return Plan(arms, earlier)
 
 
 def static_info(name: str, cfg: DictConfig, k) -> dict:

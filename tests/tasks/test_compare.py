@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 
 from conftest import ROOT
 from qlab import config, tasks
-from qlab.results import report, store
+from qlab.results import report, store, tables
 from qlab.tasks import arm_worker, compare
 
 
@@ -390,7 +390,9 @@ def test_arms_run_in_processes_of_their_own_and_a_failed_arm_is_recorded(compose
     md = (store.run_dir(cfg) / "compare.md").read_text()
     assert "- Arm unsloth failed in start: ModuleNotFoundError: No module named 'unsloth'" in md
     assert re.search(r"\| a/liger +\| +not measured +\|.*\| arm liger failed in setup: ConfigError: speed.liger: ", md)
-    assert "LoRA dropout 0 in every arm." in md
+    assert "LoRA dropout 0 in every arm." in md and "Each arm runs in a process of its own" in md
+    # a comparison from before the workers (no pid) keeps its own note on its peaks
+    assert "co-resident arms are not isolated" in tables.compare_notes([{"runner": "qlab"}])
 
 
 
