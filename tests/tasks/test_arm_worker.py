@@ -23,7 +23,7 @@ def test_a_worker_that_dies_hangs_or_runs_out_of_memory_is_an_arm_failure(compos
     """A worker killed mid-step (as by the kernel's OOM killer), one silent past the time limit (killed
     then), one whose step runs out of memory (it answers, and closes)."""
     monkeypatch.setenv("QLAB_INJECT_FAULT", f"{fault}@1:x")  # the first step after one warm-up step
-    monkeypatch.setattr(arm_worker, "WINDOW_TIMEOUT_S", 5)  # stall holds the step 30 s
+    monkeypatch.setattr(arm_worker, "WINDOW_TIMEOUT_S", 2)  # stall holds the step 30 s
     worker = arm_worker.ArmProcess("x", compose(*TINY), tmp_path)
     try:
         assert worker.started()["pid"] == worker.proc.pid
@@ -36,21 +36,6 @@ def test_a_worker_that_dies_hangs_or_runs_out_of_memory_is_an_arm_failure(compos
     finally:
         worker.close()
     assert worker.proc.returncode is not None and not worker.scratch.exists()
-
-
-@pytest.mark.slow
-def test_a_set_up_past_its_time_limit_is_an_arm_failure(compose, tmp_path, monkeypatch):
-    """compare.setup_timeout_s: a set-up that does not finish in time (its second warm-up step holds
-    30 s) is killed and failed with that reason."""
-    monkeypatch.setenv("QLAB_INJECT_FAULT", "stall@1:x")
-    worker = arm_worker.ArmProcess("x", compose(*TINY), tmp_path)
-    try:
-        worker.started()
-        with pytest.raises(arm_worker.ArmFailure, match="WorkerTimeout: no reply to build in 5 s"):
-            worker.build(2, 0, timeout_s=5)
-    finally:
-        worker.close()
-    assert worker.proc.returncode is not None
 
 
 FAKE_UNSLOTH = '''

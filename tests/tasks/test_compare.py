@@ -113,6 +113,7 @@ class FakeWorker:
         return {"pid": 0}
 
     def build(self, warmup, profile, timeout_s):
+        self.setup_timeout_s = timeout_s
         if self.fails[:1] == ("build",):
             raise arm_worker.ArmFailure(self.fails[-1], {"type": "Broken", "message": "in set-up", "traceback": None})
         return {"device": "cpu", "total_params": 1000}
@@ -163,9 +164,10 @@ def result_of(cfg) -> dict:
 
 def test_stops_at_the_target_with_the_aa_control(compose, fake_arms):
     made = fake_arms({"a": 0.08, "a-aa": 0.08, "b": 0.1}, noise=0.01)
-    cfg = small(compose, "compare.min_rounds=4", "compare.max_rounds=30")
+    cfg = small(compose, "compare.min_rounds=4", "compare.max_rounds=30", "compare.setup_timeout_s=90")
     assert tasks.single(cfg) == 0
     m = result_of(cfg)["metrics"]
+    assert all(w.setup_timeout_s == 90 for w in made.values())  # each set-up's limit (the worker kills past it)
     assert m["stopped"] == "target" and m["rounds_completed"] == 4  # 1% noise: narrow at once
     p = m["pairs"]["a/b"]
     assert p["ratio"] == pytest.approx(1.25, rel=0.02) and p["half_width"] <= 0.05 and p["verdict"] == "a faster"
