@@ -3,7 +3,8 @@
 Unsloth loads and adapts the model itself: nf4+DQ in bitsandbytes with bf16 compute, LoRA on every
 linear layer without dropout or bias (its fast LoRA path; config.UNSLOTH_FIXED holds a config to
 that), its own offloading checkpointing (use_gradient_checkpointing="unsloth"), RMSNorm, RoPE,
-SwiGLU and cross-entropy kernels. Everything else is qlab's, as for every arm: the same batches
+SwiGLU and cross-entropy kernels (LLaMA's; BLOOM, which it has no kernels for, goes through its
+generic FastModel path, compiled modules). Everything else is qlab's, as for every arm: the same batches
 (qlab's tokenizer and data.build), paged AdamW 32-bit from optim.build, and loop.Stepper's step
 (forward under bf16 autocast, as the Trainer's bf16=True, backward, clip, optimizer step),
 device-timed. Unsloth patches transformers when imported, so it is imported first, before
