@@ -53,7 +53,7 @@ AXES = (
 HEADERS = {"quant_label": "quant", "quant": "quant", "dq": "DQ", "optim": "optimizer", "adapter": "adapter",
            "speed": "speed", "model": "model", "arm": "arm", "runner": "runner", "pair": "pair",
            "verdict": "verdict", "run": "run", "stopped": "stopped"}
-TEXT_COLUMNS = (*HEADERS.values(), "runs", "status")  # aligned left; numbers right
+TEXT_COLUMNS = (*HEADERS.values(), "runs", "status", "largest kernel classes (ms)")  # aligned left; numbers right
 # The generation table compares quantization settings with the same adapter setting.
 GENERATION = Axis("generation", "quant_label", "Generation speed and memory per quantization type",
                   ("adapter",), "bf16")
@@ -304,8 +304,24 @@ def compare_notes(arms) -> str:
     return COMPARE_NOTES + PEAK_NOTES[any("pid" in a for a in arms)]
 
 
+def step_profile_table(m: dict) -> pd.DataFrame:
+    """Where each profiled arm's step goes: its median step in the rounds, the kernels of its
+    profiled steps (their three largest classes) and the rest, the time the GPU ran no kernel of it
+    (Python, launches, the host). Kernel time counts kernels only (qlab/run/profiling.py)."""
+    rows = []
+    for name, a in m["arms"].items():
+        kernel, step = a.get("profile_kernel_ms_per_step"), a.get("step_time_median_s")
+        if kernel is None or not step:
+            continue
+        top = sorted((a.get("profile_kernel_ms_by_class") or {}).items(), key=lambda kv: -kv[1])[:3]
+        rows.append({"arm": name, "step ms (median)": f"{1e3 * step:,.0f}", "kernels ms": f"{kernel:,.1f}",
+                     "no kernel ms": f"{1e3 * step - kernel:,.0f}",
+                     "largest kernel classes (ms)": ", ".join(f"{c} {ms:.1f}" for c, ms in top)})
+    return pd.DataFrame(rows)
+
+
 def compare_markdown(m: dict, machine: str) -> str:
-    """compare.md: one comparison's setup line, arms and pairs."""
+    """compare.md: one comparison's setup line, arms and pairs, and where each profiled arm's step goes."""
     arms, pairs = compare_tables(m)
     reached = m.get("half_width_reached")
     lines = [f"# Speed comparison: {len(m['arms'])} arms, interleaved rounds", "", f"Measured on {machine}.", "",
@@ -320,6 +336,11 @@ def compare_markdown(m: dict, machine: str) -> str:
               for name, a in m["arms"].items() if a.get("status", "ok") != "ok"]
     if lines[-1] != "":
         lines.append("")
+    profile = step_profile_table(m)
+    if len(profile):
+        lines += ["Where each arm's step goes: its median step in the rounds, the kernels of its profiled steps "
+                  "and the rest, when the GPU ran none of its kernels (profile-<arm>.txt has the whole table).", "",
+                  to_markdown(profile), ""]
     return "\n".join(lines + [compare_notes(m["arms"].values()), ""])
 
 

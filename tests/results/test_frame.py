@@ -189,7 +189,9 @@ def comparison(profiled: bool) -> dict:
     arm = {"runner": "qlab", "quant": "nf4", "double_quant": True, "speed": "fast", "optim": "paged_adamw_32bit",
            "tokens_per_s": 6123.4, "step_time_median_s": 0.3345, "mfu": 0.361 if profiled else None}
     if profiled:
-        arm.update(gpu_busy_fraction=0.743, profile_kernel_launches_per_step=8205.0)
+        arm.update(gpu_busy_fraction=0.743, profile_kernel_launches_per_step=8205.0, profile_kernel_ms_per_step=165.7,
+                   profile_kernel_ms_by_class={"gemm": 108.6, "dequantize (bitsandbytes)": 22.5, "attention": 9.6,
+                                               "compiled (triton)": 17.9})
     return {"arms": {"fast": arm, "trainer": {**arm, "runner": "hf_trainer", "speed": "trainer"}},
             "pairs": {"fast/trainer": {"ratio": 2.071, "ci95": [1.962, 2.186], "half_width": 0.0541, "rounds": 14,
                                        "verdict": "a faster"}},
@@ -215,6 +217,9 @@ def test_comparison_tables(profiled):
          "rounds": "14", "verdict": "covers 1"}]
     md = tables.compare_markdown(comparison(profiled), "NVIDIA H200")
     assert "14 rounds x 3 steps per arm; stopped: time_budget (target half-width 5%, reached 5.4%)." in md
+    # where the step goes: 334.5 ms in the rounds, 165.7 of kernels, the rest with no kernel running
+    assert ("| fast    |                334 |        165.7 |            169 | gemm 108.6, dequantize (bitsandbytes) 22.5, "
+            "compiled (triton) 17.9 |" in md) == profiled and ("Where each arm's step goes" in md) == profiled
 
 
 def test_backend_block_size_and_adapter_form_are_labelled_from_the_stored_config(tmp_path):
