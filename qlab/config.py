@@ -301,6 +301,10 @@ def _at_least(key: str, value, low, nullable: bool = False) -> None:
         raise ConfigError(key, f"must be >= {low}{' or null' if nullable else ''}, got {value}")
 
 
+BLOCK_SEP = "/b"  # a quant label's block size where not the default: nf4+DQ/b128
+FORM_SEP = "+"  # an adapter label's initialization and DoRA after its targets: all_linear+loftq
+
+
 def quant_label(quant) -> str:
     """A quant config's label in run ids, tables and logs: nf4+DQ (bitsandbytes at block size 64,
     as the paper), nf4+DQ/b128, hqq int4, torchao nf4+DQ. Keys a result predates count as their
@@ -311,7 +315,7 @@ def quant_label(quant) -> str:
     blocksize = q.get("blocksize") or DEFAULT_BLOCKSIZE
     if backend != DEFAULT_BACKEND and q["type"] != "bf16":
         label = f"{backend} {label}"
-    return f"{label}/b{blocksize}" if blocksize != DEFAULT_BLOCKSIZE and q["type"] in BLOCKWISE else label
+    return f"{label}{BLOCK_SEP}{blocksize}" if blocksize != DEFAULT_BLOCKSIZE and q["type"] in BLOCKWISE else label
 
 
 def adapter_label(adapter) -> str:
@@ -321,7 +325,7 @@ def adapter_label(adapter) -> str:
     a = adapter if isinstance(adapter, dict) else dict(adapter)
     init = a.get("init") or ADAPTER_INITS[0]
     forms = ([init] if init != ADAPTER_INITS[0] else []) + (["DoRA"] if a.get("dora") else [])
-    return "+".join([a["targets"], *forms])
+    return FORM_SEP.join([a["targets"], *forms])
 
 
 def validate_quant(q: DictConfig) -> None:

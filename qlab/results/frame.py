@@ -45,8 +45,6 @@ ORDER = {
     "speed": ["trainer", "recipe", "fast"],  # trainer: the HF Trainer's loop (train.runner=hf_trainer)
 }
 SPEED_SEP = " · "  # quant label · speed label
-BLOCK_SEP = "/b"  # config.quant_label's block size: nf4+DQ/b128
-FORM_SEP = "+"  # adapter label: targets+init+DoRA
 # Keys that define a comparability group (besides hardware): column -> dotted config key.
 GROUP_KEYS = {"model": "model.name", "data": "data.name", "max_seq_len": "data.max_seq_len", "pad_to": "data.pad_to",
               "batch_size": "train.batch_size", "steps": "train.steps"}
@@ -188,11 +186,11 @@ def rank(column: str, value) -> tuple:
     nf4+DQ/b128; an adapter label by its targets, then its form: all_linear, all_linear+loftq."""
     if column in ("quant", "quant_label") and isinstance(value, str):
         base, _, speed = value.partition(SPEED_SEP)
-        base, _, size = base.partition(BLOCK_SEP)
+        base, _, size = base.partition(config.BLOCK_SEP)
         key = (*_position(column, base), int(size) if size.isdigit() else config.DEFAULT_BLOCKSIZE)
         return (*key, rank("speed", speed)) if speed else key
-    if column == "adapter" and isinstance(value, str) and FORM_SEP in value:
-        targets, _, form = value.partition(FORM_SEP)
+    if column == "adapter" and isinstance(value, str) and config.FORM_SEP in value:
+        targets, _, form = value.partition(config.FORM_SEP)
         return (*_position(column, targets), _position("adapter_form", form))
     return _position(column, value)
 

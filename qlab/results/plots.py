@@ -22,7 +22,8 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from qlab.results.frame import BLOCK_SEP, FORM_SEP, GiB, peak_sources, rank  # noqa: E402
+from qlab.config import BLOCK_SEP, FORM_SEP  # noqa: E402
+from qlab.results.frame import GiB, peak_sources, rank  # noqa: E402
 
 # Okabe-Ito colours (colour-blind safe); bf16, the unquantized baseline, in neutral grey.
 QUANT_COLORS = {"bf16": "#555555", "int8": "#E69F00", "nf4": "#0072B2", "fp4": "#D55E00",

@@ -329,14 +329,23 @@ def git_commit() -> str | None:
         return None
 
 
-def _version(module: str) -> str | None:
+def package_version(dist: str) -> str | None:
+    """An installed distribution's version, or None."""
     try:
-        return version(module)
+        return version(dist)
     except Exception:
         return None
 
 
-OPTIONAL_STACKS = {"liger_kernel": "liger-kernel", "unsloth": "unsloth", "unsloth_zoo": "unsloth-zoo", "trl": "trl"}
+# the optional packages a run may use, where installed: quant.backend's (hqq, torchao) and a
+# comparison's stacks (pyproject's liger and unsloth extras); environment's key -> distribution
+OPTIONAL_PACKAGES = {"hqq": "hqq", "torchao": "torchao", "liger_kernel": "liger-kernel", "unsloth": "unsloth",
+                     "unsloth_zoo": "unsloth-zoo", "trl": "trl"}
+
+
+def versions_of(*keys: str) -> dict:
+    """`<key>_version` -> version of each installed OPTIONAL_PACKAGES key (what an arm records it ran)."""
+    return {f"{key}_version": v for key in keys if (v := package_version(OPTIONAL_PACKAGES[key]))}
 
 
 def environment() -> dict:
@@ -347,9 +356,8 @@ def environment() -> dict:
 
     env = {
         "python": platform.python_version(), "torch": torch.__version__,
-        **{name: _version(name) for name in ("transformers", "peft", "bitsandbytes")},
-        # the optional stacks a comparison's arms may run (pyproject's liger and unsloth extras), where installed
-        **{key: v for key, dist in OPTIONAL_STACKS.items() if (v := _version(dist))},
+        **{name: package_version(name) for name in ("transformers", "peft", "bitsandbytes")},
+        **{key: v for key, dist in OPTIONAL_PACKAGES.items() if (v := package_version(dist))},
         "cuda": torch.version.cuda, "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
         "gpu": None, "gpu_count": 0, "driver": None,
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),

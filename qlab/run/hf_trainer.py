@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 from qlab.config import ConfigError
+from qlab.results import store
 from qlab.run import loop, models
 from qlab.run.data import Data
 from qlab.run.measure import StepClock
@@ -53,18 +54,8 @@ def check_liger_model(model) -> None:
         return
     model_type = getattr(model.config, "model_type", None)
     if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
-        raise ConfigError("speed.liger", f"Liger Kernel {liger_version().get('liger_kernel_version')} has no "
+        raise ConfigError("speed.liger", f"Liger Kernel {store.package_version('liger-kernel')} has no "
                                          f"kernels for model_type={model_type}")
-
-
-def liger_version() -> dict:
-    """liger-kernel's version, where installed (a comparison's arm records what it ran)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return {"liger_kernel_version": version("liger-kernel")}
-    except PackageNotFoundError:
-        return {}
 
 
 class _Stop(Exception):
@@ -215,5 +206,5 @@ def train(model, data: Data, optimizer, scheduler, cfg, device: str,
     stepper = Stepper(model, data, optimizer, scheduler, cfg, device, on_step, run_id)
     outcome = loop.drive(stepper, cfg, device)
     outcome.metrics.update(runner="transformers.Trainer", trainer_args=stepper.args,
-                           **(liger_version() if cfg.speed.liger else {}))
+                           **(store.versions_of("liger_kernel") if cfg.speed.liger else {}))
     return outcome

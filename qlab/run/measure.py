@@ -85,9 +85,12 @@ class PeakSampler(threading.Thread):
 
 @dataclass
 class MemoryWindow:
-    """Peak memory over a block of steps; use as `with MemoryWindow(device) as mem:`."""
+    """Peak memory over a block of steps; use as `with MemoryWindow(device) as mem:`. `poll=False`:
+    NVML and RSS sampled when the window opens and closes only, no thread beside the steps (a
+    comparison's blocks, whose process's NVML memory, its allocator's reserve, only grows)."""
 
     device: str
+    poll: bool = True
     peaks: dict = field(default_factory=dict)
 
     def __enter__(self):
@@ -96,7 +99,7 @@ class MemoryWindow:
             sync(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         self.sampler = PeakSampler(self.device)
-        self.sampler.start()
+        self.sampler.start() if self.poll else self.sampler.sample()
         return self
 
     def read(self) -> dict:
@@ -116,7 +119,7 @@ class MemoryWindow:
     def __exit__(self, *exc):
         if self.cuda:
             sync(self.device)
-        self.sampler.stop()
+        self.sampler.stop() if self.poll else self.sampler.sample()
         self.peaks = self.read()
         return False
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qlab.results import store
 from qlab.run import data, models
 from qlab.run.adapters import linear_leaf_names
 from qlab.run.device import resolve_device
@@ -38,18 +39,6 @@ class Setup:  # what the comparison's worker reads of tasks/train.Setup
     model: torch.nn.Module
     batches: data.Data
     metrics: dict
-
-
-def versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for key, dist in (("unsloth_version", "unsloth"), ("unsloth_zoo_version", "unsloth-zoo"), ("trl_version", "trl")):
-        try:
-            out[key] = version(dist)
-        except PackageNotFoundError:
-            pass
-    return out
 
 
 def setup(cfg, raw: data.RawData) -> Setup:
@@ -80,5 +69,6 @@ def setup(cfg, raw: data.RawData) -> Setup:
     batches = data.build(raw, cfg.data, tokenizer, cfg.train.batch_size, cfg.seed)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     metrics = {"load_time_s": load_s, "total_params": total, "trainable_params": trainable,
-               **weights, "lora_target_modules": targets, "compiled_layers": 0, **versions()}
+               **weights, "lora_target_modules": targets, "compiled_layers": 0,
+               **store.versions_of("unsloth", "unsloth_zoo", "trl")}
     return Setup(device, model, batches, metrics)

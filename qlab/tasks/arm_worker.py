@@ -188,6 +188,7 @@ def _build(state: dict, msg: dict) -> dict:
 
     import torch
 
+    from qlab.results import store
     from qlab.run import data, optim, profiling
     from qlab.tasks import train
 
@@ -217,9 +218,7 @@ def _build(state: dict, msg: dict) -> dict:
             **{k: v for k, v in m.items() if k.endswith("_version")},
             "setup_s": t1 - t0, "warmup_s": time.perf_counter() - t1, **prof.metrics()}
     if cfg.speed.liger:
-        from qlab.run.hf_trainer import liger_version
-
-        info.update(liger_version())
+        info.update(store.versions_of("liger_kernel"))
     # the arm's Python objects live as long as the comparison: frozen, a full collection never
     # walks them inside a block (0.5 s with eight tiny arms in one process, docs/speed.md)
     gc.collect()
@@ -229,17 +228,19 @@ def _build(state: dict, msg: dict) -> dict:
 
 def _window(state: dict, msg: dict) -> dict:
     """A block of `steps` device-timed steps: their seconds and tokens, and on a GPU this process's
-    torch peak over the block (its own allocator: the arm's own peak)."""
+    torch peak over the block (its own allocator: the arm's own peak) and how far it rose."""
     import torch
+
+    from qlab.run.measure import MemoryWindow
 
     stepper, device, n = state["stepper"], state["device"], msg["steps"]
     cuda = device.startswith("cuda")
+    with MemoryWindow(device, poll=False) as mem:
+        base = torch.cuda.memory_allocated(device) if cuda else 0
+        times = stepper.window(n)
+    out = {"step_time_s": times, "tokens": sum(c["tokens"] for c in stepper.counts[-n:])}
     if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    out = {"step_time_s": stepper.window(n), "tokens": sum(c["tokens"] for c in stepper.counts[-n:])}
-    if cuda:
-        top = torch.cuda.max_memory_allocated(device)
+        top = mem.peaks["peak_allocated_bytes"]
         out.update(peak_allocated_bytes=top, window_rise_bytes=top - base)
     return out
 
