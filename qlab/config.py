@@ -59,6 +59,9 @@ DATA_SOURCES = {"chitchat": "qlab.reference.chitchat"}
 PAD_MODES = ("longest", "max_seq_len")
 PACK_BUDGETS = ("positions", "conversations")  # a packed row holds a padded batch's positions | conversations
 COMPILE_MODES = ("none", "layers")
+# torch.compile's mode for compiled layers: inductor's default, or reduce-overhead: each layer's
+# forward and backward replayed as CUDA graphs (one launch for its kernels; no host time between them)
+TORCH_COMPILE_MODES = ("default", "reduce-overhead")
 LOSS_MODES = ("full", "chunked")
 # model_type -> why a packed row cannot keep its conversations apart: transformers finds where a
 # packed conversation starts from position_ids, which ALiBi models do not take
@@ -168,6 +171,7 @@ class SpeedConfig:
     adapter_autocast: bool = False  # forward under torch.autocast(compute dtype)
     compile: str = "none"  # none | layers
     compile_backend: str = "inductor"
+    compile_mode: str = "default"  # TORCH_COMPILE_MODES: torch.compile(mode=...) of compiled layers
     loss: str = "full"  # full | chunked
     loss_chunk_tokens: int = 1024
     # Liger Kernel's Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy) through the HF
@@ -444,6 +448,12 @@ def validate(cfg: DictConfig | RunConfig, arm: bool = False) -> None:
                                                  "fails its assert_size_stride check in eval, after ~20 s of "
                                                  "compiling per shape); on a CPU use speed.compile=none or "
                                                  "speed.compile_backend=aot_eager")
+    _choice("speed.compile_mode", c.speed.compile_mode, TORCH_COMPILE_MODES)
+    if c.speed.compile_mode != "default" and (c.speed.compile != "layers" or c.speed.compile_backend != "inductor"):
+        raise ConfigError("speed.compile_mode", "a torch.compile mode is inductor's, for compiled layers: set "
+                                                "speed.compile=layers and speed.compile_backend=inductor")
+    if c.speed.compile_mode == "reduce-overhead" and c.train.device == "cpu":
+        raise PrunedCombination("speed.compile_mode", "CUDA graphs (reduce-overhead) need a CUDA device")
     _at_least("speed.loss_chunk_tokens", c.speed.loss_chunk_tokens, 1)
     _choice("tracker.wandb_mode", c.tracker.wandb_mode, ("offline", "online", "disabled"))
     _choice("task", c.task, TASKS)

@@ -59,6 +59,18 @@ def test_inductor_on_a_cpu_4bit_model_is_a_prunable_combination(compose):
     validate(compose("speed=fast", "train.device=cuda"))
 
 
+def test_cuda_graphs_are_a_mode_of_inductors_compiled_layers_on_a_gpu(compose):
+    """speed.compile_mode: inductor's, for compiled layers only; CUDA graphs on a CPU are pruned."""
+    validate(compose("+arm=graphs", "train.device=cuda"))
+    with pytest.raises(PrunedCombination, match="speed.compile_mode: CUDA graphs"):
+        validate(compose("+arm=graphs", "quant=bf16", "train.device=cpu"))
+    for wrong in (["speed.compile=none"], ["speed.compile_backend=aot_eager"]):
+        with pytest.raises(ConfigError, match="speed.compile_mode: a torch.compile mode is inductor's"):
+            validate(compose("+arm=graphs", "train.device=cuda", *wrong))
+    with pytest.raises(ConfigError, match="speed.compile_mode"):
+        validate(compose("speed=fast", "train.device=cuda", "speed.compile_mode=max-autotune"))
+
+
 def test_schema_rejects_wrong_types_at_compose_time(compose):
     from hydra.errors import ConfigCompositionException
 

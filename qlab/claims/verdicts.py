@@ -595,12 +595,14 @@ def _pruned(reference: dict, spec: dict) -> str | None:
 def _pair(claim: dict, runs: pd.DataFrame):
     """(run a, run b, their base weights' sha256) or a Verdict saying why they cannot be compared.
     `b` selects the reference by stored config, `a` is b's selection with a's keys changed; of
-    several matches the newest is judged (a re-run supersedes)."""
+    several matches the newest is judged (a re-run supersedes). A key a stored config predates
+    holds its neutral value (store.ADDED_KEYS)."""
     root = Path(runs.attrs["root"])
     found, spec = {}, {"b": claim["b"], "a": {**claim["b"], **claim["a"]}}
     results = [store.read_result(root / p) or {} for p in runs.path]
     for side in ("b", "a"):
-        idx = [i for i, r in enumerate(results) if _matches(flatten(r.get("config") or {}), spec[side])]
+        idx = [i for i, r in enumerate(results)
+               if _matches({**store.ADDED_KEYS, **flatten(r.get("config") or {})}, spec[side])]
         found[side] = max(idx, key=lambda i: str(runs.started_at.iloc[i]), default=None)
     if found["b"] is None:
         return Verdict(INCONCLUSIVE, reason="no run of the reference (b) in the sweep")

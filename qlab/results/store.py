@@ -93,7 +93,7 @@ ADDED_KEYS = {
     "task": "train", "train.runner": "qlab", "data.pack_budget": "positions",
     "model.gguf": None, "data.source": None,
     "quant.backend": "bitsandbytes", "quant.blocksize": 64, "adapter.init": "gaussian", "adapter.dora": False,
-    "speed.liger": False,
+    "speed.liger": False, "speed.compile_mode": "default",
 }
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from qlab.results.frame import (METRICS, Metric, eval_metrics, generation_metrics, quality_metrics,
+from qlab.results.frame import (GiB, METRICS, Metric, eval_metrics, generation_metrics, quality_metrics,
                                 ok_comparisons, quant_label, rank, sort_rows, status_summary)
 from qlab.results.stats import bootstrap_ci, compare, holm, overlap
 
@@ -245,6 +245,8 @@ def compare_tables(m: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
         "step ms (median)": _num(1e3 * (a["step_time_median_s"] or math.nan), ",.0f"),
         "GPU busy": _num(a.get("gpu_busy_fraction"), ".0%"),
         "launches/step": _num(a.get("profile_kernel_launches_per_step"), ",.0f"), "MFU": _num(a.get("mfu"), ".1%"),
+        "torch peak GiB": _num((a.get("peak_allocated_bytes") or math.nan) / GiB, ".2f"),
+        "NVML GiB": _num((a.get("nvml_peak_process_bytes") or math.nan) / GiB, ".2f"),
     } for name, a in m["arms"].items()])
     rows = list(m.get("pairs", {}).items())
     if m.get("aa_control"):
@@ -293,8 +295,11 @@ COMPARE_NOTES = (
     "lies inside the A/A floor. GPU busy: kernel time per step (torch.profiler, after warm-up) over the mean "
     "step time; MFU: 6 N tokens/s over the card's dense bf16 peak (N: the base model's parameters). ")
 # how the peaks were measured: arms in processes of their own (a worker's pid), or all in one (before them)
-PEAK_NOTES = {True: "Each arm runs in a process of its own on the shared device: its torch peak (result.json) is "
-                    "its own, the device's is not; see the isolated runs (conf/experiment/speed-peaks.yaml).",
+PEAK_NOTES = {True: "Each arm runs in a process of its own on the shared device. torch peak: its allocator's peak "
+                    "allocated over the rounds; NVML: its process's GPU memory (CUDA context and allocator reserve) "
+                    "at the ends of its blocks, the most of them (the reserve only grows; '-': not recorded, where NVML "
+                    "hides a process's memory or the comparison predates it). Both are its own, the device's total is not; isolated runs: "
+                    "conf/experiment/speed-peaks.yaml.",
               False: "Memory peaks of co-resident arms are not isolated: see the isolated runs "
                      "(conf/experiment/speed-peaks.yaml)."}
 

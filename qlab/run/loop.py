@@ -167,6 +167,7 @@ class Stepper:
         batch = _to(next(self.batches), self.device)
         probe = CheckpointProbe(self.layers) if step == 0 and self.layers and not self.bare else None
         inject_fault(step, self.run_id)
+        speed.begin_step(self.speed)
         with speed.autocast(self.speed, self.device, self.dtype):
             loss = self.compute(self.model, batch)
         loss.backward()
@@ -236,6 +237,7 @@ def drive(stepper, cfg, device: str) -> TrainOutcome:
     metrics["steps_completed"] = stepper.done
     metrics.update(loss_summary(stepper.losses))
     metrics.update(prof.metrics())
+    metrics.update(speed.compile_counts(cfg.speed))
     return TrainOutcome(status, metrics, error, stepper.losses, prof.report())
 
 

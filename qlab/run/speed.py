@@ -29,9 +29,33 @@ def compile_layers(model: torch.nn.Module, speed_cfg) -> int:
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     for layer in layers:
         layer.qlab_checkpoint, layer.gradient_checkpointing = layer.gradient_checkpointing, False
-        layer.forward = torch.compile(_checkpointed(layer, layer.forward),
-                                      backend=speed_cfg.compile_backend, dynamic=False)
+        layer.forward = torch.compile(_checkpointed(layer, layer.forward), backend=speed_cfg.compile_backend,
+                                      mode=None if speed_cfg.compile_mode == "default" else speed_cfg.compile_mode,
+                                      dynamic=False)
     return len(layers)
+
+
+def begin_step(speed_cfg) -> None:
+    """Under CUDA graphs a new step begins here: the graphs' outputs of the step before (held in
+    their memory pool) may be overwritten from now on. Without this mark torch has to guess the
+    step's start from the order of forwards and backwards."""
+    if speed_cfg.compile_mode == "reduce-overhead":
+        torch.compiler.cudagraph_mark_step_begin()
+
+
+def compile_counts(speed_cfg) -> dict:
+    """What torch.compile made of the compiled layers in this process so far: its graphs, its graph
+    breaks (each splits a layer into more graphs, with eager code between them) and, under CUDA
+    graphs, the graphs inductor ran without them (cudagraph_skips; the reason is in the log)."""
+    if speed_cfg.compile == "none":
+        return {}
+    from torch._dynamo.utils import counters
+
+    out = {"compile_graphs": counters["stats"]["unique_graphs"],
+           "compile_graph_breaks": sum(counters["graph_break"].values())}
+    if speed_cfg.compile_mode == "reduce-overhead":
+        out["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"]
+    return out
 
 
 def _checkpointed(layer: torch.nn.Module, forward):

@@ -189,7 +189,7 @@ def _build(state: dict, msg: dict) -> dict:
     import torch
 
     from qlab.results import store
-    from qlab.run import data, optim, profiling
+    from qlab.run import data, optim, profiling, speed
     from qlab.tasks import train
 
     cfg, name = state["cfg"], state["name"]
@@ -216,7 +216,8 @@ def _build(state: dict, msg: dict) -> dict:
             # Unsloth sets expandable segments: its peaks are not under the other arms' allocator settings
             "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF"),
             **{k: v for k, v in m.items() if k.endswith("_version")},
-            "setup_s": t1 - t0, "warmup_s": time.perf_counter() - t1, **prof.metrics()}
+            "setup_s": t1 - t0, "warmup_s": time.perf_counter() - t1, **prof.metrics(),
+            **speed.compile_counts(cfg.speed)}
     if cfg.speed.liger:
         info.update(store.versions_of("liger_kernel"))
     # the arm's Python objects live as long as the comparison: frozen, a full collection never
@@ -228,7 +229,9 @@ def _build(state: dict, msg: dict) -> dict:
 
 def _window(state: dict, msg: dict) -> dict:
     """A block of `steps` device-timed steps: their seconds and tokens, and on a GPU this process's
-    torch peak over the block (its own allocator: the arm's own peak) and how far it rose."""
+    torch peak over the block (its own allocator: the arm's own peak), how far it rose, and the
+    process's GPU memory as NVML sees it (CUDA context and allocator reserve; None where NVML hides
+    per-process accounting) at the block's ends: the reserve only grows, so the end is the block's most."""
     import torch
 
     from qlab.run.measure import MemoryWindow
@@ -241,7 +244,8 @@ def _window(state: dict, msg: dict) -> dict:
     out = {"step_time_s": times, "tokens": sum(c["tokens"] for c in stepper.counts[-n:])}
     if cuda:
         top = mem.peaks["peak_allocated_bytes"]
-        out.update(peak_allocated_bytes=top, window_rise_bytes=top - base)
+        out.update(peak_allocated_bytes=top, window_rise_bytes=top - base,
+                   nvml_peak_process_bytes=mem.peaks["nvml_peak_process_bytes"])
     return out
 
 

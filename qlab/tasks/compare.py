@@ -153,6 +153,7 @@ class Arm:
     worker: object = None  # arm_worker.ArmProcess
     peak: int = 0  # torch's max allocated over this arm's windows (its own process's allocator)
     rise: int = 0  # the most it rose above what was allocated when a window began
+    nvml: int | None = None  # its process's most GPU memory as NVML saw it (None: NVML hides it)
 
     @property
     def ok(self) -> bool:
@@ -209,6 +210,8 @@ def run_round(arms: dict[str, Arm], order: list[str], steps: int, index: int) ->
         if "peak_allocated_bytes" in block:
             arm.peak = max(arm.peak, block["peak_allocated_bytes"])
             arm.rise = max(arm.rise, block["window_rise_bytes"])
+        if block.get("nvml_peak_process_bytes") is not None:
+            arm.nvml = max(arm.nvml or 0, block["nvml_peak_process_bytes"])
     return rec
 
 
@@ -277,7 +280,7 @@ def summarize(cfg: DictConfig, arms: dict[str, Arm], rounds: list[dict], stopped
         n = arm.info.get("total_params")
         a["mfu"] = 6 * n * tps / peak if peak and tps and n else None
         if str(arm.info.get("device", "")).startswith("cuda"):
-            a.update(peak_allocated_bytes=arm.peak, window_rise_bytes=arm.rise)
+            a.update(peak_allocated_bytes=arm.peak, window_rise_bytes=arm.rise, nvml_peak_process_bytes=arm.nvml)
         out["arms"][name] = a
     failed = {name: arm for name, arm in arms.items() if not arm.ok}
     aa = f"{k.aa_control}-aa/{k.aa_control}" if k.aa_control else None

@@ -162,16 +162,21 @@ def test_runs_of_other_base_weights_or_an_ended_run_are_not_compared(tmp_path):
 def test_the_committed_sweeps_keep_their_verdicts(tmp_path, sweep, pruned):
     """The runs experiments/numerics.py made, judged by the claims: every switch and packing pass
     (compiled layers pruned on the CPU), the re-seed shown for scale; the page lands in --out. These
-    sweeps predate Liger's arm: its claim has no run there (a CPU prunes it: Triton, CUDA only)."""
+    sweeps predate Liger's and the CUDA graphs' arms: their claims have no run there (a CPU prunes
+    both: Triton and CUDA graphs need CUDA; the graphs' compiled layers are pruned first)."""
     assert verdicts.main(["--claims", str(CLAIMS), "--results", str(ROOT / "results"), "--sweep", sweep,
                           "--out", str(tmp_path), "--no-run"]) == 0
     rows = {r["id"]: r for r in json.loads((tmp_path / "numerics.json").read_text())["claims"]}
-    expected = {i: "reproduced" for i in SHIPPED} | {"seed1": "information", "liger": "inconclusive"}
+    expected = {i: "reproduced" for i in SHIPPED} | {"seed1": "information", "liger": "inconclusive",
+                                                    "graphs": "inconclusive"}
     assert rows["liger"]["reason"] == ("not run: pruned (speed.liger: Liger Kernel's Triton kernels need a CUDA device; "
                                        "this run's is train.device=cpu)" if pruned else "no run of arm a in the sweep")
     if pruned:
         expected["compile_layers"] = "inconclusive"
-        assert "not run: pruned (speed.compile: inductor" in rows["compile_layers"]["reason"]
+        for arm in ("compile_layers", "graphs"):
+            assert "not run: pruned (speed.compile: inductor" in rows[arm]["reason"]
+    else:
+        assert rows["graphs"]["reason"] == "no run of arm a in the sweep"
     assert {i: r["verdict"] for i, r in rows.items()} == expected
     assert all(r["n"] == "200 steps" for r in rows.values() if r["verdict"] != "inconclusive")
     page = (tmp_path / "numerics.md").read_text()

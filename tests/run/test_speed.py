@@ -52,7 +52,8 @@ def _step(compose, checkpointing: bool, compile_backend: str | None):
     torch.manual_seed(0)  # the same LoRA initialization in every arm
     m, _ = adapters.attach(loaded.model, cfg.adapter)
     if compile_backend:
-        n = speed.compile_layers(m, OmegaConf.create({"compile": "layers", "compile_backend": compile_backend}))
+        n = speed.compile_layers(m, OmegaConf.create({"compile": "layers", "compile_backend": compile_backend,
+                                                      "compile_mode": "default"}))
         assert n == loaded.model.config.num_hidden_layers
     batch = next(data.build(data.read(cfg.data), cfg.data, loaded.tokenizer, 4, 0).train_batches())
     m.train()
@@ -116,3 +117,41 @@ def test_switches_are_recorded_and_validated(compose):
         with pytest.raises(ConfigError) as e:
             validate(compose(bad))
         assert e.value.key == key
+
+
+def test_compiled_layers_take_the_torch_compile_mode_and_graphs_mark_each_step(compose, monkeypatch):
+    """speed.compile_mode reaches torch.compile (default: no mode, inductor's own); under CUDA graphs
+    every step first marks its start, so the graphs' outputs of the step before may be reused."""
+    from omegaconf import OmegaConf
+
+    seen, marks = [], []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw["mode"]) or fn)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    cfg = compose("adapter.dropout=0")
+    model = models.load(cfg.model, cfg.quant, "cpu").model
+    layers = model.config.num_hidden_layers
+    for mode, want in (("default", None), ("reduce-overhead", "reduce-overhead")):
+        c = OmegaConf.create({"compile": "layers", "compile_backend": "inductor", "compile_mode": mode})
+        assert speed.compile_layers(model, c) == layers and seen[-layers:] == [want] * layers
+        speed.begin_step(c)
+    assert marks == [1]  # the default mode marks nothing
+
+
+def test_compile_counts_name_the_graphs_and_their_breaks(compose):
+    """A compiled run records how many graphs torch.compile made and how often it broke a layer's
+    graph; cudagraph_skips only under CUDA graphs; nothing without compiled layers."""
+    from omegaconf import OmegaConf
+
+    from torch._dynamo.utils import counters
+
+    def cfg(compile, mode="default"):
+        return OmegaConf.create({"compile": compile, "compile_backend": "inductor", "compile_mode": mode})
+
+    counters.clear()
+    counters["stats"]["unique_graphs"] += 2
+    counters["graph_break"]["a reason"] += 3
+    counters["inductor"]["cudagraph_skips"] += 1
+    assert speed.compile_counts(cfg("none")) == {}
+    assert speed.compile_counts(cfg("layers")) == {"compile_graphs": 2, "compile_graph_breaks": 3}
+    assert speed.compile_counts(cfg("layers", "reduce-overhead"))["cudagraph_skips"] == 1
+    counters.clear()

@@ -103,10 +103,13 @@ def test_verdict_against_the_aa_floor():
 class FakeWorker:
     """An arm's worker (arm_worker.ArmProcess's interface) whose step takes `seconds` times the card's
     speed in this round (it drifts: every third round 30% slower) times the block's own noise.
-    `fails`: ("build", status) fails its set-up, ("window", n, status) its n-th block (from 0)."""
+    `fails`: ("build", status) fails its set-up, ("window", n, status) its n-th block (from 0).
+    `memory`: a GPU arm's (torch peak GiB, NVML GiB or None) for each block in turn."""
 
-    def __init__(self, seconds: float, noise: float, rng: random.Random, card: dict, fails: tuple = ()):
+    def __init__(self, seconds: float, noise: float, rng: random.Random, card: dict, fails: tuple = (),
+                 memory: list | None = None):
         self.seconds, self.noise, self.rng, self.card, self.fails = seconds, noise, rng, card, fails
+        self.memory = memory
         self.closed, self.windows = False, 0
 
     def started(self):
@@ -116,7 +119,7 @@ class FakeWorker:
         self.setup_timeout_s = timeout_s
         if self.fails[:1] == ("build",):
             raise arm_worker.ArmFailure(self.fails[-1], {"type": "Broken", "message": "in set-up", "traceback": None})
-        return {"device": "cpu", "total_params": 1000}
+        return {"device": "cuda:0" if self.memory else "cpu", "total_params": 1000}
 
     def window(self, n):
         self.windows += 1
@@ -125,7 +128,12 @@ class FakeWorker:
         self.card["windows"] += 1
         rnd = (self.card["windows"] - 1) // self.card["arms"]
         factor = (1.3 if rnd % 3 == 0 else 1.0) * math.exp(self.rng.gauss(0, self.noise))
-        return {"step_time_s": [self.seconds * factor] * n, "tokens": 256 * n}
+        block = {"step_time_s": [self.seconds * factor] * n, "tokens": 256 * n}
+        if self.memory:
+            peak, nvml = self.memory[self.windows - 1]
+            block.update(peak_allocated_bytes=int(peak * 2**30), window_rise_bytes=0,
+                         nvml_peak_process_bytes=None if nvml is None else int(nvml * 2**30))
+        return block
 
     def close(self):
         self.closed = True
@@ -137,13 +145,14 @@ def fake_arms(monkeypatch):
     """compare.spawn replaced: arm `name` steps in SECONDS[name] (0.1 s if not listed)."""
     made = {}
 
-    def use(seconds: dict, noise: float = 0.01, fails: dict | None = None):
+    def use(seconds: dict, noise: float = 0.01, fails: dict | None = None, memory: dict | None = None):
         rng = random.Random(0)
         card = {"windows": 0, "arms": 0}
 
         def spawn(name, cfg, out):
             card["arms"] += 1
-            made[name] = FakeWorker(seconds.get(name, 0.1), noise, rng, card, (fails or {}).get(name, ()))
+            made[name] = FakeWorker(seconds.get(name, 0.1), noise, rng, card, (fails or {}).get(name, ()),
+                                    (memory or {}).get(name))
             return made[name]
 
         monkeypatch.setattr(compare, "spawn", spawn)
@@ -201,6 +210,20 @@ def test_stops_at_the_time_budget(compose, fake_arms, monkeypatch):
     assert tasks.single(cfg) == 0
     m = result_of(cfg)["metrics"]
     assert m["stopped"] == "time_budget" and m["rounds_completed"] == 5
+
+
+def test_an_arm_keeps_the_most_memory_of_its_blocks(compose, fake_arms):
+    """On a GPU each block brings its process's torch peak and NVML memory: an arm records the most
+    of each over its blocks (None where NVML hides its process), and compare.md tables both."""
+    fake_arms({}, memory={"a": [(3, 4), (5, 4.5), (4, 6)], "b": [(2, None)] * 3})
+    cfg = small(compose, "compare.min_rounds=3", "compare.max_rounds=3", "compare.aa_control=null")
+    assert tasks.single(cfg) == 0
+    a, b = (result_of(cfg)["metrics"]["arms"][x] for x in "ab")
+    assert (a["peak_allocated_bytes"], a["nvml_peak_process_bytes"]) == (5 * 2**30, 6 * 2**30)
+    assert (b["peak_allocated_bytes"], b["nvml_peak_process_bytes"]) == (2 * 2**30, None)
+    md = (store.run_dir(cfg) / "compare.md").read_text()
+    assert re.search(r"\| a +\|.*\| +5\.00 +\| +6\.00 +\|$", md, re.M)
+    assert re.search(r"\| b +\|.*\| +2\.00 +\| +- +\|$", md, re.M)
 
 
 def test_a_broken_aa_control_voids_the_comparison(compose, fake_arms):
@@ -413,3 +436,19 @@ def test_the_stacks_comparison_runs_every_arm_at_dropout_0():
     assert cfg.tracker.sweep == "compare-stacks-llama-7b" and cfg.compare.time_budget_s == 450
     bloom = config.compose(["experiment=speed-stacks", "model=bloom-7b1"])
     assert compare.compose_arm(bloom, "unsloth").model.name == "bloom-7b1"
+
+
+def test_the_graphs_comparison_pairs_each_step_with_and_without_cuda_graphs():
+    """conf/experiment/speed-graphs.yaml: fast and bf16-fast, each with and without CUDA graphs (the
+    only key their pairs differ in), the graphs arm's A/A twin, every arm at dropout 0 on a GPU."""
+    cfg = config.compose(["experiment=speed-graphs"])
+    config.validate(cfg)
+    arms = {name: compare.compose_arm(cfg, name) for name in compare.arm_names(cfg.compare)}
+    assert set(arms) == {"fast", "graphs", "bf16-fast", "bf16-graphs", "graphs-aa"}
+    for name, a in arms.items():
+        config.validate(a, arm=True)
+        assert a.adapter.dropout == 0 and a.train.device == "cuda"
+        assert a.speed.compile_mode == ("reduce-overhead" if "graphs" in name else "default")
+    for with_graphs, without in (("graphs", "fast"), ("bf16-graphs", "bf16-fast")):
+        assert OmegaConf.to_container(arms[with_graphs].speed) == {
+            **OmegaConf.to_container(arms[without].speed), "compile_mode": "reduce-overhead"}
