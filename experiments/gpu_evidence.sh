@@ -9,7 +9,7 @@
 #   bash experiments/gpu_evidence.sh speed-llama / speed-bloom   # issues 8/15, one 7B shape each
 #   bash experiments/gpu_evidence.sh speed-peaks   # the isolated runs of the speed arms' peaks
 #   bash experiments/gpu_evidence.sh peaks-fast   # issue 16: the fast arm's isolated run again, at the current code
-#   bash experiments/gpu_evidence.sh numerics-graphs / graphs-llama   # issue 16: CUDA graphs' numerics; their comparison
+#   bash experiments/gpu_evidence.sh numerics-graphs / graphs-llama / graphs-bloom   # issue 16: CUDA graphs' numerics; their comparison
 #   bash experiments/gpu_evidence.sh stacks-llama / stacks-bloom   # issue 16: + Liger, Unsloth (SEED=1: a second one)
 #   bash experiments/gpu_evidence.sh stacks-tests / numerics-liger   # issue 16: the stacks' GPU tests; Liger's numerics
 #       # (the stacks' stages need the liger and unsloth extras: device_bundle.sh pack speed)
@@ -29,7 +29,7 @@ set -uo pipefail
 SELF=$(realpath "$0")
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-STAGE=${1:?usage: gpu_evidence.sh measure|finish|base|foundation|quality|speed-llama|speed-bloom|speed-peaks|peaks-fast|numerics-graphs|graphs-llama|stacks-llama|stacks-bloom|stacks-tests|numerics-liger|real|backends|real-eval|parallel STAGE...}
+STAGE=${1:?usage: gpu_evidence.sh measure|finish|base|foundation|quality|speed-llama|speed-bloom|speed-peaks|peaks-fast|numerics-graphs|graphs-llama|graphs-bloom|stacks-llama|stacks-bloom|stacks-tests|numerics-liger|real|backends|real-eval|parallel STAGE...}
 R=${RESULTS:-results}  # the real stages' results (the older stages write results/)
 mkdir -p results/logs "$R/logs"
 status=0
@@ -127,8 +127,9 @@ numerics-graphs)  # ~5 min: the base (45 s), then the recipe and the fast step u
   QLAB_NUM_GPUS=1 QLAB_RUNS_PER_GPU=2 step numerics 420 $PY -m qlab.run experiment=numerics hydra/launcher=local_gpus \
     '+arm=recipe,graphs' tracker.sweep=numerics-base-gpu-graphs
   ;;
-graphs-llama)  # ~9.5 min: fast and bf16-fast with and without CUDA graphs (conf/experiment/speed-graphs.yaml)
-  step graphs 580 $PY -m qlab.run experiment=speed-graphs model=llama-7b seed=${SEED:-0} compare.time_budget_s=${BUDGET:-420}
+graphs-llama | graphs-bloom)  # ~9.5 min: fast and bf16-fast with and without CUDA graphs (conf/experiment/speed-graphs.yaml)
+  step graphs 580 $PY -m qlab.run experiment=speed-graphs model=$([ "$STAGE" = graphs-llama ] && echo llama-7b || echo bloom-7b1) \
+    seed=${SEED:-0} compare.time_budget_s=${BUDGET:-420}
   ;;
 speed-peaks)  # the isolated runs memory peaks come from (results/speed-<model>/): complete ones are
   # skipped, so only what is missing runs (~1-2 min a run with the preset build)

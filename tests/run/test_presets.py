@@ -194,3 +194,13 @@ def test_concurrent_callers_build_once(tmp_path):
     for t in threads:
         t.join()
     assert len(calls) == 1 and results == [target] * 4
+
+
+def test_a_build_on_the_gpu_gives_its_memory_back(monkeypatch, tmp_path):
+    """The run that builds a preset on a GPU empties the allocator's cache after it, so its NVML
+    peak is its own, not the build's bf16 weights; on a CPU there is no cache to empty."""
+    emptied = []
+    monkeypatch.setattr(presets, "build_once", lambda target, complete, build: tmp_path)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(1))
+    assert presets.ensure("tiny-llama", "cpu") == tmp_path and emptied == []
+    assert presets.ensure("tiny-llama", "cuda") == tmp_path and emptied == [1]

@@ -422,17 +422,20 @@ def test_arms_run_in_processes_of_their_own_and_a_failed_arm_is_recorded(compose
 
 
 def test_the_stacks_comparison_runs_every_arm_at_dropout_0():
-    """conf/experiment/speed-stacks.yaml: the issue's six arms and the A/A twin, each valid, each at
-    LoRA dropout 0 (Unsloth's fast path needs it), its ratios in a sweep of their own."""
+    """conf/experiment/speed-stacks.yaml: the issue's six arms, fast under CUDA graphs and the A/A
+    twin, each valid, each at LoRA dropout 0 (Unsloth's fast path needs it), its ratios in a sweep
+    of their own."""
     cfg = config.compose(["experiment=speed-stacks"])
     config.validate(cfg)
     arms = {name: compare.compose_arm(cfg, name) for name in compare.arm_names(cfg.compare)}
-    assert set(arms) == {"trainer", "liger", "unsloth", "recipe", "fast", "bf16-fast", "fast-aa"}
+    assert set(arms) == {"trainer", "liger", "unsloth", "recipe", "fast", "bf16-fast", "graphs", "fast-aa"}
     assert all(a.adapter.dropout == 0 and a.model.name == "llama-7b" for a in arms.values())
     assert {n: a.train.runner for n, a in arms.items() if a.train.runner != "qlab"} == {
         "trainer": "hf_trainer", "liger": "hf_trainer", "unsloth": "unsloth"}
     assert arms["liger"].speed.liger and not arms["trainer"].speed.liger
-    assert list(cfg.compare.pairs) == ["fast/bf16-fast", "fast/unsloth", "fast/liger", "fast/trainer"]
+    assert list(cfg.compare.pairs) == ["fast/bf16-fast", "fast/unsloth", "fast/liger", "fast/trainer",
+                                       "graphs/unsloth", "graphs/liger", "graphs/trainer"]
+    assert arms["graphs"].speed.compile_mode == "reduce-overhead"
     assert cfg.tracker.sweep == "compare-stacks-llama-7b" and cfg.compare.time_budget_s == 450
     bloom = config.compose(["experiment=speed-stacks", "model=bloom-7b1"])
     assert compare.compose_arm(bloom, "unsloth").model.name == "bloom-7b1"
