@@ -244,7 +244,7 @@ def compare_tables(m: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
         "optimizer": a["optim"], "tok/s": _num(a["tokens_per_s"], ",.0f"),
         "step ms (median)": _num(1e3 * (a["step_time_median_s"] or math.nan), ",.0f"),
         "GPU busy": _num(a.get("gpu_busy_fraction"), ".0%"),
-        "launches/step": _num(a.get("profile_kernel_launches_per_step"), ",.0f"), "MFU": _num(a.get("mfu"), ".1%"),
+        "kernels/step": _num(a.get("profile_kernel_launches_per_step"), ",.0f"), "MFU": _num(a.get("mfu"), ".1%"),
         "torch peak GiB": _num((a.get("peak_allocated_bytes") or math.nan) / GiB, ".2f"),
         "NVML GiB": _num((a.get("nvml_peak_process_bytes") or math.nan) / GiB, ".2f"),
     } for name, a in m["arms"].items()])
@@ -270,9 +270,11 @@ AGREEMENT_NOTE = (
 
 def compare_agreement(runs: pd.DataFrame) -> pd.DataFrame:
     """Every pair (the A/A control too) of the ok comparisons in `runs`: each comparison's ratio and
-    95% interval and where the intervals overlap (`overlap`; `overlap_low` > `overlap_high`: nowhere)."""
+    95% interval ("-" where a comparison has no such pair) and where the intervals overlap (`overlap`;
+    `overlap_low` > `overlap_high`: nowhere)."""
     by_pair: dict[str, dict] = {}
-    for _, r in ok_comparisons(runs).iterrows():
+    comparisons = ok_comparisons(runs)
+    for _, r in comparisons.iterrows():
         pairs = dict(r.pairs) if isinstance(r.get("pairs"), dict) else {}
         if isinstance(r.get("aa_control"), dict):
             pairs[f"{r.aa_control['pair']} (A/A floor)"] = r.aa_control
@@ -282,7 +284,7 @@ def compare_agreement(runs: pd.DataFrame) -> pd.DataFrame:
     for name, each in by_pair.items():
         lo, hi = overlap(p["ci95"] for p in each.values())
         rows.append({"pair": name, **{run: f"{p['ratio']:.3f} [{p['ci95'][0]:.3f}, {p['ci95'][1]:.3f}]"
-                                      for run, p in each.items()},
+                                      if (p := each.get(run)) else "-" for run in comparisons.run_id},
                      "comparisons": len(each), "overlap": f"[{lo:.3f}, {hi:.3f}]" if lo <= hi else "none",
                      "overlap_low": lo, "overlap_high": hi})
     return pd.DataFrame(rows)
@@ -295,11 +297,11 @@ COMPARE_NOTES = (
     "lies inside the A/A floor. GPU busy: kernel time per step (torch.profiler, after warm-up) over the mean "
     "step time; MFU: 6 N tokens/s over the card's dense bf16 peak (N: the base model's parameters). ")
 # how the peaks were measured: arms in processes of their own (a worker's pid), or all in one (before them)
-PEAK_NOTES = {True: "Each arm runs in a process of its own on the shared device. torch peak: its allocator's peak "
-                    "allocated over the rounds; NVML: its process's GPU memory (CUDA context and allocator reserve) "
-                    "at the ends of its blocks, the most of them (the reserve only grows; '-': not recorded, where NVML "
-                    "hides a process's memory or the comparison predates it). Both are its own, the device's total is not; isolated runs: "
-                    "conf/experiment/speed-peaks.yaml.",
+PEAK_NOTES = {True: "Each arm runs in a process of its own on the shared device. torch peak: its allocator's "
+                    "peak allocated over the rounds; NVML: its process's GPU memory (CUDA context and allocator "
+                    "reserve) at the ends of its blocks, the most of them (the reserve only grows; '-': not "
+                    "recorded, where NVML hides a process's memory or the comparison predates it). Both are its "
+                    "own, the device's total is not; isolated runs: conf/experiment/speed-peaks.yaml.",
               False: "Memory peaks of co-resident arms are not isolated: see the isolated runs "
                      "(conf/experiment/speed-peaks.yaml)."}
 

@@ -1,6 +1,7 @@
 """A look inside the training step: torch.profiler over the last warm-up steps (train.profile_steps).
 
-On a GPU: the kernels' device time per step by class (KERNEL_CLASSES), the launches per step, and
+On a GPU: the kernels' device time per step by class (KERNEL_CLASSES), the kernels per step (each
+a host launch, unless a CUDA graph replays it: `profile_kernel_launches_per_step` counts both), and
 the rest of the wall time, in which no kernel runs (launch gaps, Python, host work). The profiled
 steps are warm-up steps, measured by nothing else, so profiling never changes what a run measures
 and is no part of its identity. Reading the numbers (profiler overhead included): docs/speed.md.
@@ -102,7 +103,7 @@ class StepProfile:
                  f"wall per step: {m['profile_wall_ms_per_step']:.1f} ms"]
         if self.cuda:
             lines += [f"GPU kernel time per step: {m['profile_kernel_ms_per_step']:.1f} ms "
-                      f"({m['profile_kernel_launches_per_step']:.0f} launches)",
+                      f"({m['profile_kernel_launches_per_step']:.0f} kernels)",
                       f"GPU idle per step (launch gaps, Python, host): {m['profile_idle_ms_per_step']:.1f} ms",
                       "kernel time per step by class:"]
             lines += [f"  {label:28s} {ms:8.1f} ms" for label, ms in m["profile_kernel_ms_by_class"].items()]

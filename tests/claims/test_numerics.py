@@ -184,15 +184,17 @@ def test_the_committed_sweeps_keep_their_verdicts(tmp_path, sweep, pruned):
     assert "| claim | source | measured on | tolerance |" in page and f"| `{sweep}` |" in page
 
 
-def test_liger_follows_the_recipe_on_the_gpu(tmp_path):
-    """results/numerics-base-gpu-liger/: the recipe and Liger's arm on the H200 (their own sweep, a
-    new base build): Liger's claim reproduced over 200 steps; the arms it did not run have no run."""
+@pytest.mark.parametrize("switch", ["liger", "graphs"])
+def test_the_gpu_only_switches_follow_the_recipe_on_the_gpu(tmp_path, switch):
+    """results/numerics-base-gpu-<switch>/: the recipe and the switch's arm on an H200 (their own
+    sweep, a new base build each): Liger's and the CUDA graphs' claims reproduced over 200 steps; the
+    arms that sweep did not run have no run."""
     assert verdicts.main(["--claims", str(CLAIMS), "--results", str(ROOT / "results"), "--sweep",
-                          "numerics-base-gpu-liger", "--out", str(tmp_path), "--no-run"]) == 0
+                          f"numerics-base-gpu-{switch}", "--out", str(tmp_path), "--no-run"]) == 0
     rows = {r["id"]: r for r in json.loads((tmp_path / "numerics.json").read_text())["claims"]}
-    assert rows["liger"]["verdict"] == "reproduced" and rows["liger"]["n"] == "200 steps"
-    assert rows["liger"]["measured"] < 0.05  # max abs dMA10 within the tolerance
-    assert all(r["reason"] == "no run of arm a in the sweep" for i, r in rows.items() if i != "liger")
+    assert rows[switch]["verdict"] == "reproduced" and rows[switch]["n"] == "200 steps"
+    assert rows[switch]["measured"] < 0.05  # max abs dMA10 within the tolerance
+    assert all(r["reason"] == "no run of arm a in the sweep" for i, r in rows.items() if i != switch)
 
 
 @pytest.mark.slow

@@ -207,9 +207,9 @@ def test_comparison_tables(profiled):
     fast = arms.set_index("arm").loc["fast"]
     assert fast["tok/s"] == "6,123" and fast["step ms (median)"] == "334" and fast["quant"] == "nf4+DQ"
     if profiled:
-        assert (fast["GPU busy"], fast["launches/step"], fast["MFU"]) == ("74%", "8,205", "36.1%")
+        assert (fast["GPU busy"], fast["kernels/step"], fast["MFU"]) == ("74%", "8,205", "36.1%")
     else:  # no profile (a CPU): no busy fraction, launches or MFU
-        assert (fast["GPU busy"], fast["launches/step"], fast["MFU"]) == ("-", "-", "-")
+        assert (fast["GPU busy"], fast["kernels/step"], fast["MFU"]) == ("-", "-", "-")
     assert pairs.to_dict("records") == [
         {"pair": "fast/trainer", "ratio [95% CI]": "2.071 [1.962, 2.186]", "half-width": "5.4%", "rounds": "14",
          "verdict": "a faster"},
