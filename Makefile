@@ -92,7 +92,7 @@ clean-venv: ## remove .venv
 bench-kernels: $(STAMP) ## kernel micro-benchmarks at real sizes (GPU): writes results/kernels/
 	$(PY) experiments/kernels.py $(ARGS)
 
-compare: $(STAMP) ## speed in interleaved rounds (GPU: Trainer, recipe, fast, bf16, bare loop, A/A; COMPARE=speed-stacks: + Liger, Unsloth; COMPARE=speed-cpu on a CPU): make compare [ARGS=model=bloom-7b1]; peaks: make sweep EXPERIMENT=speed-peaks
+compare: $(STAMP) ## speed in interleaved rounds (GPU: Trainer, recipe, fast, bf16, bare loop, A/A; COMPARE=speed-stacks: + Liger, Unsloth; COMPARE=speed-graphs: CUDA graphs; COMPARE=speed-cpu on a CPU): make compare [ARGS=model=bloom-7b1]; peaks: make sweep EXPERIMENT=speed-peaks
 	$(PY) -m qlab.run experiment=$(COMPARE) $(ARGS)
 
 # the numerics experiment: base-gpu, 200 steps where CUDA is, else the quick CPU check (tiny-llama)
