@@ -600,9 +600,9 @@ def _pair(claim: dict, runs: pd.DataFrame):
     root = Path(runs.attrs["root"])
     found, spec = {}, {"b": claim["b"], "a": {**claim["b"], **claim["a"]}}
     results = [store.read_result(root / p) or {} for p in runs.path]
+    configs = [{**store.ADDED_KEYS, **flatten(r.get("config") or {})} for r in results]
     for side in ("b", "a"):
-        idx = [i for i, r in enumerate(results)
-               if _matches({**store.ADDED_KEYS, **flatten(r.get("config") or {})}, spec[side])]
+        idx = [i for i, flat in enumerate(configs) if _matches(flat, spec[side])]
         found[side] = max(idx, key=lambda i: str(runs.started_at.iloc[i]), default=None)
     if found["b"] is None:
         return Verdict(INCONCLUSIVE, reason="no run of the reference (b) in the sweep")

@@ -66,17 +66,16 @@ def ensure(name: str, device: str = "cpu") -> Path:
     """Return the directory of preset `name`, building it first if needed (build_once)."""
     def build(out: Path) -> None:
         tokenizer = build_tokenizer()
-        build_model(name, tokenizer, device).save_pretrained(out)  # the model is freed on return
+        build_model(name, tokenizer, device).save_pretrained(out)  # the model is freed here
         tokenizer.save_pretrained(out)
+        if device.startswith("cuda"):
+            import torch
 
-    path = build_once(preset_dir(name), lambda p: (p / "config.json").is_file(), build)
-    if device.startswith("cuda"):
-        import torch
+            # the build's weights (llama-7b: 6.7 G params x 2 B = 13.5 GB) stay in the allocator's
+            # reserve otherwise, inside the NVML peak of the run that happened to build the preset
+            torch.cuda.empty_cache()
 
-        # a build's weights (llama-7b: 6.7 G params x 2 B = 13.5 GB) stay in the allocator's reserve
-        # otherwise, inside the NVML peak of the run that happened to build the preset
-        torch.cuda.empty_cache()
-    return path
+    return build_once(preset_dir(name), lambda p: (p / "config.json").is_file(), build)
 
 
 def build_tokenizer():

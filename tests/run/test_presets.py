@@ -200,7 +200,14 @@ def test_a_build_on_the_gpu_gives_its_memory_back(monkeypatch, tmp_path):
     """The run that builds a preset on a GPU empties the allocator's cache after it, so its NVML
     peak is its own, not the build's bf16 weights; on a CPU there is no cache to empty."""
     emptied = []
-    monkeypatch.setattr(presets, "build_once", lambda target, complete, build: tmp_path)
+
+    class Saved:  # a built model or tokenizer: saving writes nothing here
+        def save_pretrained(self, out):
+            pass
+
+    monkeypatch.setattr(presets, "build_tokenizer", Saved)
+    monkeypatch.setattr(presets, "build_model", lambda name, tokenizer, device: Saved())
+    monkeypatch.setattr(presets, "build_once", lambda target, complete, build: build(tmp_path) or tmp_path)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(1))
     assert presets.ensure("tiny-llama", "cpu") == tmp_path and emptied == []
     assert presets.ensure("tiny-llama", "cuda") == tmp_path and emptied == [1]
